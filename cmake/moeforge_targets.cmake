@@ -1,0 +1,13 @@
+# Helpers for moeforge's own executables (tests, tools, benchmarks). They are
+# built for this machine (-march=native): the kernels are only fast with AVX2/FMA
+# or better, and the tests must exercise the code paths the tools run.
+
+set(MOEFORGE_DEFAULT_DATA "${PROJECT_SOURCE_DIR}/../shared" CACHE PATH
+  "Where tests, examples and benchmarks find models and texts when MOEFORGE_DATA is unset")
+
+function(moeforge_own_target target)
+  target_link_libraries(${target} PRIVATE moeforge::moeforge)
+  target_compile_options(${target} PRIVATE -march=native -Wall -Wextra)
+  target_compile_definitions(${target} PRIVATE MOEFORGE_DEFAULT_DATA="${MOEFORGE_DEFAULT_DATA}")
+  set_target_properties(${target} PROPERTIES RUNTIME_OUTPUT_DIRECTORY "${PROJECT_BINARY_DIR}/bin")
+endfunction()

@@ -1,0 +1,132 @@
+// A small command-line parser shared by the moeforge tool and moeforge-bench:
+// `--name value` options, `--flag` switches, `--help`, clear usage errors.
+#pragma once
+
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace moeforge::cli {
+
+/// Thrown for a command line that does not parse; the tool prints it with the usage.
+struct usage_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+class args {
+ public:
+  args(std::string command, std::string summary) : command_(std::move(command)), summary_(std::move(summary)) {}
+
+  /// An option that takes a value; `fallback` empty and `required` false means optional without default.
+  args& option(const std::string& name, const std::string& value_name, const std::string& help,
+               std::optional<std::string> fallback = std::nullopt, bool required = false) {
+    specs_.push_back({name, value_name, help, std::move(fallback), required, false});
+    return *this;
+  }
+  args& required(const std::string& name, const std::string& value_name, const std::string& help) {
+    return option(name, value_name, help, std::nullopt, true);
+  }
+  args& flag(const std::string& name, const std::string& help) {
+    specs_.push_back({name, "", help, std::nullopt, false, true});
+    return *this;
+  }
+
+  /// Parses argv[first..argc); returns false when --help was printed.
+  bool parse(int argc, char** argv, int first = 1) {
+    for (int i = first; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--help" || a == "-h") {
+        print_help(std::cout);
+        return false;
+      }
+      if (a.rfind("--", 0) != 0) throw usage_error(command_ + ": unexpected argument '" + a + "'");
+      std::string name = a.substr(2);
+      std::optional<std::string> inline_value;
+      if (const auto eq = name.find('='); eq != std::string::npos) {
+        inline_value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+      }
+      const spec* s = find(name);
+      if (!s) throw usage_error(command_ + ": unknown option --" + name + " (see --help)");
+      if (s->is_flag) {
+        if (inline_value) throw usage_error(command_ + ": --" + name + " takes no value");
+        values_[name] = "1";
+      } else if (inline_value) {
+        values_[name] = *inline_value;
+      } else {
+        if (i + 1 >= argc) throw usage_error(command_ + ": --" + name + " needs a value <" + s->value_name + ">");
+        values_[name] = argv[++i];
+      }
+    }
+    for (const auto& s : specs_)
+      if (s.required && !values_.count(s.name)) throw usage_error(command_ + ": --" + s.name + " is required (see --help)");
+    return true;
+  }
+
+  bool has(const std::string& name) const { return values_.count(name) || (find(name) && find(name)->fallback); }
+  bool flag_set(const std::string& name) const { return values_.count(name) != 0; }
+
+  std::string get(const std::string& name) const {
+    if (auto it = values_.find(name); it != values_.end()) return it->second;
+    const spec* s = find(name);
+    if (s && s->fallback) return *s->fallback;
+    throw usage_error(command_ + ": --" + name + " is required here");
+  }
+  long long get_int(const std::string& name) const { return parse_number<long long>(name, [](const std::string& v, std::size_t* end) { return std::stoll(v, end); }); }
+  double get_double(const std::string& name) const { return parse_number<double>(name, [](const std::string& v, std::size_t* end) { return std::stod(v, end); }); }
+
+  void print_help(std::ostream& out) const {
+    out << "usage: " << command_ << " [options]\n\n" << summary_ << "\n\noptions:\n";
+    for (const auto& s : specs_) {
+      std::string left = "  --" + s.name + (s.is_flag ? "" : " <" + s.value_name + ">");
+      if (left.size() < 30) left.resize(30, ' ');
+      out << left << " " << s.help;
+      if (s.fallback) out << " (default: " << *s.fallback << ")";
+      if (s.required) out << " (required)";
+      out << "\n";
+    }
+    out << "  --help                         print this help\n";
+  }
+
+ private:
+  struct spec {
+    std::string name, value_name, help;
+    std::optional<std::string> fallback;
+    bool required;
+    bool is_flag;
+  };
+
+  const spec* find(const std::string& name) const {
+    for (const auto& s : specs_)
+      if (s.name == name) return &s;
+    return nullptr;
+  }
+
+  template <class T, class F>
+  T parse_number(const std::string& name, F convert) const {
+    const std::string v = get(name);
+    try {
+      std::size_t end = 0;
+      const T out = convert(v, &end);
+      if (end == v.size()) return out;
+    } catch (const std::exception&) {
+    }
+    throw usage_error(command_ + ": --" + name + " expects a number, got '" + v + "'");
+  }
+
+  std::string command_, summary_;
+  std::vector<spec> specs_;
+  std::map<std::string, std::string> values_;
+};
+
+/// Where examples find ../shared when a path is not given: $MOEFORGE_DATA, else the build-time default.
+inline std::string data_root() {
+  const char* env = std::getenv("MOEFORGE_DATA");
+  return env && *env ? env : MOEFORGE_DEFAULT_DATA;
+}
+
+}  // namespace moeforge::cli

@@ -1,0 +1,60 @@
+// Typed errors: every failure on user input is one of these, with a message
+// that names the file, tensor, field or option and what was expected.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace moeforge {
+
+/// Base of every exception moeforge throws. Messages start with "moeforge: ".
+class error : public std::runtime_error {
+ public:
+  explicit error(const std::string& what) : std::runtime_error("moeforge: " + what) {}
+};
+
+/// A file or buffer is not what its format says it must be (truncated, bad
+/// header, missing tensor, unsupported dtype).
+class format_error : public error {
+ public:
+  using error::error;
+};
+
+/// Tensor or batch shapes that do not fit together.
+class shape_error : public error {
+ public:
+  using error::error;
+};
+
+/// An impossible or contradictory option or configuration (k > experts, ...).
+class config_error : public error {
+ public:
+  using error::error;
+};
+
+/// A value that cannot be computed with: NaN or Inf in an input or weight.
+class value_error : public error {
+ public:
+  using error::error;
+};
+
+/// The file system refused: cannot open, read, write or rename.
+class io_error : public error {
+ public:
+  using error::error;
+};
+
+namespace detail {
+
+/// Concatenates its arguments with operator<< into one string.
+template <class... Args>
+std::string cat(Args&&... args) {
+  std::ostringstream out;
+  (out << ... << std::forward<Args>(args));
+  return out.str();
+}
+
+}  // namespace detail
+}  // namespace moeforge

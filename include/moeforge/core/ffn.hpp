@@ -1,0 +1,97 @@
+// The feed-forward block: a gated FFN `down · (act(gate·x) ⊙ (up·x))` or an
+// ungated one `down · act(up·x)`, with weights in Hugging Face [out, in] layout.
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "moeforge/core/tensor.hpp"
+
+namespace moeforge {
+
+enum class activation { silu, gelu, relu };
+
+inline std::string_view activation_name(activation a) {
+  switch (a) {
+    case activation::silu: return "silu";
+    case activation::gelu: return "gelu";
+    case activation::relu: return "relu";
+  }
+  return "?";
+}
+
+inline activation parse_activation(std::string_view name) {
+  if (name == "silu" || name == "swish") return activation::silu;
+  if (name == "gelu" || name == "gelu_pytorch_tanh" || name == "gelu_new") return activation::gelu;
+  if (name == "relu") return activation::relu;
+  throw config_error(detail::cat("activation '", name, "' is not supported (expected silu, gelu or relu)"));
+}
+
+/// silu(x) = x·sigmoid(x); gelu is the tanh approximation used by most LLMs.
+inline float activate(activation a, float v) {
+  switch (a) {
+    case activation::silu: return v / (1.0f + std::exp(-v));
+    case activation::gelu: {
+      const float c = 0.7978845608028654f;  // sqrt(2/pi)
+      return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
+    }
+    case activation::relu: return v > 0.0f ? v : 0.0f;
+  }
+  return v;
+}
+
+/// A feed-forward block of `intermediate()` neurons. Neuron i is row i of
+/// `gate` and `up` and column i of `down`. `gate` is empty for ungated FFNs.
+///   gate: [I, H]   up: [I, H]   down: [H, I]
+struct ffn {
+  matrix gate;
+  matrix up;
+  matrix down;
+  activation act = activation::silu;
+
+  bool gated() const { return gate.size() != 0; }
+  index_t hidden() const { return up.cols(); }
+  index_t intermediate() const { return up.rows(); }
+};
+
+/// Throws shape_error if the three matrices do not form one FFN over `hidden`
+/// features (pass hidden < 0 to take it from `up`).
+inline void validate(const ffn& f, const std::string& what, index_t hidden = -1) {
+  const index_t h = hidden < 0 ? f.up.cols() : hidden;
+  const index_t i = f.up.rows();
+  if (i == 0) throw shape_error(detail::cat(what, ": no neurons (up has 0 rows)"));
+  detail::require_shape(f.up, i, h, what + ".up");
+  if (f.gated()) detail::require_shape(f.gate, i, h, what + ".gate");
+  detail::require_shape(f.down, h, i, what + ".down");
+}
+
+/// Throws value_error on the first NaN or Inf weight.
+inline void require_finite(const ffn& f, const std::string& what) {
+  detail::require_finite(f.gate, what + ".gate");
+  detail::require_finite(f.up, what + ".up");
+  detail::require_finite(f.down, what + ".down");
+}
+
+/// Number of weights in the FFN.
+inline index_t parameter_count(const ffn& f) { return f.gate.size() + f.up.size() + f.down.size(); }
+
+/// The FFN restricted to the given neurons, in the given order.
+template <class Indices>
+ffn select_neurons(const ffn& f, const Indices& neurons) {
+  const index_t n = index_t(neurons.size());
+  ffn out;
+  out.act = f.act;
+  out.up.resize(n, f.hidden());
+  out.down.resize(f.hidden(), n);
+  if (f.gated()) out.gate.resize(n, f.hidden());
+  index_t j = 0;
+  for (auto i : neurons) {
+    out.up.row(j) = f.up.row(index_t(i));
+    out.down.col(j) = f.down.col(index_t(i));
+    if (f.gated()) out.gate.row(j) = f.gate.row(index_t(i));
+    ++j;
+  }
+  return out;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,124 @@
+// Tensor vocabulary: Eigen aliases for row-major float matrices, the on-disk
+// dtypes and their conversion to float, and finiteness checks.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+#include "moeforge/core/error.hpp"
+
+namespace moeforge {
+
+/// Sizes and indices (named index_t: POSIX declares a global function `index`).
+using index_t = Eigen::Index;
+
+/// Row-major float matrix. Weights use the Hugging Face `[out, in]` layout;
+/// activations are `[tokens, features]` (one token per row).
+using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using vector = Eigen::VectorXf;
+using matrix_ref = Eigen::Ref<matrix>;
+using const_matrix_ref = Eigen::Ref<const matrix>;
+
+enum class dtype { f32, f16, bf16 };
+
+inline std::size_t dtype_size(dtype t) { return t == dtype::f32 ? 4 : 2; }
+
+inline std::string_view dtype_name(dtype t) {
+  switch (t) {
+    case dtype::f32: return "F32";
+    case dtype::f16: return "F16";
+    case dtype::bf16: return "BF16";
+  }
+  return "?";
+}
+
+inline float bf16_to_f32(std::uint16_t h) {
+  const std::uint32_t bits = std::uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+/// Round to nearest even; NaN stays NaN.
+inline std::uint16_t f32_to_bf16(float f) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if (std::isnan(f)) return std::uint16_t((bits >> 16) | 0x40);
+  bits += 0x7fff + ((bits >> 16) & 1);
+  return std::uint16_t(bits >> 16);
+}
+
+inline float f16_to_f32(std::uint16_t h) {
+  const std::uint32_t sign = std::uint32_t(h & 0x8000) << 16;
+  const std::uint32_t exp = (h >> 10) & 0x1f;
+  const std::uint32_t mant = h & 0x3ff;
+  std::uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: renormalise
+    std::uint32_t m = mant;
+    std::uint32_t e = 113;
+    while (!(m & 0x400)) {
+      m <<= 1;
+      --e;
+    }
+    bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+/// Round to nearest even, overflow to Inf, NaN stays NaN.
+inline std::uint16_t f32_to_f16(float f) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const std::uint16_t sign = std::uint16_t((bits >> 16) & 0x8000);
+  const std::uint32_t abs = bits & 0x7fffffffu;
+  if (abs >= 0x7f800000u) return std::uint16_t(sign | 0x7c00 | (abs > 0x7f800000u ? 0x200 : 0));
+  if (abs >= 0x477ff000u) return std::uint16_t(sign | 0x7c00);  // rounds past 65504
+  if (abs < 0x38800000u) {  // result is subnormal or zero
+    if (abs < 0x33000000u) return sign;
+    const std::uint32_t e = abs >> 23;
+    const std::uint32_t m = (abs & 0x7fffff) | 0x800000;
+    const std::uint32_t shift = 126 - e;  // 14..24
+    std::uint32_t half = m >> shift;
+    const std::uint32_t rest = m & ((1u << shift) - 1);
+    const std::uint32_t mid = 1u << (shift - 1);
+    if (rest > mid || (rest == mid && (half & 1))) ++half;
+    return std::uint16_t(sign | half);
+  }
+  std::uint32_t v = abs - 0x38000000u;  // rebias exponent 127 -> 15
+  v += 0xfff + ((v >> 13) & 1);
+  return std::uint16_t(sign | (v >> 13));
+}
+
+namespace detail {
+
+/// Throws value_error naming `what` and the first non-finite entry.
+template <class Derived>
+void require_finite(const Eigen::DenseBase<Derived>& m, const std::string& what) {
+  for (index_t r = 0; r < m.rows(); ++r)
+    for (index_t c = 0; c < m.cols(); ++c)
+      if (!std::isfinite(m(r, c)))
+        throw value_error(cat(what, ": non-finite value ", m(r, c), " at [", r, ", ", c, "]"));
+}
+
+/// Throws shape_error unless `m` is rows × cols.
+template <class Derived>
+void require_shape(const Eigen::DenseBase<Derived>& m, index_t rows, index_t cols, const std::string& what) {
+  if (m.rows() != rows || m.cols() != cols)
+    throw shape_error(cat(what, ": shape [", m.rows(), ", ", m.cols(), "], expected [", rows, ", ", cols, "]"));
+}
+
+}  // namespace detail
+}  // namespace moeforge

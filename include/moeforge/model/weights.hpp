@@ -1,0 +1,58 @@
+// A decoder-only transformer's configuration and weights as plain data. Each
+// layer's FFN is either dense or an MoE layer. Loaders (io/) fill this; the
+// forward pass (model/transformer.hpp) reads it.
+#pragma once
+
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "moeforge/core/moe.hpp"
+
+namespace moeforge::model {
+
+/// llama2.c rotates interleaved pairs (2j, 2j+1); Hugging Face rotates the
+/// two halves of each head (rotate_half).
+enum class rope_style { interleaved, half_split };
+
+struct config {
+  std::string arch = "llama";  ///< "llama2c", "llama", "mixtral", "qwen2_moe", ...
+  index_t dim = 0;               ///< hidden size H
+  index_t n_layers = 0;
+  index_t n_heads = 0;
+  index_t n_kv_heads = 0;
+  index_t head_dim = 0;          ///< usually dim / n_heads
+  index_t vocab_size = 0;
+  index_t seq_len = 0;           ///< maximum context
+  float norm_eps = 1e-5f;
+  float rope_theta = 10000.0f;
+  rope_style rope = rope_style::interleaved;
+  bool tied_embeddings = true;
+  std::int32_t bos_token = 1;
+  std::int32_t eos_token = 2;
+};
+
+using layer_ffn = std::variant<ffn, moe_layer>;
+
+struct layer {
+  vector attn_norm;  ///< [H]
+  vector ffn_norm;   ///< [H] post-attention RMSNorm
+  matrix wq;         ///< [n_heads·head_dim, H]
+  matrix wk;         ///< [n_kv_heads·head_dim, H]
+  matrix wv;         ///< [n_kv_heads·head_dim, H]
+  matrix wo;         ///< [H, n_heads·head_dim]
+  vector bq, bk, bv; ///< optional attention biases (Qwen2); empty when absent
+  layer_ffn ffn;
+};
+
+struct weights {
+  model::config config;
+  matrix tok_emb;  ///< [V, H]
+  std::vector<layer> layers;
+  vector final_norm;  ///< [H]
+  matrix lm_head;     ///< [V, H]; empty when tied to tok_emb
+
+  const matrix& classifier() const { return config.tied_embeddings ? tok_emb : lm_head; }
+};
+
+}  // namespace moeforge::model

@@ -1,0 +1,13 @@
+// moeforge: dense-to-MoE conversion (CMoE), expert partition and dropping
+// (DualSparse-MoE), expert pruning (MoNE), and a fast OpenMP sparse FFN kernel.
+// The umbrella header: includes every public header, nothing else.
+#pragma once
+
+#include "moeforge/core/error.hpp"
+#include "moeforge/core/tensor.hpp"
+#include "moeforge/core/ffn.hpp"
+#include "moeforge/core/moe.hpp"
+#include "moeforge/runtime/routing.hpp"
+#include "moeforge/runtime/dense_ffn.hpp"
+#include "moeforge/runtime/moe_ffn.hpp"
+#include "moeforge/model/weights.hpp"
