@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <iterator>
 #include <string>
 
 #include "moeforge/core/tensor.hpp"
@@ -78,7 +79,7 @@ inline index_t parameter_count(const ffn& f) { return f.gate.size() + f.up.size(
 /// The FFN restricted to the given neurons, in the given order.
 template <class Indices>
 ffn select_neurons(const ffn& f, const Indices& neurons) {
-  const index_t n = index_t(neurons.size());
+  const index_t n = index_t(std::size(neurons));
   ffn out;
   out.act = f.act;
   out.up.resize(n, f.hidden());
