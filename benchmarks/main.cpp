@@ -8,6 +8,8 @@
 
 namespace moeforge::cli {
 // Each subcommand is defined in its own cmd_<name>.cpp.
+int bench_convert(int argc, char** argv);
+int bench_cmoe(int argc, char** argv);
 }  // namespace moeforge::cli
 
 namespace {
@@ -15,6 +17,8 @@ namespace {
 using moeforge::cli::command;
 
 const command commands[] = {
+    {"convert", "CMoE conversion time and memory of one FFN layer", &moeforge::cli::bench_convert},
+    {"cmoe", "CMoE quality table on stories260K", &moeforge::cli::bench_cmoe},
     {"version", "print the version", [](int, char**) {
        std::cout << "moeforge 0.1.0\n";
        return 0;

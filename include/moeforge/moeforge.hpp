@@ -11,3 +11,6 @@
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
 #include "moeforge/model/weights.hpp"
+#include "moeforge/calib/markers.hpp"
+#include "moeforge/convert/assignment.hpp"
+#include "moeforge/convert/cmoe.hpp"

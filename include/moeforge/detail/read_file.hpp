@@ -1,0 +1,55 @@
+// Reading whole files and little-endian scalars with bounds checks that name
+// the file and the offset.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "moeforge/core/error.hpp"
+
+namespace moeforge::detail {
+
+inline std::vector<char> read_whole_file(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw io_error(cat(what, ": cannot open '", path, "'"));
+  const std::streamoff size = in.tellg();
+  std::vector<char> bytes(static_cast<std::size_t>(size));
+  in.seekg(0);
+  if (size > 0 && !in.read(bytes.data(), size)) throw io_error(cat(what, ": cannot read '", path, "'"));
+  return bytes;
+}
+
+/// A forward reader over a byte buffer; every read checks the remaining size.
+class byte_reader {
+ public:
+  byte_reader(const char* data, std::size_t size, std::string what) : data_(data), size_(size), what_(std::move(what)) {}
+
+  template <class T>
+  T scalar(const char* field) {
+    T v;
+    take(&v, sizeof(T), field);
+    return v;
+  }
+  void floats(float* out, std::size_t count, const char* field) { take(out, count * sizeof(float), field); }
+  void bytes(char* out, std::size_t count, const char* field) { take(out, count, field); }
+  void skip(std::size_t count, const char* field) { take(nullptr, count, field); }
+  std::size_t offset() const { return at_; }
+  std::size_t remaining() const { return size_ - at_; }
+
+ private:
+  void take(void* out, std::size_t n, const char* field) {
+    if (n > size_ - at_)
+      throw format_error(cat(what_, ": truncated at byte ", at_, " reading ", field, " (", n, " bytes needed, ", size_ - at_, " left)"));
+    if (out) std::memcpy(out, data_ + at_, n);
+    at_ += n;
+  }
+  const char* data_;
+  std::size_t size_;
+  std::size_t at_ = 0;
+  std::string what_;
+};
+
+}  // namespace moeforge::detail

@@ -1,0 +1,98 @@
+// Evaluation: perplexity with the CMoE paper's protocol (one BOS-prefixed
+// stream, consecutive windows each from an empty cache) and decode speed.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "moeforge/model/transformer.hpp"
+
+namespace moeforge::model {
+
+/// Consecutive non-overlapping windows of `ctx` tokens; a last partial window
+/// is kept when it has at least 2 tokens (it predicts at least one).
+inline std::vector<std::vector<std::int32_t>> make_windows(const std::vector<std::int32_t>& stream, index_t ctx) {
+  if (ctx < 2) throw config_error(detail::cat("windows: ctx = ", ctx, ", expected at least 2"));
+  std::vector<std::vector<std::int32_t>> out;
+  for (std::size_t s = 0; s < stream.size(); s += std::size_t(ctx)) {
+    const std::size_t e = std::min(stream.size(), s + std::size_t(ctx));
+    if (e - s < 2) break;
+    out.emplace_back(stream.begin() + std::ptrdiff_t(s), stream.begin() + std::ptrdiff_t(e));
+  }
+  return out;
+}
+
+struct perplexity_result {
+  double ppl = 0.0;
+  double nll = 0.0;         ///< total negative log-likelihood (nats)
+  index_t tokens = 0;       ///< tokens in the stream, BOS included
+  index_t predicted = 0;    ///< tokens scored: each window's 1..len-1
+  index_t windows = 0;
+  double seconds = 0.0;
+  double prefill_tokens_per_second = 0.0;
+};
+
+/// Negative log-likelihood of each window's tokens 1..len-1 given the ones before.
+inline double window_nll(const transformer& tr, const std::vector<std::int32_t>& window) {
+  kv_cache cache = tr.new_cache();
+  const matrix logits = tr.forward(window, cache);
+  double nll = 0.0;
+  for (std::size_t t = 0; t + 1 < window.size(); ++t) {
+    const auto row = logits.row(index_t(t));
+    const float mx = row.maxCoeff();
+    const double lse = double(mx) + std::log(double((row.array() - mx).exp().sum()));
+    nll += lse - double(row[window[t + 1]]);
+  }
+  return nll;
+}
+
+/// Perplexity of `stream` (already BOS-prefixed) in windows of `ctx` tokens
+/// (ctx <= 0: the model's context). `max_windows` > 0 scores only the first ones.
+inline perplexity_result perplexity(const transformer& tr, const std::vector<std::int32_t>& stream, index_t ctx = 0,
+                                    index_t max_windows = 0) {
+  if (ctx <= 0) ctx = tr.model().config.seq_len;
+  if (ctx > tr.model().config.seq_len)
+    throw config_error(detail::cat("perplexity: ctx = ", ctx, " exceeds the model's context of ", tr.model().config.seq_len));
+  auto windows = make_windows(stream, ctx);
+  if (max_windows > 0 && index_t(windows.size()) > max_windows) windows.resize(std::size_t(max_windows));
+  if (windows.empty()) throw config_error("perplexity: the text has fewer than 2 tokens");
+  std::vector<double> nll(windows.size());
+  const auto t0 = std::chrono::steady_clock::now();
+  // Windows are independent: one per thread, summed in window order afterwards
+  // so the total does not depend on the thread count.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(windows.size()); ++i) nll[std::size_t(i)] = window_nll(tr, windows[std::size_t(i)]);
+  perplexity_result r;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (std::size_t i = 0; i < windows.size(); ++i) {
+    r.nll += nll[i];
+    r.tokens += index_t(windows[i].size());
+    r.predicted += index_t(windows[i].size()) - 1;
+  }
+  if (max_windows <= 0) r.tokens = index_t(stream.size());
+  r.windows = index_t(windows.size());
+  r.ppl = std::exp(r.nll / double(r.predicted));
+  r.prefill_tokens_per_second = double(r.tokens) / r.seconds;
+  return r;
+}
+
+/// One-token decode speed: tokens per second over `steps` greedy steps from BOS.
+inline double decode_tokens_per_second(const transformer& tr, index_t steps) {
+  steps = std::min(steps, tr.model().config.seq_len);
+  kv_cache cache = tr.new_cache();
+  forward_options last_only;
+  last_only.all_logits = false;
+  std::int32_t token = tr.model().config.bos_token;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (index_t i = 0; i < steps; ++i) {
+    const matrix logits = tr.forward({token}, cache, last_only);
+    Eigen::Index best;
+    logits.row(0).maxCoeff(&best);
+    token = std::int32_t(best);
+  }
+  return double(steps) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace moeforge::model

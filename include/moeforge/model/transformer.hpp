@@ -1,0 +1,222 @@
+// The decoder-only transformer forward pass (RMSNorm, RoPE, grouped-query
+// attention with a KV cache) whose FFNs run on the dense or MoE kernel.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "moeforge/model/weights.hpp"
+#include "moeforge/runtime/dense_ffn.hpp"
+#include "moeforge/runtime/moe_ffn.hpp"
+
+namespace moeforge::model {
+
+/// Keys and values of every layer for positions [0, length).
+struct kv_cache {
+  std::vector<matrix> k;  ///< per layer [seq_len, n_kv_heads·head_dim]
+  std::vector<matrix> v;
+  index_t length = 0;
+};
+
+struct forward_options {
+  /// Called with each layer's FFN input (the post-attention RMSNorm output,
+  /// [T, H]) before the FFN runs: the calibration hook.
+  std::function<void(index_t layer, const_matrix_ref ffn_input)> on_ffn_input;
+  /// Stop right after reporting this layer's FFN input (no logits are
+  /// computed); -1 runs the whole model.
+  index_t stop_after_layer = -1;
+  /// Compute logits for every position (prefill for perplexity) or only the last.
+  bool all_logits = true;
+};
+
+/// Throws shape_error / config_error naming the part of the model that does
+/// not fit its config.
+inline void validate(const weights& w) {
+  const auto& c = w.config;
+  using moeforge::detail::cat;
+  using moeforge::detail::require_shape;
+  if (c.dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 || c.vocab_size <= 0 || c.seq_len <= 0)
+    throw config_error("model config: dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size and seq_len must be positive");
+  if (c.n_heads % c.n_kv_heads != 0)
+    throw config_error(cat("model config: n_heads ", c.n_heads, " is not a multiple of n_kv_heads ", c.n_kv_heads));
+  if (c.head_dim % 2 != 0) throw config_error(cat("model config: head_dim ", c.head_dim, " must be even for RoPE"));
+  if (index_t(w.layers.size()) != c.n_layers)
+    throw shape_error(cat("model: ", w.layers.size(), " layers, config says ", c.n_layers));
+  require_shape(w.tok_emb, c.vocab_size, c.dim, "model.tok_emb");
+  require_shape(w.final_norm, c.dim, 1, "model.final_norm");
+  if (!c.tied_embeddings) require_shape(w.lm_head, c.vocab_size, c.dim, "model.lm_head");
+  const index_t q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
+  for (std::size_t i = 0; i < w.layers.size(); ++i) {
+    const auto& l = w.layers[i];
+    const std::string name = cat("model.layers[", i, "]");
+    require_shape(l.attn_norm, c.dim, 1, name + ".attn_norm");
+    require_shape(l.ffn_norm, c.dim, 1, name + ".ffn_norm");
+    require_shape(l.wq, q, c.dim, name + ".wq");
+    require_shape(l.wk, kv, c.dim, name + ".wk");
+    require_shape(l.wv, kv, c.dim, name + ".wv");
+    require_shape(l.wo, c.dim, q, name + ".wo");
+    if (l.bq.size()) require_shape(l.bq, q, 1, name + ".bq");
+    if (l.bk.size()) require_shape(l.bk, kv, 1, name + ".bk");
+    if (l.bv.size()) require_shape(l.bv, kv, 1, name + ".bv");
+    if (const auto* f = std::get_if<ffn>(&l.ffn))
+      moeforge::validate(*f, name + ".ffn", c.dim);
+    else
+      moeforge::validate(std::get<moe_layer>(l.ffn), name + ".moe");
+  }
+}
+
+/// Runs a model. Holds a reference to the weights: they must outlive it, and a
+/// caller may replace a layer's FFN between calls (calibration does).
+class transformer {
+ public:
+  explicit transformer(const weights& w) : w_(w) {
+    validate(w);
+    const auto& c = w.config;
+    const index_t half = c.head_dim / 2;
+    cos_.resize(c.seq_len, half);
+    sin_.resize(c.seq_len, half);
+    for (index_t p = 0; p < c.seq_len; ++p)
+      for (index_t j = 0; j < half; ++j) {
+        const double angle = double(p) * std::pow(double(c.rope_theta), -2.0 * double(j) / double(c.head_dim));
+        cos_(p, j) = float(std::cos(angle));
+        sin_(p, j) = float(std::sin(angle));
+      }
+  }
+
+  const weights& model() const { return w_; }
+
+  kv_cache new_cache() const {
+    const auto& c = w_.config;
+    kv_cache cache;
+    cache.k.assign(std::size_t(c.n_layers), matrix(c.seq_len, c.n_kv_heads * c.head_dim));
+    cache.v = cache.k;
+    return cache;
+  }
+
+  /// Feeds `tokens` at positions cache.length.. and returns their logits
+  /// ([T, V], or [1, V] for the last token when !all_logits; empty when the
+  /// run stopped early).
+  matrix forward(const std::vector<std::int32_t>& tokens, kv_cache& cache, const forward_options& opt = {}) const {
+    using moeforge::detail::cat;
+    const auto& c = w_.config;
+    const index_t n = index_t(tokens.size());
+    const index_t start = cache.length;
+    if (start + n > c.seq_len)
+      throw config_error(cat("forward: positions ", start, "..", start + n, " exceed the model's context of ", c.seq_len));
+    if (index_t(cache.k.size()) != c.n_layers) throw shape_error("forward: the kv cache was made for another model");
+    matrix x(n, c.dim);
+    for (index_t t = 0; t < n; ++t) {
+      const auto id = tokens[std::size_t(t)];
+      if (id < 0 || id >= c.vocab_size) throw config_error(cat("forward: token ", id, " at ", t, " is outside the vocabulary of ", c.vocab_size));
+      x.row(t) = w_.tok_emb.row(id);
+    }
+    if (n == 0) return matrix(0, c.vocab_size);
+    matrix xb(n, c.dim), y(n, c.dim);
+    for (index_t li = 0; li < c.n_layers; ++li) {
+      const auto& l = w_.layers[std::size_t(li)];
+      rms_norm(x, l.attn_norm, xb);
+      attention(l, li, xb, cache, start, y);
+      x += y;
+      rms_norm(x, l.ffn_norm, xb);
+      if (opt.on_ffn_input) opt.on_ffn_input(li, xb);
+      if (li == opt.stop_after_layer) {
+        cache.length = start + n;
+        return matrix();
+      }
+      if (const auto* f = std::get_if<ffn>(&l.ffn))
+        runtime::dense_forward(*f, xb, y);
+      else
+        y = runtime::moe_forward(std::get<moe_layer>(l.ffn), xb);
+      x += y;
+    }
+    cache.length = start + n;
+    const index_t first = opt.all_logits ? 0 : n - 1;
+    matrix last = x.bottomRows(n - first);
+    matrix normed(last.rows(), c.dim);
+    rms_norm(last, w_.final_norm, normed);
+    return normed * w_.classifier().transpose();
+  }
+
+ private:
+  void rms_norm(const matrix& x, const vector& weight, matrix& out) const {
+    const float eps = w_.config.norm_eps;
+    for (index_t t = 0; t < x.rows(); ++t) {
+      const float ms = x.row(t).squaredNorm() / float(x.cols());
+      out.row(t) = (x.row(t).array() * weight.transpose().array()) * (1.0f / std::sqrt(ms + eps));
+    }
+  }
+
+  /// Rotates each head of `m` ([T, heads·head_dim]) for positions start + t.
+  void rope(matrix& m, index_t heads, index_t start) const {
+    const auto& c = w_.config;
+    const index_t hd = c.head_dim, half = hd / 2;
+    const bool interleaved = c.rope == rope_style::interleaved;
+    for (index_t t = 0; t < m.rows(); ++t) {
+      float* row = m.row(t).data();
+      for (index_t h = 0; h < heads; ++h) {
+        float* v = row + h * hd;
+        for (index_t j = 0; j < half; ++j) {
+          const float co = cos_(start + t, j), si = sin_(start + t, j);
+          float& a = interleaved ? v[2 * j] : v[j];
+          float& b = interleaved ? v[2 * j + 1] : v[j + half];
+          const float a0 = a, b0 = b;
+          a = a0 * co - b0 * si;
+          b = a0 * si + b0 * co;
+        }
+      }
+    }
+  }
+
+  void attention(const layer& l, index_t li, const matrix& xb, kv_cache& cache, index_t start, matrix& out) const {
+    const auto& c = w_.config;
+    const index_t n = xb.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
+    matrix q = xb * l.wq.transpose();
+    matrix k = xb * l.wk.transpose();
+    matrix v = xb * l.wv.transpose();
+    if (l.bq.size()) q.rowwise() += l.bq.transpose();
+    if (l.bk.size()) k.rowwise() += l.bk.transpose();
+    if (l.bv.size()) v.rowwise() += l.bv.transpose();
+    rope(q, c.n_heads, start);
+    rope(k, c.n_kv_heads, start);
+    matrix& kc = cache.k[std::size_t(li)];
+    matrix& vc = cache.v[std::size_t(li)];
+    kc.middleRows(start, n) = k;
+    vc.middleRows(start, n) = v;
+    const index_t kv_stride = kc.cols();
+    const float scale = 1.0f / std::sqrt(float(hd));
+    matrix att(n, c.n_heads * hd);
+    // Queries in blocks of 32 against only the keys the block's last token may
+    // see: causal prefill costs about half a full score matrix, as GEMMs.
+    constexpr index_t block = 32;
+    using strided = Eigen::Map<const matrix, 0, Eigen::OuterStride<>>;
+    const index_t blocks = (n + block - 1) / block;
+#pragma omp parallel for collapse(2) schedule(static) if (n > 1)
+    for (index_t h = 0; h < c.n_heads; ++h) {
+      for (index_t b = 0; b < blocks; ++b) {
+        const index_t t0 = b * block, rows = std::min(block, n - t0);
+        const index_t off = (h / group) * hd, keys = start + t0 + rows;
+        const strided kh(kc.data() + off, keys, hd, Eigen::OuterStride<>(kv_stride));
+        const strided vh(vc.data() + off, keys, hd, Eigen::OuterStride<>(kv_stride));
+        matrix sc = (q.block(t0, h * hd, rows, hd) * kh.transpose()) * scale;
+        for (index_t r = 0; r < rows; ++r) {
+          const index_t visible = start + t0 + r + 1;
+          auto row = sc.row(r).head(visible);
+          row.array() = (row.array() - row.maxCoeff()).exp();
+          row /= row.sum();
+          sc.row(r).tail(keys - visible).setZero();
+        }
+        att.block(t0, h * hd, rows, hd).noalias() = sc * vh;
+      }
+    }
+    out.noalias() = att * l.wo.transpose();
+  }
+
+  const weights& w_;
+  matrix cos_, sin_;  ///< [seq_len, head_dim/2] RoPE tables
+};
+
+}  // namespace moeforge::model

@@ -1,0 +1,76 @@
+// llama2.c checkpoints and tokenizers: what loads, and the clear errors for
+// files that are not what they claim.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+
+#include "moeforge/io/llama2c.hpp"
+#include "moeforge/model/tokenizer.hpp"
+#include "support/data.hpp"
+
+using namespace moeforge;
+using moeforge::test::data_file;
+
+namespace {
+
+std::vector<char> bytes_of(const std::string& path) { return moeforge::detail::read_whole_file(path, "test"); }
+
+}  // namespace
+
+TEST_CASE("stories260K loads with the documented configuration") {
+  const auto w = io::load_llama2c(data_file("models/stories260K/stories260K.bin"));
+  CHECK(w.config.dim == 64);
+  CHECK(w.config.n_layers == 5);
+  CHECK(w.config.n_heads == 8);
+  CHECK(w.config.n_kv_heads == 4);
+  CHECK(w.config.vocab_size == 512);
+  CHECK(w.config.seq_len == 512);
+  CHECK(w.config.tied_embeddings);
+  CHECK(std::get<ffn>(w.layers[0].ffn).intermediate() == 172);
+}
+
+TEST_CASE("a truncated or inconsistent llama2.c checkpoint is a format error naming the file") {
+  const auto good = bytes_of(data_file("models/stories260K/stories260K.bin"));
+  SECTION("truncated") {
+    CHECK_THROWS_AS(io::parse_llama2c(good.data(), good.size() - 4, "cut.bin"), format_error);
+    CHECK_THROWS_WITH(io::parse_llama2c(good.data(), 20, "cut.bin"), Catch::Contains("cut.bin") && Catch::Contains("truncated"));
+  }
+  SECTION("a header that does not match the size") {
+    auto bad = good;
+    const std::int32_t layers = 6;
+    std::memcpy(bad.data() + 8, &layers, 4);
+    CHECK_THROWS_WITH(io::parse_llama2c(bad.data(), bad.size(), "bad.bin"), Catch::Contains("implies"));
+  }
+  SECTION("nonsense header values") {
+    auto bad = good;
+    const std::int32_t heads = 0;
+    std::memcpy(bad.data() + 12, &heads, 4);
+    CHECK_THROWS_WITH(io::parse_llama2c(bad.data(), bad.size(), "bad.bin"), Catch::Contains("n_heads = 0"));
+  }
+  SECTION("missing file") {
+    CHECK_THROWS_AS(io::load_llama2c("/nonexistent/model.bin"), io_error);
+  }
+}
+
+TEST_CASE("the tokenizer round-trips text and encodes as run.c does") {
+  const auto tok = model::load_tokenizer(data_file("models/stories260K/tok512.bin"), 512);
+  const std::string text = "Once upon a time, Lily saw a \xe2\x80\x9c" "big\xe2\x80\x9d dog. \xc3\xa2\xe2\x82\xac\xe2\x84\xa2 Z\xc3\xbc!\n\nEnd";
+  const auto ids = tok.encode(text);
+  CHECK(ids.front() == model::tokenizer::bos);
+  CHECK(tok.decode(ids) == text);
+  // The dummy-prefix space merges with the first word, as in run.c.
+  CHECK(tok.piece(ids[1]).front() == ' ');
+  // Bytes with no piece of their own fall back to byte tokens (ü is not in the vocabulary).
+  const auto z = tok.encode("\xc3\xbc", false);
+  REQUIRE(z.size() >= 2);
+  CHECK(z[z.size() - 2] == 0xc3 + model::tokenizer::byte_offset);
+  CHECK(z.back() == 0xbc + model::tokenizer::byte_offset);
+  CHECK(tok.encode("", true) == std::vector<std::int32_t>{1});
+}
+
+TEST_CASE("a tokenizer file of the wrong size is a format error") {
+  const auto path = data_file("models/stories260K/tok512.bin");
+  CHECK_THROWS_WITH(model::load_tokenizer(path, 500), Catch::Contains("bytes left"));
+  CHECK_THROWS_WITH(model::load_tokenizer(path, 600), Catch::Contains("truncated"));
+}

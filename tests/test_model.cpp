@@ -1,0 +1,153 @@
+// The transformer on the real stories260K model: golden greedy output and
+// logits, prefill/decode agreement, the reference perplexity, MoE equivalence.
+#include <catch2/catch.hpp>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "moeforge/io/llama2c.hpp"
+#include "moeforge/model/eval.hpp"
+#include "moeforge/model/sampling.hpp"
+#include "moeforge/model/tokenizer.hpp"
+#include "support/data.hpp"
+
+using namespace moeforge;
+using moeforge::test::data_file;
+
+namespace {
+
+const model::weights& stories() {
+  static const model::weights w = io::load_llama2c(data_file("models/stories260K/stories260K.bin"));
+  return w;
+}
+
+const model::tokenizer& stories_tokenizer() {
+  static const model::tokenizer t = model::load_tokenizer(data_file("models/stories260K/tok512.bin"), 512);
+  return t;
+}
+
+nlohmann::json golden() {
+  std::ifstream in(data_file("models/stories260K/greedy_golden.json"));
+  return nlohmann::json::parse(in);
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+std::vector<std::int32_t> eval_stream() {
+  return stories_tokenizer().encode(read_text(data_file("data/tinystories_eval.txt")));
+}
+
+}  // namespace
+
+TEST_CASE("greedy decoding of stories260K reproduces the independent golden tokens and text") {
+  const auto g = golden();
+  const auto want = g["tokens"].get<std::vector<std::int32_t>>();
+  model::transformer tr(stories());
+  const auto got = model::generate(tr, {}, 256, {});
+  REQUIRE(got.size() == want.size());
+  CHECK(got == want);
+  CHECK(stories_tokenizer().decode(got) == g["text"].get<std::string>());
+}
+
+TEST_CASE("stories260K logits at positions 0-3 match the golden logits within 1e-4") {
+  const auto g = golden();
+  const auto tokens = g["tokens"].get<std::vector<std::int32_t>>();
+  model::transformer tr(stories());
+  auto cache = tr.new_cache();
+  const matrix logits = tr.forward({tokens.begin(), tokens.begin() + 4}, cache);
+  for (int pos = 0; pos < 4; ++pos) {
+    const auto want = g["logits_first4_positions"][std::size_t(pos)].get<std::vector<float>>();
+    REQUIRE(want.size() == 512);
+    float worst = 0.0f;
+    for (std::size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::abs(logits(pos, index_t(i)) - want[i]));
+    INFO("position " << pos);
+    CHECK(worst < 1e-4f);
+  }
+}
+
+TEST_CASE("prefill of a window and token-by-token decode give the same logits") {
+  const auto stream = eval_stream();
+  const std::vector<std::int32_t> window(stream.begin(), stream.begin() + 100);
+  model::transformer tr(stories());
+  auto batch_cache = tr.new_cache();
+  const matrix batch = tr.forward(window, batch_cache);
+  auto step_cache = tr.new_cache();
+  for (std::size_t t = 0; t < window.size(); ++t) {
+    const matrix one = tr.forward({window[t]}, step_cache);
+    REQUIRE((one.row(0) - batch.row(index_t(t))).cwiseAbs().maxCoeff() < 1e-4f);
+  }
+  // A second chunk continues from the cache exactly like the batch did.
+  auto split_cache = tr.new_cache();
+  tr.forward({window.begin(), window.begin() + 37}, split_cache);
+  const matrix rest = tr.forward({window.begin() + 37, window.end()}, split_cache);
+  CHECK((rest - batch.bottomRows(63)).cwiseAbs().maxCoeff() < 1e-4f);
+}
+
+TEST_CASE("stories260K perplexity on the evaluation text matches the independent reference", "[slow]") {
+  const auto stream = eval_stream();
+  model::transformer tr(stories());
+  const auto r = model::perplexity(tr, stream, 512);
+  CHECK(r.tokens == 151837);
+  CHECK(r.windows == 297);
+  CHECK(r.predicted == 151540);
+  CHECK(r.ppl == Approx(6.060831).epsilon(1e-5));
+}
+
+TEST_CASE("a dense model whose FFNs become an all-active MoE keeps its perplexity") {
+  model::weights moe = stories();
+  std::mt19937 rng(7);
+  for (auto& l : moe.layers) {
+    const ffn dense = std::get<ffn>(l.ffn);
+    moe_layer m;
+    // An analytic router with every expert selected gives unit gates: the sum
+    // of the experts is the dense FFN whatever the router weights are.
+    m.router.kind = router_kind::cmoe_analytic;
+    m.router.weight = matrix::Random(4, dense.hidden());
+    m.router.weight_up = matrix::Random(4, dense.hidden());
+    m.router.top_k = 4;
+    std::vector<int> neurons(std::size_t(dense.intermediate()));
+    std::iota(neurons.begin(), neurons.end(), 0);
+    std::shuffle(neurons.begin(), neurons.end(), rng);
+    const std::size_t widths[] = {50, 43, 43, 36};  // unequal on purpose
+    std::size_t at = 0;
+    for (std::size_t w : widths) {
+      std::vector<int> part(neurons.begin() + std::ptrdiff_t(at), neurons.begin() + std::ptrdiff_t(at + w));
+      m.experts.push_back({select_neurons(dense, part), {}, 0});
+      at += w;
+    }
+    REQUIRE(at == neurons.size());
+    l.ffn = std::move(m);
+  }
+  const auto stream = eval_stream();
+  const auto dense_ppl = model::perplexity(model::transformer(stories()), stream, 512, 6);
+  const auto moe_ppl = model::perplexity(model::transformer(moe), stream, 512, 6);
+  CHECK(moe_ppl.predicted == dense_ppl.predicted);
+  CHECK(moe_ppl.ppl == Approx(dense_ppl.ppl).epsilon(1e-5));
+  CHECK(moe_ppl.ppl != Approx(1.0));
+}
+
+TEST_CASE("temperature sampling is reproducible from its seed and differs across seeds") {
+  model::transformer tr(stories());
+  model::sampling_options o;
+  o.temperature = 1.0f;
+  o.top_p = 0.9f;
+  o.seed = 1;
+  const auto a = model::generate(tr, {}, 60, o);
+  const auto b = model::generate(tr, {}, 60, o);
+  o.seed = 2;
+  const auto c = model::generate(tr, {}, 60, o);
+  CHECK(a == b);
+  CHECK(a != c);
+}
+
+TEST_CASE("forward rejects tokens outside the vocabulary and positions past the context") {
+  model::transformer tr(stories());
+  auto cache = tr.new_cache();
+  CHECK_THROWS_AS(tr.forward({1, 600}, cache), config_error);
+  std::vector<std::int32_t> too_long(513, 1);
+  auto cache2 = tr.new_cache();
+  CHECK_THROWS_WITH(tr.forward(too_long, cache2), Catch::Contains("exceed the model's context of 512"));
+}
