@@ -1,52 +1,19 @@
 // moeforge: convert, evaluate and run models from the command line.
-#include <cstring>
-#include <iostream>
-
-#include "args.hpp"
 #include "commands.hpp"
-#include "moeforge/core/error.hpp"
 
 namespace moeforge::cli {
-// Each subcommand is defined in its own cmd_<name>.cpp.
+// Each subcommand lives in its own cmd_<name>.cpp.
+int run_generate(int argc, char** argv);
+int run_eval(int argc, char** argv);
+int run_logits(int argc, char** argv);
 }  // namespace moeforge::cli
 
-namespace {
-
-using moeforge::cli::command;
-
-const command commands[] = {
-    {"version", "print the version", [](int, char**) {
-       std::cout << "moeforge 0.1.0\n";
-       return 0;
-     }},
-};
-
-void print_usage(std::ostream& out) {
-  out << "usage: moeforge <command> [options]\n\ncommands:\n";
-  for (const auto& c : commands) out << "  " << c.name << std::string(12 - std::strlen(c.name), ' ') << c.summary << "\n";
-  out << "\n'moeforge <command> --help' describes a command's options.\n";
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
-    print_usage(argc < 2 ? std::cerr : std::cout);
-    return argc < 2 ? 2 : 0;
-  }
-  for (const auto& c : commands) {
-    if (std::strcmp(argv[1], c.name) != 0) continue;
-    try {
-      return c.run(argc - 1, argv + 1);
-    } catch (const moeforge::cli::usage_error& e) {
-      std::cerr << "moeforge " << e.what() << "\n";
-      return 2;
-    } catch (const moeforge::error& e) {
-      std::cerr << e.what() << "\n";
-      return 1;
-    }
-  }
-  std::cerr << "moeforge: unknown command '" << argv[1] << "'\n\n";
-  print_usage(std::cerr);
-  return 2;
+  using namespace moeforge::cli;
+  static const command commands[] = {
+      {"generate", "generate text (greedy or sampled)", &run_generate},
+      {"eval", "perplexity of a text and tokens/s", &run_eval},
+      {"logits", "logits at every position of a token sequence", &run_logits},
+  };
+  return dispatch("moeforge", commands, argc, argv);
 }

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "moeforge/core/error.hpp"
+#include "moeforge/core/tensor.hpp"
 
 namespace moeforge::detail {
 
@@ -36,6 +36,14 @@ class byte_reader {
   void floats(float* out, std::size_t count, const char* field) { take(out, count * sizeof(float), field); }
   void bytes(char* out, std::size_t count, const char* field) { take(out, count, field); }
   void skip(std::size_t count, const char* field) { take(nullptr, count, field); }
+  void fill_matrix(matrix& m, index_t rows, index_t cols, const char* field) {
+    m.resize(rows, cols);
+    floats(m.data(), std::size_t(rows * cols), field);
+  }
+  void fill_vector(vector& v, index_t n, const char* field) {
+    v.resize(n);
+    floats(v.data(), std::size_t(n), field);
+  }
   std::size_t offset() const { return at_; }
   std::size_t remaining() const { return size_ - at_; }
 

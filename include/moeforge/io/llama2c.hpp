@@ -10,20 +10,6 @@
 
 namespace moeforge::io {
 
-namespace detail {
-
-inline void read_matrix(moeforge::detail::byte_reader& r, matrix& m, index_t rows, index_t cols, const char* field) {
-  m.resize(rows, cols);
-  r.floats(m.data(), std::size_t(rows * cols), field);
-}
-
-inline void read_vector(moeforge::detail::byte_reader& r, vector& v, index_t n, const char* field) {
-  v.resize(n);
-  r.floats(v.data(), std::size_t(n), field);
-}
-
-}  // namespace detail
-
 /// Parses a llama2.c checkpoint held in memory; `name` is used in messages.
 inline model::weights parse_llama2c(const char* data, std::size_t size, const std::string& name) {
   using moeforge::detail::cat;
@@ -64,23 +50,23 @@ inline model::weights parse_llama2c(const char* data, std::size_t size, const st
     throw format_error(cat(what, ": file is ", size, " bytes, the header (dim ", dim, ", hidden ", hidden, ", layers ", layers,
                            ", vocab ", c.vocab_size, ", seq_len ", c.seq_len, ") implies ", bytes_expected));
 
-  detail::read_matrix(r, w.tok_emb, c.vocab_size, dim, "tok_embeddings");
+  r.fill_matrix(w.tok_emb, c.vocab_size, dim, "tok_embeddings");
   w.layers.resize(std::size_t(layers));
   // The file stores each tensor kind for all layers together.
-  for (auto& l : w.layers) detail::read_vector(r, l.attn_norm, dim, "rms_att_weight");
-  for (auto& l : w.layers) detail::read_matrix(r, l.wq, dim, dim, "wq");
-  for (auto& l : w.layers) detail::read_matrix(r, l.wk, kv_dim, dim, "wk");
-  for (auto& l : w.layers) detail::read_matrix(r, l.wv, kv_dim, dim, "wv");
-  for (auto& l : w.layers) detail::read_matrix(r, l.wo, dim, dim, "wo");
-  for (auto& l : w.layers) detail::read_vector(r, l.ffn_norm, dim, "rms_ffn_weight");
+  for (auto& l : w.layers) r.fill_vector(l.attn_norm, dim, "rms_att_weight");
+  for (auto& l : w.layers) r.fill_matrix(l.wq, dim, dim, "wq");
+  for (auto& l : w.layers) r.fill_matrix(l.wk, kv_dim, dim, "wk");
+  for (auto& l : w.layers) r.fill_matrix(l.wv, kv_dim, dim, "wv");
+  for (auto& l : w.layers) r.fill_matrix(l.wo, dim, dim, "wo");
+  for (auto& l : w.layers) r.fill_vector(l.ffn_norm, dim, "rms_ffn_weight");
   std::vector<ffn> ffns(static_cast<std::size_t>(layers));
-  for (auto& f : ffns) detail::read_matrix(r, f.gate, hidden, dim, "w1");
-  for (auto& f : ffns) detail::read_matrix(r, f.down, dim, hidden, "w2");
-  for (auto& f : ffns) detail::read_matrix(r, f.up, hidden, dim, "w3");
+  for (auto& f : ffns) r.fill_matrix(f.gate, hidden, dim, "w1");
+  for (auto& f : ffns) r.fill_matrix(f.down, dim, hidden, "w2");
+  for (auto& f : ffns) r.fill_matrix(f.up, hidden, dim, "w3");
   for (std::size_t i = 0; i < ffns.size(); ++i) w.layers[i].ffn = std::move(ffns[i]);
-  detail::read_vector(r, w.final_norm, dim, "rms_final_weight");
+  r.fill_vector(w.final_norm, dim, "rms_final_weight");
   r.skip(std::size_t(c.seq_len * head_size) * 4, "freq_cis");
-  if (!shared_classifier) detail::read_matrix(r, w.lm_head, c.vocab_size, dim, "wcls");
+  if (!shared_classifier) r.fill_matrix(w.lm_head, c.vocab_size, dim, "wcls");
   return w;
 }
 

@@ -1,0 +1,36 @@
+// moeforge generate: greedy or sampled text from a model.
+#include <iostream>
+
+#include "commands.hpp"
+#include "model_args.hpp"
+#include "moeforge/model/sampling.hpp"
+
+namespace moeforge::cli {
+
+int run_generate(int argc, char** argv) {
+  args a("moeforge generate", "Generate text from a model, starting at BOS (and the prompt, if given).");
+  add_model_options(a, true);
+  a.option("prompt", "TEXT", "text to continue", "");
+  a.option("steps", "N", "positions to fill, BOS and prompt included", "256");
+  a.option("temperature", "T", "0 = greedy", "0");
+  a.option("top-p", "P", "nucleus sampling threshold", "0.9");
+  a.option("seed", "N", "random seed for sampling", "42");
+  a.flag("tokens", "also print the token ids on stderr");
+  if (!a.parse(argc, argv)) return 0;
+  const auto w = load_model(a);
+  const auto tok = load_tokenizer(a, w);
+  model::sampling_options o;
+  o.temperature = float(a.get_double("temperature"));
+  o.top_p = float(a.get_double("top-p"));
+  o.seed = std::uint64_t(a.get_int("seed"));
+  const model::transformer tr(w);
+  const auto out = model::generate(tr, tok.encode(a.get("prompt")), a.get_int("steps"), o);
+  std::cout << tok.decode(out) << "\n";
+  if (a.flag_set("tokens")) {
+    for (auto id : out) std::cerr << id << ' ';
+    std::cerr << "\n";
+  }
+  return 0;
+}
+
+}  // namespace moeforge::cli
