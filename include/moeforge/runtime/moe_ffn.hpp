@@ -1,43 +1,167 @@
 // The sparse MoE FFN kernel: executes a routing plan over tokens x [T, H].
-// PLACEHOLDER implementation (Eigen per expert) until the OpenMP kernel lands;
-// the signatures below are the stable API.
+//
+// Work is cut into tasks whose shapes depend only on the plan, never on the
+// thread count, so every output element is computed by the same arithmetic in
+// the same order whatever OMP_NUM_THREADS is (bit-identical results):
+//   phase 1, (expert × neuron-chunk) tasks: h = act(x·W_gateᵀ) ⊙ (x·W_upᵀ)
+//            for the expert's tokens, gate/up/activation fused per chunk;
+//   phase 2, output-row-chunk tasks: y[t, rows] += w · W_down[rows]·h, over
+//            shared experts then routed experts in index order (no atomics).
+// Inside a task the products are Eigen GEMV (one token) or GEMM (several),
+// single-threaded: weights stream once per task and tokens reuse them.
 #pragma once
 
-#include "moeforge/runtime/dense_ffn.hpp"
+#include <algorithm>
+#include <vector>
+
 #include "moeforge/runtime/routing.hpp"
 
 namespace moeforge::runtime {
 
-/// y [T, H] = Σ_shared w_s(t)·shared_s(x_t) + Σ_pairs w·expert_e[:width](x_t)
-/// (a novice pair adds w·novice). y is overwritten.
-inline void moe_forward(const moe_layer& m, const routing_plan& plan, const_matrix_ref x, matrix_ref y) {
-  const index_t t_count = x.rows();
-  detail::require_shape(y, t_count, m.hidden(), "moe output");
-  y.setZero();
-  for (std::size_t s = 0; s < m.shared.size(); ++s) {
-    const matrix o = dense_forward(m.shared[s].weights, x);
-    for (index_t t = 0; t < t_count; ++t) y.row(t) += plan.shared_weight[s * std::size_t(t_count) + std::size_t(t)] * o.row(t);
+namespace detail {
+
+/// One expert's share of the batch: which tokens, their multipliers, and how
+/// many of its neurons each computes.
+struct job {
+  const ffn* weights = nullptr;
+  const vector* novice = nullptr;
+  std::vector<std::int32_t> tokens;
+  std::vector<float> scale;
+  std::vector<std::int32_t> width;
+  index_t columns = 0;  ///< neurons any of its tokens computes
+  matrix x;             ///< gathered inputs [n, H]; empty when the job takes every token in order
+  matrix h;             ///< activations [n, columns]
+};
+
+/// Neurons per phase-1 task: small for few tokens (more tasks to balance the
+/// weight streaming), large for many (fewer repacks of the token block).
+inline index_t neuron_chunk(index_t tokens) { return tokens <= 8 ? 64 : tokens <= 64 ? 128 : 256; }
+constexpr index_t row_chunk = 64;
+
+inline void fill_activations(job& j, const_matrix_ref x, index_t i0, index_t count) {
+  const ffn& f = *j.weights;
+  const auto in = j.x.size() ? const_matrix_ref(j.x) : x;
+  const auto up = f.up.middleRows(i0, count);
+  matrix u = in * up.transpose();
+  if (f.gated()) {
+    const matrix g = in * f.gate.middleRows(i0, count).transpose();
+    for (index_t p = 0; p < u.rows(); ++p)
+      for (index_t i = 0; i < count; ++i) u(p, i) *= activate(f.act, g(p, i));
+  } else {
+    for (index_t p = 0; p < u.rows(); ++p)
+      for (index_t i = 0; i < count; ++i) u(p, i) = activate(f.act, u(p, i));
   }
-  for (index_t e = 0; e < plan.experts(); ++e) {
-    const auto& ex = m.experts[std::size_t(e)];
-    for (index_t p = plan.offsets[std::size_t(e)]; p < plan.offsets[std::size_t(e + 1)]; ++p) {
-      const index_t t = plan.token[std::size_t(p)];
-      if (ex.is_novice()) {
-        y.row(t) += plan.weight[std::size_t(p)] * ex.novice.transpose();
-        continue;
-      }
-      const index_t w = plan.width[std::size_t(p)];
-      const auto& f = ex.weights;
-      vector h = f.up.topRows(w) * x.row(t).transpose();
-      if (f.gated()) {
-        const vector g = f.gate.topRows(w) * x.row(t).transpose();
-        for (index_t i = 0; i < w; ++i) h[i] *= activate(f.act, g[i]);
-      } else {
-        for (index_t i = 0; i < w; ++i) h[i] = activate(f.act, h[i]);
-      }
-      y.row(t) += plan.weight[std::size_t(p)] * (f.down.leftCols(w) * h).transpose();
+  // Neurons past a pair's width (a DualSparse major-only pair) contribute nothing.
+  for (index_t p = 0; p < u.rows(); ++p) {
+    const index_t keep = std::clamp<index_t>(j.width[std::size_t(p)] - i0, 0, count);
+    u.row(p).tail(count - keep).setZero();
+  }
+  j.h.middleCols(i0, count) = u;
+}
+
+inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
+  if (j.novice) {
+    for (std::size_t p = 0; p < j.tokens.size(); ++p)
+      y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * j.novice->segment(r0, rows).transpose();
+    return;
+  }
+  const matrix part = j.h * j.weights->down.block(r0, 0, rows, j.columns).transpose();
+  for (std::size_t p = 0; p < j.tokens.size(); ++p) y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * part.row(index_t(p));
+}
+
+/// Runs the jobs: every job's activations, then every output row chunk.
+inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
+  struct chunk {
+    std::size_t job;
+    index_t first, count;
+  };
+  std::vector<chunk> chunks;
+  for (std::size_t k = 0; k < jobs.size(); ++k) {
+    auto& j = jobs[k];
+    if (j.novice || j.tokens.empty()) continue;
+    j.h.resize(index_t(j.tokens.size()), j.columns);
+    const index_t step = neuron_chunk(index_t(j.tokens.size()));
+    for (index_t i = 0; i < j.columns; i += step) chunks.push_back({k, i, std::min(step, j.columns - i)});
+  }
+  const index_t hidden = y.cols();
+  const index_t row_tasks = (hidden + row_chunk - 1) / row_chunk;
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (std::ptrdiff_t c = 0; c < std::ptrdiff_t(chunks.size()); ++c)
+      fill_activations(jobs[chunks[std::size_t(c)].job], x, chunks[std::size_t(c)].first, chunks[std::size_t(c)].count);
+#pragma omp for schedule(dynamic, 1)
+    for (index_t r = 0; r < row_tasks; ++r) {
+      const index_t r0 = r * row_chunk, rows = std::min(row_chunk, hidden - r0);
+      y.middleCols(r0, rows).setZero();
+      for (const auto& j : jobs)
+        if (!j.tokens.empty()) add_rows(j, r0, rows, y);
     }
   }
+}
+
+inline void gather(job& j, const_matrix_ref x) {
+  j.x.resize(index_t(j.tokens.size()), x.cols());
+  for (std::size_t p = 0; p < j.tokens.size(); ++p) j.x.row(index_t(p)) = x.row(j.tokens[p]);
+}
+
+inline job whole_batch_job(const ffn& f, index_t tokens) {
+  job j;
+  j.weights = &f;
+  j.tokens.resize(std::size_t(tokens));
+  std::iota(j.tokens.begin(), j.tokens.end(), 0);
+  j.scale.assign(std::size_t(tokens), 1.0f);
+  j.width.assign(std::size_t(tokens), std::int32_t(f.intermediate()));
+  j.columns = f.intermediate();
+  return j;
+}
+
+/// Throws before any parallel work if x cannot be fed to a layer of `hidden` features.
+inline void check_input(const_matrix_ref x, const_matrix_ref y, index_t hidden, const char* what) {
+  using moeforge::detail::cat;
+  if (x.cols() != hidden) throw shape_error(cat(what, ": input has ", x.cols(), " features, expected ", hidden));
+  moeforge::detail::require_shape(y, x.rows(), hidden, cat(what, " output"));
+  for (index_t t = 0; t < x.rows(); ++t)
+    if (!x.row(t).allFinite()) throw value_error(cat(what, ": input token ", t, " has a NaN or Inf value"));
+}
+
+}  // namespace detail
+
+/// y [T, H] = Σ_shared w_s(t)·shared_s(x_t) + Σ_pairs w·expert_e[:width](x_t)
+/// (a novice pair adds w·novice). y is overwritten. Throws shape_error or
+/// value_error (NaN/Inf in x) before any work starts.
+inline void moe_forward(const moe_layer& m, const routing_plan& plan, const_matrix_ref x, matrix_ref y) {
+  using moeforge::detail::cat;
+  detail::check_input(x, y, m.hidden(), "moe");
+  if (plan.tokens != x.rows() || plan.experts() != m.num_experts() || plan.shared_weight.size() != m.shared.size() * std::size_t(x.rows()))
+    throw shape_error(cat("moe: the routing plan was made for ", plan.tokens, " tokens and ", plan.experts(), " experts, not ",
+                          x.rows(), " and ", m.num_experts()));
+  std::vector<detail::job> jobs;
+  for (std::size_t s = 0; s < m.shared.size(); ++s) {
+    jobs.push_back(detail::whole_batch_job(m.shared[s].weights, x.rows()));
+    std::copy_n(plan.shared_weight.begin() + std::ptrdiff_t(s * std::size_t(x.rows())), x.rows(), jobs.back().scale.begin());
+  }
+  for (index_t e = 0; e < m.num_experts(); ++e) {
+    const auto& ex = m.experts[std::size_t(e)];
+    detail::job j;
+    if (ex.is_novice())
+      j.novice = &ex.novice;
+    else
+      j.weights = &ex.weights;
+    for (index_t p = plan.offsets[std::size_t(e)]; p < plan.offsets[std::size_t(e + 1)]; ++p) {
+      const auto w = plan.width[std::size_t(p)];
+      if (!ex.is_novice() && (w < 0 || w > ex.width()))
+        throw shape_error(cat("moe: plan pair ", p, " asks expert ", e, " for ", w, " neurons, it has ", ex.width()));
+      j.tokens.push_back(plan.token[std::size_t(p)]);
+      j.scale.push_back(plan.weight[std::size_t(p)]);
+      j.width.push_back(w);
+      j.columns = std::max<index_t>(j.columns, w);
+    }
+    if (!j.novice) detail::gather(j, x);
+    jobs.push_back(std::move(j));
+  }
+  if (x.rows() == 0) return;
+  detail::run_jobs(jobs, x, y);
 }
 
 /// Routes x with the layer's router and runs every selected expert in full.

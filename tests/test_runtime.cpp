@@ -1,0 +1,247 @@
+// The OpenMP kernels against the scalar reference: odd shapes, every k, shared
+// experts, novices, major-only and dropped pairs, 1 and 2 threads, bit-identical
+// across thread counts; router semantics; bad input.
+#include <catch2/catch.hpp>
+
+#include <limits>
+#include <random>
+
+#include <omp.h>
+
+#include "moeforge/runtime/dense_ffn.hpp"
+#include "moeforge/runtime/moe_ffn.hpp"
+#include "support/reference.hpp"
+
+using namespace moeforge;
+
+namespace {
+
+matrix random_matrix(index_t r, index_t c, std::mt19937& rng, float scale = 0.3f) {
+  std::normal_distribution<float> n(0.0f, scale);
+  matrix m(r, c);
+  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = n(rng);
+  return m;
+}
+
+ffn random_ffn(index_t h, index_t i, std::mt19937& rng, activation a = activation::silu, bool gated = true) {
+  ffn f;
+  f.act = a;
+  if (gated) f.gate = random_matrix(i, h, rng);
+  f.up = random_matrix(i, h, rng);
+  f.down = random_matrix(h, i, rng);
+  return f;
+}
+
+struct layer_spec {
+  index_t hidden = 37;
+  std::vector<index_t> widths{13, 20, 7, 31, 16};
+  int shared = 0;
+  bool shared_gate = false;
+  std::vector<int> novices;
+  router_kind kind = router_kind::softmax_topk;
+};
+
+moe_layer random_layer(const layer_spec& s, std::mt19937& rng) {
+  moe_layer m;
+  const index_t e = index_t(s.widths.size());
+  m.router.kind = s.kind;
+  // Router scores small enough that softmax never underflows to exact ties,
+  // which float and the double reference would break differently.
+  m.router.weight = random_matrix(e, s.hidden, rng, 0.3f);
+  if (s.kind == router_kind::cmoe_analytic) m.router.weight_up = random_matrix(e, s.hidden, rng, 0.3f);
+  for (index_t w : s.widths) m.experts.push_back({random_ffn(s.hidden, w, rng), {}, 0});
+  for (int n : s.novices) {
+    m.experts[std::size_t(n)].weights = ffn{};
+    m.experts[std::size_t(n)].novice = random_matrix(s.hidden, 1, rng);
+  }
+  for (int i = 0; i < s.shared; ++i) {
+    m.shared.push_back({random_ffn(s.hidden, 11 + 6 * i, rng), {}});
+    if (s.shared_gate) m.shared.back().gate = random_matrix(s.hidden, 1, rng);
+  }
+  return m;
+}
+
+float max_abs_diff(const matrix& a, const matrix& b) { return a.rows() ? (a - b).cwiseAbs().maxCoeff() : 0.0f; }
+
+template <class F>
+matrix with_threads(int n, F&& f) {
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(n);
+  matrix y = f();
+  omp_set_num_threads(before);
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("the MoE kernel matches the scalar reference on odd shapes for every k and thread count") {
+  std::mt19937 rng(1);
+  for (int shared : {0, 1, 2}) {
+    for (auto kind : {router_kind::softmax_topk, router_kind::cmoe_analytic}) {
+      layer_spec s;
+      s.shared = shared;
+      s.shared_gate = shared == 2;
+      s.kind = kind;
+      moe_layer m = random_layer(s, rng);
+      for (index_t k = 1; k <= m.num_experts(); ++k) {
+        m.router.top_k = k;
+        m.router.renormalize = k % 2 == 1;
+        for (index_t t : {1, 2, 7, 64, 300}) {
+          const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
+          const matrix want = reference::moe(m, x);
+          const matrix one = with_threads(1, [&] { return runtime::moe_forward(m, x); });
+          const matrix two = with_threads(2, [&] { return runtime::moe_forward(m, x); });
+          INFO("shared " << shared << " kind " << router_kind_name(kind) << " k " << k << " T " << t);
+          REQUIRE(max_abs_diff(one, want) < 1e-4f);
+          REQUIRE(one == two);  // bit-identical across thread counts
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("novice experts add their constant output times the gate weight") {
+  std::mt19937 rng(2);
+  layer_spec s;
+  s.novices = {1, 3};
+  s.shared = 1;
+  moe_layer m = random_layer(s, rng);
+  validate(m, "test");
+  m.router.top_k = 3;
+  const matrix x = random_matrix(50, s.hidden, rng, 1.0f);
+  CHECK(max_abs_diff(runtime::moe_forward(m, x), reference::moe(m, x)) < 1e-4f);
+}
+
+TEST_CASE("major-only pairs compute the expert's leading neurons and dropped pairs nothing") {
+  std::mt19937 rng(3);
+  layer_spec s;
+  s.shared = 1;
+  s.novices = {2};
+  moe_layer m = random_layer(s, rng);
+  m.experts[0].major = 5;  // explicit major width; the others take half, rounded up
+  m.router.top_k = 3;
+  for (index_t t : {1, 7, 64}) {
+    const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
+    auto sel = runtime::select_topk(m.router, runtime::router_probs(m.router, x));
+    std::uniform_int_distribution<int> pick(0, 2);
+    for (auto& w : sel.work) w = runtime::pair_work(pick(rng));
+    matrix y(t, s.hidden);
+    const auto plan = runtime::make_plan(m, sel, x);
+    for (int threads : {1, 2}) {
+      omp_set_num_threads(threads);
+      runtime::moe_forward(m, plan, x, y);
+      for (index_t i = 0; i < t; ++i) {
+        std::vector<index_t> experts, widths;
+        std::vector<double> weights;
+        for (index_t j = 0; j < sel.k; ++j) {
+          const std::size_t at = std::size_t(i * sel.k + j);
+          if (sel.work[at] == runtime::pair_work::dropped) continue;
+          const auto& ex = m.experts[std::size_t(sel.expert[at])];
+          experts.push_back(sel.expert[at]);
+          weights.push_back(sel.weight[at]);
+          widths.push_back(sel.work[at] == runtime::pair_work::major ? ex.major_width() : ex.width());
+        }
+        const auto want = reference::moe_token(m, x.row(i).data(), experts, weights, widths);
+        for (index_t d = 0; d < s.hidden; ++d) REQUIRE(std::abs(y(i, d) - want[std::size_t(d)]) < 1e-4);
+      }
+    }
+  }
+  omp_set_num_threads(omp_get_num_procs());
+  const auto plan_counts = [&](runtime::pair_work w) {
+    const matrix x = random_matrix(20, s.hidden, rng, 1.0f);
+    auto sel = runtime::select_topk(m.router, runtime::router_probs(m.router, x));
+    std::fill(sel.work.begin(), sel.work.end(), w);
+    return runtime::make_plan(m, sel, x).pairs();
+  };
+  CHECK(plan_counts(runtime::pair_work::dropped) == 0);
+  CHECK(plan_counts(runtime::pair_work::full) == 60);
+}
+
+TEST_CASE("the dense kernel matches the reference for every activation, gated and not") {
+  std::mt19937 rng(4);
+  for (auto a : {activation::silu, activation::gelu, activation::relu}) {
+    for (bool gated : {true, false}) {
+      const ffn f = random_ffn(45, 333, rng, a, gated);
+      for (index_t t : {1, 3, 64, 129}) {
+        const matrix x = random_matrix(t, 45, rng, 1.0f);
+        const matrix one = with_threads(1, [&] { return runtime::dense_forward(f, x); });
+        const matrix two = with_threads(2, [&] { return runtime::dense_forward(f, x); });
+        INFO(activation_name(a) << " gated " << gated << " T " << t);
+        REQUIRE(max_abs_diff(one, reference::dense(f, x)) < 1e-4f);
+        REQUIRE(one == two);
+      }
+    }
+  }
+}
+
+TEST_CASE("softmax top-k routing: renormalisation, scale and ties to the lower index") {
+  moe_layer m;
+  std::mt19937 rng(5);
+  m.router.weight = matrix::Zero(4, 3);
+  m.router.weight.row(0) << 1, 0, 0;
+  m.router.weight.row(1) << 0, 1, 0;
+  m.router.weight.row(2) << 0, 1, 0;  // ties with expert 1
+  m.router.weight.row(3) << 0, 0, 1;
+  m.router.top_k = 2;
+  matrix x(1, 3);
+  x << 0.0f, 2.0f, 0.5f;
+  const matrix p = runtime::router_probs(m.router, x);
+  CHECK(p.sum() == Approx(1.0f));
+  auto sel = runtime::select_topk(m.router, p);
+  CHECK(sel.expert == std::vector<std::int32_t>{1, 2});
+  CHECK(sel.weight[0] == Approx(0.5f));
+  m.router.renormalize = false;
+  m.router.scale = 2.5f;
+  sel = runtime::select_topk(m.router, p);
+  CHECK(sel.weight[0] == Approx(2.5 * std::exp(2.0) / (1 + 2 * std::exp(2.0) + std::exp(0.5))));
+  m.router.kind = router_kind::cmoe_analytic;
+  m.router.weight_up = matrix::Ones(4, 3);
+  m.router.scale = 1.0f;
+  sel = runtime::select_topk(m.router, runtime::router_probs(m.router, x));
+  CHECK(sel.weight == std::vector<float>{1.0f, 1.0f});  // CMoE gates are exactly 1
+  // |silu(g·x)·(u·x)| ranks expert 1 and 2 (tied) above 3 and 0.
+  CHECK(sel.expert == std::vector<std::int32_t>{1, 2});
+  (void)rng;
+}
+
+TEST_CASE("bad input is rejected before any work with a typed error") {
+  std::mt19937 rng(6);
+  layer_spec s;
+  moe_layer m = random_layer(s, rng);
+  m.router.top_k = 2;
+  SECTION("wrong feature count") {
+    const matrix x = random_matrix(3, s.hidden + 1, rng);
+    CHECK_THROWS_AS(runtime::moe_forward(m, x), shape_error);
+    CHECK_THROWS_AS(runtime::dense_forward(m.experts[0].weights, x), shape_error);
+  }
+  SECTION("NaN or Inf in the input names the token") {
+    matrix x = random_matrix(3, s.hidden, rng);
+    x(2, 5) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH(runtime::moe_forward(m, x), Catch::Contains("token 2"));
+    x(2, 5) = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_AS(runtime::dense_forward(m.experts[0].weights, x), value_error);
+  }
+  SECTION("NaN in weights is found by require_finite") {
+    m.experts[3].weights.down(1, 1) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH(require_finite(m, "layer"), Catch::Contains("experts[3].down"));
+  }
+  SECTION("k outside 1..E") {
+    const matrix x = random_matrix(3, s.hidden, rng);
+    m.router.top_k = 6;
+    CHECK_THROWS_AS(runtime::moe_forward(m, x), config_error);
+    m.router.top_k = 0;
+    CHECK_THROWS_AS(runtime::moe_forward(m, x), config_error);
+  }
+  SECTION("a plan made for another batch") {
+    const matrix x = random_matrix(3, s.hidden, rng);
+    const auto plan = runtime::route(m, x);
+    const matrix x4 = random_matrix(4, s.hidden, rng);
+    matrix y(4, s.hidden);
+    CHECK_THROWS_AS(runtime::moe_forward(m, plan, x4, y), shape_error);
+  }
+  SECTION("an empty batch gives an empty result") {
+    const matrix x(0, s.hidden);
+    CHECK(runtime::moe_forward(m, x).rows() == 0);
+    CHECK(runtime::dense_forward(m.experts[0].weights, x).rows() == 0);
+  }
+}
