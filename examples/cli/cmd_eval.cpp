@@ -28,12 +28,14 @@ int run_eval(int argc, char** argv) {
   const auto r = model::perplexity(tr, stream, a.has("ctx") ? a.get_int("ctx") : 0, a.has("windows") ? a.get_int("windows") : 0);
   const double decode = model::decode_tokens_per_second(tr, a.get_int("decode-steps"));
   if (a.flag_set("json")) {
-    nlohmann::json j{{"ppl", r.ppl}, {"nll", r.nll}, {"tokens", r.tokens}, {"predicted", r.predicted}, {"windows", r.windows},
+    nlohmann::json j{{"ppl", r.ppl}, {"nll", r.nll}, {"tokens", r.tokens}, {"predicted", r.predicted}, {"windows", r.windows}, {"active_fraction", model::active_ffn_fraction(w)},
                      {"seconds", r.seconds}, {"prefill_tok_s", r.prefill_tokens_per_second}, {"decode_tok_s", decode}};
     std::cout << j.dump() << "\n";
   } else {
-    std::printf("perplexity   %.6f\ntokens       %lld (predicted %lld, windows %lld)\nprefill      %.0f tok/s\ndecode       %.0f tok/s\n",
-                r.ppl, (long long)r.tokens, (long long)r.predicted, (long long)r.windows, r.prefill_tokens_per_second, decode);
+    std::printf("perplexity   %.6f\ntokens       %lld (predicted %lld, windows %lld)\nactive FFN   %.1f%% of its neurons per token\n"
+                "prefill      %.0f tok/s\ndecode       %.0f tok/s\n",
+                r.ppl, (long long)r.tokens, (long long)r.predicted, (long long)r.windows, 100 * model::active_ffn_fraction(w),
+                r.prefill_tokens_per_second, decode);
   }
   return 0;
 }

@@ -6,6 +6,7 @@ namespace moeforge::cli {
 int run_generate(int argc, char** argv);
 int run_eval(int argc, char** argv);
 int run_logits(int argc, char** argv);
+int run_convert(int argc, char** argv);
 }  // namespace moeforge::cli
 
 int main(int argc, char** argv) {
@@ -14,6 +15,7 @@ int main(int argc, char** argv) {
       {"generate", "generate text (greedy or sampled)", &run_generate},
       {"eval", "perplexity of a text and tokens/s", &run_eval},
       {"logits", "logits at every position of a token sequence", &run_logits},
+      {"convert", "convert a dense model into a mixture of experts (convert cmoe --help)", &run_convert},
   };
   return dispatch("moeforge", commands, argc, argv);
 }

@@ -15,9 +15,9 @@
 namespace moeforge::cli {
 
 inline void add_model_options(args& a, bool needs_tokenizer) {
-  a.required("model", "PATH", "a llama2.c .bin checkpoint");
+  a.required("model", "PATH", "a llama2.c .bin, a .safetensors file (with --config), a Hugging Face directory or a moeforge model directory");
   a.option("config", "FILE", "config.json for a bare .safetensors model");
-  a.option("tokenizer", "FILE", needs_tokenizer ? "llama2.c tokenizer (default: tok512.bin beside the model)" : "unused here");
+  a.option("tokenizer", "FILE", needs_tokenizer ? "llama2.c tokenizer (default: tokenizer.bin in a model directory, else tok512.bin beside the model)" : "unused here");
   a.option("threads", "N", "OpenMP threads (default: all cores)");
 }
 
@@ -28,15 +28,18 @@ inline model::weights load_model(const args& a) {
   return io::load_model(a.get("model"), o);
 }
 
+/// --tokenizer, else the tokenizer a converted model directory carries, else tok512.bin beside the model.
+inline std::string tokenizer_path(const args& a) {
+  namespace fs = std::filesystem;
+  if (a.has("tokenizer")) return a.get("tokenizer");
+  const fs::path model(a.get("model"));
+  if (!fs::is_directory(model)) return (model.parent_path() / "tok512.bin").string();
+  if (fs::exists(model / "tokenizer.bin")) return (model / "tokenizer.bin").string();
+  return (model / "tok512.bin").string();
+}
+
 inline model::tokenizer load_tokenizer(const args& a, const model::weights& w) {
-  std::string path;
-  if (a.has("tokenizer")) {
-    path = a.get("tokenizer");
-  } else {
-    const auto model = std::filesystem::path(a.get("model"));
-    path = (std::filesystem::is_directory(model) ? model : model.parent_path()) / "tok512.bin";
-  }
-  return model::load_tokenizer(path, w.config.vocab_size);
+  return model::load_tokenizer(tokenizer_path(a), w.config.vocab_size);
 }
 
 inline std::string read_text_file(const std::string& path) {

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "moeforge/io/llama2c.hpp"
+#include "moeforge/io/native.hpp"
 
 namespace moeforge::io {
 
@@ -19,6 +20,7 @@ inline model::weights load_model(const std::string& path, const load_options& = 
   namespace fs = std::filesystem;
   if (!fs::exists(path)) throw io_error(detail::cat("model '", path, "' does not exist"));
   if (fs::is_regular_file(path) && fs::path(path).extension() == ".bin") return load_llama2c(path);
+  if (fs::is_directory(path) && is_native_dir(path)) return load_native(path);
   throw format_error(detail::cat("model '", path, "': expected a llama2.c .bin checkpoint (safetensors, Hugging Face and native directories are not supported by this build yet)"));
 }
 

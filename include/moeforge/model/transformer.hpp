@@ -64,8 +64,11 @@ inline void validate(const weights& w) {
     if (l.bv.size()) require_shape(l.bv, kv, 1, name + ".bv");
     if (const auto* f = std::get_if<ffn>(&l.ffn))
       moeforge::validate(*f, name + ".ffn", c.dim);
-    else
-      moeforge::validate(std::get<moe_layer>(l.ffn), name + ".moe");
+    else {
+      const auto& m = std::get<moe_layer>(l.ffn);
+      moeforge::validate(m, name + ".moe");
+      if (m.hidden() != c.dim) throw shape_error(cat(name, ".moe: hidden size ", m.hidden(), ", expected ", c.dim));
+    }
   }
 }
 

@@ -55,4 +55,28 @@ struct weights {
   const matrix& classifier() const { return config.tied_embeddings ? tok_emb : lm_head; }
 };
 
+/// FFN neurons computed per token over FFN neurons stored, summed over the
+/// layers: 1 for a dense model; (shared + top_k routed widths) / all widths
+/// for an MoE (routed widths averaged, since experts may differ; novices count 0).
+inline double active_ffn_fraction(const weights& w) {
+  double active = 0, total = 0;
+  for (const auto& l : w.layers) {
+    if (const auto* f = std::get_if<ffn>(&l.ffn)) {
+      active += double(f->intermediate());
+      total += double(f->intermediate());
+      continue;
+    }
+    const auto& m = std::get<moe_layer>(l.ffn);
+    double routed = 0;
+    for (const auto& e : m.experts) routed += double(e.width());
+    for (const auto& s : m.shared) {
+      active += double(s.weights.intermediate());
+      total += double(s.weights.intermediate());
+    }
+    active += routed * double(m.router.top_k) / double(m.experts.size());
+    total += routed;
+  }
+  return total > 0 ? active / total : 1.0;
+}
+
 }  // namespace moeforge::model

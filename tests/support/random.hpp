@@ -1,0 +1,57 @@
+// Random weights for tests: matrices, FFNs and MoE layers of any shape, with
+// shared experts, sigmoid gates and novices on request.
+#pragma once
+
+#include <random>
+#include <vector>
+
+#include "moeforge/core/moe.hpp"
+
+namespace moeforge::test {
+
+inline matrix random_matrix(index_t r, index_t c, std::mt19937& rng, float scale = 0.3f) {
+  std::normal_distribution<float> n(0.0f, scale);
+  matrix m(r, c);
+  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = n(rng);
+  return m;
+}
+
+inline ffn random_ffn(index_t h, index_t i, std::mt19937& rng, activation a = activation::silu, bool gated = true) {
+  ffn f;
+  f.act = a;
+  if (gated) f.gate = random_matrix(i, h, rng);
+  f.up = random_matrix(i, h, rng);
+  f.down = random_matrix(h, i, rng);
+  return f;
+}
+
+struct layer_spec {
+  index_t hidden = 37;
+  std::vector<index_t> widths{13, 20, 7, 31, 16};
+  int shared = 0;
+  bool shared_gate = false;
+  std::vector<int> novices;
+  router_kind kind = router_kind::softmax_topk;
+};
+
+inline moe_layer random_layer(const layer_spec& s, std::mt19937& rng) {
+  moe_layer m;
+  const index_t e = index_t(s.widths.size());
+  m.router.kind = s.kind;
+  // Router scores small enough that softmax never underflows to exact ties,
+  // which float and the double reference would break differently.
+  m.router.weight = random_matrix(e, s.hidden, rng, 0.3f);
+  if (s.kind == router_kind::cmoe_analytic) m.router.weight_up = random_matrix(e, s.hidden, rng, 0.3f);
+  for (index_t w : s.widths) m.experts.push_back({random_ffn(s.hidden, w, rng), {}, 0});
+  for (int n : s.novices) {
+    m.experts[std::size_t(n)].weights = ffn{};
+    m.experts[std::size_t(n)].novice = random_matrix(s.hidden, 1, rng);
+  }
+  for (int i = 0; i < s.shared; ++i) {
+    m.shared.push_back({random_ffn(s.hidden, 11 + 6 * i, rng), {}});
+    if (s.shared_gate) m.shared.back().gate = random_matrix(s.hidden, 1, rng);
+  }
+  return m;
+}
+
+}  // namespace moeforge::test

@@ -1,0 +1,253 @@
+// The native model format: every kind of layer round-trips to identical bytes
+// and identical outputs, a converted real model reloads bit-identically, and
+// damaged directories or unsafe outputs fail clearly without losing anything.
+#include <catch2/catch.hpp>
+
+#include <fstream>
+#include <iterator>
+
+#include <nlohmann/json.hpp>
+
+#include "moeforge/calib/ffn_inputs.hpp"
+#include "moeforge/convert/cmoe.hpp"
+#include "moeforge/io/llama2c.hpp"
+#include "moeforge/io/load.hpp"
+#include "moeforge/io/native.hpp"
+#include "moeforge/model/tokenizer.hpp"
+#include "support/data.hpp"
+#include "support/random.hpp"
+#include "support/temp_dir.hpp"
+
+using namespace moeforge;
+using namespace moeforge::test;
+
+namespace {
+
+/// A small model with one of everything the format must carry: a dense FFN, a
+/// Mixtral-style MoE with a gated shared expert, a novice and a major width,
+/// a CMoE analytic router with ungated gelu experts, attention biases and an
+/// untied classifier.
+model::weights everything_model() {
+  std::mt19937 rng(7);
+  model::weights w;
+  auto& c = w.config;
+  c.arch = "test";
+  c.dim = 24;
+  c.n_layers = 3;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 6;
+  c.vocab_size = 40;
+  c.seq_len = 32;
+  c.rope = model::rope_style::half_split;
+  c.tied_embeddings = false;
+  w.tok_emb = random_matrix(c.vocab_size, c.dim, rng);
+  w.lm_head = random_matrix(c.vocab_size, c.dim, rng);
+  w.final_norm = random_matrix(c.dim, 1, rng);
+  for (index_t l = 0; l < c.n_layers; ++l) {
+    model::layer x;
+    x.attn_norm = random_matrix(c.dim, 1, rng);
+    x.ffn_norm = random_matrix(c.dim, 1, rng);
+    x.wq = random_matrix(c.n_heads * c.head_dim, c.dim, rng);
+    x.wk = random_matrix(c.n_kv_heads * c.head_dim, c.dim, rng);
+    x.wv = random_matrix(c.n_kv_heads * c.head_dim, c.dim, rng);
+    x.wo = random_matrix(c.dim, c.n_heads * c.head_dim, rng);
+    w.layers.push_back(std::move(x));
+  }
+  w.layers[0].ffn = random_ffn(c.dim, 19, rng);
+
+  layer_spec mixtral;
+  mixtral.hidden = c.dim;
+  mixtral.widths = {9, 14, 5, 11};
+  mixtral.shared = 1;
+  mixtral.shared_gate = true;
+  mixtral.novices = {2};
+  moe_layer m1 = random_layer(mixtral, rng);
+  m1.router.top_k = 2;
+  m1.router.renormalize = false;
+  m1.router.scale = 1.5f;
+  m1.experts[1].major = 4;
+  w.layers[1].ffn = std::move(m1);
+  w.layers[1].bq = random_matrix(c.n_heads * c.head_dim, 1, rng);
+  w.layers[1].bk = random_matrix(c.n_kv_heads * c.head_dim, 1, rng);
+  w.layers[1].bv = random_matrix(c.n_kv_heads * c.head_dim, 1, rng);
+
+  layer_spec analytic;
+  analytic.hidden = c.dim;
+  analytic.widths = {8, 8, 8};
+  analytic.kind = router_kind::cmoe_analytic;
+  moe_layer m2 = random_layer(analytic, rng);
+  for (auto& e : m2.experts) e.weights = random_ffn(c.dim, 8, rng, activation::gelu, false);
+  m2.router.top_k = 1;
+  w.layers[2].ffn = std::move(m2);
+  model::validate(w);
+  return w;
+}
+
+matrix logits(const model::weights& w, const std::vector<std::int32_t>& tokens) {
+  const model::transformer tr(w);
+  auto cache = tr.new_cache();
+  return tr.forward(tokens, cache);
+}
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+void write_json(const std::string& path, const nlohmann::json& j) { std::ofstream(path) << j.dump(2); }
+
+}  // namespace
+
+TEST_CASE("native: every layer kind round-trips to the same bytes and the same logits") {
+  const auto w = everything_model();
+  temp_dir tmp;
+  io::save_native(w, tmp / "a", {{"note", "round trip"}});
+  const auto back = io::load_native(tmp / "a");
+  CHECK(back.config.rope == model::rope_style::half_split);
+  CHECK_FALSE(back.config.tied_embeddings);
+  const auto& m1 = std::get<moe_layer>(back.layers[1].ffn);
+  CHECK(m1.experts[2].is_novice());
+  CHECK(m1.experts[1].major == 4);
+  CHECK(m1.shared.at(0).gated());
+  CHECK(m1.router.scale == 1.5f);
+  CHECK_FALSE(m1.router.renormalize);
+  const auto& m2 = std::get<moe_layer>(back.layers[2].ffn);
+  CHECK(m2.router.kind == router_kind::cmoe_analytic);
+  CHECK_FALSE(m2.experts[0].weights.gated());
+  CHECK(m2.experts[0].weights.act == activation::gelu);
+
+  const std::vector<std::int32_t> tokens{1, 5, 9, 33, 2, 17, 39, 0};
+  const matrix a = logits(w, tokens), b = logits(back, tokens);
+  CHECK(a.cwiseEqual(b).all());
+
+  // Saving what was loaded gives the same bytes: nothing is lost or reordered.
+  io::save_native(back, tmp / "b", {{"note", "round trip"}});
+  CHECK(file_bytes(tmp / "a/model.safetensors") == file_bytes(tmp / "b/model.safetensors"));
+  CHECK(file_bytes(tmp / "a/moeforge.json") == file_bytes(tmp / "b/moeforge.json"));
+  CHECK(io::read_native_manifest(tmp / "a")["provenance"]["note"] == "round trip");
+
+  // load_model recognises the directory.
+  CHECK(logits(io::load_model(tmp / "a"), tokens).cwiseEqual(a).all());
+}
+
+TEST_CASE("native: a CMoE-converted stories260K reloads to bit-identical logits") {
+  auto w = io::load_llama2c(data_file("models/stories260K/stories260K.bin"));
+  const auto tok = model::load_tokenizer(data_file("models/stories260K/tok512.bin"), w.config.vocab_size);
+  std::ifstream in(data_file("data/tinystories_calib.txt"), std::ios::binary);
+  const std::string text(std::istreambuf_iterator<char>(in), {});
+  const auto windows = calib::calibration_windows(tok.encode(text), 256, 512);
+  convert::cmoe_options o;
+  o.config = convert::parse_cmoe_config("S1A1E4");
+  convert::cmoe_model(w, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, windows); }, o);
+
+  temp_dir tmp;
+  io::save_native(w, tmp / "cmoe");
+  const auto back = io::load_native(tmp / "cmoe");
+  const auto tokens = tok.encode("Once upon a time, there was a little dog.");
+  CHECK(logits(w, tokens).cwiseEqual(logits(back, tokens)).all());
+}
+
+TEST_CASE("native: an existing directory is never clobbered unless asked, and only by a complete model") {
+  const auto w = everything_model();
+  temp_dir tmp;
+  const std::string out = tmp / "model";
+  io::save_native(w, out, {{"version", "first"}});
+  const std::string before = file_bytes(out + "/model.safetensors");
+
+  CHECK_THROWS_AS(io::save_native(w, out), io_error);
+  CHECK(file_bytes(out + "/model.safetensors") == before);
+
+  // A model that fails validation halfway must not touch the old directory or leave staging behind.
+  auto broken = w;
+  broken.layers[2].wq.resize(3, 3);
+  io::native_save_options overwrite;
+  overwrite.overwrite = true;
+  CHECK_THROWS_AS(io::save_native(broken, out, {}, overwrite), shape_error);
+  CHECK(file_bytes(out + "/model.safetensors") == before);
+  // An attachment that cannot be copied fails after staging began: still nothing changes.
+  auto missing_attachment = overwrite;
+  missing_attachment.attachments.push_back({tmp / "no-such-tokenizer.bin", "tokenizer.bin"});
+  CHECK_THROWS_AS(io::save_native(w, out, {{"version", "second"}}, missing_attachment), io_error);
+  CHECK(io::read_native_manifest(out)["provenance"]["version"] == "first");
+  CHECK(std::distance(std::filesystem::directory_iterator(tmp.path()), {}) == 1);
+
+  io::save_native(w, out, {{"version", "second"}}, overwrite);
+  CHECK(io::read_native_manifest(out)["provenance"]["version"] == "second");
+  CHECK(std::distance(std::filesystem::directory_iterator(tmp.path()), {}) == 1);
+
+  CHECK_THROWS_AS(io::save_native(w, tmp / "no/such/parent"), io_error);
+}
+
+TEST_CASE("native: damaged directories fail with a typed error naming what is wrong") {
+  const auto w = everything_model();
+  temp_dir tmp;
+  const std::string good = tmp / "good";
+  io::save_native(w, good);
+  const std::string dir = tmp / "bad";
+  auto restore = [&] {
+    std::filesystem::remove_all(dir);
+    std::filesystem::copy(good, dir);
+  };
+  auto edit_manifest = [&](auto&& change) {
+    restore();
+    auto j = read_json(dir + "/moeforge.json");
+    change(j);
+    write_json(dir + "/moeforge.json", j);
+  };
+  auto message = [&] {
+    try {
+      io::load_native(dir);
+    } catch (const format_error& e) {
+      return std::string(e.what());
+    } catch (const error& e) {
+      return "wrong error type: " + std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  using Catch::Matchers::Contains;
+
+  SECTION("missing config key") {
+    edit_manifest([](auto& j) { j["config"].erase("dim"); });
+    CHECK_THAT(message(), Contains("missing key 'dim'"));
+  }
+  SECTION("wrong version") {
+    edit_manifest([](auto& j) { j["version"] = 99; });
+    CHECK_THAT(message(), Contains("version 99"));
+  }
+  SECTION("unknown router kind") {
+    edit_manifest([](auto& j) { j["layers"][1]["router"]["kind"] = "hash"; });
+    CHECK_THAT(message(), Contains("'hash'"));
+  }
+  SECTION("layer count contradicts the config") {
+    edit_manifest([](auto& j) { j["layers"].erase(2); });
+    CHECK_THAT(message(), Contains("describes 2 layers"));
+  }
+  SECTION("a tensor the description needs is missing") {
+    edit_manifest([](auto& j) { j["layers"][1]["experts"][2] = {{"novice", false}, {"major", 0}, {"act", "silu"}, {"gated", true}}; });
+    CHECK_THAT(message(), Contains("layers.1.moe.experts.2.gate"));
+  }
+  SECTION("a tensor the description does not mention") {
+    edit_manifest([](auto& j) { j["layers"][0]["gated"] = false; });
+    CHECK_THAT(message(), Contains("unexpected tensor 'layers.0.ffn.gate'"));
+  }
+  SECTION("shapes that contradict the config") {
+    edit_manifest([](auto& j) { j["config"]["dim"] = 25; });
+    CHECK_THAT(message(), Contains("expected [40, 25]"));
+  }
+  SECTION("a corrupt tensor file") {
+    restore();
+    std::filesystem::resize_file(dir + "/model.safetensors", 100);
+    CHECK_THAT(message(), Contains("model.safetensors"));
+  }
+  SECTION("not JSON") {
+    restore();
+    std::ofstream(dir + "/moeforge.json") << "{\"format\": ";
+    CHECK_THAT(message(), Contains("not valid JSON"));
+  }
+}
