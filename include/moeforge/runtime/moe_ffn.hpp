@@ -37,6 +37,9 @@ struct job {
 /// weight streaming), large for many (fewer repacks of the token block).
 inline index_t neuron_chunk(index_t tokens) { return tokens <= 8 ? 64 : tokens <= 64 ? 128 : 256; }
 constexpr index_t row_chunk = 64;
+/// Below this many multiply-adds a layer runs on the calling thread: waking
+/// the team costs microseconds, and far more when the cores are shared.
+constexpr double min_parallel_fma = 1 << 20;
 
 inline void fill_activations(job& j, const_matrix_ref x, index_t i0, index_t count) {
   const ffn& f = *j.weights;
@@ -76,16 +79,18 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
     index_t first, count;
   };
   std::vector<chunk> chunks;
+  double fma = 0;
   for (std::size_t k = 0; k < jobs.size(); ++k) {
     auto& j = jobs[k];
     if (j.novice || j.tokens.empty()) continue;
+    fma += double(j.tokens.size()) * double(j.columns) * double(x.cols()) * (j.weights->gated() ? 3 : 2);
     j.h.resize(index_t(j.tokens.size()), j.columns);
     const index_t step = neuron_chunk(index_t(j.tokens.size()));
     for (index_t i = 0; i < j.columns; i += step) chunks.push_back({k, i, std::min(step, j.columns - i)});
   }
   const index_t hidden = y.cols();
   const index_t row_tasks = (hidden + row_chunk - 1) / row_chunk;
-#pragma omp parallel
+#pragma omp parallel if (fma >= min_parallel_fma)
   {
 #pragma omp for schedule(dynamic, 1)
     for (std::ptrdiff_t c = 0; c < std::ptrdiff_t(chunks.size()); ++c)
