@@ -16,15 +16,28 @@ enum class router_kind {
   /// CMoE analytic router: s_j = |silu(G_j·x)·(U_j·x)|, p = softmax(s), top-k;
   /// gate weights are exactly `scale` (1 by default), whatever p is.
   cmoe_analytic,
+  /// MoEfication-style centroid router: s_j = (x/‖x‖)·C_j, where row C_j of
+  /// `weight` is a cluster centroid (e.g. the mean of the L2-normalised gate
+  /// rows of expert j's neurons); p = softmax(s), top-k; gate weights are
+  /// exactly `scale`, whatever p is. A zero x scores 0 everywhere.
+  centroid_topk,
 };
 
 inline std::string_view router_kind_name(router_kind k) {
-  return k == router_kind::softmax_topk ? "softmax_topk" : "cmoe_analytic";
+  switch (k) {
+    case router_kind::softmax_topk: return "softmax_topk";
+    case router_kind::cmoe_analytic: return "cmoe_analytic";
+    case router_kind::centroid_topk: return "centroid_topk";
+  }
+  return "?";
 }
+
+/// Every router kind, for parsers and tests.
+inline constexpr router_kind all_router_kinds[] = {router_kind::softmax_topk, router_kind::cmoe_analytic, router_kind::centroid_topk};
 
 struct router {
   router_kind kind = router_kind::softmax_topk;
-  matrix weight;     ///< [E, H]: the linear router, or G for cmoe_analytic
+  matrix weight;     ///< [E, H]: the linear router, G for cmoe_analytic, the centroids for centroid_topk
   matrix weight_up;  ///< [E, H]: U for cmoe_analytic; empty otherwise
   index_t top_k = 1;
   bool renormalize = true;  ///< softmax_topk only
@@ -79,7 +92,7 @@ inline void validate(const moe_layer& m, const std::string& what) {
   if (r.kind == router_kind::cmoe_analytic)
     detail::require_shape(r.weight_up, e, h, what + ".router.weight_up");
   else if (r.weight_up.size() != 0)
-    throw shape_error(what + ".router.weight_up: must be empty for a softmax_topk router");
+    throw shape_error(detail::cat(what, ".router.weight_up: must be empty for a ", router_kind_name(r.kind), " router"));
   if (r.top_k < 1 || r.top_k > e)
     throw config_error(detail::cat(what, ".router.top_k = ", r.top_k, ", expected 1..", e));
   if (!std::isfinite(r.scale)) throw value_error(what + ".router.scale is not finite");

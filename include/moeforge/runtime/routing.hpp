@@ -63,6 +63,12 @@ namespace moeforge::runtime {
 inline matrix router_probs(const router& r, const_matrix_ref x) {
   detail::require_shape(x, x.rows(), r.weight.cols(), "router input");
   matrix s = x * r.weight.transpose();
+  if (r.kind == router_kind::centroid_topk) {
+    for (index_t t = 0; t < s.rows(); ++t) {
+      const float n = x.row(t).norm();
+      s.row(t) *= n > 0.0f ? 1.0f / n : 0.0f;
+    }
+  }
   if (r.kind == router_kind::cmoe_analytic) {
     const matrix u = x * r.weight_up.transpose();
     for (index_t t = 0; t < s.rows(); ++t)
@@ -99,7 +105,8 @@ inline selection select_topk(const router& r, const matrix& probs) {
       const std::int32_t ex = order[std::size_t(j)];
       sel.expert[at] = ex;
       sel.prob[at] = probs(t, index_t(ex));
-      float w = r.kind == router_kind::cmoe_analytic ? 1.0f : probs(t, index_t(ex));
+      // Only softmax_topk weighs the outputs by p; the analytic and centroid routers select.
+      float w = r.kind == router_kind::softmax_topk ? probs(t, index_t(ex)) : 1.0f;
       if (r.kind == router_kind::softmax_topk && r.renormalize) w /= sum;
       sel.weight[at] = w * r.scale;
     }
