@@ -17,6 +17,7 @@
 #include "support/data.hpp"
 #include "support/random.hpp"
 #include "support/temp_dir.hpp"
+#include "support/util.hpp"
 
 using namespace moeforge;
 using namespace moeforge::test;
@@ -83,24 +84,6 @@ model::weights everything_model() {
   model::validate(w);
   return w;
 }
-
-matrix logits(const model::weights& w, const std::vector<std::int32_t>& tokens) {
-  const model::transformer tr(w);
-  auto cache = tr.new_cache();
-  return tr.forward(tokens, cache);
-}
-
-std::string file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  return nlohmann::json::parse(in);
-}
-
-void write_json(const std::string& path, const nlohmann::json& j) { std::ofstream(path) << j.dump(2); }
 
 }  // namespace
 

@@ -39,18 +39,6 @@ class progress_bar {
   bool quiet_, tty_;
 };
 
-convert::leftover_policy parse_leftover(const std::string& v) {
-  if (v == "shared") return convert::leftover_policy::shared;
-  if (v == "drop") return convert::leftover_policy::drop;
-  throw usage_error("moeforge convert cmoe: --leftover must be 'shared' or 'drop', got '" + v + "'");
-}
-
-convert::cmoe_method parse_method(const std::string& v) {
-  if (v == "cmoe") return convert::cmoe_method::cmoe;
-  if (v == "random") return convert::cmoe_method::random;
-  throw usage_error("moeforge convert cmoe: --method must be 'cmoe' or 'random', got '" + v + "'");
-}
-
 /// --ka accepts a count ("10") or a fraction of I ("0.1").
 void set_ka(convert::cmoe_options& o, const args& a) {
   const double v = a.get_double("ka");
@@ -67,7 +55,7 @@ int convert_cmoe(int argc, char** argv) {
          "Convert a dense model into a CMoE mixture of experts without training (arXiv 2502.04416):\n"
          "shared neurons by activation rate, routed neurons by exact balanced clustering of activation markers,\n"
          "and an analytic router. Calibrates layer by layer on --calib and writes a native model directory.");
-  add_model_options(a, true);
+  add_model_options(a, true, "model-config");
   a.required("calib", "FILE", "calibration text (encoded as one BOS-prefixed stream, like eval)");
   a.required("config", "S{n}A{n}E{n}", "shared experts, active routed experts, total experts, e.g. S1A3E8");
   a.required("out", "DIR", "output directory (must not exist unless --force)");
@@ -78,9 +66,12 @@ int convert_cmoe(int argc, char** argv) {
            "what happens to the I mod N neurons no expert takes: 'shared' keeps them always on (exact at full activation), "
            "'drop' removes them as the reference code does",
            "shared");
-  a.option("method", "cmoe|random", "grouping: CMoE marker clustering, or a seeded random equal split (baseline)", "cmoe");
+  a.option("method", "cmoe|random|param_cluster",
+           "grouping: CMoE marker clustering; baselines: a seeded random equal split with the same router, or "
+           "MoEfication-style balanced k-means on normalised gate rows with a centroid router",
+           "cmoe");
   a.option("iterations", "N", "balanced-assignment passes (the reference does 1)", "1");
-  a.option("seed", "N", "seed of the random method", "0");
+  a.option("seed", "N", "seed of the random split and of param_cluster's k-means++ start", "0");
   a.flag("force", "replace --out if it exists (only after the new model is complete)");
   a.flag("quiet", "no progress bar");
   a.flag("json", "print the conversion report as JSON on stdout");
@@ -91,12 +82,12 @@ int convert_cmoe(int argc, char** argv) {
   convert::cmoe_options o;
   o.config = convert::parse_cmoe_config(a.get("config"));
   set_ka(o, a);
-  o.leftover = parse_leftover(a.get("leftover"));
-  o.method = parse_method(a.get("method"));
+  o.leftover = convert::parse_leftover_policy(a.get("leftover"));
+  o.method = convert::parse_cmoe_method(a.get("method"));
   o.iterations = a.get_int("iterations");
   o.seed = std::uint64_t(a.get_int("seed"));
 
-  model::weights w = load_model(a);
+  model::weights w = load_model(a, "model-config");
   const auto tok = load_tokenizer(a, w);
   const index_t ctx = a.has("ctx") ? a.get_int("ctx") : w.config.seq_len;
   const auto windows = calib::calibration_windows(tok.encode(read_text_file(a.get("calib"))), ctx, a.get_int("calib-tokens"));

@@ -14,17 +14,21 @@
 
 namespace moeforge::cli {
 
-inline void add_model_options(args& a, bool needs_tokenizer) {
-  a.required("model", "PATH", "a llama2.c .bin, a .safetensors file (with --config), a Hugging Face directory or a moeforge model directory");
-  a.option("config", "FILE", "config.json for a bare .safetensors model");
+/// `config_flag` names the option giving a .safetensors model its config.json
+/// ("config", or another name where --config means something else).
+inline void add_model_options(args& a, bool needs_tokenizer, const char* config_flag = "config") {
+  a.required("model", "PATH",
+             std::string("a llama2.c .bin, a .safetensors file (config.json beside it, or --") + config_flag +
+                 "), a Hugging Face directory or a moeforge model directory");
+  a.option(config_flag, "FILE", "config.json of a .safetensors model (default: the one beside it)");
   a.option("tokenizer", "FILE", needs_tokenizer ? "llama2.c tokenizer (default: tokenizer.bin in a model directory, else tok512.bin beside the model)" : "unused here");
   a.option("threads", "N", "OpenMP threads (default: all cores)");
 }
 
-inline model::weights load_model(const args& a) {
+inline model::weights load_model(const args& a, const char* config_flag = "config") {
   if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads")));
   io::load_options o;
-  if (a.has("config")) o.config = a.get("config");
+  if (a.has(config_flag)) o.config = a.get(config_flag);
   return io::load_model(a.get("model"), o);
 }
 

@@ -21,5 +21,6 @@
 #include "moeforge/convert/cmoe.hpp"
 #include "moeforge/io/safetensors.hpp"
 #include "moeforge/io/llama2c.hpp"
+#include "moeforge/io/hf.hpp"
 #include "moeforge/io/native.hpp"
 #include "moeforge/io/load.hpp"

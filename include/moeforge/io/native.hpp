@@ -221,7 +221,7 @@ inline ffn ffn_skeleton(const manifest_reader& r, const nlohmann::json& j, const
 }
 
 inline router_kind parse_router_kind(const manifest_reader& r, const std::string& name, const std::string& where) {
-  for (auto k : {router_kind::softmax_topk, router_kind::cmoe_analytic})
+  for (auto k : all_router_kinds)
     if (name == router_kind_name(k)) return k;
   r.fail(cat(where, ".kind = '", name, "' is not a router kind this build knows"));
 }

@@ -1,0 +1,596 @@
+// Hugging Face checkpoints: config.json plus safetensors (one file, a sharded
+// index, or a directory holding either) for LLaMA, Qwen2, Mixtral and
+// Qwen2-MoE; and the export back to those layouts for models they can express.
+//
+// Loading is all-or-nothing: the config is checked first, then every tensor
+// the config implies is read against the shape it implies, and a tensor the
+// config does not explain is an error (the config contradicts the weights).
+#pragma once
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <cmath>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "moeforge/io/native.hpp"
+#include "moeforge/io/safetensors.hpp"
+#include "moeforge/model/transformer.hpp"
+
+namespace moeforge::io {
+
+/// The families moeforge reads: dense "llama" and "qwen2" (q/k/v biases),
+/// MoE "mixtral" and "qwen2_moe".
+inline bool is_hf_model_type(const std::string& t) {
+  return t == "llama" || t == "qwen2" || t == "mixtral" || t == "qwen2_moe";
+}
+
+/// What config.json says, reduced to what moeforge runs.
+struct hf_config {
+  std::string model_type;
+  model::config model;           ///< the transformer's shape (half-split RoPE)
+  index_t intermediate = 0;      ///< dense FFN width (intermediate_size)
+  bool qkv_bias = false;         ///< Qwen2 family: q/k/v projections carry biases
+  index_t experts = 0;           ///< 0 for a dense family
+  index_t top_k = 0;
+  index_t expert_intermediate = 0;  ///< Mixtral: intermediate_size; Qwen2-MoE: moe_intermediate_size
+  index_t shared_intermediate = 0;  ///< Qwen2-MoE shared expert; 0 = none
+  bool norm_topk_prob = true;       ///< renormalise the top-k probabilities (Mixtral always does)
+  index_t sparse_step = 1;          ///< Qwen2-MoE decoder_sparse_step
+  std::vector<index_t> mlp_only_layers;
+
+  /// Whether layer `l` holds an MoE block (the rule of Qwen2-MoE's decoder layer).
+  bool is_moe_layer(index_t l) const {
+    if (experts == 0) return false;
+    if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), l) != mlp_only_layers.end()) return false;
+    return (l + 1) % sparse_step == 0;
+  }
+};
+
+namespace detail {
+
+using moeforge::detail::cat;
+
+// Typed access to config.json: every failure names the file and the key.
+class config_reader {
+ public:
+  config_reader(const nlohmann::json& j, std::string file) : j_(j), file_(std::move(file)) {}
+
+  [[noreturn]] void fail(const std::string& key, const std::string& expected) const {
+    throw format_error(cat("hf config '", file_, "': '", key, "' ", expected));
+  }
+  bool has(const std::string& key) const { return j_.contains(key) && !j_.at(key).is_null(); }
+
+  index_t count(const std::string& key, std::int64_t min, std::optional<std::int64_t> fallback = std::nullopt) const {
+    if (!has(key)) {
+      if (fallback) return *fallback;
+      fail(key, "is missing");
+    }
+    const auto& v = j_.at(key);
+    if (!v.is_number_integer() || v.get<std::int64_t>() < min || v.get<std::int64_t>() > (std::int64_t(1) << 31))
+      fail(key, cat("= ", v.dump(), ", expected an integer >= ", min));
+    return v.get<index_t>();
+  }
+  double number(const std::string& key, double fallback) const {
+    if (!has(key)) return fallback;
+    const auto& v = j_.at(key);
+    if (!v.is_number() || !(v.get<double>() > 0) || !std::isfinite(v.get<double>())) fail(key, cat("= ", v.dump(), ", expected a positive number"));
+    return v.get<double>();
+  }
+  bool flag(const std::string& key, bool fallback) const {
+    if (!has(key)) return fallback;
+    if (!j_.at(key).is_boolean()) fail(key, cat("= ", j_.at(key).dump(), ", expected true or false"));
+    return j_.at(key).get<bool>();
+  }
+  std::string text(const std::string& key, const std::string& fallback) const {
+    if (!has(key)) return fallback;
+    if (!j_.at(key).is_string()) fail(key, cat("= ", j_.at(key).dump(), ", expected a string"));
+    return j_.at(key).get<std::string>();
+  }
+  // eos_token_id may be one id or a list (generation stops at the first).
+  std::int32_t token(const std::string& key, std::int32_t fallback) const {
+    if (!has(key)) return fallback;
+    const auto& v = j_.at(key);
+    const auto& first = v.is_array() && !v.empty() ? v.front() : v;
+    if (!first.is_number_integer() || first.get<std::int64_t>() < 0) fail(key, cat("= ", v.dump(), ", expected a token id"));
+    return first.get<std::int32_t>();
+  }
+  std::vector<index_t> indices(const std::string& key) const {
+    if (!has(key)) return {};
+    const auto& v = j_.at(key);
+    if (!v.is_array()) fail(key, cat("= ", v.dump(), ", expected a list of layer indices"));
+    std::vector<index_t> out;
+    for (const auto& e : v) {
+      if (!e.is_number_integer() || e.get<std::int64_t>() < 0) fail(key, cat("= ", v.dump(), ", expected a list of layer indices"));
+      out.push_back(e.get<index_t>());
+    }
+    return out;
+  }
+
+ private:
+  const nlohmann::json& j_;
+  std::string file_;
+};
+
+// Per-family defaults of transformers' configuration classes, used when a key is absent.
+struct hf_defaults {
+  double rope_theta, rms_norm_eps;
+  std::int64_t max_positions;
+};
+inline hf_defaults defaults_of(const std::string& t) {
+  if (t == "mixtral") return {1e6, 1e-5, 4096 * 32};
+  if (t == "llama") return {1e4, 1e-6, 2048};
+  return {1e4, 1e-6, 32768};  // qwen2, qwen2_moe
+}
+
+}  // namespace detail
+
+/// Parses a config.json already read as JSON; `file` names it in errors.
+inline hf_config parse_hf_config(const nlohmann::json& j, const std::string& file) {
+  using detail::cat;
+  if (!j.is_object()) throw format_error(cat("hf config '", file, "': expected a JSON object"));
+  const detail::config_reader r(j, file);
+  hf_config h;
+  h.model_type = r.text("model_type", "");
+  if (!is_hf_model_type(h.model_type))
+    r.fail("model_type", cat("= '", h.model_type, "', expected one of llama, qwen2, mixtral, qwen2_moe"));
+  const auto d = detail::defaults_of(h.model_type);
+  const std::string act = r.text("hidden_act", "silu");
+  if (act != "silu") r.fail("hidden_act", cat("= '", act, "', expected 'silu' (the only activation these families use)"));
+  if (r.has("rope_scaling")) r.fail("rope_scaling", "is set; scaled RoPE is not supported (remove it or use a model without it)");
+  if (r.flag("use_sliding_window", false)) r.fail("use_sliding_window", "is true; sliding-window attention is not supported");
+  if (h.model_type == "llama" && r.flag("attention_bias", false))
+    r.fail("attention_bias", "is true; LLaMA attention biases (including o_proj's) are not supported");
+  if (h.model_type == "llama" && r.flag("mlp_bias", false)) r.fail("mlp_bias", "is true; FFN biases are not supported");
+
+  auto& c = h.model;
+  c.arch = h.model_type;
+  c.dim = r.count("hidden_size", 1);
+  c.n_layers = r.count("num_hidden_layers", 1);
+  c.n_heads = r.count("num_attention_heads", 1);
+  c.n_kv_heads = r.count("num_key_value_heads", 1, c.n_heads);
+  if (c.n_heads % c.n_kv_heads != 0)
+    r.fail("num_key_value_heads", cat("= ", c.n_kv_heads, ", expected a divisor of num_attention_heads = ", c.n_heads));
+  if (!r.has("head_dim") && c.dim % c.n_heads != 0)
+    r.fail("hidden_size", cat("= ", c.dim, " is not a multiple of num_attention_heads = ", c.n_heads, " and head_dim is not given"));
+  c.head_dim = r.count("head_dim", 2, c.dim / c.n_heads);
+  if (c.head_dim % 2 != 0) r.fail("head_dim", cat("= ", c.head_dim, ", expected an even size for RoPE"));
+  c.vocab_size = r.count("vocab_size", 1);
+  c.seq_len = r.count("max_position_embeddings", 1, d.max_positions);
+  c.norm_eps = float(r.number("rms_norm_eps", d.rms_norm_eps));
+  c.rope_theta = float(r.number("rope_theta", d.rope_theta));
+  c.rope = model::rope_style::half_split;
+  c.tied_embeddings = r.flag("tie_word_embeddings", false);
+  c.bos_token = r.token("bos_token_id", 1);
+  c.eos_token = r.token("eos_token_id", 2);
+  h.qkv_bias = h.model_type == "qwen2" || h.model_type == "qwen2_moe";
+
+  if (h.model_type == "mixtral") {
+    h.experts = r.count("num_local_experts", 1);
+    h.top_k = r.count("num_experts_per_tok", 1);
+    h.expert_intermediate = r.count("intermediate_size", 1);
+    h.norm_topk_prob = true;
+  } else if (h.model_type == "qwen2_moe") {
+    h.experts = r.count("num_experts", 1);
+    h.top_k = r.count("num_experts_per_tok", 1);
+    h.expert_intermediate = r.count("moe_intermediate_size", 1);
+    h.shared_intermediate = r.count("shared_expert_intermediate_size", 0, 0);
+    h.norm_topk_prob = r.flag("norm_topk_prob", false);
+    h.sparse_step = r.count("decoder_sparse_step", 1, 1);
+    h.mlp_only_layers = r.indices("mlp_only_layers");
+    for (index_t l : h.mlp_only_layers)
+      if (l >= c.n_layers) r.fail("mlp_only_layers", cat("names layer ", l, ", but num_hidden_layers = ", c.n_layers));
+  }
+  if (h.experts > 0 && h.top_k > h.experts)
+    r.fail("num_experts_per_tok", cat("= ", h.top_k, ", expected at most the ", h.experts, " experts"));
+  // Dense layers exist in every family but Mixtral.
+  bool any_dense = h.model_type != "mixtral";
+  if (h.model_type == "qwen2_moe") {
+    any_dense = false;
+    for (index_t l = 0; l < c.n_layers; ++l) any_dense = any_dense || !h.is_moe_layer(l);
+  }
+  h.intermediate = any_dense ? r.count("intermediate_size", 1) : 0;
+  return h;
+}
+
+/// Reads and parses a config.json file.
+inline hf_config read_hf_config(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw io_error(detail::cat("hf config '", path, "' cannot be opened"));
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw format_error(detail::cat("hf config '", path, "' is not valid JSON (", e.what(), ")"));
+  }
+  return parse_hf_config(j, path);
+}
+
+/// The shape of one Hugging Face MoE block, for reading it on its own (a
+/// fixture, a single layer) or as part of a model.
+struct hf_moe_spec {
+  std::string family = "mixtral";  ///< "mixtral" (w1/w3/w2 names) or "qwen2_moe"
+  index_t hidden = 0, experts = 0, top_k = 0, intermediate = 0;
+  index_t shared_intermediate = 0;  ///< qwen2_moe: 0 = no shared expert
+  bool norm_topk_prob = true;
+};
+
+namespace detail {
+
+// Reads tensors of one checkpoint against the shapes the config implies,
+// rejects NaN/Inf, and remembers which names were used.
+class tensor_reader {
+ public:
+  explicit tensor_reader(const safetensors_checkpoint& ck) : ck_(ck) {}
+
+  bool has(const std::string& name) const { return ck_.contains(name); }
+  matrix mat(const std::string& name, index_t rows, index_t cols) {
+    return checked(ck_.read_matrix(name, rows, cols), name);
+  }
+  vector vec(const std::string& name, index_t n) { return checked(ck_.read_vector(name, n), name); }
+  // A 3-D tensor [a, b, c] as a flat row-major buffer.
+  std::vector<float> cube(const std::string& name, index_t a, index_t b, index_t c) {
+    ck_.require_shape(name, {a, b, c});
+    auto v = ck_.read(name);
+    if (!std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); }))
+      throw value_error(cat("hf: tensor '", name, "' contains NaN or Inf"));
+    used_.insert(name);
+    return v;
+  }
+  void skip(const std::string& name) { used_.insert(name); }
+
+  // Every tensor of the checkpoint must have been used.
+  void require_all_used(const std::string& what) const {
+    for (const auto& name : ck_.names())
+      if (!used_.count(name))
+        throw format_error(cat(what, ": tensor '", name, "' is not part of the model its config describes"));
+  }
+
+ private:
+  template <class M>
+  M checked(M m, const std::string& name) {
+    moeforge::detail::require_finite(m, "hf: tensor '" + name + "'");
+    used_.insert(name);
+    return m;
+  }
+  const safetensors_checkpoint& ck_;
+  std::set<std::string> used_;
+};
+
+inline ffn read_ffn(tensor_reader& t, const std::string& gate, const std::string& up, const std::string& down, index_t h, index_t i) {
+  ffn f;
+  f.gate = t.mat(gate, i, h);
+  f.up = t.mat(up, i, h);
+  f.down = t.mat(down, h, i);
+  return f;
+}
+
+inline moe_layer read_moe_block(tensor_reader& t, const std::string& p, const hf_moe_spec& s) {
+  const index_t h = s.hidden, i = s.intermediate, e = s.experts;
+  moe_layer m;
+  m.router.kind = router_kind::softmax_topk;
+  m.router.weight = t.mat(p + ".gate.weight", e, h);
+  m.router.top_k = s.top_k;
+  m.router.renormalize = s.norm_topk_prob;
+  m.experts.resize(std::size_t(e));
+  const std::string packed = p + ".experts.gate_up_proj";
+  if (t.has(packed)) {
+    if (t.has(p + ".experts.0." + (s.family == "mixtral" ? "w1" : "gate_proj") + ".weight"))
+      throw format_error(cat("hf: block '", p, "' holds its experts both packed and per expert"));
+    // gate_up_proj [E, 2I, H]: the gate's I rows first; down_proj [E, H, I].
+    const auto gu = t.cube(packed, e, 2 * i, h);
+    const auto dn = t.cube(p + ".experts.down_proj", e, h, i);
+    for (index_t x = 0; x < e; ++x) {
+      ffn& f = m.experts[std::size_t(x)].weights;
+      const float* g = gu.data() + std::size_t(x) * std::size_t(2 * i * h);
+      f.gate = Eigen::Map<const matrix>(g, i, h);
+      f.up = Eigen::Map<const matrix>(g + std::size_t(i * h), i, h);
+      f.down = Eigen::Map<const matrix>(dn.data() + std::size_t(x) * std::size_t(h * i), h, i);
+    }
+  } else {
+    const bool mixtral = s.family == "mixtral";
+    for (index_t x = 0; x < e; ++x) {
+      const std::string q = cat(p, ".experts.", x, ".");
+      m.experts[std::size_t(x)].weights =
+          mixtral ? read_ffn(t, q + "w1.weight", q + "w3.weight", q + "w2.weight", h, i)
+                  : read_ffn(t, q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight", h, i);
+    }
+  }
+  if (s.shared_intermediate > 0) {
+    const std::string q = p + ".shared_expert.";
+    shared_expert sh{read_ffn(t, q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight", h, s.shared_intermediate), vector()};
+    sh.gate = t.mat(p + ".shared_expert_gate.weight", 1, h).row(0).transpose();
+    m.shared.push_back(std::move(sh));
+  }
+  return m;
+}
+
+inline hf_moe_spec moe_spec_of(const hf_config& h) {
+  return {h.model_type, h.model.dim, h.experts, h.top_k, h.expert_intermediate, h.shared_intermediate, h.norm_topk_prob};
+}
+
+// The config.json next to a weights path: the directory's own, or the file's sibling.
+inline std::string sibling_config(const std::string& weights) {
+  namespace fs = std::filesystem;
+  const fs::path p(weights);
+  return ((fs::is_directory(p) ? p : p.parent_path()) / "config.json").string();
+}
+
+}  // namespace detail
+
+/// Reads one MoE block (router, experts per expert or packed, Qwen2-MoE's
+/// shared expert and its sigmoid gate) stored under `prefix`, e.g.
+/// "model.layers.0.mlp". Tensors outside the block are ignored.
+inline moe_layer load_hf_moe_block(const safetensors_checkpoint& ck, const std::string& prefix, const hf_moe_spec& spec) {
+  if (spec.family != "mixtral" && spec.family != "qwen2_moe")
+    throw config_error(detail::cat("hf moe block: family '", spec.family, "', expected 'mixtral' or 'qwen2_moe'"));
+  detail::tensor_reader t(ck);
+  moe_layer m = detail::read_moe_block(t, prefix, spec);
+  validate(m, prefix);
+  return m;
+}
+
+/// Loads a Hugging Face model: `weights` is a directory (config.json plus
+/// model.safetensors or model.safetensors.index.json), an index, or one
+/// .safetensors file; `config` overrides where config.json is looked for.
+inline model::weights load_hf(const std::string& weights, const std::string& config = "") {
+  using detail::cat;
+  const std::string config_path = config.empty() ? detail::sibling_config(weights) : config;
+  if (!std::filesystem::exists(config_path))
+    throw io_error(cat("hf model '", weights, "': no config.json at '", config_path, "' (pass the config file explicitly)"));
+  const hf_config h = read_hf_config(config_path);
+  const safetensors_checkpoint ck(weights);
+  detail::tensor_reader t(ck);
+  const auto& c = h.model;
+  const index_t dim = c.dim, q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
+
+  model::weights w;
+  w.config = c;
+  w.tok_emb = t.mat("model.embed_tokens.weight", c.vocab_size, dim);
+  w.final_norm = t.vec("model.norm.weight", dim);
+  if (!c.tied_embeddings)
+    w.lm_head = t.mat("lm_head.weight", c.vocab_size, dim);
+  else if (t.has("lm_head.weight"))
+    t.skip("lm_head.weight");  // some exporters store the tied copy too
+  w.layers.resize(std::size_t(c.n_layers));
+  for (index_t li = 0; li < c.n_layers; ++li) {
+    auto& l = w.layers[std::size_t(li)];
+    const std::string p = cat("model.layers.", li, ".");
+    l.attn_norm = t.vec(p + "input_layernorm.weight", dim);
+    l.ffn_norm = t.vec(p + "post_attention_layernorm.weight", dim);
+    l.wq = t.mat(p + "self_attn.q_proj.weight", q, dim);
+    l.wk = t.mat(p + "self_attn.k_proj.weight", kv, dim);
+    l.wv = t.mat(p + "self_attn.v_proj.weight", kv, dim);
+    l.wo = t.mat(p + "self_attn.o_proj.weight", dim, q);
+    if (h.qkv_bias) {
+      l.bq = t.vec(p + "self_attn.q_proj.bias", q);
+      l.bk = t.vec(p + "self_attn.k_proj.bias", kv);
+      l.bv = t.vec(p + "self_attn.v_proj.bias", kv);
+    }
+    // Older exports keep RoPE's inverse frequencies as a buffer; they follow from the config.
+    if (t.has(p + "self_attn.rotary_emb.inv_freq")) t.skip(p + "self_attn.rotary_emb.inv_freq");
+    if (h.is_moe_layer(li)) {
+      // transformers 5 names Mixtral's block "mlp", earlier versions "block_sparse_moe".
+      const bool classic = h.model_type == "mixtral" && t.has(p + "block_sparse_moe.gate.weight");
+      l.ffn = detail::read_moe_block(t, p + (classic ? "block_sparse_moe" : "mlp"), detail::moe_spec_of(h));
+    } else {
+      l.ffn = detail::read_ffn(t, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight", dim, h.intermediate);
+    }
+  }
+  t.require_all_used(cat("hf model '", weights, "' (config '", config_path, "')"));
+  try {
+    model::validate(w);
+  } catch (const error& e) {
+    throw format_error(cat("hf model '", weights, "': ", e.what()));
+  }
+  return w;
+}
+
+/// Whether `dir` looks like a Hugging Face model directory.
+inline bool is_hf_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  return fs::is_directory(dir) && fs::exists(fs::path(dir) / "config.json") &&
+         (fs::exists(fs::path(dir) / "model.safetensors") || fs::exists(fs::path(dir) / "model.safetensors.index.json"));
+}
+
+namespace detail {
+
+// llama2.c rotates pairs (2j, 2j+1) of each head, Hugging Face pairs (j, j + d/2):
+// reorder each head's rows so that the half-split rotation sees the same pairs.
+template <class M>
+M to_half_split(const M& m, index_t heads, index_t head_dim) {
+  M out(m.rows(), m.cols());
+  const index_t half = head_dim / 2;
+  for (index_t hd = 0; hd < heads; ++hd)
+    for (index_t j = 0; j < half; ++j) {
+      out.row(hd * head_dim + j) = m.row(hd * head_dim + 2 * j);
+      out.row(hd * head_dim + half + j) = m.row(hd * head_dim + 2 * j + 1);
+    }
+  return out;
+}
+
+// Why `m` has no Hugging Face form, or "" when it has one (Mixtral without a
+// shared expert, Qwen2-MoE with one sigmoid-gated shared expert).
+inline std::string hf_unrepresentable(const moe_layer& m) {
+  if (m.router.kind != router_kind::softmax_topk)
+    return cat("its router is ", router_kind_name(m.router.kind), " (only softmax_topk exists there)");
+  if (m.router.scale != 1.0f) return "its router scale is not 1";
+  const index_t width = m.experts.front().width();
+  for (const auto& e : m.experts) {
+    if (e.is_novice()) return "it has novice experts";
+    if (e.width() != width) return "its experts differ in width";
+    if (!e.weights.gated() || e.weights.act != activation::silu) return "an expert is not a SiLU-gated FFN";
+  }
+  if (m.shared.size() > 1) return "it has more than one shared expert";
+  if (m.shared.size() == 1) {
+    const auto& s = m.shared.front();
+    if (!s.gated()) return "its shared expert has no sigmoid gate (Qwen2-MoE's always has one)";
+    if (!s.weights.gated() || s.weights.act != activation::silu) return "its shared expert is not a SiLU-gated FFN";
+  } else if (!m.router.renormalize) {
+    return "it renormalises no top-k probabilities and has no shared expert (Mixtral always renormalises)";
+  }
+  return "";
+}
+
+}  // namespace detail
+
+/// Writes `w` as a Hugging Face directory (config.json + model.safetensors,
+/// per-expert 2-D tensors), atomically. Dense models become "llama" (or
+/// "qwen2" with attention biases); MoE models "mixtral" or "qwen2_moe". Models
+/// those layouts cannot express (CMoE routers, novices, ...) are refused with
+/// the reason; use save_native for them.
+inline void save_hf(const model::weights& w, const std::string& dir, bool overwrite = false) {
+  namespace fs = std::filesystem;
+  using detail::cat;
+  model::validate(w);
+  const auto& c = w.config;
+  const fs::path out = fs::absolute(fs::path(dir)).lexically_normal();
+  check_output_dir(out.string(), overwrite);
+
+  const bool bias = w.layers.front().bq.size() != 0;
+  const moe_layer* moe = nullptr;
+  std::vector<index_t> dense_layers;
+  index_t dense_width = 0;
+  for (index_t li = 0; li < c.n_layers; ++li) {
+    const auto& l = w.layers[std::size_t(li)];
+    if ((l.bq.size() == 0) == bias || (l.bk.size() == 0) == bias || (l.bv.size() == 0) == bias)
+      throw config_error(cat("save_hf: layer ", li, ": attention biases must be present in every layer or in none"));
+    if (const auto* f = std::get_if<ffn>(&l.ffn)) {
+      if (!f->gated() || f->act != activation::silu) throw config_error(cat("save_hf: layer ", li, ": FFN is not SiLU-gated"));
+      if (dense_width && f->intermediate() != dense_width) throw config_error(cat("save_hf: layer ", li, ": dense FFN widths differ"));
+      dense_width = f->intermediate();
+      dense_layers.push_back(li);
+      continue;
+    }
+    const auto& m = std::get<moe_layer>(l.ffn);
+    if (const auto why = detail::hf_unrepresentable(m); !why.empty())
+      throw config_error(cat("save_hf: layer ", li, " has no Hugging Face form: ", why, "; save it in the native format"));
+    if (moe && (m.num_experts() != moe->num_experts() || m.router.top_k != moe->router.top_k ||
+                m.experts.front().width() != moe->experts.front().width() || m.shared.size() != moe->shared.size() ||
+                m.router.renormalize != moe->router.renormalize ||
+                (!m.shared.empty() && m.shared.front().weights.intermediate() != moe->shared.front().weights.intermediate())))
+      throw config_error(cat("save_hf: layer ", li, "'s MoE block differs in shape from layer 0's; Hugging Face configs describe one shape"));
+    moe = &m;
+  }
+  std::string type = bias ? "qwen2" : "llama";
+  if (moe) type = moe->shared.empty() && dense_layers.empty() && !bias ? "mixtral" : "qwen2_moe";
+  if (type == "qwen2_moe" && moe->shared.empty())
+    throw config_error("save_hf: an MoE model without a shared expert and with dense layers or attention biases has no Hugging Face form");
+
+  nlohmann::json j{{"model_type", type},
+                   {"hidden_size", c.dim},
+                   {"num_hidden_layers", c.n_layers},
+                   {"num_attention_heads", c.n_heads},
+                   {"num_key_value_heads", c.n_kv_heads},
+                   {"head_dim", c.head_dim},
+                   {"vocab_size", c.vocab_size},
+                   {"max_position_embeddings", c.seq_len},
+                   {"rms_norm_eps", c.norm_eps},
+                   {"rope_theta", c.rope_theta},
+                   {"tie_word_embeddings", c.tied_embeddings},
+                   {"bos_token_id", c.bos_token},
+                   {"eos_token_id", c.eos_token},
+                   {"hidden_act", "silu"},
+                   {"torch_dtype", "float32"}};
+  static const std::map<std::string, std::string> architecture{
+      {"llama", "LlamaForCausalLM"}, {"qwen2", "Qwen2ForCausalLM"}, {"mixtral", "MixtralForCausalLM"}, {"qwen2_moe", "Qwen2MoeForCausalLM"}};
+  j["architectures"] = {architecture.at(type)};
+  if (dense_width) j["intermediate_size"] = dense_width;
+  if (type == "mixtral") {
+    j["num_local_experts"] = moe->num_experts();
+    j["num_experts_per_tok"] = moe->router.top_k;
+    j["intermediate_size"] = moe->experts.front().width();
+  } else if (type == "qwen2_moe") {
+    j["num_experts"] = moe->num_experts();
+    j["num_experts_per_tok"] = moe->router.top_k;
+    j["moe_intermediate_size"] = moe->experts.front().width();
+    j["shared_expert_intermediate_size"] = moe->shared.front().weights.intermediate();
+    j["norm_topk_prob"] = moe->router.renormalize;
+    j["decoder_sparse_step"] = 1;
+    j["mlp_only_layers"] = dense_layers;
+    j["use_sliding_window"] = false;
+    if (!dense_width) j["intermediate_size"] = moe->shared.front().weights.intermediate();
+  }
+
+  // Owned copies where the layout differs from ours (RoPE order, [1, H] gate rows).
+  std::vector<matrix> owned_m;
+  std::vector<vector> owned_v;
+  owned_m.reserve(std::size_t(4 * c.n_layers));
+  owned_v.reserve(std::size_t(3 * c.n_layers));
+  const bool qwen = type == "qwen2" || type == "qwen2_moe";
+  const bool permute = c.rope == model::rope_style::interleaved;
+  std::vector<tensor_view> views;
+  auto add_m = [&](const std::string& name, const matrix& m) { views.push_back({name, {m.rows(), m.cols()}, m.data()}); };
+  auto add_v = [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data()}); };
+  auto add_ffn = [&](const std::string& p, const ffn& f, const char* g, const char* u, const char* d) {
+    add_m(p + g, f.gate);
+    add_m(p + u, f.up);
+    add_m(p + d, f.down);
+  };
+  add_m("model.embed_tokens.weight", w.tok_emb);
+  for (index_t li = 0; li < c.n_layers; ++li) {
+    const auto& l = w.layers[std::size_t(li)];
+    const std::string p = cat("model.layers.", li, ".");
+    add_v(p + "input_layernorm.weight", l.attn_norm);
+    add_v(p + "post_attention_layernorm.weight", l.ffn_norm);
+    const matrix* wq = &l.wq;
+    const matrix* wk = &l.wk;
+    if (permute) {
+      wq = &owned_m.emplace_back(detail::to_half_split(l.wq, c.n_heads, c.head_dim));
+      wk = &owned_m.emplace_back(detail::to_half_split(l.wk, c.n_kv_heads, c.head_dim));
+    }
+    add_m(p + "self_attn.q_proj.weight", *wq);
+    add_m(p + "self_attn.k_proj.weight", *wk);
+    add_m(p + "self_attn.v_proj.weight", l.wv);
+    add_m(p + "self_attn.o_proj.weight", l.wo);
+    if (qwen) {  // the Qwen2 family always has q/k/v biases: zeros stand in for absent ones
+      auto bias_of = [&](const vector& b, index_t heads, bool rotated) -> const vector& {
+        if (b.size() == 0) return owned_v.emplace_back(vector::Zero(heads * c.head_dim));
+        return permute && rotated ? owned_v.emplace_back(detail::to_half_split(b, heads, c.head_dim)) : b;
+      };
+      add_v(p + "self_attn.q_proj.bias", bias_of(l.bq, c.n_heads, true));
+      add_v(p + "self_attn.k_proj.bias", bias_of(l.bk, c.n_kv_heads, true));
+      add_v(p + "self_attn.v_proj.bias", bias_of(l.bv, c.n_kv_heads, false));
+    }
+    if (const auto* f = std::get_if<ffn>(&l.ffn)) {
+      add_ffn(p + "mlp.", *f, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+      continue;
+    }
+    const auto& m = std::get<moe_layer>(l.ffn);
+    const bool mixtral = type == "mixtral";
+    const std::string b = p + (mixtral ? "block_sparse_moe." : "mlp.");
+    add_m(b + "gate.weight", m.router.weight);
+    for (index_t e = 0; e < m.num_experts(); ++e) {
+      const std::string q = cat(b, "experts.", e, ".");
+      const ffn& f = m.experts[std::size_t(e)].weights;
+      if (mixtral)
+        add_ffn(q, f, "w1.weight", "w3.weight", "w2.weight");
+      else
+        add_ffn(q, f, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+    }
+    if (!m.shared.empty()) {
+      add_ffn(b + "shared_expert.", m.shared.front().weights, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+      const vector& g = m.shared.front().gate;
+      views.push_back({b + "shared_expert_gate.weight", {1, g.size()}, g.data()});
+    }
+  }
+  add_v("model.norm.weight", w.final_norm);
+  if (!c.tied_embeddings) add_m("lm_head.weight", w.lm_head);
+
+  detail::staging_dir stage(out);
+  write_safetensors((stage.path() / "model.safetensors").string(), views);
+  {
+    std::ofstream f(stage.path() / "config.json");
+    f << j.dump(2) << "\n";
+    if (!f.flush()) throw io_error(cat("save_hf: cannot write '", (stage.path() / "config.json").string(), "'"));
+  }
+  stage.commit(out);
+}
+
+}  // namespace moeforge::io

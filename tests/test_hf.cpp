@@ -1,0 +1,336 @@
+// Hugging Face checkpoints: the Qwen2-MoE block reproduces its independent
+// reference output, Mixtral loads identically from both expert layouts, the
+// real stories260K exported to LLaMA's layout (half-split RoPE) runs exactly
+// as the llama2.c checkpoint does, and every malformed input fails by name.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+
+#include "moeforge/io/hf.hpp"
+#include "moeforge/io/llama2c.hpp"
+#include "moeforge/io/load.hpp"
+#include "moeforge/runtime/moe_ffn.hpp"
+#include "support/data.hpp"
+#include "support/random.hpp"
+#include "support/temp_dir.hpp"
+#include "support/util.hpp"
+
+using namespace moeforge;
+using namespace moeforge::test;
+using Catch::Matchers::Contains;
+
+namespace {
+
+const std::vector<std::int32_t> probe_tokens{1, 7, 30, 2, 45, 11, 11, 0, 19, 33};
+
+std::string mixtral_file() { return data_file("fixtures/hf/mixtral_classic.safetensors"); }
+std::string mixtral_config() { return data_file("fixtures/hf/mixtral_classic_config.json"); }
+
+// A Hugging Face directory from a config and tensors (every tensor copied from
+// `source` unless `edit` replaces or drops it).
+struct hf_dir_builder {
+  std::vector<std::string> names;
+  std::vector<std::vector<std::int64_t>> shapes;
+  std::vector<std::vector<float>> data;
+
+  explicit hf_dir_builder(const io::safetensors_checkpoint& source) {
+    for (const auto& n : source.names()) put(n, source.info(n).shape, source.read(n));
+  }
+  void put(const std::string& name, std::vector<std::int64_t> shape, std::vector<float> values) {
+    drop(name);
+    names.push_back(name);
+    shapes.push_back(std::move(shape));
+    data.push_back(std::move(values));
+  }
+  void drop(const std::string& name) {
+    for (std::size_t i = 0; i < names.size(); ++i)
+      if (names[i] == name) {
+        names.erase(names.begin() + std::ptrdiff_t(i));
+        shapes.erase(shapes.begin() + std::ptrdiff_t(i));
+        data.erase(data.begin() + std::ptrdiff_t(i));
+        return;
+      }
+  }
+  const std::vector<float>& get(const std::string& name) const {
+    for (std::size_t i = 0; i < names.size(); ++i)
+      if (names[i] == name) return data[i];
+    FAIL("no tensor " << name);
+    throw 0;
+  }
+  std::string write(const std::string& dir, const nlohmann::json& config) const {
+    std::filesystem::create_directories(dir);
+    std::vector<io::tensor_view> views;
+    for (std::size_t i = 0; i < names.size(); ++i) views.push_back({names[i], shapes[i], data[i].data()});
+    io::write_safetensors(dir + "/model.safetensors", views);
+    write_json(dir + "/config.json", config);
+    return dir;
+  }
+};
+
+// Mixtral's classic per-expert tensors rewritten as transformers-5 packed ones
+// under "mlp": gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+void pack_mixtral(hf_dir_builder& b, index_t layers, index_t experts, index_t inter, index_t hidden) {
+  for (index_t l = 0; l < layers; ++l) {
+    const std::string old = "model.layers." + std::to_string(l) + ".block_sparse_moe.";
+    const std::string neu = "model.layers." + std::to_string(l) + ".mlp.";
+    std::vector<float> gate_up, down;
+    for (index_t e = 0; e < experts; ++e) {
+      const std::string p = old + "experts." + std::to_string(e) + ".";
+      for (const char* w : {"w1", "w3"}) {
+        const auto& v = b.get(p + w + ".weight");
+        gate_up.insert(gate_up.end(), v.begin(), v.end());
+      }
+      const auto& d = b.get(p + "w2.weight");
+      down.insert(down.end(), d.begin(), d.end());
+      for (const char* w : {"w1", "w2", "w3"}) b.drop(p + w + ".weight");
+    }
+    b.put(neu + "experts.gate_up_proj", {experts, 2 * inter, hidden}, gate_up);
+    b.put(neu + "experts.down_proj", {experts, hidden, inter}, down);
+    b.put(neu + "gate.weight", {experts, hidden}, b.get(old + "gate.weight"));
+    b.drop(old + "gate.weight");
+  }
+}
+
+model::weights stories() { return io::load_llama2c(data_file("models/stories260K/stories260K.bin")); }
+
+}  // namespace
+
+TEST_CASE("hf: the Qwen2-MoE block (packed experts, shared expert with sigmoid gate) reproduces its reference") {
+  const auto fixture = read_json(data_file("fixtures/hf/qwen2_moe_layer0.json"));
+  const io::safetensors_checkpoint ck(data_file("fixtures/hf/qwen2_moe_layer0.safetensors"));
+  io::hf_moe_spec spec;
+  spec.family = "qwen2_moe";
+  spec.hidden = fixture["d_model"].get<index_t>();
+  spec.experts = fixture["num_experts"].get<index_t>();
+  spec.top_k = fixture["experts_per_token"].get<index_t>();
+  spec.intermediate = fixture["d_ff"].get<index_t>();
+  spec.shared_intermediate = spec.intermediate;
+  spec.norm_topk_prob = fixture["norm_topk_prob"].get<bool>();
+  REQUIRE(fixture["packed"].get<bool>());
+  const moe_layer m = io::load_hf_moe_block(ck, fixture["tensor_prefix"].get<std::string>(), spec);
+  CHECK(m.shared.size() == 1);
+  CHECK(m.shared[0].gated());
+  CHECK_FALSE(m.router.renormalize);
+
+  const auto in = fixture["input"].get<std::vector<float>>();
+  const auto ref = fixture["hf_ref"].get<std::vector<float>>();
+  matrix x(1, spec.hidden);
+  for (index_t i = 0; i < spec.hidden; ++i) x(0, i) = in[std::size_t(i)];
+  const matrix y = runtime::moe_forward(m, x);
+  double max_ref = 0, max_err = 0;
+  for (index_t i = 0; i < spec.hidden; ++i) {
+    max_ref = std::max(max_ref, std::abs(double(ref[std::size_t(i)])));
+    max_err = std::max(max_err, std::abs(double(y(0, i)) - ref[std::size_t(i)]));
+  }
+  INFO("max |ref| " << max_ref << ", max error " << max_err);
+  CHECK(max_ref > 0);
+  CHECK(max_err <= 1e-4 * max_ref);
+
+  // The same block with renormalised top-k is a different function: the flag is honoured.
+  spec.norm_topk_prob = true;
+  const matrix y2 = runtime::moe_forward(io::load_hf_moe_block(ck, "model.layers.0.mlp", spec), x);
+  CHECK((y2 - y).cwiseAbs().maxCoeff() > 1e-2 * max_ref);
+}
+
+TEST_CASE("hf: Mixtral loads from per-expert and packed tensors to identical logits") {
+  const auto classic = io::load_model(mixtral_file(), {mixtral_config()});
+  CHECK(classic.config.arch == "mixtral");
+  CHECK(classic.config.rope == model::rope_style::half_split);
+  REQUIRE(std::holds_alternative<moe_layer>(classic.layers[1].ffn));
+  const auto& m = std::get<moe_layer>(classic.layers[1].ffn);
+  CHECK(m.num_experts() == 4);
+  CHECK(m.router.top_k == 2);
+  CHECK(m.router.renormalize);
+
+  temp_dir tmp;
+  const io::safetensors_checkpoint ck(mixtral_file());
+  hf_dir_builder b(ck);
+  pack_mixtral(b, 2, 4, 64, 32);
+  const auto packed = io::load_model(b.write(tmp / "packed", read_json(mixtral_config())));
+  const matrix a = logits(classic, probe_tokens), p = logits(packed, probe_tokens);
+  CHECK(a.allFinite());
+  CHECK((a - p).cwiseAbs().maxCoeff() == 0.0f);
+
+  SECTION("save_hf writes the per-expert layout back, reloading to the same logits") {
+    io::save_hf(packed, tmp / "saved");
+    const auto again = io::load_model(tmp / "saved");
+    CHECK((logits(again, probe_tokens) - a).cwiseAbs().maxCoeff() == 0.0f);
+    CHECK(read_json(tmp / "saved/config.json")["model_type"] == "mixtral");
+    CHECK(io::safetensors_checkpoint(tmp / "saved").contains("model.layers.1.block_sparse_moe.experts.3.w2.weight"));
+  }
+}
+
+TEST_CASE("hf: stories260K exported to the LLaMA layout runs exactly as the llama2.c checkpoint") {
+  const auto ref = stories();
+  temp_dir tmp;
+  io::save_hf(ref, tmp / "llama");
+  const auto cfg = read_json(tmp / "llama/config.json");
+  CHECK(cfg["model_type"] == "llama");
+  CHECK(cfg["tie_word_embeddings"] == true);
+  const auto hf = io::load_model(tmp / "llama");
+  CHECK(hf.config.rope == model::rope_style::half_split);
+  // The export reorders q/k rows, so the weights differ but the function must not.
+  CHECK((hf.layers[0].wq - ref.layers[0].wq).cwiseAbs().maxCoeff() > 0);
+
+  std::vector<std::int32_t> tokens{1};
+  for (int i = 0; i < 200; ++i) tokens.push_back(std::int32_t(3 + (i * 37) % 500));
+  const matrix a = logits(ref, tokens), b = logits(hf, tokens);
+  INFO("max logit difference " << (a - b).cwiseAbs().maxCoeff());
+  CHECK((a - b).cwiseAbs().maxCoeff() < 1e-4f);
+  for (index_t t = 0; t < a.rows(); ++t) {
+    index_t ia, ib;
+    a.row(t).maxCoeff(&ia);
+    b.row(t).maxCoeff(&ib);
+    CHECK(ia == ib);
+  }
+}
+
+TEST_CASE("hf: a Qwen2-MoE model (dense layers, shared expert, biases) round-trips through save_hf") {
+  auto w = io::load_model(mixtral_file(), {mixtral_config()});
+  std::mt19937 rng(3);
+  const index_t h = w.config.dim;
+  w.layers[0].ffn = random_ffn(h, 48, rng);
+  auto& m = std::get<moe_layer>(w.layers[1].ffn);
+  m.router.renormalize = false;
+  m.shared.push_back(shared_expert{random_ffn(h, 40, rng), random_matrix(h, 1, rng)});
+  for (auto& l : w.layers) {
+    l.bq = random_matrix(l.wq.rows(), 1, rng);
+    l.bk = random_matrix(l.wk.rows(), 1, rng);
+    l.bv = random_matrix(l.wv.rows(), 1, rng);
+  }
+  temp_dir tmp;
+  io::save_hf(w, tmp / "qwen");
+  const auto cfg = read_json(tmp / "qwen/config.json");
+  CHECK(cfg["model_type"] == "qwen2_moe");
+  CHECK(cfg["mlp_only_layers"] == nlohmann::json::array({0}));
+  CHECK(cfg["norm_topk_prob"] == false);
+  const auto back = io::load_model(tmp / "qwen");
+  CHECK(std::holds_alternative<ffn>(back.layers[0].ffn));
+  CHECK((logits(back, probe_tokens) - logits(w, probe_tokens)).cwiseAbs().maxCoeff() == 0.0f);
+
+  SECTION("decoder_sparse_step decides which layers are MoE") {
+    auto c2 = cfg;
+    c2["mlp_only_layers"] = nlohmann::json::array();
+    c2["decoder_sparse_step"] = 2;  // layer 1 is MoE ((1 + 1) % 2 == 0), layer 0 dense
+    write_json(tmp / "qwen/config.json", c2);
+    CHECK((logits(io::load_model(tmp / "qwen"), probe_tokens) - logits(w, probe_tokens)).cwiseAbs().maxCoeff() == 0.0f);
+    c2["decoder_sparse_step"] = 1;  // now layer 0 should be MoE, and its tensors are not there
+    write_json(tmp / "qwen/config.json", c2);
+    CHECK_THROWS_WITH(io::load_model(tmp / "qwen"), Contains("model.layers.0.mlp.gate.weight"));
+  }
+}
+
+TEST_CASE("hf: malformed configs and checkpoints fail with typed errors naming what is wrong") {
+  temp_dir tmp;
+  const io::safetensors_checkpoint ck(mixtral_file());
+  const auto good = read_json(mixtral_config());
+  auto with = [&](const std::string& name, const nlohmann::json& cfg, const hf_dir_builder& b) { return b.write(tmp / name, cfg); };
+  const hf_dir_builder all(ck);
+
+  SECTION("config keys") {
+    auto c = good;
+    c["model_type"] = "gpt2";
+    CHECK_THROWS_AS(io::load_model(with("type", c, all)), format_error);
+    CHECK_THROWS_WITH(io::load_model(tmp / "type"), Contains("model_type") && Contains("gpt2"));
+    c = good;
+    c["hidden_act"] = "gelu";
+    CHECK_THROWS_WITH(io::load_model(with("act", c, all)), Contains("hidden_act") && Contains("silu"));
+    c = good;
+    c["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+    CHECK_THROWS_WITH(io::load_model(with("rope", c, all)), Contains("rope_scaling"));
+    c = good;
+    c.erase("hidden_size");
+    CHECK_THROWS_WITH(io::load_model(with("missing", c, all)), Contains("hidden_size") && Contains("missing"));
+    c = good;
+    c["num_experts_per_tok"] = 5;
+    CHECK_THROWS_WITH(io::load_model(with("topk", c, all)), Contains("num_experts_per_tok") && Contains("4 experts"));
+    c = good;
+    c["num_attention_heads"] = "four";
+    CHECK_THROWS_AS(io::load_model(with("heads", c, all)), format_error);
+    std::ofstream(tmp / "heads/config.json") << "{\"model_type\": ";
+    CHECK_THROWS_WITH(io::load_model(tmp / "heads"), Contains("config.json") && Contains("not valid JSON"));
+  }
+
+  SECTION("a config that contradicts the weights") {
+    auto c = good;
+    c["num_hidden_layers"] = 3;
+    CHECK_THROWS_WITH(io::load_model(with("more", c, all)), Contains("model.layers.2."));
+    c["num_hidden_layers"] = 1;
+    CHECK_THROWS_WITH(io::load_model(with("fewer", c, all)), Contains("model.layers.1.") && Contains("not part of the model"));
+    c = good;
+    c["intermediate_size"] = 60;
+    CHECK_THROWS_AS(io::load_model(with("width", c, all)), shape_error);
+    CHECK_THROWS_WITH(io::load_model(tmp / "width"), Contains("experts.0.w1.weight") && Contains("[64, 32]") && Contains("[60, 32]"));
+    c = good;
+    c["tie_word_embeddings"] = true;  // tied: no lm_head needed; untied: it must be there
+    hf_dir_builder no_head(ck);
+    no_head.drop("lm_head.weight");
+    CHECK_NOTHROW(io::load_model(with("tied", c, no_head)));
+    CHECK_THROWS_WITH(io::load_model(with("untied", good, no_head)), Contains("missing tensor 'lm_head.weight'"));
+  }
+
+  SECTION("tensors") {
+    hf_dir_builder nan(ck);
+    auto v = nan.get("model.layers.1.self_attn.k_proj.weight");
+    v[5] = std::numeric_limits<float>::quiet_NaN();
+    nan.put("model.layers.1.self_attn.k_proj.weight", {32, 32}, v);
+    CHECK_THROWS_AS(io::load_model(with("nan", good, nan)), value_error);
+    CHECK_THROWS_WITH(io::load_model(tmp / "nan"), Contains("model.layers.1.self_attn.k_proj.weight"));
+
+    hf_dir_builder both(ck);
+    pack_mixtral(both, 2, 4, 64, 32);
+    for (const char* w : {"w1", "w2", "w3"}) {
+      const std::string n = std::string("model.layers.0.mlp.experts.0.") + w + ".weight";
+      both.put(n, w == std::string("w2") ? std::vector<std::int64_t>{32, 64} : std::vector<std::int64_t>{64, 32}, std::vector<float>(2048, 0.5f));
+    }
+    CHECK_THROWS_WITH(io::load_model(with("both", good, both)), Contains("both packed and per expert"));
+
+    hf_dir_builder bad_pack(ck);
+    pack_mixtral(bad_pack, 2, 4, 64, 32);
+    bad_pack.put("model.layers.1.mlp.experts.down_proj", {4, 64, 32}, std::vector<float>(4 * 64 * 32, 0.f));
+    CHECK_THROWS_WITH(io::load_model(with("badpack", good, bad_pack)), Contains("down_proj") && Contains("[4, 32, 64]"));
+
+    // A truncated weights file is a safetensors error naming the file.
+    with("trunc", good, all);
+    const auto bytes = file_bytes(tmp / "trunc/model.safetensors");
+    std::ofstream(tmp / "trunc/model.safetensors", std::ios::binary | std::ios::trunc).write(bytes.data(), std::streamsize(bytes.size() - 100));
+    CHECK_THROWS_AS(io::load_model(tmp / "trunc"), format_error);
+    CHECK_THROWS_WITH(io::load_model(tmp / "trunc"), Contains("model.safetensors"));
+  }
+
+  SECTION("paths") {
+    CHECK_THROWS_AS(io::load_model(tmp / "nothing-here"), io_error);
+    std::filesystem::create_directories(tmp / "empty");
+    CHECK_THROWS_WITH(io::load_model(tmp / "empty"), Contains("neither moeforge.json") && Contains("config.json"));
+    std::filesystem::copy_file(mixtral_file(), tmp / "alone.safetensors");
+    CHECK_THROWS_AS(io::load_model(tmp / "alone.safetensors"), io_error);
+    CHECK_THROWS_WITH(io::load_model(tmp / "alone.safetensors"), Contains("config.json"));
+  }
+}
+
+TEST_CASE("hf: save_hf refuses what Hugging Face cannot express and never clobbers") {
+  std::mt19937 rng(5);
+  auto w = io::load_model(mixtral_file(), {mixtral_config()});
+  temp_dir tmp;
+  io::save_hf(w, tmp / "out");
+  const auto before = file_bytes(tmp / "out/model.safetensors");
+
+  auto cmoe_like = w;
+  std::get<moe_layer>(cmoe_like.layers[0].ffn).router.kind = router_kind::cmoe_analytic;
+  std::get<moe_layer>(cmoe_like.layers[0].ffn).router.weight_up = random_matrix(4, w.config.dim, rng);
+  CHECK_THROWS_AS(io::save_hf(cmoe_like, tmp / "out", true), config_error);
+  CHECK_THROWS_WITH(io::save_hf(cmoe_like, tmp / "out", true), Contains("layer 0") && Contains("cmoe_analytic") && Contains("native"));
+
+  auto novice = w;
+  auto& e = std::get<moe_layer>(novice.layers[1].ffn).experts[2];
+  e.weights = ffn{};
+  e.novice = random_matrix(w.config.dim, 1, rng);
+  CHECK_THROWS_WITH(io::save_hf(novice, tmp / "out", true), Contains("layer 1") && Contains("novice"));
+
+  CHECK_THROWS_AS(io::save_hf(w, tmp / "out"), io_error);  // exists, no overwrite
+  CHECK(file_bytes(tmp / "out/model.safetensors") == before);
+  std::size_t entries = 0;
+  for ([[maybe_unused]] const auto& f : std::filesystem::directory_iterator(tmp.path())) ++entries;
+  CHECK(entries == 1);  // no staging leftovers
+}
