@@ -2,6 +2,7 @@
 // attention with a KV cache) whose FFNs run on the dense or MoE kernel.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -17,7 +18,7 @@ namespace moeforge::model {
 
 /// Keys and values of every layer for positions [0, length).
 struct kv_cache {
-  std::vector<matrix> k;  ///< per layer [seq_len, n_kv_heads·head_dim]
+  std::vector<matrix> k;  ///< per layer [capacity, n_kv_heads·head_dim]; grows as positions arrive
   std::vector<matrix> v;
   index_t length = 0;
 };
@@ -92,10 +93,12 @@ class transformer {
 
   const weights& model() const { return w_; }
 
+  /// An empty cache. It grows with the positions fed to it (doubling, up to
+  /// the context), so a model whose context is 128k costs nothing until used.
   kv_cache new_cache() const {
     const auto& c = w_.config;
     kv_cache cache;
-    cache.k.assign(std::size_t(c.n_layers), matrix(c.seq_len, c.n_kv_heads * c.head_dim));
+    cache.k.assign(std::size_t(c.n_layers), matrix(0, c.n_kv_heads * c.head_dim));
     cache.v = cache.k;
     return cache;
   }
@@ -110,7 +113,9 @@ class transformer {
     const index_t start = cache.length;
     if (start + n > c.seq_len)
       throw config_error(cat("forward: positions ", start, "..", start + n, " exceed the model's context of ", c.seq_len));
-    if (index_t(cache.k.size()) != c.n_layers) throw shape_error("forward: the kv cache was made for another model");
+    if (index_t(cache.k.size()) != c.n_layers || index_t(cache.v.size()) != c.n_layers)
+      throw shape_error("forward: the kv cache was made for another model");
+    reserve(cache, start + n);
     matrix x(n, c.dim);
     for (index_t t = 0; t < n; ++t) {
       const auto id = tokens[std::size_t(t)];
@@ -151,6 +156,14 @@ class transformer {
       const float ms = x.row(t).squaredNorm() / float(x.cols());
       out.row(t) = (x.row(t).array() * weight.transpose().array()) * (1.0f / std::sqrt(ms + eps));
     }
+  }
+
+  void reserve(kv_cache& cache, index_t positions) const {
+    const index_t have = cache.k.front().rows();
+    if (positions <= have) return;
+    const index_t rows = std::min(w_.config.seq_len, std::max({positions, 2 * have, index_t(64)}));
+    for (auto* side : {&cache.k, &cache.v})
+      for (auto& m : *side) m.conservativeResize(rows, Eigen::NoChange);
   }
 
   /// Rotates each head of `m` ([T, heads·head_dim]) for positions start + t.
