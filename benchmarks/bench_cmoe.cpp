@@ -31,7 +31,7 @@ int bench_cmoe(int argc, char** argv) {
       .option("calib-tokens", "N", "calibration tokens", "8192")
       .option("eval-windows", "N", "evaluation windows of 512 tokens (0 = all)", "0")
       .option("decode-steps", "N", "greedy decode steps for tok/s", "256")
-      .flag("json", "print one JSON row per configuration");
+      .option("json", "FILE", "also write the rows as a JSON array to FILE");
   if (!a.parse(argc, argv)) return 0;
   const std::string root = a.get("data");
   const model::weights dense = io::load_llama2c(root + "/models/stories260K/stories260K.bin");
@@ -43,27 +43,45 @@ int bench_cmoe(int argc, char** argv) {
 
   const double dense_ppl = model::perplexity(model::transformer(dense), eval, 512, windows).ppl;
   const double dense_tps = model::decode_tokens_per_second(model::transformer(dense), steps);
+  using convert::cmoe_method;
+  using convert::leftover_policy;
   struct row {
-    const char* config;
-    convert::cmoe_method method;
-    double ka_fraction;
+    std::string config;
+    cmoe_method method;
+    double ka_fraction;  // 0: K_a = 10
+    leftover_policy leftover;
+    std::string variant;  // "" or "S0" (the same experts and active count, no shared expert)
   };
   std::vector<row> rows;
-  for (const char* c : {"S1A1E4", "S1A2E4", "S2A2E8", "S3A3E8", "S1A1E8", "S2A2E16", "S4A4E16"})
-    for (double f : {0.0, 0.1}) rows.push_back({c, convert::cmoe_method::cmoe, f});
+  // The reference's rows: leftovers dropped (cmoe_options defaults to `shared`, so set drop explicitly).
+  for (const char* c : {"S1A1E4", "S1A2E4", "S1A3E4", "S2A2E8", "S3A3E8", "S1A1E8", "S2A2E16", "S4A4E16"})
+    for (double f : {0.0, 0.1}) rows.push_back({c, cmoe_method::cmoe, f, leftover_policy::drop, ""});
+  // Leftovers kept in the shared expert (I = 172 is not a multiple of 8 or 16).
+  rows.push_back({"S3A3E8", cmoe_method::cmoe, 0.0, leftover_policy::shared, ""});
+  rows.push_back({"S2A6E8", cmoe_method::cmoe, 0.0, leftover_policy::drop, ""});
+  rows.push_back({"S2A6E8", cmoe_method::cmoe, 0.0, leftover_policy::shared, ""});
+  // Baselines, leftovers dropped like the reference rows they are compared with.
   for (const char* c : {"S1A1E4", "S3A3E8", "S1A1E8"}) {
-    rows.push_back({c, convert::cmoe_method::random, 0.0});
-    rows.push_back({c, convert::cmoe_method::cmoe, -1.0});  // S0: the same experts count, no shared expert
+    rows.push_back({c, cmoe_method::random, 0.0, leftover_policy::drop, ""});
+    rows.push_back({c, cmoe_method::param_cluster, 0.0, leftover_policy::drop, ""});
+    rows.push_back({c, cmoe_method::cmoe, 0.0, leftover_policy::drop, "S0"});
   }
-  if (!a.flag_set("json"))
-    std::cout << "dense ppl " << dense_ppl << ", decode " << dense_tps << " tok/s\n"
-              << "config    method  ka    active  ppl       decode tok/s\n";
+
+  nlohmann::json out = nlohmann::json::array();
+  out.push_back({{"config", "dense"}, {"method", "dense"}, {"ka", nullptr}, {"leftover", nullptr}, {"active_fraction", 1.0},
+                 {"ppl", dense_ppl}, {"dense_ppl", dense_ppl}, {"decode_tok_s", dense_tps}, {"dense_decode_tok_s", dense_tps}});
+  std::printf("stories260K (I = %lld), %lld calibration tokens, tinystories eval ctx 512\n", (long long)neurons,
+              (long long)a.get_int("calib-tokens"));
+  std::printf("%-9s %-14s %-5s %-9s %-7s %-10s %-8s %s\n", "config", "method", "ka", "leftover", "active", "ppl", "ppl/dense", "decode tok/s");
+  std::printf("%-9s %-14s %-5s %-9s %-7.3f %-10.4f %-8.3f %.0f\n", "dense", "dense", "-", "-", 1.0, dense_ppl, 1.0, dense_tps);
+  std::fflush(stdout);
   for (const auto& r : rows) {
     convert::cmoe_options o;
     o.config = convert::parse_cmoe_config(r.config);
     o.method = r.method;
+    o.leftover = r.leftover;
     if (r.ka_fraction > 0) o.ka_fraction = r.ka_fraction;
-    if (r.ka_fraction < 0) {  // no shared expert: the shared slots become routed ones, active count kept
+    if (r.variant == "S0") {  // no shared expert: the shared slots become routed ones, active count kept
       o.config.active += o.config.shared;
       o.config.shared = 0;
     }
@@ -75,15 +93,19 @@ int bench_cmoe(int argc, char** argv) {
     const double active = double(o.config.shared + o.config.active) / double(o.config.experts);
     const index_t ka = convert::resolve_ka(o, neurons);
     const std::string config = convert::to_string(o.config);
-    const std::string method = std::string(convert::method_name(o.method));
-    if (a.flag_set("json")) {
-      std::cout << nlohmann::json{{"config", config}, {"method", method}, {"ka", ka}, {"active_fraction", active},
-                                  {"ppl", ppl}, {"dense_ppl", dense_ppl}, {"decode_tok_s", tps}, {"dense_decode_tok_s", dense_tps}}
-                       .dump()
-                << "\n";
-    } else {
-      std::printf("%-9s %-7s %-5lld %-7.3f %-9.3f %.0f\n", config.c_str(), method.c_str(), (long long)ka, active, ppl, tps);
-    }
+    std::string method = std::string(convert::method_name(o.method));
+    if (!r.variant.empty()) method += "-" + r.variant;
+    const std::string leftover(convert::leftover_name(o.leftover));
+    out.push_back({{"config", config}, {"method", method}, {"ka", ka}, {"leftover", leftover}, {"active_fraction", active},
+                   {"ppl", ppl}, {"dense_ppl", dense_ppl}, {"decode_tok_s", tps}, {"dense_decode_tok_s", dense_tps}});
+    std::printf("%-9s %-14s %-5lld %-9s %-7.3f %-10.4f %-8.3f %.0f\n", config.c_str(), method.c_str(), (long long)ka, leftover.c_str(),
+                active, ppl, ppl / dense_ppl, tps);
+    std::fflush(stdout);
+  }
+  if (a.has("json")) {
+    std::ofstream f(a.get("json"));
+    if (!f) throw io_error("cannot write '" + a.get("json") + "'");
+    f << out.dump(1) << "\n";
   }
   return 0;
 }

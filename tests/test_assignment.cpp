@@ -2,6 +2,7 @@
 // matrix) and balanced, on many small random instances with ties.
 #include <catch2/catch.hpp>
 
+#include <functional>
 #include <limits>
 #include <random>
 
@@ -108,4 +109,57 @@ TEST_CASE("balanced assignment is optimal with unequal spare capacity and float 
 TEST_CASE("balanced assignment rejects clusters too small for the items") {
   REQUIRE_THROWS_AS(moeforge::convert::balanced_assignment<std::int64_t>(5, {2, 2}, [](index_t, index_t) { return std::int64_t(0); }),
                     moeforge::config_error);
+}
+
+TEST_CASE("balanced assignment with a zero-cost sink (the leftovers) is optimal against brute force") {
+  // k clusters of exactly m plus a sink of capacity n − k·m whose cost is 0:
+  // the reference's n × n LAP whose last n − k·m columns are zero.
+  std::mt19937 rng(4242);
+  for (int trial = 0; trial < 300; ++trial) {
+    const index_t k = 1 + index_t(rng() % 3);
+    const index_t m = 1 + index_t(rng() % 3);
+    const index_t spare = 1 + index_t(rng() % 3);  // n <= 12: brute force stays small
+    const index_t n = k * m + spare;
+    std::uniform_int_distribution<int> d(0, trial % 3 == 0 ? 2 : 50);
+    std::vector<std::vector<std::int64_t>> c(static_cast<std::size_t>(n), std::vector<std::int64_t>(static_cast<std::size_t>(k)));
+    for (auto& row : c)
+      for (auto& x : row) x = d(rng);
+    std::vector<index_t> cap(std::size_t(k), m);
+    cap.push_back(spare);
+    const auto res = moeforge::convert::balanced_assignment<std::int64_t>(
+        n, cap, [&](index_t i, index_t j) { return j < k ? c[std::size_t(i)][std::size_t(j)] : std::int64_t(0); });
+    std::vector<index_t> used(std::size_t(k + 1), 0);
+    std::int64_t total = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const index_t j = res.cluster[std::size_t(i)];
+      REQUIRE(j >= 0);
+      REQUIRE(j <= k);
+      ++used[std::size_t(j)];
+      if (j < k) total += c[std::size_t(i)][std::size_t(j)];
+    }
+    // Every real cluster exactly full (the sink takes exactly the spare items).
+    for (index_t j = 0; j < k; ++j) REQUIRE(used[std::size_t(j)] == m);
+    REQUIRE(used[std::size_t(k)] == spare);
+    REQUIRE(total == res.total);
+    // Brute force: every labelling of the n items with clusters 0..k (sink = k) that fills the capacities.
+    std::int64_t best = std::numeric_limits<std::int64_t>::max();
+    std::vector<index_t> label(static_cast<std::size_t>(n), 0);
+    std::vector<index_t> fill(std::size_t(k + 1), 0);
+    std::function<void(index_t, std::int64_t)> search = [&](index_t i, std::int64_t cost) {
+      if (cost >= best) return;
+      if (i == n) {
+        best = cost;
+        return;
+      }
+      for (index_t j = 0; j <= k; ++j) {
+        if (fill[std::size_t(j)] == cap[std::size_t(j)]) continue;
+        ++fill[std::size_t(j)];
+        search(i + 1, cost + (j < k ? c[std::size_t(i)][std::size_t(j)] : 0));
+        --fill[std::size_t(j)];
+      }
+    };
+    search(0, 0);
+    INFO("trial " << trial << " n " << n << " k " << k << " m " << m);
+    REQUIRE(res.total == best);
+  }
 }

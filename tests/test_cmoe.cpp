@@ -282,3 +282,312 @@ TEST_CASE("cmoe at full activation keeps stories260K's perplexity") {
 TEST_CASE("calibration text shorter than requested is a clear error") {
   REQUIRE_THROWS_WITH(calib::calibration_windows({1, 5, 6}, 512, 8192), Catch::Contains("only 3 tokens but 8192"));
 }
+
+// ---------------------------------------------------------------------------
+// The reference's numbers on a real model, exactness, determinism and bad input.
+
+#include "moeforge/io/native.hpp"
+#include "support/temp_dir.hpp"
+#include "support/util.hpp"
+
+namespace {
+
+ffn layer0(const model::weights& w) { return std::get<ffn>(w.layers[0].ffn); }
+
+// Everything that must not depend on the thread count.
+void require_identical(const convert::cmoe_result& a, const convert::cmoe_result& b) {
+  REQUIRE(to_json(a.report).dump() != "");
+  auto ja = to_json(a.report), jb = to_json(b.report);
+  ja.erase("stage_seconds");
+  jb.erase("stage_seconds");
+  REQUIRE(ja == jb);
+  REQUIRE(a.layer.router.kind == b.layer.router.kind);
+  REQUIRE(a.layer.router.weight == b.layer.router.weight);
+  REQUIRE(a.layer.router.weight_up == b.layer.router.weight_up);
+  REQUIRE(a.layer.experts.size() == b.layer.experts.size());
+  for (std::size_t e = 0; e < a.layer.experts.size(); ++e) {
+    REQUIRE(a.layer.experts[e].weights.gate == b.layer.experts[e].weights.gate);
+    REQUIRE(a.layer.experts[e].weights.up == b.layer.experts[e].weights.up);
+    REQUIRE(a.layer.experts[e].weights.down == b.layer.experts[e].weights.down);
+  }
+  REQUIRE(a.layer.shared.size() == b.layer.shared.size());
+  for (std::size_t s = 0; s < a.layer.shared.size(); ++s) {
+    REQUIRE(a.layer.shared[s].weights.gate == b.layer.shared[s].weights.gate);
+    REQUIRE(a.layer.shared[s].weights.down == b.layer.shared[s].weights.down);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cmoe reproduces the reference's layer-0 assignment cost on stories260K (S3A3E8, K_a 10, 8192 tokens, drop)") {
+  stories s;
+  const ffn f = layer0(s.w);
+  INFO("I = " << f.intermediate());
+  REQUIRE(f.intermediate() % 8 != 0);  // 172 = 8·21 + 4: the zero-cost sink decides which 4 neurons are left over
+  const matrix x = calib::ffn_inputs(s.w, 0, s.calib);
+  REQUIRE(x.rows() == 8192);
+  auto o = options("S3A3E8", 10);
+  o.leftover = convert::leftover_policy::drop;
+  const auto res = convert::cmoe(f, x, o);
+  // The independent reference's value; it is the unique optimum of its LAP.
+  REQUIRE(res.report.assignment_cost == 53889);
+  REQUIRE(res.report.leftovers.size() == std::size_t(f.intermediate() % 8));
+  REQUIRE(res.report.leftover_fate == "dropped");
+  REQUIRE(res.layer.shared[0].weights.intermediate() == 3 * (f.intermediate() / 8));
+  // The leftover policy changes only the leftovers' fate, never the assignment.
+  o.leftover = convert::leftover_policy::shared;
+  const auto kept = convert::cmoe(f, x, o);
+  REQUIRE(kept.report.assignment_cost == 53889);
+  REQUIRE(kept.report.experts == res.report.experts);
+  REQUIRE(kept.layer.shared[0].weights.intermediate() == f.intermediate() - 5 * (f.intermediate() / 8));
+}
+
+TEST_CASE("cmoe at full activation gives stories260K's dense logits") {
+  stories s;
+  const auto tokens = s.tok.encode("Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog.");
+  const matrix dense = test::logits(s.w, tokens);
+  for (const char* config : {"S1A3E4", "S0A4E4"}) {
+    model::weights w = s.w;
+    convert::cmoe_model(w, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, s.calib); }, options(config, 10));
+    INFO(config);
+    REQUIRE((test::logits(w, tokens) - dense).cwiseAbs().maxCoeff() <= 1e-4f);
+  }
+}
+
+TEST_CASE("cmoe with leftovers given to the shared expert is exact at full activation, for every method") {
+  std::mt19937 rng(21);
+  const ffn f = random_ffn(32, 50, rng);  // 50 = 8·6 + 2 and 50 = 4·12 + 2
+  const matrix x = random_matrix(300, 32, rng);
+  const matrix dense = runtime::dense_forward(f, x);
+  for (auto method : {convert::cmoe_method::cmoe, convert::cmoe_method::random, convert::cmoe_method::param_cluster})
+    for (const char* config : {"S2A6E8", "S1A3E4", "S0A8E8"}) {
+      auto o = options(config);
+      o.method = method;
+      o.leftover = convert::leftover_policy::shared;
+      const auto res = convert::cmoe(f, x, o);
+      INFO(config << " " << convert::method_name(method));
+      REQUIRE(res.report.leftovers.size() == 2);
+      REQUIRE(res.report.leftover_fate == "shared");
+      const matrix moe = runtime::moe_forward(res.layer, x);
+      REQUIRE((moe - dense).cwiseAbs().maxCoeff() <= 1e-4f * (1.0f + dense.cwiseAbs().maxCoeff()));
+      // Dropping them instead is not exact: the dropped neurons' contribution is missing.
+      o.leftover = convert::leftover_policy::drop;
+      const matrix dropped = runtime::moe_forward(convert::cmoe(f, x, o).layer, x);
+      REQUIRE((dropped - dense).cwiseAbs().maxCoeff() > 1e-3f);
+    }
+}
+
+TEST_CASE("cmoe, random and param_cluster give identical layers with 1 and 2 threads") {
+#ifdef _OPENMP
+  std::mt19937 rng(22);
+  const ffn f = random_ffn(96, 203, rng);  // leftovers, tokens not a multiple of the block
+  const matrix x = random_matrix(1300, 96, rng);
+  const int saved = omp_get_max_threads();
+  for (auto method : {convert::cmoe_method::cmoe, convert::cmoe_method::random, convert::cmoe_method::param_cluster})
+    for (const char* config : {"S1A2E8", "S0A3E6"}) {
+      auto o = options(config, 7);
+      o.method = method;
+      o.iterations = 3;
+      o.block = 256;
+      INFO(config << " " << convert::method_name(method));
+      omp_set_num_threads(1);
+      const auto a = convert::cmoe(f, x, o);
+      omp_set_num_threads(2);
+      const auto b = convert::cmoe(f, x, o);
+      omp_set_num_threads(saved);
+      require_identical(a, b);
+    }
+  // The markers themselves, bit for bit (the GEMM's reduction order must not depend on the threads).
+  omp_set_num_threads(1);
+  const auto m1 = calib::compute_markers(f, x, 7, 128);
+  omp_set_num_threads(2);
+  const auto m2 = calib::compute_markers(f, x, 7, 128);
+  omp_set_num_threads(saved);
+  REQUIRE(m1.bits == m2.bits);
+  REQUIRE(m1.counts == m2.counts);
+#else
+  FAIL("built without OpenMP: thread-count determinism cannot be checked");
+#endif
+}
+
+TEST_CASE("cmoe rejects each kind of bad input with a typed error") {
+  std::mt19937 rng(23);
+  const ffn f = random_ffn(8, 16, rng);
+  const matrix x = random_matrix(10, 8, rng);
+  SECTION("Ns >= N") {
+    REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S4A1E4")), config_error);
+    REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S5A1E4")), config_error);
+  }
+  SECTION("Nk > N - Ns, Nk = 0") {
+    REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S2A3E4")), config_error);
+    REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S0A0E4")), config_error);
+  }
+  SECTION("N > I") { REQUIRE_THROWS_WITH(convert::cmoe(f, x, options("S0A1E17")), Catch::Contains("only 16 neurons")); }
+  SECTION("N = 0") { REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S0A0E0")), config_error); }
+  SECTION("K_a > I, K_a < 1, K_a fraction out of range") {
+    REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S1A1E4", 17)), config_error);
+    REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S1A1E4", -1)), config_error);
+    REQUIRE_THROWS_AS(calib::compute_markers(f, x, 17), config_error);
+    auto o = options("S1A1E4");
+    o.ka_fraction = -0.1;
+    REQUIRE_THROWS_AS(convert::cmoe(f, x, o), config_error);
+  }
+  SECTION("zero calibration tokens") {
+    REQUIRE_THROWS_WITH(convert::cmoe(f, matrix(0, 8), options("S1A1E4")), Catch::Contains("zero calibration tokens"));
+    REQUIRE_THROWS_AS(calib::compute_markers(f, matrix(0, 8), 2), config_error);
+    REQUIRE_THROWS_AS(calib::calibration_windows({1, 2, 3}, 512, 0), config_error);
+  }
+  SECTION("calibration text shorter than requested") {
+    REQUIRE_THROWS_AS(calib::calibration_windows({1, 5, 6}, 512, 4), config_error);
+    REQUIRE(calib::calibration_windows({1, 5, 6}, 2, 3).size() == 2);
+  }
+  SECTION("invalid config strings") {
+    for (const char* bad : {"", "S", "S1", "S1A", "S1A1", "S1A1E", "E4", "S1E4A1", "S-1A1E4", "S1 A1E4", "S1A1E4 ", "S1A1E4E4", "S1A1E99999999999"}) {
+      INFO("'" << bad << "'");
+      REQUIRE_THROWS_AS(convert::parse_cmoe_config(bad), config_error);
+    }
+    REQUIRE_THROWS_AS(convert::parse_leftover_policy("keep"), config_error);
+    REQUIRE_THROWS_AS(convert::parse_cmoe_method("moefication"), config_error);
+    REQUIRE(convert::to_string(convert::parse_cmoe_config("S12A3E40")) == "S12A3E40");
+  }
+  SECTION("ungated FFN, mismatched markers") {
+    ffn plain = f;
+    plain.gate.resize(0, 0);
+    REQUIRE_THROWS_AS(convert::cmoe(plain, x, options("S1A1E4")), config_error);
+    const auto mk = calib::compute_markers(random_ffn(8, 20, rng), x, 2);
+    REQUIRE_THROWS_AS(convert::cmoe(f, mk, options("S1A1E4")), shape_error);
+  }
+}
+
+TEST_CASE("a failed conversion leaves an existing output directory untouched") {
+  // The CLI's order: check the output path, convert, and only then save (which
+  // replaces a directory only with --force and only once the new model is complete).
+  stories s;
+  const model::weights& w = s.w;
+  test::temp_dir tmp;
+  const std::string out = tmp / "model";
+  io::save_native(w, out, {{"version", "first"}});
+  const std::string before = test::file_bytes(out + "/model.safetensors");
+  REQUIRE_THROWS_AS(io::check_output_dir(out, false), io_error);
+  auto failing = [&](const model::weights& m, index_t l) -> matrix {
+    if (l == 1) throw error("calibration forward pass failed: simulated");
+    return calib::ffn_inputs(m, l, {s.calib[0]});
+  };
+  model::weights converted = w;
+  auto convert_and_save = [&] {
+    convert::cmoe_model(converted, failing, options("S1A1E4", 10));
+    io::native_save_options overwrite;
+    overwrite.overwrite = true;
+    io::save_native(converted, out, {{"version", "second"}}, overwrite);
+  };
+  REQUIRE_THROWS_AS(convert_and_save(), error);
+  REQUIRE(test::file_bytes(out + "/model.safetensors") == before);
+  REQUIRE(io::read_native_manifest(out)["provenance"]["version"] == "first");
+  REQUIRE(std::distance(std::filesystem::directory_iterator(tmp.path()), {}) == 1);
+}
+
+TEST_CASE("param_cluster: balanced groups of normalised gate rows, a centroid_topk router, runs through the kernel") {
+  std::mt19937 rng(25);
+  const index_t h = 24, n = 64;
+  // Four well separated directions: gate rows are noisy copies of them.
+  const matrix dirs = random_matrix(4, h, rng);
+  ffn f = random_ffn(h, n, rng);
+  std::normal_distribution<float> noise(0.0f, 0.05f);
+  for (index_t i = 0; i < n; ++i)
+    for (index_t c = 0; c < h; ++c) f.gate(i, c) = dirs(i % 4, c) * float(1 + i % 3) + noise(rng);
+  const matrix x = random_matrix(200, h, rng);
+  auto o = options("S0A1E4");
+  o.method = convert::cmoe_method::param_cluster;
+  o.seed = 3;
+  const auto res = convert::cmoe(f, x, o);
+  const auto& rep = res.report;
+  REQUIRE(rep.method == "param_cluster");
+  REQUIRE(rep.experts.size() == 4);
+  REQUIRE(rep.representatives.empty());
+  for (const auto& e : rep.experts) {
+    REQUIRE(e.size() == 16);
+    // Balanced k-means recovers the directions (scale does not matter after normalisation).
+    for (index_t i : e) REQUIRE(i % 4 == e[0] % 4);
+  }
+  REQUIRE(res.layer.router.kind == router_kind::centroid_topk);
+  REQUIRE(res.layer.router.weight.rows() == 4);
+  REQUIRE(res.layer.router.weight.cols() == h);
+  REQUIRE(res.layer.router.top_k == 1);
+  // Centroid j is the mean of its members' normalised gate rows.
+  for (index_t j = 0; j < 4; ++j) {
+    Eigen::RowVectorXf mean = Eigen::RowVectorXf::Zero(h);
+    for (index_t i : rep.experts[std::size_t(j)]) mean += f.gate.row(i).normalized();
+    mean /= 16.0f;
+    REQUIRE((res.layer.router.weight.row(j) - mean).cwiseAbs().maxCoeff() <= 1e-5f);
+  }
+  REQUIRE_FALSE(rep.pass_costs.empty());
+  for (std::size_t p = 1; p < rep.pass_costs.size(); ++p) REQUIRE(rep.pass_costs[p] <= rep.pass_costs[p - 1] + 1e-9);
+  // Through the kernel: finite outputs, and at top-1 each token gets exactly its chosen expert.
+  const matrix y = runtime::moe_forward(res.layer, x);
+  REQUIRE(y.rows() == x.rows());
+  REQUIRE(y.allFinite());
+  for (index_t t = 0; t < 5; ++t) {
+    index_t best = 0;
+    const Eigen::RowVectorXf xn = x.row(t).normalized();
+    for (index_t j = 1; j < 4; ++j)
+      if (xn.dot(res.layer.router.weight.row(j)) > xn.dot(res.layer.router.weight.row(best))) best = j;
+    const matrix expect = runtime::dense_forward(res.layer.experts[std::size_t(best)].weights, x.middleRows(t, 1));
+    REQUIRE((y.row(t) - expect).cwiseAbs().maxCoeff() <= 1e-4f * (1.0f + expect.cwiseAbs().maxCoeff()));
+  }
+  // Seeded: the same seed gives the same layer.
+  REQUIRE(convert::cmoe(f, x, o).report.experts == rep.experts);
+}
+
+TEST_CASE("cmoe markers: the blocked GEMM kernel's edges (H past one k block, I past one neuron block, ragged panels)") {
+  std::mt19937 rng(26);
+  const index_t h = 600, n = 301;  // 3 k blocks (the last partial), 3 neuron blocks, a last panel of 5 neurons
+  const ffn f = random_ffn(h, n, rng);
+  matrix x = random_matrix(205, h, rng);  // chunks of 64: a ragged last token panel
+  x.row(7).setZero();                     // a zero input row: every |h| is 0, the top-K_a are the lowest indices
+  for (index_t ka : {1, 7, 300, 301}) {
+    INFO("K_a " << ka);
+    const auto mk = calib::compute_markers(f, x, ka, 64);
+    std::vector<index_t> per_token(static_cast<std::size_t>(x.rows()), 0);
+    index_t checked = 0;
+    for (index_t t = 0; t < x.rows(); ++t) {
+      std::vector<std::pair<double, index_t>> hv;
+      const double xn = x.row(t).cast<double>().norm();
+      for (index_t i = 0; i < n; ++i) {
+        if (xn == 0) {
+          hv.push_back({0.0, i});
+          continue;
+        }
+        const Eigen::VectorXd xv = x.row(t).cast<double>() / xn;
+        const double a = xv.dot(f.gate.row(i).cast<double>().normalized());
+        const double b = xv.dot(f.up.row(i).cast<double>().normalized());
+        hv.push_back({-std::abs(a / (1.0 + std::exp(-a)) * b), i});
+      }
+      std::sort(hv.begin(), hv.end());
+      // Skip tokens whose K-th and (K+1)-th magnitudes are too close for float to decide like double.
+      if (ka < n && std::abs(hv[std::size_t(ka - 1)].first - hv[std::size_t(ka)].first) <= 1e-5 * std::abs(hv[0].first) && xn != 0) continue;
+      ++checked;
+      std::set<index_t> top;
+      for (index_t j = 0; j < ka; ++j) top.insert(hv[std::size_t(j)].second);
+      for (index_t i = 0; i < n; ++i) {
+        const bool marked = (mk.column(i)[t / 64] >> (t % 64)) & 1u;
+        REQUIRE(marked == (top.count(i) == 1));
+      }
+    }
+    REQUIRE(checked > x.rows() * 9 / 10);
+    index_t total = 0;
+    for (index_t c : mk.counts) total += c;
+    REQUIRE(total == x.rows() * ka);
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const auto one = calib::compute_markers(f, x, ka, 64);
+    omp_set_num_threads(2);
+    const auto two = calib::compute_markers(f, x, ka, 64);
+    omp_set_num_threads(saved);
+    REQUIRE(one.bits == two.bits);
+    REQUIRE(one.bits == mk.bits);
+#endif
+    // The chunk size changes the work split, never the markers.
+    REQUIRE(calib::compute_markers(f, x, ka, 1024).bits == mk.bits);
+  }
+}

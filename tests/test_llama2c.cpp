@@ -4,6 +4,10 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
+#include <unistd.h>
+#include <algorithm>
+#include <cstring>
 
 #include "moeforge/io/llama2c.hpp"
 #include "moeforge/model/tokenizer.hpp"
@@ -73,4 +77,41 @@ TEST_CASE("a tokenizer file of the wrong size is a format error") {
   const auto path = data_file("models/stories260K/tok512.bin");
   CHECK_THROWS_WITH(model::load_tokenizer(path, 500), Catch::Contains("bytes left"));
   CHECK_THROWS_WITH(model::load_tokenizer(path, 600), Catch::Contains("truncated"));
+}
+
+// Inputs the fuzzer found: each once crashed or invoked undefined behaviour.
+TEST_CASE("fuzz findings: hostile llama2.c headers and tokenizers fail cleanly") {
+  const auto good = bytes_of(data_file("models/stories260K/stories260K.bin"));
+  SECTION("vocab_size INT32_MIN is out of range, not negated") {
+    auto bad = good;
+    const std::int32_t v = std::numeric_limits<std::int32_t>::min();
+    std::memcpy(bad.data() + 20, &v, 4);
+    CHECK_THROWS_WITH(io::parse_llama2c(bad.data(), bad.size(), "bad.bin"), Catch::Contains("vocab_size"));
+  }
+  SECTION("dimensions whose implied size overflows 64 bits") {
+    auto bad = good;
+    const std::int32_t big = 1 << 24;
+    for (int field : {0, 1, 2}) std::memcpy(bad.data() + 4 * field, &big, 4);
+    const std::int32_t heads = 1 << 23;  // head size 2 keeps the head checks passing
+    std::memcpy(bad.data() + 12, &heads, 4);
+    std::memcpy(bad.data() + 16, &heads, 4);
+    CHECK_THROWS_WITH(io::parse_llama2c(bad.data(), bad.size(), "big.bin"), Catch::Contains("implies more than 2^64"));
+  }
+  SECTION("a tokenizer vocabulary too small for the byte fallback") {
+    CHECK_THROWS_WITH(model::load_tokenizer(data_file("models/stories260K/tok512.bin"), 100), Catch::Contains("at least 259"));
+  }
+  SECTION("a piece like <0xZZ> decodes as text") {
+    auto bytes = bytes_of(data_file("models/stories260K/tok512.bin"));
+    // Token 3 is "<0x00>": damage its hex digits in place.
+    const std::string needle = "<0x00>";
+    auto it = std::search(bytes.begin(), bytes.end(), needle.begin(), needle.end());
+    REQUIRE(it != bytes.end());
+    it[3] = 'Z';
+    it[4] = 'Z';
+    const auto path = std::filesystem::temp_directory_path() / ("moeforge-tok-" + std::to_string(::getpid()) + ".bin");
+    std::ofstream(path, std::ios::binary).write(bytes.data(), std::streamsize(bytes.size()));
+    const auto tok = model::load_tokenizer(path.string(), 512);
+    std::filesystem::remove(path);
+    CHECK(tok.decode(5, 3) == "<0xZZ>");
+  }
 }

@@ -34,7 +34,7 @@ matrix with_threads(int n, F&& f) {
 TEST_CASE("the MoE kernel matches the scalar reference on odd shapes for every k and thread count") {
   std::mt19937 rng(1);
   for (int shared : {0, 1, 2}) {
-    for (auto kind : {router_kind::softmax_topk, router_kind::cmoe_analytic}) {
+    for (auto kind : all_router_kinds) {
       layer_spec s;
       s.shared = shared;
       s.shared_gate = shared == 2;
@@ -43,7 +43,7 @@ TEST_CASE("the MoE kernel matches the scalar reference on odd shapes for every k
       for (index_t k = 1; k <= m.num_experts(); ++k) {
         m.router.top_k = k;
         m.router.renormalize = k % 2 == 1;
-        for (index_t t : {1, 2, 7, 64, 300}) {
+        for (index_t t : {1, 2, 3, 4, 5, 7, 16, 17, 64, 300}) {
           const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
           const matrix want = reference::moe(m, x);
           const matrix one = with_threads(1, [&] { return runtime::moe_forward(m, x); });

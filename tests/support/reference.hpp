@@ -47,12 +47,16 @@ inline matrix dense(const ffn& f, const matrix& x) {
 inline std::vector<double> probs(const router& r, const float* x) {
   const index_t e = r.weight.rows();
   std::vector<double> s(static_cast<std::size_t>(e));
+  double norm = 0;  // centroid_topk scores the direction of x only
+  for (index_t d = 0; d < r.weight.cols(); ++d) norm += double(x[d]) * x[d];
+  norm = std::sqrt(norm);
   for (index_t j = 0; j < e; ++j) {
     double a = 0, b = 0;
     for (index_t d = 0; d < r.weight.cols(); ++d) {
       a += double(r.weight(j, d)) * x[d];
       if (r.kind == router_kind::cmoe_analytic) b += double(r.weight_up(j, d)) * x[d];
     }
+    if (r.kind == router_kind::centroid_topk) a = norm > 0 ? a / norm : 0.0;
     s[std::size_t(j)] = r.kind == router_kind::cmoe_analytic ? std::abs(act(activation::silu, a) * b) : a;
   }
   const double mx = *std::max_element(s.begin(), s.end());
@@ -110,7 +114,7 @@ inline matrix moe(const moe_layer& m, const matrix& x) {
     std::vector<double> w;
     std::vector<index_t> widths;
     for (auto e : chosen) {
-      double g = m.router.kind == router_kind::cmoe_analytic ? 1.0 : p[std::size_t(e)];
+      double g = m.router.kind == router_kind::softmax_topk ? p[std::size_t(e)] : 1.0;
       if (m.router.kind == router_kind::softmax_topk && m.router.renormalize) g /= sum;
       w.push_back(g * m.router.scale);
       widths.push_back(m.experts[std::size_t(e)].width());

@@ -5,8 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <numeric>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "moeforge/core/ffn.hpp"
 
@@ -43,18 +48,93 @@ inline int popcount64(std::uint64_t v) { return __builtin_popcountll(v); }
 
 }  // namespace detail
 
-/// Markers of `f` on calibration inputs x [T, H]. Tokens are processed in
-/// blocks (a multiple of 64 so blocks own whole words and write without races);
-/// extra memory is O(threads·block·I) floats plus T·I bits.
-inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, index_t block = 256) {
+namespace detail {
+
+// The markers' GEMM: C[t, (gate|up) of neuron i] = x̂_t · W[i] for a chunk of
+// tokens, register-blocked (MR tokens × NR = 8 gate + 8 up columns of the same
+// 8 neurons) over packed panels, KC-deep. Every element is summed over k in
+// ascending order, KC at a time, whatever the thread count: the result is the
+// same bits with 1 or N threads (threads split the token chunks).
+constexpr index_t marker_mr = 6;    // tokens per micro-tile
+constexpr index_t marker_nr = 16;   // 8 gate + 8 up columns
+constexpr index_t marker_kc = 256;  // depth of a packed block (B micro-panel: 16 KiB, L1)
+constexpr index_t marker_nc = 128;  // neurons per B block (256 KiB, L2)
+constexpr index_t marker_mc = 16;   // micro-panels of tokens per A block (96 tokens × KC: 96 KiB, L2)
+
+// c[MR×NR] (+)= a[kl×MR]ᵀ-panel · b[kl×NR]-panel.
+inline void marker_kernel(index_t kl, const float* a, const float* b, float* c, bool first) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (first) {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+  } else {
+    c00 = _mm256_loadu_ps(c + 0), c01 = _mm256_loadu_ps(c + 8), c10 = _mm256_loadu_ps(c + 16), c11 = _mm256_loadu_ps(c + 24);
+    c20 = _mm256_loadu_ps(c + 32), c21 = _mm256_loadu_ps(c + 40), c30 = _mm256_loadu_ps(c + 48), c31 = _mm256_loadu_ps(c + 56);
+    c40 = _mm256_loadu_ps(c + 64), c41 = _mm256_loadu_ps(c + 72), c50 = _mm256_loadu_ps(c + 80), c51 = _mm256_loadu_ps(c + 88);
+  }
+  for (index_t k = 0; k < kl; ++k, a += marker_mr, b += marker_nr) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 x = _mm256_broadcast_ss(a + 0);
+    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  _mm256_storeu_ps(c + 0, c00), _mm256_storeu_ps(c + 8, c01), _mm256_storeu_ps(c + 16, c10), _mm256_storeu_ps(c + 24, c11);
+  _mm256_storeu_ps(c + 32, c20), _mm256_storeu_ps(c + 40, c21), _mm256_storeu_ps(c + 48, c30), _mm256_storeu_ps(c + 56, c31);
+  _mm256_storeu_ps(c + 64, c40), _mm256_storeu_ps(c + 72, c41), _mm256_storeu_ps(c + 80, c50), _mm256_storeu_ps(c + 88, c51);
+#else
+  float acc[marker_mr * marker_nr];
+  for (index_t e = 0; e < marker_mr * marker_nr; ++e) acc[e] = first ? 0.0f : c[e];
+  for (index_t k = 0; k < kl; ++k, a += marker_mr, b += marker_nr)
+    for (index_t r = 0; r < marker_mr; ++r)
+      for (index_t j = 0; j < marker_nr; ++j) acc[r * marker_nr + j] += a[r] * b[j];  // (std::fma is a library call without -mfma)
+  for (index_t e = 0; e < marker_mr * marker_nr; ++e) c[e] = acc[e];
+#endif
+}
+
+// One token's running top-K_a: a heap whose top is the worst kept neuron
+// (smallest |h|, then the larger index). Neurons arrive in ascending index order,
+// so a newcomer enters a full heap only when strictly larger than the worst.
+struct marker_entry {
+  float mag;
+  std::int32_t neuron;
+};
+inline bool marker_better(const marker_entry& p, const marker_entry& q) {
+  return p.mag > q.mag || (p.mag == q.mag && p.neuron < q.neuron);
+}
+
+}  // namespace detail
+
+/// Markers of `f` on calibration inputs x [T, H]. Threads take chunks of
+/// `block` tokens (rounded up to a multiple of 64 so chunks own whole words);
+/// each chunk streams the weights through a register-blocked GEMM fused with
+/// the activation and a per-token top-K_a heap, so the [T, I] activations are
+/// never stored. Extra memory per thread: block·H (packed inputs) + block·256
+/// (partial sums) floats + a 256 KiB weight block + block·K_a heap entries.
+/// The same markers, bit for bit, for any thread count.
+inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, index_t block = 1024) {
   validate(f, "ffn");
   if (!f.gated()) throw config_error("cmoe markers: the FFN has no gate projection (CMoE needs a gated FFN)");
   moeforge::detail::require_shape(x, x.rows(), f.hidden(), "calibration inputs");
   const index_t t_count = x.rows();
   const index_t n = f.intermediate();
+  const index_t h = f.hidden();
   if (t_count == 0) throw config_error("cmoe markers: zero calibration tokens");
   if (ka < 1 || ka > n) throw config_error(moeforge::detail::cat("cmoe markers: K_a = ", ka, ", expected 1..", n, " (the FFN's neurons)"));
   block = std::max<index_t>(64, (block + 63) / 64 * 64);
+  using detail::marker_kc;
+  using detail::marker_mc;
+  using detail::marker_mr;
+  using detail::marker_nc;
+  using detail::marker_nr;
 
   markers mk;
   mk.tokens = t_count;
@@ -64,39 +144,117 @@ inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, ind
   mk.bits.assign(std::size_t(n * mk.words), 0);
   const Eigen::RowVectorXf g_inv = detail::inverse_row_norms(f.gate);
   const Eigen::RowVectorXf u_inv = detail::inverse_row_norms(f.up);
+  // The same, zero-padded to whole panels of 8 for the vectorised bound.
+  std::vector<float> g_pad(std::size_t((n + 7) / 8 * 8), 0.0f), u_pad(g_pad.size(), 0.0f);
+  std::copy(g_inv.data(), g_inv.data() + n, g_pad.begin());
+  std::copy(u_inv.data(), u_inv.data() + n, u_pad.begin());
   const index_t blocks = (t_count + block - 1) / block;
+  const index_t k_blocks = (h + marker_kc - 1) / marker_kc;
+  std::vector<std::exception_ptr> failed(static_cast<std::size_t>(blocks));  // (bad_alloc) must not escape the parallel region
 
 #pragma omp parallel
   {
-    matrix xb, a, b;
-    std::vector<std::int32_t> order(static_cast<std::size_t>(n));
-    std::vector<float> mag(static_cast<std::size_t>(n));
+    std::vector<float> apack, cbuf, bpack;
+    std::vector<detail::marker_entry> heaps;
 #pragma omp for schedule(dynamic, 1)
-    for (index_t blk = 0; blk < blocks; ++blk) {
-      const index_t t0 = blk * block;
-      const index_t rows = std::min(block, t_count - t0);
-      xb = x.middleRows(t0, rows);
-      for (index_t r = 0; r < rows; ++r) {
-        const float nr = xb.row(r).norm();
-        if (nr > 0.0f) xb.row(r) /= nr;
+    for (index_t blk = 0; blk < blocks; ++blk) try {
+        const index_t t0 = blk * block;
+        const index_t rows = std::min(block, t_count - t0);
+        const index_t panels = (rows + marker_mr - 1) / marker_mr;
+        // Normalised inputs, packed [k block][token panel][k][MR] (zero rows pad the last panel).
+        apack.assign(std::size_t(panels * marker_mr * h), 0.0f);
+        for (index_t r = 0; r < rows; ++r) {
+          const float nr = x.row(t0 + r).norm();
+          const float* src = x.row(t0 + r).data();
+          const index_t p = r / marker_mr, q = r % marker_mr;
+          for (index_t kb = 0; kb < k_blocks; ++kb) {
+            const index_t k0 = kb * marker_kc, kl = std::min(marker_kc, h - k0);
+            float* dst = apack.data() + std::size_t(k0 * panels * marker_mr + p * kl * marker_mr + q);
+            for (index_t k = 0; k < kl; ++k) dst[k * marker_mr] = nr > 0.0f ? src[k0 + k] / nr : src[k0 + k];
+          }
+        }
+        cbuf.resize(std::size_t(panels * marker_nc / 8 * marker_mr * marker_nr));
+        bpack.resize(std::size_t(marker_nc / 8 * marker_kc * marker_nr));
+        heaps.assign(std::size_t(rows * ka), detail::marker_entry{0.0f, 0});
+        std::vector<index_t> heap_size(static_cast<std::size_t>(rows), 0);
+        for (index_t jc = 0; jc < n; jc += marker_nc) {
+          const index_t nn = std::min(marker_nc, n - jc), jpanels = (nn + 7) / 8;
+          for (index_t kb = 0; kb < k_blocks; ++kb) {
+            const index_t k0 = kb * marker_kc, kl = std::min(marker_kc, h - k0);
+            // Weights packed [neuron panel][k][8 gate | 8 up] (zero columns pad the last panel).
+            for (index_t jp = 0; jp < jpanels; ++jp) {
+              float* dst = bpack.data() + std::size_t(jp * kl * marker_nr);
+              for (index_t q = 0; q < 8; ++q) {
+                const index_t i = jc + jp * 8 + q;
+                if (i < n) {
+                  const float* g = f.gate.row(i).data() + k0;
+                  const float* u = f.up.row(i).data() + k0;
+                  for (index_t k = 0; k < kl; ++k) dst[k * marker_nr + q] = g[k], dst[k * marker_nr + 8 + q] = u[k];
+                } else {
+                  for (index_t k = 0; k < kl; ++k) dst[k * marker_nr + q] = 0.0f, dst[k * marker_nr + 8 + q] = 0.0f;
+                }
+              }
+            }
+            const float* ablock = apack.data() + std::size_t(k0 * panels * marker_mr);
+            for (index_t ic = 0; ic < panels; ic += marker_mc) {
+              const index_t iend = std::min(panels, ic + marker_mc);
+              for (index_t jp = 0; jp < jpanels; ++jp)
+                for (index_t ip = ic; ip < iend; ++ip)
+                  detail::marker_kernel(kl, ablock + std::size_t(ip * kl * marker_mr), bpack.data() + std::size_t(jp * kl * marker_nr),
+                                        cbuf.data() + std::size_t((ip * (marker_nc / 8) + jp) * marker_mr * marker_nr), kb == 0);
+            }
+          }
+          // |h| = |silu(x̂·ĝ)·(x̂·û)| for this block's neurons, into each token's heap. The
+          // bound |h| <= |x̂·û|·(v > 0 ? v : min(|v|, 0.28)) (v = x̂·ĝ) skips neurons that
+          // cannot enter a full heap; it holds in float too (rounding is monotone).
+          for (index_t r = 0; r < rows; ++r) {
+            const index_t p = r / marker_mr, q = r % marker_mr;
+            detail::marker_entry* hp = heaps.data() + std::size_t(r * ka);
+            index_t& size = heap_size[std::size_t(r)];
+            for (index_t jp = 0; jp < jpanels; ++jp) {
+              const float* c = cbuf.data() + std::size_t((p * (marker_nc / 8) + jp) * marker_mr * marker_nr + q * marker_nr);
+              unsigned candidates = 0xffu;
+#if defined(__AVX2__) && defined(__FMA__)
+              if (size == ka) {  // the same bound, 8 neurons at once, against the heap's worst so far
+                const index_t i0 = jc + jp * 8;
+                const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(c), _mm256_loadu_ps(g_pad.data() + i0));
+                const __m256 b = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_mul_ps(_mm256_loadu_ps(c + 8), _mm256_loadu_ps(u_pad.data() + i0)));
+                const __m256 neg = _mm256_min_ps(_mm256_xor_ps(v, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(0.28f));
+                const __m256 s = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+                candidates = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(b, s), _mm256_set1_ps(hp[0].mag), _CMP_NLT_UQ)));
+              }
+#endif
+              for (index_t e = 0; e < 8; ++e) {
+                const index_t i = jc + jp * 8 + e;
+                if (i >= n) break;
+                if (!((candidates >> e) & 1u)) continue;
+                const float v = c[e] * g_inv(i);
+                const float b = std::abs(c[8 + e] * u_inv(i));
+                if (size == ka && b * (v > 0.0f ? v : std::min(-v, 0.28f)) < hp[0].mag) continue;
+                const detail::marker_entry cand{std::abs(activate(activation::silu, v) * b), std::int32_t(i)};
+                if (size < ka) {
+                  hp[size++] = cand;
+                  std::push_heap(hp, hp + size, detail::marker_better);
+                } else if (cand.mag > hp[0].mag) {
+                  std::pop_heap(hp, hp + size, detail::marker_better);
+                  hp[size - 1] = cand;
+                  std::push_heap(hp, hp + size, detail::marker_better);
+                }
+              }
+            }
+          }
+        }
+        for (index_t r = 0; r < rows; ++r) {
+          const index_t t = t0 + r;
+          const std::uint64_t bit = std::uint64_t(1) << (t % 64);
+          for (index_t j = 0; j < ka; ++j) mk.bits[std::size_t(heaps[std::size_t(r * ka + j)].neuron * mk.words + t / 64)] |= bit;
+        }
+      } catch (...) {
+        failed[std::size_t(blk)] = std::current_exception();
       }
-      a.noalias() = xb * f.gate.transpose();
-      b.noalias() = xb * f.up.transpose();
-      for (index_t r = 0; r < rows; ++r) {
-        for (index_t i = 0; i < n; ++i)
-          mag[std::size_t(i)] = std::abs(activate(activation::silu, a(r, i) * g_inv(i)) * (b(r, i) * u_inv(i)));
-        std::iota(order.begin(), order.end(), 0);
-        // A strict total order (|h| descending, then index) makes the top-K_a unique.
-        std::nth_element(order.begin(), order.begin() + (ka - 1), order.end(), [&](std::int32_t p, std::int32_t q) {
-          const float mp = mag[std::size_t(p)], mq = mag[std::size_t(q)];
-          return mp > mq || (mp == mq && p < q);
-        });
-        const index_t t = t0 + r;
-        const std::uint64_t bit = std::uint64_t(1) << (t % 64);
-        for (index_t j = 0; j < ka; ++j) mk.bits[std::size_t(order[std::size_t(j)] * mk.words + t / 64)] |= bit;
-      }
-    }
   }
+  for (const auto& e : failed)
+    if (e) std::rethrow_exception(e);
   mk.counts.assign(std::size_t(n), 0);
   for (index_t i = 0; i < n; ++i) {
     const std::uint64_t* c = mk.column(i);

@@ -2,6 +2,7 @@
 // arrays in a fixed order. Loaded whole into model::weights or not at all.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -19,7 +20,7 @@ inline model::weights parse_llama2c(const char* data, std::size_t size, const st
   std::int32_t h[7];
   for (int i = 0; i < 7; ++i) h[i] = r.scalar<std::int32_t>(fields[i]);
   const bool shared_classifier = h[5] > 0;
-  if (h[5] < 0) h[5] = -h[5];
+  if (h[5] < 0 && h[5] != INT32_MIN) h[5] = -h[5];  // INT32_MIN stays negative and fails below
   for (int i = 0; i < 7; ++i)
     if (h[i] <= 0 || h[i] > (1 << 24)) throw format_error(cat(what, ": header field ", fields[i], " = ", h[i], ", expected 1..16777216"));
   if (h[0] % h[3] != 0) throw format_error(cat(what, ": dim ", h[0], " is not a multiple of n_heads ", h[3]));
@@ -42,13 +43,17 @@ inline model::weights parse_llama2c(const char* data, std::size_t size, const st
   const index_t dim = c.dim, hidden = h[1], layers = c.n_layers, kv_dim = head_size * c.n_kv_heads;
 
   // Check the total size first, so a wrong file fails before any allocation.
-  const std::size_t floats_expected = std::size_t(
-      c.vocab_size * dim + layers * (2 * dim + 2 * dim * dim + 2 * kv_dim * dim + 3 * hidden * dim) + dim +
-      c.seq_len * head_size + (shared_classifier ? 0 : c.vocab_size * dim));
-  const std::size_t bytes_expected = 28 + floats_expected * 4;
-  if (size != bytes_expected)
+  // In 128 bits: dimensions up to 2^24 would overflow 64, and could wrap to a
+  // size that matches a small file.
+  using wide = unsigned __int128;
+  const wide floats_expected = wide(c.vocab_size) * wide(dim) +
+                               wide(layers) * (2 * wide(dim) + 2 * wide(dim) * wide(dim) + 2 * wide(kv_dim) * wide(dim) + 3 * wide(hidden) * wide(dim)) +
+                               wide(dim) + wide(c.seq_len) * wide(head_size) + (shared_classifier ? 0 : wide(c.vocab_size) * wide(dim));
+  const wide bytes_expected = 28 + floats_expected * 4;
+  if (wide(size) != bytes_expected)
     throw format_error(cat(what, ": file is ", size, " bytes, the header (dim ", dim, ", hidden ", hidden, ", layers ", layers,
-                           ", vocab ", c.vocab_size, ", seq_len ", c.seq_len, ") implies ", bytes_expected));
+                           ", vocab ", c.vocab_size, ", seq_len ", c.seq_len, ") implies ",
+                           bytes_expected > UINT64_MAX ? std::string("more than 2^64") : std::to_string(std::uint64_t(bytes_expected))));
 
   r.fill_matrix(w.tok_emb, c.vocab_size, dim, "tok_embeddings");
   w.layers.resize(std::size_t(layers));

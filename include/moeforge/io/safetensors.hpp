@@ -109,7 +109,8 @@ inline dtype parse_dtype(const std::string& name, const std::string& where) {
   if (name == "F32") return dtype::f32;
   if (name == "F16") return dtype::f16;
   if (name == "BF16") return dtype::bf16;
-  static const std::set<std::string> legal{"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "I32", "U32", "F64", "I64", "U64"};
+  static const std::set<std::string> legal{"BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+                                             "I16", "U16", "I32", "U32", "F64", "I64", "U64", "C64"};
   if (legal.count(name)) throw format_error(cat(where, ": unsupported dtype ", name, " (expected F32, F16 or BF16)"));
   throw format_error(cat(where, ": unknown dtype '", name, "'"));
 }
@@ -119,14 +120,22 @@ inline std::uint64_t json_offset(const nlohmann::json& v, const std::string& whe
   return v.get<std::uint64_t>();
 }
 
-/// Parses the header, rejecting a repeated top-level key, which nlohmann
-/// would otherwise resolve silently to its last occurrence.
+/// Parses the header, rejecting a repeated top-level key or a repeated field
+/// of a tensor entry (the reference rejects both), which nlohmann would
+/// otherwise resolve silently to its last occurrence.
 inline nlohmann::json parse_header(const char* text, std::size_t n, const std::string& file) {
-  std::set<std::string> keys;
-  std::string duplicate;
+  std::set<std::string> keys, fields;
+  std::string entry, duplicate, duplicate_field;
   auto on_event = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    if (depth == 1 && event == nlohmann::json::parse_event_t::key && !keys.insert(parsed.get<std::string>()).second && duplicate.empty())
-      duplicate = parsed.get<std::string>();
+    if (event != nlohmann::json::parse_event_t::key) return true;
+    const auto& key = parsed.get_ref<const std::string&>();
+    if (depth == 1) {
+      if (!keys.insert(key).second && duplicate.empty()) duplicate = key;
+      entry = key;
+      fields.clear();
+    } else if (depth == 2 && entry != "__metadata__" && !fields.insert(key).second && duplicate_field.empty()) {
+      duplicate_field = cat("tensor '", entry, "': field '", key, "' appears twice");
+    }
     return true;
   };
   nlohmann::json header;
@@ -136,6 +145,7 @@ inline nlohmann::json parse_header(const char* text, std::size_t n, const std::s
     throw format_error(cat("safetensors: '", file, "': header is not valid JSON (", e.what(), ")"));
   }
   if (!duplicate.empty()) throw format_error(cat("safetensors: '", file, "': tensor '", duplicate, "' appears twice in the header"));
+  if (!duplicate_field.empty()) throw format_error(cat("safetensors: '", file, "': ", duplicate_field));
   if (!header.is_object()) throw format_error(cat("safetensors: '", file, "': header must be a JSON object"));
   return header;
 }
@@ -320,6 +330,7 @@ class safetensors_checkpoint {
   std::vector<float> read(const std::string& name) const { return file_of(name).read(name); }
   matrix read_matrix(const std::string& name, index_t rows, index_t cols) const { return file_of(name).read_matrix(name, rows, cols); }
   vector read_vector(const std::string& name, index_t n) const { return file_of(name).read_vector(name, n); }
+  void require_shape(const std::string& name, const std::vector<std::int64_t>& expected) const { file_of(name).require_shape(name, expected); }
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& [name, shard] : where_) out.push_back(name);

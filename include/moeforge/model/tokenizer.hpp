@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <queue>
 #include <string>
@@ -62,7 +63,10 @@ class tokenizer {
   /// the leading space of the first piece after BOS is dropped (as run.c does).
   std::string decode(std::int32_t prev, std::int32_t id) const {
     const std::string& p = piece(id);
-    if (p.size() == 6 && p.compare(0, 3, "<0x") == 0 && p[5] == '>') {
+    // "<0xHH>" with two hex digits; any other piece (even "<0xZZ>" from a
+    // damaged file) is plain text, as run.c's sscanf leaves it.
+    if (p.size() == 6 && p.compare(0, 3, "<0x") == 0 && p[5] == '>' && std::isxdigit(static_cast<unsigned char>(p[3])) &&
+        std::isxdigit(static_cast<unsigned char>(p[4]))) {
       return std::string(1, char(std::stoi(p.substr(3, 2), nullptr, 16)));
     }
     if (prev == bos && !p.empty() && p[0] == ' ') return p.substr(1);
@@ -140,6 +144,12 @@ inline tokenizer load_tokenizer(const std::string& path, index_t vocab_size) {
   using moeforge::detail::cat;
   const auto bytes = moeforge::detail::read_whole_file(path, "tokenizer");
   const std::string what = "tokenizer: '" + path + "'";
+  // encode() falls back to byte tokens 3..258: a smaller vocabulary would index past it.
+  if (vocab_size < tokenizer::byte_offset + 256)
+    throw format_error(cat(what, ": vocabulary size ", vocab_size, ", expected at least 259 (3 special and 256 byte tokens)"));
+  // Each token takes at least 8 bytes: refuse before allocating for a vocabulary the file cannot hold.
+  if (bytes.size() < 4 || std::size_t(vocab_size) > (bytes.size() - 4) / 8)
+    throw format_error(cat(what, ": truncated: ", bytes.size(), " bytes cannot hold ", vocab_size, " tokens"));
   moeforge::detail::byte_reader r(bytes.data(), bytes.size(), what);
   const auto max_len = r.scalar<std::int32_t>("max_token_length");
   if (max_len <= 0 || max_len > 1 << 16) throw format_error(cat(what, ": max_token_length = ", max_len, ", expected 1..65536"));

@@ -7,14 +7,16 @@
 //            for the expert's tokens, gate/up/activation fused per chunk;
 //   phase 2, output-row-chunk tasks: y[t, rows] += w · W_down[rows]·h, over
 //            shared experts then routed experts in index order (no atomics).
-// Inside a task the products are Eigen GEMV (one token) or GEMM (several),
-// single-threaded: weights stream once per task and tokens reuse them.
+// Inside a task the products are single-threaded: up to four tokens take the
+// register-tiled weight-streaming path (stream_kernel.hpp), more take Eigen's
+// blocked GEMM; either way weights stream once per task and tokens reuse them.
 #pragma once
 
 #include <algorithm>
 #include <vector>
 
 #include "moeforge/runtime/routing.hpp"
+#include "moeforge/runtime/stream_kernel.hpp"
 
 namespace moeforge::runtime {
 
@@ -44,10 +46,9 @@ constexpr double min_parallel_fma = 1 << 20;
 inline void fill_activations(job& j, const_matrix_ref x, index_t i0, index_t count) {
   const ffn& f = *j.weights;
   const auto in = j.x.size() ? const_matrix_ref(j.x) : x;
-  const auto up = f.up.middleRows(i0, count);
-  matrix u = in * up.transpose();
+  matrix u = times_transpose(f.up.middleRows(i0, count), in);
   if (f.gated()) {
-    const matrix g = in * f.gate.middleRows(i0, count).transpose();
+    const matrix g = times_transpose(f.gate.middleRows(i0, count), in);
     for (index_t p = 0; p < u.rows(); ++p)
       for (index_t i = 0; i < count; ++i) u(p, i) *= activate(f.act, g(p, i));
   } else {
@@ -68,7 +69,7 @@ inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
       y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * j.novice->segment(r0, rows).transpose();
     return;
   }
-  const matrix part = j.h * j.weights->down.block(r0, 0, rows, j.columns).transpose();
+  const matrix part = times_transpose(j.weights->down.block(r0, 0, rows, j.columns), j.h);
   for (std::size_t p = 0; p < j.tokens.size(); ++p) y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * part.row(index_t(p));
 }
 

@@ -1,0 +1,102 @@
+// The weight-streaming path for few tokens: out = b·aᵀ where a is a block of
+// weight rows (streamed once from memory) and b holds at most four token
+// vectors (kept in L1). Each pass reads several weight rows at once into
+// register-resident accumulators, so the loads of independent rows overlap
+// and the memory system sees several sequential streams per core, which is
+// what it takes to approach the machine's bandwidth with one or two tokens.
+#pragma once
+
+#include <algorithm>
+
+#include "moeforge/core/tensor.hpp"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace moeforge::runtime::detail {
+
+/// Most token rows the streaming path takes; larger blocks use Eigen's GEMM.
+/// Measured on the ffn benchmark (H 2048, I 5632): at 8 and 16 tokens the
+/// streaming path takes 0.55-0.7x the GEMM's time, at 1 token about 0.9x.
+constexpr index_t stream_max_tokens = 16;
+
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool stream_kernel_available = true;
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+
+// R weight rows × N tokens per pass; the order of every sum is fixed by
+// (k, R, N) alone, so results do not depend on how rows are split across threads.
+template <int N, int R>
+inline void stream_rows(const float* a, index_t lda, const float* b, index_t ldb, index_t k, float* out, index_t ldo) {
+  __m256 acc[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < N; ++p) acc[r][p] = _mm256_setzero_ps();
+  index_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 bv[N];
+    for (int p = 0; p < N; ++p) bv[p] = _mm256_loadu_ps(b + p * ldb + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_loadu_ps(a + r * lda + i);
+      for (int p = 0; p < N; ++p) acc[r][p] = _mm256_fmadd_ps(av, bv[p], acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < N; ++p) {
+      float s = hsum(acc[r][p]);
+      for (index_t j = i; j < k; ++j) s += a[r * lda + j] * b[p * ldb + j];
+      out[p * ldo + r] = s;
+    }
+}
+
+// Token groups of up to four over the same R weight rows: the rows come from
+// memory once and from L1 for the later groups.
+template <int R>
+inline void stream_tokens(const float* a, index_t lda, const float* b, index_t ldb, index_t n, index_t k, float* out, index_t ldo) {
+  for (index_t p = 0; p < n; p += 4) {
+    const float* bp = b + p * ldb;
+    float* op = out + p * ldo;
+    switch (std::min<index_t>(4, n - p)) {
+      case 1: stream_rows<1, R>(a, lda, bp, ldb, k, op, ldo); break;
+      case 2: stream_rows<2, R>(a, lda, bp, ldb, k, op, ldo); break;
+      case 3: stream_rows<3, R>(a, lda, bp, ldb, k, op, ldo); break;
+      default: stream_rows<4, R>(a, lda, bp, ldb, k, op, ldo); break;
+    }
+  }
+}
+
+/// out[p, r] = Σ_i b[p, i]·a[r, i] for p < n ≤ stream_max_tokens, r < rows;
+/// all three row-major with the given leading dimensions.
+inline void stream_product(const float* a, index_t lda, index_t rows, const float* b, index_t ldb, index_t n, index_t k, float* out,
+                           index_t ldo) {
+  // Four rows in flight when the accumulators of a token group fit the 16
+  // vector registers (one or two tokens), else two.
+  index_t r = 0;
+  if (n <= 2)
+    for (; r + 4 <= rows; r += 4) stream_tokens<4>(a + r * lda, lda, b, ldb, n, k, out + r, ldo);
+  for (; r + 2 <= rows; r += 2) stream_tokens<2>(a + r * lda, lda, b, ldb, n, k, out + r, ldo);
+  for (; r < rows; ++r) stream_tokens<1>(a + r * lda, lda, b, ldb, n, k, out + r, ldo);
+}
+#else
+constexpr bool stream_kernel_available = false;
+inline void stream_product(const float*, index_t, index_t, const float*, index_t, index_t, index_t, float*, index_t) {}
+#endif
+
+/// b·aᵀ for row-major blocks: streamed when b has few rows and the CPU allows,
+/// else Eigen's GEMM.
+template <class A, class B>
+inline matrix times_transpose(const A& a, const B& b) {
+  matrix out(b.rows(), a.rows());
+  if (stream_kernel_available && b.rows() <= stream_max_tokens && b.rows() > 0)
+    stream_product(a.data(), a.outerStride(), a.rows(), b.data(), b.outerStride(), b.rows(), a.cols(), out.data(), out.outerStride());
+  else
+    out.noalias() = b * a.transpose();
+  return out;
+}
+
+}  // namespace moeforge::runtime::detail
