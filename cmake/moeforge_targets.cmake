@@ -9,5 +9,7 @@ function(moeforge_own_target target)
   target_link_libraries(${target} PRIVATE moeforge::moeforge)
   target_compile_options(${target} PRIVATE -march=native -Wall -Wextra)
   target_compile_definitions(${target} PRIVATE MOEFORGE_DEFAULT_DATA="${MOEFORGE_DEFAULT_DATA}")
-  set_target_properties(${target} PROPERTIES RUNTIME_OUTPUT_DIRECTORY "${PROJECT_BINARY_DIR}/bin")
+  # Unity builds: each of our source files instantiates the same header-only
+  # templates (kernel, model, loaders); batching them compiles that code once.
+  set_target_properties(${target} PROPERTIES RUNTIME_OUTPUT_DIRECTORY "${PROJECT_BINARY_DIR}/bin" UNITY_BUILD ON)
 endfunction()

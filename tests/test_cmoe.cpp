@@ -6,38 +6,31 @@
 #include <random>
 #include <set>
 
-#ifdef _OPENMP
 #include <omp.h>
-#endif
-
-#include <fstream>
-#include <iterator>
 
 #include "moeforge/calib/ffn_inputs.hpp"
 #include "moeforge/convert/cmoe.hpp"
-#include "moeforge/io/llama2c.hpp"
-#include "moeforge/model/tokenizer.hpp"
-#include "support/data.hpp"
+#include "moeforge/io/native.hpp"
+#include "moeforge/model/eval.hpp"
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
+#include "support/random.hpp"
+#include "support/stories.hpp"
+#include "support/temp_dir.hpp"
 
 using namespace moeforge;
 
 namespace {
 
-matrix random_matrix(index_t r, index_t c, std::mt19937& rng) {
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  matrix m(r, c);
-  for (index_t i = 0; i < r; ++i)
-    for (index_t j = 0; j < c; ++j) m(i, j) = d(rng);
-  return m;
-}
+// Unit-variance weights and inputs: the activations span a wide range, so the
+// markers and rates have real structure to cluster.
+matrix gaussian(index_t r, index_t c, std::mt19937& rng) { return test::random_matrix(r, c, rng, 1.0f); }
 
-ffn random_ffn(index_t h, index_t n, std::mt19937& rng) {
+ffn gaussian_ffn(index_t h, index_t n, std::mt19937& rng) {
   ffn f;
-  f.gate = random_matrix(n, h, rng);
-  f.up = random_matrix(n, h, rng);
-  f.down = random_matrix(h, n, rng) * 0.1f;
+  f.gate = gaussian(n, h, rng);
+  f.up = gaussian(n, h, rng);
+  f.down = gaussian(h, n, rng) * 0.1f;
   return f;
 }
 
@@ -52,8 +45,8 @@ convert::cmoe_options options(const std::string& config, index_t ka = 4) {
 
 TEST_CASE("cmoe at full activation equals the dense FFN") {
   std::mt19937 rng(1);
-  const ffn f = random_ffn(32, 48, rng);
-  const matrix x = random_matrix(300, 32, rng);
+  const ffn f = gaussian_ffn(32, 48, rng);
+  const matrix x = gaussian(300, 32, rng);
   for (const char* config : {"S1A3E4", "S0A4E4", "S2A6E8"}) {
     const auto res = convert::cmoe(f, x, options(config));
     const matrix dense = runtime::dense_forward(f, x);
@@ -65,8 +58,8 @@ TEST_CASE("cmoe at full activation equals the dense FFN") {
 
 TEST_CASE("cmoe markers are each token's top-K_a neurons by |silu(x̂·ĝ)·(x̂·û)|") {
   std::mt19937 rng(2);
-  const ffn f = random_ffn(16, 40, rng);
-  const matrix x = random_matrix(150, 16, rng);  // not a multiple of 64 or of the block
+  const ffn f = gaussian_ffn(16, 40, rng);
+  const matrix x = gaussian(150, 16, rng);  // not a multiple of 64 or of the block
   const index_t ka = 5;
   const auto mk = calib::compute_markers(f, x, ka, 64);
   REQUIRE(mk.tokens == 150);
@@ -94,8 +87,8 @@ TEST_CASE("cmoe markers are each token's top-K_a neurons by |silu(x̂·ĝ)·(x̂
 
 TEST_CASE("cmoe partitions the neurons into a shared expert, balanced experts and leftovers") {
   std::mt19937 rng(3);
-  const ffn f = random_ffn(24, 50, rng);  // 50 = 8·6 + 2 leftovers
-  const matrix x = random_matrix(200, 24, rng);
+  const ffn f = gaussian_ffn(24, 50, rng);  // 50 = 8·6 + 2 leftovers
+  const matrix x = gaussian(200, 24, rng);
   for (auto fate : {convert::leftover_policy::drop, convert::leftover_policy::shared}) {
     auto o = options("S3A3E8");
     o.leftover = fate;
@@ -132,8 +125,8 @@ TEST_CASE("cmoe partitions the neurons into a shared expert, balanced experts an
 
 TEST_CASE("cmoe assignment cost is the sum of Hamming distances to the initial centroids") {
   std::mt19937 rng(4);
-  const ffn f = random_ffn(16, 32, rng);
-  const matrix x = random_matrix(130, 16, rng);
+  const ffn f = gaussian_ffn(16, 32, rng);
+  const matrix x = gaussian(130, 16, rng);
   const auto mk = calib::compute_markers(f, x, 3);
   const auto res = convert::cmoe(f, mk, options("S1A2E4", 3));
   // Initial centroids: the 3 highest-rate routed neurons, one per expert.
@@ -155,8 +148,8 @@ TEST_CASE("cmoe assignment cost is the sum of Hamming distances to the initial c
 TEST_CASE("cmoe gives the same layer whatever the thread count") {
 #ifdef _OPENMP
   std::mt19937 rng(5);
-  const ffn f = random_ffn(64, 96, rng);
-  const matrix x = random_matrix(700, 64, rng);
+  const ffn f = gaussian_ffn(64, 96, rng);
+  const matrix x = gaussian(700, 64, rng);
   const int saved = omp_get_max_threads();
   omp_set_num_threads(1);
   const auto a = convert::cmoe(f, x, options("S1A2E8", 6));
@@ -176,8 +169,8 @@ TEST_CASE("cmoe gives the same layer whatever the thread count") {
 
 TEST_CASE("cmoe random split is seeded, balanced and uses the analytic router") {
   std::mt19937 rng(6);
-  const ffn f = random_ffn(16, 40, rng);
-  const matrix x = random_matrix(100, 16, rng);
+  const ffn f = gaussian_ffn(16, 40, rng);
+  const matrix x = gaussian(100, 16, rng);
   auto o = options("S1A1E4");
   o.method = convert::cmoe_method::random;
   o.seed = 9;
@@ -193,8 +186,8 @@ TEST_CASE("cmoe random split is seeded, balanced and uses the analytic router") 
 
 TEST_CASE("cmoe rejects bad configurations with config_error") {
   std::mt19937 rng(7);
-  const ffn f = random_ffn(8, 16, rng);
-  const matrix x = random_matrix(10, 8, rng);
+  const ffn f = gaussian_ffn(8, 16, rng);
+  const matrix x = gaussian(10, 8, rng);
   for (const char* bad : {"S4A1E4", "S1A4E4", "S0A1E17", "S1A0E4", "A1E4", "S1A1E4x", "s1a1e4", "S1A1E"}) {
     INFO(bad);
     REQUIRE_THROWS_AS(convert::cmoe(f, x, options(bad)), config_error);
@@ -210,8 +203,8 @@ TEST_CASE("cmoe rejects bad configurations with config_error") {
 
 TEST_CASE("cmoe with more assignment iterations stays balanced") {
   std::mt19937 rng(8);
-  const ffn f = random_ffn(16, 48, rng);
-  const matrix x = random_matrix(200, 16, rng);
+  const ffn f = gaussian_ffn(16, 48, rng);
+  const matrix x = gaussian(200, 16, rng);
   auto o = options("S0A2E6");
   o.iterations = 3;
   const auto res = convert::cmoe(f, x, o);
@@ -224,10 +217,10 @@ TEST_CASE("cmoe_model converts layers in order, each calibrated on the partly co
   w.config.dim = 16;
   for (int l = 0; l < 3; ++l) {
     model::layer layer;
-    layer.ffn = random_ffn(16, 24, rng);
+    layer.ffn = gaussian_ffn(16, 24, rng);
     w.layers.push_back(std::move(layer));
   }
-  const matrix x = random_matrix(100, 16, rng);
+  const matrix x = gaussian(100, 16, rng);
   std::vector<index_t> seen;
   auto inputs = [&](const model::weights& m, index_t l) {
     for (index_t p = 0; p < index_t(m.layers.size()); ++p)
@@ -247,7 +240,7 @@ TEST_CASE("cmoe_model converts layers in order, each calibrated on the partly co
   // A bad configuration is rejected before any layer is touched.
   model::weights fresh;
   model::layer layer;
-  layer.ffn = random_ffn(16, 24, rng);
+  layer.ffn = gaussian_ffn(16, 24, rng);
   fresh.layers.push_back(std::move(layer));
   REQUIRE_THROWS_AS(convert::cmoe_model(fresh, inputs, options("S1A1E40")), config_error);
   REQUIRE(std::holds_alternative<ffn>(fresh.layers[0].ffn));
@@ -255,24 +248,17 @@ TEST_CASE("cmoe_model converts layers in order, each calibrated on the partly co
 
 namespace {
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE(in);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-struct stories {
-  model::weights w = io::load_llama2c(test::data_file("models/stories260K/stories260K.bin"));
-  model::tokenizer tok = model::load_tokenizer(test::data_file("models/stories260K/tok512.bin"), w.config.vocab_size);
-  std::vector<std::vector<std::int32_t>> calib =
-      calib::calibration_windows(tok.encode(read_text(test::data_file("data/tinystories_calib.txt"))), 512, 8192);
+struct calibrated_stories {
+  model::weights w = test::stories_weights();
+  const model::tokenizer& tok = test::stories_tokenizer();
+  std::vector<std::vector<std::int32_t>> calib = calib::calibration_windows(test::stories_text("tinystories_calib.txt"), 512, 8192);
 };
 
 }  // namespace
 
 TEST_CASE("cmoe at full activation keeps stories260K's perplexity") {
-  stories s;
-  const auto eval = s.tok.encode(read_text(test::data_file("data/tinystories_eval.txt")));
+  calibrated_stories s;
+  const auto eval = test::stories_text("tinystories_eval.txt");
   const double dense = model::perplexity(model::transformer(s.w), eval, 512, 3).ppl;
   convert::cmoe_model(s.w, [&](const model::weights& w, index_t l) { return calib::ffn_inputs(w, l, s.calib); }, options("S1A3E4", 10));
   const double moe = model::perplexity(model::transformer(s.w), eval, 512, 3).ppl;
@@ -285,10 +271,6 @@ TEST_CASE("calibration text shorter than requested is a clear error") {
 
 // ---------------------------------------------------------------------------
 // The reference's numbers on a real model, exactness, determinism and bad input.
-
-#include "moeforge/io/native.hpp"
-#include "support/temp_dir.hpp"
-#include "support/util.hpp"
 
 namespace {
 
@@ -320,7 +302,7 @@ void require_identical(const convert::cmoe_result& a, const convert::cmoe_result
 }  // namespace
 
 TEST_CASE("cmoe reproduces the reference's layer-0 assignment cost on stories260K (S3A3E8, K_a 10, 8192 tokens, drop)") {
-  stories s;
+  calibrated_stories s;
   const ffn f = layer0(s.w);
   INFO("I = " << f.intermediate());
   REQUIRE(f.intermediate() % 8 != 0);  // 172 = 8·21 + 4: the zero-cost sink decides which 4 neurons are left over
@@ -343,7 +325,7 @@ TEST_CASE("cmoe reproduces the reference's layer-0 assignment cost on stories260
 }
 
 TEST_CASE("cmoe at full activation gives stories260K's dense logits") {
-  stories s;
+  calibrated_stories s;
   const auto tokens = s.tok.encode("Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog.");
   const matrix dense = test::logits(s.w, tokens);
   for (const char* config : {"S1A3E4", "S0A4E4"}) {
@@ -356,8 +338,8 @@ TEST_CASE("cmoe at full activation gives stories260K's dense logits") {
 
 TEST_CASE("cmoe with leftovers given to the shared expert is exact at full activation, for every method") {
   std::mt19937 rng(21);
-  const ffn f = random_ffn(32, 50, rng);  // 50 = 8·6 + 2 and 50 = 4·12 + 2
-  const matrix x = random_matrix(300, 32, rng);
+  const ffn f = gaussian_ffn(32, 50, rng);  // 50 = 8·6 + 2 and 50 = 4·12 + 2
+  const matrix x = gaussian(300, 32, rng);
   const matrix dense = runtime::dense_forward(f, x);
   for (auto method : {convert::cmoe_method::cmoe, convert::cmoe_method::random, convert::cmoe_method::param_cluster})
     for (const char* config : {"S2A6E8", "S1A3E4", "S0A8E8"}) {
@@ -380,8 +362,8 @@ TEST_CASE("cmoe with leftovers given to the shared expert is exact at full activ
 TEST_CASE("cmoe, random and param_cluster give identical layers with 1 and 2 threads") {
 #ifdef _OPENMP
   std::mt19937 rng(22);
-  const ffn f = random_ffn(96, 203, rng);  // leftovers, tokens not a multiple of the block
-  const matrix x = random_matrix(1300, 96, rng);
+  const ffn f = gaussian_ffn(96, 203, rng);  // leftovers, tokens not a multiple of the block
+  const matrix x = gaussian(1300, 96, rng);
   const int saved = omp_get_max_threads();
   for (auto method : {convert::cmoe_method::cmoe, convert::cmoe_method::random, convert::cmoe_method::param_cluster})
     for (const char* config : {"S1A2E8", "S0A3E6"}) {
@@ -412,8 +394,8 @@ TEST_CASE("cmoe, random and param_cluster give identical layers with 1 and 2 thr
 
 TEST_CASE("cmoe rejects each kind of bad input with a typed error") {
   std::mt19937 rng(23);
-  const ffn f = random_ffn(8, 16, rng);
-  const matrix x = random_matrix(10, 8, rng);
+  const ffn f = gaussian_ffn(8, 16, rng);
+  const matrix x = gaussian(10, 8, rng);
   SECTION("Ns >= N") {
     REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S4A1E4")), config_error);
     REQUIRE_THROWS_AS(convert::cmoe(f, x, options("S5A1E4")), config_error);
@@ -454,7 +436,7 @@ TEST_CASE("cmoe rejects each kind of bad input with a typed error") {
     ffn plain = f;
     plain.gate.resize(0, 0);
     REQUIRE_THROWS_AS(convert::cmoe(plain, x, options("S1A1E4")), config_error);
-    const auto mk = calib::compute_markers(random_ffn(8, 20, rng), x, 2);
+    const auto mk = calib::compute_markers(gaussian_ffn(8, 20, rng), x, 2);
     REQUIRE_THROWS_AS(convert::cmoe(f, mk, options("S1A1E4")), shape_error);
   }
 }
@@ -462,7 +444,7 @@ TEST_CASE("cmoe rejects each kind of bad input with a typed error") {
 TEST_CASE("a failed conversion leaves an existing output directory untouched") {
   // The CLI's order: check the output path, convert, and only then save (which
   // replaces a directory only with --force and only once the new model is complete).
-  stories s;
+  calibrated_stories s;
   const model::weights& w = s.w;
   test::temp_dir tmp;
   const std::string out = tmp / "model";
@@ -490,12 +472,12 @@ TEST_CASE("param_cluster: balanced groups of normalised gate rows, a centroid_to
   std::mt19937 rng(25);
   const index_t h = 24, n = 64;
   // Four well separated directions: gate rows are noisy copies of them.
-  const matrix dirs = random_matrix(4, h, rng);
-  ffn f = random_ffn(h, n, rng);
+  const matrix dirs = gaussian(4, h, rng);
+  ffn f = gaussian_ffn(h, n, rng);
   std::normal_distribution<float> noise(0.0f, 0.05f);
   for (index_t i = 0; i < n; ++i)
     for (index_t c = 0; c < h; ++c) f.gate(i, c) = dirs(i % 4, c) * float(1 + i % 3) + noise(rng);
-  const matrix x = random_matrix(200, h, rng);
+  const matrix x = gaussian(200, h, rng);
   auto o = options("S0A1E4");
   o.method = convert::cmoe_method::param_cluster;
   o.seed = 3;
@@ -541,8 +523,8 @@ TEST_CASE("param_cluster: balanced groups of normalised gate rows, a centroid_to
 TEST_CASE("cmoe markers: the blocked GEMM kernel's edges (H past one k block, I past one neuron block, ragged panels)") {
   std::mt19937 rng(26);
   const index_t h = 600, n = 301;  // 3 k blocks (the last partial), 3 neuron blocks, a last panel of 5 neurons
-  const ffn f = random_ffn(h, n, rng);
-  matrix x = random_matrix(205, h, rng);  // chunks of 64: a ragged last token panel
+  const ffn f = gaussian_ffn(h, n, rng);
+  matrix x = gaussian(205, h, rng);  // chunks of 64: a ragged last token panel
   x.row(7).setZero();                     // a zero input row: every |h| is 0, the top-K_a are the lowest indices
   for (index_t ka : {1, 7, 300, 301}) {
     INFO("K_a " << ka);

@@ -8,11 +8,10 @@
 #include <limits>
 
 #include "moeforge/io/hf.hpp"
-#include "moeforge/io/llama2c.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
-#include "support/data.hpp"
 #include "support/random.hpp"
+#include "support/stories.hpp"
 #include "support/temp_dir.hpp"
 #include "support/util.hpp"
 
@@ -92,8 +91,6 @@ void pack_mixtral(hf_dir_builder& b, index_t layers, index_t experts, index_t in
   }
 }
 
-model::weights stories() { return io::load_llama2c(data_file("models/stories260K/stories260K.bin")); }
-
 }  // namespace
 
 TEST_CASE("hf: the Qwen2-MoE block (packed experts, shared expert with sigmoid gate) reproduces its reference") {
@@ -162,7 +159,7 @@ TEST_CASE("hf: Mixtral loads from per-expert and packed tensors to identical log
 }
 
 TEST_CASE("hf: stories260K exported to the LLaMA layout runs exactly as the llama2.c checkpoint") {
-  const auto ref = stories();
+  const auto& ref = stories_weights();
   temp_dir tmp;
   io::save_hf(ref, tmp / "llama");
   const auto cfg = read_json(tmp / "llama/config.json");

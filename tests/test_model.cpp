@@ -2,50 +2,25 @@
 // logits, prefill/decode agreement, the reference perplexity, MoE equivalence.
 #include <catch2/catch.hpp>
 
-#include <fstream>
-#include <nlohmann/json.hpp>
-
-#include "moeforge/io/llama2c.hpp"
 #include "moeforge/model/eval.hpp"
 #include "moeforge/model/sampling.hpp"
-#include "moeforge/model/tokenizer.hpp"
-#include "support/data.hpp"
+#include "support/stories.hpp"
 
 using namespace moeforge;
-using moeforge::test::data_file;
+using namespace moeforge::test;
 
 namespace {
 
-const model::weights& stories() {
-  static const model::weights w = io::load_llama2c(data_file("models/stories260K/stories260K.bin"));
-  return w;
-}
+nlohmann::json golden() { return read_json(data_file("models/stories260K/greedy_golden.json")); }
 
-const model::tokenizer& stories_tokenizer() {
-  static const model::tokenizer t = model::load_tokenizer(data_file("models/stories260K/tok512.bin"), 512);
-  return t;
-}
-
-nlohmann::json golden() {
-  std::ifstream in(data_file("models/stories260K/greedy_golden.json"));
-  return nlohmann::json::parse(in);
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-std::vector<std::int32_t> eval_stream() {
-  return stories_tokenizer().encode(read_text(data_file("data/tinystories_eval.txt")));
-}
+std::vector<std::int32_t> eval_stream() { return stories_text("tinystories_eval.txt"); }
 
 }  // namespace
 
 TEST_CASE("greedy decoding of stories260K reproduces the independent golden tokens and text") {
   const auto g = golden();
   const auto want = g["tokens"].get<std::vector<std::int32_t>>();
-  model::transformer tr(stories());
+  model::transformer tr(stories_weights());
   const auto got = model::generate(tr, {}, 256, {});
   REQUIRE(got.size() == want.size());
   CHECK(got == want);
@@ -55,7 +30,7 @@ TEST_CASE("greedy decoding of stories260K reproduces the independent golden toke
 TEST_CASE("stories260K logits at positions 0-3 match the golden logits within 1e-4") {
   const auto g = golden();
   const auto tokens = g["tokens"].get<std::vector<std::int32_t>>();
-  model::transformer tr(stories());
+  model::transformer tr(stories_weights());
   auto cache = tr.new_cache();
   const matrix logits = tr.forward({tokens.begin(), tokens.begin() + 4}, cache);
   for (int pos = 0; pos < 4; ++pos) {
@@ -71,7 +46,7 @@ TEST_CASE("stories260K logits at positions 0-3 match the golden logits within 1e
 TEST_CASE("prefill of a window and token-by-token decode give the same logits") {
   const auto stream = eval_stream();
   const std::vector<std::int32_t> window(stream.begin(), stream.begin() + 100);
-  model::transformer tr(stories());
+  model::transformer tr(stories_weights());
   auto batch_cache = tr.new_cache();
   const matrix batch = tr.forward(window, batch_cache);
   auto step_cache = tr.new_cache();
@@ -88,7 +63,7 @@ TEST_CASE("prefill of a window and token-by-token decode give the same logits") 
 
 TEST_CASE("stories260K perplexity on the evaluation text matches the independent reference", "[slow]") {
   const auto stream = eval_stream();
-  model::transformer tr(stories());
+  model::transformer tr(stories_weights());
   const auto r = model::perplexity(tr, stream, 512);
   CHECK(r.tokens == 151837);
   CHECK(r.windows == 297);
@@ -97,7 +72,7 @@ TEST_CASE("stories260K perplexity on the evaluation text matches the independent
 }
 
 TEST_CASE("a dense model whose FFNs become an all-active MoE keeps its perplexity") {
-  model::weights moe = stories();
+  model::weights moe = stories_weights();
   std::mt19937 rng(7);
   for (auto& l : moe.layers) {
     const ffn dense = std::get<ffn>(l.ffn);
@@ -122,7 +97,7 @@ TEST_CASE("a dense model whose FFNs become an all-active MoE keeps its perplexit
     l.ffn = std::move(m);
   }
   const auto stream = eval_stream();
-  const auto dense_ppl = model::perplexity(model::transformer(stories()), stream, 512, 6);
+  const auto dense_ppl = model::perplexity(model::transformer(stories_weights()), stream, 512, 6);
   const auto moe_ppl = model::perplexity(model::transformer(moe), stream, 512, 6);
   CHECK(moe_ppl.predicted == dense_ppl.predicted);
   CHECK(moe_ppl.ppl == Approx(dense_ppl.ppl).epsilon(1e-5));
@@ -130,7 +105,7 @@ TEST_CASE("a dense model whose FFNs become an all-active MoE keeps its perplexit
 }
 
 TEST_CASE("temperature sampling is reproducible from its seed and differs across seeds") {
-  model::transformer tr(stories());
+  model::transformer tr(stories_weights());
   model::sampling_options o;
   o.temperature = 1.0f;
   o.top_p = 0.9f;
@@ -144,7 +119,7 @@ TEST_CASE("temperature sampling is reproducible from its seed and differs across
 }
 
 TEST_CASE("forward rejects tokens outside the vocabulary and positions past the context") {
-  model::transformer tr(stories());
+  model::transformer tr(stories_weights());
   auto cache = tr.new_cache();
   CHECK_THROWS_AS(tr.forward({1, 600}, cache), config_error);
   std::vector<std::int32_t> too_long(513, 1);

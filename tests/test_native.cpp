@@ -10,12 +10,10 @@
 
 #include "moeforge/calib/ffn_inputs.hpp"
 #include "moeforge/convert/cmoe.hpp"
-#include "moeforge/io/llama2c.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/io/native.hpp"
-#include "moeforge/model/tokenizer.hpp"
-#include "support/data.hpp"
 #include "support/random.hpp"
+#include "support/stories.hpp"
 #include "support/temp_dir.hpp"
 #include "support/util.hpp"
 
@@ -120,11 +118,9 @@ TEST_CASE("native: every layer kind round-trips to the same bytes and the same l
 }
 
 TEST_CASE("native: a CMoE-converted stories260K reloads to bit-identical logits") {
-  auto w = io::load_llama2c(data_file("models/stories260K/stories260K.bin"));
-  const auto tok = model::load_tokenizer(data_file("models/stories260K/tok512.bin"), w.config.vocab_size);
-  std::ifstream in(data_file("data/tinystories_calib.txt"), std::ios::binary);
-  const std::string text(std::istreambuf_iterator<char>(in), {});
-  const auto windows = calib::calibration_windows(tok.encode(text), 256, 512);
+  auto w = stories_weights();
+  const auto& tok = stories_tokenizer();
+  const auto windows = calib::calibration_windows(stories_text("tinystories_calib.txt"), 256, 512);
   convert::cmoe_options o;
   o.config = convert::parse_cmoe_config("S1A1E4");
   convert::cmoe_model(w, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, windows); }, o);
