@@ -114,6 +114,24 @@ TEST_CASE("major-only pairs compute the expert's leading neurons and dropped pai
   CHECK(plan_counts(runtime::pair_work::full) == 60);
 }
 
+TEST_CASE("the weight-streaming and packed products equal a plain double-precision product") {
+  // Shapes around every blocking edge: tokens (6 per micro-tile, 96 per packed
+  // block, 48 the streaming limit), weight rows (16 per panel), depth (256 per block).
+  std::mt19937 rng(5);
+  for (index_t m : {1, 5, 48, 49, 97, 200})
+    for (index_t n : {1, 15, 33})
+      for (index_t k : {0, 7, 256, 300}) {
+        const matrix b = random_matrix(m, k, rng), gate = random_matrix(n, k, rng), up = random_matrix(n + 2, k, rng);
+        const matrix got = runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b);
+        Eigen::MatrixXd want(m, 2 * n + 2);
+        want << b.cast<double>() * gate.cast<double>().transpose(), b.cast<double>() * up.cast<double>().transpose();
+        INFO("m " << m << ", n " << n << ", k " << k);
+        REQUIRE(got.rows() == m);
+        REQUIRE(got.cols() == 2 * n + 2);
+        CHECK((got.cast<double>() - want).cwiseAbs().maxCoeff() <= 1e-5 * double(k + 1));
+      }
+}
+
 TEST_CASE("the dense kernel matches the reference for every activation, gated and not") {
   std::mt19937 rng(4);
   for (auto a : {activation::silu, activation::gelu, activation::relu}) {

@@ -14,6 +14,7 @@
 #endif
 
 #include "moeforge/core/ffn.hpp"
+#include "moeforge/runtime/gemm.hpp"
 
 namespace moeforge::calib {
 
@@ -55,50 +56,14 @@ namespace detail {
 // 8 neurons) over packed panels, KC-deep. Every element is summed over k in
 // ascending order, KC at a time, whatever the thread count: the result is the
 // same bits with 1 or N threads (threads split the token chunks).
-constexpr index_t marker_mr = 6;    // tokens per micro-tile
-constexpr index_t marker_nr = 16;   // 8 gate + 8 up columns
-constexpr index_t marker_kc = 256;  // depth of a packed block (B micro-panel: 16 KiB, L1)
-constexpr index_t marker_nc = 128;  // neurons per B block (256 KiB, L2)
-constexpr index_t marker_mc = 16;   // micro-panels of tokens per A block (96 tokens × KC: 96 KiB, L2)
-
-// c[MR×NR] (+)= a[kl×MR]ᵀ-panel · b[kl×NR]-panel.
-inline void marker_kernel(index_t kl, const float* a, const float* b, float* c, bool first) {
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  if (first) {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
-  } else {
-    c00 = _mm256_loadu_ps(c + 0), c01 = _mm256_loadu_ps(c + 8), c10 = _mm256_loadu_ps(c + 16), c11 = _mm256_loadu_ps(c + 24);
-    c20 = _mm256_loadu_ps(c + 32), c21 = _mm256_loadu_ps(c + 40), c30 = _mm256_loadu_ps(c + 48), c31 = _mm256_loadu_ps(c + 56);
-    c40 = _mm256_loadu_ps(c + 64), c41 = _mm256_loadu_ps(c + 72), c50 = _mm256_loadu_ps(c + 80), c51 = _mm256_loadu_ps(c + 88);
-  }
-  for (index_t k = 0; k < kl; ++k, a += marker_mr, b += marker_nr) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 x = _mm256_broadcast_ss(a + 0);
-    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a + 1);
-    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a + 2);
-    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a + 3);
-    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(a + 4);
-    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(a + 5);
-    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
-  }
-  _mm256_storeu_ps(c + 0, c00), _mm256_storeu_ps(c + 8, c01), _mm256_storeu_ps(c + 16, c10), _mm256_storeu_ps(c + 24, c11);
-  _mm256_storeu_ps(c + 32, c20), _mm256_storeu_ps(c + 40, c21), _mm256_storeu_ps(c + 48, c30), _mm256_storeu_ps(c + 56, c31);
-  _mm256_storeu_ps(c + 64, c40), _mm256_storeu_ps(c + 72, c41), _mm256_storeu_ps(c + 80, c50), _mm256_storeu_ps(c + 88, c51);
-#else
-  float acc[marker_mr * marker_nr];
-  for (index_t e = 0; e < marker_mr * marker_nr; ++e) acc[e] = first ? 0.0f : c[e];
-  for (index_t k = 0; k < kl; ++k, a += marker_mr, b += marker_nr)
-    for (index_t r = 0; r < marker_mr; ++r)
-      for (index_t j = 0; j < marker_nr; ++j) acc[r * marker_nr + j] += a[r] * b[j];  // (std::fma is a library call without -mfma)
-  for (index_t e = 0; e < marker_mr * marker_nr; ++e) c[e] = acc[e];
-#endif
-}
+// The micro-kernel and tile sizes are the FFN kernel's (runtime/gemm.hpp);
+// the packing here is the markers' own.
+constexpr index_t marker_mr = runtime::detail::gemm_mr;  // tokens per micro-tile
+constexpr index_t marker_nr = runtime::detail::gemm_nr;  // 8 gate + 8 up columns
+constexpr index_t marker_kc = runtime::detail::gemm_kc;
+constexpr index_t marker_nc = 128;                         // neurons per B block (256 KiB, L2)
+constexpr index_t marker_mc = runtime::detail::gemm_mc;
+static_assert(marker_nr == 16, "a weight panel is 8 gate and 8 up columns");
 
 // One token's running top-K_a: a heap whose top is the worst kept neuron
 // (smallest |h|, then the larger index). Neurons arrive in ascending index order,
@@ -200,7 +165,7 @@ inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, ind
               const index_t iend = std::min(panels, ic + marker_mc);
               for (index_t jp = 0; jp < jpanels; ++jp)
                 for (index_t ip = ic; ip < iend; ++ip)
-                  detail::marker_kernel(kl, ablock + std::size_t(ip * kl * marker_mr), bpack.data() + std::size_t(jp * kl * marker_nr),
+                  runtime::detail::micro_kernel(kl, ablock + std::size_t(ip * kl * marker_mr), bpack.data() + std::size_t(jp * kl * marker_nr),
                                         cbuf.data() + std::size_t((ip * (marker_nc / 8) + jp) * marker_mr * marker_nr), kb == 0);
             }
           }

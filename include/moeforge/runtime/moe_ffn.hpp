@@ -7,9 +7,10 @@
 //            for the expert's tokens, gate/up/activation fused per chunk;
 //   phase 2, output-row-chunk tasks: y[t, rows] += w · W_down[rows]·h, over
 //            shared experts then routed experts in index order (no atomics).
-// Inside a task the products are single-threaded: up to four tokens take the
-// register-tiled weight-streaming path (stream_kernel.hpp), more take Eigen's
-// blocked GEMM; either way weights stream once per task and tokens reuse them.
+// Inside a task the products are single-threaded: up to stream_max_tokens
+// tokens take the register-tiled weight-streaming path (stream_kernel.hpp),
+// more take the packed GEMM (gemm.hpp); either way weights stream once per
+// task and tokens reuse them.
 #pragma once
 
 #include <algorithm>
@@ -38,7 +39,9 @@ struct job {
 /// Neurons per phase-1 task: small for few tokens (more tasks to balance the
 /// weight streaming), large for many (fewer repacks of the token block).
 inline index_t neuron_chunk(index_t tokens) { return tokens <= 8 ? 64 : tokens <= 64 ? 128 : 256; }
-constexpr index_t row_chunk = 64;
+/// Output rows per phase-2 task: on the GEMM path every task packs its tokens'
+/// activations whole, so wide tasks amortise that copy over more rows.
+inline index_t row_chunk(index_t tokens) { return tokens <= stream_max_tokens ? 64 : 256; }
 /// Below this many multiply-adds a layer runs on the calling thread: waking
 /// the team costs microseconds, and far more when the cores are shared.
 constexpr double min_parallel_fma = 1 << 20;
@@ -46,21 +49,20 @@ constexpr double min_parallel_fma = 1 << 20;
 inline void fill_activations(job& j, const_matrix_ref x, index_t i0, index_t count) {
   const ffn& f = *j.weights;
   const auto in = j.x.size() ? const_matrix_ref(j.x) : x;
-  matrix u = times_transpose(f.up.middleRows(i0, count), in);
   if (f.gated()) {
-    const matrix g = times_transpose(f.gate.middleRows(i0, count), in);
-    for (index_t p = 0; p < u.rows(); ++p)
-      for (index_t i = 0; i < count; ++i) u(p, i) *= activate(f.act, g(p, i));
+    const matrix gu = times_transpose({rows_of(f.gate.middleRows(i0, count)), rows_of(f.up.middleRows(i0, count))}, in);
+    for (index_t p = 0; p < gu.rows(); ++p)
+      for (index_t i = 0; i < count; ++i) j.h(p, i0 + i) = activate(f.act, gu(p, i)) * gu(p, count + i);
   } else {
+    const matrix u = times_transpose({rows_of(f.up.middleRows(i0, count))}, in);
     for (index_t p = 0; p < u.rows(); ++p)
-      for (index_t i = 0; i < count; ++i) u(p, i) = activate(f.act, u(p, i));
+      for (index_t i = 0; i < count; ++i) j.h(p, i0 + i) = activate(f.act, u(p, i));
   }
   // Neurons past a pair's width (a DualSparse major-only pair) contribute nothing.
-  for (index_t p = 0; p < u.rows(); ++p) {
+  for (index_t p = 0; p < j.h.rows(); ++p) {
     const index_t keep = std::clamp<index_t>(j.width[std::size_t(p)] - i0, 0, count);
-    u.row(p).tail(count - keep).setZero();
+    j.h.row(p).segment(i0 + keep, count - keep).setZero();
   }
-  j.h.middleCols(i0, count) = u;
 }
 
 inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
@@ -69,7 +71,7 @@ inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
       y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * j.novice->segment(r0, rows).transpose();
     return;
   }
-  const matrix part = times_transpose(j.weights->down.block(r0, 0, rows, j.columns), j.h);
+  const matrix part = times_transpose({rows_of(j.weights->down.block(r0, 0, rows, j.columns))}, j.h);
   for (std::size_t p = 0; p < j.tokens.size(); ++p) y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * part.row(index_t(p));
 }
 
@@ -90,7 +92,8 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
     for (index_t i = 0; i < j.columns; i += step) chunks.push_back({k, i, std::min(step, j.columns - i)});
   }
   const index_t hidden = y.cols();
-  const index_t row_tasks = (hidden + row_chunk - 1) / row_chunk;
+  const index_t rows_per_task = row_chunk(x.rows());
+  const index_t row_tasks = (hidden + rows_per_task - 1) / rows_per_task;
 #pragma omp parallel if (fma >= min_parallel_fma)
   {
 #pragma omp for schedule(dynamic, 1)
@@ -98,7 +101,7 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
       fill_activations(jobs[chunks[std::size_t(c)].job], x, chunks[std::size_t(c)].first, chunks[std::size_t(c)].count);
 #pragma omp for schedule(dynamic, 1)
     for (index_t r = 0; r < row_tasks; ++r) {
-      const index_t r0 = r * row_chunk, rows = std::min(row_chunk, hidden - r0);
+      const index_t r0 = r * rows_per_task, rows = std::min(rows_per_task, hidden - r0);
       y.middleCols(r0, rows).setZero();
       for (const auto& j : jobs)
         if (!j.tokens.empty()) add_rows(j, r0, rows, y);

@@ -61,7 +61,7 @@ namespace moeforge::runtime {
 
 /// Router probabilities p [T, E] for tokens x [T, H].
 inline matrix router_probs(const router& r, const_matrix_ref x) {
-  detail::require_shape(x, x.rows(), r.weight.cols(), "router input");
+  moeforge::detail::require_shape(x, x.rows(), r.weight.cols(), "router input");
   matrix s = x * r.weight.transpose();
   if (r.kind == router_kind::centroid_topk) {
     for (index_t t = 0; t < s.rows(); ++t) {
@@ -74,7 +74,7 @@ inline matrix router_probs(const router& r, const_matrix_ref x) {
     for (index_t t = 0; t < s.rows(); ++t)
       for (index_t e = 0; e < s.cols(); ++e) s(t, e) = std::abs(activate(activation::silu, s(t, e)) * u(t, e));
   }
-  detail::softmax_rows(s);
+  moeforge::detail::softmax_rows(s);
   return s;
 }
 
@@ -82,7 +82,7 @@ inline matrix router_probs(const router& r, const_matrix_ref x) {
 inline selection select_topk(const router& r, const matrix& probs) {
   const index_t e = probs.cols();
   const index_t k = r.top_k;
-  if (k < 1 || k > e) throw config_error(detail::cat("router.top_k = ", k, ", expected 1..", e));
+  if (k < 1 || k > e) throw config_error(moeforge::detail::cat("router.top_k = ", k, ", expected 1..", e));
   selection sel;
   sel.tokens = probs.rows();
   sel.k = k;
@@ -144,7 +144,7 @@ inline routing_plan make_plan(const moe_layer& m, const selection& sel, const_ma
   for (std::size_t s = 0; s < m.shared.size(); ++s) {
     if (!m.shared[s].gated()) continue;
     for (index_t t = 0; t < sel.tokens; ++t)
-      plan.shared_weight[s * std::size_t(sel.tokens) + std::size_t(t)] = detail::sigmoid(x.row(t).dot(m.shared[s].gate));
+      plan.shared_weight[s * std::size_t(sel.tokens) + std::size_t(t)] = moeforge::detail::sigmoid(x.row(t).dot(m.shared[s].gate));
   }
   return plan;
 }

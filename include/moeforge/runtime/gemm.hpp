@@ -1,0 +1,132 @@
+// The packed GEMM for blocks of many tokens (BLIS-style): both operands are
+// copied into panels that the 6×16 register-blocked micro-kernel reads
+// sequentially, KC deep so a weight micro-panel stays in L1 and a block of
+// token panels in L2. Every output element is summed over k in ascending
+// order, KC at a time; the arithmetic depends only on the shapes, never on the
+// thread that runs it.
+#pragma once
+
+#include <algorithm>
+#include <initializer_list>
+#include <vector>
+
+#include "moeforge/core/tensor.hpp"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace moeforge::runtime::detail {
+
+constexpr index_t gemm_mr = 6;    // tokens per micro-tile
+constexpr index_t gemm_nr = 16;   // weight rows (output columns) per micro-tile
+constexpr index_t gemm_kc = 256;  // depth of a packed block (weight micro-panel: 16 KiB, L1)
+constexpr index_t gemm_mc = 16;   // token panels per packed token block (96 tokens × KC: 96 KiB, L2)
+constexpr index_t gemm_tile = gemm_mr * gemm_nr;
+
+/// c[MR×NR] (+)= a-panel[kl][MR]ᵀ · b-panel[kl][NR]; c is a contiguous tile,
+/// overwritten when `first`, else accumulated into.
+inline void micro_kernel(index_t kl, const float* a, const float* b, float* c, bool first) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (first) {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+  } else {
+    c00 = _mm256_loadu_ps(c + 0), c01 = _mm256_loadu_ps(c + 8), c10 = _mm256_loadu_ps(c + 16), c11 = _mm256_loadu_ps(c + 24);
+    c20 = _mm256_loadu_ps(c + 32), c21 = _mm256_loadu_ps(c + 40), c30 = _mm256_loadu_ps(c + 48), c31 = _mm256_loadu_ps(c + 56);
+    c40 = _mm256_loadu_ps(c + 64), c41 = _mm256_loadu_ps(c + 72), c50 = _mm256_loadu_ps(c + 80), c51 = _mm256_loadu_ps(c + 88);
+  }
+  for (index_t k = 0; k < kl; ++k, a += gemm_mr, b += gemm_nr) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 x = _mm256_broadcast_ss(a + 0);
+    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  _mm256_storeu_ps(c + 0, c00), _mm256_storeu_ps(c + 8, c01), _mm256_storeu_ps(c + 16, c10), _mm256_storeu_ps(c + 24, c11);
+  _mm256_storeu_ps(c + 32, c20), _mm256_storeu_ps(c + 40, c21), _mm256_storeu_ps(c + 48, c30), _mm256_storeu_ps(c + 56, c31);
+  _mm256_storeu_ps(c + 64, c40), _mm256_storeu_ps(c + 72, c41), _mm256_storeu_ps(c + 80, c50), _mm256_storeu_ps(c + 88, c51);
+#else
+  float acc[gemm_tile];
+  for (index_t e = 0; e < gemm_tile; ++e) acc[e] = first ? 0.0f : c[e];
+  for (index_t k = 0; k < kl; ++k, a += gemm_mr, b += gemm_nr)
+    for (index_t r = 0; r < gemm_mr; ++r)
+      for (index_t j = 0; j < gemm_nr; ++j) acc[r * gemm_nr + j] += a[r] * b[j];  // (std::fma is a library call without -mfma)
+  for (index_t e = 0; e < gemm_tile; ++e) c[e] = acc[e];
+#endif
+}
+
+/// Copies `count` rows of src (row-major, leading dimension ld), columns
+/// [k0, k0+kl), into panels of `width` rows laid out [panel][k][width]; rows
+/// past `count` in the last panel are zero. Writes are sequential; each panel
+/// reads `width` rows side by side.
+template <index_t width>
+inline void pack_panels(const float* src, index_t ld, index_t count, index_t k0, index_t kl, float* dst) {
+  static const float zeros[gemm_kc] = {};
+  const float* row[width];
+  for (index_t p0 = 0; p0 < count; p0 += width, dst += kl * width) {
+    for (index_t q = 0; q < width; ++q) row[q] = p0 + q < count ? src + (p0 + q) * ld + k0 : zeros;
+    for (index_t k = 0; k < kl; ++k)
+      for (index_t q = 0; q < width; ++q) dst[k * width + q] = row[q][k];
+  }
+}
+
+/// A block of weight rows, row-major: the `a` operand of packed_product.
+struct weight_rows {
+  const float* data;
+  index_t ld, rows;
+};
+
+/// out[t, c] = Σ_k b[t, k]·a[c, k] for t < m tokens, where the columns c run
+/// over the rows of every block of `a` in turn (so gate and up rows give
+/// [x·gateᵀ | x·upᵀ] with the tokens packed once). Row-major throughout, with
+/// the given leading dimensions; k is every block's column count.
+/// Single-threaded: callers run it inside their own parallel tasks.
+inline void packed_product(std::initializer_list<weight_rows> a, const float* b, index_t ldb, index_t m, index_t k, float* out,
+                           index_t ldo) {
+  index_t npanels = 0, n = 0;
+  for (const auto& blk : a) npanels += (blk.rows + gemm_nr - 1) / gemm_nr, n += blk.rows;
+  if (k == 0) {
+    for (index_t t = 0; t < m; ++t) std::fill_n(out + t * ldo, n, 0.0f);
+    return;
+  }
+  thread_local std::vector<float> apack, bpack, tiles;
+  const index_t mpanels = (m + gemm_mr - 1) / gemm_mr;
+  apack.resize(std::size_t(npanels * gemm_nr * gemm_kc));
+  bpack.resize(std::size_t(gemm_mc * gemm_mr * gemm_kc));
+  tiles.resize(std::size_t(mpanels * npanels * gemm_tile));
+  for (index_t k0 = 0; k0 < k; k0 += gemm_kc) {
+    const index_t kl = std::min(gemm_kc, k - k0);
+    float* dst = apack.data();
+    for (const auto& blk : a) {
+      pack_panels<gemm_nr>(blk.data, blk.ld, blk.rows, k0, kl, dst);
+      dst += (blk.rows + gemm_nr - 1) / gemm_nr * gemm_nr * kl;
+    }
+    for (index_t ic = 0; ic < mpanels; ic += gemm_mc) {
+      const index_t iend = std::min(mpanels, ic + gemm_mc);
+      pack_panels<gemm_mr>(b + ic * gemm_mr * ldb, ldb, std::min(m - ic * gemm_mr, (iend - ic) * gemm_mr), k0, kl, bpack.data());
+      for (index_t jp = 0; jp < npanels; ++jp)
+        for (index_t ip = ic; ip < iend; ++ip)
+          micro_kernel(kl, bpack.data() + (ip - ic) * kl * gemm_mr, apack.data() + jp * kl * gemm_nr,
+                       tiles.data() + (ip * npanels + jp) * gemm_tile, k0 == 0);
+    }
+  }
+  index_t panel0 = 0, col0 = 0;
+  for (const auto& blk : a) {
+    for (index_t t = 0; t < m; ++t) {
+      const float* tile_row = tiles.data() + (((t / gemm_mr) * npanels + panel0) * gemm_tile + (t % gemm_mr) * gemm_nr);
+      for (index_t r = 0; r < blk.rows; ++r) out[t * ldo + col0 + r] = tile_row[(r / gemm_nr) * gemm_tile + r % gemm_nr];
+    }
+    panel0 += (blk.rows + gemm_nr - 1) / gemm_nr, col0 += blk.rows;
+  }
+}
+
+}  // namespace moeforge::runtime::detail
