@@ -66,10 +66,23 @@ inline double probe_read_gbps(int threads) {
 }
 
 /// Best-of-5 FP32 FMA throughput (GFLOP/s) of `threads` threads, each with 12
-/// independent accumulators (more than latency × ports) kept in registers.
+/// independent accumulators (more than latency × ports) kept in registers, at
+/// the widest vectors the build targets (AVX-512 where -march=native has it).
 inline double probe_fma_gflops(int threads) {
   constexpr int iters = 20'000'000;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  using reg = __m512;
+  constexpr int width = 16;
+  const auto fma = [](reg a, reg m, reg c) { return _mm512_fmadd_ps(a, m, c); };
+  const auto splat = [](float v) { return _mm512_set1_ps(v); };
+  const auto sum = [](reg v) {
+    alignas(64) float f[16];
+    _mm512_store_ps(f, v);
+    double s = 0;
+    for (float x : f) s += x;
+    return s;
+  };
+#elif defined(__AVX2__) && defined(__FMA__)
   using reg = __m256;
   constexpr int width = 8;
   const auto fma = [](reg a, reg m, reg c) { return _mm256_fmadd_ps(a, m, c); };

@@ -160,7 +160,11 @@ TEST_CASE("native: an existing directory is never clobbered unless asked, and on
   CHECK(io::read_native_manifest(out)["provenance"]["version"] == "second");
   CHECK(std::distance(std::filesystem::directory_iterator(tmp.path()), {}) == 1);
 
-  CHECK_THROWS_AS(io::save_native(w, tmp / "no/such/parent"), io_error);
+  // Missing parents are created; a path through a regular file is refused before any work.
+  io::save_native(w, tmp / "new/parents/model");
+  CHECK(io::read_native_manifest(tmp / "new/parents/model")["format"] == "moeforge");
+  CHECK_THROWS_AS(io::check_output_dir(out + "/moeforge.json/model", false), io_error);
+  CHECK_THROWS_AS(io::save_native(w, out + "/moeforge.json/model"), io_error);
 }
 
 TEST_CASE("native: damaged directories fail with a typed error naming what is wrong") {

@@ -271,6 +271,8 @@ class staging_dir {
   explicit staging_dir(const std::filesystem::path& dir)
       : path_(dir.parent_path() / cat(".", dir.filename().string(), ".tmp.", ::getpid())) {
     std::error_code ec;
+    std::filesystem::create_directories(dir.parent_path(), ec);
+    if (ec) throw io_error(cat("native: cannot create '", dir.parent_path().string(), "': ", ec.message()));
     std::filesystem::remove_all(path_, ec);
     if (!std::filesystem::create_directory(path_, ec))
       throw io_error(cat("native: cannot create '", path_.string(), "': ", ec.message()));
@@ -319,8 +321,12 @@ inline void check_output_dir(const std::string& dir, bool overwrite) {
     throw io_error(detail::cat("output '", dir, "' already exists; choose another path or allow overwriting"));
   if (fs::exists(p) && !fs::is_directory(p))
     throw io_error(detail::cat("output '", dir, "' exists and is not a directory"));
-  const fs::path parent = p.has_parent_path() ? p.parent_path() : fs::path(".");
-  if (!fs::is_directory(parent)) throw io_error(detail::cat("output '", dir, "': parent directory '", parent.string(), "' does not exist"));
+  // Missing parents are created when the model is written (like mkdir -p);
+  // what must hold now is that the nearest existing ancestor is a directory.
+  fs::path ancestor = fs::absolute(p).lexically_normal().parent_path();
+  while (!fs::exists(ancestor) && ancestor.has_relative_path()) ancestor = ancestor.parent_path();
+  if (!fs::is_directory(ancestor))
+    throw io_error(detail::cat("output '", dir, "': '", ancestor.string(), "' is not a directory"));
 }
 
 /// Writes `w` as a native model directory `dir`, atomically: everything is

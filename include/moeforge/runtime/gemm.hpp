@@ -1,5 +1,5 @@
 // The packed GEMM for blocks of many tokens (BLIS-style): both operands are
-// copied into panels that the 6×16 register-blocked micro-kernel reads
+// copied into panels that the MR×16 register-blocked micro-kernel reads
 // sequentially, KC deep so a weight micro-panel stays in L1 and a block of
 // token panels in L2. Every output element is summed over k in ascending
 // order, KC at a time; the arithmetic depends only on the shapes, never on the
@@ -18,7 +18,11 @@
 
 namespace moeforge::runtime::detail {
 
-constexpr index_t gemm_mr = 6;    // tokens per micro-tile
+#if defined(__AVX512F__)
+constexpr index_t gemm_mr = 12;  // tokens per micro-tile: 12 zmm accumulators hide the FMA latency of two pipes
+#else
+constexpr index_t gemm_mr = 6;   // tokens per micro-tile: 12 ymm accumulators
+#endif
 constexpr index_t gemm_nr = 16;   // weight rows (output columns) per micro-tile
 constexpr index_t gemm_kc = 256;  // depth of a packed block (weight micro-panel: 16 KiB, L1)
 constexpr index_t gemm_mc = 16;   // token panels per packed token block (96 tokens × KC: 96 KiB, L2)
@@ -27,7 +31,18 @@ constexpr index_t gemm_tile = gemm_mr * gemm_nr;
 /// c[MR×NR] (+)= a-panel[kl][MR]ᵀ · b-panel[kl][NR]; c is a contiguous tile,
 /// overwritten when `first`, else accumulated into.
 inline void micro_kernel(index_t kl, const float* a, const float* b, float* c, bool first) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  __m512 acc[gemm_mr];
+#pragma GCC unroll 16
+  for (index_t r = 0; r < gemm_mr; ++r) acc[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr);
+  for (index_t k = 0; k < kl; ++k, a += gemm_mr, b += gemm_nr) {
+    const __m512 bv = _mm512_loadu_ps(b);
+#pragma GCC unroll 16
+    for (index_t r = 0; r < gemm_mr; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), bv, acc[r]);
+  }
+#pragma GCC unroll 16
+  for (index_t r = 0; r < gemm_mr; ++r) _mm512_storeu_ps(c + r * gemm_nr, acc[r]);
+#elif defined(__AVX2__) && defined(__FMA__)
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   if (first) {
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
@@ -64,17 +79,49 @@ inline void micro_kernel(index_t kl, const float* a, const float* b, float* c, b
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/// dst[j*ld + q] = row[q][j] for q, j < 8: an 8×8 transpose in registers.
+inline void transpose8x8(const float* const* row, float* dst, index_t ld) {
+  __m256 r[8], t[8];
+  for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(row[q]);
+  for (int q = 0; q < 8; q += 2) t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]), t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+  // r[0..3]: columns 0..3 of rows 0-3 | columns 4..7 of rows 0-3; r[4..7] the same for rows 4-7.
+  for (int h = 0; h < 8; h += 4) {
+    r[h + 0] = _mm256_shuffle_ps(t[h + 0], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 1] = _mm256_shuffle_ps(t[h + 0], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ld, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ld, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+#endif
+
 /// Copies `count` rows of src (row-major, leading dimension ld), columns
 /// [k0, k0+kl), into panels of `width` rows laid out [panel][k][width]; rows
-/// past `count` in the last panel are zero. Writes are sequential; each panel
-/// reads `width` rows side by side.
+/// past `count` in the last panel are zero. Groups of 8 rows are transposed
+/// 8 columns at a time in registers; writes are sequential.
 template <index_t width>
 inline void pack_panels(const float* src, index_t ld, index_t count, index_t k0, index_t kl, float* dst) {
   static const float zeros[gemm_kc] = {};
   const float* row[width];
   for (index_t p0 = 0; p0 < count; p0 += width, dst += kl * width) {
     for (index_t q = 0; q < width; ++q) row[q] = p0 + q < count ? src + (p0 + q) * ld + k0 : zeros;
-    for (index_t k = 0; k < kl; ++k)
+    index_t k = 0, q0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; k + 8 <= kl; k += 8) {
+      const float* group[8];
+      for (q0 = 0; q0 + 8 <= width; q0 += 8) {
+        for (index_t q = 0; q < 8; ++q) group[q] = row[q0 + q] + k;
+        transpose8x8(group, dst + k * width + q0, width);
+      }
+      for (index_t j = k; j < k + 8; ++j)
+        for (index_t q = q0; q < width; ++q) dst[j * width + q] = row[q][j];
+    }
+#endif
+    for (; k < kl; ++k)
       for (index_t q = 0; q < width; ++q) dst[k * width + q] = row[q][k];
   }
 }
@@ -123,7 +170,8 @@ inline void packed_product(std::initializer_list<weight_rows> a, const float* b,
   for (const auto& blk : a) {
     for (index_t t = 0; t < m; ++t) {
       const float* tile_row = tiles.data() + (((t / gemm_mr) * npanels + panel0) * gemm_tile + (t % gemm_mr) * gemm_nr);
-      for (index_t r = 0; r < blk.rows; ++r) out[t * ldo + col0 + r] = tile_row[(r / gemm_nr) * gemm_tile + r % gemm_nr];
+      for (index_t r = 0; r < blk.rows; r += gemm_nr)
+        std::copy_n(tile_row + r / gemm_nr * gemm_tile, std::min(gemm_nr, blk.rows - r), out + t * ldo + col0 + r);
     }
     panel0 += (blk.rows + gemm_nr - 1) / gemm_nr, col0 += blk.rows;
   }
