@@ -115,12 +115,12 @@ TEST_CASE("major-only pairs compute the expert's leading neurons and dropped pai
 }
 
 TEST_CASE("the weight-streaming and packed products equal a plain double-precision product") {
-  // Shapes around every blocking edge of both instruction sets: tokens (6 or 12
-  // per micro-tile, 96 or 192 per packed block, 4 or 48 the streaming limit, 1-4
-  // per streaming group), weight rows (16 per panel, 8 per transposed group),
+  // Shapes around every blocking edge of both instruction sets: tokens (6 or 8
+  // per micro-tile, 96 or 128 per packed block, 4 or 48 the streaming limit, 1-4
+  // per streaming group), weight rows (16 or 32 per panel, 8 per transposed group),
   // depth (8 or 16 lanes, 256 per block).
   std::mt19937 rng(5);
-  for (index_t m : {1, 2, 3, 4, 5, 7, 13, 48, 49, 97, 193})
+  for (index_t m : {1, 2, 3, 4, 5, 7, 9, 13, 48, 49, 97, 129, 193})
     for (index_t n : {1, 15, 33})
       for (index_t k : {0, 7, 17, 256, 300}) {
         const matrix b = random_matrix(m, k, rng), gate = random_matrix(n, k, rng), up = random_matrix(n + 2, k, rng);

@@ -52,18 +52,19 @@ inline int popcount64(std::uint64_t v) { return __builtin_popcountll(v); }
 namespace detail {
 
 // The markers' GEMM: C[t, (gate|up) of neuron i] = x̂_t · W[i] for a chunk of
-// tokens, register-blocked (MR tokens × NR = 8 gate + 8 up columns of the same
-// 8 neurons) over packed panels, KC-deep. Every element is summed over k in
+// tokens, register-blocked (MR tokens × NR = NP gate + NP up columns of the same
+// NP neurons) over packed panels, KC-deep. Every element is summed over k in
 // ascending order, KC at a time, whatever the thread count: the result is the
 // same bits with 1 or N threads (threads split the token chunks).
 // The micro-kernel and tile sizes are the FFN kernel's (runtime/gemm.hpp);
 // the packing here is the markers' own.
 constexpr index_t marker_mr = runtime::detail::gemm_mr;  // tokens per micro-tile
-constexpr index_t marker_nr = runtime::detail::gemm_nr;  // 8 gate + 8 up columns
+constexpr index_t marker_nr = runtime::detail::gemm_nr;  // NP gate + NP up columns
+constexpr index_t marker_np = marker_nr / 2;               // neurons per weight panel
 constexpr index_t marker_kc = runtime::detail::gemm_kc;
 constexpr index_t marker_nc = 128;                         // neurons per B block (256 KiB, L2)
 constexpr index_t marker_mc = runtime::detail::gemm_mc;
-static_assert(marker_nr == 16, "a weight panel is 8 gate and 8 up columns");
+static_assert(marker_np % 8 == 0 && marker_nc % marker_np == 0, "panels hold whole groups of 8 neurons");
 
 // One token's running top-K_a: a heap whose top is the worst kept neuron
 // (smallest |h|, then the larger index). Neurons arrive in ascending index order,
@@ -99,6 +100,7 @@ inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, ind
   using detail::marker_mc;
   using detail::marker_mr;
   using detail::marker_nc;
+  using detail::marker_np;
   using detail::marker_nr;
 
   markers mk;
@@ -109,8 +111,8 @@ inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, ind
   mk.bits.assign(std::size_t(n * mk.words), 0);
   const Eigen::RowVectorXf g_inv = detail::inverse_row_norms(f.gate);
   const Eigen::RowVectorXf u_inv = detail::inverse_row_norms(f.up);
-  // The same, zero-padded to whole panels of 8 for the vectorised bound.
-  std::vector<float> g_pad(std::size_t((n + 7) / 8 * 8), 0.0f), u_pad(g_pad.size(), 0.0f);
+  // The same, zero-padded to whole panels for the vectorised bound.
+  std::vector<float> g_pad(std::size_t((n + marker_np - 1) / marker_np * marker_np), 0.0f), u_pad(g_pad.size(), 0.0f);
   std::copy(g_inv.data(), g_inv.data() + n, g_pad.begin());
   std::copy(u_inv.data(), u_inv.data() + n, u_pad.begin());
   const index_t blocks = (t_count + block - 1) / block;
@@ -138,27 +140,23 @@ inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, ind
             for (index_t k = 0; k < kl; ++k) dst[k * marker_mr] = nr > 0.0f ? src[k0 + k] / nr : src[k0 + k];
           }
         }
-        cbuf.resize(std::size_t(panels * marker_nc / 8 * marker_mr * marker_nr));
-        bpack.resize(std::size_t(marker_nc / 8 * marker_kc * marker_nr));
+        cbuf.resize(std::size_t(panels * marker_nc / marker_np * marker_mr * marker_nr));
+        bpack.resize(std::size_t(marker_nc / marker_np * marker_kc * marker_nr));
         heaps.assign(std::size_t(rows * ka), detail::marker_entry{0.0f, 0});
         std::vector<index_t> heap_size(static_cast<std::size_t>(rows), 0);
         for (index_t jc = 0; jc < n; jc += marker_nc) {
-          const index_t nn = std::min(marker_nc, n - jc), jpanels = (nn + 7) / 8;
+          const index_t nn = std::min(marker_nc, n - jc), jpanels = (nn + marker_np - 1) / marker_np;
           for (index_t kb = 0; kb < k_blocks; ++kb) {
             const index_t k0 = kb * marker_kc, kl = std::min(marker_kc, h - k0);
-            // Weights packed [neuron panel][k][8 gate | 8 up] (zero columns pad the last panel).
+            // Weights packed [neuron panel][k][NP gate | NP up] (zero columns pad the last panel).
             for (index_t jp = 0; jp < jpanels; ++jp) {
-              float* dst = bpack.data() + std::size_t(jp * kl * marker_nr);
-              for (index_t q = 0; q < 8; ++q) {
-                const index_t i = jc + jp * 8 + q;
-                if (i < n) {
-                  const float* g = f.gate.row(i).data() + k0;
-                  const float* u = f.up.row(i).data() + k0;
-                  for (index_t k = 0; k < kl; ++k) dst[k * marker_nr + q] = g[k], dst[k * marker_nr + 8 + q] = u[k];
-                } else {
-                  for (index_t k = 0; k < kl; ++k) dst[k * marker_nr + q] = 0.0f, dst[k * marker_nr + 8 + q] = 0.0f;
-                }
+              const float* row[marker_nr];
+              for (index_t q = 0; q < marker_np; ++q) {
+                const index_t i = jc + jp * marker_np + q;
+                row[q] = i < n ? f.gate.row(i).data() + k0 : runtime::detail::zero_row();
+                row[marker_np + q] = i < n ? f.up.row(i).data() + k0 : runtime::detail::zero_row();
               }
+              runtime::detail::pack_panel<marker_nr>(row, kl, bpack.data() + std::size_t(jp * kl * marker_nr));
             }
             const float* ablock = apack.data() + std::size_t(k0 * panels * marker_mr);
             for (index_t ic = 0; ic < panels; ic += marker_mc) {
@@ -166,7 +164,7 @@ inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, ind
               for (index_t jp = 0; jp < jpanels; ++jp)
                 for (index_t ip = ic; ip < iend; ++ip)
                   runtime::detail::micro_kernel(kl, ablock + std::size_t(ip * kl * marker_mr), bpack.data() + std::size_t(jp * kl * marker_nr),
-                                        cbuf.data() + std::size_t((ip * (marker_nc / 8) + jp) * marker_mr * marker_nr), kb == 0);
+                                        cbuf.data() + std::size_t((ip * (marker_nc / marker_np) + jp) * marker_mr * marker_nr), kb == 0);
             }
           }
           // |h| = |silu(x̂·ĝ)·(x̂·û)| for this block's neurons, into each token's heap. The
@@ -177,24 +175,29 @@ inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, ind
             detail::marker_entry* hp = heaps.data() + std::size_t(r * ka);
             index_t& size = heap_size[std::size_t(r)];
             for (index_t jp = 0; jp < jpanels; ++jp) {
-              const float* c = cbuf.data() + std::size_t((p * (marker_nc / 8) + jp) * marker_mr * marker_nr + q * marker_nr);
-              unsigned candidates = 0xffu;
+              const float* c = cbuf.data() + std::size_t((p * (marker_nc / marker_np) + jp) * marker_mr * marker_nr + q * marker_nr);
+              const index_t i0 = jc + jp * marker_np;
+              std::uint32_t candidates = ~std::uint32_t(0);
 #if defined(__AVX2__) && defined(__FMA__)
               if (size == ka) {  // the same bound, 8 neurons at once, against the heap's worst so far
-                const index_t i0 = jc + jp * 8;
-                const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(c), _mm256_loadu_ps(g_pad.data() + i0));
-                const __m256 b = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_mul_ps(_mm256_loadu_ps(c + 8), _mm256_loadu_ps(u_pad.data() + i0)));
-                const __m256 neg = _mm256_min_ps(_mm256_xor_ps(v, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(0.28f));
-                const __m256 s = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
-                candidates = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(b, s), _mm256_set1_ps(hp[0].mag), _CMP_NLT_UQ)));
+                candidates = 0;
+                for (index_t e = 0; e < marker_np; e += 8) {
+                  const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(c + e), _mm256_loadu_ps(g_pad.data() + i0 + e));
+                  const __m256 b = _mm256_andnot_ps(_mm256_set1_ps(-0.0f),
+                                                    _mm256_mul_ps(_mm256_loadu_ps(c + marker_np + e), _mm256_loadu_ps(u_pad.data() + i0 + e)));
+                  const __m256 neg = _mm256_min_ps(_mm256_xor_ps(v, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(0.28f));
+                  const __m256 s = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+                  const auto mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(b, s), _mm256_set1_ps(hp[0].mag), _CMP_NLT_UQ)));
+                  candidates |= std::uint32_t(mask) << e;
+                }
               }
 #endif
-              for (index_t e = 0; e < 8; ++e) {
-                const index_t i = jc + jp * 8 + e;
+              for (index_t e = 0; e < marker_np; ++e) {
+                const index_t i = i0 + e;
                 if (i >= n) break;
                 if (!((candidates >> e) & 1u)) continue;
                 const float v = c[e] * g_inv(i);
-                const float b = std::abs(c[8 + e] * u_inv(i));
+                const float b = std::abs(c[marker_np + e] * u_inv(i));
                 if (size == ka && b * (v > 0.0f ? v : std::min(-v, 0.28f)) < hp[0].mag) continue;
                 const detail::marker_entry cand{std::abs(activate(activation::silu, v) * b), std::int32_t(i)};
                 if (size < ka) {

@@ -481,16 +481,22 @@ inline cmoe_result cmoe(const ffn& dense, const calib::markers& mk, const cmoe_o
 
   t0 = begin_stage("experts");
   layer.experts.resize(std::size_t(k));
-  std::vector<std::exception_ptr> failed(static_cast<std::size_t>(k));  // (bad_alloc) must not escape the parallel region
+  if (!rep.shared.empty()) layer.shared.resize(1);
+  // Job k (when there are shared neurons) builds the shared expert, the largest: it goes first.
+  const index_t jobs = k + index_t(layer.shared.size());
+  std::vector<std::exception_ptr> failed(static_cast<std::size_t>(jobs));  // (bad_alloc) must not escape the parallel region
 #pragma omp parallel for schedule(dynamic, 1)
-  for (index_t j = 0; j < k; ++j) try {
-      layer.experts[std::size_t(j)].weights = select_neurons(dense, rep.experts[std::size_t(j)]);
+  for (index_t q = 0; q < jobs; ++q) try {
+      const index_t j = (q + jobs - index_t(layer.shared.size())) % jobs;
+      if (j == k)
+        layer.shared[0].weights = select_neurons(dense, rep.shared);
+      else
+        layer.experts[std::size_t(j)].weights = select_neurons(dense, rep.experts[std::size_t(j)]);
     } catch (...) {
-      failed[std::size_t(j)] = std::current_exception();
+      failed[std::size_t(q)] = std::current_exception();
     }
   for (const auto& e : failed)
     if (e) std::rethrow_exception(e);
-  if (!rep.shared.empty()) layer.shared.push_back(shared_expert{select_neurons(dense, rep.shared), vector()});
   rep.stage_seconds.emplace_back("experts", seconds() - t0);
 
   std::vector<double> rates(static_cast<std::size_t>(neurons));

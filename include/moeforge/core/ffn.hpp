@@ -5,6 +5,7 @@
 #include <cmath>
 #include <iterator>
 #include <string>
+#include <vector>
 
 #include "moeforge/core/tensor.hpp"
 
@@ -85,12 +86,16 @@ ffn select_neurons(const ffn& f, const Indices& neurons) {
   out.up.resize(n, f.hidden());
   out.down.resize(f.hidden(), n);
   if (f.gated()) out.gate.resize(n, f.hidden());
-  index_t j = 0;
-  for (auto i : neurons) {
-    out.up.row(j) = f.up.row(index_t(i));
-    out.down.col(j) = f.down.col(index_t(i));
-    if (f.gated()) out.gate.row(j) = f.gate.row(index_t(i));
-    ++j;
+  const std::vector<index_t> index(std::begin(neurons), std::end(neurons));
+  for (index_t j = 0; j < n; ++j) {
+    out.up.row(j) = f.up.row(index[std::size_t(j)]);
+    if (f.gated()) out.gate.row(j) = f.gate.row(index[std::size_t(j)]);
+  }
+  // Down row by row: a column walk would touch one cache line per element.
+  for (index_t h = 0; h < f.hidden(); ++h) {
+    const float* src = f.down.row(h).data();
+    float* dst = out.down.row(h).data();
+    for (index_t j = 0; j < n; ++j) dst[j] = src[index[std::size_t(j)]];
   }
   return out;
 }

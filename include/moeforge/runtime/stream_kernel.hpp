@@ -107,7 +107,7 @@ inline void stream_product(const float* a, index_t lda, index_t rows, const floa
 /// Measured on one core, 2×256×2048 weight blocks from DRAM, streaming time /
 /// packed GEMM time: with AVX2 (Zen 3) 0.30 at 4 tokens, 0.54 at 16, 0.73 at 32,
 /// 0.93 at 48, 1.09 at 64; with AVX-512 (Zen 5), whose GEMM is twice as wide,
-/// 0.42 at 1, 0.64 at 4, 1.10 at 6 and 1.28 at 8.
+/// 0.47 at 1, 0.72 at 4, 1.19 at 6 and 1.60 at 8.
 constexpr index_t stream_max_tokens = stream_lanes == 16 ? 4 : 48;
 #else
 constexpr bool stream_kernel_available = false;
