@@ -7,9 +7,11 @@ set(MOEFORGE_DEFAULT_DATA "${PROJECT_SOURCE_DIR}/../shared" CACHE PATH
 
 function(moeforge_own_target target)
   target_link_libraries(${target} PRIVATE moeforge::moeforge)
-  # GCC 12 reports false maybe-uninitialized warnings inside its own AVX-512
-  # intrinsics when Eigen's AVX-512 paths are inlined (-march=native on such a CPU).
-  target_compile_options(${target} PRIVATE -march=native -Wall -Wextra -Wno-maybe-uninitialized)
+  target_compile_options(${target} PRIVATE -march=native -Wall -Wextra)
+  # GCC before 12.3 warns falsely about `__Y` inside its own AVX-512 intrinsic
+  # headers whenever Eigen's AVX-512 paths are inlined (GCC bug 105593).
+  target_compile_options(${target} PRIVATE
+    $<$<AND:$<CXX_COMPILER_ID:GNU>,$<VERSION_LESS:$<CXX_COMPILER_VERSION>,12.3>>:-Wno-uninitialized -Wno-maybe-uninitialized>)
   target_compile_definitions(${target} PRIVATE MOEFORGE_DEFAULT_DATA="${MOEFORGE_DEFAULT_DATA}")
   # Unity builds: each of our source files instantiates the same header-only
   # templates (kernel, model, loaders); batching them compiles that code once.
