@@ -165,6 +165,15 @@ TEST_CASE("native: an existing directory is never clobbered unless asked, and on
   CHECK(io::read_native_manifest(tmp / "new/parents/model")["format"] == "moeforge");
   CHECK_THROWS_AS(io::check_output_dir(out + "/moeforge.json/model", false), io_error);
   CHECK_THROWS_AS(io::save_native(w, out + "/moeforge.json/model"), io_error);
+  // A trailing separator names the same directory; an empty path and a dangling
+  // link on the way are refused up front.
+  io::save_native(w, tmp / "slash/model/");
+  CHECK(io::read_native_manifest(tmp / "slash/model")["format"] == "moeforge");
+  CHECK_THROWS_AS(io::check_output_dir(tmp / "slash/model/", false), io_error);
+  CHECK_THROWS_AS(io::check_output_dir("", true), io_error);
+  std::filesystem::create_symlink(tmp / "nowhere", tmp / "dangling");
+  CHECK_THROWS_AS(io::check_output_dir(tmp / "dangling/model", false), io_error);
+  CHECK_THROWS_AS(io::check_output_dir(tmp / "dangling", true), io_error);
 }
 
 TEST_CASE("native: damaged directories fail with a typed error naming what is wrong") {

@@ -450,7 +450,7 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
   using detail::cat;
   model::validate(w);
   const auto& c = w.config;
-  const fs::path out = fs::absolute(fs::path(dir)).lexically_normal();
+  const fs::path out = output_path(dir);
   check_output_dir(out.string(), overwrite);
 
   const bool bias = w.layers.front().bq.size() != 0;

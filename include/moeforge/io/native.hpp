@@ -312,19 +312,27 @@ class staging_dir {
 
 }  // namespace detail
 
-/// Refuses to go on when `dir` exists and may not be replaced. Conversions call
-/// this before doing any work, so the user learns it at once.
+/// `dir` as the absolute, normalised path of the directory it names ("out/m/"
+/// names "out/m"). An empty path is refused.
+inline std::filesystem::path output_path(const std::string& dir) {
+  if (dir.empty()) throw io_error("output: the path is empty");
+  std::filesystem::path p = std::filesystem::absolute(std::filesystem::path(dir)).lexically_normal();
+  return p.has_filename() ? p : p.parent_path();
+}
+
+/// Refuses to go on when `dir` exists and may not be replaced, or cannot be
+/// created. Conversions call this before doing any work, so the user learns it
+/// at once. Symbolic links count as what they are, dangling ones included.
 inline void check_output_dir(const std::string& dir, bool overwrite) {
   namespace fs = std::filesystem;
-  const fs::path p(dir);
-  if (fs::exists(p) && !overwrite)
-    throw io_error(detail::cat("output '", dir, "' already exists; choose another path or allow overwriting"));
-  if (fs::exists(p) && !fs::is_directory(p))
-    throw io_error(detail::cat("output '", dir, "' exists and is not a directory"));
+  const fs::path p = output_path(dir);
+  const bool exists = fs::exists(fs::symlink_status(p));
+  if (exists && !overwrite) throw io_error(detail::cat("output '", dir, "' already exists; choose another path or allow overwriting"));
+  if (exists && !fs::is_directory(p)) throw io_error(detail::cat("output '", dir, "' exists and is not a directory"));
   // Missing parents are created when the model is written (like mkdir -p);
   // what must hold now is that the nearest existing ancestor is a directory.
-  fs::path ancestor = fs::absolute(p).lexically_normal().parent_path();
-  while (!fs::exists(ancestor) && ancestor.has_relative_path()) ancestor = ancestor.parent_path();
+  fs::path ancestor = p.parent_path();
+  while (!fs::exists(fs::symlink_status(ancestor)) && ancestor.has_relative_path()) ancestor = ancestor.parent_path();
   if (!fs::is_directory(ancestor))
     throw io_error(detail::cat("output '", dir, "': '", ancestor.string(), "' is not a directory"));
 }
@@ -335,7 +343,7 @@ inline void save_native(const model::weights& w, const std::string& dir, const n
                         const native_save_options& opt = {}) {
   namespace fs = std::filesystem;
   model::validate(w);
-  const fs::path out = fs::absolute(fs::path(dir)).lexically_normal();
+  const fs::path out = output_path(dir);
   check_output_dir(out.string(), opt.overwrite);
 
   nlohmann::json layers = nlohmann::json::array();
