@@ -422,6 +422,11 @@ TEST_CASE("safetensors: a broken sharded index is an error naming the index, sha
   CHECK_REJECTS(io::safetensors_checkpoint{index}, format_error, idx && Catch::Contains("missing object 'weight_map'"));
   put_text(index, R"({"weight_map":{"a":1}})");
   CHECK_REJECTS(io::safetensors_checkpoint{index}, format_error, idx && Catch::Contains("weight_map['a'] must be a file name"));
+  for (const std::string outside : {"../shard1.safetensors", "/tmp/shard1.safetensors", "sub/shard1.safetensors", "..", ""}) {
+    put_text(index, R"({"weight_map":{"a":")" + outside + R"("}})");
+    CHECK_REJECTS(io::safetensors_checkpoint{index}, format_error,
+                  idx && Catch::Contains("weight_map['a'] = '" + outside + "' must be the name of a file beside the index"));
+  }
 
   // A damaged shard is reported with the shard's own name.
   put(dir / "shard1.safetensors", st_bytes("{}", {}, 50));

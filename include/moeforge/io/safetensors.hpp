@@ -354,6 +354,10 @@ class safetensors_checkpoint {
     for (const auto& [tensor, file] : j["weight_map"].items()) {
       if (!file.is_string()) throw format_error(cat("safetensors: index '", index.string(), "': weight_map['", tensor, "'] must be a file name"));
       const auto f = file.get<std::string>();
+      // Shards live beside their index: a path elsewhere (absolute, "../x", "d/x") is refused.
+      if (f.empty() || f == "." || f == ".." || std::filesystem::path(f).has_parent_path())
+        throw format_error(cat("safetensors: index '", index.string(), "': weight_map['", tensor, "'] = '", f,
+                               "' must be the name of a file beside the index"));
       if (!shard_of_file.count(f)) {
         shard_of_file[f] = shards_.size();
         shards_.emplace_back((index.parent_path() / f).string());
