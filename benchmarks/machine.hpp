@@ -75,30 +75,27 @@ inline double probe_fma_gflops(int threads) {
   constexpr int width = 16;
   const auto fma = [](reg a, reg m, reg c) { return _mm512_fmadd_ps(a, m, c); };
   const auto splat = [](float v) { return _mm512_set1_ps(v); };
-  const auto sum = [](reg v) {
-    alignas(64) float f[16];
-    _mm512_store_ps(f, v);
-    double s = 0;
-    for (float x : f) s += x;
-    return s;
-  };
+  const auto store = [](float* f, reg v) { _mm512_storeu_ps(f, v); };
 #elif defined(__AVX2__) && defined(__FMA__)
   using reg = __m256;
   constexpr int width = 8;
   const auto fma = [](reg a, reg m, reg c) { return _mm256_fmadd_ps(a, m, c); };
   const auto splat = [](float v) { return _mm256_set1_ps(v); };
-  const auto sum = [](reg v) {
-    alignas(32) float f[8];
-    _mm256_store_ps(f, v);
-    return double(f[0]) + f[1] + f[2] + f[3] + f[4] + f[5] + f[6] + f[7];
-  };
+  const auto store = [](float* f, reg v) { _mm256_storeu_ps(f, v); };
 #else
   using reg = float;
   constexpr int width = 1;
   const auto fma = [](reg a, reg m, reg c) { return a * m + c; };
   const auto splat = [](float v) { return v; };
-  const auto sum = [](reg v) { return double(v); };
+  const auto store = [](float* f, reg v) { *f = v; };
 #endif
+  const auto sum = [&](reg v) {
+    float f[width];
+    store(f, v);
+    double s = 0;
+    for (float x : f) s += x;
+    return s;
+  };
   double best = 0, sink = 0;
   for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();

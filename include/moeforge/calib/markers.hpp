@@ -56,8 +56,8 @@ namespace detail {
 // NP neurons) over packed panels, KC-deep. Every element is summed over k in
 // ascending order, KC at a time, whatever the thread count: the result is the
 // same bits with 1 or N threads (threads split the token chunks).
-// The micro-kernel and tile sizes are the FFN kernel's (runtime/gemm.hpp);
-// the packing here is the markers' own.
+// The micro-kernel, tile sizes and panel packer are the FFN kernel's
+// (runtime/gemm.hpp); the [gate | up] panel layout is the markers' own.
 constexpr index_t marker_mr = runtime::detail::gemm_mr;  // tokens per micro-tile
 constexpr index_t marker_nr = runtime::detail::gemm_nr;  // NP gate + NP up columns
 constexpr index_t marker_np = marker_nr / 2;               // neurons per weight panel

@@ -482,16 +482,16 @@ inline cmoe_result cmoe(const ffn& dense, const calib::markers& mk, const cmoe_o
   t0 = begin_stage("experts");
   layer.experts.resize(std::size_t(k));
   if (!rep.shared.empty()) layer.shared.resize(1);
-  // Job k (when there are shared neurons) builds the shared expert, the largest: it goes first.
-  const index_t jobs = k + index_t(layer.shared.size());
+  // The shared expert, the largest, is built first (job 0) when there is one.
+  const auto first = index_t(layer.shared.size());
+  const index_t jobs = first + k;
   std::vector<std::exception_ptr> failed(static_cast<std::size_t>(jobs));  // (bad_alloc) must not escape the parallel region
 #pragma omp parallel for schedule(dynamic, 1)
   for (index_t q = 0; q < jobs; ++q) try {
-      const index_t j = (q + jobs - index_t(layer.shared.size())) % jobs;
-      if (j == k)
+      if (q < first)
         layer.shared[0].weights = select_neurons(dense, rep.shared);
       else
-        layer.experts[std::size_t(j)].weights = select_neurons(dense, rep.experts[std::size_t(j)]);
+        layer.experts[std::size_t(q - first)].weights = select_neurons(dense, rep.experts[std::size_t(q - first)]);
     } catch (...) {
       failed[std::size_t(q)] = std::current_exception();
     }
