@@ -49,7 +49,7 @@ moe_layer random_moe(const moe_shape& s, std::mt19937& rng) {
   moe_layer m;
   m.router.weight = random_matrix(s.routed, hidden, 0.02f, rng);
   m.router.top_k = s.k;
-  for (index_t e = 0; e < s.routed; ++e) m.experts.push_back({random_ffn(width, rng), vector(), 0});
+  for (index_t e = 0; e < s.routed; ++e) m.experts.push_back({random_ffn(width, rng), vector(), 0, {}});
   for (index_t e = 0; e < s.shared; ++e) m.shared.push_back({random_ffn(width, rng), vector()});
   return m;
 }

@@ -55,7 +55,7 @@ TEST_CASE("ffn validation names the matrix and the expected shape") {
 TEST_CASE("moe layer validation rejects impossible configurations") {
   moe_layer m;
   m.router.weight = matrix::Ones(3, 4);
-  for (int e = 0; e < 3; ++e) m.experts.push_back({make_ffn(4, 2), {}, 0});
+  for (int e = 0; e < 3; ++e) m.experts.push_back({make_ffn(4, 2), {}, 0, {}});
   m.router.top_k = 2;
   REQUIRE_NOTHROW(validate(m, "moe"));
   m.router.top_k = 4;

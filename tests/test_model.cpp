@@ -90,7 +90,7 @@ TEST_CASE("a dense model whose FFNs become an all-active MoE keeps its perplexit
     std::size_t at = 0;
     for (std::size_t w : widths) {
       std::vector<int> part(neurons.begin() + std::ptrdiff_t(at), neurons.begin() + std::ptrdiff_t(at + w));
-      m.experts.push_back({select_neurons(dense, part), {}, 0});
+      m.experts.push_back({select_neurons(dense, part), {}, 0, {}});
       at += w;
     }
     REQUIRE(at == neurons.size());

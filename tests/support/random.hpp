@@ -42,7 +42,7 @@ inline moe_layer random_layer(const layer_spec& s, std::mt19937& rng) {
   // which float and the double reference would break differently.
   m.router.weight = random_matrix(e, s.hidden, rng, 0.3f);
   if (s.kind == router_kind::cmoe_analytic) m.router.weight_up = random_matrix(e, s.hidden, rng, 0.3f);
-  for (index_t w : s.widths) m.experts.push_back({random_ffn(s.hidden, w, rng), {}, 0});
+  for (index_t w : s.widths) m.experts.push_back({random_ffn(s.hidden, w, rng), {}, 0, {}});
   for (int n : s.novices) {
     m.experts[std::size_t(n)].weights = ffn{};
     m.experts[std::size_t(n)].novice = random_matrix(s.hidden, 1, rng);

@@ -35,6 +35,66 @@ inline std::string_view router_kind_name(router_kind k) {
 /// Every router kind, for parsers and tests.
 inline constexpr router_kind all_router_kinds[] = {router_kind::softmax_topk, router_kind::cmoe_analytic, router_kind::centroid_topk};
 
+/// DualSparse-MoE dynamic dropping, applied per token after top-k selection.
+/// With ŝ_j = p_j / Σ_{top-k} p (p: the router's probability of a selected
+/// expert) and T_e = threshold · expert_factor[e] (factor 1 when empty):
+enum class drop_kind {
+  none,    ///< every selected expert is computed in full
+  one_t,   ///< "1t": expert j is computed iff ŝ_j ≥ T_j, else dropped
+  two_t,   ///< "2t": ŝ ≥ T+margin: full; T−margin ≤ ŝ < T+margin: major part only; else dropped
+  naee,    ///< "naee": drop j (not the top-1) iff p_j < threshold·p_1 (threshold = β)
+  top_p,   ///< "top-p": keep experts in descending order until Σ ŝ of the kept ones reaches threshold (= p)
+};
+
+inline std::string_view drop_kind_name(drop_kind k) {
+  switch (k) {
+    case drop_kind::none: return "none";
+    case drop_kind::one_t: return "1t";
+    case drop_kind::two_t: return "2t";
+    case drop_kind::naee: return "naee";
+    case drop_kind::top_p: return "top-p";
+  }
+  return "?";
+}
+
+inline constexpr drop_kind all_drop_kinds[] = {drop_kind::none, drop_kind::one_t, drop_kind::two_t, drop_kind::naee, drop_kind::top_p};
+
+/// Parses "none", "1t", "2t", "naee" or "top-p"; throws config_error naming the text.
+inline drop_kind parse_drop_kind(std::string_view text) {
+  for (auto k : all_drop_kinds)
+    if (text == drop_kind_name(k)) return k;
+  throw config_error(detail::cat("drop policy '", text, "': expected none, 1t, 2t, naee or top-p"));
+}
+
+/// The drop policy as plain data on the router, so the model, the native
+/// format and every forward pass carry it (see drop_kind for the rules).
+struct drop_policy {
+  drop_kind kind = drop_kind::none;
+  float threshold = 0.0f;  ///< 1t/2t: T on the normalised score; naee: β; top-p: p
+  float margin = 0.01f;    ///< 2t: T_major = T − margin, T_minor = T + margin
+  /// Per expert, a multiplier of T for 1t/2t (load-aware thresholds: under-loaded
+  /// experts get a lower T). Empty: 1 for every expert.
+  std::vector<float> expert_factor;
+
+  bool active() const { return kind != drop_kind::none; }
+  float factor(index_t expert) const { return expert_factor.empty() ? 1.0f : expert_factor[std::size_t(expert)]; }
+};
+
+/// Throws config_error naming `what` unless the policy is usable for `experts` experts.
+inline void validate(const drop_policy& d, index_t experts, const std::string& what) {
+  if (!std::isfinite(d.threshold) || d.threshold < 0.0f || d.threshold > 1.0f)
+    throw config_error(detail::cat(what, ".threshold = ", d.threshold, ", expected a value in [0, 1]"));
+  if (d.kind == drop_kind::two_t && !(d.margin >= 0.0f && std::isfinite(d.margin)))
+    throw config_error(detail::cat(what, ".margin = ", d.margin, ", expected >= 0 (T_major = T - margin must not exceed T_minor = T + margin)"));
+  if (!d.expert_factor.empty()) {
+    if (index_t(d.expert_factor.size()) != experts)
+      throw config_error(detail::cat(what, ".expert_factor: ", d.expert_factor.size(), " entries, expected ", experts, " (one per expert)"));
+    for (std::size_t e = 0; e < d.expert_factor.size(); ++e)
+      if (!(d.expert_factor[e] >= 0.0f && d.expert_factor[e] <= 1.0f))
+        throw config_error(detail::cat(what, ".expert_factor[", e, "] = ", d.expert_factor[e], ", expected a value in [0, 1]"));
+  }
+}
+
 struct router {
   router_kind kind = router_kind::softmax_topk;
   matrix weight;     ///< [E, H]: the linear router, G for cmoe_analytic, the centroids for centroid_topk
@@ -42,6 +102,7 @@ struct router {
   index_t top_k = 1;
   bool renormalize = true;  ///< softmax_topk only
   float scale = 1.0f;       ///< multiplies every gate weight
+  drop_policy drop;         ///< DualSparse dynamic dropping (none by default)
 
   index_t experts() const { return weight.rows(); }
 };
@@ -54,12 +115,18 @@ struct routed_expert {
   /// DualSparse: the expert's neurons are ordered by importance and the first
   /// `major` of them form the major sub-expert (0 = the first half, rounded up).
   index_t major = 0;
+  /// DualSparse partial transformation: the expert runs as sub-experts
+  /// [0, parts[0]), [parts[0], parts[1]), …, [parts.back(), width) that share
+  /// the expert's gate weight. Strictly ascending cut points inside (0, width);
+  /// empty: one sub-expert. The output is the same either way.
+  std::vector<index_t> parts;
 
   bool is_novice() const { return novice.size() != 0; }
   index_t width() const { return is_novice() ? 0 : weights.intermediate(); }
   index_t major_width() const {
     return major > 0 ? major : (width() + 1) / 2;
   }
+  index_t sub_experts() const { return index_t(parts.size()) + 1; }
 };
 
 /// An always-on expert. With a `gate` vector ([H], Qwen2-MoE's
@@ -96,16 +163,22 @@ inline void validate(const moe_layer& m, const std::string& what) {
   if (r.top_k < 1 || r.top_k > e)
     throw config_error(detail::cat(what, ".router.top_k = ", r.top_k, ", expected 1..", e));
   if (!std::isfinite(r.scale)) throw value_error(what + ".router.scale is not finite");
+  validate(r.drop, e, what + ".router.drop");
   for (index_t i = 0; i < e; ++i) {
     const auto& x = m.experts[std::size_t(i)];
     const std::string name = detail::cat(what, ".experts[", i, "]");
     if (x.is_novice()) {
+      if (!x.parts.empty()) throw config_error(name + ": a novice has no sub-experts");
       if (x.novice.size() != h) throw shape_error(detail::cat(name, ".novice: size ", x.novice.size(), ", expected ", h));
       if (x.weights.up.size() != 0) throw shape_error(name + ": a novice must not also hold weights");
     } else {
       validate(x.weights, name, h);
       if (x.major < 0 || x.major > x.width())
         throw config_error(detail::cat(name, ".major = ", x.major, ", expected 0..", x.width()));
+      for (std::size_t p = 0; p < x.parts.size(); ++p)
+        if (x.parts[p] <= (p ? x.parts[p - 1] : 0) || x.parts[p] >= x.width())
+          throw config_error(detail::cat(name, ".parts: cut points must rise strictly inside (0, ", x.width(), "), got ",
+                                         x.parts[p], " at ", p));
     }
   }
   for (std::size_t i = 0; i < m.shared.size(); ++i) {

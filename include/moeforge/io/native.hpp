@@ -11,10 +11,13 @@
 //               "rope": "interleaved"|"half_split", "tied_embeddings",
 //               "bos_token", "eos_token"},
 //    "layers": [{"ffn": "dense", "act": "silu", "gated": true}
-//             | {"ffn": "moe", "router": {"kind", "top_k", "renormalize", "scale"},
-//                "experts": [{"novice": false, "major": 0, "act", "gated"}, ...],
+//             | {"ffn": "moe", "router": {"kind", "top_k", "renormalize", "scale",
+//                                         "drop": {"policy", "threshold", "margin", "expert_factor"}},
+//                "experts": [{"novice": false, "major": 0, "parts": [], "act", "gated"}, ...],
 //                "shared": [{"act", "gated", "sigmoid_gate": false}, ...]}],
 //    "provenance": {...}}   // free-form: source model, conversion report, calibration
+// "drop" and "parts" (DualSparse) are optional on reading: a model written
+// before they existed has no dropping and one sub-expert per expert.
 //
 // Tensor names (all F32, row-major, [out, in] like Hugging Face):
 //   tok_emb [V,H], final_norm [H], lm_head [V,H] (absent when tied),
@@ -137,6 +140,7 @@ inline nlohmann::json layer_json(const model::layer& l) {
     if (!e.is_novice()) {
       j["novice"] = false;
       j["major"] = e.major;
+      j["parts"] = e.parts;
     }
     experts.push_back(std::move(j));
   }
@@ -150,7 +154,12 @@ inline nlohmann::json layer_json(const model::layer& l) {
            {{"kind", std::string(router_kind_name(m.router.kind))},
             {"top_k", m.router.top_k},
             {"renormalize", m.router.renormalize},
-            {"scale", m.router.scale}}},
+            {"scale", m.router.scale},
+            {"drop",
+             {{"policy", std::string(drop_kind_name(m.router.drop.kind))},
+              {"threshold", m.router.drop.threshold},
+              {"margin", m.router.drop.margin},
+              {"expert_factor", m.router.drop.expert_factor}}}}},
           {"experts", std::move(experts)},
           {"shared", std::move(shared)}};
 }
@@ -241,6 +250,18 @@ inline model::layer layer_skeleton(const manifest_reader& r, const nlohmann::jso
   m.router.top_k = r.get<index_t>(rj, "top_k", rw);
   m.router.renormalize = r.get<bool>(rj, "renormalize", rw);
   m.router.scale = r.get<float>(rj, "scale", rw);
+  if (rj.contains("drop")) {
+    const auto& dj = r.at(rj, "drop", rw);
+    const std::string dw = rw + ".drop";
+    try {
+      m.router.drop.kind = parse_drop_kind(r.get<std::string>(dj, "policy", dw));
+    } catch (const config_error& e) {
+      r.fail(cat(dw, ": ", e.what()));
+    }
+    m.router.drop.threshold = r.get<float>(dj, "threshold", dw);
+    m.router.drop.margin = r.get<float>(dj, "margin", dw);
+    m.router.drop.expert_factor = r.get<std::vector<float>>(dj, "expert_factor", dw);
+  }
   const auto& experts = r.array(j, "experts", where);
   for (std::size_t e = 0; e < experts.size(); ++e) {
     const std::string ew = cat(where, ".experts[", e, "]");
@@ -250,6 +271,7 @@ inline model::layer layer_skeleton(const manifest_reader& r, const nlohmann::jso
     } else {
       x.weights = ffn_skeleton(r, experts[e], ew);
       x.major = r.get<index_t>(experts[e], "major", ew);
+      if (experts[e].contains("parts")) x.parts = r.get<std::vector<index_t>>(experts[e], "parts", ew);
     }
     m.experts.push_back(std::move(x));
   }

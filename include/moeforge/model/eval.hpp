@@ -32,12 +32,20 @@ struct perplexity_result {
   index_t windows = 0;
   double seconds = 0.0;
   double prefill_tokens_per_second = 0.0;
+  /// The FFN work actually done, per layer and summed: realised drop rate and
+  /// active fraction under the model's drop policies.
+  std::vector<runtime::route_stats> layer_work;
+  runtime::route_stats work;
 };
 
-/// Negative log-likelihood of each window's tokens 1..len-1 given the ones before.
-inline double window_nll(const transformer& tr, const std::vector<std::int32_t>& window) {
+/// Negative log-likelihood of each window's tokens 1..len-1 given the ones
+/// before; adds each layer's FFN work to `work` when given (sized to the layers).
+inline double window_nll(const transformer& tr, const std::vector<std::int32_t>& window,
+                         std::vector<runtime::route_stats>* work = nullptr) {
   kv_cache cache = tr.new_cache();
-  const matrix logits = tr.forward(window, cache);
+  forward_options opt;
+  if (work) opt.on_route = [work](index_t layer, const runtime::route_stats& s) { (*work)[std::size_t(layer)] += s; };
+  const matrix logits = tr.forward(window, cache, opt);
   double nll = 0.0;
   for (std::size_t t = 0; t + 1 < window.size(); ++t) {
     const auto row = logits.row(index_t(t));
@@ -59,19 +67,25 @@ inline perplexity_result perplexity(const transformer& tr, const std::vector<std
   if (max_windows > 0 && index_t(windows.size()) > max_windows) windows.resize(std::size_t(max_windows));
   if (windows.empty()) throw config_error("perplexity: the text has fewer than 2 tokens");
   std::vector<double> nll(windows.size());
+  const std::size_t layers = std::size_t(tr.model().config.n_layers);
+  std::vector<std::vector<runtime::route_stats>> work(windows.size(), std::vector<runtime::route_stats>(layers));
   const auto t0 = std::chrono::steady_clock::now();
   // Windows are independent: one per thread, summed in window order afterwards
   // so the total does not depend on the thread count.
 #pragma omp parallel for schedule(dynamic, 1)
-  for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(windows.size()); ++i) nll[std::size_t(i)] = window_nll(tr, windows[std::size_t(i)]);
+  for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(windows.size()); ++i)
+    nll[std::size_t(i)] = window_nll(tr, windows[std::size_t(i)], &work[std::size_t(i)]);
   perplexity_result r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.layer_work.resize(layers);
   for (std::size_t i = 0; i < windows.size(); ++i) {
+    for (std::size_t l = 0; l < layers; ++l) r.layer_work[l] += work[i][l];
     r.nll += nll[i];
     r.tokens += index_t(windows[i].size());
     r.predicted += index_t(windows[i].size()) - 1;
   }
   if (max_windows <= 0) r.tokens = index_t(stream.size());
+  for (const auto& l : r.layer_work) r.work += l;
   r.windows = index_t(windows.size());
   r.ppl = std::exp(r.nll / double(r.predicted));
   r.prefill_tokens_per_second = double(r.tokens) / r.seconds;

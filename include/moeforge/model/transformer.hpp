@@ -32,6 +32,9 @@ struct forward_options {
   index_t stop_after_layer = -1;
   /// Compute logits for every position (prefill for perplexity) or only the last.
   bool all_logits = true;
+  /// Called with the work each layer's FFN does on this batch (after any
+  /// DualSparse dropping): realised drop rate and active fraction.
+  std::function<void(index_t layer, const runtime::route_stats&)> on_route;
 };
 
 /// Throws shape_error / config_error naming the part of the model that does
@@ -135,10 +138,15 @@ class transformer {
         cache.length = start + n;
         return matrix();
       }
-      if (const auto* f = std::get_if<ffn>(&l.ffn))
+      if (const auto* f = std::get_if<ffn>(&l.ffn)) {
+        if (opt.on_route) opt.on_route(li, runtime::dense_stats(*f, n));
         runtime::dense_forward(*f, xb, y);
-      else
-        y = runtime::moe_forward(std::get<moe_layer>(l.ffn), xb);
+      } else {
+        const auto& m = std::get<moe_layer>(l.ffn);
+        const runtime::selection sel = runtime::select(m, xb);
+        if (opt.on_route) opt.on_route(li, runtime::count_work(m, sel));
+        runtime::moe_forward(m, runtime::make_plan(m, sel, xb), xb, y);
+      }
       x += y;
     }
     cache.length = start + n;

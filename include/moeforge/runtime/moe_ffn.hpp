@@ -23,15 +23,17 @@ namespace moeforge::runtime {
 
 namespace detail {
 
-/// One expert's share of the batch: which tokens, their multipliers, and how
-/// many of its neurons each computes.
+/// One (sub-)expert's share of the batch: neurons [first, first + columns)
+/// of `weights` for the listed tokens, with their multipliers. A DualSparse
+/// sub-expert, or the minor part that only full pairs need, is a job of its own,
+/// so work a pair does not need is never computed.
 struct job {
   const ffn* weights = nullptr;
   const vector* novice = nullptr;
   std::vector<std::int32_t> tokens;
   std::vector<float> scale;
-  std::vector<std::int32_t> width;
-  index_t columns = 0;  ///< neurons any of its tokens computes
+  index_t first = 0;
+  index_t columns = 0;
   matrix x;             ///< gathered inputs [n, H]; empty when the job takes every token in order
   matrix h;             ///< activations [n, columns]
 };
@@ -49,19 +51,15 @@ constexpr double min_parallel_fma = 1 << 20;
 inline void fill_activations(job& j, const_matrix_ref x, index_t i0, index_t count) {
   const ffn& f = *j.weights;
   const auto in = j.x.size() ? const_matrix_ref(j.x) : x;
+  const index_t n0 = j.first + i0;
   if (f.gated()) {
-    const matrix gu = times_transpose({rows_of(f.gate.middleRows(i0, count)), rows_of(f.up.middleRows(i0, count))}, in);
+    const matrix gu = times_transpose({rows_of(f.gate.middleRows(n0, count)), rows_of(f.up.middleRows(n0, count))}, in);
     for (index_t p = 0; p < gu.rows(); ++p)
       for (index_t i = 0; i < count; ++i) j.h(p, i0 + i) = activate(f.act, gu(p, i)) * gu(p, count + i);
   } else {
-    const matrix u = times_transpose({rows_of(f.up.middleRows(i0, count))}, in);
+    const matrix u = times_transpose({rows_of(f.up.middleRows(n0, count))}, in);
     for (index_t p = 0; p < u.rows(); ++p)
       for (index_t i = 0; i < count; ++i) j.h(p, i0 + i) = activate(f.act, u(p, i));
-  }
-  // Neurons past a pair's width (a DualSparse major-only pair) contribute nothing.
-  for (index_t p = 0; p < j.h.rows(); ++p) {
-    const index_t keep = std::clamp<index_t>(j.width[std::size_t(p)] - i0, 0, count);
-    j.h.row(p).segment(i0 + keep, count - keep).setZero();
   }
 }
 
@@ -71,7 +69,7 @@ inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
       y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * j.novice->segment(r0, rows).transpose();
     return;
   }
-  const matrix part = times_transpose({rows_of(j.weights->down.block(r0, 0, rows, j.columns))}, j.h);
+  const matrix part = times_transpose({rows_of(j.weights->down.block(r0, j.first, rows, j.columns))}, j.h);
   for (std::size_t p = 0; p < j.tokens.size(); ++p) y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * part.row(index_t(p));
 }
 
@@ -114,13 +112,40 @@ inline void gather(job& j, const_matrix_ref x) {
   for (std::size_t p = 0; p < j.tokens.size(); ++p) j.x.row(index_t(p)) = x.row(j.tokens[p]);
 }
 
+/// The jobs of routed expert `ex` for plan pairs [p0, p1): one per segment
+/// between consecutive cut points (its sub-expert boundaries and every width a
+/// pair asks for), each over the pairs that need that segment.
+inline void add_expert_jobs(const routed_expert& ex, const routing_plan& plan, index_t p0, index_t p1, const_matrix_ref x,
+                            std::vector<job>& jobs) {
+  std::vector<index_t> cuts(ex.parts.begin(), ex.parts.end());
+  for (index_t p = p0; p < p1; ++p) cuts.push_back(plan.width[std::size_t(p)]);
+  cuts.push_back(ex.width());
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  index_t a = 0;
+  for (const index_t b : cuts) {
+    if (b <= a) continue;
+    job j;
+    j.weights = &ex.weights;
+    j.first = a;
+    j.columns = b - a;
+    for (index_t p = p0; p < p1; ++p)
+      if (plan.width[std::size_t(p)] >= b) {
+        j.tokens.push_back(plan.token[std::size_t(p)]);
+        j.scale.push_back(plan.weight[std::size_t(p)]);
+      }
+    gather(j, x);
+    jobs.push_back(std::move(j));
+    a = b;
+  }
+}
+
 inline job whole_batch_job(const ffn& f, index_t tokens) {
   job j;
   j.weights = &f;
   j.tokens.resize(std::size_t(tokens));
   std::iota(j.tokens.begin(), j.tokens.end(), 0);
   j.scale.assign(std::size_t(tokens), 1.0f);
-  j.width.assign(std::size_t(tokens), std::int32_t(f.intermediate()));
   j.columns = f.intermediate();
   return j;
 }
@@ -152,22 +177,23 @@ inline void moe_forward(const moe_layer& m, const routing_plan& plan, const_matr
   }
   for (index_t e = 0; e < m.num_experts(); ++e) {
     const auto& ex = m.experts[std::size_t(e)];
-    detail::job j;
-    if (ex.is_novice())
-      j.novice = &ex.novice;
-    else
-      j.weights = &ex.weights;
-    for (index_t p = plan.offsets[std::size_t(e)]; p < plan.offsets[std::size_t(e + 1)]; ++p) {
+    const index_t p0 = plan.offsets[std::size_t(e)], p1 = plan.offsets[std::size_t(e + 1)];
+    for (index_t p = p0; p < p1; ++p) {
       const auto w = plan.width[std::size_t(p)];
       if (!ex.is_novice() && (w < 0 || w > ex.width()))
         throw shape_error(cat("moe: plan pair ", p, " asks expert ", e, " for ", w, " neurons, it has ", ex.width()));
-      j.tokens.push_back(plan.token[std::size_t(p)]);
-      j.scale.push_back(plan.weight[std::size_t(p)]);
-      j.width.push_back(w);
-      j.columns = std::max<index_t>(j.columns, w);
     }
-    if (!j.novice) detail::gather(j, x);
-    jobs.push_back(std::move(j));
+    if (ex.is_novice()) {
+      detail::job j;
+      j.novice = &ex.novice;
+      for (index_t p = p0; p < p1; ++p) {
+        j.tokens.push_back(plan.token[std::size_t(p)]);
+        j.scale.push_back(plan.weight[std::size_t(p)]);
+      }
+      jobs.push_back(std::move(j));
+      continue;
+    }
+    detail::add_expert_jobs(ex, plan, p0, p1, x, jobs);
   }
   if (x.rows() == 0) return;
   detail::run_jobs(jobs, x, y);

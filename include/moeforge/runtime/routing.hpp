@@ -149,9 +149,103 @@ inline routing_plan make_plan(const moe_layer& m, const selection& sel, const_ma
   return plan;
 }
 
-/// The plan the layer's router makes for `x`, computing every selected expert in full.
-inline routing_plan route(const moe_layer& m, const_matrix_ref x) {
-  return make_plan(m, select_topk(m.router, router_probs(m.router, x)), x);
+/// Applies the router's drop policy to a top-k selection (DualSparse-MoE):
+/// marks pairs dropped or major-only; kept pairs keep their gate weight.
+inline void apply_drop(const drop_policy& d, selection& sel) {
+  if (!d.active()) return;
+  const float t_major = d.kind == drop_kind::two_t ? std::max(0.0f, d.threshold - d.margin) : d.threshold;
+  const float t_minor = d.kind == drop_kind::two_t ? d.threshold + d.margin : d.threshold;
+  for (index_t t = 0; t < sel.tokens; ++t) {
+    const std::size_t row = std::size_t(t * sel.k);
+    float sum = 0.0f;
+    for (index_t j = 0; j < sel.k; ++j) sum += sel.prob[row + std::size_t(j)];
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    float kept_mass = 0.0f;
+    for (index_t j = 0; j < sel.k; ++j) {
+      const std::size_t i = row + std::size_t(j);
+      const float s = sel.prob[i] * inv;  // ŝ_j
+      const float f = d.factor(index_t(sel.expert[i]));
+      pair_work w = pair_work::full;
+      switch (d.kind) {
+        case drop_kind::none: break;
+        case drop_kind::one_t: w = s >= t_minor * f ? pair_work::full : pair_work::dropped; break;
+        case drop_kind::two_t:
+          w = s >= t_minor * f ? pair_work::full : s >= t_major * f ? pair_work::major : pair_work::dropped;
+          break;
+        case drop_kind::naee: w = j == 0 || sel.prob[i] >= d.threshold * sel.prob[row] ? pair_work::full : pair_work::dropped; break;
+        case drop_kind::top_p: w = j == 0 || kept_mass < d.threshold ? pair_work::full : pair_work::dropped; break;
+      }
+      kept_mass += s;
+      sel.work[i] = w;
+    }
+  }
 }
+
+/// What a batch's routing costs, in neuron-matrix products (one neuron of a
+/// gated FFN is 3, of an ungated one 2), so shared experts, experts of
+/// different widths and major-only pairs all count by their FLOPs.
+struct route_stats {
+  index_t tokens = 0;
+  double shared = 0;    ///< by the shared experts
+  double selected = 0;  ///< by the selected routed experts, computed in full
+  double kept = 0;      ///< by the routed experts after dropping
+  double stored = 0;    ///< tokens × every neuron of the layer (what a dense layer of all of them costs)
+
+  /// Dropped share of the layer's token-expert work (shared experts in the denominator).
+  double drop_rate() const { return shared + selected > 0 ? (selected - kept) / (shared + selected) : 0.0; }
+  /// Work computed over the work of every stored neuron.
+  double active_fraction() const { return stored > 0 ? (shared + kept) / stored : 0.0; }
+  route_stats& operator+=(const route_stats& o) {
+    tokens += o.tokens;
+    shared += o.shared;
+    selected += o.selected;
+    kept += o.kept;
+    stored += o.stored;
+    return *this;
+  }
+};
+
+namespace detail {
+inline double neuron_cost(const ffn& f) { return f.gated() ? 3.0 : 2.0; }
+}  // namespace detail
+
+/// The work of one dense FFN over `tokens` tokens (all of it shared: nothing is routed).
+inline route_stats dense_stats(const ffn& f, index_t tokens) {
+  route_stats r;
+  r.tokens = tokens;
+  r.shared = r.stored = double(tokens) * double(f.intermediate()) * detail::neuron_cost(f);
+  return r;
+}
+
+/// The work a selection asks of layer `m`. Novices cost nothing.
+inline route_stats count_work(const moe_layer& m, const selection& sel) {
+  route_stats r;
+  r.tokens = sel.tokens;
+  double shared = 0, all = 0;
+  for (const auto& s : m.shared) shared += double(s.weights.intermediate()) * detail::neuron_cost(s.weights);
+  for (const auto& e : m.experts)
+    if (!e.is_novice()) all += double(e.width()) * detail::neuron_cost(e.weights);
+  r.shared = shared * double(sel.tokens);
+  r.stored = (shared + all) * double(sel.tokens);
+  for (std::size_t i = 0; i < sel.expert.size(); ++i) {
+    const auto& e = m.experts[std::size_t(sel.expert[i])];
+    if (e.is_novice()) continue;
+    const double c = detail::neuron_cost(e.weights);
+    r.selected += double(e.width()) * c;
+    if (sel.work[i] == pair_work::full) r.kept += double(e.width()) * c;
+    if (sel.work[i] == pair_work::major) r.kept += double(e.major_width()) * c;
+  }
+  return r;
+}
+
+/// The top-k selection of the layer's router for `x`, with its drop policy applied.
+inline selection select(const moe_layer& m, const_matrix_ref x) {
+  selection sel = select_topk(m.router, router_probs(m.router, x));
+  apply_drop(m.router.drop, sel);
+  return sel;
+}
+
+/// The plan the layer's router makes for `x`: top-k, then its drop policy.
+inline routing_plan route(const moe_layer& m, const_matrix_ref x) { return make_plan(m, select(m, x), x); }
 
 }  // namespace moeforge::runtime
