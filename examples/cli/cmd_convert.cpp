@@ -1,7 +1,5 @@
 // moeforge convert cmoe: a dense model -> a CMoE model, saved as a native
 // directory (model.safetensors + moeforge.json with the conversion report).
-#include <unistd.h>
-
 #include <cstdio>
 #include <iostream>
 
@@ -9,6 +7,7 @@
 
 #include "commands.hpp"
 #include "model_args.hpp"
+#include "progress.hpp"
 #include "moeforge/calib/ffn_inputs.hpp"
 #include "moeforge/convert/cmoe.hpp"
 #include "moeforge/io/native.hpp"
@@ -16,28 +15,6 @@
 namespace moeforge::cli {
 
 namespace {
-
-/// One line per layer on stderr, redrawn in place on a terminal:
-///   layer 2/5 [##########..........] assignment  1.3 s
-class progress_bar {
- public:
-  explicit progress_bar(bool quiet) : quiet_(quiet), tty_(::isatty(STDERR_FILENO) != 0) {}
-
-  void operator()(const convert::cmoe_model_progress& p) {
-    if (quiet_) return;
-    const bool done = p.stage == "done";
-    if (!tty_ && !done) return;
-    const int width = 20;
-    const int filled = int(double(p.layer + (done ? 1 : 0)) / double(p.layers) * width + 0.5);
-    std::fprintf(stderr, "%slayer %lld/%lld [%s%s] %-12s %6.1f s%s", tty_ ? "\r" : "", (long long)p.layer + 1, (long long)p.layers,
-                 std::string(std::size_t(filled), '#').c_str(), std::string(std::size_t(width - filled), '.').c_str(),
-                 p.stage.c_str(), p.seconds, tty_ && !done ? "" : "\n");
-    std::fflush(stderr);
-  }
-
- private:
-  bool quiet_, tty_;
-};
 
 /// --ka accepts a count ("10") or a fraction of I ("0.1").
 void set_ka(convert::cmoe_options& o, const args& a) {

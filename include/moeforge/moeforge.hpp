@@ -17,6 +17,8 @@
 #include "moeforge/model/eval.hpp"
 #include "moeforge/calib/markers.hpp"
 #include "moeforge/calib/ffn_inputs.hpp"
+#include "moeforge/calib/expert_stats.hpp"
+#include "moeforge/convert/driver.hpp"
 #include "moeforge/convert/assignment.hpp"
 #include "moeforge/convert/cmoe.hpp"
 #include "moeforge/io/safetensors.hpp"

@@ -16,6 +16,7 @@
 
 #include "moeforge/calib/markers.hpp"
 #include "moeforge/convert/assignment.hpp"
+#include "moeforge/convert/driver.hpp"
 #include "moeforge/core/moe.hpp"
 #include "moeforge/model/weights.hpp"
 
@@ -529,56 +530,36 @@ inline cmoe_result cmoe(const ffn& dense, const_matrix_ref x, const cmoe_options
   return out;
 }
 
-/// The calibration inputs [T, H] of layer `l`'s FFN, computed by running the
-/// model as it is now (layers 0..l-1 already converted) on the calibration
-/// tokens, e.g. calib::ffn_inputs (the FFN-input hook and stop-after-layer).
-using ffn_inputs_fn = std::function<matrix(const model::weights&, index_t layer)>;
-
-/// Progress of a whole model: called when a stage of a layer starts —
-/// "calibration", then "markers", "assignment", "router", "experts" — and
-/// with "done" when the layer is converted.
-struct cmoe_model_progress {
-  index_t layer = 0, layers = 0;
-  std::string stage;
-  double seconds = 0;  ///< since the model's conversion started
-};
+/// Progress of a whole model's CMoE conversion: stages "calibration",
+/// "markers", "assignment", "router", "experts", then "done" per layer.
+using cmoe_model_progress = layer_progress;
 
 /// Converts every dense layer of `w` in place, in layer order, each calibrated
 /// on the model as converted so far; returns one report per layer (empty for
 /// layers that are already MoE). Every layer's configuration is checked
 /// before any layer is touched.
 inline std::vector<cmoe_report> cmoe_model(model::weights& w, const ffn_inputs_fn& inputs, const cmoe_options& opt,
-                                           const std::function<void(const cmoe_model_progress&)>& progress = {}) {
+                                           const progress_fn& progress = {}) {
   validate(opt);
-  const index_t layers = index_t(w.layers.size());
-  for (index_t l = 0; l < layers; ++l)
-    if (const ffn* f = std::get_if<ffn>(&w.layers[std::size_t(l)].ffn)) {
+  for (std::size_t l = 0; l < w.layers.size(); ++l)
+    if (const ffn* f = std::get_if<ffn>(&w.layers[l].ffn)) {
       if (!f->gated())
         throw config_error(moeforge::detail::cat("cmoe: layer ", l, "'s FFN has no gate projection (CMoE needs a gated FFN)"));
       validate(opt.config, f->intermediate());
       resolve_ka(opt, f->intermediate());
     }
-  const auto start = detail::clock::now();
-  auto now = [&] { return std::chrono::duration<double>(detail::clock::now() - start).count(); };
-  auto tell = [&](index_t l, const std::string& stage) {
-    if (progress) progress(cmoe_model_progress{l, layers, stage, now()});
-  };
-  std::vector<cmoe_report> reports(static_cast<std::size_t>(layers));
-  for (index_t l = 0; l < layers; ++l) {
-    const ffn* f = std::get_if<ffn>(&w.layers[std::size_t(l)].ffn);
-    if (!f) continue;
-    tell(l, "calibration");
-    const double t0 = now();
-    const matrix x = inputs(w, l);
-    const double t_calib = now() - t0;
+  std::vector<cmoe_report> reports(w.layers.size());
+  visit_options vo;
+  vo.filter = layer_filter::dense;
+  vo.progress = progress;
+  visit_layers(w, inputs, vo, [&](layer_visit& v, double calibration_seconds) {
     cmoe_options layer_opt = opt;
-    layer_opt.progress = [&](const cmoe_progress& p) { tell(l, p.stage); };
-    cmoe_result res = cmoe(*f, x, layer_opt);
-    res.report.stage_seconds.insert(res.report.stage_seconds.begin(), {"calibration", t_calib});
-    reports[std::size_t(l)] = std::move(res.report);
-    w.layers[std::size_t(l)].ffn = std::move(res.layer);
-    tell(l, "done");
-  }
+    layer_opt.progress = [&](const cmoe_progress& p) { v.stage(p.stage); };
+    cmoe_result res = cmoe(std::get<ffn>(v.ffn), v.inputs, layer_opt);
+    res.report.stage_seconds.insert(res.report.stage_seconds.begin(), {"calibration", calibration_seconds});
+    reports[std::size_t(v.layer)] = std::move(res.report);
+    v.ffn = std::move(res.layer);
+  });
   return reports;
 }
 
