@@ -85,7 +85,7 @@ inline constexpr importance_metric all_importance_metrics[] = {importance_metric
 inline importance_metric parse_importance(std::string_view text) {
   for (auto m : all_importance_metrics)
     if (text == importance_name(m)) return m;
-  throw config_error(detail::cat("importance metric '", text, "': expected none, a, b, c or d"));
+  throw config_error(moeforge::detail::cat("importance metric '", text, "': expected none, a, b, c or d"));
 }
 
 struct expert_stats_options {
