@@ -10,6 +10,26 @@
 
 namespace moeforge::cli {
 
+namespace {
+
+/// --policy/--threshold/--margin replace every MoE layer's drop policy (load-aware factors included).
+void override_drop_policy(model::weights& w, const args& a) {
+  drop_policy p;
+  p.kind = parse_drop_kind(a.get("policy"));
+  p.threshold = float(a.get_double("threshold"));
+  p.margin = float(a.get_double("margin"));
+  bool any = false;
+  for (std::size_t l = 0; l < w.layers.size(); ++l)
+    if (auto* m = std::get_if<moe_layer>(&w.layers[l].ffn)) {
+      validate(p, m->num_experts(), detail::cat("--policy on layer ", l));
+      m->router.drop = p;
+      any = true;
+    }
+  if (!any) throw config_error("eval: --policy needs a model with MoE layers (convert it first with `moeforge convert cmoe`)");
+}
+
+}  // namespace
+
 int run_eval(int argc, char** argv) {
   args a("moeforge eval",
          "Perplexity of a text: one BOS-prefixed token stream cut into consecutive windows of --ctx tokens,\n"
@@ -19,23 +39,39 @@ int run_eval(int argc, char** argv) {
   a.option("ctx", "N", "window length (default: the model's context)");
   a.option("windows", "N", "evaluate only the first N windows");
   a.option("decode-steps", "N", "tokens to time one-token decode over", "256");
+  a.option("policy", "none|1t|2t|naee|top-p", "override every MoE layer's stored drop policy (the model file is not changed)");
+  a.option("threshold", "T", "with --policy: its threshold in [0, 1]", "0");
+  a.option("margin", "M", "with --policy 2t: T_major = T - M, T_minor = T + M", "0.01");
   a.flag("json", "print one JSON object instead of text");
   if (!a.parse(argc, argv)) return 0;
-  const auto w = load_model(a);
+  auto w = load_model(a);
+  if (a.has("policy")) override_drop_policy(w, a);
   const auto tok = load_tokenizer(a, w);
   const model::transformer tr(w);
   const auto stream = tok.encode(read_text_file(a.get("text")));
   const auto r = model::perplexity(tr, stream, a.has("ctx") ? a.get_int("ctx") : 0, a.has("windows") ? a.get_int("windows") : 0);
   const double decode = model::decode_tokens_per_second(tr, a.get_int("decode-steps"));
   if (a.flag_set("json")) {
-    nlohmann::json j{{"ppl", r.ppl}, {"nll", r.nll}, {"tokens", r.tokens}, {"predicted", r.predicted}, {"windows", r.windows}, {"active_fraction", model::active_ffn_fraction(w)},
-                     {"seconds", r.seconds}, {"prefill_tok_s", r.prefill_tokens_per_second}, {"decode_tok_s", decode}};
+    nlohmann::json j{{"ppl", r.ppl},
+                     {"nll", r.nll},
+                     {"tokens", r.tokens},
+                     {"predicted", r.predicted},
+                     {"windows", r.windows},
+                     {"active_fraction", r.work.active_fraction()},
+                     {"nominal_active_fraction", model::active_ffn_fraction(w)},
+                     {"drop_rate", r.work.drop_rate()},
+                     {"layer_drop_rate", nlohmann::json::array()},
+                     {"seconds", r.seconds},
+                     {"prefill_tok_s", r.prefill_tokens_per_second},
+                     {"decode_tok_s", decode}};
+    for (const auto& l : r.layer_work) j["layer_drop_rate"].push_back(l.drop_rate());
     std::cout << j.dump() << "\n";
   } else {
-    std::printf("perplexity   %.6f\ntokens       %lld (predicted %lld, windows %lld)\nactive FFN   %.1f%% of its neurons per token\n"
+    std::printf("perplexity   %.6f\ntokens       %lld (predicted %lld, windows %lld)\n"
+                "active FFN   %.1f%% of its work per token on this text (%.1f%% by configuration)\ndrop rate    %.2f%% of the token-expert work\n"
                 "prefill      %.0f tok/s\ndecode       %.0f tok/s\n",
-                r.ppl, (long long)r.tokens, (long long)r.predicted, (long long)r.windows, 100 * model::active_ffn_fraction(w),
-                r.prefill_tokens_per_second, decode);
+                r.ppl, (long long)r.tokens, (long long)r.predicted, (long long)r.windows, 100 * r.work.active_fraction(),
+                100 * model::active_ffn_fraction(w), 100 * r.work.drop_rate(), r.prefill_tokens_per_second, decode);
   }
   return 0;
 }

@@ -21,6 +21,8 @@
 #include "moeforge/convert/driver.hpp"
 #include "moeforge/convert/assignment.hpp"
 #include "moeforge/convert/cmoe.hpp"
+#include "moeforge/convert/partition.hpp"
+#include "moeforge/convert/dualsparse.hpp"
 #include "moeforge/io/safetensors.hpp"
 #include "moeforge/io/llama2c.hpp"
 #include "moeforge/io/hf.hpp"

@@ -19,6 +19,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moeforge/convert/partition.hpp"
 #include "moeforge/io/native.hpp"
 #include "moeforge/io/safetensors.hpp"
 #include "moeforge/model/transformer.hpp"
@@ -418,6 +419,7 @@ M to_half_split(const M& m, index_t heads, index_t head_dim) {
 // Why `m` has no Hugging Face form, or "" when it has one (Mixtral without a
 // shared expert, Qwen2-MoE with one sigmoid-gated shared expert).
 inline std::string hf_unrepresentable(const moe_layer& m) {
+  if (m.router.drop.active()) return cat("it has a ", drop_kind_name(m.router.drop.kind), " drop policy (DualSparse dropping)");
   if (m.router.kind != router_kind::softmax_topk)
     return cat("its router is ", router_kind_name(m.router.kind), " (only softmax_topk exists there)");
   if (m.router.scale != 1.0f) return "its router scale is not 1";
@@ -438,10 +440,31 @@ inline std::string hf_unrepresentable(const moe_layer& m) {
   return "";
 }
 
+/// `w` with every partitioned MoE layer (DualSparse's partial transformation)
+/// replaced by its complete transformation, a plain MoE of E·P experts; empty
+/// when no layer is partitioned. Throws config_error when a layer's
+/// sub-experts are not P even chunks of every expert.
+inline std::optional<model::weights> with_complete_transformations(const model::weights& w) {
+  std::optional<model::weights> out;
+  for (std::size_t li = 0; li < w.layers.size(); ++li) {
+    const auto* m = std::get_if<moe_layer>(&w.layers[li].ffn);
+    if (!m || std::all_of(m->experts.begin(), m->experts.end(), [](const routed_expert& e) { return e.parts.empty(); })) continue;
+    const index_t parts = m->experts.front().sub_experts();
+    for (const auto& e : m->experts)
+      if (e.sub_experts() != parts || e.parts != convert::even_cuts(e.width(), parts))
+        throw config_error(cat("save_hf: layer ", li, " has no Hugging Face form: its experts' sub-experts are not ", parts,
+                               " even chunks of each expert; save it in the native format"));
+    if (!out) out = w;
+    out->layers[li].ffn = convert::complete_transformation(*m, parts, cat("save_hf: layer ", li));
+  }
+  return out;
+}
+
 }  // namespace detail
 
 /// Writes `w` as a Hugging Face directory (config.json + model.safetensors,
-/// per-expert 2-D tensors), atomically. Dense models become "llama" (or
+/// per-expert 2-D tensors), atomically. A DualSparse-partitioned layer is
+/// written as its complete transformation (E·P plain experts, same output). Dense models become "llama" (or
 /// "qwen2" with attention biases); MoE models "mixtral" or "qwen2_moe". Models
 /// those layouts cannot express (CMoE routers, novices, ...) are refused with
 /// the reason; use save_native for them.
@@ -449,6 +472,7 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
   namespace fs = std::filesystem;
   using detail::cat;
   model::validate(w);
+  if (const auto flat = detail::with_complete_transformations(w)) return save_hf(*flat, dir, overwrite);
   const auto& c = w.config;
   const fs::path out = output_path(dir);
   check_output_dir(out.string(), overwrite);

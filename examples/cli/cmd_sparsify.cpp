@@ -1,0 +1,95 @@
+// moeforge sparsify dualsparse: DualSparse-MoE on an MoE model (a CMoE
+// conversion, Mixtral, Qwen2-MoE): exact partition and neuron reconstruction,
+// and a drop policy calibrated on text, saved as a native directory.
+#include <iostream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "conversion.hpp"
+#include "moeforge/convert/dualsparse.hpp"
+
+namespace moeforge::cli {
+
+namespace {
+
+/// "0,0,1,1" → {0, 0, 1, 1}.
+std::vector<index_t> parse_placement(const std::string& text) {
+  std::vector<index_t> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    std::size_t end = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(item, &end);
+    } catch (const std::exception&) {
+      end = 0;
+    }
+    if (end == 0 || end != item.size() || v < 0)
+      throw usage_error("moeforge sparsify dualsparse: --placement expects comma-separated group numbers >= 0, got '" + text + "'");
+    out.push_back(index_t(v));
+  }
+  return out;
+}
+
+int sparsify_dualsparse(int argc, char** argv) {
+  args a("moeforge sparsify dualsparse",
+         "DualSparse-MoE (arXiv 2508.18376) on an MoE model: split experts into sub-experts and order their neurons by\n"
+         "importance (both exact), then store a drop policy that skips low-score token-expert work at inference time,\n"
+         "its threshold given or calibrated on --calib to a target drop rate. Writes a native model directory.");
+  add_model_options(a, true, "model-config");
+  add_conversion_options(a);
+  a.option("partition", "P", "sub-experts per routed expert (partial transformation, exact)", "1");
+  a.option("metric", "none|a|b|c|d",
+           "neuron importance over the tokens routed to each expert: a Σact(g), b Σ|act(g)|, c Σact(g)·u, d Σ|act(g)·u|; "
+           "none keeps the original order",
+           "none");
+  a.option("major-fraction", "F", "share of each expert's neurons in its major part (2t computes only these for mid scores)", "0.5");
+  a.option("policy", "none|1t|2t|naee|top-p", "drop policy", "none");
+  a.option("threshold", "T", "the policy's threshold in [0, 1] (1t/2t: on the normalised score; naee: beta; top-p: p)");
+  a.option("drop-rate", "D", "calibrate the threshold so that this share of the work is dropped on --calib, in [0, 1)");
+  a.option("scope", "global|layer", "one threshold for all layers, or one per layer", "global");
+  a.option("margin", "M", "2t: T_major = T - M, T_minor = T + M", "0.01");
+  a.option("groups", "D", "load-aware thresholds over D groups of experts (expert parallelism; 1t/2t)");
+  a.option("placement", "G,G,...", "the group of each expert (default: contiguous blocks)");
+  if (!a.parse(argc, argv)) return 0;
+
+  io::check_output_dir(a.get("out"), a.flag_set("force"));
+  convert::dualsparse_options o;
+  o.partition = a.get_int("partition");
+  o.metric = calib::parse_importance(a.get("metric"));
+  o.major_fraction = a.get_double("major-fraction");
+  o.policy.kind = parse_drop_kind(a.get("policy"));
+  o.policy.margin = float(a.get_double("margin"));
+  if (a.has("threshold")) o.threshold = a.get_double("threshold");
+  if (a.has("drop-rate")) o.drop_rate = a.get_double("drop-rate");
+  o.scope = convert::parse_drop_scope(a.get("scope"));
+  if (a.has("groups")) o.groups = a.get_int("groups");
+  if (a.has("placement")) o.placement = parse_placement(a.get("placement"));
+  convert::validate(o);  // before the model loads: a typo costs nothing
+
+  model::weights w = load_model(a, "model-config");
+  const calibration cal = load_calibration(a, w);
+  progress_bar bar(a.flag_set("quiet"));
+  o.progress = std::ref(bar);
+  const auto report = convert::dualsparse_model(w, cal.inputs(), o);
+  save_conversion(a, w, {{"sparsification", {{"method", "dualsparse"}, {"report", convert::to_json(report)}}}, {"calibration", cal.description}});
+  if (!a.flag_set("json")) {
+    std::cout << "wrote " << a.get("out") << " (policy " << a.get("policy");
+    if (!report.layers.empty() && o.policy.active()) std::cout << ", threshold " << report.layers.front().policy.threshold;
+    std::cout << ", drop rate on the calibration text " << report.drop_rate_calib << ")\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_sparsify(int argc, char** argv) {
+  static const command methods[] = {
+      {"dualsparse", "DualSparse-MoE: partition, reconstruct and drop low-score expert work", &sparsify_dualsparse},
+  };
+  return dispatch("moeforge sparsify", methods, argc, argv);
+}
+
+}  // namespace moeforge::cli

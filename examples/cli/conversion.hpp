@@ -1,0 +1,66 @@
+// What every model-transforming subcommand (convert, sparsify, prune) shares:
+// the calibration options and windows, the progress bar, and writing the
+// result as a native directory with its tokenizer and provenance.
+#pragma once
+
+#include <iostream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "model_args.hpp"
+#include "moeforge/calib/ffn_inputs.hpp"
+#include "moeforge/io/native.hpp"
+#include "progress.hpp"
+
+namespace moeforge::cli {
+
+/// --calib, --calib-tokens, --ctx, --out, --force, --quiet, --json.
+inline void add_conversion_options(args& a) {
+  a.required("calib", "FILE", "calibration text (encoded as one BOS-prefixed stream, like eval)");
+  a.required("out", "DIR", "output directory (must not exist unless --force)");
+  a.option("calib-tokens", "N", "calibration tokens", "8192");
+  a.option("ctx", "N", "calibration window length (default: the model's context)");
+  a.flag("force", "replace --out if it exists (only after the new model is complete)");
+  a.flag("quiet", "no progress bar");
+  a.flag("json", "print the conversion report as JSON on stdout");
+}
+
+/// The calibration token windows and how they were made.
+struct calibration {
+  std::vector<std::vector<std::int32_t>> windows;
+  nlohmann::json description;
+
+  /// Layer l's FFN inputs for the model as given (the driver's inputs function).
+  convert::ffn_inputs_fn inputs() const {
+    return [this](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, windows); };
+  }
+};
+
+inline calibration load_calibration(const args& a, const model::weights& w) {
+  const auto tok = load_tokenizer(a, w);
+  const index_t ctx = a.has("ctx") ? a.get_int("ctx") : w.config.seq_len;
+  calibration c;
+  c.windows = calib::calibration_windows(tok.encode(read_text_file(a.get("calib"))), ctx, a.get_int("calib-tokens"));
+  c.description = {{"text", a.get("calib")}, {"tokens", a.get_int("calib-tokens")}, {"ctx", ctx}, {"windows", c.windows.size()}};
+  return c;
+}
+
+/// Writes `w` to --out as a native model carrying its tokenizer; the
+/// provenance records `step` (what this command did) after the source
+/// model's own history when the source is a native model.
+inline void save_conversion(const args& a, const model::weights& w, nlohmann::json step) {
+  nlohmann::json provenance{{"source", a.get("model")}};
+  if (io::is_native_dir(a.get("model"))) {
+    const auto parent = io::read_native_manifest(a.get("model"));
+    if (parent.contains("provenance")) provenance["parent"] = parent["provenance"];
+  }
+  provenance.update(step);
+  io::native_save_options save;
+  save.overwrite = a.flag_set("force");
+  save.attachments.push_back({tokenizer_path(a), "tokenizer.bin"});
+  io::save_native(w, a.get("out"), provenance, save);
+  if (a.flag_set("json")) std::cout << provenance.dump() << "\n";
+}
+
+}  // namespace moeforge::cli

@@ -1,0 +1,406 @@
+// DualSparse-MoE (arXiv 2508.18376) on any MoE model: exact partition into
+// sub-experts, static neuron reconstruction (importance order, major/minor
+// split), and a dynamic drop policy whose threshold is calibrated to a target
+// drop rate, optionally with load-imbalance-aware per-group thresholds.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "moeforge/calib/expert_stats.hpp"
+#include "moeforge/convert/driver.hpp"
+#include "moeforge/convert/partition.hpp"
+#include "moeforge/runtime/routing.hpp"
+
+namespace moeforge::convert {
+
+/// Whether one threshold serves every layer or each layer gets its own.
+enum class drop_scope { global, layer };
+
+inline std::string_view drop_scope_name(drop_scope s) { return s == drop_scope::global ? "global" : "layer"; }
+
+inline drop_scope parse_drop_scope(std::string_view text) {
+  if (text == "global") return drop_scope::global;
+  if (text == "layer") return drop_scope::layer;
+  throw config_error(moeforge::detail::cat("drop scope '", text, "': expected global or layer"));
+}
+
+struct dualsparse_options {
+  /// Partial transformation: sub-experts per routed expert (1 = none).
+  index_t partition = 1;
+  /// Neuron importance that orders each expert (none: keep the original order).
+  calib::importance_metric metric = calib::importance_metric::none;
+  /// Share of each expert's neurons in its major sub-expert, in (0, 1].
+  double major_fraction = 0.5;
+  /// Drop policy: kind and, for 2t, margin. Its threshold comes from
+  /// `threshold`, or is calibrated to `drop_rate`; naee with neither takes
+  /// β = the median of p₂/p₁ on the calibration tokens (the NAEE paper's rule).
+  drop_policy policy;
+  std::optional<double> threshold;
+  std::optional<double> drop_rate;  ///< target share of dropped work, in [0, 1)
+  drop_scope scope = drop_scope::global;
+  /// Load-aware thresholds over this many expert groups (0 or 1: off);
+  /// `placement` gives each expert's group (empty: contiguous blocks).
+  index_t groups = 0;
+  std::vector<index_t> placement;
+  /// Layer-scope calibration on the model transformed up to the previous layer
+  /// (true) or on the untouched model (false). Global scope always calibrates
+  /// on the untouched model: one threshold needs every layer's routing first.
+  bool sequential = true;
+  progress_fn progress;
+};
+
+/// Per-group load of one layer on calibration tokens, in neuron-matrix
+/// products (see runtime::route_stats): what each group of experts computes.
+struct group_loads {
+  std::vector<index_t> placement;   ///< [E] group of each expert
+  std::vector<double> routed;       ///< [D] work routed to the group before any dropping
+  std::vector<double> before;       ///< [D] work kept with one threshold for all
+  std::vector<double> after;        ///< [D] work kept with the load-aware thresholds
+  std::vector<float> factor;        ///< [D] multiplier of T per group (1 for loaded groups)
+  double drop_rate_before = 0, drop_rate_after = 0;
+};
+
+struct dualsparse_layer_report {
+  index_t layer = 0;
+  index_t partition = 1;
+  std::string metric;
+  double major_fraction = 0.5;
+  drop_policy policy;
+  std::optional<double> target_drop_rate;
+  double drop_rate_calib = 0;  ///< realised on the calibration tokens with the final policy
+  index_t tokens = 0;
+  std::optional<group_loads> groups;
+};
+
+struct dualsparse_report {
+  std::vector<dualsparse_layer_report> layers;
+  drop_scope scope = drop_scope::global;
+  double drop_rate_calib = 0;  ///< over every MoE layer's work
+};
+
+namespace detail {
+
+inline double max_of(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); }
+inline double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / double(v.size());
+}
+
+}  // namespace detail
+
+inline nlohmann::json to_json(const group_loads& g) {
+  const double full = detail::max_of(g.routed);
+  auto balance = [](const std::vector<double>& v) { return detail::mean_of(v) > 0 ? detail::max_of(v) / detail::mean_of(v) : 0.0; };
+  // The layer's time modelled as its most loaded group's work, relative to
+  // the most loaded group without dropping (expert parallelism: groups wait for each other).
+  auto time = [&](const std::vector<double>& v) { return full > 0 ? detail::max_of(v) / full : 0.0; };
+  return {{"count", g.routed.size()},
+          {"placement", g.placement},
+          {"factor", g.factor},
+          {"load_routed", g.routed},
+          {"load_before", g.before},
+          {"load_after", g.after},
+          {"max_over_mean_routed", balance(g.routed)},
+          {"max_over_mean_before", balance(g.before)},
+          {"max_over_mean_after", balance(g.after)},
+          {"drop_rate_before", g.drop_rate_before},
+          {"drop_rate_after", g.drop_rate_after},
+          {"modelled_time_before", time(g.before)},
+          {"modelled_time_after", time(g.after)}};
+}
+
+inline nlohmann::json to_json(const drop_policy& d) {
+  nlohmann::json j{{"policy", std::string(drop_kind_name(d.kind))}, {"threshold", d.threshold}};
+  if (d.kind == drop_kind::two_t) {
+    j["margin"] = d.margin;
+    j["t_major"] = std::max(0.0f, d.threshold - d.margin);
+    j["t_minor"] = d.threshold + d.margin;
+  }
+  if (!d.expert_factor.empty()) j["expert_factor"] = d.expert_factor;
+  return j;
+}
+
+inline nlohmann::json to_json(const dualsparse_layer_report& r) {
+  nlohmann::json j{{"layer", r.layer},
+                   {"partition", r.partition},
+                   {"metric", r.metric},
+                   {"major_fraction", r.major_fraction},
+                   {"drop", to_json(r.policy)},
+                   {"target_drop_rate", r.target_drop_rate ? nlohmann::json(*r.target_drop_rate) : nlohmann::json()},
+                   {"drop_rate_calib", r.drop_rate_calib},
+                   {"tokens", r.tokens}};
+  if (r.groups) j["groups"] = to_json(*r.groups);
+  return j;
+}
+
+inline nlohmann::json to_json(const dualsparse_report& r) {
+  nlohmann::json layers = nlohmann::json::array();
+  for (const auto& l : r.layers) layers.push_back(to_json(l));
+  return {{"scope", std::string(drop_scope_name(r.scope))}, {"drop_rate_calib", r.drop_rate_calib}, {"layers", std::move(layers)}};
+}
+
+/// One layer's calibration routing: what threshold calibration and load
+/// accounting need (the top-k choice without dropping).
+struct routing_sample {
+  moe_layer* layer = nullptr;
+  runtime::selection selection;
+};
+
+/// The work a policy keeps on the samples, summed over them.
+inline runtime::route_stats work_under(const std::vector<routing_sample>& samples, const drop_policy& policy) {
+  runtime::route_stats total;
+  for (const auto& s : samples) {
+    runtime::selection sel = s.selection;
+    runtime::apply_drop(policy, sel);
+    total += runtime::count_work(*s.layer, sel);
+  }
+  return total;
+}
+
+/// The threshold of `policy`'s kind that brings the drop rate on the samples
+/// closest to `target`. The rate is a step function of the threshold
+/// (rising for 1t, 2t and naee, falling for top-p); bisection finds the step
+/// that crosses the target, and the nearer side of it is returned, so the
+/// realised rate is within one step (one token-expert pair's work) of it.
+inline float calibrate_threshold(const std::vector<routing_sample>& samples, drop_policy policy, double target) {
+  if (!(target >= 0.0 && target < 1.0))
+    throw config_error(moeforge::detail::cat("dualsparse: drop rate ", target, ", expected a value in [0, 1)"));
+  if (!policy.active()) throw config_error("dualsparse: a target drop rate needs a drop policy (1t, 2t, naee or top-p)");
+  policy.expert_factor.clear();
+  const bool rising = policy.kind != drop_kind::top_p;
+  auto rate = [&](float t) {
+    policy.threshold = t;
+    return work_under(samples, policy).drop_rate();
+  };
+  // Invariant: rate(below) < target <= rate(above) in the rising direction.
+  float lo = 0.0f, hi = 1.0f;
+  const double at_lo = rate(lo), at_hi = rate(hi);
+  if (rising ? at_lo >= target : at_hi >= target) return rising ? lo : hi;
+  if (rising ? at_hi < target : at_lo < target) return rising ? hi : lo;
+  for (int it = 0; it < 40; ++it) {
+    const float mid = 0.5f * (lo + hi);
+    if (mid <= lo || mid >= hi) break;
+    const bool high_enough = rate(mid) >= target;
+    if (high_enough == rising)
+      hi = mid;
+    else
+      lo = mid;
+  }
+  const double r_lo = rate(lo), r_hi = rate(hi);
+  return std::abs(r_lo - target) <= std::abs(r_hi - target) ? lo : hi;
+}
+
+/// NAEE's β: the median over calibration tokens of p₂/p₁ (top-2 router probabilities).
+inline float naee_beta(const std::vector<routing_sample>& samples) {
+  std::vector<float> ratio;
+  for (const auto& s : samples) {
+    const auto& sel = s.selection;
+    if (sel.k < 2) continue;
+    for (index_t t = 0; t < sel.tokens; ++t) {
+      const float p1 = sel.prob[std::size_t(t * sel.k)];
+      ratio.push_back(p1 > 0 ? sel.prob[std::size_t(t * sel.k + 1)] / p1 : 0.0f);
+    }
+  }
+  if (ratio.empty()) throw config_error("dualsparse: naee needs top_k >= 2 in some MoE layer (β compares the second expert with the first)");
+  std::nth_element(ratio.begin(), ratio.begin() + std::ptrdiff_t(ratio.size() / 2), ratio.end());
+  return ratio[ratio.size() / 2];
+}
+
+/// Contiguous placement of E experts on D groups (expert e on group ⌊e·D/E⌋).
+inline std::vector<index_t> contiguous_placement(index_t experts, index_t groups) {
+  std::vector<index_t> g(static_cast<std::size_t>(experts));
+  for (index_t e = 0; e < experts; ++e) g[std::size_t(e)] = e * groups / experts;
+  return g;
+}
+
+namespace detail {
+
+inline std::vector<double> group_work(const moe_layer& m, const runtime::selection& sel, const std::vector<index_t>& placement,
+                                      index_t groups, bool routed) {
+  std::vector<double> load(static_cast<std::size_t>(groups), 0.0);
+  for (std::size_t i = 0; i < sel.expert.size(); ++i) {
+    const auto& e = m.experts[std::size_t(sel.expert[i])];
+    if (e.is_novice()) continue;
+    const double c = runtime::detail::neuron_cost(e.weights);
+    const auto w = routed ? runtime::pair_work::full : sel.work[i];
+    const double neurons = w == runtime::pair_work::full ? double(e.width()) : w == runtime::pair_work::major ? double(e.major_width()) : 0.0;
+    load[std::size_t(placement[std::size_t(sel.expert[i])])] += neurons * c;
+  }
+  return load;
+}
+
+}  // namespace detail
+
+/// Load-imbalance-aware thresholds (DualSparse §3.4): with r_d = routed
+/// load of group d / the mean group load, groups with r_d ≥ 1 keep the base
+/// threshold and the others use T·r_d, so under-loaded groups drop less while
+/// no group's work exceeds the most loaded one's. Sets the policy's
+/// expert_factor and returns the loads before and after.
+inline group_loads load_aware_thresholds(const moe_layer& m, const runtime::selection& sel, drop_policy& policy,
+                                         const std::vector<index_t>& placement) {
+  const index_t e_count = m.num_experts();
+  if (index_t(placement.size()) != e_count)
+    throw config_error(moeforge::detail::cat("dualsparse: placement has ", placement.size(), " entries, the layer ", e_count, " experts"));
+  index_t groups = 0;
+  for (index_t g : placement) {
+    if (g < 0 || g >= e_count) throw config_error(moeforge::detail::cat("dualsparse: placement group ", g, ", expected 0..", e_count - 1));
+    groups = std::max(groups, g + 1);
+  }
+  group_loads out;
+  out.placement = placement;
+  out.routed = detail::group_work(m, sel, placement, groups, true);
+  policy.expert_factor.clear();
+  auto kept = [&](double& rate) {
+    runtime::selection s = sel;
+    runtime::apply_drop(policy, s);
+    rate = runtime::count_work(m, s).drop_rate();
+    return detail::group_work(m, s, placement, groups, false);
+  };
+  out.before = kept(out.drop_rate_before);
+  const double mean = detail::mean_of(out.routed);
+  out.factor.assign(std::size_t(groups), 1.0f);
+  for (index_t g = 0; g < groups; ++g)
+    if (mean > 0 && out.routed[std::size_t(g)] < mean) out.factor[std::size_t(g)] = float(out.routed[std::size_t(g)] / mean);
+  policy.expert_factor.resize(std::size_t(e_count));
+  for (index_t e = 0; e < e_count; ++e) policy.expert_factor[std::size_t(e)] = out.factor[std::size_t(placement[std::size_t(e)])];
+  out.after = kept(out.drop_rate_after);
+  return out;
+}
+
+/// Static neuron reconstruction of one expert: neurons sorted by descending
+/// importance (ties: lower index first), so the first `major` are the most
+/// important. Output unchanged.
+inline void reconstruct(routed_expert& e, const Eigen::VectorXd& importance) {
+  std::vector<index_t> order(static_cast<std::size_t>(e.width()));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) { return importance[a] > importance[b]; });
+  permute_neurons(e, order);
+}
+
+/// Major width for a fraction of `width` neurons: rounded, at least 1.
+inline index_t major_width_for(index_t width, double fraction) {
+  return std::clamp<index_t>(index_t(std::llround(fraction * double(width))), 1, width);
+}
+
+/// Throws config_error, naming the option, for options no model could use.
+inline void validate(const dualsparse_options& o) {
+  using moeforge::detail::cat;
+  if (o.partition < 1) throw config_error(cat("dualsparse: partition P = ", o.partition, ", expected >= 1"));
+  if (!(o.major_fraction > 0.0 && o.major_fraction <= 1.0))
+    throw config_error(cat("dualsparse: major fraction ", o.major_fraction, ", expected a value in (0, 1]"));
+  if (o.threshold && o.drop_rate) throw config_error("dualsparse: give a threshold or a target drop rate, not both");
+  if (o.threshold && !(*o.threshold >= 0.0 && *o.threshold <= 1.0))
+    throw config_error(cat("dualsparse: threshold ", *o.threshold, ", expected a value in [0, 1]"));
+  if (o.drop_rate && !(*o.drop_rate >= 0.0 && *o.drop_rate < 1.0))
+    throw config_error(cat("dualsparse: drop rate ", *o.drop_rate, ", expected a value in [0, 1)"));
+  if (o.policy.kind == drop_kind::two_t && !(o.policy.margin >= 0.0f))
+    throw config_error(cat("dualsparse: margin ", o.policy.margin, ", expected >= 0 (T_major = T - margin must not exceed T_minor = T + margin)"));
+  if (o.policy.active() && !o.threshold && !o.drop_rate && o.policy.kind != drop_kind::naee)
+    throw config_error(cat("dualsparse: the ", drop_kind_name(o.policy.kind), " policy needs a threshold or a target drop rate"));
+  if (!o.policy.active() && (o.threshold || o.drop_rate)) throw config_error("dualsparse: a threshold or drop rate needs a drop policy (1t, 2t, naee or top-p)");
+  if (o.groups < 0) throw config_error(cat("dualsparse: groups = ", o.groups, ", expected >= 0"));
+  if ((o.groups > 1 || !o.placement.empty()) && o.policy.kind != drop_kind::one_t && o.policy.kind != drop_kind::two_t)
+    throw config_error("dualsparse: load-aware thresholds (groups) need the 1t or 2t policy");
+}
+
+/// DualSparse-MoE on every MoE layer of `w`, in place: reconstruction and
+/// partition (exact), then the drop policy with its calibrated threshold.
+/// All layers are checked before any is changed.
+inline dualsparse_report dualsparse_model(model::weights& w, const ffn_inputs_fn& inputs, const dualsparse_options& opt) {
+  using moeforge::detail::cat;
+  validate(opt);
+  index_t moe_layers = 0;
+  for (std::size_t l = 0; l < w.layers.size(); ++l)
+    if (const auto* m = std::get_if<moe_layer>(&w.layers[l].ffn)) {
+      ++moe_layers;
+      check_partition(*m, opt.partition, cat("dualsparse: layer ", l));
+      if (opt.groups > m->num_experts())
+        throw config_error(cat("dualsparse: groups = ", opt.groups, " but layer ", l, " has only ", m->num_experts(), " experts"));
+      if (!opt.placement.empty() && index_t(opt.placement.size()) != m->num_experts())
+        throw config_error(cat("dualsparse: placement lists ", opt.placement.size(), " experts, layer ", l, " has ", m->num_experts()));
+    }
+  if (moe_layers == 0) throw config_error("dualsparse: the model has no MoE layer (convert it first with `moeforge convert cmoe`)");
+
+  dualsparse_report rep;
+  rep.scope = opt.scope;
+  std::vector<routing_sample> samples;
+  auto prepare = [&](layer_visit& v) {
+    auto& m = std::get<moe_layer>(v.ffn);
+    v.stage("statistics");
+    calib::expert_stats_options so;
+    so.importance = opt.metric;
+    calib::layer_stats st = calib::expert_statistics(m, v.inputs, so);
+    v.stage("reconstruction");
+    for (std::size_t e = 0; e < m.experts.size(); ++e) {
+      auto& ex = m.experts[e];
+      if (ex.is_novice()) continue;
+      if (opt.metric != calib::importance_metric::none) reconstruct(ex, st.experts[e].importance);
+      ex.major = major_width_for(ex.width(), opt.major_fraction);
+    }
+    partition_experts(m, opt.partition, cat("dualsparse: layer ", v.layer));
+    dualsparse_layer_report r;
+    r.layer = v.layer;
+    r.partition = opt.partition;
+    r.metric = std::string(calib::importance_name(opt.metric));
+    r.major_fraction = opt.major_fraction;
+    r.target_drop_rate = opt.drop_rate;
+    r.tokens = st.tokens;
+    rep.layers.push_back(std::move(r));
+    samples.push_back({&m, std::move(st.selection)});
+  };
+  // The policy with its threshold for these samples (one layer's, or all of them).
+  auto base_policy = [&](const std::vector<routing_sample>& s) {
+    drop_policy p = opt.policy;
+    p.expert_factor.clear();
+    if (opt.threshold) p.threshold = float(*opt.threshold);
+    else if (opt.drop_rate) p.threshold = calibrate_threshold(s, p, *opt.drop_rate);
+    else if (p.kind == drop_kind::naee) p.threshold = naee_beta(s);
+    return p;
+  };
+  auto finish = [&](std::size_t i, const drop_policy& base) {
+    auto& r = rep.layers[i];
+    auto& s = samples[i];
+    moe_layer& m = *s.layer;
+    r.policy = base;
+    if (opt.groups > 1 || !opt.placement.empty()) {
+      const auto placement = opt.placement.empty() ? contiguous_placement(m.num_experts(), opt.groups) : opt.placement;
+      r.groups = load_aware_thresholds(m, s.selection, r.policy, placement);
+    }
+    m.router.drop = r.policy;
+    r.drop_rate_calib = work_under({s}, r.policy).drop_rate();
+  };
+
+  visit_options vo;
+  vo.filter = layer_filter::moe;
+  vo.progress = opt.progress;
+  vo.sequential = opt.scope == drop_scope::layer && opt.sequential;
+  samples.reserve(std::size_t(moe_layers));
+  visit_layers(w, inputs, vo, [&](layer_visit& v, double) {
+    prepare(v);
+    if (opt.scope == drop_scope::layer) {
+      v.stage("thresholds");
+      finish(samples.size() - 1, base_policy({samples.back()}));
+    }
+  });
+  if (opt.scope == drop_scope::global) {
+    const drop_policy base = base_policy(samples);
+    for (std::size_t i = 0; i < samples.size(); ++i) finish(i, base);
+  }
+  runtime::route_stats total;
+  for (const auto& s : samples) {
+    runtime::selection sel = s.selection;
+    runtime::apply_drop(s.layer->router.drop, sel);
+    total += runtime::count_work(*s.layer, sel);
+  }
+  rep.drop_rate_calib = total.drop_rate();
+  return rep;
+}
+
+}  // namespace moeforge::convert
