@@ -2,28 +2,13 @@
 // on stories260K (tinystories eval text, ctx 512).
 #include <cstdio>
 #include <fstream>
-#include <iostream>
-#include <iterator>
 
 #include <nlohmann/json.hpp>
 
 #include "args.hpp"
-#include "moeforge/calib/ffn_inputs.hpp"
-#include "moeforge/convert/cmoe.hpp"
-#include "moeforge/io/llama2c.hpp"
-#include "moeforge/model/tokenizer.hpp"
+#include "stories.hpp"
 
 namespace moeforge::cli {
-
-namespace {
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw io_error("cannot open '" + path + "'");
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-}  // namespace
 
 int bench_cmoe(int argc, char** argv) {
   args a("moeforge-bench cmoe", "CMoE quality table on stories260K: perplexity and decode speed per configuration.");
@@ -33,11 +18,9 @@ int bench_cmoe(int argc, char** argv) {
       .option("decode-steps", "N", "greedy decode steps for tok/s", "256")
       .option("json", "FILE", "also write the rows as a JSON array to FILE");
   if (!a.parse(argc, argv)) return 0;
-  const std::string root = a.get("data");
-  const model::weights dense = io::load_llama2c(root + "/models/stories260K/stories260K.bin");
-  const model::tokenizer tok = model::load_tokenizer(root + "/models/stories260K/tok512.bin", dense.config.vocab_size);
-  const auto calib = calib::calibration_windows(tok.encode(read_text(root + "/data/tinystories_calib.txt")), 512, a.get_int("calib-tokens"));
-  const auto eval = tok.encode(read_text(root + "/data/tinystories_eval.txt"));
+  const bench::stories data = bench::load_stories(a.get("data"), a.get_int("calib-tokens"));
+  const model::weights& dense = data.dense;
+  const auto& eval = data.eval;
   const index_t windows = a.get_int("eval-windows"), steps = a.get_int("decode-steps");
   const index_t neurons = std::get<ffn>(dense.layers[0].ffn).intermediate();
 
@@ -86,7 +69,7 @@ int bench_cmoe(int argc, char** argv) {
       o.config.shared = 0;
     }
     model::weights w = dense;
-    convert::cmoe_model(w, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, calib); }, o);
+    convert::cmoe_model(w, data.inputs(), o);
     const model::transformer tr(w);
     const double ppl = model::perplexity(tr, eval, 512, windows).ppl;
     const double tps = model::decode_tokens_per_second(tr, steps);

@@ -2,6 +2,8 @@
 // logits, prefill/decode agreement, the reference perplexity, MoE equivalence.
 #include <catch2/catch.hpp>
 
+#include <omp.h>
+
 #include "moeforge/model/eval.hpp"
 #include "moeforge/model/sampling.hpp"
 #include "support/stories.hpp"
@@ -125,4 +127,23 @@ TEST_CASE("forward rejects tokens outside the vocabulary and positions past the 
   std::vector<std::int32_t> too_long(513, 1);
   auto cache2 = tr.new_cache();
   CHECK_THROWS_WITH(tr.forward(too_long, cache2), Catch::Contains("exceed the model's context of 512"));
+}
+
+TEST_CASE("perplexity and the FFN work it reports are bit-identical for 1, 2, 3 and 4 threads") {
+  // Several windows, so that with 2+ threads each window runs inside the
+  // window-parallel loop, where a product whose blocking depends on the
+  // OpenMP context would round differently than with 1 thread.
+  const auto text = stories_text("tinystories_eval.txt");
+  const model::transformer tr(stories_weights());
+  const int before = omp_get_max_threads();
+  std::vector<model::perplexity_result> r;
+  for (int threads : {1, 2, 3, 4}) {
+    omp_set_num_threads(threads);
+    r.push_back(model::perplexity(tr, text, 256, 4));
+  }
+  omp_set_num_threads(before);
+  for (std::size_t i = 1; i < r.size(); ++i) {
+    CHECK(r[i].nll == r[0].nll);
+    CHECK(r[i].work.shared == r[0].work.shared);
+  }
 }

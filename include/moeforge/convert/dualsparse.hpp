@@ -55,6 +55,17 @@ struct dualsparse_options {
   progress_fn progress;
 };
 
+namespace detail {
+
+inline double max_of(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); }
+inline double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / double(v.size());
+}
+
+}  // namespace detail
+
 /// Per-group load of one layer on calibration tokens, in neuron-matrix
 /// products (see runtime::route_stats): what each group of experts computes.
 struct group_loads {
@@ -64,6 +75,18 @@ struct group_loads {
   std::vector<double> after;        ///< [D] work kept with the load-aware thresholds
   std::vector<float> factor;        ///< [D] multiplier of T per group (1 for loaded groups)
   double drop_rate_before = 0, drop_rate_after = 0;
+
+  /// Most loaded group's work over the mean group's (1 = balanced).
+  static double imbalance(const std::vector<double>& load) {
+    const double mean = detail::mean_of(load);
+    return mean > 0 ? detail::max_of(load) / mean : 0.0;
+  }
+  /// The layer's time under expert parallelism, modelled as its most loaded
+  /// group's work relative to the most loaded group without dropping.
+  double modelled_time(const std::vector<double>& load) const {
+    const double full = detail::max_of(routed);
+    return full > 0 ? detail::max_of(load) / full : 0.0;
+  }
 };
 
 struct dualsparse_layer_report {
@@ -84,36 +107,20 @@ struct dualsparse_report {
   double drop_rate_calib = 0;  ///< over every MoE layer's work
 };
 
-namespace detail {
-
-inline double max_of(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); }
-inline double mean_of(const std::vector<double>& v) {
-  double s = 0;
-  for (double x : v) s += x;
-  return v.empty() ? 0.0 : s / double(v.size());
-}
-
-}  // namespace detail
-
 inline nlohmann::json to_json(const group_loads& g) {
-  const double full = detail::max_of(g.routed);
-  auto balance = [](const std::vector<double>& v) { return detail::mean_of(v) > 0 ? detail::max_of(v) / detail::mean_of(v) : 0.0; };
-  // The layer's time modelled as its most loaded group's work, relative to
-  // the most loaded group without dropping (expert parallelism: groups wait for each other).
-  auto time = [&](const std::vector<double>& v) { return full > 0 ? detail::max_of(v) / full : 0.0; };
   return {{"count", g.routed.size()},
           {"placement", g.placement},
           {"factor", g.factor},
           {"load_routed", g.routed},
           {"load_before", g.before},
           {"load_after", g.after},
-          {"max_over_mean_routed", balance(g.routed)},
-          {"max_over_mean_before", balance(g.before)},
-          {"max_over_mean_after", balance(g.after)},
+          {"max_over_mean_routed", group_loads::imbalance(g.routed)},
+          {"max_over_mean_before", group_loads::imbalance(g.before)},
+          {"max_over_mean_after", group_loads::imbalance(g.after)},
           {"drop_rate_before", g.drop_rate_before},
           {"drop_rate_after", g.drop_rate_after},
-          {"modelled_time_before", time(g.before)},
-          {"modelled_time_after", time(g.after)}};
+          {"modelled_time_before", g.modelled_time(g.before)},
+          {"modelled_time_after", g.modelled_time(g.after)}};
 }
 
 inline nlohmann::json to_json(const drop_policy& d) {

@@ -13,6 +13,7 @@
 #include "moeforge/model/weights.hpp"
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
+#include "moeforge/runtime/project.hpp"
 
 namespace moeforge::model {
 
@@ -154,7 +155,7 @@ class transformer {
     matrix last = x.bottomRows(n - first);
     matrix normed(last.rows(), c.dim);
     rms_norm(last, w_.final_norm, normed);
-    return normed * w_.classifier().transpose();
+    return runtime::project(normed, w_.classifier());
   }
 
  private:
@@ -198,9 +199,9 @@ class transformer {
   void attention(const layer& l, index_t li, const matrix& xb, kv_cache& cache, index_t start, matrix& out) const {
     const auto& c = w_.config;
     const index_t n = xb.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
-    matrix q = xb * l.wq.transpose();
-    matrix k = xb * l.wk.transpose();
-    matrix v = xb * l.wv.transpose();
+    matrix q = runtime::project(xb, l.wq);
+    matrix k = runtime::project(xb, l.wk);
+    matrix v = runtime::project(xb, l.wv);
     if (l.bq.size()) q.rowwise() += l.bq.transpose();
     if (l.bk.size()) k.rowwise() += l.bk.transpose();
     if (l.bv.size()) v.rowwise() += l.bv.transpose();
@@ -213,19 +214,21 @@ class transformer {
     const index_t kv_stride = kc.cols();
     const float scale = 1.0f / std::sqrt(float(hd));
     matrix att(n, c.n_heads * hd);
+    // Each kv head's values transposed ([head_dim, keys]), so both attention
+    // products are the kernel's x·Wᵀ (see runtime/project.hpp on why not Eigen's GEMM).
+    const index_t all_keys = start + n;
+    std::vector<matrix> vt(static_cast<std::size_t>(c.n_kv_heads));
+    for (index_t g = 0; g < c.n_kv_heads; ++g) vt[std::size_t(g)] = vc.block(0, g * hd, all_keys, hd).transpose();
     // Queries in blocks of 32 against only the keys the block's last token may
     // see: causal prefill costs about half a full score matrix, as GEMMs.
     constexpr index_t block = 32;
-    using strided = Eigen::Map<const matrix, 0, Eigen::OuterStride<>>;
     const index_t blocks = (n + block - 1) / block;
 #pragma omp parallel for collapse(2) schedule(static) if (n > 1)
     for (index_t h = 0; h < c.n_heads; ++h) {
       for (index_t b = 0; b < blocks; ++b) {
         const index_t t0 = b * block, rows = std::min(block, n - t0);
-        const index_t off = (h / group) * hd, keys = start + t0 + rows;
-        const strided kh(kc.data() + off, keys, hd, Eigen::OuterStride<>(kv_stride));
-        const strided vh(vc.data() + off, keys, hd, Eigen::OuterStride<>(kv_stride));
-        matrix sc = (q.block(t0, h * hd, rows, hd) * kh.transpose()) * scale;
+        const index_t g = h / group, keys = start + t0 + rows;
+        matrix sc = runtime::detail::times_transpose({{kc.data() + g * hd, kv_stride, keys}}, q.block(t0, h * hd, rows, hd)) * scale;
         for (index_t r = 0; r < rows; ++r) {
           const index_t visible = start + t0 + r + 1;
           auto row = sc.row(r).head(visible);
@@ -233,10 +236,11 @@ class transformer {
           row /= row.sum();
           sc.row(r).tail(keys - visible).setZero();
         }
-        att.block(t0, h * hd, rows, hd).noalias() = sc * vh;
+        const matrix& v = vt[std::size_t(g)];
+        att.block(t0, h * hd, rows, hd) = runtime::detail::times_transpose({{v.data(), v.cols(), hd}}, sc);
       }
     }
-    out.noalias() = att * l.wo.transpose();
+    out = runtime::project(att, l.wo);
   }
 
   const weights& w_;

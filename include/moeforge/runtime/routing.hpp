@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moeforge/core/moe.hpp"
+#include "moeforge/runtime/project.hpp"
 
 namespace moeforge::runtime {
 
@@ -62,7 +63,7 @@ namespace moeforge::runtime {
 /// Router probabilities p [T, E] for tokens x [T, H].
 inline matrix router_probs(const router& r, const_matrix_ref x) {
   moeforge::detail::require_shape(x, x.rows(), r.weight.cols(), "router input");
-  matrix s = x * r.weight.transpose();
+  matrix s = project(x, r.weight);
   if (r.kind == router_kind::centroid_topk) {
     for (index_t t = 0; t < s.rows(); ++t) {
       const float n = x.row(t).norm();
@@ -70,7 +71,7 @@ inline matrix router_probs(const router& r, const_matrix_ref x) {
     }
   }
   if (r.kind == router_kind::cmoe_analytic) {
-    const matrix u = x * r.weight_up.transpose();
+    const matrix u = project(x, r.weight_up);
     for (index_t t = 0; t < s.rows(); ++t)
       for (index_t e = 0; e < s.cols(); ++e) s(t, e) = std::abs(activate(activation::silu, s(t, e)) * u(t, e));
   }
