@@ -5,7 +5,10 @@ namespace moeforge::cli {
 // Each benchmark lives in its own bench_<name>.cpp.
 int bench_convert(int argc, char** argv);
 int bench_cmoe(int argc, char** argv);
+int bench_mone(int argc, char** argv);
 int bench_ffn(int argc, char** argv);
+int bench_dualsparse(int argc, char** argv);
+int bench_pipeline(int argc, char** argv);
 }  // namespace moeforge::cli
 
 int main(int argc, char** argv) {
@@ -13,7 +16,10 @@ int main(int argc, char** argv) {
   static const command commands[] = {
       {"convert", "CMoE conversion time and memory of one FFN layer", &bench_convert},
       {"cmoe", "CMoE quality table on stories260K", &bench_cmoe},
+      {"mone", "MoNE and expert-pruning baselines on stories260K converted by CMoE", &bench_mone},
       {"ffn", "MoE and dense FFN kernels against Eigen and the machine limits", &bench_ffn},
+      {"dualsparse", "DualSparse-MoE dropping: measured kernel speedup at each drop rate", &bench_dualsparse},
+      {"pipeline", "dense -> CMoE -> DualSparse -> MoNE on stories260K: quality, work, size and speed", &bench_pipeline},
   };
   return dispatch("moeforge-bench", commands, argc, argv);
 }

@@ -1,8 +1,11 @@
 // The OpenMP kernels against the scalar reference: odd shapes, every k, shared
-// experts, novices, major-only and dropped pairs, 1 and 2 threads, bit-identical
-// across thread counts; router semantics; bad input.
+// experts, novices, major-only and dropped pairs, DualSparse sub-experts, 1 to 4
+// threads on shapes that really split across the team, bit-identical across
+// thread counts; router semantics; bad input.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <random>
 
@@ -27,6 +30,78 @@ matrix with_threads(int n, F&& f) {
   matrix y = f();
   omp_set_num_threads(before);
   return y;
+}
+
+/// Cuts every routed expert into `p` sub-experts of near-equal width
+/// (DualSparse's partial transformation; p need not divide the width).
+void split_experts(moe_layer& m, index_t p) {
+  for (auto& ex : m.experts) {
+    ex.parts.clear();
+    if (ex.is_novice()) continue;
+    for (index_t i = 1; i < p; ++i) ex.parts.push_back((i * ex.width() + p / 2) / p);
+  }
+}
+
+/// Weights scaled so every activation and output is O(1) however wide the
+/// layer is: then one absolute tolerance fits every shape.
+void normalise_weights(moe_layer& m) {
+  const auto scale = [&](ffn& f) {
+    const float in = 1.0f / (0.3f * std::sqrt(float(f.hidden()))), out = 1.0f / (0.3f * std::sqrt(float(f.intermediate())));
+    f.up *= in;
+    if (f.gated()) f.gate *= in;
+    f.down *= out;
+  };
+  for (auto& ex : m.experts)
+    if (!ex.is_novice()) scale(ex.weights);
+  for (auto& s : m.shared) scale(s.weights);
+}
+
+/// The scalar reference of a selection with its per-pair work.
+matrix kernel_reference(const moe_layer& m, const runtime::selection& sel, const matrix& x) {
+  matrix y(x.rows(), m.hidden());
+  for (index_t t = 0; t < x.rows(); ++t) {
+    std::vector<index_t> experts, widths;
+    std::vector<double> weights;
+    for (index_t j = 0; j < sel.k; ++j) {
+      const std::size_t at = std::size_t(t * sel.k + j);
+      if (sel.work[at] == runtime::pair_work::dropped) continue;
+      const auto& ex = m.experts[std::size_t(sel.expert[at])];
+      experts.push_back(sel.expert[at]);
+      weights.push_back(sel.weight[at]);
+      widths.push_back(sel.work[at] == runtime::pair_work::major ? ex.major_width() : ex.width());
+    }
+    const auto v = reference::moe_token(m, x.row(t).data(), experts, weights, widths);
+    for (index_t d = 0; d < m.hidden(); ++d) y(t, d) = float(v[std::size_t(d)]);
+  }
+  return y;
+}
+
+/// The multiply-adds of a plan as the kernel counts them against
+/// min_parallel_fma (below it, everything runs on the calling thread).
+double planned_fma(const moe_layer& m, const runtime::routing_plan& plan) {
+  double fma = 0;
+  for (const auto& s : m.shared) fma += double(plan.tokens) * double(s.weights.intermediate()) * double(m.hidden()) * 3;
+  for (index_t p = 0; p < plan.pairs(); ++p) fma += double(plan.width[std::size_t(p)]) * double(m.hidden()) * 3;
+  return fma;
+}
+
+/// Runs `plan` with 1, 2, 3 and 4 threads; checks each against `want` and
+/// that all four are bit-identical.
+void check_threads(const moe_layer& m, const runtime::routing_plan& plan, const matrix& x, const matrix& want, float tol) {
+  matrix first;
+  for (int threads : {1, 2, 3, 4}) {
+    const matrix got = with_threads(threads, [&] {
+      matrix y(x.rows(), m.hidden());
+      runtime::moe_forward(m, plan, x, y);
+      return y;
+    });
+    INFO("threads " << threads);
+    REQUIRE(max_abs_diff(got, want) < tol);
+    if (threads == 1)
+      first = got;
+    else
+      REQUIRE(got == first);  // bit-identical across thread counts
+  }
 }
 
 }  // namespace
@@ -112,6 +187,116 @@ TEST_CASE("major-only pairs compute the expert's leading neurons and dropped pai
   };
   CHECK(plan_counts(runtime::pair_work::dropped) == 0);
   CHECK(plan_counts(runtime::pair_work::full) == 60);
+}
+
+TEST_CASE("dropped, major-only and partitioned experts match the reference on the GEMM path, bit-identical for 1-4 threads") {
+  // H = 333 is over one output-row chunk of the GEMM path (256 rows), so phase
+  // 2 has two tasks; T = 7, 64 and 300 cross min_parallel_fma (checked below),
+  // so both phases really run on the team. T = 1 on this shape stays under it
+  // and runs on the calling thread: the streaming test below covers T = 1 on
+  // the team. Widths are odd, P = 3 and 4 do not divide them, and the major
+  // part is the first sub-expert (P = 2), inside one (P = 3) or the default half.
+  std::mt19937 rng(11);
+  layer_spec s;
+  s.hidden = 333;
+  s.widths = {231, 300, 97, 357, 261};
+  s.shared = 1;
+  s.novices = {2};
+  moe_layer m = random_layer(s, rng);
+  normalise_weights(m);
+  m.router.top_k = 3;
+  std::uniform_int_distribution<int> pick(0, 2);
+  for (index_t p = 1; p <= 4; ++p) {
+    split_experts(m, p);
+    for (auto& ex : m.experts) ex.major = p == 2 && !ex.is_novice() ? ex.parts[0] : p == 3 ? ex.width() / 3 + 5 : 0;
+    validate(m, "layer");
+    for (index_t t : {1, 7, 64, 300}) {
+      const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
+      auto sel = runtime::select_topk(m.router, runtime::router_probs(m.router, x));
+      for (auto& w : sel.work) w = runtime::pair_work(pick(rng));
+      const auto plan = runtime::make_plan(m, sel, x);
+      INFO("P " << p << " T " << t);
+      if (t > 1) REQUIRE(planned_fma(m, plan) >= runtime::detail::min_parallel_fma);
+      REQUIRE(s.hidden > runtime::detail::row_chunk(t));
+      check_threads(m, plan, x, kernel_reference(m, sel, x), 1e-4f);
+    }
+  }
+}
+
+TEST_CASE("dropped, major-only and partitioned experts match the reference on the streaming path with the whole team") {
+  // Few tokens on wide experts: T = 1..4 take the weight-streaming path with
+  // either instruction set, every plan is over min_parallel_fma (checked), and
+  // H = 700 spans many output-row chunks, so both phases split across threads.
+  std::mt19937 rng(12);
+  layer_spec s;
+  s.hidden = 700;
+  s.widths = {1001, 777, 1203, 650};
+  moe_layer m = random_layer(s, rng);
+  normalise_weights(m);
+  m.router.top_k = 2;
+  for (index_t p = 1; p <= 4; ++p) {
+    split_experts(m, p);
+    for (auto& ex : m.experts) ex.major = p == 4 ? ex.parts[1] : 0;
+    validate(m, "layer");
+    for (index_t t : {1, 2, 3, 4}) {
+      const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
+      auto sel = runtime::select_topk(m.router, runtime::router_probs(m.router, x));
+      // Every pair of token 0 computes something, so every plan crosses the threshold.
+      for (std::size_t i = 0; i < sel.work.size(); ++i) sel.work[i] = runtime::pair_work((i + std::size_t(p + t)) % (i < 2 ? 2 : 3));
+      const auto plan = runtime::make_plan(m, sel, x);
+      INFO("P " << p << " T " << t);
+      REQUIRE(t <= runtime::detail::stream_max_tokens);
+      REQUIRE(planned_fma(m, plan) >= runtime::detail::min_parallel_fma);
+      REQUIRE(s.hidden > 4 * runtime::detail::row_chunk(t));
+      check_threads(m, plan, x, kernel_reference(m, sel, x), 1e-4f);
+    }
+  }
+}
+
+TEST_CASE("the router's drop policy reaches the kernel: route() and moe_forward(layer, x) compute the kept work only") {
+  std::mt19937 rng(13);
+  layer_spec s;
+  s.hidden = 300;
+  s.widths = {131, 200, 77, 257, 161};
+  moe_layer m = random_layer(s, rng);
+  normalise_weights(m);
+  m.router.top_k = 3;
+  split_experts(m, 2);
+  m.router.drop.kind = drop_kind::two_t;
+  m.router.drop.threshold = 0.3f;
+  m.router.drop.margin = 0.05f;
+  const matrix x = random_matrix(64, s.hidden, rng, 1.0f);
+  const auto sel = runtime::select(m, x);
+  const auto count = [&](runtime::pair_work w) { return std::count(sel.work.begin(), sel.work.end(), w); };
+  REQUIRE(count(runtime::pair_work::full) > 0);  // the policy does all three things here
+  REQUIRE(count(runtime::pair_work::major) > 0);
+  REQUIRE(count(runtime::pair_work::dropped) > 0);
+  const matrix want = kernel_reference(m, sel, x);
+  CHECK(max_abs_diff(with_threads(1, [&] { return runtime::moe_forward(m, x); }), want) < 1e-4f);
+  CHECK(with_threads(1, [&] { return runtime::moe_forward(m, x); }) == with_threads(2, [&] { return runtime::moe_forward(m, x); }));
+}
+
+TEST_CASE("a partitioned layer without dropping equals the unpartitioned layer") {
+  // The sub-experts share their expert's gate weight, so only the order of
+  // float summation may differ (the kernel may run them as one job or several).
+  std::mt19937 rng(14);
+  layer_spec s;
+  s.hidden = 300;
+  s.widths = {131, 200, 77, 257, 161};
+  s.shared = 1;
+  moe_layer m = random_layer(s, rng);
+  normalise_weights(m);
+  m.router.top_k = 2;
+  for (index_t t : {1, 7, 64, 300}) {
+    const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
+    split_experts(m, 1);
+    const matrix whole = runtime::moe_forward(m, x);
+    for (index_t p = 2; p <= 4; ++p) {
+      split_experts(m, p);
+      INFO("P " << p << " T " << t);
+      CHECK(max_abs_diff(runtime::moe_forward(m, x), whole) < 1e-5f);
+    }
+  }
 }
 
 TEST_CASE("the weight-streaming and packed products equal a plain double-precision product") {

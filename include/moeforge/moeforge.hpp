@@ -23,6 +23,7 @@
 #include "moeforge/convert/cmoe.hpp"
 #include "moeforge/convert/partition.hpp"
 #include "moeforge/convert/dualsparse.hpp"
+#include "moeforge/convert/mone.hpp"
 #include "moeforge/io/safetensors.hpp"
 #include "moeforge/io/llama2c.hpp"
 #include "moeforge/io/hf.hpp"

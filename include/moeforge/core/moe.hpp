@@ -189,6 +189,15 @@ inline void validate(const moe_layer& m, const std::string& what) {
   }
 }
 
+/// Number of stored values of the layer: router, experts (a novice counts its
+/// H values), shared experts and their gates.
+inline index_t parameter_count(const moe_layer& m) {
+  index_t n = m.router.weight.size() + m.router.weight_up.size();
+  for (const auto& e : m.experts) n += e.is_novice() ? e.novice.size() : parameter_count(e.weights);
+  for (const auto& s : m.shared) n += parameter_count(s.weights) + s.gate.size();
+  return n;
+}
+
 /// Throws value_error on the first NaN or Inf anywhere in the layer.
 inline void require_finite(const moe_layer& m, const std::string& what) {
   detail::require_finite(m.router.weight, what + ".router.weight");

@@ -55,6 +55,18 @@ struct weights {
   const matrix& classifier() const { return config.tied_embeddings ? tok_emb : lm_head; }
 };
 
+/// Number of stored values of the model (embeddings, attention, norms, FFNs,
+/// the classifier when untied).
+inline index_t parameter_count(const weights& w) {
+  index_t n = w.tok_emb.size() + w.final_norm.size() + w.lm_head.size();
+  for (const auto& l : w.layers) {
+    n += l.attn_norm.size() + l.ffn_norm.size() + l.wq.size() + l.wk.size() + l.wv.size() + l.wo.size() + l.bq.size() + l.bk.size() +
+         l.bv.size();
+    n += std::visit([](const auto& f) { return moeforge::parameter_count(f); }, l.ffn);
+  }
+  return n;
+}
+
 /// FFN neurons computed per token over FFN neurons stored, summed over the
 /// layers: 1 for a dense model; (shared + top_k routed widths) / all widths
 /// for an MoE (routed widths averaged, since experts may differ; novices count 0).

@@ -13,7 +13,7 @@ inline void dense_forward(const ffn& f, const_matrix_ref x, matrix_ref y) {
   detail::check_input(x, y, f.hidden(), "dense ffn");
   if (x.rows() == 0) return;
   std::vector<detail::job> jobs;
-  jobs.push_back(detail::whole_batch_job(f, x.rows()));
+  jobs.push_back(detail::whole_batch_job(f, x));
   detail::run_jobs(jobs, x, y);
 }
 

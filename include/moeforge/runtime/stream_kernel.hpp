@@ -1,12 +1,14 @@
 // The weight-streaming path for few tokens: out = b·aᵀ where a is a block of
-// weight rows (streamed once from memory) and b holds at most four token
-// vectors (kept in L1). Each pass reads several weight rows at once into
-// register-resident accumulators, so the loads of independent rows overlap
-// and the memory system sees several sequential streams per core, which is
-// what it takes to approach the machine's bandwidth with one or two tokens.
+// weight rows (streamed once from memory, never packed) and b a few token
+// vectors (kept in L1/L2), each given by a pointer so a job's tokens need not be
+// gathered. Each pass reads several weight rows at once into register-resident
+// accumulators, so the loads of independent rows overlap and the memory system
+// sees several sequential streams per core, which is what it takes to approach
+// the machine's bandwidth with one or two tokens.
 #pragma once
 
 #include <algorithm>
+#include <vector>
 
 #include "moeforge/core/tensor.hpp"
 #include "moeforge/runtime/gemm.hpp"
@@ -43,6 +45,17 @@ inline stream_vec stream_fma(stream_vec a, stream_vec b, stream_vec c) { return 
 inline __m256 stream_fold(stream_vec v) { return v; }
 #endif
 
+/// Most token rows the streaming path takes; larger blocks use the packed GEMM,
+/// whose packing of the weights only pays off once enough tokens reuse them.
+/// Measured on one core, 2×256×2048 weight blocks from DRAM, streaming time /
+/// packed GEMM time: with AVX2 (Zen 3) 0.30 at 4 tokens, 0.54 at 16, 0.73 at 32,
+/// 0.93 at 48, 1.09 at 64; with AVX-512 (Zen 5), whose GEMM is twice as wide,
+/// 0.47 at 1, 0.72 at 4 (TODO: the block tiles' figures).
+constexpr index_t stream_max_tokens = stream_lanes == 16 ? 24 : 48;
+#if defined(__AVX512F__)
+constexpr index_t stream_max_block_tokens = stream_max_tokens;
+#endif
+
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 d = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -52,14 +65,14 @@ inline float hsum(__m256 v) {
 // R weight rows × N tokens per pass; the order of every sum is fixed by
 // (k, R, N) alone, so results do not depend on how rows are split across threads.
 template <int N, int R>
-inline void stream_rows(const float* a, index_t lda, const float* b, index_t ldb, index_t k, float* out, index_t ldo) {
+inline void stream_rows(const float* a, index_t lda, const float* const* b, index_t k, float* out, index_t ldo) {
   stream_vec acc[R][N];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < N; ++p) acc[r][p] = stream_zero();
   index_t i = 0;
   for (; i + stream_lanes <= k; i += stream_lanes) {
     stream_vec bv[N];
-    for (int p = 0; p < N; ++p) bv[p] = stream_load(b + p * ldb + i);
+    for (int p = 0; p < N; ++p) bv[p] = stream_load(b[p] + i);
     for (int r = 0; r < R; ++r) {
       const stream_vec av = stream_load(a + r * lda + i);
       for (int p = 0; p < N; ++p) acc[r][p] = stream_fma(av, bv[p], acc[r][p]);
@@ -68,51 +81,145 @@ inline void stream_rows(const float* a, index_t lda, const float* b, index_t ldb
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < N; ++p) {
       float s = hsum(stream_fold(acc[r][p]));
-      for (index_t j = i; j < k; ++j) s += a[r * lda + j] * b[p * ldb + j];
+      for (index_t j = i; j < k; ++j) s += a[r * lda + j] * b[p][j];
       out[p * ldo + r] = s;
     }
 }
 // Token groups of up to four over the same R weight rows: the rows come from
 // memory once and from L1 for the later groups.
 template <int R>
-inline void stream_tokens(const float* a, index_t lda, const float* b, index_t ldb, index_t n, index_t k, float* out, index_t ldo) {
+inline void stream_tokens(const float* a, index_t lda, const float* const* b, index_t n, index_t k, float* out, index_t ldo) {
   for (index_t p = 0; p < n; p += 4) {
-    const float* bp = b + p * ldb;
     float* op = out + p * ldo;
     switch (std::min<index_t>(4, n - p)) {
-      case 1: stream_rows<1, R>(a, lda, bp, ldb, k, op, ldo); break;
-      case 2: stream_rows<2, R>(a, lda, bp, ldb, k, op, ldo); break;
-      case 3: stream_rows<3, R>(a, lda, bp, ldb, k, op, ldo); break;
-      default: stream_rows<4, R>(a, lda, bp, ldb, k, op, ldo); break;
+      case 1: stream_rows<1, R>(a, lda, b + p, k, op, ldo); break;
+      case 2: stream_rows<2, R>(a, lda, b + p, k, op, ldo); break;
+      case 3: stream_rows<3, R>(a, lda, b + p, k, op, ldo); break;
+      default: stream_rows<4, R>(a, lda, b + p, k, op, ldo); break;
     }
   }
 }
 
-/// out[p, r] = Σ_i b[p, i]·a[r, i] for p < n ≤ stream_max_tokens, r < rows;
-/// all three row-major with the given leading dimensions.
-inline void stream_product(const float* a, index_t lda, index_t rows, const float* b, index_t ldb, index_t n, index_t k, float* out,
+#if defined(__AVX512F__)
+// More than four tokens (AVX-512 only): tiles of up to 6 weight rows × 4
+// tokens, whose 24 accumulators, 6 row vectors and a token vector fill the 32
+// registers, so every k step loads 10 vectors for 24 FMAs. The depth is cut
+// into blocks of stream_block_depth so a tile's rows stay in L1 while every
+// token group passes over them (the tokens stream from L2); accumulators are
+// carried through memory between blocks, which leaves each sum's order — lane
+// partials over k ascending, then the fold and the scalar tail — exactly that
+// of stream_rows. While the later token groups compute, the next rows are
+// prefetched, so their DRAM reads overlap the arithmetic.
+constexpr int stream_block_rows = 6, stream_block_tokens = 4;
+constexpr index_t stream_block_depth = 1024;
+
+/// A load the compiler cannot fold into the FMAs that use it: folded, a row
+/// vector would be loaded once per token instead of once per k step.
+inline stream_vec stream_load_kept(const float* p) {
+#if defined(__GNUC__)
+  stream_vec v;
+  asm("vmovups %1, %0" : "=v"(v) : "m"(*reinterpret_cast<const stream_vec*>(p)));
+  return v;
+#else
+  return stream_load(p);
+#endif
+}
+
+template <int N, int R>
+inline void stream_tile(const float* a, index_t lda, const float* const* b, index_t i0, index_t i1, stream_vec* acc, bool first,
+                        const float* pf, index_t pf_rows) {
+  stream_vec c[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < N; ++p) c[r][p] = first ? stream_zero() : acc[r * N + p];
+  for (index_t i = i0; i < i1; i += stream_lanes) {
+    for (index_t q = 0; q < pf_rows; ++q) _mm_prefetch(reinterpret_cast<const char*>(pf + q * lda + i), _MM_HINT_T0);
+    stream_vec av[R];
+    for (int r = 0; r < R; ++r) av[r] = stream_load_kept(a + r * lda + i);
+    for (int p = 0; p < N; ++p) {
+      const stream_vec bv = stream_load(b[p] + i);
+      for (int r = 0; r < R; ++r) c[r][p] = stream_fma(av[r], bv, c[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < N; ++p) acc[r * N + p] = c[r][p];
+}
+
+/// R (≤ 6) weight rows × n tokens; `next` (next_rows rows) is prefetched.
+template <int R>
+inline void stream_block(const float* a, index_t lda, const float* const* b, index_t n, index_t k, float* out, index_t ldo,
+                         const float* next, index_t next_rows) {
+  alignas(64) stream_vec acc[stream_block_rows * stream_max_block_tokens];
+  const index_t kv = k / stream_lanes * stream_lanes;
+  const index_t groups = (n + stream_block_tokens - 1) / stream_block_tokens;
+  // The next rows are shared out among the token groups after the first (which
+  // itself waits on these rows), or all go to the only group.
+  const index_t sharers = std::max<index_t>(1, groups - 1);
+  for (index_t i0 = 0; i0 < kv; i0 += stream_block_depth) {
+    const index_t i1 = std::min(kv, i0 + stream_block_depth);
+    for (index_t g = 0, p = 0; p < n; ++g, p += stream_block_tokens) {
+      const float* pf = nullptr;
+      index_t pf_rows = 0;
+      if (next && (groups == 1 || g > 0)) {
+        const index_t j = groups == 1 ? 0 : g - 1, lo = j * next_rows / sharers, hi = (j + 1) * next_rows / sharers;
+        pf = next + lo * lda, pf_rows = hi - lo;
+      }
+      stream_vec* c = acc + p * R;
+      switch (std::min<index_t>(stream_block_tokens, n - p)) {
+        case 1: stream_tile<1, R>(a, lda, b + p, i0, i1, c, i0 == 0, pf, pf_rows); break;
+        case 2: stream_tile<2, R>(a, lda, b + p, i0, i1, c, i0 == 0, pf, pf_rows); break;
+        case 3: stream_tile<3, R>(a, lda, b + p, i0, i1, c, i0 == 0, pf, pf_rows); break;
+        default: stream_tile<4, R>(a, lda, b + p, i0, i1, c, i0 == 0, pf, pf_rows); break;
+      }
+    }
+  }
+  if (kv == 0) std::fill_n(acc, R * n, stream_zero());
+  for (index_t p0 = 0; p0 < n; p0 += stream_block_tokens) {
+    const index_t g = std::min<index_t>(stream_block_tokens, n - p0);
+    for (index_t r = 0; r < R; ++r)
+      for (index_t q = 0; q < g; ++q) {
+        float s = hsum(stream_fold(acc[p0 * R + r * g + q]));
+        for (index_t j = kv; j < k; ++j) s += a[r * lda + j] * b[p0 + q][j];
+        out[(p0 + q) * ldo + r] = s;
+      }
+  }
+}
+
+inline void stream_blocks(const float* a, index_t lda, index_t rows, const float* const* b, index_t n, index_t k, float* out, index_t ldo) {
+  constexpr index_t rb = stream_block_rows;
+  index_t r = 0;
+  for (; r + rb <= rows; r += rb) stream_block<rb>(a + r * lda, lda, b, n, k, out + r, ldo, a + (r + rb) * lda, std::min(rb, rows - r - rb));
+  switch (rows - r) {
+    case 0: break;
+    case 1: stream_block<1>(a + r * lda, lda, b, n, k, out + r, ldo, nullptr, 0); break;
+    case 2: stream_block<2>(a + r * lda, lda, b, n, k, out + r, ldo, nullptr, 0); break;
+    case 3: stream_block<3>(a + r * lda, lda, b, n, k, out + r, ldo, nullptr, 0); break;
+    case 4: stream_block<4>(a + r * lda, lda, b, n, k, out + r, ldo, nullptr, 0); break;
+    default: stream_block<5>(a + r * lda, lda, b, n, k, out + r, ldo, nullptr, 0); break;
+  }
+}
+#endif
+
+/// out[p, r] = Σ_i b[p][i]·a[r, i] for p < n ≤ stream_max_tokens, r < rows,
+/// i < k; a and out row-major with the given leading dimensions.
+inline void stream_product(const float* a, index_t lda, index_t rows, const float* const* b, index_t n, index_t k, float* out,
                            index_t ldo) {
+#if defined(__AVX512F__)
+  if (n > 4) return stream_blocks(a, lda, rows, b, n, k, out, ldo);
+#endif
   // As many rows in flight as the accumulators of a token group leave
   // registers for: each row is one more sequential stream from memory.
   index_t r = 0;
   if (stream_lanes == 16 && n <= 2)
-    for (; r + 8 <= rows; r += 8) stream_tokens<8>(a + r * lda, lda, b, ldb, n, k, out + r, ldo);
+    for (; r + 8 <= rows; r += 8) stream_tokens<8>(a + r * lda, lda, b, n, k, out + r, ldo);
   if (n <= 2 || (stream_lanes == 16 && n <= 4))
-    for (; r + 4 <= rows; r += 4) stream_tokens<4>(a + r * lda, lda, b, ldb, n, k, out + r, ldo);
-  for (; r + 2 <= rows; r += 2) stream_tokens<2>(a + r * lda, lda, b, ldb, n, k, out + r, ldo);
-  for (; r < rows; ++r) stream_tokens<1>(a + r * lda, lda, b, ldb, n, k, out + r, ldo);
+    for (; r + 4 <= rows; r += 4) stream_tokens<4>(a + r * lda, lda, b, n, k, out + r, ldo);
+  for (; r + 2 <= rows; r += 2) stream_tokens<2>(a + r * lda, lda, b, n, k, out + r, ldo);
+  for (; r < rows; ++r) stream_tokens<1>(a + r * lda, lda, b, n, k, out + r, ldo);
 }
-/// Most token rows the streaming path takes; larger blocks use the packed GEMM,
-/// whose packing of the weights only pays off once enough tokens reuse them.
-/// Measured on one core, 2×256×2048 weight blocks from DRAM, streaming time /
-/// packed GEMM time: with AVX2 (Zen 3) 0.30 at 4 tokens, 0.54 at 16, 0.73 at 32,
-/// 0.93 at 48, 1.09 at 64; with AVX-512 (Zen 5), whose GEMM is twice as wide,
-/// 0.47 at 1, 0.72 at 4, 1.19 at 6 and 1.60 at 8.
-constexpr index_t stream_max_tokens = stream_lanes == 16 ? 4 : 48;
 #else
 constexpr bool stream_kernel_available = false;
 constexpr index_t stream_max_tokens = 48;
-inline void stream_product(const float*, index_t, index_t, const float*, index_t, index_t, index_t, float*, index_t) {}
+inline void stream_product(const float*, index_t, index_t, const float* const*, index_t, index_t, float*, index_t) {}
 #endif
 
 /// A block of weight rows as packed_product takes it.
@@ -121,29 +228,43 @@ inline weight_rows rows_of(const Block& a) {
   return {a.data(), a.outerStride(), a.rows()};
 }
 
-/// [b·a₁ᵀ | b·a₂ᵀ | …] for row-major weight blocks of b.cols() columns each:
-/// streamed when b has few rows, else the packed GEMM, which packs b once for
-/// all the blocks (Eigen's GEMM when the CPU lacks AVX2/FMA).
-inline matrix times_transpose(std::initializer_list<weight_rows> a, const_matrix_ref b) {
+/// [b·a₁ᵀ | b·a₂ᵀ | …] for row-major weight blocks of k columns each, where
+/// row p of b (k values) is at b[p], p < m: streamed when b has few rows, else
+/// the packed GEMM, which packs b once for all the blocks (Eigen's GEMM when
+/// the CPU lacks AVX2/FMA).
+inline matrix times_transpose(std::initializer_list<weight_rows> a, const float* const* b, index_t m, index_t k) {
   index_t n = 0;
   for (const auto& blk : a) n += blk.rows;
-  matrix out(b.rows(), n);
-  if (b.rows() == 0 || n == 0) return out;
-  if (stream_kernel_available && b.rows() > stream_max_tokens) {
-    packed_product(a, b.data(), b.outerStride(), b.rows(), b.cols(), out.data(), out.outerStride());
+  matrix out(m, n);
+  if (m == 0 || n == 0) return out;
+  if (stream_kernel_available && m > stream_max_tokens) {
+    packed_product(a, b, m, k, out.data(), out.outerStride());
+    return out;
+  }
+  if (!stream_kernel_available) {
+    matrix bm(m, k);
+    for (index_t p = 0; p < m; ++p) std::copy_n(b[p], k, bm.row(p).data());
+    index_t col0 = 0;
+    for (const auto& blk : a) {
+      const Eigen::Map<const matrix, 0, Eigen::OuterStride<>> w(blk.data, blk.rows, k, Eigen::OuterStride<>(blk.ld));
+      out.middleCols(col0, blk.rows).noalias() = bm * w.transpose();
+      col0 += blk.rows;
+    }
     return out;
   }
   index_t col0 = 0;
   for (const auto& blk : a) {
-    if (stream_kernel_available) {
-      stream_product(blk.data, blk.ld, blk.rows, b.data(), b.outerStride(), b.rows(), b.cols(), out.data() + col0, out.outerStride());
-    } else {
-      const Eigen::Map<const matrix, 0, Eigen::OuterStride<>> w(blk.data, blk.rows, b.cols(), Eigen::OuterStride<>(blk.ld));
-      out.middleCols(col0, blk.rows).noalias() = b * w.transpose();
-    }
+    stream_product(blk.data, blk.ld, blk.rows, b, m, k, out.data() + col0, out.outerStride());
     col0 += blk.rows;
   }
   return out;
+}
+
+/// The same with b a row-major matrix.
+inline matrix times_transpose(std::initializer_list<weight_rows> a, const_matrix_ref b) {
+  std::vector<const float*> rows(static_cast<std::size_t>(b.rows()));
+  for (index_t p = 0; p < b.rows(); ++p) rows[std::size_t(p)] = b.row(p).data();
+  return times_transpose(a, rows.data(), b.rows(), b.cols());
 }
 
 }  // namespace moeforge::runtime::detail

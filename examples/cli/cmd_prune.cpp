@@ -1,0 +1,88 @@
+// moeforge prune mone: MoNE expert pruning (or one of its baselines) on an MoE
+// model — a CMoE conversion, Mixtral, Qwen2-MoE — saved as a native directory
+// whose moeforge.json carries the pruning report.
+#include <filesystem>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "conversion.hpp"
+#include "moeforge/convert/mone.hpp"
+
+namespace moeforge::cli {
+
+namespace {
+
+int prune_mone(int argc, char** argv) {
+  args a("moeforge prune mone",
+         "MoNE (Zhang et al. 2025): replace each MoE layer's most redundant routed experts (lowest output spread x routing\n"
+         "mass on --calib) by novices, constant vectors equal to the expert's mean output, still weighted by the router's\n"
+         "gate; the pruned experts' weights are freed. Baselines: zero novice, frequency pruning (expert and router row\n"
+         "removed), REAP, random, and a per-layer search for the set with the least output error. Writes a native model.");
+  add_model_options(a, true, "model-config");
+  add_conversion_options(a);
+  a.option("ratio", "R", "share of the real experts to prune, in [0, 1): round(R x E) per layer (of all layers with --scope global)");
+  a.option("count", "N", "experts to prune per layer (in the whole model with --scope global), instead of --ratio");
+  a.option("scope", "layer|global", "prune the same number in every layer, or rank all layers' experts together "
+           "(global keeps at least one real expert per layer)", "layer");
+  a.option("method", "mone|zero|frequency|reap|random|search",
+           "mone: lowest var x freq, novice = mean output; zero: the same experts, zero novice; frequency: lowest routing mass, "
+           "removed with their router rows; reap: lowest mean gate x output norm, removed; random: seeded, novice; "
+           "search: per layer the set whose novices change the output least (exhaustive up to 10^4 subsets, else greedy)",
+           "mone");
+  a.option("replace", "novice|zero|remove", "what a pruned expert becomes (default: the method's own, see --method)");
+  a.option("freq", "all|routed", "routing mass divided by all calibration tokens (the reference code) or by those routed "
+           "to the expert (the paper's text)", "all");
+  a.option("seed", "S", "seed of --method random", "0");
+  a.flag("unpruned-inputs", "calibrate every layer on the unpruned model (default: layer l on the model pruned up to l-1; "
+         "--scope global always does this)");
+  if (!a.parse(argc, argv)) return 0;
+  if (a.has("ratio") == a.has("count")) throw usage_error("moeforge prune mone: give exactly one of --ratio and --count");
+
+  // Everything that can be refused is refused before the model loads or calibrates.
+  io::check_output_dir(a.get("out"), a.flag_set("force"));
+  convert::mone_options o;
+  if (a.has("ratio"))
+    o.ratio = a.get_double("ratio");
+  else
+    o.count = index_t(a.get_int("count"));
+  o.scope = convert::parse_mone_scope(a.get("scope"));
+  o.method = convert::parse_mone_method(a.get("method"));
+  if (a.has("replace")) o.replacement = convert::parse_replacement(a.get("replace"));
+  o.freq = convert::parse_freq_form(a.get("freq"));
+  o.seed = std::uint64_t(a.get_int("seed"));
+  o.sequential = !a.flag_set("unpruned-inputs");
+  convert::validate(o);
+  const std::string calib_file = a.get("calib");
+  std::error_code ec;
+  if (std::filesystem::is_regular_file(calib_file, ec) && std::filesystem::file_size(calib_file, ec) == 0 && !ec)
+    throw config_error("--calib '" + calib_file + "': the calibration text is empty (MoNE measures every expert on it)");
+
+  model::weights w = load_model(a, "model-config");
+  convert::validate(o, w);  // a dense model, or a count no layer can give
+  const calibration cal = load_calibration(a, w);
+  progress_bar bar(a.flag_set("quiet"));
+  const auto report = convert::mone_model(w, cal.inputs(), o, std::ref(bar));
+  for (const auto& l : report.layers)
+    if (l.top_k_after != l.top_k_before)
+      std::cerr << "moeforge prune mone: layer " << l.layer << " has " << l.top_k_after << " expert slot(s) left, fewer than its top_k of "
+                << l.top_k_before << ": top_k is now " << l.top_k_after << "\n";
+  save_conversion(a, w, {{"pruning", convert::to_json(report)}, {"calibration", cal.description}});
+  if (!a.flag_set("json"))
+    std::cout << "wrote " << a.get("out") << " (" << report.method << ", " << report.replacement << ": " << report.experts_pruned
+              << " experts pruned in " << report.layers.size() << " MoE layers, " << report.params_freed << " parameters = "
+              << report.bytes_freed << " bytes freed)\n";
+  return 0;
+}
+
+}  // namespace
+
+int run_prune(int argc, char** argv) {
+  static const command methods[] = {
+      {"mone", "MoNE: replace redundant experts by novices (and the pruning baselines)", &prune_mone},
+  };
+  return dispatch("moeforge prune", methods, argc, argv);
+}
+
+}  // namespace moeforge::cli
