@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "args.hpp"
+#include "dualsparse_quality.hpp"
 #include "machine.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
 
@@ -220,7 +221,13 @@ int bench_dualsparse(int argc, char** argv) {
       .option("reps", "N", "speed: timed samples of full and of dropped per row (medians)", "15")
       .option("sigma", "S", "speed: spread of the generated router logits", "2")
       .option("json", "FILE", "also write one JSON object per row to FILE")
+      .option("data", "DIR", "quality: the shared data directory", data_root())
+      .option("model", "DIR", "quality: an MoE model to use instead of CMoE conversions of stories260K (stories260K's vocabulary)")
+      .option("configs", "LIST", "quality: CMoE configurations of stories260K", "S1A3E8,S0A2E8")
+      .option("calib-tokens", "N", "quality: calibration tokens", "8192")
+      .option("eval-windows", "N", "quality: evaluation windows of 512 tokens (0 = all)", "0")
       .flag("speed-only", "run only the speed part")
+      .flag("quality-only", "run only the quality part")
       .flag("quick", "speed: 5 samples, T = 1 and 64 only");
   if (!a.parse(argc, argv)) return 0;
   ds::speed_options o;
@@ -240,21 +247,32 @@ int bench_dualsparse(int argc, char** argv) {
   o.sigma = float(a.get_double("sigma"));
   if (a.flag_set("quick")) o.reps = 5, o.tokens = {1, 64};
 
+  const bool write_json = a.has("json");
   std::ofstream json;
   std::string json_tmp;
-  if (a.has("json")) {
+  if (write_json) {
     json_tmp = a.get("json") + ".tmp";
     json.open(json_tmp);
     if (!json) throw io_error("cannot write '" + json_tmp + "'");
   }
   o.gbps = bench::probe_read_gbps(o.threads);
   std::printf("machine: %.1f GB/s DRAM read (%d threads); load average %s\n", o.gbps, o.threads, ds::load_average().c_str());
-  std::vector<nlohmann::json> rows = ds::speed(o);
-  // The quality part (policy × metric × target drop rate on a model) goes
-  // here, skipped under --speed-only.
-  (void)a.flag_set("speed-only");
+  std::vector<nlohmann::json> rows;
+  if (!a.flag_set("quality-only")) rows = ds::speed(o);
+  if (!a.flag_set("speed-only")) {
+    ds::quality_options q;
+    q.data = a.get("data");
+    if (a.has("model")) q.model = a.get("model");
+    q.configs.clear();
+    std::stringstream in(a.get("configs"));
+    for (std::string item; std::getline(in, item, ',');) q.configs.push_back(item);
+    q.drop_rates = o.drop_rates;
+    q.calib_tokens = a.get_int("calib-tokens");
+    q.eval_windows = a.get_int("eval-windows");
+    for (auto& r : ds::quality(q)) rows.push_back(std::move(r));
+  }
   std::printf("load average after: %s\n", ds::load_average().c_str());
-  if (json) {
+  if (write_json) {
     for (const auto& r : rows) json << r.dump() << "\n";
     json.close();
     if (!json || std::rename(json_tmp.c_str(), a.get("json").c_str()) != 0) throw io_error("cannot write '" + a.get("json") + "'");

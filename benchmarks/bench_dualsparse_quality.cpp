@@ -3,21 +3,16 @@
 // of target drop rates: the realised drop rate on calibration and evaluation
 // text and the perplexity; and the load-aware thresholds' group loads.
 #include <cstdio>
+#include <limits>
 
 #include <nlohmann/json.hpp>
 
+#include "dualsparse_quality.hpp"
 #include "moeforge/convert/dualsparse.hpp"
+#include "moeforge/io/load.hpp"
 #include "stories.hpp"
 
 namespace moeforge::cli::dualsparse_bench {
-
-struct quality_options {
-  std::string data;
-  std::vector<std::string> configs{"S1A3E8", "S0A2E8"};
-  std::vector<double> drop_rates{0, 0.1, 0.2, 0.3, 0.4};
-  index_t calib_tokens = 8192;
-  index_t eval_windows = 0;  ///< 0: the whole evaluation text
-};
 
 namespace {
 
@@ -48,8 +43,9 @@ std::vector<nlohmann::json> quality(const quality_options& o) {
   std::vector<nlohmann::json> rows;
   std::printf("\nquality: stories260K by CMoE, %lld calibration tokens, tinystories eval (ctx 512)\n", (long long)o.calib_tokens);
   std::printf("%-8s %-6s %-6s %7s %8s %8s %10s %8s\n", "config", "policy", "metric", "target", "d_calib", "d_eval", "ppl", "ppl/base");
-  for (const auto& config : o.configs) {
-    const model::weights base = bench::cmoe_model(data, config);
+  const std::vector<std::string> models = o.model.empty() ? o.configs : std::vector<std::string>{o.model};
+  for (const auto& config : models) {
+    const model::weights base = o.model.empty() ? bench::cmoe_model(data, config) : io::load_model(o.model);
     const double base_ppl = model::perplexity(model::transformer(base), data.eval, 512, o.eval_windows).ppl;
     auto row = [&](const char* policy, const char* metric, std::optional<double> target, double d_calib, const model::perplexity_result& r) {
       std::printf("%-8s %-6s %-6s %7s %8.4f %8.4f %10.4f %8.3f\n", config.c_str(), policy, metric,
@@ -86,8 +82,15 @@ std::vector<nlohmann::json> quality(const quality_options& o) {
                 config.c_str());
     std::printf("%-6s %3s %10s %10s %10s %8s %8s %8s %8s %10s\n", "policy", "D", "max/mean", "before", "after", "d_before", "d_after",
                 "t_before", "t_after", "ppl_after");
+    index_t fewest = std::numeric_limits<index_t>::max();  // routed experts of the smallest MoE layer
+    for (const auto& l : base.layers)
+      if (const auto* m = std::get_if<moe_layer>(&l.ffn)) fewest = std::min(fewest, m->num_experts());
     for (auto policy : {drop_kind::one_t, drop_kind::two_t})
       for (index_t groups : {2, 4, 8}) {
+        if (groups > fewest) {
+          std::printf("%-6s %3lld   (a layer has only %lld routed experts)\n", drop_kind_name(policy).data(), (long long)groups, (long long)fewest);
+          continue;
+        }
         convert::dualsparse_options opt;
         opt.policy.kind = policy;
         opt.metric = importance_metric::abs_act;

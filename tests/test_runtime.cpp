@@ -301,13 +301,14 @@ TEST_CASE("a partitioned layer without dropping equals the unpartitioned layer")
 
 TEST_CASE("the weight-streaming and packed products equal a plain double-precision product") {
   // Shapes around every blocking edge of both instruction sets: tokens (6 or 8
-  // per micro-tile, 96 or 128 per packed block, 4 or 48 the streaming limit, 1-4
-  // per streaming group), weight rows (16 or 32 per panel, 8 per transposed group),
-  // depth (8 or 16 lanes, 256 per block).
+  // per micro-tile and partial tiles, 96 or 128 per packed block, 32 or 48 the
+  // streaming limit, 1-4 per streaming group, 3 the start of the AVX-512 tiles),
+  // weight rows (16 or 32 per panel, 8 per transposed group, 6 per streaming
+  // tile), depth (8 or 16 lanes, 256 per packed block, 1024 per streaming block).
   std::mt19937 rng(5);
-  for (index_t m : {1, 2, 3, 4, 5, 7, 9, 13, 48, 49, 97, 129, 193})
-    for (index_t n : {1, 15, 33})
-      for (index_t k : {0, 7, 17, 256, 300}) {
+  for (index_t m : {1, 2, 3, 4, 5, 7, 9, 13, 32, 33, 48, 49, 97, 129, 193})
+    for (index_t n : {1, 7, 15, 33})
+      for (index_t k : {0, 7, 17, 256, 300, 1100}) {
         const matrix b = random_matrix(m, k, rng), gate = random_matrix(n, k, rng), up = random_matrix(n + 2, k, rng);
         const matrix got = runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b);
         Eigen::MatrixXd want(m, 2 * n + 2);

@@ -10,7 +10,9 @@
 // Inside a task the products are single-threaded: up to stream_max_tokens
 // tokens take the register-tiled weight-streaming path (stream_kernel.hpp),
 // more take the packed GEMM (gemm.hpp); either way weights stream once per
-// task and tokens reuse them.
+// task and tokens reuse them. Jobs read their tokens' rows of x in place: a
+// gathered copy per job cost a fresh allocation (page faults) and a serial
+// copy on every call.
 #pragma once
 
 #include <algorithm>
@@ -107,13 +109,12 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
   }
 }
 
-
 /// The jobs of routed expert `ex` for plan pairs [p0, p1): one per segment
 /// between consecutive widths the pairs ask for, each over the pairs that need
 /// that segment. A sub-expert boundary (`parts`) that no pair's width falls on
 /// does not cut: the same tokens over adjacent neurons are one job, whose
-/// longer rows stream better (cutting at every part cost 10% at one token and
-/// 25% at 16 tokens per expert on the E8A2 layer, for the same result).
+/// longer rows stream better (cutting at every part cost up to 10% at one token
+/// and 25-35% at 16 tokens per expert on the E8A2 layer, for the same result).
 inline void add_expert_jobs(const routed_expert& ex, const routing_plan& plan, index_t p0, index_t p1, const_matrix_ref x,
                             std::vector<job>& jobs) {
   std::vector<index_t> cuts;

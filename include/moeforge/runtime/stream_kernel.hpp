@@ -47,14 +47,12 @@ inline __m256 stream_fold(stream_vec v) { return v; }
 
 /// Most token rows the streaming path takes; larger blocks use the packed GEMM,
 /// whose packing of the weights only pays off once enough tokens reuse them.
-/// Measured on one core, 2×256×2048 weight blocks from DRAM, streaming time /
-/// packed GEMM time: with AVX2 (Zen 3) 0.30 at 4 tokens, 0.54 at 16, 0.73 at 32,
-/// 0.93 at 48, 1.09 at 64; with AVX-512 (Zen 5), whose GEMM is twice as wide,
-/// 0.47 at 1, 0.72 at 4 (TODO: the block tiles' figures).
-constexpr index_t stream_max_tokens = stream_lanes == 16 ? 24 : 48;
-#if defined(__AVX512F__)
-constexpr index_t stream_max_block_tokens = stream_max_tokens;
-#endif
+/// Measured on one core, weight blocks from DRAM, streaming time / packed GEMM
+/// time: with AVX2 (Zen 3; 2×256×2048 blocks) 0.30 at 4 tokens, 0.54 at 16,
+/// 0.73 at 32, 0.93 at 48, 1.09 at 64; with AVX-512 (Zen 5; 256×2048 blocks,
+/// the 6×4 tiles below) 0.61 at 8, 0.71 at 16, 0.81 at 24, 0.83 at 32, 0.88 at
+/// 48, 0.96 at 64 (and at 256×704: 0.58, 0.64, 0.76, 0.84, 0.93, 1.00).
+constexpr index_t stream_max_tokens = stream_lanes == 16 ? 32 : 48;
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -101,15 +99,18 @@ inline void stream_tokens(const float* a, index_t lda, const float* const* b, in
 }
 
 #if defined(__AVX512F__)
-// More than four tokens (AVX-512 only): tiles of up to 6 weight rows × 4
+// Three tokens or more (AVX-512 only): tiles of up to 6 weight rows × 4
 // tokens, whose 24 accumulators, 6 row vectors and a token vector fill the 32
-// registers, so every k step loads 10 vectors for 24 FMAs. The depth is cut
-// into blocks of stream_block_depth so a tile's rows stay in L1 while every
-// token group passes over them (the tokens stream from L2); accumulators are
-// carried through memory between blocks, which leaves each sum's order — lane
-// partials over k ascending, then the fold and the scalar tail — exactly that
-// of stream_rows. While the later token groups compute, the next rows are
-// prefetched, so their DRAM reads overlap the arithmetic.
+// registers, so every k step loads 10 vectors for 24 FMAs (88% of the FMA peak
+// with data in L1/L2; at 3-4 tokens on cold 256×2048 blocks, 0.6 of the time
+// stream_rows takes, whose compiled loop reloads the rows for every token).
+// The depth is cut into blocks of stream_block_depth
+// so a tile's rows stay in L1 while every token group passes over them (the
+// tokens stream from L2); accumulators are carried through memory between
+// blocks, which leaves each sum's order — lane partials over k ascending, then
+// the fold and the scalar tail — exactly that of stream_rows. While the later
+// token groups compute, the next rows are prefetched. One or two tokens keep
+// stream_rows' eight rows in flight: there, the rows' bandwidth is all that counts.
 constexpr int stream_block_rows = 6, stream_block_tokens = 4;
 constexpr index_t stream_block_depth = 1024;
 
@@ -148,23 +149,27 @@ inline void stream_tile(const float* a, index_t lda, const float* const* b, inde
 template <int R>
 inline void stream_block(const float* a, index_t lda, const float* const* b, index_t n, index_t k, float* out, index_t ldo,
                          const float* next, index_t next_rows) {
-  alignas(64) stream_vec acc[stream_block_rows * stream_max_block_tokens];
+  alignas(64) stream_vec acc[stream_block_rows * stream_max_tokens];
   const index_t kv = k / stream_lanes * stream_lanes;
+  // Token groups of near-equal size (10 tokens: 4, 3, 3 rather than 4, 4, 2),
+  // so no group is left with a lone token whose tile would wait on its loads.
   const index_t groups = (n + stream_block_tokens - 1) / stream_block_tokens;
+  const auto group_start = [&](index_t g) { return g * (n / groups) + std::min(g, n % groups); };
   // The next rows are shared out among the token groups after the first (which
   // itself waits on these rows), or all go to the only group.
   const index_t sharers = std::max<index_t>(1, groups - 1);
   for (index_t i0 = 0; i0 < kv; i0 += stream_block_depth) {
     const index_t i1 = std::min(kv, i0 + stream_block_depth);
-    for (index_t g = 0, p = 0; p < n; ++g, p += stream_block_tokens) {
+    for (index_t g = 0; g < groups; ++g) {
       const float* pf = nullptr;
       index_t pf_rows = 0;
       if (next && (groups == 1 || g > 0)) {
         const index_t j = groups == 1 ? 0 : g - 1, lo = j * next_rows / sharers, hi = (j + 1) * next_rows / sharers;
         pf = next + lo * lda, pf_rows = hi - lo;
       }
+      const index_t p = group_start(g);
       stream_vec* c = acc + p * R;
-      switch (std::min<index_t>(stream_block_tokens, n - p)) {
+      switch (group_start(g + 1) - p) {
         case 1: stream_tile<1, R>(a, lda, b + p, i0, i1, c, i0 == 0, pf, pf_rows); break;
         case 2: stream_tile<2, R>(a, lda, b + p, i0, i1, c, i0 == 0, pf, pf_rows); break;
         case 3: stream_tile<3, R>(a, lda, b + p, i0, i1, c, i0 == 0, pf, pf_rows); break;
@@ -173,11 +178,11 @@ inline void stream_block(const float* a, index_t lda, const float* const* b, ind
     }
   }
   if (kv == 0) std::fill_n(acc, R * n, stream_zero());
-  for (index_t p0 = 0; p0 < n; p0 += stream_block_tokens) {
-    const index_t g = std::min<index_t>(stream_block_tokens, n - p0);
+  for (index_t g = 0; g < groups; ++g) {
+    const index_t p0 = group_start(g), size = group_start(g + 1) - p0;
     for (index_t r = 0; r < R; ++r)
-      for (index_t q = 0; q < g; ++q) {
-        float s = hsum(stream_fold(acc[p0 * R + r * g + q]));
+      for (index_t q = 0; q < size; ++q) {
+        float s = hsum(stream_fold(acc[p0 * R + r * size + q]));
         for (index_t j = kv; j < k; ++j) s += a[r * lda + j] * b[p0 + q][j];
         out[(p0 + q) * ldo + r] = s;
       }
@@ -204,7 +209,7 @@ inline void stream_blocks(const float* a, index_t lda, index_t rows, const float
 inline void stream_product(const float* a, index_t lda, index_t rows, const float* const* b, index_t n, index_t k, float* out,
                            index_t ldo) {
 #if defined(__AVX512F__)
-  if (n > 4) return stream_blocks(a, lda, rows, b, n, k, out, ldo);
+  if (n > 2) return stream_blocks(a, lda, rows, b, n, k, out, ldo);
 #endif
   // As many rows in flight as the accumulators of a token group leave
   // registers for: each row is one more sequential stream from memory.
