@@ -6,17 +6,14 @@
 #include <nlohmann/json.hpp>
 
 #include "args.hpp"
+#include "json_out.hpp"
 #include "stories.hpp"
 
 namespace moeforge::cli {
 
 int bench_cmoe(int argc, char** argv) {
   args a("moeforge-bench cmoe", "CMoE quality table on stories260K: perplexity and decode speed per configuration.");
-  a.option("data", "DIR", "the shared data directory", data_root())
-      .option("calib-tokens", "N", "calibration tokens", "8192")
-      .option("eval-windows", "N", "evaluation windows of 512 tokens (0 = all)", "0")
-      .option("decode-steps", "N", "greedy decode steps for tok/s", "256")
-      .option("json", "FILE", "also write the rows as a JSON array to FILE");
+  bench::add_stories_options(a);
   if (!a.parse(argc, argv)) return 0;
   const bench::stories data = bench::load_stories(a.get("data"), a.get_int("calib-tokens"));
   const model::weights& dense = data.dense;
@@ -85,11 +82,7 @@ int bench_cmoe(int argc, char** argv) {
                 active, ppl, ppl / dense_ppl, tps);
     std::fflush(stdout);
   }
-  if (a.has("json")) {
-    std::ofstream f(a.get("json"));
-    if (!f) throw io_error("cannot write '" + a.get("json") + "'");
-    f << out.dump(1) << "\n";
-  }
+  if (a.has("json")) bench::write_json(a.get("json"), out);
   return 0;
 }
 

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "args.hpp"
+#include "json_out.hpp"
 #include "moeforge/convert/mone.hpp"
 #include "stories.hpp"
 
@@ -41,16 +42,12 @@ int bench_mone(int argc, char** argv) {
          "MoNE and its baselines (zero novice, frequency, REAP, random, output-error search) at 12.5/25/50% pruning on\n"
          "stories260K converted by CMoE: perplexity, FFN work per token, model bytes and decode tok/s, with the unpruned\n"
          "model of each configuration as a row.");
-  a.option("data", "DIR", "the shared data directory", data_root())
-      .option("configs", "LIST", "CMoE configurations, comma-separated", "S0A2E8,S1A3E8,S2A2E16")
+  bench::add_stories_options(a);
+  a.option("configs", "LIST", "CMoE configurations, comma-separated", "S0A2E8,S1A3E8,S2A2E16")
       .option("replacements", "LIST",
               "replacements to run each method with, comma-separated: 'default' (the method's own), novice, zero, remove "
               "(e.g. default,novice,remove separates a method's choice of experts from what replaces them)",
-              "default")
-      .option("calib-tokens", "N", "calibration tokens, for CMoE and for pruning", "8192")
-      .option("eval-windows", "N", "evaluation windows of 512 tokens (0 = all)", "0")
-      .option("decode-steps", "N", "greedy decode steps for tok/s (best of 3 runs)", "256")
-      .option("json", "FILE", "also write the rows as a JSON array to FILE");
+              "default");
   if (!a.parse(argc, argv)) return 0;
   std::vector<std::optional<convert::prune_replacement>> replacements;
   for (const auto& r : split(a.get("replacements")))
@@ -103,11 +100,7 @@ int bench_mone(int argc, char** argv) {
       }
     }
   }
-  if (a.has("json")) {
-    std::ofstream f(a.get("json"));
-    if (!f) throw io_error("cannot write '" + a.get("json") + "'");
-    f << rows.dump(1) << "\n";
-  }
+  if (a.has("json")) bench::write_json(a.get("json"), rows);
   return 0;
 }
 

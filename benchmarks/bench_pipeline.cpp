@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "args.hpp"
+#include "json_out.hpp"
 #include "moeforge/convert/dualsparse.hpp"
 #include "moeforge/convert/mone.hpp"
 #include "stories.hpp"
@@ -23,14 +24,10 @@ int bench_pipeline(int argc, char** argv) {
          "and decode and prefill tokens/s measured in this run. stories260K is tiny (dim 64): its speed is mostly attention, norms and\n"
          "per-call overhead, so the speed columns understate what dropping and pruning save on large layers; see\n"
          "`moeforge-bench dualsparse` for the kernel speedups on a Mixtral-shaped layer.");
-  a.option("data", "DIR", "the shared data directory", data_root())
-      .option("configs", "LIST", "CMoE configurations", "S2A4E8,S1A3E8")
+  bench::add_stories_options(a);
+  a.option("configs", "LIST", "CMoE configurations", "S2A4E8,S1A3E8")
       .option("drop-rate", "D", "DualSparse target drop rate", "0.2")
-      .option("prune-ratio", "R", "MoNE pruning ratio", "0.25")
-      .option("calib-tokens", "N", "calibration tokens", "8192")
-      .option("eval-windows", "N", "evaluation windows of 512 tokens (0 = all)", "0")
-      .option("decode-steps", "N", "greedy decode steps for tok/s", "256")
-      .option("json", "FILE", "also write the rows as a JSON array to FILE");
+      .option("prune-ratio", "R", "MoNE pruning ratio", "0.25");
   if (!a.parse(argc, argv)) return 0;
   const bench::stories data = bench::load_stories(a.get("data"), a.get_int("calib-tokens"));
   const index_t windows = a.get_int("eval-windows"), steps = a.get_int("decode-steps");
@@ -80,11 +77,7 @@ int bench_pipeline(int argc, char** argv) {
     measure("CMoE " + config + mone, prune(cmoe));
     measure("CMoE " + config + drop + mone, prune(dropped));
   }
-  if (a.has("json")) {
-    std::ofstream f(a.get("json"));
-    if (!f) throw io_error("cannot write '" + a.get("json") + "'");
-    f << rows.dump(1) << "\n";
-  }
+  if (a.has("json")) bench::write_json(a.get("json"), rows);
   return 0;
 }
 

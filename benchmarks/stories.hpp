@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "args.hpp"
 #include "moeforge/calib/ffn_inputs.hpp"
 #include "moeforge/convert/cmoe.hpp"
 #include "moeforge/io/llama2c.hpp"
@@ -33,6 +34,16 @@ struct stories {
     return [this](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, calib); };
   }
 };
+
+/// The options every stories260K quality benchmark takes: --data,
+/// --calib-tokens, --eval-windows, --decode-steps, --json.
+inline void add_stories_options(cli::args& a) {
+  a.option("data", "DIR", "the shared data directory", cli::data_root())
+      .option("calib-tokens", "N", "calibration tokens", "8192")
+      .option("eval-windows", "N", "evaluation windows of 512 tokens (0 = all)", "0")
+      .option("decode-steps", "N", "greedy decode steps for tok/s", "256")
+      .option("json", "FILE", "also write the rows as a JSON array to FILE");
+}
 
 inline stories load_stories(const std::string& root, index_t calib_tokens) {
   model::weights dense = io::load_llama2c(root + "/models/stories260K/stories260K.bin");
