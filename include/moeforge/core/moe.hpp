@@ -115,10 +115,12 @@ struct routed_expert {
   /// DualSparse: the expert's neurons are ordered by importance and the first
   /// `major` of them form the major sub-expert (0 = the first half, rounded up).
   index_t major = 0;
-  /// DualSparse partial transformation: the expert runs as sub-experts
-  /// [0, parts[0]), [parts[0], parts[1]), …, [parts.back(), width) that share
-  /// the expert's gate weight. Strictly ascending cut points inside (0, width);
-  /// empty: one sub-expert. The output is the same either way.
+  /// DualSparse partial transformation: the expert is the sub-experts
+  /// [0, parts[0]), [parts[0], parts[1]), …, [parts.back(), width), which share
+  /// the expert's gate weight (the complete transformation and the Hugging
+  /// Face export turn them into experts of their own). Strictly ascending cut
+  /// points inside (0, width); empty: one sub-expert. The output is the same
+  /// either way; the kernel cuts an expert only where its tokens' widths differ.
   std::vector<index_t> parts;
 
   bool is_novice() const { return novice.size() != 0; }
