@@ -15,6 +15,7 @@
 #include "args.hpp"
 #include "dualsparse_quality.hpp"
 #include "machine.hpp"
+#include "moeforge/convert/dualsparse.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
 
 namespace moeforge::cli {
@@ -72,36 +73,6 @@ struct step {
   runtime::selection sel;
 };
 
-runtime::selection with_policy(const moe_layer& m, runtime::selection sel, const drop_policy& d) {
-  std::fill(sel.work.begin(), sel.work.end(), runtime::pair_work::full);
-  runtime::apply_drop(d, sel);
-  (void)m;
-  return sel;
-}
-
-/// Realised drop rate of policy `d` over all steps.
-double drop_rate(const moe_layer& m, const std::vector<step>& steps, const drop_policy& d) {
-  runtime::route_stats r;
-  for (const auto& s : steps) r += runtime::count_work(m, with_policy(m, s.sel, d));
-  return r.drop_rate();
-}
-
-/// The threshold whose realised drop rate on `steps` is nearest `target`
-/// (bisection: the rate only grows with T).
-float find_threshold(const moe_layer& m, const std::vector<step>& steps, drop_policy d, double target) {
-  if (target <= 0) return 0.0f;
-  float lo = 0.0f, hi = 1.0f;
-  for (int it = 0; it < 40; ++it) {
-    d.threshold = 0.5f * (lo + hi);
-    (drop_rate(m, steps, d) < target ? lo : hi) = d.threshold;
-  }
-  d.threshold = lo;
-  const double below = drop_rate(m, steps, d);
-  d.threshold = hi;
-  const double above = drop_rate(m, steps, d);
-  return target - below <= above - target ? lo : hi;
-}
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const std::size_t n = v.size();
@@ -156,15 +127,22 @@ std::vector<nlohmann::json> speed(const speed_options& o) {
       for (std::size_t c = 0; c < steps.size(); ++c) runtime::moe_forward(layers[c % copies], plans[c], steps[c].x, y);
       return bench::seconds_since(t0) / double(steps.size());
     };
+    // The routing the thresholds are calibrated on: exactly the timed calls'.
+    std::vector<convert::routing_sample> samples;
+    for (const auto& s : steps) samples.push_back({&layers[0], s.sel});
     for (const auto kind : o.policies) {
       for (const double target : o.drop_rates) {
         drop_policy d;
         d.kind = kind;
         d.margin = o.margin;
-        d.threshold = find_threshold(layers[0], steps, d, target);
-        const double rate = drop_rate(layers[0], steps, d);
+        d.threshold = convert::calibrate_threshold(samples, d, target);
+        const double rate = convert::work_under(samples, d).drop_rate();
         std::vector<runtime::routing_plan> plans;
-        for (const auto& s : steps) plans.push_back(runtime::make_plan(layers[0], with_policy(layers[0], s.sel, d), s.x));
+        for (const auto& s : steps) {
+          runtime::selection sel = s.sel;
+          runtime::apply_drop(d, sel);
+          plans.push_back(runtime::make_plan(layers[0], sel, s.x));
+        }
         std::vector<double> full, dropped;
         partition(false);
         run(full_plans);  // warm-up: page faults, thread team
