@@ -1,5 +1,8 @@
 // moeforge-bench cmoe: perplexity and decode speed of CMoE and its baselines
-// on stories260K (tinystories eval text, ctx 512).
+// on stories260K (tinystories eval text, ctx 512), then moeforge's recipes
+// beyond the paper (fitted routers, novice compensation, refit) and the
+// oracle-router bound, with the realised active fraction (router cost included).
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 
@@ -11,10 +14,91 @@
 
 namespace moeforge::cli {
 
+namespace {
+
+/// The oracle bound of a converted model: every layer's router replaced by
+/// router_kind::oracle (top experts by true output deviation; computes all).
+model::weights with_oracle_router(model::weights w) {
+  for (auto& l : w.layers) {
+    auto& m = std::get<moe_layer>(l.ffn);
+    m.router.kind = router_kind::oracle;
+    m.router.weight = matrix::Zero(m.num_experts(), m.hidden());
+    m.router.weight_up.resize(0, 0);
+    m.router.bias.resize(0);
+    m.router.projection.resize(0, 0);
+    m.router.projection_bias.resize(0);
+    m.router.weight_quad.resize(0, 0);
+  }
+  return w;
+}
+
+/// One row per recipe (paper → best, each step alone and combined) and the
+/// oracle bounds, for S3A3E8, S1A1E4 and S1A1E8 with leftovers shared.
+void recipe_rows(const bench::stories& data, double dense_ppl, index_t windows, nlohmann::json& out) {
+  using convert::compensation_mode;
+  using convert::refit_mode;
+  using convert::router_fit;
+  auto fit = [](router_fit r, compensation_mode c, refit_mode f) {
+    convert::fit_options o;
+    o.router = r;
+    o.compensate = c;
+    o.refit = f;
+    return o;
+  };
+  struct recipe {
+    const char* name;
+    convert::fit_options fit;
+    bool oracle;
+  };
+  const recipe recipes[] = {
+      {"paper", convert::preset_fit(convert::cmoe_preset::paper), false},
+      {"linear", fit(router_fit::linear, compensation_mode::none, refit_mode::none), false},
+      {"linear+novice", fit(router_fit::linear, compensation_mode::novice, refit_mode::none), false},
+      {"quadratic+novice", fit(router_fit::quadratic, compensation_mode::novice, refit_mode::none), false},
+      {"paper+refit", fit(router_fit::analytic, compensation_mode::none, refit_mode::down), false},
+      {"linear+novice+refit", fit(router_fit::linear, compensation_mode::novice, refit_mode::down), false},
+      {"quadratic+novice+refit", fit(router_fit::quadratic, compensation_mode::novice, refit_mode::down), false},
+      {"best (+distill)", convert::preset_fit(convert::cmoe_preset::best), false},
+      {"oracle(paper experts)", convert::preset_fit(convert::cmoe_preset::paper), true},
+      {"oracle+novice", fit(router_fit::analytic, compensation_mode::novice, refit_mode::none), true},
+  };
+  std::printf("\nrecipes (leftovers shared; active = realised FFN work incl. the router over all stored neurons)\n");
+  std::printf("%-9s %-22s %-7s %-10s %-8s %s\n", "config", "recipe", "active", "ppl", "ppl/dense", "convert s");
+  std::fflush(stdout);
+  for (const char* config : {"S3A3E8", "S1A1E4", "S1A1E8"})
+    for (const auto& r : recipes) {
+      convert::cmoe_options o;
+      o.config = convert::parse_cmoe_config(config);
+      o.fit = r.fit;
+      model::weights w = data.dense;
+      const auto t0 = std::chrono::steady_clock::now();
+      convert::cmoe_model(w, data.inputs(), o);
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (r.oracle) w = with_oracle_router(std::move(w));
+      const auto res = model::perplexity(model::transformer(w), data.eval, 512, windows);
+      const double active = res.work.active_fraction();
+      out.push_back({{"config", config}, {"method", "cmoe"}, {"recipe", r.name},
+                     {"router", std::string(r.oracle ? "oracle" : convert::router_fit_name(o.fit.router))},
+                     {"rank", o.fit.router == router_fit::quadratic ? nlohmann::json(o.fit.rank) : nlohmann::json()},
+                     {"compensate", std::string(convert::compensation_name(o.fit.compensate))},
+                     {"refit", std::string(convert::refit_name(o.fit.refit))}, {"distill_steps", o.fit.distill_steps},
+                     {"leftover", "shared"},
+                     {"active_fraction", active}, {"ppl", res.ppl}, {"dense_ppl", dense_ppl}, {"convert_seconds", seconds}});
+      std::printf("%-9s %-22s %-7.3f %-10.4f %-8.3f %.1f\n", config, r.name, active, res.ppl, res.ppl / dense_ppl, seconds);
+      std::fflush(stdout);
+    }
+}
+
+}  // namespace
+
 int bench_cmoe(int argc, char** argv) {
   args a("moeforge-bench cmoe", "CMoE quality table on stories260K: perplexity and decode speed per configuration.");
   bench::add_stories_options(a);
+  a.option("part", "all|paper|recipes", "the paper's rows and baselines, moeforge's recipes and the oracle bound, or both", "all");
   if (!a.parse(argc, argv)) return 0;
+  const std::string part = a.get("part");
+  if (part != "all" && part != "paper" && part != "recipes")
+    throw usage_error("moeforge-bench cmoe: --part must be all, paper or recipes, got '" + part + "'");
   const bench::stories data = bench::load_stories(a.get("data"), a.get_int("calib-tokens"));
   const model::weights& dense = data.dense;
   const auto& eval = data.eval;
@@ -55,6 +139,7 @@ int bench_cmoe(int argc, char** argv) {
   std::printf("%-9s %-14s %-5s %-9s %-7s %-10s %-8s %s\n", "config", "method", "ka", "leftover", "active", "ppl", "ppl/dense", "decode tok/s");
   std::printf("%-9s %-14s %-5s %-9s %-7.3f %-10.4f %-8.3f %.0f\n", "dense", "dense", "-", "-", 1.0, dense_ppl, 1.0, dense_tps);
   std::fflush(stdout);
+  if (part == "recipes") rows.clear();
   for (const auto& r : rows) {
     convert::cmoe_options o;
     o.config = convert::parse_cmoe_config(r.config);
@@ -82,6 +167,7 @@ int bench_cmoe(int argc, char** argv) {
                 active, ppl, ppl / dense_ppl, tps);
     std::fflush(stdout);
   }
+  if (part != "paper") recipe_rows(data, dense_ppl, windows, out);
   if (a.has("json")) bench::write_json(a.get("json"), out);
   return 0;
 }

@@ -17,6 +17,7 @@
 #include "machine.hpp"
 #include "moeforge/convert/dualsparse.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
+#include "moeforge/runtime/prepared.hpp"
 
 namespace moeforge::cli {
 
@@ -39,6 +40,7 @@ struct speed_options {
   float sigma = 2.0f;    ///< spread of the generated router logits
   float margin = 0.01f;  ///< 2t margin
   double gbps = 0;       ///< measured in-run, reported with the rows
+  bool unpacked = false;  ///< time the plain layers (panels packed per call) instead of prepared ones
 };
 
 matrix gaussian(index_t r, index_t c, float scale, std::mt19937& rng) {
@@ -88,8 +90,10 @@ constexpr const char* speed_help =
     "about 0.16 / 0.29 / 0.40 (printed per run), a trained router's spread (NAEE's median p2/p1 of about 0.4).\n"
     "For 1t and 2t (margin 0.01) and each target drop rate d, the threshold T is found by bisection on the same\n"
     "routing that is timed; the realised d (FLOP share dropped, a major-only pair counting half) is reported.\n"
-    "The dropped layer is the DualSparse layer: every expert partitioned into major and minor halves (parts = {352}).\n"
-    "Full: the unpartitioned layer without dropping, on the same tokens and routing. Timed: moe_forward on a\n"
+    "The layer is the DualSparse layer: every expert partitioned into major and minor halves (parts = {352}), prepared\n"
+    "(weights packed once into the kernel's panels; --unpacked: plain weights, packed per call). Full: the same layer\n"
+    "without dropping, on the same tokens and routing (the partition changes no work: 352 neurons are whole panels).\n"
+    "Timed: moe_forward on a\n"
     "precomputed plan. T = 1 times 128 successive single-token calls (different tokens), T = 64 eight batches,\n"
     "T = 512 two; full and dropped samples alternate (ABBA) --reps times, and the medians are reported.\n";
 
@@ -97,12 +101,18 @@ constexpr const char* speed_help =
 /// median time of the dropped and of the full layer on the same calls.
 std::vector<nlohmann::json> speed(const speed_options& o) {
   std::mt19937 rng(20250818);
+  // The DualSparse layer, prepared (its panels restart at the major width,
+  // 352 = 11 whole panels, so the full plans compute exactly what the
+  // unpartitioned layer would) unless --unpacked asks for the plain weights.
+  // layers[0] also makes the plans and calibrates the thresholds.
   std::vector<moe_layer> layers;
-  for (int c = 0; c < copies; ++c) layers.push_back(mixtral_layer(rng));
-  const auto partition = [&](bool on) {
-    for (auto& m : layers)
-      for (auto& e : m.experts) e.parts = on ? std::vector<index_t>{e.major_width()} : std::vector<index_t>{};
-  };
+  std::vector<runtime::prepared_moe> prepared;
+  for (int c = 0; c < copies; ++c) {
+    moe_layer m = mixtral_layer(rng);
+    for (auto& e : m.experts) e.parts = {e.major_width()};
+    if (!o.unpacked) prepared.push_back(runtime::prepare(c == 0 ? m : std::move(m)));
+    if (o.unpacked || c == 0) layers.push_back(std::move(m));
+  }
   std::vector<nlohmann::json> rows;
   std::printf("%5s %6s %6s %6s %7s %9s %11s %8s %6s %8s\n", "T", "policy", "target", "d", "T_drop", "full_ms", "dropped_ms",
               "speedup", "ideal", ">=0.9x");
@@ -124,7 +134,12 @@ std::vector<nlohmann::json> speed(const speed_options& o) {
     // Seconds per call over the steps; the copies share shapes, so one plan fits all.
     const auto run = [&](const std::vector<runtime::routing_plan>& plans) {
       const auto t0 = std::chrono::steady_clock::now();
-      for (std::size_t c = 0; c < steps.size(); ++c) runtime::moe_forward(layers[c % copies], plans[c], steps[c].x, y);
+      for (std::size_t c = 0; c < steps.size(); ++c) {
+        if (o.unpacked)
+          runtime::moe_forward(layers[c % copies], plans[c], steps[c].x, y);
+        else
+          runtime::moe_forward(prepared[c % copies], plans[c], steps[c].x, y);
+      }
       return bench::seconds_since(t0) / double(steps.size());
     };
     // The routing the thresholds are calibrated on: exactly the timed calls'.
@@ -144,16 +159,13 @@ std::vector<nlohmann::json> speed(const speed_options& o) {
           plans.push_back(runtime::make_plan(layers[0], sel, s.x));
         }
         std::vector<double> full, dropped;
-        partition(false);
         run(full_plans);  // warm-up: page faults, thread team
         for (int r = 0; r < o.reps; ++r) {
           for (int half = 0; half < 2; ++half) {
             const bool drop_first = (r + half) % 2 == 1;  // ABBA order
-            partition(drop_first);
             (drop_first ? dropped : full).push_back(1e3 * run(drop_first ? plans : full_plans));
           }
         }
-        partition(false);
         const double full_ms = median(full), dropped_ms = median(dropped);
         const double speedup = full_ms / dropped_ms, ideal = 1.0 / (1.0 - rate);
         const bool ok = speedup >= 0.9 * ideal;
@@ -165,7 +177,7 @@ std::vector<nlohmann::json> speed(const speed_options& o) {
                         {"threshold", d.threshold}, {"margin", kind == drop_kind::two_t ? d.margin : 0.0f}, {"tokens", tokens},
                         {"calls", calls}, {"reps", o.reps}, {"dropped_ms", dropped_ms}, {"full_ms", full_ms}, {"speedup", speedup},
                         {"ideal_speedup", ideal}, {"meets_target", ok}, {"threads", o.threads}, {"hidden", hidden},
-                        {"experts", experts}, {"expert_width", expert_width}, {"top_k", top_k}, {"sigma", o.sigma},
+                        {"experts", experts}, {"expert_width", expert_width}, {"top_k", top_k}, {"sigma", o.sigma}, {"prepared", !o.unpacked},
                         {"machine_gbps", o.gbps}});
       }
     }
@@ -205,6 +217,7 @@ int bench_dualsparse(int argc, char** argv) {
       .option("calib-tokens", "N", "quality: calibration tokens", "8192")
       .option("eval-windows", "N", "quality: evaluation windows of 512 tokens (0 = all)", "0")
       .flag("speed-only", "run only the speed part")
+      .flag("unpacked", "speed: time the layers from their plain weights (packed per call) instead of prepared ones")
       .flag("quality-only", "run only the quality part")
       .flag("quick", "speed: 5 samples, T = 1 and 64 only");
   if (!a.parse(argc, argv)) return 0;
@@ -224,6 +237,7 @@ int bench_dualsparse(int argc, char** argv) {
   o.reps = std::max(1, int(a.get_int("reps")));
   o.sigma = float(a.get_double("sigma"));
   if (a.flag_set("quick")) o.reps = 5, o.tokens = {1, 64};
+  o.unpacked = a.flag_set("unpacked");
 
   const bool write_json = a.has("json");
   std::ofstream json;

@@ -1,7 +1,9 @@
-// moeforge-bench ffn: the MoE and dense FFN kernels against Eigen and against
-// this machine's measured DRAM bandwidth and FP32 FMA peak, on cold weights.
+// moeforge-bench ffn: the MoE and dense FFN kernels, prepared and from plain
+// weights, against Eigen and against this machine's measured DRAM bandwidth
+// and FP32 FMA peak, on cold weights.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <random>
@@ -13,6 +15,7 @@
 #include "machine.hpp"
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
+#include "moeforge/runtime/prepared.hpp"
 
 namespace moeforge::cli {
 
@@ -21,8 +24,10 @@ namespace {
 constexpr index_t hidden = 2048, intermediate = 5632;
 // Layer copies rotated so each timed call reads its weights from DRAM: a dense
 // copy (138 MB) is over 3x the 32 MiB L3, but a decode step touches only a
-// quarter of a MoE copy, so the MoE layers need four.
+// quarter of a E8A2 copy, so those layers need four. A layer whose decode step
+// alone reads over 3x L3 needs one.
 constexpr int ncopies = 2, moe_copies = 4;
+constexpr double cold_bytes = 96e6;
 
 matrix random_matrix(index_t r, index_t c, float scale, std::mt19937& rng) {
   std::normal_distribution<float> n(0.0f, scale);
@@ -38,19 +43,40 @@ ffn random_ffn(index_t neurons, std::mt19937& rng) {
 
 double ffn_bytes(const ffn& f) { return 4.0 * double(f.gate.size() + f.up.size() + f.down.size()); }
 
-/// A MoE split of the FFN: `shared` always-on experts and top-`k` of `routed`, all of width I/(shared+routed).
+/// A MoE layer shape: `routed` experts of `width` neurons, top-`k`, plus
+/// `shared` always-on experts of `shared_width`. The split shapes (E8A2, …)
+/// divide the dense I = 5632 and are compared with the dense layer too.
 struct moe_shape {
-  const char* name;
-  index_t shared, routed, k;
+  std::string name;
+  index_t routed, width, k, shared = 0, shared_width = 0;
+  bool split = false;  ///< an equal split of the dense FFN: dense ratio and ideal are reported
 };
 
+moe_shape split_shape(const char* name, index_t shared, index_t routed, index_t k) {
+  const index_t w = intermediate / (shared + routed);
+  return {name, routed, w, k, shared, w, true};
+}
+
+/// `qwen3-30b-a3b`, `dsv2-lite`, or the form HxExI/k[+S] (H must be 2048; S a
+/// shared expert's width), e.g. 2048x64x1408/6+2816.
+moe_shape parse_shape(const std::string& text) {
+  if (text == "qwen3-30b-a3b") return {text, 128, 768, 8};
+  if (text == "dsv2-lite") return {text, 64, 1408, 6, 1, 2816};
+  long long h = 0, e = 0, i = 0, k = 0, s = 0;
+  char tail = 0;
+  const int got = std::sscanf(text.c_str(), "%lldx%lldx%lld/%lld+%lld%c", &h, &e, &i, &k, &s, &tail);
+  if ((got != 4 && got != 5) || h != hidden || e < 1 || i < 1 || k < 1 || k > e || s < 0)
+    throw usage_error("moeforge-bench ffn: --shape '" + text + "': expected qwen3-30b-a3b, dsv2-lite or HxExI/k[+S] with H = " +
+                      std::to_string(hidden) + ", 1 <= k <= E");
+  return {text, e, i, k, s > 0 ? 1 : 0, s};
+}
+
 moe_layer random_moe(const moe_shape& s, std::mt19937& rng) {
-  const index_t width = intermediate / (s.shared + s.routed);
   moe_layer m;
   m.router.weight = random_matrix(s.routed, hidden, 0.02f, rng);
   m.router.top_k = s.k;
-  for (index_t e = 0; e < s.routed; ++e) m.experts.push_back({random_ffn(width, rng), vector(), 0, {}});
-  for (index_t e = 0; e < s.shared; ++e) m.shared.push_back({random_ffn(width, rng), vector()});
+  for (index_t e = 0; e < s.routed; ++e) m.experts.push_back({random_ffn(s.width, rng), vector(), 0, {}});
+  for (index_t e = 0; e < s.shared; ++e) m.shared.push_back({random_ffn(s.shared_width, rng), vector()});
   return m;
 }
 
@@ -116,13 +142,29 @@ std::vector<index_t> parse_list(const std::string& s) {
   return v;
 }
 
+std::vector<std::string> parse_names(const std::string& s) {
+  std::vector<std::string> v;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) v.push_back(item);
+  return v;
+}
+
 }  // namespace
 
 int bench_ffn(int argc, char** argv) {
-  args a("moeforge-bench ffn", "MoE and dense FFN kernels (H=2048, I=5632 SwiGLU FP32) against Eigen and the machine's limits.");
+  args a("moeforge-bench ffn",
+         "MoE and dense FFN kernels (H=2048 SwiGLU FP32) against Eigen and the machine's limits. Layers are prepared\n"
+         "(weights packed once into the kernel's panels, runtime::prepare); `unpacked` times the same MoE layer from its\n"
+         "plain weights (panels packed per call), with bit-identical results. limit_ms = max(weight bytes touched /\n"
+         "DRAM bandwidth, FLOPs / FMA peak), both measured in the same run; limit_ratio = moe_ms / limit_ms.");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
+      .option("shape", "LIST",
+              "more MoE layers beside E8A2, S1A1E8, S3A3E8 (the dense I = 5632 split): qwen3-30b-a3b (128 experts of 768,\n"
+              "top 8), dsv2-lite (64 of 1408, top 6, a shared expert of 2816), or HxExI/k[+S]")
       .option("json", "FILE", "also write one JSON object per row to FILE")
+      .flag("only-shapes", "run only the --shape layers (no dense, E8A2, S1A1E8, S3A3E8)")
       .flag("quick", "fewer repetitions, T = 1 and 64 only");
   if (!a.parse(argc, argv)) return 0;
   const bool quick = a.flag_set("quick");
@@ -130,13 +172,19 @@ int bench_ffn(int argc, char** argv) {
   omp_set_num_threads(threads);
   Eigen::setNbThreads(threads);
   const auto token_counts = quick ? std::vector<index_t>{1, 64} : parse_list(a.get("tokens"));
+  std::vector<moe_shape> shapes;
+  if (!a.flag_set("only-shapes"))
+    shapes = {split_shape("E8A2", 0, 8, 2), split_shape("S1A1E8", 1, 7, 1), split_shape("S3A3E8", 3, 5, 3)};
+  if (a.has("shape"))
+    for (const auto& name : parse_names(a.get("shape"))) shapes.push_back(parse_shape(name));
   const double gbps_limit = bench::probe_read_gbps(threads), peak = bench::probe_fma_gflops(threads);
   std::printf("machine: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak (%d threads)\n", gbps_limit, peak, threads);
 
   std::mt19937 rng(1234);
-  std::vector<ffn> dense;
-  for (int c = 0; c < ncopies; ++c) dense.push_back(random_ffn(intermediate, rng));
-  const double dense_bytes = ffn_bytes(dense[0]);
+  std::vector<runtime::prepared_ffn> dense;
+  const bool with_dense = std::any_of(shapes.begin(), shapes.end(), [](const moe_shape& s) { return s.split; });
+  for (int c = 0; with_dense && c < ncopies; ++c) dense.push_back(runtime::prepare(random_ffn(intermediate, rng)));
+  const double dense_bytes = 4.0 * 3.0 * double(hidden) * double(intermediate);
 
   std::ofstream json;
   std::string json_tmp;
@@ -145,38 +193,64 @@ int bench_ffn(int argc, char** argv) {
     json.open(json_tmp);
     if (!json) throw io_error("cannot write '" + json_tmp + "'");
   }
-  std::printf("%-8s %5s %7s %9s %9s %9s %6s %6s %7s %7s %5s %5s\n", "shape", "T", "active", "dense_ms", "moe_ms", "eigen_ms",
-              "ratio", "ideal", "GB/s", "GFLOP/s", "bw%", "pk%");
-  const moe_shape shapes[] = {{"E8A2", 0, 8, 2}, {"S1A1E8", 1, 7, 1}, {"S3A3E8", 3, 5, 3}};
+  std::printf("%-14s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %4s %4s\n", "shape", "T", "active", "dense_ms", "dns_unp",
+              "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "unp/p", "GB/s", "bw%", "pk%");
   for (const auto& shape : shapes) {
-    std::vector<moe_layer> moe;
-    for (int c = 0; c < moe_copies; ++c) moe.push_back(random_moe(shape, rng));
+    std::vector<runtime::prepared_moe> moe;
+    const double expert_bytes = 4.0 * 3.0 * double(hidden) * double(shape.width);
+    const double decode_bytes = double(shape.k) * expert_bytes + 4.0 * 3.0 * double(hidden) * double(shape.shared * shape.shared_width);
+    const int copies = decode_bytes >= cold_bytes ? 1 : moe_copies;
+    for (int c = 0; c < copies; ++c) moe.push_back(runtime::prepare(random_moe(shape, rng)));
     for (index_t tokens : token_counts) {
       const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
-      const auto plan = balanced_plan(moe[0], x, rng);  // the copies share shapes, so one plan fits all
+      const auto plan = balanced_plan(moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
       matrix y(tokens, hidden);
       const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
-      const double dense_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)], x, y); });
-      const double moe_ms = best_ms(reps, moe_copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
-      const double eigen_ms = best_ms(reps, ncopies, [&](int c) { y = eigen_dense(dense[std::size_t(c)], x); });
-      const auto [bytes, flops] = active_cost(moe[0], plan);
+      double dense_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0;
+      if (shape.split) {
+        dense_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)], x, y); });
+        dense_unpacked_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)].weights(), x, y); });
+        eigen_ms = best_ms(reps, ncopies, [&](int c) { y = eigen_dense(dense[std::size_t(c)].weights(), x); });
+      }
+      const double moe_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
+      const double unpacked_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)].layer(), plan, x, y); });
+      const auto [bytes, flops] = active_cost(moe[0].layer(), plan);
       const double dense_flops = 2.0 * dense_bytes / 4.0 * double(tokens);
       const bool bandwidth_bound = flops / bytes < peak / gbps_limit;
       const double ideal = bandwidth_bound ? bytes / dense_bytes : flops / dense_flops;
+      const double limit_ms = std::max(bytes / gbps_limit, flops / peak) / 1e6;
       const double gbps = bytes / moe_ms / 1e6, gflops = flops / moe_ms / 1e6;
-      const double active = double(shape.shared + shape.k) / double(shape.shared + shape.routed);
-      std::printf("%-8s %5lld %7.3f %9.2f %9.2f %9.2f %6.3f %6.3f %7.1f %7.1f %5.0f %5.0f\n", shape.name, (long long)tokens, active,
-                  dense_ms, moe_ms, eigen_ms, moe_ms / dense_ms, ideal, gbps, gflops, 100 * gbps / gbps_limit, 100 * gflops / peak);
+      const double active = double(shape.shared * shape.shared_width + shape.k * shape.width) /
+                            double(shape.shared * shape.shared_width + shape.routed * shape.width);
+      // Dense columns only for the shapes that split the dense layer.
+      const auto cell = [&](double v, const char* fmt) {
+        char b[32];
+        std::snprintf(b, sizeof b, fmt, v);
+        return std::string(shape.split ? b : "-");
+      };
+      std::printf("%-14s %4lld %6.3f %8s %8s %8.2f %8.2f %8s %6s %6s %8.2f %6.2f %6.2f %6.1f %4.0f %4.0f\n", shape.name.c_str(),
+                  (long long)tokens, active, cell(dense_ms, "%.2f").c_str(), cell(dense_unpacked_ms, "%.2f").c_str(), moe_ms,
+                  unpacked_ms, cell(eigen_ms, "%.2f").c_str(), cell(moe_ms / dense_ms, "%.3f").c_str(), cell(ideal, "%.3f").c_str(), limit_ms, moe_ms / limit_ms,
+                  unpacked_ms / moe_ms, gbps, 100 * gbps / gbps_limit, 100 * gflops / peak);
       std::fflush(stdout);
-      if (json)
-        json << nlohmann::json{{"shape", shape.name}, {"tokens", tokens}, {"hidden", hidden}, {"intermediate", intermediate},
-                               {"experts", shape.shared + shape.routed}, {"top_k", shape.k}, {"shared", shape.shared},
-                               {"active_fraction", active}, {"threads", threads}, {"dense_ms", dense_ms}, {"moe_ms", moe_ms},
-                               {"eigen_dense_ms", eigen_ms}, {"ratio", moe_ms / dense_ms}, {"ideal_ratio", ideal},
-                               {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps}, {"gflops", gflops},
-                               {"bandwidth_fraction", gbps / gbps_limit}, {"peak_fraction", gflops / peak},
-                               {"machine_gbps", gbps_limit}, {"machine_gflops", peak}}
-                    << "\n";
+      if (json) {
+        nlohmann::json row{{"shape", shape.name}, {"tokens", tokens}, {"hidden", hidden}, {"experts", shape.shared + shape.routed},
+                           {"routed", shape.routed}, {"expert_width", shape.width}, {"top_k", shape.k}, {"shared", shape.shared},
+                           {"shared_width", shape.shared_width}, {"active_fraction", active}, {"threads", threads},
+                           {"moe_ms", moe_ms}, {"moe_unpacked_ms", unpacked_ms}, {"limit_ms", limit_ms},
+                           {"limit_ratio", moe_ms / limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
+                           {"gflops", gflops}, {"bandwidth_fraction", gbps / gbps_limit}, {"peak_fraction", gflops / peak},
+                           {"machine_gbps", gbps_limit}, {"machine_gflops", peak}};
+        if (shape.split) {
+          row["intermediate"] = intermediate;
+          row["dense_ms"] = dense_ms;
+          row["dense_unpacked_ms"] = dense_unpacked_ms;
+          row["eigen_dense_ms"] = eigen_ms;
+          row["ratio"] = moe_ms / dense_ms;
+          row["ideal_ratio"] = ideal;
+        }
+        json << row << "\n";
+      }
     }
   }
   if (json) {

@@ -9,6 +9,7 @@ int bench_mone(int argc, char** argv);
 int bench_ffn(int argc, char** argv);
 int bench_dualsparse(int argc, char** argv);
 int bench_pipeline(int argc, char** argv);
+int bench_model(int argc, char** argv);
 }  // namespace moeforge::cli
 
 int main(int argc, char** argv) {
@@ -19,6 +20,7 @@ int main(int argc, char** argv) {
       {"mone", "MoNE and expert-pruning baselines on stories260K converted by CMoE", &bench_mone},
       {"ffn", "MoE and dense FFN kernels against Eigen and the machine limits", &bench_ffn},
       {"dualsparse", "DualSparse-MoE dropping: measured kernel speedup at each drop rate", &bench_dualsparse},
+      {"model", "whole-model prefill and decode speed, dense beside CMoE layouts, against the machine's bandwidth", &bench_model},
       {"pipeline", "dense -> CMoE -> DualSparse -> MoNE on stories260K: quality, work, size and speed", &bench_pipeline},
   };
   return dispatch("moeforge-bench", commands, argc, argv);

@@ -1,4 +1,4 @@
-// CMoE on single layers: exactness at full activation, marker definition,
+// CMoE on single layers: exactness at full activation (markers: test_markers.cpp),
 // structure of the partition, determinism across threads, config validation.
 #include <catch2/catch.hpp>
 
@@ -15,6 +15,7 @@
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
 #include "support/random.hpp"
+#include "support/reference.hpp"
 #include "support/stories.hpp"
 #include "support/temp_dir.hpp"
 
@@ -22,17 +23,8 @@ using namespace moeforge;
 
 namespace {
 
-// Unit-variance weights and inputs: the activations span a wide range, so the
-// markers and rates have real structure to cluster.
-matrix gaussian(index_t r, index_t c, std::mt19937& rng) { return test::random_matrix(r, c, rng, 1.0f); }
-
-ffn gaussian_ffn(index_t h, index_t n, std::mt19937& rng) {
-  ffn f;
-  f.gate = gaussian(n, h, rng);
-  f.up = gaussian(n, h, rng);
-  f.down = gaussian(h, n, rng) * 0.1f;
-  return f;
-}
+using test::gaussian;
+using test::gaussian_ffn;
 
 convert::cmoe_options options(const std::string& config, index_t ka = 4) {
   convert::cmoe_options o;
@@ -54,35 +46,6 @@ TEST_CASE("cmoe at full activation equals the dense FFN") {
     INFO(config);
     REQUIRE((moe - dense).cwiseAbs().maxCoeff() <= 1e-4f * (1.0f + dense.cwiseAbs().maxCoeff()));
   }
-}
-
-TEST_CASE("cmoe markers are each token's top-K_a neurons by |silu(x̂·ĝ)·(x̂·û)|") {
-  std::mt19937 rng(2);
-  const ffn f = gaussian_ffn(16, 40, rng);
-  const matrix x = gaussian(150, 16, rng);  // not a multiple of 64 or of the block
-  const index_t ka = 5;
-  const auto mk = calib::compute_markers(f, x, ka, 64);
-  REQUIRE(mk.tokens == 150);
-  REQUIRE(mk.words == 3);
-  for (index_t t = 0; t < x.rows(); ++t) {
-    const Eigen::VectorXd xv = x.row(t).cast<double>().normalized();
-    std::vector<std::pair<double, index_t>> h;
-    for (index_t i = 0; i < 40; ++i) {
-      const double a = xv.dot(f.gate.row(i).cast<double>().normalized());
-      const double b = xv.dot(f.up.row(i).cast<double>().normalized());
-      h.push_back({-std::abs(a / (1.0 + std::exp(-a)) * b), i});
-    }
-    std::sort(h.begin(), h.end());
-    std::set<index_t> top;
-    for (index_t j = 0; j < ka; ++j) top.insert(h[std::size_t(j)].second);
-    for (index_t i = 0; i < 40; ++i) {
-      const bool marked = (mk.column(i)[t / 64] >> (t % 64)) & 1u;
-      REQUIRE(marked == (top.count(i) == 1));
-    }
-  }
-  index_t total = 0;
-  for (index_t c : mk.counts) total += c;
-  REQUIRE(total == 150 * ka);
 }
 
 TEST_CASE("cmoe partitions the neurons into a shared expert, balanced experts and leftovers") {
@@ -111,7 +74,6 @@ TEST_CASE("cmoe partitions the neurons into a shared expert, balanced experts an
     REQUIRE(all.size() == 50);
     REQUIRE(std::set<index_t>(all.begin(), all.end()).size() == 50);
     // The shared neurons are the most often marked ones.
-    std::vector<index_t> counts;
     const auto mk = calib::compute_markers(f, x, 4);
     index_t min_shared = 1 << 30, max_routed = 0;
     for (index_t i : rep.shared)
@@ -131,16 +93,15 @@ TEST_CASE("cmoe assignment cost is the sum of Hamming distances to the initial c
   const auto res = convert::cmoe(f, mk, options("S1A2E4", 3));
   // Initial centroids: the 3 highest-rate routed neurons, one per expert.
   const auto order = calib::neurons_by_rate(mk);
-  std::int64_t best_any = 0, cost = 0;
+  std::int64_t cost = 0;
   for (const auto& e : res.report.experts) {
-    std::int64_t best = -1;
+    int centroids = 0;
     for (index_t j = 8; j < 11; ++j) {
       if (std::find(e.begin(), e.end(), order[std::size_t(j)]) == e.end()) continue;
       for (index_t i : e) cost += convert::detail::hamming(mk.column(i), mk.column(order[std::size_t(j)]), mk.words);
-      best = j;
+      ++centroids;
     }
-    REQUIRE(best >= 0);  // each expert holds exactly one initial centroid neuron
-    (void)best_any;
+    REQUIRE(centroids == 1);  // each expert holds exactly one initial centroid neuron
   }
   REQUIRE(cost == res.report.assignment_cost);
 }
@@ -274,11 +235,8 @@ TEST_CASE("calibration text shorter than requested is a clear error") {
 
 namespace {
 
-ffn layer0(const model::weights& w) { return std::get<ffn>(w.layers[0].ffn); }
-
 // Everything that must not depend on the thread count.
 void require_identical(const convert::cmoe_result& a, const convert::cmoe_result& b) {
-  REQUIRE(to_json(a.report).dump() != "");
   auto ja = to_json(a.report), jb = to_json(b.report);
   ja.erase("stage_seconds");
   jb.erase("stage_seconds");
@@ -301,27 +259,30 @@ void require_identical(const convert::cmoe_result& a, const convert::cmoe_result
 
 }  // namespace
 
-TEST_CASE("cmoe reproduces the reference's layer-0 assignment cost on stories260K (S3A3E8, K_a 10, 8192 tokens, drop)") {
-  calibrated_stories s;
-  const ffn f = layer0(s.w);
+TEST_CASE("cmoe reproduces reference.json's assignment cost on stories260K (leftovers dropped, as the reference does)") {
+  const auto& ref = test::stories_reference()["cmoe_assignment_cost"];
+  const model::weights& w = test::stories_weights();
+  const auto layer = ref["layer"].get<index_t>();
+  const ffn f = std::get<ffn>(w.layers[std::size_t(layer)].ffn);
+  auto o = options(ref["config"].get<std::string>(), ref["ka"].get<index_t>());
+  const index_t e = o.config.experts, sh = o.config.shared;
   INFO("I = " << f.intermediate());
-  REQUIRE(f.intermediate() % 8 != 0);  // 172 = 8·21 + 4: the zero-cost sink decides which 4 neurons are left over
-  const matrix x = calib::ffn_inputs(s.w, 0, s.calib);
-  REQUIRE(x.rows() == 8192);
-  auto o = options("S3A3E8", 10);
+  REQUIRE(f.intermediate() % e != 0);  // 172 = 8·21 + 4: the zero-cost sink decides which 4 neurons are left over
+  const auto windows = calib::calibration_windows(test::stories_text("tinystories_calib.txt"), 512, ref["calib_tokens"].get<index_t>());
+  const matrix x = calib::ffn_inputs(w, layer, windows);
   o.leftover = convert::leftover_policy::drop;
   const auto res = convert::cmoe(f, x, o);
-  // The independent reference's value; it is the unique optimum of its LAP.
-  REQUIRE(res.report.assignment_cost == 53889);
-  REQUIRE(res.report.leftovers.size() == std::size_t(f.intermediate() % 8));
+  // The reference's value; it is the unique optimum of its LAP.
+  REQUIRE(res.report.assignment_cost == ref["cost"].get<std::int64_t>());
+  REQUIRE(res.report.leftovers.size() == std::size_t(f.intermediate() % e));
   REQUIRE(res.report.leftover_fate == "dropped");
-  REQUIRE(res.layer.shared[0].weights.intermediate() == 3 * (f.intermediate() / 8));
+  REQUIRE(res.layer.shared[0].weights.intermediate() == sh * (f.intermediate() / e));
   // The leftover policy changes only the leftovers' fate, never the assignment.
   o.leftover = convert::leftover_policy::shared;
   const auto kept = convert::cmoe(f, x, o);
-  REQUIRE(kept.report.assignment_cost == 53889);
+  REQUIRE(kept.report.assignment_cost == res.report.assignment_cost);
   REQUIRE(kept.report.experts == res.report.experts);
-  REQUIRE(kept.layer.shared[0].weights.intermediate() == f.intermediate() - 5 * (f.intermediate() / 8));
+  REQUIRE(kept.layer.shared[0].weights.intermediate() == f.intermediate() - (e - sh) * (f.intermediate() / e));
 }
 
 TEST_CASE("cmoe at full activation gives stories260K's dense logits") {
@@ -462,10 +423,20 @@ TEST_CASE("a failed conversion leaves an existing output directory untouched") {
     overwrite.overwrite = true;
     io::save_native(converted, out, {{"version", "second"}}, overwrite);
   };
+  const auto require_untouched = [&] {
+    REQUIRE(test::file_bytes(out + "/model.safetensors") == before);
+    REQUIRE(io::read_native_manifest(out)["provenance"]["version"] == "first");
+    REQUIRE(std::distance(std::filesystem::directory_iterator(tmp.path()), {}) == 1);  // no staging directory left
+  };
   REQUIRE_THROWS_AS(convert_and_save(), error);
-  REQUIRE(test::file_bytes(out + "/model.safetensors") == before);
-  REQUIRE(io::read_native_manifest(out)["provenance"]["version"] == "first");
-  REQUIRE(std::distance(std::filesystem::directory_iterator(tmp.path()), {}) == 1);
+  require_untouched();
+  // A save that fails late, after the tensors and manifest are staged (an
+  // attachment that cannot be copied), with overwriting allowed.
+  io::native_save_options broken;
+  broken.overwrite = true;
+  broken.attachments.push_back({tmp / "no-such-tokenizer.bin", "tokenizer.bin"});
+  REQUIRE_THROWS_WITH(io::save_native(w, out, {{"version", "third"}}, broken), Catch::Contains("no-such-tokenizer.bin"));
+  require_untouched();
 }
 
 TEST_CASE("param_cluster: balanced groups of normalised gate rows, a centroid_topk router, runs through the kernel") {
@@ -520,56 +491,57 @@ TEST_CASE("param_cluster: balanced groups of normalised gate rows, a centroid_to
   REQUIRE(convert::cmoe(f, x, o).report.experts == rep.experts);
 }
 
-TEST_CASE("cmoe markers: the blocked GEMM kernel's edges (H past one k block, I past one neuron block, ragged panels)") {
-  std::mt19937 rng(26);
-  const index_t h = 600, n = 301;  // 3 k blocks (the last partial), 3 neuron blocks, a last panel of 5 neurons
-  const ffn f = gaussian_ffn(h, n, rng);
-  matrix x = gaussian(205, h, rng);  // chunks of 64: a ragged last token panel
-  x.row(7).setZero();                     // a zero input row: every |h| is 0, the top-K_a are the lowest indices
-  for (index_t ka : {1, 7, 300, 301}) {
-    INFO("K_a " << ka);
-    const auto mk = calib::compute_markers(f, x, ka, 64);
-    std::vector<index_t> per_token(static_cast<std::size_t>(x.rows()), 0);
-    index_t checked = 0;
-    for (index_t t = 0; t < x.rows(); ++t) {
-      std::vector<std::pair<double, index_t>> hv;
-      const double xn = x.row(t).cast<double>().norm();
-      for (index_t i = 0; i < n; ++i) {
-        if (xn == 0) {
-          hv.push_back({0.0, i});
-          continue;
-        }
-        const Eigen::VectorXd xv = x.row(t).cast<double>() / xn;
-        const double a = xv.dot(f.gate.row(i).cast<double>().normalized());
-        const double b = xv.dot(f.up.row(i).cast<double>().normalized());
-        hv.push_back({-std::abs(a / (1.0 + std::exp(-a)) * b), i});
-      }
-      std::sort(hv.begin(), hv.end());
-      // Skip tokens whose K-th and (K+1)-th magnitudes are too close for float to decide like double.
-      if (ka < n && std::abs(hv[std::size_t(ka - 1)].first - hv[std::size_t(ka)].first) <= 1e-5 * std::abs(hv[0].first) && xn != 0) continue;
-      ++checked;
-      std::set<index_t> top;
-      for (index_t j = 0; j < ka; ++j) top.insert(hv[std::size_t(j)].second);
-      for (index_t i = 0; i < n; ++i) {
-        const bool marked = (mk.column(i)[t / 64] >> (t % 64)) & 1u;
-        REQUIRE(marked == (top.count(i) == 1));
-      }
+TEST_CASE("cmoe at partial activation: representatives by the paper's rule, their rows as the router, top-A routing by analytic score") {
+  std::mt19937 rng(27);
+  const ffn f = gaussian_ffn(24, 64, rng);  // S1A2E8: a shared expert and 7 routed ones of 8 neurons
+  const matrix x = gaussian(300, 24, rng);
+  const auto o = options("S1A2E8", 4);
+  const auto res = convert::cmoe(f, x, o);
+  const auto& rep = res.report;
+  const auto& router = res.layer.router;
+  const auto mk = calib::compute_markers(f, x, o.ka);
+  REQUIRE(router.kind == router_kind::cmoe_analytic);
+  REQUIRE(router.top_k == o.config.active);
+  REQUIRE(res.layer.num_experts() == 7);
+  for (index_t j = 0; j < res.layer.num_experts(); ++j) {
+    INFO("expert " << j);
+    const auto& members = rep.experts[std::size_t(j)];
+    // The member closest in L1 to the mean of the members' markers, the lower
+    // index on ties; times the member count, every distance is an integer.
+    const auto m = std::int64_t(members.size());
+    std::vector<std::int64_t> marked_members(std::size_t(x.rows()), 0);
+    for (index_t i : members)
+      for (index_t t = 0; t < x.rows(); ++t) marked_members[std::size_t(t)] += (mk.column(i)[t / 64] >> (t % 64)) & 1u;
+    index_t want = -1;
+    std::int64_t best = 0;
+    for (index_t i : members) {
+      std::int64_t d = 0;
+      for (index_t t = 0; t < x.rows(); ++t)
+        d += std::abs(m * std::int64_t((mk.column(i)[t / 64] >> (t % 64)) & 1u) - marked_members[std::size_t(t)]);
+      if (want < 0 || d < best || (d == best && i < want)) want = i, best = d;
     }
-    REQUIRE(checked > x.rows() * 9 / 10);
-    index_t total = 0;
-    for (index_t c : mk.counts) total += c;
-    REQUIRE(total == x.rows() * ka);
-#ifdef _OPENMP
-    const int saved = omp_get_max_threads();
-    omp_set_num_threads(1);
-    const auto one = calib::compute_markers(f, x, ka, 64);
-    omp_set_num_threads(2);
-    const auto two = calib::compute_markers(f, x, ka, 64);
-    omp_set_num_threads(saved);
-    REQUIRE(one.bits == two.bits);
-    REQUIRE(one.bits == mk.bits);
-#endif
-    // The chunk size changes the work split, never the markers.
-    REQUIRE(calib::compute_markers(f, x, ka, 1024).bits == mk.bits);
+    REQUIRE(rep.representatives[std::size_t(j)] == want);
+    const Eigen::RowVectorXd g = f.gate.row(want).cast<double>().normalized(), u = f.up.row(want).cast<double>().normalized();
+    REQUIRE((router.weight.row(j).cast<double>() - g).cwiseAbs().maxCoeff() < 1e-6);
+    REQUIRE((router.weight_up.row(j).cast<double>() - u).cwiseAbs().maxCoeff() < 1e-6);
   }
+  // Each token goes to the A experts with the highest |silu(G_j·x)·(U_j·x)|,
+  // computed in double, unless the A-th and next are too close to call.
+  const auto sel = runtime::select(res.layer, x);
+  index_t checked = 0;
+  for (index_t t = 0; t < x.rows(); ++t) {
+    const auto p = reference::probs(router, x.row(t).data());
+    const auto order = reference::top_k(p, res.layer.num_experts());
+    const double a = p[std::size_t(order[std::size_t(router.top_k - 1)])], b = p[std::size_t(order[std::size_t(router.top_k)])];
+    if (a - b <= 1e-6 * a) continue;
+    ++checked;
+    std::set<index_t> want(order.begin(), order.begin() + router.top_k), got;
+    for (index_t k = 0; k < sel.k; ++k) got.insert(sel.expert[std::size_t(t * sel.k + k)]);
+    INFO("token " << t);
+    REQUIRE(got == want);
+  }
+  REQUIRE(checked > x.rows() * 9 / 10);
+  // And the layer computes the shared expert plus its selected experts at gate 1.
+  const matrix y = runtime::moe_forward(res.layer, x), want = reference::moe(res.layer, x);
+  REQUIRE((y - want).cwiseAbs().maxCoeff() <= 1e-4f * (1.0f + want.cwiseAbs().maxCoeff()));
 }

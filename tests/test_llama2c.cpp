@@ -2,19 +2,19 @@
 // files that are not what they claim.
 #include <catch2/catch.hpp>
 
-#include <filesystem>
-#include <fstream>
-#include <limits>
-#include <unistd.h>
 #include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <limits>
 
 #include "moeforge/io/llama2c.hpp"
 #include "moeforge/model/tokenizer.hpp"
 #include "support/data.hpp"
+#include "support/temp_dir.hpp"
 
 using namespace moeforge;
 using moeforge::test::data_file;
+using moeforge::test::temp_dir;
 
 namespace {
 
@@ -51,6 +51,33 @@ TEST_CASE("a truncated or inconsistent llama2.c checkpoint is a format error nam
     const std::int32_t heads = 0;
     std::memcpy(bad.data() + 12, &heads, 4);
     CHECK_THROWS_WITH(io::parse_llama2c(bad.data(), bad.size(), "bad.bin"), Catch::Contains("n_heads = 0"));
+  }
+  SECTION("a negative or zero dimension names its field") {
+    const char* fields[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"};
+    for (int field = 0; field < 7; ++field) {
+      // vocab_size < 0 means an untied classifier, so only 0 is bad there.
+      for (std::int32_t v : {0, -1, -64}) {
+        if (field == 5 && v != 0) continue;
+        auto bad = good;
+        std::memcpy(bad.data() + 4 * field, &v, 4);
+        INFO(fields[field] << " = " << v);
+        CHECK_THROWS_WITH(io::parse_llama2c(bad.data(), bad.size(), "bad.bin"),
+                          Catch::Contains(std::string("header field ") + fields[field] + " = " + std::to_string(v)));
+      }
+    }
+  }
+  SECTION("dimensions that do not divide") {
+    const auto with = [&](int field, std::int32_t v) {
+      auto bad = good;
+      std::memcpy(bad.data() + 4 * field, &v, 4);
+      return bad;
+    };
+    auto heads = with(3, 7);  // dim 64 over 7 heads
+    CHECK_THROWS_WITH(io::parse_llama2c(heads.data(), heads.size(), "bad.bin"), Catch::Contains("not a multiple of n_heads 7"));
+    auto kv = with(4, 3);  // 8 heads over 3 kv heads
+    CHECK_THROWS_WITH(io::parse_llama2c(kv.data(), kv.size(), "bad.bin"), Catch::Contains("not a multiple of n_kv_heads 3"));
+    auto odd = with(3, 64);  // head size 1 cannot rotate in pairs
+    CHECK_THROWS_WITH(io::parse_llama2c(odd.data(), odd.size(), "bad.bin"), Catch::Contains("must be even for RoPE"));
   }
   SECTION("missing file") {
     CHECK_THROWS_AS(io::load_llama2c("/nonexistent/model.bin"), io_error);
@@ -108,10 +135,9 @@ TEST_CASE("fuzz findings: hostile llama2.c headers and tokenizers fail cleanly")
     REQUIRE(it != bytes.end());
     it[3] = 'Z';
     it[4] = 'Z';
-    const auto path = std::filesystem::temp_directory_path() / ("moeforge-tok-" + std::to_string(::getpid()) + ".bin");
+    const temp_dir dir;
+    const std::string path = dir / "tok.bin";
     std::ofstream(path, std::ios::binary).write(bytes.data(), std::streamsize(bytes.size()));
-    const auto tok = model::load_tokenizer(path.string(), 512);
-    std::filesystem::remove(path);
-    CHECK(tok.decode(5, 3) == "<0xZZ>");
+    CHECK(model::load_tokenizer(path, 512).decode(5, 3) == "<0xZZ>");
   }
 }

@@ -24,11 +24,45 @@ void set_ka(convert::cmoe_options& o, const args& a) {
     throw usage_error("moeforge convert cmoe: --ka must be a count >= 1 or a fraction in (0, 1), got '" + a.get("ka") + "'");
 }
 
+/// A named choice parsed by the library, refused as a usage error naming the option.
+template <class Parse>
+auto choice(const args& a, const std::string& name, Parse parse) {
+  try {
+    return parse(a.get(name));
+  } catch (const config_error& e) {
+    throw usage_error("moeforge convert cmoe: --" + name + ": " + e.what());
+  }
+}
+
+/// The fitting recipe: --preset, then any of --router/--rank/--compensate/--refit/--rounds given explicitly.
+convert::fit_options fit_recipe(const args& a) {
+  convert::fit_options f = convert::preset_fit(choice(a, "preset", convert::parse_cmoe_preset));
+  if (a.has("router")) f.router = choice(a, "router", convert::parse_router_fit);
+  if (a.has("rank")) f.rank = a.get_int("rank", 1);
+  if (a.has("compensate")) f.compensate = choice(a, "compensate", convert::parse_compensation);
+  if (a.has("refit")) f.refit = choice(a, "refit", convert::parse_refit);
+  if (a.has("rounds")) f.rounds = a.get_int("rounds", 1);
+  if (a.has("distill")) f.distill_steps = a.get_int("distill", 0);
+  return f;
+}
+
+/// What the report calls the recipe: the preset's name when nothing was overridden.
+std::string recipe_name(const args& a, const convert::fit_options& f) {
+  const auto preset = convert::preset_fit(convert::parse_cmoe_preset(a.get("preset")));
+  const bool same = f.router == preset.router && (f.router != convert::router_fit::quadratic || f.rank == preset.rank) &&
+                    f.compensate == preset.compensate && f.refit == preset.refit && f.rounds == preset.rounds &&
+                    f.distill_steps == preset.distill_steps;
+  return same ? a.get("preset") : "custom";
+}
+
 int convert_cmoe(int argc, char** argv) {
   args a("moeforge convert cmoe",
          "Convert a dense model into a CMoE mixture of experts without training (arXiv 2502.04416):\n"
-         "shared neurons by activation rate, routed neurons by exact balanced clustering of activation markers,\n"
-         "and an analytic router. Calibrates layer by layer on --calib and writes a native model directory.");
+         "shared neurons by activation rate, routed neurons by exact balanced clustering of activation markers.\n"
+         "--preset paper is the published method (analytic router); --preset best (the default) adds moeforge's\n"
+         "fitted router, novice compensation, closed-form refit of the down projections and a short layer-local\n"
+         "distillation on the calibration tokens (no labels, no end-to-end training).\n"
+         "Calibrates layer by layer on --calib and writes a native model directory.");
   add_model_options(a, true, "model-config");
   add_conversion_options(a);
   a.required("config", "S{n}A{n}E{n}", "shared experts, active routed experts, total experts, e.g. S1A3E8");
@@ -43,6 +77,25 @@ int convert_cmoe(int argc, char** argv) {
            "cmoe");
   a.option("iterations", "N", "balanced-assignment passes (the reference does 1)", "1");
   a.option("seed", "N", "seed of the random split and of param_cluster's k-means++ start", "0");
+  a.option("preset", "paper|best",
+           "paper: the published method exactly; best: quadratic router (rank 16) + novice compensation + refit of "
+           "the down projections + 100 distillation steps (the most accurate recipe measured); the switches below "
+           "override single steps",
+           "best");
+  a.option("router", "analytic|linear|quadratic",
+           "the paper's analytic router, or a ridge-fitted scorer on [x, 1] (linear) or on [x, 1, quadratic terms of a "
+           "rank-R projection of x] (quadratic); default: the preset's");
+  a.option("rank", "R", "rank of the quadratic router's projection, 1..hidden size; default: the preset's (16)");
+  a.option("compensate", "none|novice",
+           "novice: an expert a token skips contributes its mean calibration output; default: the preset's");
+  a.option("refit", "none|down",
+           "down: refit the experts' down projections so each layer reproduces the dense FFN on the calibration "
+           "tokens; default: the preset's");
+  a.option("rounds", "N", "rounds of (router fit, compensation, refit); default: the preset's (1)");
+  a.option("distill", "STEPS",
+           "then this many Adam steps of layer-local distillation of the experts' gate/up/down toward the dense FFN on "
+           "the calibration tokens (0: off; small models only: it keeps every expert's activations); default: the preset's "
+           "(paper 0, best 100)");
   if (!a.parse(argc, argv)) return 0;
 
   // Refuse a bad output path before spending minutes converting.
@@ -54,8 +107,14 @@ int convert_cmoe(int argc, char** argv) {
   o.method = convert::parse_cmoe_method(a.get("method"));
   o.iterations = a.get_int("iterations");
   o.seed = std::uint64_t(a.get_int("seed"));
+  o.fit = fit_recipe(a);
+  convert::validate(o);
+  const std::string recipe = recipe_name(a, o.fit);
 
   model::weights w = load_model(a, "model-config");
+  if (o.fit.router == convert::router_fit::quadratic && o.fit.rank > w.config.dim)
+    throw usage_error("moeforge convert cmoe: --rank must be at most the hidden size " + std::to_string(w.config.dim) + ", got " +
+                      std::to_string(o.fit.rank));
   const calibration cal = load_calibration(a, w);
   if (o.leftover == convert::leftover_policy::drop)
     std::cerr << "moeforge convert: --leftover drop removes the I mod " << o.config.experts
@@ -73,11 +132,20 @@ int convert_cmoe(int argc, char** argv) {
                      {"ka", a.get("ka")},
                      {"leftover", std::string(convert::leftover_name(o.leftover))},
                      {"iterations", o.iterations},
-                     {"seed", o.seed}}},
+                     {"seed", o.seed},
+                     {"recipe", recipe},
+                     {"router", std::string(convert::router_fit_name(o.fit.router))},
+                     {"rank", o.fit.router == convert::router_fit::quadratic ? nlohmann::json(o.fit.rank) : nlohmann::json()},
+                     {"compensate", std::string(convert::compensation_name(o.fit.compensate))},
+                     {"refit", std::string(convert::refit_name(o.fit.refit))},
+                     {"rounds", o.fit.rounds},
+                     {"distill_steps", o.fit.distill_steps}}},
                    {"calibration", cal.description},
                    {"layers", layers}});
   if (!a.flag_set("json"))
-    std::cout << "wrote " << a.get("out") << " (" << convert::to_string(o.config) << ", " << reports.size() << " layers)\n";
+    std::cout << "wrote " << a.get("out") << " (" << convert::to_string(o.config) << ", recipe " << recipe << ": router "
+              << convert::router_fit_name(o.fit.router) << ", compensate " << convert::compensation_name(o.fit.compensate) << ", refit "
+              << convert::refit_name(o.fit.refit) << ", distill " << o.fit.distill_steps << " steps, " << reports.size() << " layers)\n";
   return 0;
 }
 

@@ -1,4 +1,5 @@
 // moeforge generate: greedy or sampled text from a model.
+#include <cmath>
 #include <iostream>
 
 #include "commands.hpp"
@@ -17,14 +18,16 @@ int run_generate(int argc, char** argv) {
   a.option("seed", "N", "random seed for sampling", "42");
   a.flag("tokens", "also print the token ids on stderr");
   if (!a.parse(argc, argv)) return 0;
-  const auto w = load_model(a);
-  const auto tok = load_tokenizer(a, w);
+  // Every option is checked before the model loads: a bad value is a usage error naming it.
   model::sampling_options o;
-  o.temperature = float(a.get_double("temperature"));
-  o.top_p = float(a.get_double("top-p"));
-  o.seed = std::uint64_t(a.get_int("seed"));
-  const model::transformer tr(w);
-  const auto out = model::generate(tr, tok.encode(a.get("prompt")), a.get_int("steps"), o);
+  o.temperature = float(a.get_double("temperature", [](double t) { return t >= 0 && std::isfinite(t); }, "a finite number >= 0"));
+  o.top_p = float(a.get_double("top-p", [](double p) { return p > 0 && p <= 1; }, "in (0, 1]"));
+  o.seed = std::uint64_t(a.get_int("seed", 0));
+  const index_t steps = a.get_int("steps", 1);
+  auto w = load_model(a);
+  const auto tok = load_tokenizer(a, w);
+  const model::transformer tr(std::move(w));  // owning: it runs the FFNs on prepared layouts
+  const auto out = model::generate(tr, tok.encode(a.get("prompt")), steps, o);
   std::cout << tok.decode(out) << "\n";
   if (a.flag_set("tokens")) {
     for (auto id : out) std::cerr << id << ' ';

@@ -39,9 +39,9 @@ struct calibration {
 
 inline calibration load_calibration(const args& a, const model::weights& w) {
   const auto tok = load_tokenizer(a, w);
-  const index_t ctx = a.has("ctx") ? a.get_int("ctx") : w.config.seq_len;
+  const index_t ctx = a.has("ctx") ? a.get_int("ctx", 1) : w.config.seq_len;
   calibration c;
-  c.windows = calib::calibration_windows(tok.encode(read_text_file(a.get("calib"))), ctx, a.get_int("calib-tokens"));
+  c.windows = calib::calibration_windows(tok.encode(read_text_file(a.get("calib"))), ctx, a.get_int("calib-tokens", 1));
   c.description = {{"text", a.get("calib")}, {"tokens", a.get_int("calib-tokens")}, {"ctx", ctx}, {"windows", c.windows.size()}};
   return c;
 }

@@ -26,7 +26,7 @@ inline void add_model_options(args& a, bool needs_tokenizer, const char* config_
 }
 
 inline model::weights load_model(const args& a, const char* config_flag = "config") {
-  if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads")));
+  if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads", 1)));
   io::load_options o;
   if (a.has(config_flag)) o.config = a.get(config_flag);
   return io::load_model(a.get("model"), o);

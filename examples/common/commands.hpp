@@ -1,6 +1,8 @@
 // Subcommand dispatch shared by the moeforge tool and moeforge-bench: each
 // subcommand is a function taking its own argv (argv[0] = its name) and
 // returning the exit code; usage errors exit 2, moeforge errors exit 1.
+// `--version` prints the CMake project version (MOEFORGE_VERSION, defined for
+// moeforge's own executables).
 #pragma once
 
 #include <cstring>
@@ -27,8 +29,12 @@ int dispatch(const char* program, const command (&commands)[N], int argc, char**
       name.resize(std::max<std::size_t>(name.size() + 2, 12), ' ');
       out << "  " << name << c.summary << "\n";
     }
-    out << "\n'" << program << " <command> --help' describes a command's options.\n";
+    out << "\n'" << program << " <command> --help' describes a command's options; '" << program << " --version' prints the version.\n";
   };
+  if (argc == 2 && !std::strcmp(argv[1], "--version")) {
+    std::cout << program << " " << MOEFORGE_VERSION << "\n";
+    return 0;
+  }
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
     usage(argc < 2 ? std::cerr : std::cout);
     return argc < 2 ? 2 : 0;

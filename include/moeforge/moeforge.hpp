@@ -10,6 +10,7 @@
 #include "moeforge/runtime/routing.hpp"
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
+#include "moeforge/runtime/prepared.hpp"
 #include "moeforge/model/weights.hpp"
 #include "moeforge/model/transformer.hpp"
 #include "moeforge/model/tokenizer.hpp"

@@ -25,6 +25,18 @@ inline ffn random_ffn(index_t h, index_t i, std::mt19937& rng, activation a = ac
   return f;
 }
 
+/// Unit-variance gate, up and inputs (down scaled by 0.1): CMoE's activations
+/// then span a wide range, so markers and rates have real structure to cluster.
+inline matrix gaussian(index_t r, index_t c, std::mt19937& rng) { return random_matrix(r, c, rng, 1.0f); }
+
+inline ffn gaussian_ffn(index_t h, index_t n, std::mt19937& rng) {
+  ffn f;
+  f.gate = gaussian(n, h, rng);
+  f.up = gaussian(n, h, rng);
+  f.down = gaussian(h, n, rng) * 0.1f;
+  return f;
+}
+
 struct layer_spec {
   index_t hidden = 37;
   std::vector<index_t> widths{13, 20, 7, 31, 16};

@@ -24,6 +24,13 @@ inline const model::tokenizer& stories_tokenizer() {
   return t;
 }
 
+/// models/stories260K/reference.json: the independent reference values (a
+/// float64 NumPy implementation, not moeforge) with how each was produced.
+inline const nlohmann::json& stories_reference() {
+  static const nlohmann::json j = read_json(data_file("models/stories260K/reference.json"));
+  return j;
+}
+
 /// A text from ../shared/data encoded as `moeforge eval` does: one stream with BOS.
 inline std::vector<std::int32_t> stories_text(const std::string& name) {
   return stories_tokenizer().encode(file_bytes(data_file("data/" + name)));

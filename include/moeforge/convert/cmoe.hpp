@@ -16,6 +16,7 @@
 
 #include "moeforge/calib/markers.hpp"
 #include "moeforge/convert/assignment.hpp"
+#include "moeforge/convert/cmoe_fit.hpp"
 #include "moeforge/convert/driver.hpp"
 #include "moeforge/core/moe.hpp"
 #include "moeforge/model/weights.hpp"
@@ -117,8 +118,43 @@ struct cmoe_options {
   index_t cluster_iterations = 20;
   std::uint64_t seed = 0;     ///< random split; param_cluster's k-means++ start
   index_t block = 1024;       ///< calibration tokens per marker block (rounded up to a multiple of 64)
+  /// Router fitting, novice compensation and refit (cmoe_fit.hpp). The
+  /// default is the published method (analytic router, nothing fitted), so
+  /// code that asks for CMoE gets the paper's algorithm; see cmoe_preset.
+  fit_options fit;
   std::function<void(const cmoe_progress&)> progress;
 };
+
+/// Named recipes: "paper" is the published method (analytic router, no
+/// compensation, no refit; moeforge's leftover default `shared`), "best" the
+/// most accurate recipe moeforge has measured on stories260K (README, CMoE):
+/// quadratic router (rank 16), novice compensation, refit of the down
+/// projections, then 100 steps of layer-local distillation (300 steps gain a
+/// little more for 3× the time; see README).
+enum class cmoe_preset { paper, best };
+
+inline std::string_view preset_name(cmoe_preset p) { return p == cmoe_preset::paper ? "paper" : "best"; }
+
+/// Parses "paper" or "best"; throws config_error naming the text.
+inline cmoe_preset parse_cmoe_preset(const std::string& text) {
+  for (auto p : {cmoe_preset::paper, cmoe_preset::best})
+    if (text == preset_name(p)) return p;
+  throw config_error(moeforge::detail::cat("cmoe preset '", text, "': expected 'paper' or 'best'"));
+}
+
+/// The fitting steps of a preset (the partition options are the same for both).
+inline fit_options preset_fit(cmoe_preset p) {
+  fit_options f;
+  if (p == cmoe_preset::best) {
+    f.router = router_fit::quadratic;
+    f.rank = 16;
+    f.compensate = compensation_mode::novice;
+    f.refit = refit_mode::down;
+    f.distill_steps = 100;
+    f.distill_lr = 3e-3;
+  }
+  return f;
+}
 
 struct cmoe_report {
   cmoe_config config;
@@ -137,6 +173,8 @@ struct cmoe_report {
   std::vector<double> pass_costs;
   double rate_min = 0, rate_median = 0, rate_max = 0, rate_p90 = 0;
   std::vector<std::pair<std::string, double>> stage_seconds;
+  fit_options fit;       ///< the fitting recipe this layer was converted with
+  fit_report fit_steps;  ///< calibration error after each fitting step (empty for the paper's method)
 };
 
 inline nlohmann::json to_json(const cmoe_report& r) {
@@ -159,6 +197,13 @@ inline nlohmann::json to_json(const cmoe_report& r) {
                   {"rate_p90", r.rate_p90}, {"rate_max", r.rate_max}};
   j["stage_seconds"] = nlohmann::json::object();
   for (const auto& [stage, s] : r.stage_seconds) j["stage_seconds"][stage] = s;
+  j["fit"] = {{"router", std::string(router_fit_name(r.fit.router))},
+              {"rank", r.fit.router == router_fit::quadratic ? nlohmann::json(r.fit.rank) : nlohmann::json()},
+              {"compensate", std::string(compensation_name(r.fit.compensate))},
+              {"refit", std::string(refit_name(r.fit.refit))},
+              {"rounds", r.fit.rounds},
+              {"distill_steps", r.fit.distill_steps}};
+  j["fit"].update(to_json(r.fit_steps));
   return j;
 }
 
@@ -197,6 +242,9 @@ inline void validate(const cmoe_options& o) {
   if (o.cluster_iterations < 1)
     throw config_error(moeforge::detail::cat("cmoe: cluster_iterations = ", o.cluster_iterations, ", expected >= 1"));
   if (o.block < 1) throw config_error(moeforge::detail::cat("cmoe: block = ", o.block, ", expected >= 1"));
+  validate(o.fit);
+  if (o.fit.fits() && o.method == cmoe_method::param_cluster)
+    throw config_error("cmoe: router fitting, compensation and refit are for the cmoe and random methods, not param_cluster");
 }
 
 namespace detail {
@@ -415,6 +463,10 @@ inline cmoe_result cmoe(const ffn& dense, const calib::markers& mk, const cmoe_o
   if (mk.neurons != neurons)
     throw shape_error(moeforge::detail::cat("cmoe: markers cover ", mk.neurons, " neurons, the FFN has ", neurons));
   if (mk.tokens == 0) throw config_error("cmoe: zero calibration tokens");
+  if (opt.fit.fits())
+    throw config_error(moeforge::detail::cat("cmoe: router '", router_fit_name(opt.fit.router), "', compensate '",
+                                             compensation_name(opt.fit.compensate), "' and refit '", refit_name(opt.fit.refit),
+                                             "' need the calibration inputs, not only their markers (call cmoe with x)"));
   const auto start = detail::clock::now();
   auto seconds = [&] { return std::chrono::duration<double>(detail::clock::now() - start).count(); };
   auto begin_stage = [&](const char* stage) {
@@ -511,7 +563,8 @@ inline cmoe_result cmoe(const ffn& dense, const calib::markers& mk, const cmoe_o
 }
 
 /// CMoE from calibration inputs x [T, H] (the FFN's inputs, i.e. after the
-/// post-attention RMSNorm). Neurons inside each expert are in ascending index order.
+/// post-attention RMSNorm), then the fitting steps opt.fit asks for.
+/// Neurons inside each expert are in ascending index order.
 inline cmoe_result cmoe(const ffn& dense, const_matrix_ref x, const cmoe_options& opt) {
   validate(dense, "cmoe: dense ffn");
   if (!dense.gated()) throw config_error("cmoe: the FFN has no gate projection (CMoE needs a gated FFN)");
@@ -524,14 +577,22 @@ inline cmoe_result cmoe(const ffn& dense, const_matrix_ref x, const cmoe_options
   const calib::markers mk = calib::compute_markers(dense, x, ka, opt.block);
   const double t_markers = std::chrono::duration<double>(detail::clock::now() - start).count();
   cmoe_options rest = opt;
+  rest.fit = fit_options{};
   if (opt.progress) rest.progress = [&](const cmoe_progress& p) { opt.progress(cmoe_progress{p.stage, t_markers + p.seconds}); };
   cmoe_result out = cmoe(dense, mk, rest);
   out.report.stage_seconds.insert(out.report.stage_seconds.begin(), {"markers", t_markers});
+  out.report.fit = opt.fit;
+  if (opt.fit.fits()) {
+    const auto t0 = detail::clock::now();
+    if (opt.progress) opt.progress(cmoe_progress{"fit", std::chrono::duration<double>(t0 - start).count()});
+    out.report.fit_steps = fit_layer(dense, out.layer, x, opt.fit);
+    out.report.stage_seconds.emplace_back("fit", std::chrono::duration<double>(detail::clock::now() - t0).count());
+  }
   return out;
 }
 
 /// Progress of a whole model's CMoE conversion: stages "calibration",
-/// "markers", "assignment", "router", "experts", then "done" per layer.
+/// "markers", "assignment", "router", "experts", "fit" (when fitting), then "done" per layer.
 using cmoe_model_progress = layer_progress;
 
 /// Converts every dense layer of `w` in place, in layer order, each calibrated
@@ -547,6 +608,8 @@ inline std::vector<cmoe_report> cmoe_model(model::weights& w, const ffn_inputs_f
         throw config_error(moeforge::detail::cat("cmoe: layer ", l, "'s FFN has no gate projection (CMoE needs a gated FFN)"));
       validate(opt.config, f->intermediate());
       resolve_ka(opt, f->intermediate());
+      if (opt.fit.router == router_fit::quadratic && opt.fit.rank > f->hidden())
+        throw config_error(moeforge::detail::cat("cmoe: rank = ", opt.fit.rank, ", expected 1..", f->hidden(), " (the hidden size)"));
     }
   std::vector<cmoe_report> reports(w.layers.size());
   visit_options vo;

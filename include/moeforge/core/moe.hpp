@@ -21,6 +21,24 @@ enum class router_kind {
   /// rows of expert j's neurons); p = softmax(s), top-k; gate weights are
   /// exactly `scale`, whatever p is. A zero x scores 0 everywhere.
   centroid_topk,
+  /// Fitted linear scorer: s = W·x + b (`weight` [E, H], `bias` [E] or empty
+  /// for b = 0), e.g. a ridge regression of each expert's output norm on x;
+  /// p = softmax(s), top-k; gate weights are exactly `scale`. Costs E·(H+1)
+  /// multiply-adds per token.
+  linear_topk,
+  /// Fitted scorer on quadratic features of a low-rank projection:
+  /// z = P·x + c (`projection` [r, H], `projection_bias` [r]),
+  /// q = (z_i·z_j for i ≤ j, row by row: z_0z_0, z_0z_1, …, z_{r-1}z_{r-1}),
+  /// s = W·x + b + Q·q (`weight_quad` [E, r(r+1)/2]); p = softmax(s), top-k;
+  /// gate weights are exactly `scale`. Costs r·H + r(r+1)/2 + E·(H + 1 + r(r+1)/2)
+  /// multiply-adds per token. Rank 0 (P, c and Q empty) is the linear scorer.
+  quadratic_topk,
+  /// Diagnostic upper bound, not a deployable router: computes every routed
+  /// expert and scores s_e = ‖expert_e(x) − c_e‖ (c_e: the layer's
+  /// compensation mean when it has one, else 0), p = softmax(s), top-k; gate
+  /// weights are exactly `scale`. `weight` [E, H] only carries the shape.
+  /// Its cost is every routed expert's.
+  oracle,
 };
 
 inline std::string_view router_kind_name(router_kind k) {
@@ -28,12 +46,20 @@ inline std::string_view router_kind_name(router_kind k) {
     case router_kind::softmax_topk: return "softmax_topk";
     case router_kind::cmoe_analytic: return "cmoe_analytic";
     case router_kind::centroid_topk: return "centroid_topk";
+    case router_kind::linear_topk: return "linear_topk";
+    case router_kind::quadratic_topk: return "quadratic_topk";
+    case router_kind::oracle: return "oracle";
   }
   return "?";
 }
 
 /// Every router kind, for parsers and tests.
-inline constexpr router_kind all_router_kinds[] = {router_kind::softmax_topk, router_kind::cmoe_analytic, router_kind::centroid_topk};
+/// router_kind::oracle is not among them: a diagnostic the native format does not store.
+inline constexpr router_kind all_router_kinds[] = {router_kind::softmax_topk, router_kind::cmoe_analytic, router_kind::centroid_topk,
+                                                  router_kind::linear_topk, router_kind::quadratic_topk};
+
+/// True for the kinds whose gate weights are p (the others only select).
+inline bool weighs_by_probability(router_kind k) { return k == router_kind::softmax_topk; }
 
 /// DualSparse-MoE dynamic dropping, applied per token after top-k selection.
 /// With ŝ_j = p_j / Σ_{top-k} p (p: the router's probability of a selected
@@ -99,12 +125,38 @@ struct router {
   router_kind kind = router_kind::softmax_topk;
   matrix weight;     ///< [E, H]: the linear router, G for cmoe_analytic, the centroids for centroid_topk
   matrix weight_up;  ///< [E, H]: U for cmoe_analytic; empty otherwise
+  vector bias;             ///< [E]: linear_topk, quadratic_topk; empty otherwise
+  matrix projection;       ///< [r, H]: quadratic_topk's P; empty otherwise
+  vector projection_bias;  ///< [r]: quadratic_topk's c; empty otherwise
+  matrix weight_quad;      ///< [E, r(r+1)/2]: quadratic_topk's Q; empty otherwise
   index_t top_k = 1;
   bool renormalize = true;  ///< softmax_topk only
   float scale = 1.0f;       ///< multiplies every gate weight
   drop_policy drop;         ///< DualSparse dynamic dropping (none by default)
 
   index_t experts() const { return weight.rows(); }
+  index_t rank() const { return projection.rows(); }
+  bool fitted() const { return kind == router_kind::linear_topk || kind == router_kind::quadratic_topk; }
+  /// Multiply-adds per token of a fitted scorer (0 for the other kinds, whose
+  /// cost the active-fraction accounting has never included).
+  double fitted_macs() const {
+    const double e = double(experts()), h = double(weight.cols()), r = double(rank()), q = r * (r + 1) / 2;
+    if (kind == router_kind::linear_topk) return e * (h + 1);
+    if (kind == router_kind::quadratic_topk) return r * h + q + e * (h + 1 + q);
+    return 0.0;
+  }
+};
+
+/// Novice compensation (moeforge's extension of CMoE): every routed expert a
+/// token does not compute contributes its mean calibration output. Stored as
+/// y += bias − Σ_{computed pairs} means[e], with bias = Σ_e means[e] (or a
+/// refitted intercept), so it costs H adds per computed pair; exactly zero
+/// when every expert is computed and bias is the sum of the means.
+struct novice_compensation {
+  vector bias;   ///< [H]; empty: no compensation
+  matrix means;  ///< [E, H]
+
+  bool active() const { return bias.size() != 0; }
 };
 
 /// One routed expert slot. A MoNE novice replaces the expert's weights by a
@@ -144,6 +196,7 @@ struct moe_layer {
   moeforge::router router;
   std::vector<routed_expert> experts;
   std::vector<shared_expert> shared;
+  novice_compensation compensation;
 
   index_t hidden() const { return router.weight.cols(); }
   index_t num_experts() const { return index_t(experts.size()); }
@@ -158,10 +211,35 @@ inline void validate(const moe_layer& m, const std::string& what) {
   if (e == 0 || h == 0) throw shape_error(detail::cat(what, ".router.weight: shape [", e, ", ", h, "], expected [experts > 0, hidden > 0]"));
   if (m.num_experts() != e)
     throw shape_error(detail::cat(what, ": ", m.num_experts(), " experts but the router has ", e, " rows"));
-  if (r.kind == router_kind::cmoe_analytic)
+  auto only_for = [&](bool used, index_t size, const char* field) {
+    if (!used && size != 0)
+      throw shape_error(detail::cat(what, ".router.", field, ": must be empty for a ", router_kind_name(r.kind), " router"));
+    return used;
+  };
+  if (only_for(r.kind == router_kind::cmoe_analytic, r.weight_up.size(), "weight_up"))
     detail::require_shape(r.weight_up, e, h, what + ".router.weight_up");
-  else if (r.weight_up.size() != 0)
-    throw shape_error(detail::cat(what, ".router.weight_up: must be empty for a ", router_kind_name(r.kind), " router"));
+  if (only_for(r.fitted(), r.bias.size(), "bias") && r.bias.size() != 0 && r.bias.size() != e)
+    throw shape_error(detail::cat(what, ".router.bias: size ", r.bias.size(), ", expected ", e, " or empty"));
+  const bool quad = r.kind == router_kind::quadratic_topk;
+  only_for(quad, r.projection.size(), "projection");
+  only_for(quad, r.projection_bias.size(), "projection_bias");
+  only_for(quad, r.weight_quad.size(), "weight_quad");
+  if (quad && (r.projection.size() || r.projection_bias.size() || r.weight_quad.size())) {
+    const index_t rank = r.projection.rows();
+    if (rank < 1 || rank > h)
+      throw config_error(detail::cat(what, ".router.projection: rank ", rank, ", expected 1..", h, " (the hidden size)"));
+    detail::require_shape(r.projection, rank, h, what + ".router.projection");
+    if (r.projection_bias.size() != rank)
+      throw shape_error(detail::cat(what, ".router.projection_bias: size ", r.projection_bias.size(), ", expected ", rank));
+    detail::require_shape(r.weight_quad, e, rank * (rank + 1) / 2, what + ".router.weight_quad");
+  }
+  if (m.compensation.active()) {
+    if (m.compensation.bias.size() != h)
+      throw shape_error(detail::cat(what, ".compensation.bias: size ", m.compensation.bias.size(), ", expected ", h));
+    detail::require_shape(m.compensation.means, e, h, what + ".compensation.means");
+  } else if (m.compensation.means.size() != 0) {
+    throw shape_error(what + ".compensation.means: must be empty without a compensation bias");
+  }
   if (r.top_k < 1 || r.top_k > e)
     throw config_error(detail::cat(what, ".router.top_k = ", r.top_k, ", expected 1..", e));
   if (!std::isfinite(r.scale)) throw value_error(what + ".router.scale is not finite");
@@ -194,7 +272,9 @@ inline void validate(const moe_layer& m, const std::string& what) {
 /// Number of stored values of the layer: router, experts (a novice counts its
 /// H values), shared experts and their gates.
 inline index_t parameter_count(const moe_layer& m) {
-  index_t n = m.router.weight.size() + m.router.weight_up.size();
+  const auto& r = m.router;
+  index_t n = r.weight.size() + r.weight_up.size() + r.bias.size() + r.projection.size() + r.projection_bias.size() +
+              r.weight_quad.size() + m.compensation.bias.size() + m.compensation.means.size();
   for (const auto& e : m.experts) n += e.is_novice() ? e.novice.size() : parameter_count(e.weights);
   for (const auto& s : m.shared) n += parameter_count(s.weights) + s.gate.size();
   return n;
@@ -204,6 +284,12 @@ inline index_t parameter_count(const moe_layer& m) {
 inline void require_finite(const moe_layer& m, const std::string& what) {
   detail::require_finite(m.router.weight, what + ".router.weight");
   detail::require_finite(m.router.weight_up, what + ".router.weight_up");
+  detail::require_finite(m.router.bias, what + ".router.bias");
+  detail::require_finite(m.router.projection, what + ".router.projection");
+  detail::require_finite(m.router.projection_bias, what + ".router.projection_bias");
+  detail::require_finite(m.router.weight_quad, what + ".router.weight_quad");
+  detail::require_finite(m.compensation.bias, what + ".compensation.bias");
+  detail::require_finite(m.compensation.means, what + ".compensation.means");
   for (std::size_t i = 0; i < m.experts.size(); ++i) {
     const std::string name = detail::cat(what, ".experts[", i, "]");
     require_finite(m.experts[i].weights, name);

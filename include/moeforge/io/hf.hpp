@@ -423,6 +423,7 @@ inline std::string hf_unrepresentable(const moe_layer& m) {
   if (m.router.kind != router_kind::softmax_topk)
     return cat("its router is ", router_kind_name(m.router.kind), " (only softmax_topk exists there)");
   if (m.router.scale != 1.0f) return "its router scale is not 1";
+  if (m.compensation.active()) return "it has novice compensation (a per-token bias no Hugging Face MoE block has)";
   const index_t width = m.experts.front().width();
   for (const auto& e : m.experts) {
     if (e.is_novice()) return "it has novice experts";

@@ -14,16 +14,21 @@
 //             | {"ffn": "moe", "router": {"kind", "top_k", "renormalize", "scale",
 //                                         "drop": {"policy", "threshold", "margin", "expert_factor"}},
 //                "experts": [{"novice": false, "major": 0, "parts": [], "act", "gated"}, ...],
-//                "shared": [{"act", "gated", "sigmoid_gate": false}, ...]}],
+//                "shared": [{"act", "gated", "sigmoid_gate": false}, ...],
+//                "compensation": false}],
 //    "provenance": {...}}   // free-form: source model, conversion report, calibration
-// "drop" and "parts" (DualSparse) are optional on reading: a model written
-// before they existed has no dropping and one sub-expert per expert.
+// "drop", "parts" (DualSparse) and "compensation" are optional on reading: a
+// model written before they existed has no dropping, one sub-expert per expert
+// and no novice compensation.
 //
 // Tensor names (all F32, row-major, [out, in] like Hugging Face):
 //   tok_emb [V,H], final_norm [H], lm_head [V,H] (absent when tied),
 //   layers.L.{attn_norm, ffn_norm, wq, wk, wv, wo, bq, bk, bv (optional)},
 //   dense FFN:  layers.L.ffn.{gate, up, down}
-//   MoE:        layers.L.moe.router.weight, layers.L.moe.router.weight_up,
+//   MoE:        layers.L.moe.router.weight, layers.L.moe.router.weight_up (cmoe_analytic),
+//               layers.L.moe.router.bias (linear_topk, quadratic_topk),
+//               layers.L.moe.router.{projection, projection_bias, weight_quad} (quadratic_topk),
+//               layers.L.moe.compensation.{bias, means} (when "compensation" is true),
 //               layers.L.moe.experts.E.{gate, up, down} or layers.L.moe.experts.E.novice,
 //               layers.L.moe.shared.S.{gate, up, down, sigmoid_gate}
 #pragma once
@@ -96,6 +101,16 @@ void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
     auto& m = std::get<moe_layer>(l.ffn);
     on_matrix(p + ".moe.router.weight", m.router.weight);
     if (m.router.kind == router_kind::cmoe_analytic) on_matrix(p + ".moe.router.weight_up", m.router.weight_up);
+    if (m.router.fitted() && m.router.bias.size()) on_vector(p + ".moe.router.bias", m.router.bias);
+    if (m.router.kind == router_kind::quadratic_topk && m.router.rank() > 0) {
+      on_matrix(p + ".moe.router.projection", m.router.projection);
+      on_vector(p + ".moe.router.projection_bias", m.router.projection_bias);
+      on_matrix(p + ".moe.router.weight_quad", m.router.weight_quad);
+    }
+    if (m.compensation.active()) {
+      on_vector(p + ".moe.compensation.bias", m.compensation.bias);
+      on_matrix(p + ".moe.compensation.means", m.compensation.means);
+    }
     for (std::size_t e = 0; e < m.experts.size(); ++e) {
       const std::string q = cat(p, ".moe.experts.", e);
       if (m.experts[e].is_novice())
@@ -134,6 +149,7 @@ inline nlohmann::json layer_json(const model::layer& l) {
     return j;
   }
   const auto& m = std::get<moe_layer>(l.ffn);
+  if (m.router.kind == router_kind::oracle) throw config_error("native: an oracle router is a diagnostic and is not stored");
   nlohmann::json experts = nlohmann::json::array(), shared = nlohmann::json::array();
   for (const auto& e : m.experts) {
     nlohmann::json j = e.is_novice() ? nlohmann::json{{"novice", true}} : ffn_json(e.weights);
@@ -161,7 +177,8 @@ inline nlohmann::json layer_json(const model::layer& l) {
               {"margin", m.router.drop.margin},
               {"expert_factor", m.router.drop.expert_factor}}}}},
           {"experts", std::move(experts)},
-          {"shared", std::move(shared)}};
+          {"shared", std::move(shared)},
+          {"compensation", m.compensation.active()}};
 }
 
 /// Reads one field of moeforge.json with a message naming it and the expected type.
@@ -262,6 +279,8 @@ inline model::layer layer_skeleton(const manifest_reader& r, const nlohmann::jso
     m.router.drop.margin = r.get<float>(dj, "margin", dw);
     m.router.drop.expert_factor = r.get<std::vector<float>>(dj, "expert_factor", dw);
   }
+  // A model written before novice compensation existed has none.
+  if (j.contains("compensation") && r.get<bool>(j, "compensation", where)) m.compensation.bias.resize(1);  // placeholder
   const auto& experts = r.array(j, "experts", where);
   for (std::size_t e = 0; e < experts.size(); ++e) {
     const std::string ew = cat(where, ".experts[", e, "]");
@@ -442,6 +461,11 @@ inline model::weights load_native(const std::string& dir) {
     const std::string p = cat("layers.", i);
     for (auto [name, bias] : {std::pair{".bq", &l.bq}, std::pair{".bk", &l.bk}, std::pair{".bv", &l.bv}})
       if (st.find(p + name)) bias->resize(1);
+    // So are a fitted router's bias and a quadratic router's projection (rank 0 without).
+    if (auto* m = std::get_if<moe_layer>(&l.ffn)) {
+      if (m->router.fitted() && st.find(p + ".moe.router.bias")) m->router.bias.resize(1);
+      if (m->router.kind == router_kind::quadratic_topk && st.find(p + ".moe.router.projection")) m->router.projection.resize(1, 1);
+    }
   }
   detail::for_each_tensor(
       w,

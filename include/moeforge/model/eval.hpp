@@ -31,7 +31,9 @@ struct perplexity_result {
   index_t predicted = 0;    ///< tokens scored: each window's 1..len-1
   index_t windows = 0;
   double seconds = 0.0;
-  double prefill_tokens_per_second = 0.0;
+  /// Tokens/s of the whole evaluation, windows side by side (one per thread):
+  /// a throughput figure, not the speed one stream sees (see prefill_tokens_per_second).
+  double throughput_tokens_per_second = 0.0;
   /// The FFN work actually done, per layer and summed: realised drop rate and
   /// active fraction under the model's drop policies.
   std::vector<runtime::route_stats> layer_work;
@@ -88,25 +90,74 @@ inline perplexity_result perplexity(const transformer& tr, const std::vector<std
   for (const auto& l : r.layer_work) r.work += l;
   r.windows = index_t(windows.size());
   r.ppl = std::exp(r.nll / double(r.predicted));
-  r.prefill_tokens_per_second = double(r.tokens) / r.seconds;
+  r.throughput_tokens_per_second = double(r.tokens) / r.seconds;
   return r;
 }
 
-/// One-token decode speed: tokens per second over `steps` greedy steps from BOS.
-inline double decode_tokens_per_second(const transformer& tr, index_t steps) {
-  steps = std::min(steps, tr.model().config.seq_len);
+/// Token ids for speed runs that do not need a text: spread over the
+/// vocabulary (what the ids are does not change a dense model's cost; for an
+/// MoE they vary the routing as real text does).
+inline std::vector<std::int32_t> synthetic_tokens(const config& c, index_t count, index_t offset = 0) {
+  std::vector<std::int32_t> ids(std::size_t(std::max<index_t>(count, 0)));
+  for (index_t i = 0; i < count; ++i) ids[std::size_t(i)] = std::int32_t((std::uint64_t(i + offset) * 7919u + 17u) % std::uint64_t(c.vocab_size));
+  return ids;
+}
+
+/// Single-stream prefill speed: tokens/s of feeding `tokens` tokens to an
+/// empty cache in one forward pass (logits of the last position only, as a
+/// generation would), best of `reps` runs after one warm-up run. `times`,
+/// when given, receives the stage times of the best run.
+inline double prefill_tokens_per_second(const transformer& tr, index_t tokens, int reps = 3, stage_times* times = nullptr) {
+  const auto& c = tr.model().config;
+  if (tokens < 1 || tokens > c.seq_len)
+    throw config_error(detail::cat("prefill speed: ", tokens, " tokens, expected 1..", c.seq_len, " (the model's context)"));
+  const auto ids = synthetic_tokens(c, tokens);
+  double best = 0;
+  for (int r = 0; r <= std::max(reps, 1); ++r) {
+    kv_cache cache = tr.new_cache();
+    stage_times run;
+    forward_options opt;
+    opt.all_logits = false;
+    opt.times = &run;
+    const auto t0 = std::chrono::steady_clock::now();
+    tr.forward(ids, cache, opt);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0 && (best == 0 || s < best)) {
+      best = s;
+      if (times) *times = run;
+    }
+  }
+  return double(tokens) / best;
+}
+
+/// Warmed one-token decode speed: after a prefill of `context` tokens and
+/// two untimed steps, tokens/s over `steps` greedy steps (fewer when the
+/// context runs out; at least one). `times` receives the timed steps' stage times.
+inline double decode_tokens_per_second(const transformer& tr, index_t steps, index_t context = 0, stage_times* times = nullptr) {
+  const auto& c = tr.model().config;
+  constexpr index_t warmup = 2;
+  if (context < 0 || context + warmup + 1 > c.seq_len)
+    throw config_error(detail::cat("decode speed: context ", context, " leaves no room for a decode step in the model's context of ", c.seq_len));
+  steps = std::max<index_t>(1, std::min(steps, c.seq_len - context - warmup));
   kv_cache cache = tr.new_cache();
   forward_options last_only;
   last_only.all_logits = false;
-  std::int32_t token = tr.model().config.bos_token;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (index_t i = 0; i < steps; ++i) {
+  std::int32_t token = c.bos_token;
+  if (context > 0) tr.forward(synthetic_tokens(c, context), cache, last_only);
+  auto step = [&] {
     const matrix logits = tr.forward({token}, cache, last_only);
     Eigen::Index best;
     logits.row(0).maxCoeff(&best);
     token = std::int32_t(best);
-  }
-  return double(steps) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  for (index_t i = 0; i < warmup; ++i) step();
+  stage_times run;
+  last_only.times = &run;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (index_t i = 0; i < steps; ++i) step();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (times) *times = run;
+  return double(steps) / s;
 }
 
 }  // namespace moeforge::model

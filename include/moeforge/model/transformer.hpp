@@ -3,9 +3,11 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <limits>
 #include <string>
 #include <vector>
@@ -24,6 +26,15 @@ struct kv_cache {
   index_t length = 0;
 };
 
+/// Where a forward pass spends its time (seconds, summed over calls): what a
+/// whole-model benchmark reports as each part's share of a token.
+struct stage_times {
+  double attention = 0;  ///< norms, q/k/v/o projections, RoPE, attention itself
+  double ffn = 0;        ///< FFN norm, router and the dense or MoE FFN
+  double head = 0;       ///< embedding lookup, final norm and classifier
+  double total() const { return attention + ffn + head; }
+};
+
 struct forward_options {
   /// Called with each layer's FFN input (the post-attention RMSNorm output,
   /// [T, H]) before the FFN runs: the calibration hook.
@@ -36,6 +47,8 @@ struct forward_options {
   /// Called with the work each layer's FFN does on this batch (after any
   /// DualSparse dropping): realised drop rate and active fraction.
   std::function<void(index_t layer, const runtime::route_stats&)> on_route;
+  /// When set, each stage's wall time is added to it.
+  stage_times* times = nullptr;
 };
 
 /// Throws shape_error / config_error naming the part of the model that does
@@ -77,10 +90,22 @@ inline void validate(const weights& w) {
   }
 }
 
-/// Runs a model. Holds a reference to the weights: they must outlive it, and a
-/// caller may replace a layer's FFN between calls (calibration does).
+/// Runs a model. Given an lvalue it holds a reference to the weights: they
+/// must outlive it, and a caller may replace a layer's FFN between calls
+/// (calibration does). Given an rvalue it owns the weights, which nobody can
+/// edit any more, and so runs every FFN prepared (runtime::prepare: weights
+/// packed once into the kernel's panels, same results, the FFN weights held
+/// twice) without any risk of stale panels.
 class transformer {
  public:
+  explicit transformer(weights&& w) : transformer(std::make_unique<const weights>(std::move(w))) {
+    for (const auto& l : w_.layers) {
+      if (const auto* f = std::get_if<ffn>(&l.ffn))
+        packed_.push_back({{}, {runtime::detail::pack_ffn(*f, {})}});
+      else
+        packed_.push_back(runtime::detail::pack_layer(std::get<moe_layer>(l.ffn)));
+    }
+  }
   explicit transformer(const weights& w) : w_(w) {
     validate(w);
     const auto& c = w.config;
@@ -120,6 +145,7 @@ class transformer {
     if (index_t(cache.k.size()) != c.n_layers || index_t(cache.v.size()) != c.n_layers)
       throw shape_error("forward: the kv cache was made for another model");
     reserve(cache, start + n);
+    stage_clock clock(opt.times);
     matrix x(n, c.dim);
     for (index_t t = 0; t < n; ++t) {
       const auto id = tokens[std::size_t(t)];
@@ -128,37 +154,59 @@ class transformer {
     }
     if (n == 0) return matrix(0, c.vocab_size);
     matrix xb(n, c.dim), y(n, c.dim);
+    clock.lap(&stage_times::head);
     for (index_t li = 0; li < c.n_layers; ++li) {
       const auto& l = w_.layers[std::size_t(li)];
       rms_norm(x, l.attn_norm, xb);
       attention(l, li, xb, cache, start, y);
       x += y;
+      clock.lap(&stage_times::attention);
       rms_norm(x, l.ffn_norm, xb);
       if (opt.on_ffn_input) opt.on_ffn_input(li, xb);
       if (li == opt.stop_after_layer) {
         cache.length = start + n;
         return matrix();
       }
+      const runtime::detail::packed_layer* packed = packed_.empty() ? nullptr : &packed_[std::size_t(li)];
       if (const auto* f = std::get_if<ffn>(&l.ffn)) {
         if (opt.on_route) opt.on_route(li, runtime::dense_stats(*f, n));
-        runtime::dense_forward(*f, xb, y);
+        runtime::detail::dense_forward_packed(*f, packed ? &packed->shared[0] : nullptr, xb, y);
       } else {
         const auto& m = std::get<moe_layer>(l.ffn);
         const runtime::selection sel = runtime::select(m, xb);
         if (opt.on_route) opt.on_route(li, runtime::count_work(m, sel));
-        runtime::moe_forward(m, runtime::make_plan(m, sel, xb), xb, y);
+        runtime::detail::moe_forward_packed(m, packed, runtime::make_plan(m, sel, xb), xb, y);
       }
       x += y;
+      clock.lap(&stage_times::ffn);
     }
     cache.length = start + n;
     const index_t first = opt.all_logits ? 0 : n - 1;
     matrix last = x.bottomRows(n - first);
     matrix normed(last.rows(), c.dim);
     rms_norm(last, w_.final_norm, normed);
-    return runtime::project(normed, w_.classifier());
+    matrix logits = runtime::project(normed, w_.classifier());
+    clock.lap(&stage_times::head);
+    return logits;
   }
 
  private:
+  /// Adds the time since the previous lap to one stage; free when not timing.
+  class stage_clock {
+   public:
+    explicit stage_clock(stage_times* times) : times_(times), last_(times ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point()) {}
+    void lap(double stage_times::*stage) {
+      if (!times_) return;
+      const auto now = std::chrono::steady_clock::now();
+      times_->*stage += std::chrono::duration<double>(now - last_).count();
+      last_ = now;
+    }
+
+   private:
+    stage_times* times_;
+    std::chrono::steady_clock::time_point last_;
+  };
+
   void rms_norm(const matrix& x, const vector& weight, matrix& out) const {
     const float eps = w_.config.norm_eps;
     for (index_t t = 0; t < x.rows(); ++t) {
@@ -243,7 +291,11 @@ class transformer {
     out = runtime::project(att, l.wo);
   }
 
+  explicit transformer(std::unique_ptr<const weights> owned) : transformer(*owned) { owned_ = std::move(owned); }
+
+  std::unique_ptr<const weights> owned_;  ///< the weights when the transformer owns them
   const weights& w_;
+  std::vector<runtime::detail::packed_layer> packed_;  ///< per layer, when owned: the FFN's panels
   matrix cos_, sin_;  ///< [seq_len, head_dim/2] RoPE tables
 };
 

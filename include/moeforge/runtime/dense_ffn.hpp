@@ -7,15 +7,23 @@
 
 namespace moeforge::runtime {
 
+namespace detail {
+
+/// dense_forward reading f's weights from its prepared panels (`packed`), or
+/// from f itself (packed per task) when null.
+inline void dense_forward_packed(const ffn& f, const packed_ffn* packed, const_matrix_ref x, matrix_ref y) {
+  check_input(x, y, f.hidden(), "dense ffn");
+  if (x.rows() == 0) return;
+  std::vector<job> jobs;
+  jobs.push_back(whole_batch_job(f, packed, x));
+  run_jobs(jobs, x, y);
+}
+
+}  // namespace detail
+
 /// y [T, H] = ffn(x [T, H]); y is overwritten. Throws shape_error or
 /// value_error (NaN/Inf in x) before any work starts.
-inline void dense_forward(const ffn& f, const_matrix_ref x, matrix_ref y) {
-  detail::check_input(x, y, f.hidden(), "dense ffn");
-  if (x.rows() == 0) return;
-  std::vector<detail::job> jobs;
-  jobs.push_back(detail::whole_batch_job(f, x));
-  detail::run_jobs(jobs, x, y);
-}
+inline void dense_forward(const ffn& f, const_matrix_ref x, matrix_ref y) { detail::dense_forward_packed(f, nullptr, x, y); }
 
 inline matrix dense_forward(const ffn& f, const_matrix_ref x) {
   matrix y(x.rows(), f.hidden());

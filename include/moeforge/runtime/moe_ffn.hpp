@@ -7,17 +7,19 @@
 //            for the expert's tokens, gate/up/activation fused per chunk;
 //   phase 2, output-row-chunk tasks: y[t, rows] += w · W_down[rows]·h, over
 //            shared experts then routed experts in index order (no atomics).
-// Inside a task the products are single-threaded: up to stream_max_tokens
-// tokens take the register-tiled weight-streaming path (stream_kernel.hpp),
-// more take the packed GEMM (gemm.hpp); either way weights stream once per
-// task and tokens reuse them. Jobs read their tokens' rows of x in place: a
-// gathered copy per job cost a fresh allocation (page faults) and a serial
-// copy on every call.
+// Inside a task the products are single-threaded: the panel GEMM
+// (gemm.hpp), with the weights' panels read in place when the layer was
+// prepared (runtime::prepare) and packed per task otherwise, the tokens read in
+// place when few and packed when many. Either way weights stream once per task
+// and tokens reuse them, and the results are bit-identical. Jobs read their
+// tokens' rows of x in place: a gathered copy per job cost a fresh allocation
+// (page faults) and a serial copy on every call.
 #pragma once
 
 #include <algorithm>
 #include <vector>
 
+#include "moeforge/runtime/packed_ffn.hpp"
 #include "moeforge/runtime/routing.hpp"
 #include "moeforge/runtime/stream_kernel.hpp"
 
@@ -26,11 +28,13 @@ namespace moeforge::runtime {
 namespace detail {
 
 /// One expert segment's share of the batch: neurons [first, first + columns)
-/// of `weights` for the listed tokens, with their multipliers. The neurons
-/// only some of an expert's pairs need (the minor part of a major-only pair)
-/// are a job of their own, so work a pair does not need is never computed.
+/// of `weights` (or of its prepared panels, `packed`) for the listed tokens,
+/// with their multipliers. The neurons only some of an expert's pairs need
+/// (the minor part of a major-only pair) are a job of their own, so work a
+/// pair does not need is never computed.
 struct job {
   const ffn* weights = nullptr;
+  const packed_ffn* packed = nullptr;
   const vector* novice = nullptr;
   std::vector<std::int32_t> tokens;
   std::vector<float> scale;
@@ -38,30 +42,48 @@ struct job {
   index_t first = 0;
   index_t columns = 0;
   matrix h;                          ///< activations [n, columns]
+  std::vector<const float*> h_rows;  ///< h's rows, the tokens of the down projection
+
+  bool gated() const { return packed ? packed->gated() : weights->gated(); }
+  activation act() const { return packed ? packed->act : weights->act; }
+  /// Neurons [n0, n0 + count) of gate or up as a panel_product operand.
+  weight_block neurons(bool gate, index_t n0, index_t count) const {
+    if (packed) return (gate ? packed->gate : packed->up).block(n0, count, 0);
+    return rows_of((gate ? weights->gate : weights->up).middleRows(n0, count));
+  }
+  /// Output rows [r0, r0 + rows) of down over the job's neurons.
+  weight_block down(index_t r0, index_t rows) const {
+    if (packed) return packed->down.block(r0, rows, first);
+    return rows_of(weights->down.block(r0, first, rows, columns));
+  }
+  /// Where the job's neurons from `i0` (relative to first) must end a chunk:
+  /// a cut of the prepared panels, or the job's end.
+  index_t chunk_limit(index_t i0) const { return packed ? std::min(columns, packed->up.next_cut(first + i0) - first) : columns; }
 };
 
 /// Neurons per phase-1 task: small for few tokens (more tasks to balance the
-/// weight streaming), large for many (fewer repacks of the token block).
+/// weight streaming), large for many (fewer passes over the token block).
 inline index_t neuron_chunk(index_t tokens) { return tokens <= 8 ? 64 : tokens <= 64 ? 128 : 256; }
-/// Output rows per phase-2 task: on the GEMM path every task packs its tokens'
-/// activations whole, so wide tasks amortise that copy over more rows.
-inline index_t row_chunk(index_t tokens) { return tokens <= stream_max_tokens ? 64 : 256; }
+/// Output rows per phase-2 task: wide tasks amortise the pass over the
+/// tokens' activations (packed whole for many tokens) over more rows.
+inline index_t row_chunk(index_t tokens) { return tokens <= gemm_tokens_in_place ? 64 : 256; }
 /// Below this many multiply-adds a layer runs on the calling thread: waking
 /// the team costs microseconds, and far more when the cores are shared.
 constexpr double min_parallel_fma = 1 << 20;
 
 inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) {
-  const ffn& f = *j.weights;
   const index_t n0 = j.first + i0, n = index_t(j.inputs.size());
-  if (f.gated()) {
-    const matrix gu =
-        times_transpose({rows_of(f.gate.middleRows(n0, count)), rows_of(f.up.middleRows(n0, count))}, j.inputs.data(), n, hidden);
-    for (index_t p = 0; p < gu.rows(); ++p)
-      for (index_t i = 0; i < count; ++i) j.h(p, i0 + i) = activate(f.act, gu(p, i)) * gu(p, count + i);
-  } else {
-    const matrix u = times_transpose({rows_of(f.up.middleRows(n0, count))}, j.inputs.data(), n, hidden);
-    for (index_t p = 0; p < u.rows(); ++p)
-      for (index_t i = 0; i < count; ++i) j.h(p, i0 + i) = activate(f.act, u(p, i));
+  thread_local std::vector<float> out;
+  const index_t width = j.gated() ? 2 * count : count;
+  out.resize(std::size_t(n * width));
+  if (j.gated())
+    panel_product({j.neurons(true, n0, count), j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width);
+  else
+    panel_product({j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width);
+  const activation act = j.act();
+  for (index_t p = 0; p < n; ++p) {
+    const float* o = out.data() + p * width;
+    for (index_t i = 0; i < count; ++i) j.h(p, i0 + i) = j.gated() ? activate(act, o[i]) * o[count + i] : activate(act, o[i]);
   }
 }
 
@@ -71,8 +93,12 @@ inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
       y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * j.novice->segment(r0, rows).transpose();
     return;
   }
-  const matrix part = times_transpose({rows_of(j.weights->down.block(r0, j.first, rows, j.columns))}, j.h);
-  for (std::size_t p = 0; p < j.tokens.size(); ++p) y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * part.row(index_t(p));
+  thread_local std::vector<float> part;
+  const index_t n = index_t(j.tokens.size());
+  part.resize(std::size_t(n * rows));
+  panel_product({j.down(r0, rows)}, j.h_rows.data(), n, j.columns, part.data(), rows);
+  for (index_t p = 0; p < n; ++p)
+    y.row(j.tokens[std::size_t(p)]).segment(r0, rows) += j.scale[std::size_t(p)] * Eigen::Map<const Eigen::RowVectorXf>(part.data() + p * rows, rows);
 }
 
 /// Runs the jobs: every job's activations, then every output row chunk.
@@ -86,10 +112,16 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
   for (std::size_t k = 0; k < jobs.size(); ++k) {
     auto& j = jobs[k];
     if (j.novice || j.tokens.empty()) continue;
-    fma += double(j.tokens.size()) * double(j.columns) * double(x.cols()) * (j.weights->gated() ? 3 : 2);
+    fma += double(j.tokens.size()) * double(j.columns) * double(x.cols()) * (j.gated() ? 3 : 2);
     j.h.resize(index_t(j.tokens.size()), j.columns);
+    j.h_rows.clear();
+    for (index_t p = 0; p < j.h.rows(); ++p) j.h_rows.push_back(j.h.row(p).data());
     const index_t step = neuron_chunk(index_t(j.tokens.size()));
-    for (index_t i = 0; i < j.columns; i += step) chunks.push_back({k, i, std::min(step, j.columns - i)});
+    for (index_t i = 0; i < j.columns;) {
+      const index_t end = std::min(i + step, j.chunk_limit(i));
+      chunks.push_back({k, i, end - i});
+      i = end;
+    }
   }
   const index_t hidden = y.cols();
   const index_t rows_per_task = row_chunk(x.rows());
@@ -109,14 +141,15 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
   }
 }
 
-/// The jobs of routed expert `ex` for plan pairs [p0, p1): one per segment
-/// between consecutive widths the pairs ask for, each over the pairs that need
-/// that segment. A sub-expert boundary (`parts`) that no pair's width falls on
-/// does not cut: the same tokens over adjacent neurons are one job, whose
-/// longer rows stream better (cutting at every part cost up to 10% at one token
-/// and 25-35% at 16 tokens per expert on the E8A2 layer, for the same result).
-inline void add_expert_jobs(const routed_expert& ex, const routing_plan& plan, index_t p0, index_t p1, const_matrix_ref x,
-                            std::vector<job>& jobs) {
+/// The jobs of routed expert `ex` (its prepared panels `packed`, or null) for
+/// plan pairs [p0, p1): one per segment between consecutive widths the pairs
+/// ask for, each over the pairs that need that segment. A sub-expert boundary
+/// (`parts`) that no pair's width falls on does not cut: the same tokens over
+/// adjacent neurons are one job, whose longer rows stream better (cutting at
+/// every part cost up to 10% at one token and 25-35% at 16 tokens per expert
+/// on the E8A2 layer, for the same result).
+inline void add_expert_jobs(const routed_expert& ex, const packed_ffn* packed, const routing_plan& plan, index_t p0, index_t p1,
+                            const_matrix_ref x, std::vector<job>& jobs) {
   std::vector<index_t> cuts;
   for (index_t p = p0; p < p1; ++p) cuts.push_back(plan.width[std::size_t(p)]);
   cuts.push_back(ex.width());
@@ -127,6 +160,7 @@ inline void add_expert_jobs(const routed_expert& ex, const routing_plan& plan, i
     if (b <= a) continue;
     job j;
     j.weights = &ex.weights;
+    j.packed = packed;
     j.first = a;
     j.columns = b - a;
     for (index_t p = p0; p < p1; ++p)
@@ -140,9 +174,10 @@ inline void add_expert_jobs(const routed_expert& ex, const routing_plan& plan, i
   }
 }
 
-inline job whole_batch_job(const ffn& f, const_matrix_ref x) {
+inline job whole_batch_job(const ffn& f, const packed_ffn* packed, const_matrix_ref x) {
   job j;
   j.weights = &f;
+  j.packed = packed;
   j.tokens.resize(std::size_t(x.rows()));
   std::iota(j.tokens.begin(), j.tokens.end(), 0);
   j.scale.assign(std::size_t(x.rows()), 1.0f);
@@ -162,10 +197,28 @@ inline void check_input(const_matrix_ref x, const_matrix_ref y, index_t hidden, 
 
 }  // namespace detail
 
-/// y [T, H] = Σ_shared w_s(t)·shared_s(x_t) + Σ_pairs w·expert_e[:width](x_t)
-/// (a novice pair adds w·novice). y is overwritten. Throws shape_error or
-/// value_error (NaN/Inf in x) before any work starts.
-inline void moe_forward(const moe_layer& m, const routing_plan& plan, const_matrix_ref x, matrix_ref y) {
+/// Novice compensation (see moeforge::novice_compensation): y += bias − Σ
+/// over the plan's pairs of means[expert], H adds per pair. A token that
+/// computes every expert gets nothing (exactly, not up to rounding). Serial,
+/// in plan order, so the sums do not depend on the thread count.
+inline void add_compensation(const moe_layer& m, const routing_plan& plan, matrix_ref y) {
+  const auto& c = m.compensation;
+  if (!c.active()) return;
+  std::vector<index_t> computed(std::size_t(plan.tokens), 0);
+  for (const auto t : plan.token) ++computed[std::size_t(t)];
+  const auto partial = [&](index_t t) { return computed[std::size_t(t)] < plan.experts(); };
+  for (index_t t = 0; t < plan.tokens; ++t)
+    if (partial(t)) y.row(t) += c.bias.transpose();
+  for (index_t e = 0; e < plan.experts(); ++e)
+    for (index_t p = plan.offsets[std::size_t(e)]; p < plan.offsets[std::size_t(e + 1)]; ++p)
+      if (partial(plan.token[std::size_t(p)])) y.row(plan.token[std::size_t(p)]) -= c.means.row(e);
+}
+
+namespace detail {
+
+/// moe_forward reading each expert's weights from m's panels (`packed`), or
+/// from m itself (packed per task) when null.
+inline void moe_forward_packed(const moe_layer& m, const packed_layer* packed, const routing_plan& plan, const_matrix_ref x, matrix_ref y) {
   using moeforge::detail::cat;
   detail::check_input(x, y, m.hidden(), "moe");
   if (plan.tokens != x.rows() || plan.experts() != m.num_experts() || plan.shared_weight.size() != m.shared.size() * std::size_t(x.rows()))
@@ -173,7 +226,7 @@ inline void moe_forward(const moe_layer& m, const routing_plan& plan, const_matr
                           x.rows(), " and ", m.num_experts()));
   std::vector<detail::job> jobs;
   for (std::size_t s = 0; s < m.shared.size(); ++s) {
-    jobs.push_back(detail::whole_batch_job(m.shared[s].weights, x));
+    jobs.push_back(detail::whole_batch_job(m.shared[s].weights, packed ? &packed->shared[s] : nullptr, x));
     std::copy_n(plan.shared_weight.begin() + std::ptrdiff_t(s * std::size_t(x.rows())), x.rows(), jobs.back().scale.begin());
   }
   for (index_t e = 0; e < m.num_experts(); ++e) {
@@ -194,10 +247,20 @@ inline void moe_forward(const moe_layer& m, const routing_plan& plan, const_matr
       jobs.push_back(std::move(j));
       continue;
     }
-    detail::add_expert_jobs(ex, plan, p0, p1, x, jobs);
+    detail::add_expert_jobs(ex, packed ? &packed->experts[std::size_t(e)] : nullptr, plan, p0, p1, x, jobs);
   }
   if (x.rows() == 0) return;
   detail::run_jobs(jobs, x, y);
+  add_compensation(m, plan, y);
+}
+
+}  // namespace detail
+
+/// y [T, H] = Σ_shared w_s(t)·shared_s(x_t) + Σ_pairs w·expert_e[:width](x_t)
+/// (a novice pair adds w·novice), plus the layer's novice compensation. y is overwritten. Throws shape_error or
+/// value_error (NaN/Inf in x) before any work starts.
+inline void moe_forward(const moe_layer& m, const routing_plan& plan, const_matrix_ref x, matrix_ref y) {
+  detail::moe_forward_packed(m, nullptr, plan, x, y);
 }
 
 /// Routes x with the layer's router and runs every selected expert in full.

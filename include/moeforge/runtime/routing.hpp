@@ -60,10 +60,34 @@ inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 namespace moeforge::runtime {
 
-/// Router probabilities p [T, E] for tokens x [T, H].
+/// The quadratic features q [T, r(r+1)/2] of z = P·x + c (see router_kind::quadratic_topk).
+inline matrix quadratic_features(const matrix& projection, const vector& projection_bias, const_matrix_ref x) {
+  matrix z = project(x, projection);
+  z.rowwise() += projection_bias.transpose();
+  const index_t rank = z.cols();
+  matrix q(z.rows(), rank * (rank + 1) / 2);
+  for (index_t t = 0; t < z.rows(); ++t)
+    for (index_t i = 0, c = 0; i < rank; ++i)
+      for (index_t j = i; j < rank; ++j) q(t, c++) = z(t, i) * z(t, j);
+  return q;
+}
+
+/// The fitted scorers' scores s [T, E] before the softmax.
+inline matrix fitted_scores(const router& r, const_matrix_ref x) {
+  matrix s = project(x, r.weight);
+  if (r.kind == router_kind::quadratic_topk && r.rank() > 0)
+    s += project(quadratic_features(r.projection, r.projection_bias, x), r.weight_quad);
+  if (r.bias.size()) s.rowwise() += r.bias.transpose();
+  return s;
+}
+
+/// Router probabilities p [T, E] for tokens x [T, H] (not for router_kind::oracle,
+/// which needs the layer's experts: see oracle_probs).
 inline matrix router_probs(const router& r, const_matrix_ref x) {
   moeforge::detail::require_shape(x, x.rows(), r.weight.cols(), "router input");
-  matrix s = project(x, r.weight);
+  if (r.kind == router_kind::oracle)
+    throw config_error("router_probs: an oracle router scores with the layer's experts (runtime::select(layer, x))");
+  matrix s = r.fitted() ? fitted_scores(r, x) : project(x, r.weight);
   if (r.kind == router_kind::centroid_topk) {
     for (index_t t = 0; t < s.rows(); ++t) {
       const float n = x.row(t).norm();
@@ -106,9 +130,9 @@ inline selection select_topk(const router& r, const matrix& probs) {
       const std::int32_t ex = order[std::size_t(j)];
       sel.expert[at] = ex;
       sel.prob[at] = probs(t, index_t(ex));
-      // Only softmax_topk weighs the outputs by p; the analytic and centroid routers select.
-      float w = r.kind == router_kind::softmax_topk ? probs(t, index_t(ex)) : 1.0f;
-      if (r.kind == router_kind::softmax_topk && r.renormalize) w /= sum;
+      // Only softmax_topk weighs the outputs by p; the analytic, centroid and fitted routers select.
+      float w = weighs_by_probability(r.kind) ? probs(t, index_t(ex)) : 1.0f;
+      if (weighs_by_probability(r.kind) && r.renormalize) w /= sum;
       sel.weight[at] = w * r.scale;
     }
   }
@@ -183,24 +207,27 @@ inline void apply_drop(const drop_policy& d, selection& sel) {
 }
 
 /// What a batch's routing costs, in neuron-matrix products (one neuron of a
-/// gated FFN is 3, of an ungated one 2), so shared experts, experts of
-/// different widths and major-only pairs all count by their FLOPs.
+/// gated FFN is 3, of an ungated one 2, each H multiply-adds), so shared
+/// experts, experts of different widths, major-only pairs and fitted routers
+/// all count by their FLOPs.
 struct route_stats {
   index_t tokens = 0;
   double shared = 0;    ///< by the shared experts
   double selected = 0;  ///< by the selected routed experts, computed in full
   double kept = 0;      ///< by the routed experts after dropping
+  double router = 0;    ///< by a fitted router (its multiply-adds / H) or the oracle (every expert); the older kinds count 0
   double stored = 0;    ///< tokens × every neuron of the layer (what a dense layer of all of them costs)
 
   /// Dropped share of the layer's token-expert work (shared experts in the denominator).
   double drop_rate() const { return shared + selected > 0 ? (selected - kept) / (shared + selected) : 0.0; }
-  /// Work computed over the work of every stored neuron.
-  double active_fraction() const { return stored > 0 ? (shared + kept) / stored : 0.0; }
+  /// Work computed (a fitted router's included) over the work of every stored neuron.
+  double active_fraction() const { return stored > 0 ? (shared + kept + router) / stored : 0.0; }
   route_stats& operator+=(const route_stats& o) {
     tokens += o.tokens;
     shared += o.shared;
     selected += o.selected;
     kept += o.kept;
+    router += o.router;
     stored += o.stored;
     return *this;
   }
@@ -228,6 +255,8 @@ inline route_stats count_work(const moe_layer& m, const selection& sel) {
     if (!e.is_novice()) all += double(e.width()) * detail::neuron_cost(e.weights);
   r.shared = shared * double(sel.tokens);
   r.stored = (shared + all) * double(sel.tokens);
+  if (m.hidden() > 0) r.router = m.router.fitted_macs() / double(m.hidden()) * double(sel.tokens);
+  if (m.router.kind == router_kind::oracle) r.router = all * double(sel.tokens);
   for (std::size_t i = 0; i < sel.expert.size(); ++i) {
     const auto& e = m.experts[std::size_t(sel.expert[i])];
     if (e.is_novice()) continue;
@@ -239,9 +268,35 @@ inline route_stats count_work(const moe_layer& m, const selection& sel) {
   return r;
 }
 
+/// The activations h = act(gate·x) ⊙ (up·x) (ungated: act(up·x)) of `f`
+/// for tokens x [T, H] → [T, I], by the kernel's products (thread-count independent).
+inline matrix neuron_activations(const ffn& f, const_matrix_ref x) {
+  matrix h = project(x, f.up);
+  const matrix g = f.gated() ? project(x, f.gate) : matrix();
+  for (index_t t = 0; t < h.rows(); ++t)
+    for (index_t i = 0; i < h.cols(); ++i) h(t, i) = f.gated() ? activate(f.act, g(t, i)) * h(t, i) : activate(f.act, h(t, i));
+  return h;
+}
+
+/// router_kind::oracle's probabilities: softmax over the routed experts of
+/// ‖expert_e(x) − c_e‖, every expert computed (c: compensation means or 0).
+inline matrix oracle_probs(const moe_layer& m, const_matrix_ref x) {
+  moeforge::detail::require_shape(x, x.rows(), m.hidden(), "router input");
+  matrix s(x.rows(), m.num_experts());
+  for (index_t e = 0; e < m.num_experts(); ++e) {
+    const auto& ex = m.experts[std::size_t(e)];
+    matrix out = ex.is_novice() ? matrix(ex.novice.transpose().replicate(x.rows(), 1))
+                                : project(neuron_activations(ex.weights, x), ex.weights.down);
+    if (m.compensation.active()) out.rowwise() -= m.compensation.means.row(e);
+    for (index_t t = 0; t < x.rows(); ++t) s(t, e) = out.row(t).norm();
+  }
+  moeforge::detail::softmax_rows(s);
+  return s;
+}
+
 /// The top-k selection of the layer's router for `x`, with its drop policy applied.
 inline selection select(const moe_layer& m, const_matrix_ref x) {
-  selection sel = select_topk(m.router, router_probs(m.router, x));
+  selection sel = select_topk(m.router, m.router.kind == router_kind::oracle ? oracle_probs(m, x) : router_probs(m.router, x));
   apply_drop(m.router.drop, sel);
   return sel;
 }

@@ -1,4 +1,6 @@
-// The weight-streaming path for few tokens: out = b·aᵀ where a is a block of
+// The weight-streaming path for few tokens of runtime::project (row-major
+// weights: attention, routers, the classifier; the FFN kernel runs on the
+// panels of gemm.hpp instead): out = b·aᵀ where a is a block of
 // weight rows (streamed once from memory, never packed) and b a few token
 // vectors (kept in L1/L2), each given by a pointer so a job's tokens need not be
 // gathered. Each pass reads several weight rows at once into register-resident
@@ -45,7 +47,7 @@ inline stream_vec stream_fma(stream_vec a, stream_vec b, stream_vec c) { return 
 inline __m256 stream_fold(stream_vec v) { return v; }
 #endif
 
-/// Most token rows the streaming path takes; larger blocks use the packed GEMM,
+/// Most token rows the streaming path takes; larger blocks use the panel GEMM,
 /// whose packing of the weights only pays off once enough tokens reuse them.
 /// Measured on one core, weight blocks from DRAM, streaming time / packed GEMM
 /// time: with AVX2 (Zen 3; 2×256×2048 blocks) 0.30 at 4 tokens, 0.54 at 16,
@@ -227,9 +229,9 @@ constexpr index_t stream_max_tokens = 48;
 inline void stream_product(const float*, index_t, index_t, const float* const*, index_t, index_t, float*, index_t) {}
 #endif
 
-/// A block of weight rows as packed_product takes it.
+/// A row-major block of weight rows as panel_product takes it.
 template <class Block>
-inline weight_rows rows_of(const Block& a) {
+inline weight_block rows_of(const Block& a) {
   return {a.data(), a.outerStride(), a.rows()};
 }
 
@@ -237,13 +239,13 @@ inline weight_rows rows_of(const Block& a) {
 /// row p of b (k values) is at b[p], p < m: streamed when b has few rows, else
 /// the packed GEMM, which packs b once for all the blocks (Eigen's GEMM when
 /// the CPU lacks AVX2/FMA).
-inline matrix times_transpose(std::initializer_list<weight_rows> a, const float* const* b, index_t m, index_t k) {
+inline matrix times_transpose(std::initializer_list<weight_block> a, const float* const* b, index_t m, index_t k) {
   index_t n = 0;
   for (const auto& blk : a) n += blk.rows;
   matrix out(m, n);
   if (m == 0 || n == 0) return out;
   if (stream_kernel_available && m > stream_max_tokens) {
-    packed_product(a, b, m, k, out.data(), out.outerStride());
+    panel_product(a, b, m, k, out.data(), out.outerStride());
     return out;
   }
   if (!stream_kernel_available) {
@@ -266,7 +268,7 @@ inline matrix times_transpose(std::initializer_list<weight_rows> a, const float*
 }
 
 /// The same with b a row-major matrix.
-inline matrix times_transpose(std::initializer_list<weight_rows> a, const_matrix_ref b) {
+inline matrix times_transpose(std::initializer_list<weight_block> a, const_matrix_ref b) {
   std::vector<const float*> rows(static_cast<std::size_t>(b.rows()));
   for (index_t p = 0; p < b.rows(); ++p) rows[std::size_t(p)] = b.row(p).data();
   return times_transpose(a, rows.data(), b.rows(), b.cols());

@@ -1,0 +1,54 @@
+// An FFN's weights in the kernel's panel order (see panel_matrix), built once
+// by runtime::prepare so the GEMM path never repacks them per call and the
+// few-token path streams them as whole panels.
+#pragma once
+
+#include <vector>
+
+#include "moeforge/core/moe.hpp"
+#include "moeforge/runtime/gemm.hpp"
+
+namespace moeforge::runtime::detail {
+
+struct packed_ffn {
+  panel_matrix gate;  ///< neurons × H, panels restarting at the cuts; empty for ungated FFNs
+  panel_matrix up;    ///< neurons × H, panels restarting at the cuts
+  panel_matrix down;  ///< H × neurons
+  activation act = activation::silu;
+
+  bool gated() const { return gate.rows() != 0; }
+};
+
+/// Packs f; neuron panels restart at `cuts` (a DualSparse expert's major
+/// width), so jobs that start there read whole panels.
+inline packed_ffn pack_ffn(const ffn& f, const std::vector<index_t>& cuts) {
+  packed_ffn p;
+  if (f.gated()) p.gate = panel_matrix(f.gate.data(), f.gate.outerStride(), f.gate.rows(), f.gate.cols(), cuts);
+  p.up = panel_matrix(f.up.data(), f.up.outerStride(), f.up.rows(), f.up.cols(), cuts);
+  p.down = panel_matrix(f.down.data(), f.down.outerStride(), f.down.rows(), f.down.cols());
+  p.act = f.act;
+  return p;
+}
+
+/// The panels of a MoE layer's experts (one per expert; a novice's empty)
+/// and shared experts, or of a dense FFN as its one shared expert. When
+/// major-only pairs can occur (a partitioned expert, an explicit major width,
+/// a 2t policy), a routed expert's panels restart at its major width, where
+/// the minor part's jobs begin; any other width a plan asks for also works,
+/// from inside a panel.
+struct packed_layer {
+  std::vector<packed_ffn> experts, shared;
+};
+
+inline packed_layer pack_layer(const moe_layer& m) {
+  packed_layer p;
+  const bool two_t = m.router.drop.kind == drop_kind::two_t;
+  for (const auto& ex : m.experts) {
+    const bool major = two_t || ex.major > 0 || !ex.parts.empty();
+    p.experts.push_back(ex.is_novice() ? packed_ffn{} : pack_ffn(ex.weights, major ? std::vector<index_t>{ex.major_width()} : std::vector<index_t>{}));
+  }
+  for (const auto& s : m.shared) p.shared.push_back(pack_ffn(s.weights, {}));
+  return p;
+}
+
+}  // namespace moeforge::runtime::detail

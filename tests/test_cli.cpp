@@ -1,0 +1,255 @@
+// The real moeforge and moeforge-bench binaries, run as a user would: --help
+// and --version, exit codes (0 success, 1 a bad file or model, 2 a bad command
+// line), the --json outputs' keys and types, bad option values (exit 2, the
+// option named, nothing written), the tokenizer travelling with a converted
+// model, and --force / no-clobber. Built only with the tools.
+#include <catch2/catch.hpp>
+
+#include <sys/wait.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "support/data.hpp"
+#include "support/temp_dir.hpp"
+#include "support/util.hpp"
+
+using namespace moeforge::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct outcome {
+  int code = -1;
+  std::string out, err;
+};
+
+std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+/// Runs `program args...` with stdout and stderr captured in files of `scratch`.
+outcome run(const std::string& program, const std::vector<std::string>& args, const temp_dir& scratch) {
+  std::string command = shell_quote(program);
+  for (const auto& a : args) command += " " + shell_quote(a);
+  command += " >" + shell_quote(scratch / "stdout") + " 2>" + shell_quote(scratch / "stderr") + " </dev/null";
+  const int status = std::system(command.c_str());
+  outcome o;
+  o.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  o.out = file_bytes(scratch / "stdout");
+  o.err = file_bytes(scratch / "stderr");
+  return o;
+}
+
+outcome cli(const std::vector<std::string>& args, const temp_dir& scratch) { return run(MOEFORGE_CLI, args, scratch); }
+
+std::string stories_model() { return data_file("models/stories260K/stories260K.bin"); }
+std::string text(const std::string& name) { return data_file("data/" + name); }
+
+/// The options of a cheap CMoE conversion of stories260K into `out`.
+std::vector<std::string> convert_args(const std::string& out, const std::string& config = "S1A3E8") {
+  return {"convert", "cmoe", "--model", stories_model(), "--calib", text("tinystories_calib.txt"), "--calib-tokens", "512",
+          "--config", config, "--quiet", "--out", out};
+}
+
+/// A usage error: exit 2, the option named on stderr, nothing on stdout.
+void require_usage_error(const outcome& o, const std::string& option) {
+  INFO("stderr: " << o.err);
+  REQUIRE(o.code == 2);
+  REQUIRE(o.err.find(option) != std::string::npos);
+  REQUIRE(o.out.empty());
+}
+
+/// Each key of `want` is in `j` with the given JSON type, and nothing else is.
+void require_keys(const nlohmann::json& j, const std::map<std::string, nlohmann::json::value_t>& want) {
+  INFO(j.dump().substr(0, 400));
+  REQUIRE(j.is_object());
+  REQUIRE(j.size() == want.size());
+  for (const auto& [key, type] : want) {
+    INFO("key " << key);
+    REQUIRE(j.contains(key));
+    // Integers are numbers too; a floating-point field may print as an integer when whole.
+    const auto got = j[key].type();
+    const bool same = got == type || (type == nlohmann::json::value_t::number_float && j[key].is_number());
+    REQUIRE(same);
+  }
+}
+
+using jt = nlohmann::json::value_t;
+
+}  // namespace
+
+TEST_CASE("moeforge and moeforge-bench --version print the project version") {
+  const temp_dir scratch;
+  for (const std::string program : {MOEFORGE_CLI, MOEFORGE_BENCH}) {
+    const auto o = run(program, {"--version"}, scratch);
+    INFO(program);
+    REQUIRE(o.code == 0);
+    REQUIRE(o.out == fs::path(program).filename().string() + " " MOEFORGE_VERSION "\n");
+  }
+}
+
+TEST_CASE("every subcommand's --help exits 0 and prints its usage on stdout") {
+  const temp_dir scratch;
+  const std::vector<std::vector<std::string>> cli_commands{{"generate"}, {"eval"}, {"logits"}, {"convert", "cmoe"},
+                                                           {"sparsify", "dualsparse"}, {"prune", "mone"}, {"export"}};
+  const std::vector<std::string> bench_commands{"ffn", "cmoe", "convert", "dualsparse", "mone", "model", "pipeline"};
+  const auto check = [&](const std::string& program, const std::vector<std::string>& command) {
+    auto args = command;
+    args.push_back("--help");
+    const auto o = run(program, args, scratch);
+    std::string usage = "usage: " + fs::path(program).filename().string();
+    for (const auto& c : command) usage += " " + c;
+    INFO(usage);
+    REQUIRE(o.code == 0);
+    REQUIRE(o.out.rfind(usage + " [options]", 0) == 0);
+    REQUIRE(o.out.find("--help") != std::string::npos);
+    REQUIRE(o.err.empty());
+  };
+  for (const auto& c : cli_commands) check(MOEFORGE_CLI, c);
+  for (const auto& c : bench_commands) check(MOEFORGE_BENCH, {c});
+  // The command lists: --help on stdout with exit 0, no command on stderr with exit 2.
+  for (const std::string program : {MOEFORGE_CLI, MOEFORGE_BENCH}) {
+    const auto help = run(program, {"--help"}, scratch);
+    REQUIRE(help.code == 0);
+    REQUIRE(help.out.find("commands:") != std::string::npos);
+    const auto none = run(program, {}, scratch);
+    REQUIRE(none.code == 2);
+    REQUIRE(none.err.find("commands:") != std::string::npos);
+    REQUIRE(none.out.empty());
+  }
+}
+
+TEST_CASE("exit codes: 0 on success, 2 on a bad command line, 1 on a bad file") {
+  const temp_dir scratch;
+  const auto ok = cli({"logits", "--model", stories_model(), "--tokens", "1,403,407"}, scratch);
+  REQUIRE(ok.code == 0);
+  REQUIRE(std::count(ok.out.begin(), ok.out.end(), '\n') == 3);  // one line per position
+
+  require_usage_error(cli({"frobnicate"}, scratch), "frobnicate");
+  require_usage_error(cli({"logits", "--model", stories_model(), "--tokens", "1", "--bogus", "3"}, scratch), "--bogus");
+  require_usage_error(cli({"logits", "--tokens", "1"}, scratch), "--model");
+  require_usage_error(cli({"logits", "--model", stories_model(), "--tokens"}, scratch), "--tokens");
+  require_usage_error(cli({"logits", "--model", stories_model(), "--tokens", "1,x"}, scratch), "--tokens");
+  require_usage_error(cli({"logits", "--model", stories_model(), "--tokens", "1", "--json=yes"}, scratch), "--json");
+  require_usage_error(cli({"convert", "--model", stories_model()}, scratch), "moeforge convert");
+
+  const std::string missing = (scratch.path() / "no-such-model.bin").string();
+  const auto bad_file = cli({"logits", "--model", missing, "--tokens", "1"}, scratch);
+  REQUIRE(bad_file.code == 1);
+  REQUIRE(bad_file.err.find("no-such-model.bin") != std::string::npos);
+  const auto bad_text = cli({"eval", "--model", stories_model(), "--text", missing}, scratch);
+  REQUIRE(bad_text.code == 1);
+  REQUIRE(bad_text.err.find("no-such-model.bin") != std::string::npos);
+  const auto bad_token = cli({"logits", "--model", stories_model(), "--tokens", "1,600"}, scratch);
+  REQUIRE(bad_token.code == 1);
+  REQUIRE(bad_token.out.empty());
+}
+
+TEST_CASE("eval --json and logits --json print the documented keys with their types") {
+  const temp_dir scratch;
+  const auto eval = cli({"eval", "--model", stories_model(), "--text", text("tinystories_eval.txt"), "--ctx", "64", "--windows", "2",
+                         "--decode-steps", "4", "--prefill-tokens", "16", "--json"},
+                        scratch);
+  REQUIRE(eval.code == 0);
+  const auto e = nlohmann::json::parse(eval.out);
+  require_keys(e, {{"ppl", jt::number_float},
+                   {"nll", jt::number_float},
+                   {"tokens", jt::number_unsigned},
+                   {"predicted", jt::number_unsigned},
+                   {"windows", jt::number_unsigned},
+                   {"active_fraction", jt::number_float},
+                   {"nominal_active_fraction", jt::number_float},
+                   {"drop_rate", jt::number_float},
+                   {"layer_drop_rate", jt::array},
+                   {"seconds", jt::number_float},
+                   {"prefill_tokens", jt::number_unsigned},
+                   {"prefill_tok_s", jt::number_float},
+                   {"throughput_tok_s", jt::number_float},
+                   {"decode_tok_s", jt::number_float}});
+  CHECK(e["windows"] == 2);
+  CHECK(e["predicted"] == 2 * 63);
+  CHECK(e["prefill_tokens"] == 16);
+  CHECK(e["layer_drop_rate"].size() == 5);
+  CHECK(e["drop_rate"] == 0);  // a dense model drops nothing
+  CHECK(e["ppl"].get<double>() > 1.0);
+
+  const auto logits = cli({"logits", "--model", stories_model(), "--tokens", "1,403,407", "--json"}, scratch);
+  REQUIRE(logits.code == 0);
+  const auto l = nlohmann::json::parse(logits.out);
+  require_keys(l, {{"tokens", jt::array}, {"logits", jt::array}});
+  CHECK(l["tokens"] == nlohmann::json{1, 403, 407});
+  REQUIRE(l["logits"].size() == 3);
+  for (const auto& row : l["logits"]) {
+    REQUIRE(row.size() == 512);
+    REQUIRE(row[0].is_number_float());
+  }
+}
+
+TEST_CASE("a bad option value is a usage error naming the option: exit 2, nothing written") {
+  const temp_dir scratch;
+  const std::vector<std::string> generate{"generate", "--model", stories_model()};
+  const std::vector<std::pair<std::string, std::string>> bad_generate{
+      {"--steps", "-5"}, {"--steps", "0"},  {"--steps", "abc"},    {"--temperature", "-1"}, {"--temperature", "nan"},
+      {"--top-p", "0"},  {"--top-p", "1.5"}, {"--seed", "-1"},     {"--threads", "0"},      {"--steps", "12x"}};
+  for (const auto& [option, value] : bad_generate) {
+    INFO(option << " " << value);
+    auto args = generate;
+    args.insert(args.end(), {option, value});
+    require_usage_error(cli(args, scratch), option);
+  }
+  // A later repetition of an option wins, so each bad value replaces a cheap good one.
+  const std::vector<std::string> eval{"eval", "--model", stories_model(), "--text", text("tinystories_eval.txt"),
+                                      "--ctx", "64", "--windows", "1", "--decode-steps", "2", "--prefill-tokens", "8"};
+  for (const std::string option : {"--ctx", "--windows", "--decode-steps", "--prefill-tokens"}) {
+    INFO(option);
+    auto args = eval;
+    args.insert(args.end(), {option, "0"});
+    require_usage_error(cli(args, scratch), option);
+  }
+  auto policy = eval;
+  policy.insert(policy.end(), {"--policy", "bogus"});
+  require_usage_error(cli(policy, scratch), "--policy");
+  // The transforming commands check their calibration options before writing anything.
+  const std::string out = scratch / "model";
+  for (const std::string option : {"--calib-tokens", "--ctx"}) {
+    INFO(option);
+    auto args = convert_args(out);
+    args.insert(args.end(), {option, "0"});
+    require_usage_error(cli(args, scratch), option);
+    REQUIRE_FALSE(fs::exists(out));
+  }
+}
+
+TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, and replaces it with --force") {
+  const temp_dir scratch;
+  const std::string out = scratch / "cmoe";
+  const auto first = cli(convert_args(out), scratch);
+  INFO(first.err);
+  REQUIRE(first.code == 0);
+  REQUIRE(file_bytes(out + "/tokenizer.bin") == file_bytes(data_file("models/stories260K/tok512.bin")));
+  // The converted directory runs on its own: generate finds the tokenizer in it.
+  const auto story = cli({"generate", "--model", out, "--steps", "24"}, scratch);
+  REQUIRE(story.code == 0);
+  REQUIRE(story.out.size() > 20);
+
+  const std::string manifest = file_bytes(out + "/moeforge.json");
+  const auto again = cli(convert_args(out, "S2A4E8"), scratch);
+  REQUIRE(again.code == 1);
+  REQUIRE(again.err.find("already exists") != std::string::npos);
+  REQUIRE(file_bytes(out + "/moeforge.json") == manifest);
+
+  auto forced = convert_args(out, "S2A4E8");
+  forced.push_back("--force");
+  REQUIRE(cli(forced, scratch).code == 0);
+  const auto j = nlohmann::json::parse(file_bytes(out + "/moeforge.json"));
+  CHECK(j["provenance"]["conversion"]["config"] == "S2A4E8");
+  CHECK(file_bytes(out + "/tokenizer.bin") == file_bytes(data_file("models/stories260K/tok512.bin")));
+}

@@ -1,0 +1,306 @@
+// CMoE beyond the paper (cmoe_fit.hpp): fitted linear and quadratic routers,
+// novice compensation, the closed-form refit of the down projections, their
+// storage, thread-count determinism and option errors.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <random>
+
+#include "moeforge/calib/ffn_inputs.hpp"
+#include "moeforge/convert/cmoe.hpp"
+#include "moeforge/io/hf.hpp"
+#include "moeforge/io/native.hpp"
+#include "moeforge/model/eval.hpp"
+#include "moeforge/runtime/dense_ffn.hpp"
+#include "moeforge/runtime/moe_ffn.hpp"
+#include "support/random.hpp"
+#include "support/stories.hpp"
+#include "support/temp_dir.hpp"
+#include "support/threads.hpp"
+
+using namespace moeforge;
+
+namespace {
+
+// Share of tokens whose top-k set under `r` equals the top-k of `truth` [T, E].
+double fit_topk_agreement(const router& r, const matrix& x, const matrix& truth) {
+  const auto sel = runtime::select_topk(r, runtime::router_probs(r, x));
+  router plain;
+  plain.top_k = r.top_k;
+  const auto want = runtime::select_topk(plain, truth);
+  index_t same = 0;
+  for (index_t t = 0; t < x.rows(); ++t) {
+    std::vector<std::int32_t> a(sel.expert.begin() + t * r.top_k, sel.expert.begin() + (t + 1) * r.top_k);
+    std::vector<std::int32_t> b(want.expert.begin() + t * r.top_k, want.expert.begin() + (t + 1) * r.top_k);
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    same += a == b;
+  }
+  return double(same) / double(x.rows());
+}
+
+// Tokens whose variance lies mostly in `rank` directions (the principal
+// components a quadratic router of that rank finds), plus small noise.
+matrix fit_low_rank_tokens(index_t t, index_t h, index_t rank, std::mt19937& rng) {
+  const matrix basis = test::gaussian(rank, h, rng);
+  return test::gaussian(t, rank, rng) * basis * 2.0f + 0.05f * test::gaussian(t, h, rng);
+}
+
+// A fitted router skeleton with E experts and top-k.
+router fit_router_of(index_t experts, index_t top_k) {
+  router r;
+  r.top_k = top_k;
+  r.weight.resize(experts, 1);
+  return r;
+}
+
+convert::cmoe_options fit_stories_options(const std::string& config, convert::cmoe_preset preset) {
+  convert::cmoe_options o;
+  o.config = convert::parse_cmoe_config(config);
+  o.fit = convert::preset_fit(preset);
+  return o;
+}
+
+// stories260K converted on its first `tokens` calibration tokens.
+model::weights fit_stories_convert(const convert::cmoe_options& o, index_t tokens, std::vector<convert::cmoe_report>* reports = nullptr) {
+  model::weights w = test::stories_weights();
+  const auto windows = calib::calibration_windows(test::stories_text("tinystories_calib.txt"), 256, tokens);
+  auto r = convert::cmoe_model(w, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, windows); }, o);
+  if (reports) *reports = std::move(r);
+  return w;
+}
+
+}  // namespace
+
+TEST_CASE("a fitted linear scorer recovers a routing that is linear in x") {
+  std::mt19937 rng(11);
+  const index_t h = 24, e = 6, t = 3000;
+  const matrix x = test::gaussian(t, h, rng);
+  const matrix a = test::gaussian(h, e, rng);
+  matrix truth = x * a;
+  truth.rowwise() += test::gaussian(1, e, rng).row(0);
+  for (index_t k : {1, 2}) {
+    router r = fit_router_of(e, k);
+    convert::fit_options o;
+    o.router = convert::router_fit::linear;
+    convert::fit_router(r, x, truth, o);
+    REQUIRE(r.kind == router_kind::linear_topk);
+    validate(moe_layer{r, std::vector<routed_expert>(std::size_t(e), routed_expert{test::random_ffn(h, 2, rng), {}, 0, {}}), {}, {}},
+             "fitted");
+    INFO("top-" << k);
+    CHECK(fit_topk_agreement(r, x, truth) >= 0.99);
+  }
+}
+
+TEST_CASE("a fitted quadratic scorer recovers a quadratic routing that a linear one cannot") {
+  std::mt19937 rng(12);
+  const index_t h = 32, e = 5, t = 4000, rank = 4;
+  const matrix x = fit_low_rank_tokens(t, h, rank, rng);
+  // Each expert is worth (u_e·x)² + a small linear term: symmetric in ±x, so
+  // no linear function of x orders the experts.
+  const matrix u = test::gaussian(e, h, rng);
+  const matrix proj = x * u.transpose();
+  matrix truth = proj.cwiseProduct(proj) + 0.01f * (x * test::gaussian(h, e, rng));
+  convert::fit_options o;
+  o.router = convert::router_fit::quadratic;
+  o.rank = rank;
+  router quad = fit_router_of(e, 1);
+  convert::fit_router(quad, x, truth, o);
+  REQUIRE(quad.kind == router_kind::quadratic_topk);
+  REQUIRE(quad.rank() == rank);
+  REQUIRE(quad.weight_quad.cols() == rank * (rank + 1) / 2);
+  o.router = convert::router_fit::linear;
+  router lin = fit_router_of(e, 1);
+  convert::fit_router(lin, x, truth, o);
+  const double q = fit_topk_agreement(quad, x, truth), l = fit_topk_agreement(lin, x, truth);
+  INFO("quadratic " << q << ", linear " << l);
+  CHECK(q >= 0.97);
+  CHECK(l < 0.6);
+}
+
+TEST_CASE("novice compensation adds exactly zero at full activation and the unselected means otherwise") {
+  std::mt19937 rng(13);
+  const index_t h = 16, e = 4;
+  test::layer_spec spec;
+  spec.hidden = h;
+  spec.widths = {8, 8, 8, 8};
+  moe_layer m = test::random_layer(spec, rng);
+  m.router.top_k = e;
+  const matrix x = test::gaussian(40, h, rng);
+  const matrix plain = runtime::moe_forward(m, x);
+  moe_layer c = m;
+  c.compensation.means = test::random_matrix(e, h, rng, 1.0f);
+  c.compensation.bias = c.compensation.means.colwise().sum().transpose();
+  validate(c, "compensated");
+  REQUIRE(runtime::moe_forward(c, x) == plain);  // bit for bit
+
+  for (index_t k : {1, 2, 3}) {
+    m.router.top_k = c.router.top_k = k;
+    const matrix off = runtime::moe_forward(m, x), on = runtime::moe_forward(c, x);
+    const auto sel = runtime::select(m, x);
+    for (index_t t = 0; t < x.rows(); ++t) {
+      vector direct = vector::Zero(h);
+      for (index_t j = 0; j < e; ++j)
+        if (std::find(sel.expert.begin() + t * k, sel.expert.begin() + (t + 1) * k, std::int32_t(j)) == sel.expert.begin() + (t + 1) * k)
+          direct += c.compensation.means.row(j).transpose();
+      INFO("top-" << k << " token " << t);
+      REQUIRE((on.row(t) - off.row(t) - direct.transpose()).cwiseAbs().maxCoeff() <= 1e-5f);
+    }
+  }
+}
+
+TEST_CASE("the refit is exact when the routed experts cover the whole FFN") {
+  std::mt19937 rng(14);
+  const ffn f = test::gaussian_ffn(24, 50, rng);  // 50 = 4·12 + 2 leftovers, given to the shared expert
+  const matrix x = test::gaussian(400, 24, rng);
+  convert::cmoe_options o;
+  o.config = convert::parse_cmoe_config("S1A3E4");
+  o.ka = 4;
+  const auto paper = convert::cmoe(f, x, o);
+  o.fit.refit = convert::refit_mode::down;
+  o.fit.compensate = convert::compensation_mode::novice;
+  const auto refit = convert::cmoe(f, x, o);
+  const matrix dense = runtime::dense_forward(f, x);
+  const matrix y = runtime::moe_forward(refit.layer, x);
+  CHECK((y - dense).cwiseAbs().maxCoeff() <= 1e-3f * (1.0f + dense.cwiseAbs().maxCoeff()));
+  for (std::size_t e = 0; e < refit.layer.experts.size(); ++e) {
+    const matrix& before = paper.layer.experts[e].weights.down;
+    CHECK((refit.layer.experts[e].weights.down - before).cwiseAbs().maxCoeff() <= 1e-3f * before.cwiseAbs().maxCoeff());
+  }
+}
+
+TEST_CASE("every fitting step is measured; the refit and the distillation lower every layer's calibration error on stories260K") {
+  std::vector<convert::cmoe_report> reports;
+  for (const char* config : {"S3A3E8", "S1A1E8"}) {
+    auto o = fit_stories_options(config, convert::cmoe_preset::best);
+    o.fit.distill_steps = 20;  // the preset's 300 cost more than this test needs
+    fit_stories_convert(o, 1024, &reports);
+    for (std::size_t l = 0; l < reports.size(); ++l) {
+      const auto& steps = reports[l].fit_steps.errors;
+      INFO(config << " layer " << l);
+      REQUIRE(steps.size() == 5);  // analytic, router, compensation, refit, distill
+      REQUIRE(steps[3].first == "refit down");
+      REQUIRE(steps[4].first == "distill");
+      CHECK(steps[3].second < steps[2].second);
+      CHECK(steps[3].second < steps.front().second);
+      CHECK(steps[4].second < steps[3].second);
+      CHECK(reports[l].fit_steps.router_macs > 0);
+    }
+  }
+}
+
+TEST_CASE("fitted routers and compensation round-trip the native format and do not depend on the thread count") {
+  auto o = fit_stories_options("S2A2E8", convert::cmoe_preset::best);
+  o.fit.rank = 6;
+  o.fit.rounds = 2;
+  o.fit.distill_steps = 5;
+  const auto converted = test::for_each_thread_count([&] { return fit_stories_convert(o, 512); });
+  const model::weights& w = converted.front();
+  const auto& m = std::get<moe_layer>(w.layers[1].ffn);
+  REQUIRE(m.router.kind == router_kind::quadratic_topk);
+  REQUIRE(m.compensation.active());
+  for (std::size_t i = 1; i < converted.size(); ++i) {
+    INFO(i + 1 << " threads");
+    for (std::size_t l = 0; l < w.layers.size(); ++l) {
+      const auto& a = std::get<moe_layer>(w.layers[l].ffn);
+      const auto& b = std::get<moe_layer>(converted[i].layers[l].ffn);
+      REQUIRE(a.router.weight == b.router.weight);
+      REQUIRE(a.router.weight_quad == b.router.weight_quad);
+      REQUIRE(a.router.projection == b.router.projection);
+      REQUIRE(a.compensation.means == b.compensation.means);
+      REQUIRE(a.shared[0].weights.down == b.shared[0].weights.down);
+    }
+  }
+  // Routing and the layer's output, bit for bit across thread counts.
+  std::mt19937 rng(15);
+  const matrix x = test::gaussian(300, w.config.dim, rng);
+  const auto outputs = test::for_each_thread_count([&] { return runtime::moe_forward(m, x); });
+  const auto probs = test::for_each_thread_count([&] { return runtime::router_probs(m.router, x); });
+  for (std::size_t i = 1; i < outputs.size(); ++i) {
+    REQUIRE(outputs[i] == outputs[0]);
+    REQUIRE(probs[i] == probs[0]);
+  }
+
+  test::temp_dir dir;
+  io::save_native(w, dir / "m");
+  const model::weights back = io::load_native(dir / "m");
+  for (std::size_t l = 0; l < w.layers.size(); ++l) {
+    const auto& a = std::get<moe_layer>(w.layers[l].ffn);
+    const auto& b = std::get<moe_layer>(back.layers[l].ffn);
+    REQUIRE(b.router.kind == a.router.kind);
+    REQUIRE(b.router.weight == a.router.weight);
+    REQUIRE(b.router.bias == a.router.bias);
+    REQUIRE(b.router.projection == a.router.projection);
+    REQUIRE(b.router.projection_bias == a.router.projection_bias);
+    REQUIRE(b.router.weight_quad == a.router.weight_quad);
+    REQUIRE(b.compensation.bias == a.compensation.bias);
+    REQUIRE(b.compensation.means == a.compensation.means);
+  }
+  REQUIRE(runtime::moe_forward(std::get<moe_layer>(back.layers[1].ffn), x) == outputs[0]);
+
+  // The linear kind too (no projection tensors), without compensation.
+  auto lin = fit_stories_options("S1A1E4", convert::cmoe_preset::paper);
+  lin.fit.router = convert::router_fit::linear;
+  const model::weights wl = fit_stories_convert(lin, 512);
+  io::save_native(wl, dir / "l");
+  const model::weights bl = io::load_native(dir / "l");
+  const auto& ml = std::get<moe_layer>(bl.layers[0].ffn);
+  REQUIRE(ml.router.kind == router_kind::linear_topk);
+  REQUIRE_FALSE(ml.compensation.active());
+  REQUIRE(ml.router.weight == std::get<moe_layer>(wl.layers[0].ffn).router.weight);
+  REQUIRE(ml.router.bias == std::get<moe_layer>(wl.layers[0].ffn).router.bias);
+
+  // Hugging Face has neither: the export says why.
+  REQUIRE_THROWS_WITH(io::save_hf(wl, dir / "hf"), Catch::Contains("linear_topk"));
+}
+
+TEST_CASE("a fitted router's multiply-adds count in the active fraction") {
+  std::mt19937 rng(16);
+  const index_t h = 16, e = 4;
+  test::layer_spec spec;
+  spec.hidden = h;
+  spec.widths = {8, 8, 8, 8};
+  moe_layer m = test::random_layer(spec, rng);
+  const matrix x = test::gaussian(10, h, rng);
+  const auto before = runtime::count_work(m, runtime::select(m, x));
+  CHECK(before.router == 0);
+  m.router.kind = router_kind::linear_topk;
+  m.router.bias = vector::Zero(e);
+  const auto after = runtime::count_work(m, runtime::select(m, x));
+  CHECK(after.router == Approx(10.0 * e * (h + 1) / h));
+  CHECK(after.active_fraction() == Approx((after.shared + after.kept + after.router) / after.stored));
+}
+
+TEST_CASE("bad fitting options are refused naming the option") {
+  std::mt19937 rng(17);
+  const ffn f = test::gaussian_ffn(8, 16, rng);
+  const matrix x = test::gaussian(64, 8, rng);
+  convert::cmoe_options o;
+  o.config = convert::parse_cmoe_config("S1A1E4");
+  o.ka = 2;
+  o.fit.router = convert::router_fit::quadratic;
+  o.fit.rank = 0;
+  REQUIRE_THROWS_AS(convert::cmoe(f, x, o), config_error);
+  REQUIRE_THROWS_WITH(convert::cmoe(f, x, o), Catch::Contains("rank"));
+  o.fit.rank = 9;  // H = 8
+  REQUIRE_THROWS_WITH(convert::cmoe(f, x, o), Catch::Contains("rank = 9") && Catch::Contains("hidden size"));
+  o.fit.rank = 4;
+  o.fit.distill_steps = -1;
+  REQUIRE_THROWS_WITH(convert::cmoe(f, x, o), Catch::Contains("distill_steps = -1"));
+  REQUIRE_THROWS_WITH(convert::parse_router_fit("cubic"), Catch::Contains("router 'cubic'"));
+  REQUIRE_THROWS_WITH(convert::parse_refit("all"), Catch::Contains("refit 'all'"));
+  REQUIRE_THROWS_WITH(convert::parse_compensation("mean"), Catch::Contains("compensate 'mean'"));
+  REQUIRE_THROWS_WITH(convert::parse_cmoe_preset("fast"), Catch::Contains("preset 'fast'"));
+  // Refit from markers alone: there are no inputs to fit on.
+  convert::cmoe_options r;
+  r.config = o.config;
+  r.ka = 2;
+  r.fit.refit = convert::refit_mode::down;
+  const auto mk = calib::compute_markers(f, x, 2, 64);
+  REQUIRE_THROWS_WITH(convert::cmoe(f, mk, r), Catch::Contains("refit 'down'") && Catch::Contains("calibration inputs"));
+  convert::cmoe_options plain;
+  plain.config = o.config;
+  plain.ka = 2;
+  moe_layer layer = convert::cmoe(f, x, plain).layer;
+  REQUIRE_THROWS_WITH(convert::fit_layer(f, layer, x.topRows(0), r.fit), Catch::Contains("refit 'down'"));
+}

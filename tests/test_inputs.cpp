@@ -1,0 +1,146 @@
+// Checkpoint forms the format tests did not reach, each run end to end on
+// stories260K: a Hugging Face checkpoint sharded over several files, F16 and
+// BF16 checkpoints (all through io::load_model), and a NaN weight.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include "moeforge/io/hf.hpp"
+#include "moeforge/io/llama2c.hpp"
+#include "moeforge/io/load.hpp"
+#include "support/stories.hpp"
+#include "support/temp_dir.hpp"
+#include "support/util.hpp"
+
+using namespace moeforge;
+using namespace moeforge::test;
+
+namespace {
+
+struct raw_tensor {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  std::vector<float> values;
+};
+
+std::vector<raw_tensor> read_tensors(const std::string& file) {
+  const io::safetensors_file f(file);
+  std::vector<raw_tensor> out;
+  for (const auto& t : f.tensors()) out.push_back({t.name, t.shape, f.read(t.name)});
+  return out;
+}
+
+/// A safetensors file written here, not by moeforge's writer: the 8-byte
+/// header length, the JSON header padded to 8 bytes, the values as `type`.
+void write_tensors(const std::string& path, const std::vector<raw_tensor>& tensors, dtype type) {
+  nlohmann::json header;
+  std::string data;
+  for (const auto& t : tensors) {
+    const std::size_t begin = data.size();
+    for (float v : t.values) {
+      if (type == dtype::f32) {
+        data.append(reinterpret_cast<const char*>(&v), 4);
+      } else {
+        const std::uint16_t h = type == dtype::f16 ? f32_to_f16(v) : f32_to_bf16(v);
+        data.append(reinterpret_cast<const char*>(&h), 2);
+      }
+    }
+    header[t.name] = {{"dtype", std::string(dtype_name(type))}, {"shape", t.shape}, {"data_offsets", {begin, data.size()}}};
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  const std::uint64_t length = text.size();
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(&length), 8);
+  out << text << data;
+}
+
+/// stories260K in Hugging Face's layout: config.json and its tensors.
+struct exported_stories {
+  temp_dir tmp;
+  std::string dir = tmp / "hf";
+  std::vector<raw_tensor> tensors;
+  exported_stories() {
+    io::save_hf(stories_weights(), dir);
+    tensors = read_tensors(dir + "/model.safetensors");
+  }
+  /// A copy of the model directory with only config.json in it, for other tensor files.
+  std::string empty_copy(const std::string& name) const {
+    const std::string out = tmp / name;
+    std::filesystem::create_directories(out);
+    std::filesystem::copy_file(dir + "/config.json", out + "/config.json");
+    return out;
+  }
+};
+
+std::vector<std::int32_t> sample_tokens() {
+  std::vector<std::int32_t> tokens{1};
+  for (int i = 0; i < 40; ++i) tokens.push_back(std::int32_t(3 + (i * 37) % 500));
+  return tokens;
+}
+
+}  // namespace
+
+TEST_CASE("a checkpoint sharded over three files loads like the single file, from its directory or its index") {
+  const exported_stories hf;
+  const std::string dir = hf.empty_copy("sharded");
+  nlohmann::json index{{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
+  for (int shard = 0; shard < 3; ++shard) {
+    const std::string name = "model-0000" + std::to_string(shard + 1) + "-of-00003.safetensors";
+    std::vector<raw_tensor> part;
+    for (std::size_t i = std::size_t(shard); i < hf.tensors.size(); i += 3) {
+      part.push_back(hf.tensors[i]);
+      index["weight_map"][hf.tensors[i].name] = name;
+    }
+    write_tensors(dir + "/" + name, part, dtype::f32);
+  }
+  write_json(dir + "/model.safetensors.index.json", index);
+  REQUIRE(index["weight_map"].size() == hf.tensors.size());
+
+  const matrix want = logits(io::load_model(hf.dir), sample_tokens());
+  CHECK(logits(io::load_model(dir), sample_tokens()) == want);
+  CHECK(logits(io::load_model(dir + "/model.safetensors.index.json"), sample_tokens()) == want);
+
+  // A tensor the index names in a shard that lacks it is an error naming the tensor.
+  index["weight_map"][hf.tensors[0].name] = "model-00002-of-00003.safetensors";
+  write_json(dir + "/model.safetensors.index.json", index);
+  CHECK_THROWS_WITH(io::load_model(dir), Catch::Contains(hf.tensors[0].name));
+}
+
+TEST_CASE("F16 and BF16 checkpoints run exactly as F32 checkpoints of the same rounded values") {
+  const exported_stories hf;
+  for (dtype type : {dtype::f16, dtype::bf16}) {
+    INFO(dtype_name(type));
+    auto rounded = hf.tensors;
+    for (auto& t : rounded)
+      for (float& v : t.values) v = type == dtype::f16 ? f16_to_f32(f32_to_f16(v)) : bf16_to_f32(f32_to_bf16(v));
+    const std::string half = hf.empty_copy("half-" + std::string(dtype_name(type)));
+    const std::string full = hf.empty_copy("full-" + std::string(dtype_name(type)));
+    write_tensors(half + "/model.safetensors", hf.tensors, type);
+    write_tensors(full + "/model.safetensors", rounded, dtype::f32);
+    const matrix got = logits(io::load_model(half), sample_tokens());
+    CHECK(got == logits(io::load_model(full), sample_tokens()));
+    // Rounding changed the model, and not by much: the dtype really was half precision.
+    const matrix f32 = logits(io::load_model(hf.dir), sample_tokens());
+    CHECK(got != f32);
+    CHECK((got - f32).cwiseAbs().maxCoeff() < 0.5f);
+  }
+}
+
+TEST_CASE("a NaN weight in a llama2.c checkpoint loads, and the forward pass stops with value_error at the next FFN") {
+  auto bytes = moeforge::detail::read_whole_file(data_file("models/stories260K/stories260K.bin"), "test");
+  const auto& c = stories_weights().config;
+  // llama2.c's order: the 7-field header, token embeddings [V, D], the
+  // attention norms [L, D], then wq [L, D, D]: this is layer 0's wq(0, 0).
+  const std::size_t at = 28 + 4 * std::size_t(c.vocab_size * c.dim + c.n_layers * c.dim);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(bytes.data() + at, &nan, 4);
+  const auto w = io::parse_llama2c(bytes.data(), bytes.size(), "nan.bin");
+  REQUIRE(std::isnan(w.layers[0].wq(0, 0)));
+  REQUIRE(std::isfinite(w.layers[0].wq(0, 1)));
+  CHECK_THROWS_AS(logits(w, {1, 5, 7}), value_error);
+}
