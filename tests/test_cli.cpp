@@ -252,4 +252,15 @@ TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, 
   const auto j = nlohmann::json::parse(file_bytes(out + "/moeforge.json"));
   CHECK(j["provenance"]["conversion"]["config"] == "S2A4E8");
   CHECK(file_bytes(out + "/tokenizer.bin") == file_bytes(data_file("models/stories260K/tok512.bin")));
+
+  // A model whose every FFN is already an MoE has nothing to convert: refused, nothing written.
+  auto reconvert = convert_args(scratch / "twice");
+  reconvert[3] = out;
+  const auto twice = cli(reconvert, scratch);
+  REQUIRE(twice.code == 1);
+  REQUIRE(twice.err.find("already an MoE") != std::string::npos);
+  REQUIRE_FALSE(fs::exists(scratch / "twice"));
+  // A layout the model cannot take is a usage error naming --config.
+  require_usage_error(cli(convert_args(scratch / "bad", "S9A3E8"), scratch), "--config");
+  REQUIRE_FALSE(fs::exists(scratch / "bad"));
 }

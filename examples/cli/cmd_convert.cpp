@@ -1,5 +1,6 @@
 // moeforge convert cmoe: a dense model -> a CMoE model, saved as a native
 // directory (model.safetensors + moeforge.json with the conversion report).
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 
@@ -101,17 +102,22 @@ int convert_cmoe(int argc, char** argv) {
   // Refuse a bad output path before spending minutes converting.
   io::check_output_dir(a.get("out"), a.flag_set("force"));
   convert::cmoe_options o;
-  o.config = convert::parse_cmoe_config(a.get("config"));
+  o.config = choice(a, "config", convert::parse_cmoe_config);
   set_ka(o, a);
-  o.leftover = convert::parse_leftover_policy(a.get("leftover"));
-  o.method = convert::parse_cmoe_method(a.get("method"));
-  o.iterations = a.get_int("iterations");
+  o.leftover = choice(a, "leftover", convert::parse_leftover_policy);
+  o.method = choice(a, "method", convert::parse_cmoe_method);
+  o.iterations = a.get_int("iterations", 1);
   o.seed = std::uint64_t(a.get_int("seed"));
   o.fit = fit_recipe(a);
   convert::validate(o);
   const std::string recipe = recipe_name(a, o.fit);
 
   model::weights w = load_model(a, "model-config");
+  const auto dense_layers = std::count_if(w.layers.begin(), w.layers.end(), [](const model::layer& l) { return std::holds_alternative<ffn>(l.ffn); });
+  if (dense_layers == 0)
+    throw config_error("moeforge convert cmoe: every FFN of '" + a.get("model") + "' is already an MoE: there is nothing to convert");
+  for (const auto& l : w.layers)
+    if (const auto* f = std::get_if<ffn>(&l.ffn)) choice(a, "config", [&](const std::string&) { convert::validate(o.config, f->intermediate()); return 0; });
   if (o.fit.router == convert::router_fit::quadratic && o.fit.rank > w.config.dim)
     throw usage_error("moeforge convert cmoe: --rank must be at most the hidden size " + std::to_string(w.config.dim) + ", got " +
                       std::to_string(o.fit.rank));
@@ -145,7 +151,8 @@ int convert_cmoe(int argc, char** argv) {
   if (!a.flag_set("json"))
     std::cout << "wrote " << a.get("out") << " (" << convert::to_string(o.config) << ", recipe " << recipe << ": router "
               << convert::router_fit_name(o.fit.router) << ", compensate " << convert::compensation_name(o.fit.compensate) << ", refit "
-              << convert::refit_name(o.fit.refit) << ", distill " << o.fit.distill_steps << " steps, " << reports.size() << " layers)\n";
+              << convert::refit_name(o.fit.refit) << ", distill " << o.fit.distill_steps << " steps; converted " << reports.size() << " of "
+              << w.layers.size() << " layers)\n";
   return 0;
 }
 
