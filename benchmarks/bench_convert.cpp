@@ -11,17 +11,13 @@
 #include "args.hpp"
 #include "machine.hpp"
 #include "moeforge/convert/cmoe.hpp"
+#include "process.hpp"
 
 namespace moeforge::cli {
 
 namespace {
 
-double peak_rss_mb() {
-  std::ifstream in("/proc/self/status");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-  return 0.0;
-}
+double peak_rss_mb() { return bench::status_mb("VmHWM:"); }
 
 matrix random_matrix(index_t r, index_t c, std::uint64_t seed) {
   std::mt19937_64 rng(seed);

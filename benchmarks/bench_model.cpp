@@ -4,7 +4,6 @@
 // bandwidth that reaches — for a model moeforge loads or a synthetic one of a
 // published shape, dense beside CMoE layouts.
 #include <cstdio>
-#include <fstream>
 #include <sstream>
 #include <string>
 
@@ -13,6 +12,7 @@
 #include "args.hpp"
 #include "json_out.hpp"
 #include "machine.hpp"
+#include "process.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/model/eval.hpp"
 #include "synthetic.hpp"
@@ -20,15 +20,6 @@
 namespace moeforge::cli {
 
 namespace {
-
-/// Resident and peak resident memory of this process (MB), from /proc.
-double resident_mb(const char* field = "VmRSS:") {
-  std::ifstream in("/proc/self/status");
-  const std::string key = field;
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(key, 0) == 0) return std::stod(line.substr(key.size())) / 1024.0;
-  return 0.0;
-}
 
 double matrix_bytes(const matrix& m) { return 4.0 * double(m.size()); }
 double ffn_bytes(const ffn& f) { return matrix_bytes(f.gate) + matrix_bytes(f.up) + matrix_bytes(f.down); }
@@ -123,7 +114,7 @@ int bench_model(int argc, char** argv) {
     const double dec0 = model::decode_tokens_per_second(tr, steps, 0, &times);
     const double dec_long = model::decode_tokens_per_second(tr, steps, context);
     const double bytes = decode_bytes(tr.model(), 1), fraction = bytes * dec0 / 1e9 / gbs;
-    const double rss = resident_mb();
+    const double rss = bench::status_mb("VmRSS:");
     std::printf("%-10s %6.2f %7.2f %8.0f %9.1f %10.1f %10.2f %9.2f %9.1f %7.0f%% %6.0f%% %5.0f%% %5.0f%%\n", v.name.c_str(), active, load_s, rss,
                 pf64, pf_long, dec0, dec_long, bytes / 1e6, 100 * fraction, 100 * times.attention / times.total(),
                 100 * times.ffn / times.total(), 100 * times.head / times.total());
