@@ -41,7 +41,7 @@ ffn random_ffn(index_t neurons, std::mt19937& rng) {
           random_matrix(hidden, neurons, 0.02f, rng), activation::silu};
 }
 
-double ffn_bytes(const ffn& f) { return 4.0 * double(f.gate.size() + f.up.size() + f.down.size()); }
+double ffn_weights(const ffn& f) { return double(f.gate.size() + f.up.size() + f.down.size()); }
 
 /// A MoE layer shape: `routed` experts of `width` neurons, top-`k`, plus
 /// `shared` always-on experts of `shared_width`. The split shapes (E8A2, …)
@@ -99,21 +99,21 @@ runtime::routing_plan balanced_plan(const moe_layer& m, const matrix& x, std::mt
   return runtime::make_plan(m, sel, x);
 }
 
-/// Weight bytes the plan touches and the FLOPs it does.
-std::pair<double, double> active_cost(const moe_layer& m, const runtime::routing_plan& plan) {
-  double bytes = 0, flops = 0;
+/// Weight bytes the plan touches (`weight_bytes` per weight) and the FLOPs it does.
+std::pair<double, double> active_cost(const moe_layer& m, const runtime::routing_plan& plan, double weight_bytes) {
+  double weights = 0, flops = 0;
   for (const auto& s : m.shared) {
-    bytes += ffn_bytes(s.weights);
-    flops += 2.0 * ffn_bytes(s.weights) / 4.0 * double(plan.tokens);
+    weights += ffn_weights(s.weights);
+    flops += 2.0 * ffn_weights(s.weights) * double(plan.tokens);
   }
   for (index_t e = 0; e < m.num_experts(); ++e) {
     const index_t n = plan.offsets[std::size_t(e + 1)] - plan.offsets[std::size_t(e)];
     if (n == 0) continue;
     const auto& f = m.experts[std::size_t(e)].weights;
-    bytes += ffn_bytes(f);
-    flops += 2.0 * ffn_bytes(f) / 4.0 * double(n);
+    weights += ffn_weights(f);
+    flops += 2.0 * ffn_weights(f) * double(n);
   }
-  return {bytes, flops};
+  return {weights * weight_bytes, flops};
 }
 
 /// Best time in ms of `run(copy)` over `reps`, rotating the layer copies so weights come from DRAM.
@@ -154,15 +154,18 @@ std::vector<std::string> parse_names(const std::string& s) {
 
 int bench_ffn(int argc, char** argv) {
   args a("moeforge-bench ffn",
-         "MoE and dense FFN kernels (H=2048 SwiGLU FP32) against Eigen and the machine's limits. Layers are prepared\n"
-         "(weights packed once into the kernel's panels, runtime::prepare); `unpacked` times the same MoE layer from its\n"
-         "plain weights (panels packed per call), with bit-identical results. limit_ms = max(weight bytes touched /\n"
-         "DRAM bandwidth, FLOPs / FMA peak), both measured in the same run; limit_ratio = moe_ms / limit_ms.");
+         "MoE and dense FFN kernels (H=2048 SwiGLU) against Eigen and the machine's limits. Layers are prepared\n"
+         "(weights packed once into the kernel's panels, runtime::prepare) as F32 or BF16 values (--dtype); `unpacked`\n"
+         "times the same MoE layer from its plain F32 weights (panels packed per call; F32 rows only), with bit-identical\n"
+         "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), both measured\n"
+         "in the same run; the peak is the FP32 FMA peak, or for BF16 rows over more than 32 tokens the BF16 dot-product\n"
+         "peak (vdpbf16ps; BF16 tokens) where the CPU has one. limit_ratio = moe_ms / limit_ms.");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
       .option("shape", "LIST",
               "more MoE layers beside E8A2, S1A1E8, S3A3E8 (the dense I = 5632 split): qwen3-30b-a3b (128 experts of 768,\n"
               "top 8), dsv2-lite (64 of 1408, top 6, a shared expert of 2816), or HxExI/k[+S]")
+      .option("dtype", "LIST", "weight types of the prepared layers, comma-separated (f32, bf16)", "f32,bf16")
       .option("json", "FILE", "also write one JSON object per row to FILE")
       .flag("only-shapes", "run only the --shape layers (no dense, E8A2, S1A1E8, S3A3E8)")
       .flag("quick", "fewer repetitions, T = 1 and 64 only");
@@ -177,14 +180,16 @@ int bench_ffn(int argc, char** argv) {
     shapes = {split_shape("E8A2", 0, 8, 2), split_shape("S1A1E8", 1, 7, 1), split_shape("S3A3E8", 3, 5, 3)};
   if (a.has("shape"))
     for (const auto& name : parse_names(a.get("shape"))) shapes.push_back(parse_shape(name));
-  const double gbps_limit = bench::probe_read_gbps(threads), peak = bench::probe_fma_gflops(threads);
-  std::printf("machine: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak (%d threads)\n", gbps_limit, peak, threads);
+  const double gbps_limit = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
+  const bool any_bf16 = a.get("dtype").find("bf16") != std::string::npos;
+  const double bf16_peak = any_bf16 && runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;
+  std::printf("machine: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads)\n", gbps_limit, fp32_peak,
+              bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
 
-  std::mt19937 rng(1234);
-  std::vector<runtime::prepared_ffn> dense;
-  const bool with_dense = std::any_of(shapes.begin(), shapes.end(), [](const moe_shape& s) { return s.split; });
-  for (int c = 0; with_dense && c < ncopies; ++c) dense.push_back(runtime::prepare(random_ffn(intermediate, rng)));
-  const double dense_bytes = 4.0 * 3.0 * double(hidden) * double(intermediate);
+  std::vector<dtype> types;
+  for (const auto& name : parse_names(a.get("dtype")))
+    types.push_back(a.get_parsed("dtype", [&name](const std::string&) { return parse_weight_dtype(name); }));
+  if (types.empty()) throw usage_error("moeforge-bench ffn: --dtype needs at least one of f32, bf16");
 
   std::ofstream json;
   std::string json_tmp;
@@ -193,63 +198,87 @@ int bench_ffn(int argc, char** argv) {
     json.open(json_tmp);
     if (!json) throw io_error("cannot write '" + json_tmp + "'");
   }
-  std::printf("%-14s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %4s %4s\n", "shape", "T", "active", "dense_ms", "dns_unp",
-              "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "unp/p", "GB/s", "bw%", "pk%");
-  for (const auto& shape : shapes) {
-    std::vector<runtime::prepared_moe> moe;
-    const double expert_bytes = 4.0 * 3.0 * double(hidden) * double(shape.width);
-    const double decode_bytes = double(shape.k) * expert_bytes + 4.0 * 3.0 * double(hidden) * double(shape.shared * shape.shared_width);
-    const int copies = decode_bytes >= cold_bytes ? 1 : moe_copies;
-    for (int c = 0; c < copies; ++c) moe.push_back(runtime::prepare(random_moe(shape, rng)));
-    for (index_t tokens : token_counts) {
-      const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
-      const auto plan = balanced_plan(moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
-      matrix y(tokens, hidden);
-      const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
-      double dense_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0;
-      if (shape.split) {
-        dense_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)], x, y); });
-        dense_unpacked_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)].weights(), x, y); });
-        eigen_ms = best_ms(reps, ncopies, [&](int c) { y = eigen_dense(dense[std::size_t(c)].weights(), x); });
-      }
-      const double moe_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
-      const double unpacked_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)].layer(), plan, x, y); });
-      const auto [bytes, flops] = active_cost(moe[0].layer(), plan);
-      const double dense_flops = 2.0 * dense_bytes / 4.0 * double(tokens);
-      const bool bandwidth_bound = flops / bytes < peak / gbps_limit;
-      const double ideal = bandwidth_bound ? bytes / dense_bytes : flops / dense_flops;
-      const double limit_ms = std::max(bytes / gbps_limit, flops / peak) / 1e6;
-      const double gbps = bytes / moe_ms / 1e6, gflops = flops / moe_ms / 1e6;
-      const double active = double(shape.shared * shape.shared_width + shape.k * shape.width) /
-                            double(shape.shared * shape.shared_width + shape.routed * shape.width);
-      // Dense columns only for the shapes that split the dense layer.
-      const auto cell = [&](double v, const char* fmt) {
-        char b[32];
-        std::snprintf(b, sizeof b, fmt, v);
-        return std::string(shape.split ? b : "-");
-      };
-      std::printf("%-14s %4lld %6.3f %8s %8s %8.2f %8.2f %8s %6s %6s %8.2f %6.2f %6.2f %6.1f %4.0f %4.0f\n", shape.name.c_str(),
-                  (long long)tokens, active, cell(dense_ms, "%.2f").c_str(), cell(dense_unpacked_ms, "%.2f").c_str(), moe_ms,
-                  unpacked_ms, cell(eigen_ms, "%.2f").c_str(), cell(moe_ms / dense_ms, "%.3f").c_str(), cell(ideal, "%.3f").c_str(), limit_ms, moe_ms / limit_ms,
-                  unpacked_ms / moe_ms, gbps, 100 * gbps / gbps_limit, 100 * gflops / peak);
-      std::fflush(stdout);
-      if (json) {
-        nlohmann::json row{{"shape", shape.name}, {"tokens", tokens}, {"hidden", hidden}, {"experts", shape.shared + shape.routed},
-                           {"routed", shape.routed}, {"expert_width", shape.width}, {"top_k", shape.k}, {"shared", shape.shared},
-                           {"shared_width", shape.shared_width}, {"active_fraction", active}, {"threads", threads},
-                           {"moe_ms", moe_ms}, {"moe_unpacked_ms", unpacked_ms}, {"limit_ms", limit_ms},
-                           {"limit_ratio", moe_ms / limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
-                           {"gflops", gflops}, {"bandwidth_fraction", gbps / gbps_limit}, {"peak_fraction", gflops / peak},
-                           {"machine_gbps", gbps_limit}, {"machine_gflops", peak}};
+  std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %4s %4s\n", "shape", "type", "T", "active", "dense_ms",
+              "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "unp/p", "GB/s", "bw%", "pk%");
+  for (const dtype type : types) {
+    const bool f32 = type == dtype::f32;  // the unpacked and Eigen columns (plain F32 weights) only once
+    const double weight_bytes = double(dtype_size(type));
+    // BF16 layers multiply many tokens with vdpbf16ps where the CPU has it (weight_format), few at the FP32 peak.
+    const auto peak_for = [&](index_t tokens) { return !f32 && tokens > runtime::detail::gemm_tokens_in_place ? bf16_peak : fp32_peak; };
+    std::mt19937 rng(1234);  // the same weights for every type
+    std::vector<runtime::prepared_ffn> dense;
+    const bool with_dense = std::any_of(shapes.begin(), shapes.end(), [](const moe_shape& s) { return s.split; });
+    for (int c = 0; with_dense && c < ncopies; ++c) dense.push_back(runtime::prepare(random_ffn(intermediate, rng), type));
+    const double dense_weights = 3.0 * double(hidden) * double(intermediate), dense_bytes = weight_bytes * dense_weights;
+    for (const auto& shape : shapes) {
+      std::vector<runtime::prepared_moe> moe;
+      const double expert_bytes = weight_bytes * 3.0 * double(hidden) * double(shape.width);
+      const double decode_bytes = double(shape.k) * expert_bytes + weight_bytes * 3.0 * double(hidden) * double(shape.shared * shape.shared_width);
+      const int copies = decode_bytes >= cold_bytes ? 1 : moe_copies;
+      for (int c = 0; c < copies; ++c) moe.push_back(runtime::prepare(random_moe(shape, rng), type));
+      for (index_t tokens : token_counts) {
+        const double peak = peak_for(tokens);
+        const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
+        const auto plan = balanced_plan(moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
+        matrix y(tokens, hidden);
+        const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
+        double dense_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0, unpacked_ms = 0;
         if (shape.split) {
-          row["intermediate"] = intermediate;
-          row["dense_ms"] = dense_ms;
-          row["dense_unpacked_ms"] = dense_unpacked_ms;
-          row["eigen_dense_ms"] = eigen_ms;
-          row["ratio"] = moe_ms / dense_ms;
-          row["ideal_ratio"] = ideal;
+          dense_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)], x, y); });
+          if (f32) {
+            dense_unpacked_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)].weights(), x, y); });
+            eigen_ms = best_ms(reps, ncopies, [&](int c) { y = eigen_dense(dense[std::size_t(c)].weights(), x); });
+          }
         }
-        json << row << "\n";
+        const double moe_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
+        if (f32) unpacked_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)].layer(), plan, x, y); });
+        const auto [bytes, flops] = active_cost(moe[0].layer(), plan, weight_bytes);
+        const double dense_flops = 2.0 * dense_weights * double(tokens);
+        const bool bandwidth_bound = flops / bytes < peak / gbps_limit;
+        const double ideal = bandwidth_bound ? bytes / dense_bytes : flops / dense_flops;
+        const double limit_ms = std::max(bytes / gbps_limit, flops / peak) / 1e6;
+        const double gbps = bytes / moe_ms / 1e6, gflops = flops / moe_ms / 1e6;
+        const double active = double(shape.shared * shape.shared_width + shape.k * shape.width) /
+                              double(shape.shared * shape.shared_width + shape.routed * shape.width);
+        // Dense columns only for the shapes that split the dense layer; plain-weight columns only for F32.
+        const auto cell = [&](double v, const char* fmt, bool shown = true) {
+          char b[32];
+          std::snprintf(b, sizeof b, fmt, v);
+          return std::string(shape.split && shown ? b : "-");
+        };
+        const auto plain_cell = [&](double v, const char* fmt) {
+          char b[32];
+          std::snprintf(b, sizeof b, fmt, v);
+          return std::string(f32 ? b : "-");
+        };
+        std::printf("%-14s %-4s %4lld %6.3f %8s %8s %8.2f %8s %8s %6s %6s %8.2f %6.2f %6s %6.1f %4.0f %4.0f\n", shape.name.c_str(),
+                    std::string(dtype_name(type)).c_str(), (long long)tokens, active, cell(dense_ms, "%.2f").c_str(),
+                    cell(dense_unpacked_ms, "%.2f", f32).c_str(), moe_ms, plain_cell(unpacked_ms, "%.2f").c_str(),
+                    cell(eigen_ms, "%.2f", f32).c_str(), cell(moe_ms / dense_ms, "%.3f").c_str(), cell(ideal, "%.3f").c_str(), limit_ms,
+                    moe_ms / limit_ms, plain_cell(unpacked_ms / moe_ms, "%.2f").c_str(), gbps, 100 * gbps / gbps_limit, 100 * gflops / peak);
+        std::fflush(stdout);
+        if (json) {
+          nlohmann::json row{{"shape", shape.name}, {"dtype", dtype_name(type)}, {"tokens", tokens}, {"hidden", hidden},
+                             {"experts", shape.shared + shape.routed}, {"routed", shape.routed}, {"expert_width", shape.width},
+                             {"top_k", shape.k}, {"shared", shape.shared}, {"shared_width", shape.shared_width},
+                             {"active_fraction", active}, {"threads", threads}, {"moe_ms", moe_ms}, {"limit_ms", limit_ms},
+                             {"limit_ratio", moe_ms / limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
+                             {"gflops", gflops}, {"bandwidth_fraction", gbps / gbps_limit}, {"peak_fraction", gflops / peak},
+                             {"machine_gbps", gbps_limit}, {"machine_gflops", peak}, {"machine_fp32_gflops", fp32_peak},
+                             {"machine_bf16_gflops", bf16_peak}};
+          if (f32) row["moe_unpacked_ms"] = unpacked_ms;
+          if (shape.split) {
+            row["intermediate"] = intermediate;
+            row["dense_ms"] = dense_ms;
+            row["ratio"] = moe_ms / dense_ms;
+            row["ideal_ratio"] = ideal;
+            if (f32) {
+              row["dense_unpacked_ms"] = dense_unpacked_ms;
+              row["eigen_dense_ms"] = eigen_ms;
+            }
+          }
+          json << row << "\n";
+        }
       }
     }
   }

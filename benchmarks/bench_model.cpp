@@ -21,31 +21,32 @@ namespace moeforge::cli {
 
 namespace {
 
-double matrix_bytes(const matrix& m) { return 4.0 * double(m.size()); }
-double ffn_bytes(const ffn& f) { return matrix_bytes(f.gate) + matrix_bytes(f.up) + matrix_bytes(f.down); }
-
 /// Weight and KV-cache bytes one decoded token reads at `context` earlier
-/// positions: every attention matrix, the FFN part it computes (for an MoE:
-/// router, shared experts and top-k average-width experts), one embedding row,
-/// the classifier, and the keys and values of the context.
-double decode_bytes(const model::weights& w, index_t context) {
+/// positions, with the kernels' weights `weight_bytes` wide (the router,
+/// norms, embedding row and KV cache stay F32): every attention matrix, the
+/// FFN part it computes (for an MoE: router, shared experts and top-k
+/// average-width experts), one embedding row, the classifier, and the keys and
+/// values of the context.
+double decode_bytes(const model::weights& w, index_t context, double weight_bytes) {
   const auto& c = w.config;
-  double bytes = matrix_bytes(w.classifier()) + 4.0 * double(c.dim);
+  const auto size = [](const matrix& m) { return double(m.size()); };
+  const auto ffn_size = [&](const ffn& f) { return size(f.gate) + size(f.up) + size(f.down); };
+  double weights = size(w.classifier()), f32 = double(c.dim);
   for (const auto& l : w.layers) {
-    bytes += matrix_bytes(l.wq) + matrix_bytes(l.wk) + matrix_bytes(l.wv) + matrix_bytes(l.wo);
-    bytes += 2.0 * 4.0 * double(context) * double(c.n_kv_heads * c.head_dim);
+    weights += size(l.wq) + size(l.wk) + size(l.wv) + size(l.wo);
+    f32 += 2.0 * double(context) * double(c.n_kv_heads * c.head_dim);
     if (const auto* f = std::get_if<ffn>(&l.ffn)) {
-      bytes += ffn_bytes(*f);
+      weights += ffn_size(*f);
       continue;
     }
     const auto& m = std::get<moe_layer>(l.ffn);
-    bytes += matrix_bytes(m.router.weight) + matrix_bytes(m.router.weight_up);
-    for (const auto& s : m.shared) bytes += ffn_bytes(s.weights);
+    f32 += size(m.router.weight) + size(m.router.weight_up);
+    for (const auto& s : m.shared) weights += ffn_size(s.weights);
     double routed = 0;
-    for (const auto& e : m.experts) routed += ffn_bytes(e.weights);
-    bytes += routed * double(m.router.top_k) / double(m.experts.size());
+    for (const auto& e : m.experts) routed += ffn_size(e.weights);
+    weights += routed * double(m.router.top_k) / double(m.experts.size());
   }
-  return bytes;
+  return weights * weight_bytes + 4.0 * f32;
 }
 
 struct variant {
@@ -64,19 +65,23 @@ int bench_model(int argc, char** argv) {
          "in memory (no files; only speed is meaningful): llama-7b, mistral-7b, mixtral-mini (hidden 2048, 8 experts of\n"
          "5632, top 2, 32 heads, 8 KV heads, vocab 32000), tiny. For a dense shape --moe adds CMoE layouts of it\n"
          "(random partition: s shared + top-a of e-s routed experts of I/e neurons) beside the dense row. \"load s\" is the\n"
-         "time to load the model (for --shape: to generate its weights).");
+         "time to load the model (for --shape: to generate its weights) and pack it for the kernels; the resident memory\n"
+         "holds the plain F32 weights beside the packed ones.");
   a.option("model", "PATH", "a model moeforge loads (native, llama2.c .bin, Hugging Face directory) instead of --shape")
       .option("shape", "NAME", "synthetic model shape", "llama-7b")
       .option("layers", "L", "layers of the synthetic model", "8")
       .option("moe", "LIST", "CMoE layouts of a dense shape to compare with it, comma-separated ('' for none)", "S1A1E4,S1A1E8")
-      .option("dtype", "f32", "weight type in memory (only f32 is implemented; BF16 weights are issue 13)", "f32")
+      .option("dtype", "LIST", "weight types the kernels read, comma-separated (f32, bf16; each a row of its own)", "f32,bf16")
       .option("decode-steps", "N", "timed decode steps per row", "16")
       .option("context", "N", "the longer decode context and prefill length", "512")
       .option("seed", "N", "seed of the synthetic weights", "1")
       .option("json", "FILE", "also write the rows as a JSON array to FILE");
   if (!a.parse(argc, argv)) return 0;
-  if (a.get("dtype") != "f32")
-    throw usage_error("moeforge-bench model: --dtype " + a.get("dtype") + " is not available: weights are FP32 in memory (BF16 is not implemented yet)");
+  std::vector<dtype> types;
+  std::stringstream type_list(a.get("dtype"));
+  for (std::string t; std::getline(type_list, t, ',');)
+    types.push_back(a.get_parsed("dtype", [&t](const std::string&) { return parse_weight_dtype(t); }));
+  if (types.empty()) throw usage_error("moeforge-bench model: --dtype needs at least one of f32, bf16");
   const index_t steps = a.get_int("decode-steps"), context = a.get_int("context"), layers = a.get_int("layers");
   if (steps < 1) throw usage_error("moeforge-bench model: --decode-steps must be at least 1");
   if (context < 64) throw usage_error("moeforge-bench model: --context must be at least 64");
@@ -94,51 +99,55 @@ int bench_model(int argc, char** argv) {
   const int threads = omp_get_max_threads();
   const double gbs = bench::probe_read_gbps(threads);
   const std::string label = synthetic ? shape->name : a.get("model");
-  std::printf("%s, %s layers, FP32, %d threads; DRAM read %.1f GB/s measured in this run\n", label.c_str(),
+  std::printf("%s, %s layers, %d threads; DRAM read %.1f GB/s measured in this run\n", label.c_str(),
               synthetic ? a.get("layers").c_str() : "all", threads, gbs);
-  std::printf("%-10s %6s %7s %8s %9s %10s %10s %9s %9s %8s %7s %6s %6s\n", "layout", "active", "load s", "RSS MB", "pf64 t/s",
+  std::printf("%-10s %-5s %6s %7s %8s %9s %10s %10s %9s %9s %8s %7s %6s %6s\n", "layout", "dtype", "active", "load s", "RSS MB", "pf64 t/s",
               "pf512 t/s", "dec0 t/s", "dec512", "MB/token", "of BW", "attn", "ffn", "head");
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& v : variants) {
-    const auto t0 = std::chrono::steady_clock::now();
-    model::weights w = synthetic ? bench::synthetic_model(*shape, layers, v.moe, std::uint64_t(a.get_int("seed")), 2 * context + 64)
-                                 : io::load_model(a.get("model"));
-    const double load_s = bench::seconds_since(t0);
-    const double active = model::active_ffn_fraction(w);
-    const model::transformer tr(std::move(w));  // owning: FFNs on prepared layouts
-    const auto& c = tr.model().config;
-    if (c.seq_len < context + 3) throw config_error(detail::cat("model: its context of ", c.seq_len, " is shorter than --context ", context, " + 3"));
-    const double pf64 = model::prefill_tokens_per_second(tr, 64);
-    const double pf_long = model::prefill_tokens_per_second(tr, context);
-    model::stage_times times;
-    const double dec0 = model::decode_tokens_per_second(tr, steps, 0, &times);
-    const double dec_long = model::decode_tokens_per_second(tr, steps, context);
-    const double bytes = decode_bytes(tr.model(), 1), fraction = bytes * dec0 / 1e9 / gbs;
-    const double rss = bench::status_mb("VmRSS:");
-    std::printf("%-10s %6.2f %7.2f %8.0f %9.1f %10.1f %10.2f %9.2f %9.1f %7.0f%% %6.0f%% %5.0f%% %5.0f%%\n", v.name.c_str(), active, load_s, rss,
-                pf64, pf_long, dec0, dec_long, bytes / 1e6, 100 * fraction, 100 * times.attention / times.total(),
-                100 * times.ffn / times.total(), 100 * times.head / times.total());
-    std::fflush(stdout);
-    rows.push_back({{"shape", label},
-                    {"layers", c.n_layers},
-                    {"dtype", "f32"},
-                    {"moe", v.moe.empty() ? (synthetic && shape->experts ? "native" : "none") : v.moe},
-                    {"active_fraction", active},
-                    {"threads", threads},
-                    {"load_s", load_s},
-                    {"rss_mb", rss},
-                    {"prefill64_tok_s", pf64},
-                    {"prefill512_tok_s", pf_long},
-                    {"prefill_long_tokens", context},
-                    {"decode_tok_s", dec0},
-                    {"decode_ctx512_tok_s", dec_long},
-                    {"decode_long_context", context},
-                    {"bytes_per_token", bytes},
-                    {"machine_gbs", gbs},
-                    {"decode_bandwidth_fraction", fraction},
-                    {"decode_share_attention", times.attention / times.total()},
-                    {"decode_share_ffn", times.ffn / times.total()},
-                    {"decode_share_head", times.head / times.total()}});
+    for (const dtype type : types) {
+      // Made afresh per row, so the resident memory is this row's alone.
+      const auto t0 = std::chrono::steady_clock::now();
+      model::weights w = synthetic ? bench::synthetic_model(*shape, layers, v.moe, std::uint64_t(a.get_int("seed")), 2 * context + 64)
+                                   : io::load_model(a.get("model"));
+      const double active = model::active_ffn_fraction(w);
+      const model::transformer tr(std::move(w), type);  // owning: every weight on prepared layouts of this type
+      const double load_s = bench::seconds_since(t0);
+      const auto& c = tr.model().config;
+      if (c.seq_len < context + 3) throw config_error(detail::cat("model: its context of ", c.seq_len, " is shorter than --context ", context, " + 3"));
+      const double pf64 = model::prefill_tokens_per_second(tr, 64);
+      const double pf_long = model::prefill_tokens_per_second(tr, context);
+      model::stage_times times;
+      const double dec0 = model::decode_tokens_per_second(tr, steps, 0, &times);
+      const double dec_long = model::decode_tokens_per_second(tr, steps, context);
+      const double bytes = decode_bytes(tr.model(), 1, double(dtype_size(type))), fraction = bytes * dec0 / 1e9 / gbs;
+      const double rss = bench::status_mb("VmRSS:");
+      const std::string type_name(dtype_name(type));
+      std::printf("%-10s %-5s %6.2f %7.2f %8.0f %9.1f %10.1f %10.2f %9.2f %9.1f %7.0f%% %6.0f%% %5.0f%% %5.0f%%\n", v.name.c_str(),
+                  type_name.c_str(), active, load_s, rss, pf64, pf_long, dec0, dec_long, bytes / 1e6, 100 * fraction,
+                  100 * times.attention / times.total(), 100 * times.ffn / times.total(), 100 * times.head / times.total());
+      std::fflush(stdout);
+      rows.push_back({{"shape", label},
+                      {"layers", c.n_layers},
+                      {"dtype", type_name},
+                      {"moe", v.moe.empty() ? (synthetic && shape->experts ? "native" : "none") : v.moe},
+                      {"active_fraction", active},
+                      {"threads", threads},
+                      {"load_s", load_s},
+                      {"rss_mb", rss},
+                      {"prefill64_tok_s", pf64},
+                      {"prefill512_tok_s", pf_long},
+                      {"prefill_long_tokens", context},
+                      {"decode_tok_s", dec0},
+                      {"decode_ctx512_tok_s", dec_long},
+                      {"decode_long_context", context},
+                      {"bytes_per_token", bytes},
+                      {"machine_gbs", gbs},
+                      {"decode_bandwidth_fraction", fraction},
+                      {"decode_share_attention", times.attention / times.total()},
+                      {"decode_share_ffn", times.ffn / times.total()},
+                      {"decode_share_head", times.head / times.total()}});
+    }
   }
   if (a.has("json")) bench::write_json(a.get("json"), rows);
   return 0;

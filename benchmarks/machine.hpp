@@ -119,4 +119,39 @@ inline double probe_fma_gflops(int threads) {
   return sink < 0 ? 0 : best;
 }
 
+/// Best-of-5 BF16 dot-product throughput (GFLOP/s, a multiply-add counted as
+/// two) of `threads` threads running `vdpbf16ps` (16 lanes × 2 products) on
+/// 12 register accumulators: the peak of BF16 weights meeting BF16 tokens.
+/// 0 when the build lacks AVX512_BF16 (BF16 weights then run at the FP32 peak).
+inline double probe_bf16_dot_gflops(int threads) {
+#if defined(__AVX512BF16__)
+  constexpr int iters = 20'000'000;
+  double best = 0, sink = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    double total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80), y = (__m512bh)_mm512_set1_epi32(0x33803380);  // 1.0 and ~6e-8
+      __m512 a[12];
+      for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(float(i));
+      for (int it = 0; it < iters; ++it)
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; ++i) a[i] = _mm512_dpbf16_ps(a[i], x, y);
+      alignas(64) float f[16];
+      for (int i = 0; i < 12; ++i) {
+        _mm512_store_ps(f, a[i]);
+        for (float v : f) total += v;
+      }
+    }
+    sink += total;
+    best = std::max(best, 4.0 * 12 * 16 * double(iters) * threads / seconds_since(t0) / 1e9);
+  }
+  return sink < 0 ? 0 : best;
+#else
+  (void)threads;
+  return 0;
+#endif
+}
+
 }  // namespace moeforge::bench

@@ -10,6 +10,8 @@ int bench_ffn(int argc, char** argv);
 int bench_dualsparse(int argc, char** argv);
 int bench_pipeline(int argc, char** argv);
 int bench_model(int argc, char** argv);
+int bench_make_model(int argc, char** argv);
+int bench_convert_model(int argc, char** argv);
 }  // namespace moeforge::cli
 
 int main(int argc, char** argv) {
@@ -21,6 +23,8 @@ int main(int argc, char** argv) {
       {"ffn", "MoE and dense FFN kernels against Eigen and the machine limits", &bench_ffn},
       {"dualsparse", "DualSparse-MoE dropping: measured kernel speedup at each drop rate", &bench_dualsparse},
       {"model", "whole-model prefill and decode speed, dense beside CMoE layouts, against the machine's bandwidth", &bench_model},
+      {"make-model", "a seeded random-weight Hugging Face checkpoint of a published shape, written tensor by tensor", &bench_make_model},
+      {"convert-model", "streamed CMoE conversion of a synthetic checkpoint: time and peak memory per depth", &bench_convert_model},
       {"pipeline", "dense -> CMoE -> DualSparse -> MoNE on stories260K: quality, work, size and speed", &bench_pipeline},
   };
   return dispatch("moeforge-bench", commands, argc, argv);

@@ -5,10 +5,16 @@
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "moeforge/convert/cmoe.hpp"
+#include "moeforge/io/native.hpp"
+#include "moeforge/io/safetensors.hpp"
 #include "moeforge/model/weights.hpp"
 
 namespace moeforge::bench {
@@ -138,6 +144,148 @@ inline model::weights synthetic_model(const model_shape& s, index_t layers, cons
     w.layers.push_back(std::move(L));
   }
   return w;
+}
+
+/// One tensor of a synthetic Hugging Face checkpoint: drawn from the next
+/// random stream ([rows, cols] scaled by cols, as random_tensors::make), or
+/// ones (the norms).
+struct hf_tensor_spec {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  bool random;
+};
+
+/// The shape's Hugging Face tensors in the order synthetic_model draws its
+/// random streams, so a checkpoint written from this list loads as the same
+/// weights as synthetic_model(s, layers, "", seed).
+inline std::vector<hf_tensor_spec> hf_tensor_plan(const model_shape& s, index_t layers) {
+  const index_t hd = s.dim / s.heads, q = s.heads * hd, kv = s.kv_heads * hd;
+  std::vector<hf_tensor_spec> out{{"model.embed_tokens.weight", {s.vocab, s.dim}, true}, {"lm_head.weight", {s.vocab, s.dim}, true}};
+  auto mat = [&](const std::string& name, index_t rows, index_t cols) { out.push_back({name, {rows, cols}, true}); };
+  auto ffn3 = [&](const std::string& gate, const std::string& up, const std::string& down, index_t width) {
+    mat(gate, width, s.dim);
+    mat(up, width, s.dim);
+    mat(down, s.dim, width);
+  };
+  for (index_t l = 0; l < layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    out.push_back({p + "input_layernorm.weight", {s.dim}, false});
+    out.push_back({p + "post_attention_layernorm.weight", {s.dim}, false});
+    mat(p + "self_attn.q_proj.weight", q, s.dim);
+    mat(p + "self_attn.k_proj.weight", kv, s.dim);
+    mat(p + "self_attn.v_proj.weight", kv, s.dim);
+    mat(p + "self_attn.o_proj.weight", s.dim, q);
+    if (!s.experts) {
+      ffn3(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight", s.intermediate);
+      continue;
+    }
+    mat(p + "block_sparse_moe.gate.weight", s.experts, s.dim);
+    for (index_t e = 0; e < s.experts; ++e) {
+      const std::string x = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
+      ffn3(x + "w1.weight", x + "w3.weight", x + "w2.weight", s.intermediate);
+    }
+  }
+  out.push_back({"model.norm.weight", {s.dim}, false});
+  return out;
+}
+
+/// config.json of the shape (LLaMA, or Mixtral when it has experts).
+inline nlohmann::json hf_config_json(const model_shape& s, index_t layers, index_t context, dtype stored) {
+  nlohmann::json j{{"model_type", s.experts ? "mixtral" : "llama"},
+                   {"architectures", {s.experts ? "MixtralForCausalLM" : "LlamaForCausalLM"}},
+                   {"hidden_size", s.dim},
+                   {"intermediate_size", s.intermediate},
+                   {"num_hidden_layers", layers},
+                   {"num_attention_heads", s.heads},
+                   {"num_key_value_heads", s.kv_heads},
+                   {"vocab_size", s.vocab},
+                   {"max_position_embeddings", context},
+                   {"rms_norm_eps", 1e-5},
+                   {"rope_theta", 10000.0},
+                   {"tie_word_embeddings", false},
+                   {"hidden_act", "silu"},
+                   {"torch_dtype", stored == dtype::bf16 ? "bfloat16" : "float32"}};
+  if (s.experts) {
+    j["num_local_experts"] = s.experts;
+    j["num_experts_per_tok"] = s.top_k;
+  }
+  return j;
+}
+
+/// Writes the shape's seeded random-weight Hugging Face directory (config.json,
+/// model.safetensors.index.json, model-0000k-of-0000N.safetensors of about
+/// equal size) tensor by tensor, so only one tensor is ever in memory. Built
+/// in a staging directory and renamed into place; an existing `out` is
+/// refused. Returns the bytes of the shards. Fewer than `shards` files are
+/// written when the tensors cannot fill them all (a shard holds whole tensors).
+inline std::uint64_t write_synthetic_hf(const model_shape& s, index_t layers, dtype stored, index_t shards, std::uint64_t seed, const std::string& out,
+                                        index_t context = 2048) {
+  namespace fs = std::filesystem;
+  using moeforge::detail::cat;
+  if (layers < 1 || shards < 1 || context < 1) throw config_error("make-model: layers, shards and context must be positive");
+  if (stored != dtype::f32 && stored != dtype::bf16) throw config_error("make-model: the dtype must be F32 or BF16");
+  const fs::path dir = io::output_path(out);
+  io::check_output_dir(dir.string(), false);
+  const auto plan = hf_tensor_plan(s, layers);
+  // Shard of each tensor by its bytes' position in the whole, then renumbered without empty shards.
+  std::uint64_t total = 0;
+  for (const auto& t : plan) {
+    std::uint64_t n = dtype_size(stored);
+    for (auto d : t.shape) n *= std::uint64_t(d);
+    total += n;
+  }
+  std::vector<std::vector<io::tensor_info>> files(static_cast<std::size_t>(shards));
+  std::vector<std::size_t> file_of;
+  std::uint64_t before = 0;
+  for (const auto& t : plan) {
+    const auto k = std::min<std::size_t>(std::size_t(shards) - 1, std::size_t(before * std::uint64_t(shards) / total));
+    auto& f = files[k];
+    const std::size_t begin = f.empty() ? 0 : f.back().end;
+    std::uint64_t n = dtype_size(stored);
+    for (auto d : t.shape) n *= std::uint64_t(d);
+    f.push_back({t.name, stored, t.shape, begin, begin + std::size_t(n)});
+    file_of.push_back(k);
+    before += n;
+  }
+  std::vector<std::string> names(files.size());
+  std::size_t used = 0;
+  for (const auto& f : files) used += f.empty() ? 0 : 1;
+  nlohmann::json map = nlohmann::json::object();
+  for (std::size_t k = 0, i = 0; k < files.size(); ++k) {
+    if (files[k].empty()) continue;
+    char name[64];
+    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", ++i, used);
+    names[k] = name;
+    for (const auto& t : files[k]) map[t.name] = names[k];
+  }
+
+  io::detail::staging_dir stage(dir);
+  const std::map<std::string, std::string> meta{{"format", "pt"}};
+  std::vector<std::optional<io::safetensors_writer>> writers(files.size());
+  for (std::size_t k = 0; k < files.size(); ++k)
+    if (!files[k].empty()) writers[k].emplace((stage.path() / names[k]).string(), io::detail::header_text(files[k], meta).size(), meta);
+  random_tensors rnd(seed);
+  for (std::size_t i = 0; i < plan.size(); ++i) {
+    const auto& t = plan[i];
+    if (t.random) {
+      const matrix m = rnd.make(t.shape[0], t.shape[1]);
+      writers[file_of[i]]->add(t.name, t.shape, m.data(), stored);
+    } else {
+      const vector v = vector::Ones(t.shape[0]);
+      writers[file_of[i]]->add(t.name, t.shape, v.data(), stored);
+    }
+  }
+  for (auto& w : writers)
+    if (w) w->finish();
+  auto put = [&](const std::string& name, const nlohmann::json& j) {
+    std::ofstream f(stage.path() / name);
+    f << j.dump(2) << "\n";
+    if (!f.flush()) throw io_error(cat("make-model: cannot write '", (stage.path() / name).string(), "'"));
+  };
+  put("config.json", hf_config_json(s, layers, context, stored));
+  put("model.safetensors.index.json", {{"metadata", {{"total_size", total}}}, {"weight_map", map}});
+  stage.commit(dir);
+  return total;
 }
 
 }  // namespace moeforge::bench

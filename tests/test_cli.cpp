@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include <cstdlib>
+#include <cmath>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -167,6 +168,7 @@ TEST_CASE("eval --json and logits --json print the documented keys with their ty
                    {"windows", jt::number_unsigned},
                    {"active_fraction", jt::number_float},
                    {"nominal_active_fraction", jt::number_float},
+                   {"dtype", jt::string},
                    {"drop_rate", jt::number_float},
                    {"layer_drop_rate", jt::array},
                    {"seconds", jt::number_float},
@@ -180,6 +182,16 @@ TEST_CASE("eval --json and logits --json print the documented keys with their ty
   CHECK(e["layer_drop_rate"].size() == 5);
   CHECK(e["drop_rate"] == 0);  // a dense model drops nothing
   CHECK(e["ppl"].get<double>() > 1.0);
+  CHECK(e["dtype"] == "F32");  // auto: the llama2.c file stores FP32
+  // --dtype bf16 runs the same model on BF16 weights: another type, nearly the same perplexity.
+  const auto bf16 = cli({"eval", "--model", stories_model(), "--text", text("tinystories_eval.txt"), "--ctx", "64", "--windows", "2",
+                         "--decode-steps", "4", "--prefill-tokens", "16", "--dtype", "bf16", "--json"},
+                        scratch);
+  REQUIRE(bf16.code == 0);
+  const auto b = nlohmann::json::parse(bf16.out);
+  CHECK(b["dtype"] == "BF16");
+  CHECK(b["ppl"].get<double>() != e["ppl"].get<double>());
+  CHECK(std::abs(b["ppl"].get<double>() / e["ppl"].get<double>() - 1) < 1e-2);
 
   const auto logits = cli({"logits", "--model", stories_model(), "--tokens", "1,403,407", "--json"}, scratch);
   REQUIRE(logits.code == 0);
@@ -217,6 +229,9 @@ TEST_CASE("a bad option value is a usage error naming the option: exit 2, nothin
   auto policy = eval;
   policy.insert(policy.end(), {"--policy", "bogus"});
   require_usage_error(cli(policy, scratch), "--policy");
+  auto type = eval;
+  type.insert(type.end(), {"--dtype", "f16"});
+  require_usage_error(cli(type, scratch), "--dtype");
   // The transforming commands check their calibration options before writing anything.
   const std::string out = scratch / "model";
   for (const std::string option : {"--calib-tokens", "--ctx"}) {

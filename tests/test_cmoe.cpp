@@ -217,7 +217,7 @@ struct calibrated_stories {
 
 }  // namespace
 
-TEST_CASE("cmoe at full activation keeps stories260K's perplexity") {
+TEST_CASE("cmoe at full activation keeps stories260K's perplexity", "[slow]") {
   calibrated_stories s;
   const auto eval = test::stories_text("tinystories_eval.txt");
   const double dense = model::perplexity(model::transformer(s.w), eval, 512, 3).ppl;
@@ -285,7 +285,7 @@ TEST_CASE("cmoe reproduces reference.json's assignment cost on stories260K (left
   REQUIRE(kept.layer.shared[0].weights.intermediate() == f.intermediate() - (e - sh) * (f.intermediate() / e));
 }
 
-TEST_CASE("cmoe at full activation gives stories260K's dense logits") {
+TEST_CASE("cmoe at full activation gives stories260K's dense logits", "[slow]") {
   calibrated_stories s;
   const auto tokens = s.tok.encode("Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog.");
   const matrix dense = test::logits(s.w, tokens);

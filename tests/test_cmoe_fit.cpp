@@ -8,6 +8,7 @@
 
 #include "moeforge/calib/ffn_inputs.hpp"
 #include "moeforge/convert/cmoe.hpp"
+#include "moeforge/convert/partition.hpp"
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/native.hpp"
 #include "moeforge/model/eval.hpp"
@@ -169,7 +170,7 @@ TEST_CASE("the refit is exact when the routed experts cover the whole FFN") {
   }
 }
 
-TEST_CASE("every fitting step is measured; the refit and the distillation lower every layer's calibration error on stories260K") {
+TEST_CASE("every fitting step is measured; the refit and the distillation lower every layer's calibration error on stories260K", "[slow]") {
   std::vector<convert::cmoe_report> reports;
   for (const char* config : {"S3A3E8", "S1A1E8"}) {
     auto o = fit_stories_options(config, convert::cmoe_preset::best);
@@ -189,7 +190,7 @@ TEST_CASE("every fitting step is measured; the refit and the distillation lower 
   }
 }
 
-TEST_CASE("fitted routers and compensation round-trip the native format and do not depend on the thread count") {
+TEST_CASE("fitted routers and compensation round-trip the native format and do not depend on the thread count", "[slow]") {
   auto o = fit_stories_options("S2A2E8", convert::cmoe_preset::best);
   o.fit.rank = 6;
   o.fit.rounds = 2;
@@ -303,4 +304,75 @@ TEST_CASE("bad fitting options are refused naming the option") {
   plain.ka = 2;
   moe_layer layer = convert::cmoe(f, x, plain).layer;
   REQUIRE_THROWS_WITH(convert::fit_layer(f, layer, x.topRows(0), r.fit), Catch::Contains("refit 'down'"));
+}
+
+TEST_CASE("the complete transformation carries a fitted router and novice compensation, and refuses the oracle router") {
+  std::mt19937 rng(18);
+  const ffn f = test::gaussian_ffn(12, 48, rng);
+  const matrix x = test::gaussian(300, 12, rng);
+  convert::cmoe_options o;
+  o.config = convert::parse_cmoe_config("S1A2E4");
+  o.ka = 4;
+  o.fit.compensate = convert::compensation_mode::novice;
+  for (auto kind : {convert::router_fit::linear, convert::router_fit::quadratic}) {
+    o.fit.router = kind;
+    o.fit.rank = 3;
+    const moe_layer m = convert::cmoe(f, x, o).layer;
+    REQUIRE(m.router.bias.size() == m.num_experts());
+    const matrix y = runtime::moe_forward(m, x);
+    for (index_t parts : {2, 3}) {
+      const moe_layer split = convert::complete_transformation(m, parts);
+      INFO(convert::router_fit_name(kind) << ", P = " << parts);
+      REQUIRE(split.num_experts() == m.num_experts() * parts);
+      CHECK((runtime::moe_forward(split, x) - y).cwiseAbs().maxCoeff() <= 1e-4f * (1.0f + y.cwiseAbs().maxCoeff()));
+    }
+  }
+  moe_layer oracle = convert::cmoe(f, x, o).layer;
+  oracle.router.kind = router_kind::oracle;
+  REQUIRE_THROWS_AS(convert::complete_transformation(oracle, 2), config_error);
+  REQUIRE_THROWS_WITH(convert::complete_transformation(oracle, 2), Catch::Contains("oracle"));
+}
+
+TEST_CASE("the best preset's size rule fits wide layers on fewer tokens and leaves out the refit and distillation it names") {
+  convert::fit_options best = convert::preset_fit(convert::cmoe_preset::best);
+  REQUIRE(best.size_rule);
+  CHECK(convert::fit_tokens(best, 64, 172, 32768) == 32768);     // stories260K: every token
+  CHECK(convert::fit_tokens(best, 4096, 11008, 16384) == 4096);  // LLaMA-7B: the floor
+  CHECK(convert::fit_tokens(best, 2048, 5632, 16384) == 5957);   // 2^36 / (H·I)
+  convert::fit_options off = best;
+  off.size_rule = false;
+  CHECK(convert::fit_tokens(off, 4096, 11008, 16384) == 16384);
+
+  // A layer with more than 4096 neurons: the refit is skipped and said so.
+  std::mt19937 rng(19);
+  const ffn f = test::gaussian_ffn(4, 4104, rng);
+  const matrix x = test::gaussian(48, 4, rng);
+  convert::cmoe_options o;
+  o.config = convert::parse_cmoe_config("S1A1E4");
+  o.ka = 8;
+  o.fit = best;
+  o.fit.router = convert::router_fit::linear;
+  o.fit.distill_steps = 0;
+  const auto ruled = convert::cmoe(f, x, o).report.fit_steps;
+  REQUIRE(ruled.tokens == 48);
+  REQUIRE(ruled.skipped.size() == 1);
+  CHECK_THAT(ruled.skipped[0], Catch::Contains("refit down") && Catch::Contains("4104 unknowns"));
+  CHECK(ruled.errors.back().first == "novice compensation");
+}
+
+TEST_CASE("above the exact width the quadratic router's projection is the top principal subspace") {
+  std::mt19937 rng(20);
+  const index_t h = convert::detail::exact_pca_max_hidden + 88, rank = 4;
+  const matrix x = fit_low_rank_tokens(1500, h, rank, rng);
+  matrix p;
+  vector c;
+  convert::detail::principal_projection(x, rank, p, c);
+  const Eigen::RowVectorXd mean = x.cast<double>().colwise().mean();
+  const Eigen::MatrixXd centred = x.cast<double>().rowwise() - mean;
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(centred.transpose() * centred);
+  const Eigen::MatrixXd top = es.eigenvectors().rightCols(rank);
+  for (index_t r = 0; r < rank; ++r) {
+    INFO("direction " << r);
+    CHECK((top.transpose() * p.row(r).transpose().cast<double>()).norm() >= 0.999);
+  }
 }

@@ -272,7 +272,7 @@ TEST_CASE("threshold calibration hits the requested drop rate within one pair, g
     }
 }
 
-TEST_CASE("partition and reconstruction keep stories260K's CMoE perplexity; dropping costs perplexity and is carried by the saved model") {
+TEST_CASE("partition and reconstruction keep stories260K's CMoE perplexity; dropping costs perplexity and is carried by the saved model", "[slow]") {
   const model::weights& w = stories_cmoe();
   const auto text = stories_text("tinystories_eval.txt");
   const auto base = model::perplexity(model::transformer(w), text, 512, 8);

@@ -1,6 +1,7 @@
 // Checkpoint forms the format tests did not reach, each run end to end on
 // stories260K: a Hugging Face checkpoint sharded over several files, F16 and
-// BF16 checkpoints (all through io::load_model), and a NaN weight.
+// BF16 checkpoints (all through io::load_model), a NaN weight, and a NaN
+// value at one position of the attention.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -12,6 +13,7 @@
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/llama2c.hpp"
 #include "moeforge/io/load.hpp"
+#include "support/safetensors_writer.hpp"
 #include "support/stories.hpp"
 #include "support/temp_dir.hpp"
 #include "support/util.hpp"
@@ -21,42 +23,11 @@ using namespace moeforge::test;
 
 namespace {
 
-struct raw_tensor {
-  std::string name;
-  std::vector<std::int64_t> shape;
-  std::vector<float> values;
-};
-
 std::vector<raw_tensor> read_tensors(const std::string& file) {
   const io::safetensors_file f(file);
   std::vector<raw_tensor> out;
   for (const auto& t : f.tensors()) out.push_back({t.name, t.shape, f.read(t.name)});
   return out;
-}
-
-/// A safetensors file written here, not by moeforge's writer: the 8-byte
-/// header length, the JSON header padded to 8 bytes, the values as `type`.
-void write_tensors(const std::string& path, const std::vector<raw_tensor>& tensors, dtype type) {
-  nlohmann::json header;
-  std::string data;
-  for (const auto& t : tensors) {
-    const std::size_t begin = data.size();
-    for (float v : t.values) {
-      if (type == dtype::f32) {
-        data.append(reinterpret_cast<const char*>(&v), 4);
-      } else {
-        const std::uint16_t h = type == dtype::f16 ? f32_to_f16(v) : f32_to_bf16(v);
-        data.append(reinterpret_cast<const char*>(&h), 2);
-      }
-    }
-    header[t.name] = {{"dtype", std::string(dtype_name(type))}, {"shape", t.shape}, {"data_offsets", {begin, data.size()}}};
-  }
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');
-  const std::uint64_t length = text.size();
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(&length), 8);
-  out << text << data;
 }
 
 /// stories260K in Hugging Face's layout: config.json and its tensors.
@@ -143,4 +114,29 @@ TEST_CASE("a NaN weight in a llama2.c checkpoint loads, and the forward pass sto
   REQUIRE(std::isnan(w.layers[0].wq(0, 0)));
   REQUIRE(std::isfinite(w.layers[0].wq(0, 1)));
   CHECK_THROWS_AS(logits(w, {1, 5, 7}), value_error);
+}
+
+TEST_CASE("a NaN value at a later position leaves earlier positions bit for bit, and the error names that position") {
+  model::weights w = stories_weights();
+  // An Inf in token 2's embedding makes its RMSNorm output, so its query, key
+  // and value, NaN in every layer. Token 2 goes at position 20, inside the
+  // first 32-query block of attention, so earlier rows share its products.
+  w.tok_emb(2, 0) = std::numeric_limits<float>::infinity();
+  const auto finite = sample_tokens();
+  auto poisoned = finite;
+  poisoned[20] = 2;
+  const auto layer0_inputs = [&](const std::vector<std::int32_t>& tokens) {
+    const model::transformer tr(w);
+    auto cache = tr.new_cache();
+    matrix x;
+    model::forward_options o;
+    o.stop_after_layer = 0;
+    o.on_ffn_input = [&](index_t, const_matrix_ref in) { x = in; };
+    tr.forward(tokens, cache, o);
+    return x;
+  };
+  const matrix want = layer0_inputs(finite), got = layer0_inputs(poisoned);
+  CHECK(got.topRows(20) == want.topRows(20));
+  for (index_t t = 20; t < got.rows(); ++t) CHECK_FALSE(got.row(t).allFinite());
+  CHECK_THROWS_WITH(logits(w, poisoned), Catch::Contains("input token 20 has a NaN or Inf value"));
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <random>
 
 #include <omp.h>
@@ -52,16 +53,19 @@ mone_routed mone_route_direct(const moe_layer& m, const matrix& x, index_t e) {
   return out;
 }
 
+// Mean of f's output over the given tokens of x, in double.
+Eigen::VectorXd mone_mean_over(const ffn& f, const matrix& x, const std::vector<index_t>& tokens) {
+  Eigen::VectorXd mu = Eigen::VectorXd::Zero(f.hidden());
+  for (index_t t : tokens) {
+    const auto y = reference::ffn_token(f, x.row(t).data(), f.intermediate());
+    for (index_t d = 0; d < f.hidden(); ++d) mu[d] += y[std::size_t(d)];
+  }
+  return tokens.empty() ? mu : Eigen::VectorXd(mu / double(tokens.size()));
+}
+
 // Mean of expert e's unweighted output over the tokens routed to it, in double.
 Eigen::VectorXd mone_mean_direct(const moe_layer& m, const matrix& x, index_t e) {
-  const auto r = mone_route_direct(m, x, e);
-  Eigen::VectorXd mu = Eigen::VectorXd::Zero(m.hidden());
-  const ffn& f = m.experts[std::size_t(e)].weights;
-  for (index_t t : r.tokens) {
-    const auto y = reference::ffn_token(f, x.row(t).data(), f.intermediate());
-    for (index_t d = 0; d < m.hidden(); ++d) mu[d] += y[std::size_t(d)];
-  }
-  return r.tokens.empty() ? mu : Eigen::VectorXd(mu / double(r.tokens.size()));
+  return mone_mean_over(m.experts[std::size_t(e)].weights, x, mone_route_direct(m, x, e).tokens);
 }
 
 convert::mone_options mone_opts(convert::mone_method method, index_t count) {
@@ -587,8 +591,32 @@ TEST_CASE("stories260K: ratio 0 keeps the logits; a novice is the mean output of
   REQUIRE(rep.experts_pruned == 10);
   const auto& original = std::get<moe_layer>(s.w.layers[0].ffn);
   const matrix x0 = s.inputs(s.w, 0);
+  // Which tokens an expert gets is the float router's discrete choice, the
+  // one the model runs and MoNE measures. Redone in double, a token whose
+  // k-th and (k+1)-th probabilities tie to float rounding may change sides
+  // (it does under clang), moving the mean by that token's whole share
+  // (~1e-4), which no rounding tolerance should absorb. So the double mean is
+  // taken over the float router's tokens, and the double routing must agree
+  // with them on every token but such near-ties.
+  const runtime::selection sel = runtime::select_topk(original.router, runtime::router_probs(original.router, x0));
+  const index_t k = original.router.top_k;
+  for (index_t t = 0; t < x0.rows(); ++t) {
+    auto p = reference::probs(original.router, x0.row(t).data());
+    auto direct = reference::top_k(p, k);
+    std::vector<index_t> chosen(sel.expert.begin() + t * k, sel.expert.begin() + (t + 1) * k);
+    std::sort(direct.begin(), direct.end());
+    std::sort(chosen.begin(), chosen.end());
+    if (chosen == direct) continue;
+    std::sort(p.begin(), p.end(), std::greater<>());
+    INFO("token " << t << ": probabilities " << p[std::size_t(k - 1)] << " and " << p[std::size_t(k)]);
+    REQUIRE(p[std::size_t(k - 1)] - p[std::size_t(k)] <= 1e-5 * p[std::size_t(k - 1)]);
+  }
   for (const auto& q : rep.layers[0].pruned) {
-    const Eigen::VectorXd mu = mone_mean_direct(original, x0, q.expert);
+    std::vector<index_t> routed;
+    for (index_t t = 0; t < x0.rows(); ++t)
+      if (std::count(sel.expert.begin() + t * k, sel.expert.begin() + (t + 1) * k, q.expert)) routed.push_back(t);
+    REQUIRE(index_t(routed.size()) == q.routed);
+    const Eigen::VectorXd mu = mone_mean_over(original.experts[std::size_t(q.expert)].weights, x0, routed);
     const vector& novice = std::get<moe_layer>(p.layers[0].ffn).experts[std::size_t(q.expert)].novice;
     REQUIRE((novice.cast<double>() - mu).cwiseAbs().maxCoeff() <= 1e-5 * (1.0 + mu.cwiseAbs().maxCoeff()));
   }
@@ -599,7 +627,7 @@ TEST_CASE("stories260K: ratio 0 keeps the logits; a novice is the mean output of
   REQUIRE(ppl > ppl0);  // pruning costs something
 }
 
-TEST_CASE("stories260K: the pruned model is smaller on disk by exactly the reported bytes and reloads to identical outputs") {
+TEST_CASE("stories260K: the pruned model is smaller on disk by exactly the reported bytes and reloads to identical outputs", "[slow]") {
   const mone_stories s("S2A2E16");
   test::temp_dir tmp;
   io::save_native(s.w, tmp / "unpruned");

@@ -443,12 +443,12 @@ TEST_CASE("panel matrices hold each row's weights at its panel and lane, panels 
   CHECK(p.locate(cut) == std::pair<index_t, index_t>{2, 0});  // rows [0, cut) fill two panels, the second with one row
   for (index_t r = 0; r < rows; ++r) {
     const auto [panel, lane] = p.locate(r);
-    for (index_t k = 0; k < depth; ++k) REQUIRE(p.at(panel, k)[lane] == w(r, k));
+    for (index_t k = 0; k < depth; ++k) REQUIRE(p.at<float>(panel, k)[lane] == w(r, k));
   }
-  CHECK(p.at(1, 3)[1] == 0.0f);  // padding rows of a segment's last panel are zero
+  CHECK(p.at<float>(1, 3)[1] == 0.0f);  // padding rows of a segment's last panel are zero
 }
 
-TEST_CASE("prepared layers give bit-identical results to plain ones, against the reference, for 1-4 threads") {
+TEST_CASE("prepared layers give bit-identical results to plain ones, against the reference, for 1-4 threads; BF16 ones to plain ones of the rounded weights") {
   // Odd widths and H = 333 (two GEMM-path row chunks); shared experts with a
   // sigmoid gate; a novice; major-only and dropped pairs with the major part
   // at the first sub-expert (panels restart there) and, in the last round,
@@ -470,7 +470,11 @@ TEST_CASE("prepared layers give bit-identical results to plain ones, against the
     split_experts(m, round == 0 ? 1 : 2);
     for (auto& ex : m.experts) ex.major = round == 1 && !ex.is_novice() ? ex.parts[0] : 0;
     validate(m, "layer");
-    const runtime::prepared_moe prepared = runtime::prepare(m);
+    const runtime::prepared_moe prepared = runtime::prepare(m), bf16 = runtime::prepare(m, {dtype::bf16, false}),
+                                bf16_dot = runtime::prepare(m, dtype::bf16);
+    moe_layer rounded = m;  // what the BF16 panels hold: the expert weights rounded (the router stays F32)
+    for (auto& ex : rounded.experts) round_to_bf16(ex.weights);
+    for (auto& sh : rounded.shared) round_to_bf16(sh.weights);
     for (index_t t : {1, 7, 64, 300}) {
       const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
       auto sel = runtime::select_topk(m.router, runtime::router_probs(m.router, x));
@@ -491,13 +495,22 @@ TEST_CASE("prepared layers give bit-identical results to plain ones, against the
           return y;
         });
       };
-      const auto plain = run(m), packed = run(prepared);
+      const auto plain = run(m), packed = run(prepared), plain_rounded = run(rounded), packed_bf16 = run(bf16), dot = run(bf16_dot);
       REQUIRE(max_abs_diff(plain[0], want) < 1e-4f);
+      REQUIRE(max_abs_diff(plain_rounded[0], plan_reference(rounded, plan, x)) < 1e-4f);
+      REQUIRE(plain_rounded[0] != plain[0]);  // the rounding is visible, so equality below means something
       for (std::size_t i = 0; i < plain.size(); ++i) {
         INFO("threads " << i + 1);
         REQUIRE(plain[i] == plain[0]);
         REQUIRE(packed[i] == plain[0]);
+        REQUIRE(packed_bf16[i] == plain_rounded[0]);
+        REQUIRE(dot[i] == dot[0]);
       }
+      // With BF16 tokens (vdpbf16ps, many tokens only), close to the exact
+      // BF16 result: each token value moves by at most 2^-8 of itself.
+      if (t > runtime::detail::gemm_tokens_in_place && runtime::detail::bf16_dot_available) REQUIRE(dot[0] != plain_rounded[0]);
+      if (t <= runtime::detail::gemm_tokens_in_place || !runtime::detail::bf16_dot_available) REQUIRE(dot[0] == plain_rounded[0]);
+      REQUIRE(max_abs_diff(dot[0], plain_rounded[0]) <= 2e-2f * plain_rounded[0].cwiseAbs().maxCoeff());
     }
   }
 }
@@ -546,6 +559,41 @@ TEST_CASE("a prepared layer streams few tokens on the team bit-identically, and 
   CHECK(runtime::moe_forward(prepared.layer(), x) == before);
 }
 
+TEST_CASE("BF16 panels hold the rounded weights and project exactly as the rounded row-major weights do, or within BF16 token rounding") {
+  using runtime::detail::gemm_nr;
+  std::mt19937 rng(25);
+  for (index_t rows : {index_t(1), gemm_nr - 1, 3 * gemm_nr + 5})
+    for (index_t depth : {1, 17, 256, 301}) {
+      const matrix w = random_matrix(rows, depth, rng);
+      const matrix rounded = rounded_to_bf16(w);
+      const runtime::detail::panel_matrix p(w.data(), w.outerStride(), rows, depth, {}, {dtype::bf16, false}),
+          dot(w.data(), w.outerStride(), rows, depth, {}, dtype::bf16);
+      INFO("rows " << rows << " depth " << depth);
+      REQUIRE(p.type() == dtype::bf16);
+      REQUIRE(p.bytes() == std::size_t(runtime::detail::panel_matrix::ceil_panels(rows) * gemm_nr * depth * 2));
+      std::vector<float> row(static_cast<std::size_t>(depth));
+      for (index_t r = 0; r < rows; ++r) {
+        p.row_values(r, 0, depth, row.data());
+        REQUIRE(Eigen::Map<const Eigen::RowVectorXf>(row.data(), depth) == rounded.row(r));
+      }
+      for (index_t t : {1, 7, 33, 100}) {
+        const matrix x = random_matrix(t, depth, rng, 1.0f);
+        const auto got = for_each_thread_count([&] { return runtime::project(x, p); });
+        const auto got_dot = for_each_thread_count([&] { return runtime::project(x, dot); });
+        const matrix want = runtime::project(x, rounded);
+        for (std::size_t i = 0; i < got.size(); ++i) REQUIRE((got[i] == want && got_dot[i] == got_dot[0]));
+        // BF16 tokens (8 significant bits): each term x·w moves by at most 2^-8·|x·w|, plus float rounding of the sum.
+        const matrix bound = (x.cwiseAbs() * rounded.cwiseAbs().transpose()) * (std::ldexp(1.0f, -8) + 1e-5f) +
+                             matrix::Constant(t, rows, 1e-30f);
+        REQUIRE(((got_dot[0] - want).cwiseAbs().array() <= bound.array()).all());
+        const bool dot_ran = t > runtime::detail::gemm_tokens_in_place && runtime::detail::bf16_dot_available;
+        REQUIRE((got_dot[0] == want) == !dot_ran);
+      }
+    }
+  const matrix w = random_matrix(4, 4, rng);
+  CHECK_THROWS_AS(runtime::detail::panel_matrix(w.data(), 4, 4, 4, {}, dtype::f16), config_error);
+}
+
 TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same logits as one that refers to them") {
   std::mt19937 rng(24);
   model::weights w;
@@ -570,14 +618,33 @@ TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same 
   m.router.top_k = 2;
   m.router.drop = {drop_kind::two_t, 0.4f, 0.05f, {}};
   w.layers[1].ffn = std::move(m);
-  const model::transformer plain(w);
-  const model::transformer owning{model::weights(w)};
+  // In BF16 the owning transformer computes what the plain one computes on
+  // the weights rounded to BF16; the norms, the router and the embedding
+  // lookup stay F32 (so the rounded copy unties its classifier).
+  model::weights rounded = w;
+  for (auto& l : rounded.layers) {
+    for (matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) *m = rounded_to_bf16(*m);
+    if (auto* f = std::get_if<ffn>(&l.ffn)) round_to_bf16(*f);
+    if (auto* m = std::get_if<moe_layer>(&l.ffn)) {
+      for (auto& ex : m->experts) round_to_bf16(ex.weights);
+      for (auto& sh : m->shared) round_to_bf16(sh.weights);
+    }
+  }
+  rounded.config.tied_embeddings = false;
+  rounded.lm_head = rounded_to_bf16(w.tok_emb);
+  const model::transformer plain(w), plain_rounded(rounded);
+  const model::transformer owning{model::weights(w)}, owning_bf16{model::weights(w), dtype::bf16};
   const std::vector<std::int32_t> prompt{3, 17, 42, 8, 0, 29, 11};
   for (int threads : {1, 2}) {
     with_threads(threads, [&] {
-      auto a = plain.new_cache(), b = owning.new_cache();
-      REQUIRE(plain.forward(prompt, a) == owning.forward(prompt, b));
+      auto a = plain.new_cache(), b = owning.new_cache(), c = plain_rounded.new_cache(), d = owning_bf16.new_cache();
+      const matrix logits = plain.forward(prompt, a);
+      REQUIRE(logits == owning.forward(prompt, b));
       REQUIRE(plain.forward({5}, a) == owning.forward({5}, b));
+      const matrix rounded_logits = plain_rounded.forward(prompt, c);
+      REQUIRE(rounded_logits != logits);  // the rounding is visible
+      REQUIRE(rounded_logits == owning_bf16.forward(prompt, d));
+      REQUIRE(plain_rounded.forward({5}, c) == owning_bf16.forward({5}, d));
       return 0;
     });
   }

@@ -38,6 +38,7 @@ int run_eval(int argc, char** argv) {
          "one-token steps from BOS after two warm-up steps; throughput = the evaluation's tokens/s with windows\n"
          "run side by side, one per thread.");
   add_model_options(a, true);
+  add_dtype_option(a);
   a.required("text", "FILE", "the text to evaluate");
   a.option("ctx", "N", "window length (default: the model's context)");
   a.option("windows", "N", "evaluate only the first N windows");
@@ -48,6 +49,7 @@ int run_eval(int argc, char** argv) {
   a.option("margin", "M", "with --policy 2t: T_major = T - M, T_minor = T + M", "0.01");
   a.flag("json", "print one JSON object instead of text");
   if (!a.parse(argc, argv)) return 0;
+  const auto type = requested_dtype(a);
   auto w = load_model(a);
   if (a.has("policy")) override_drop_policy(w, a);
   const auto tok = load_tokenizer(a, w);
@@ -55,7 +57,8 @@ int run_eval(int argc, char** argv) {
   if (prefill_tokens < 1 || prefill_tokens > w.config.seq_len)
     throw usage_error(detail::cat("moeforge eval: --prefill-tokens must be in 1..", w.config.seq_len, " (the model's context), got ", prefill_tokens));
   const double nominal_active = model::active_ffn_fraction(w);
-  const model::transformer tr(std::move(w));  // owning: it runs the FFNs on prepared layouts
+  const dtype weights_as = type.value_or(w.weight_dtype);
+  const model::transformer tr(std::move(w), weights_as);  // owning: it runs on prepared layouts of --dtype weights
   const auto stream = tok.encode(read_text_file(a.get("text")));
   const auto r = model::perplexity(tr, stream, a.has("ctx") ? a.get_int("ctx", 1) : 0, a.has("windows") ? a.get_int("windows", 1) : 0);
   const double decode = model::decode_tokens_per_second(tr, a.get_int("decode-steps", 1));
@@ -68,6 +71,7 @@ int run_eval(int argc, char** argv) {
                      {"windows", r.windows},
                      {"active_fraction", r.work.active_fraction()},
                      {"nominal_active_fraction", nominal_active},
+                     {"dtype", dtype_name(weights_as)},
                      {"drop_rate", r.work.drop_rate()},
                      {"layer_drop_rate", nlohmann::json::array()},
                      {"seconds", r.seconds},
@@ -81,10 +85,10 @@ int run_eval(int argc, char** argv) {
     std::printf("perplexity   %.6f\ntokens       %lld (predicted %lld, windows %lld)\n"
                 "active FFN   %.1f%% of its work per token on this text (%.1f%% by configuration)\ndrop rate    %.2f%% of the token-expert work\n"
                 "prefill      %.0f tok/s (one stream of %lld tokens)\ndecode       %.0f tok/s (one stream)\n"
-                "throughput   %.0f tok/s (evaluation windows side by side)\n",
+                "throughput   %.0f tok/s (evaluation windows side by side)\nweights      %s\n",
                 r.ppl, (long long)r.tokens, (long long)r.predicted, (long long)r.windows, 100 * r.work.active_fraction(),
                 100 * nominal_active, 100 * r.work.drop_rate(), prefill, (long long)prefill_tokens, decode,
-                r.throughput_tokens_per_second);
+                r.throughput_tokens_per_second, std::string(dtype_name(weights_as)).c_str());
   }
   return 0;
 }

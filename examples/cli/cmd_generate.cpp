@@ -11,6 +11,7 @@ namespace moeforge::cli {
 int run_generate(int argc, char** argv) {
   args a("moeforge generate", "Generate text from a model, starting at BOS (and the prompt, if given).");
   add_model_options(a, true);
+  add_dtype_option(a);
   a.option("prompt", "TEXT", "text to continue", "");
   a.option("steps", "N", "positions to fill, BOS and prompt included", "256");
   a.option("temperature", "T", "0 = greedy", "0");
@@ -24,9 +25,10 @@ int run_generate(int argc, char** argv) {
   o.top_p = float(a.get_double("top-p", [](double p) { return p > 0 && p <= 1; }, "in (0, 1]"));
   o.seed = std::uint64_t(a.get_int("seed", 0));
   const index_t steps = a.get_int("steps", 1);
+  const auto type = requested_dtype(a);
   auto w = load_model(a);
   const auto tok = load_tokenizer(a, w);
-  const model::transformer tr(std::move(w));  // owning: it runs the FFNs on prepared layouts
+  const model::transformer tr(std::move(w), type);  // owning: it runs on prepared layouts of --dtype weights
   const auto out = model::generate(tr, tok.encode(a.get("prompt")), steps, o);
   std::cout << tok.decode(out) << "\n";
   if (a.flag_set("tokens")) {

@@ -36,12 +36,14 @@ std::vector<std::int32_t> parse_tokens(const std::string& list) {
 int run_logits(int argc, char** argv) {
   args a("moeforge logits", "Print the logits at every position of a token sequence.");
   add_model_options(a, false);
+  add_dtype_option(a);
   a.required("tokens", "LIST", "comma-separated token ids, e.g. 1,403,407");
   a.flag("json", "print {\"tokens\": [...], \"logits\": [[...], ...]} (the default output is one line per position)");
   if (!a.parse(argc, argv)) return 0;
+  const auto type = requested_dtype(a);
   auto w = load_model(a);
   const auto tokens = parse_tokens(a.get("tokens"));
-  const model::transformer tr(std::move(w));  // owning: it runs the FFNs on prepared layouts
+  const model::transformer tr(std::move(w), type);  // owning: it runs on prepared layouts of --dtype weights
   auto cache = tr.new_cache();
   const matrix logits = tr.forward(tokens, cache);
   if (a.flag_set("json")) {

@@ -15,11 +15,15 @@
 
 namespace moeforge::cli {
 
-/// --calib, --calib-tokens, --ctx, --out, --force, --quiet, --json.
-inline void add_conversion_options(args& a) {
+/// Calibration tokens when --calib-tokens is not given.
+constexpr index_t default_calib_tokens = 8192;
+
+/// --calib, --calib-tokens, --ctx, --out, --force, --quiet, --json;
+/// `tokens_default` says what --calib-tokens defaults to.
+inline void add_conversion_options(args& a, const std::string& tokens_default = std::to_string(default_calib_tokens)) {
   a.required("calib", "FILE", "calibration text (encoded as one BOS-prefixed stream, like eval)");
   a.required("out", "DIR", "output directory (must not exist unless --force)");
-  a.option("calib-tokens", "N", "calibration tokens", "8192");
+  a.option("calib-tokens", "N", "calibration tokens (default: " + tokens_default + ")");
   a.option("ctx", "N", "calibration window length (default: the model's context)");
   a.flag("force", "replace --out if it exists (only after the new model is complete)");
   a.flag("quiet", "no progress bar");
@@ -37,13 +41,19 @@ struct calibration {
   }
 };
 
-inline calibration load_calibration(const args& a, const model::weights& w) {
-  const auto tok = load_tokenizer(a, w);
-  const index_t ctx = a.has("ctx") ? a.get_int("ctx", 1) : w.config.seq_len;
+/// The calibration windows of --calib: --calib-tokens tokens, or `tokens` when it is not given.
+inline calibration load_calibration(const args& a, const model::config& shape, index_t tokens = default_calib_tokens) {
+  if (a.has("calib-tokens")) tokens = a.get_int("calib-tokens", 1);
+  const auto tok = model::load_tokenizer(tokenizer_path(a), shape.vocab_size);
+  const index_t ctx = a.has("ctx") ? a.get_int("ctx", 1) : shape.seq_len;
   calibration c;
-  c.windows = calib::calibration_windows(tok.encode(read_text_file(a.get("calib"))), ctx, a.get_int("calib-tokens", 1));
-  c.description = {{"text", a.get("calib")}, {"tokens", a.get_int("calib-tokens")}, {"ctx", ctx}, {"windows", c.windows.size()}};
+  c.windows = calib::calibration_windows(tok.encode(read_text_file(a.get("calib"))), ctx, tokens);
+  c.description = {{"text", a.get("calib")}, {"tokens", tokens}, {"ctx", ctx}, {"windows", c.windows.size()}};
   return c;
+}
+
+inline calibration load_calibration(const args& a, const model::weights& w, index_t tokens = default_calib_tokens) {
+  return load_calibration(a, w.config, tokens);
 }
 
 /// Writes `w` to --out as a native model carrying its tokenizer; the

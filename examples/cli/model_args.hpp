@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 
 #include <omp.h>
@@ -30,6 +31,18 @@ inline model::weights load_model(const args& a, const char* config_flag = "confi
   io::load_options o;
   if (a.has(config_flag)) o.config = a.get(config_flag);
   return io::load_model(a.get("model"), o);
+}
+
+/// --dtype for the commands that run a model: the type its weights are kept
+/// in for the kernels.
+inline void add_dtype_option(args& a) {
+  a.option("dtype", "auto|f32|bf16", "weight type the kernels read: auto = the type the file stores (BF16 halves the bytes per token)", "auto");
+}
+
+/// The weight type --dtype asks for; empty for `auto` (the type the model's file stores).
+inline std::optional<dtype> requested_dtype(const args& a) {
+  if (a.get("dtype") == "auto") return std::nullopt;
+  return a.get_parsed("dtype", [](const std::string& v) { return parse_weight_dtype(v); });
 }
 
 /// --tokenizer, else the tokenizer a converted model directory carries, else tok512.bin beside the model.

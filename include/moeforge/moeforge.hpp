@@ -30,3 +30,4 @@
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/native.hpp"
 #include "moeforge/io/load.hpp"
+#include "moeforge/convert/stream.hpp"

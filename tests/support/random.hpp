@@ -16,6 +16,15 @@ inline matrix random_matrix(index_t r, index_t c, std::mt19937& rng, float scale
   return m;
 }
 
+/// m with every value rounded to the nearest BF16: what BF16 panels hold.
+inline matrix rounded_to_bf16(const matrix& m) {
+  return m.unaryExpr([](float v) { return bf16_to_f32(f32_to_bf16(v)); });
+}
+
+inline void round_to_bf16(ffn& f) {
+  for (matrix* w : {&f.gate, &f.up, &f.down}) *w = rounded_to_bf16(*w);
+}
+
 inline ffn random_ffn(index_t h, index_t i, std::mt19937& rng, activation a = activation::silu, bool gated = true) {
   ffn f;
   f.act = a;

@@ -13,7 +13,7 @@
 
 #include "moeforge/core/moe.hpp"
 #include "moeforge/runtime/routing.hpp"
-#include "moeforge/runtime/stream_kernel.hpp"
+#include "moeforge/runtime/gemm.hpp"
 
 namespace moeforge::calib {
 

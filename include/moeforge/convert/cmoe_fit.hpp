@@ -12,17 +12,21 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <random>
 #include <string>
 #include <vector>
 
 #include <Eigen/Cholesky>
 #include <Eigen/Eigenvalues>
+#include <Eigen/QR>
 #include <nlohmann/json.hpp>
 
 #include "moeforge/core/moe.hpp"
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
+#include "moeforge/runtime/project.hpp"
 
 namespace moeforge::convert {
 
@@ -80,6 +84,19 @@ struct fit_options {
   /// block's activations of all calibration tokens.
   index_t distill_steps = 0;
   double distill_lr = 1e-3;  ///< Adam step size
+  /// Size rule (the `best` preset turns it on): keeps the fitting steps'
+  /// time and memory in proportion to the paper's conversion at any width.
+  /// Per layer of hidden size H and I neurons, with the active and shared
+  /// neurons n_a that a token computes:
+  ///   - the fitting steps use the first max(4096, 2^36 / (H·I)) calibration
+  ///     tokens (all of them for stories260K; 4096 for a LLaMA-7B layer);
+  ///   - the joint refit runs only while its system has at most 4096 unknowns
+  ///     per output (a 128 MB Gram; LLaMA-7B's 11008 neurons are not refitted:
+  ///     a 1 GB system, fitted on fewer tokens than unknowns);
+  ///   - distillation runs only while steps · tokens · n_a · H ≤ 2^36
+  ///     multiply-adds (its activations and time grow with all four).
+  /// What the rule skipped is listed in the report (fit_report::skipped).
+  bool size_rule = false;
 
   /// True when any step needs calibration inputs beyond the markers.
   bool fits() const {
@@ -103,13 +120,29 @@ inline void validate(const fit_options& o) {
 /// ‖layer(x) − dense(x)‖² / ‖dense(x)‖² after each step, in order.
 struct fit_report {
   std::vector<std::pair<std::string, double>> errors;
+  std::vector<double> seconds;  ///< [errors] each step's time, its error measurement included
   double router_macs = 0;  ///< multiply-adds per token of the final router (fitted kinds)
+  index_t tokens = 0;      ///< calibration tokens the fitting steps used
+  std::vector<std::string> skipped;  ///< steps the size rule left out, with the reason
 };
 
 inline nlohmann::json to_json(const fit_report& r) {
   nlohmann::json e = nlohmann::json::array();
-  for (const auto& [step, err] : r.errors) e.push_back({{"step", step}, {"relative_error", err}});
-  return {{"calibration_error", e}, {"router_macs_per_token", r.router_macs}};
+  for (std::size_t i = 0; i < r.errors.size(); ++i)
+    e.push_back({{"step", r.errors[i].first}, {"relative_error", r.errors[i].second}, {"seconds", i < r.seconds.size() ? r.seconds[i] : 0.0}});
+  return {{"calibration_error", e}, {"router_macs_per_token", r.router_macs}, {"fit_tokens", r.tokens}, {"skipped", r.skipped}};
+}
+
+/// The size rule's limits (fit_options::size_rule).
+constexpr double size_rule_macs = 68719476736.0;  // 2^36
+constexpr index_t size_rule_min_tokens = 4096;
+constexpr index_t size_rule_max_unknowns = 4096;
+
+/// Calibration tokens the fitting steps of a layer (H, I) use out of `tokens`.
+inline index_t fit_tokens(const fit_options& o, index_t hidden, index_t neurons, index_t tokens) {
+  if (!o.size_rule) return tokens;
+  const double cap = std::max(double(size_rule_min_tokens), std::floor(size_rule_macs / (double(hidden) * double(neurons))));
+  return index_t(std::min(double(tokens), cap));
 }
 
 namespace detail {
@@ -139,49 +172,59 @@ struct eigen_single_thread {
 
 using runtime::neuron_activations;
 
-/// Tokens per block when an expert's outputs are only reduced (norms, means):
-/// bounds the [block, H] output in flight at LLaMA widths.
+/// Tokens per block of an expert's outputs (one product per block).
 constexpr index_t reduce_block = 2048;
 
-/// Mean output [E, H] of every routed expert over the tokens x.
-inline matrix expert_means(const moe_layer& m, const_matrix_ref x) {
+/// What fitting the router and the compensation needs from every routed
+/// expert's outputs on x [T, H]: their means [E, H] (when `want_means`) and
+/// scores [T, E] = ‖out_e(x_t) − centre_e‖ (when `want_scores`; centre: the
+/// means, or 0 without them). One pass per expert, which keeps that expert's
+/// [T, H] outputs while it runs (one expert per thread).
+inline void expert_outputs(const moe_layer& m, const_matrix_ref x, bool want_means, bool want_scores, matrix& means, matrix& scores) {
   const index_t e = m.num_experts(), h = m.hidden(), t = x.rows();
-  matrix means = matrix::Zero(e, h);
+  means = want_means ? matrix::Zero(e, h) : matrix();
+  scores = want_scores ? matrix(t, e) : matrix();
 #pragma omp parallel for schedule(dynamic, 1)
   for (index_t j = 0; j < e; ++j) {
     const ffn& f = m.experts[std::size_t(j)].weights;
-    Eigen::VectorXd sum = Eigen::VectorXd::Zero(h);
+    matrix out(t, h);
     for (index_t t0 = 0; t0 < t; t0 += reduce_block) {
       const index_t n = std::min(reduce_block, t - t0);
-      const matrix out = runtime::project(neuron_activations(f, x.middleRows(t0, n)), f.down);
-      for (index_t p = 0; p < n; ++p) sum += out.row(p).transpose().cast<double>();
+      out.middleRows(t0, n) = runtime::project(neuron_activations(f, x.middleRows(t0, n)), f.down);
     }
-    means.row(j) = (sum / double(std::max<index_t>(t, 1))).cast<float>().transpose();
+    if (want_means) {
+      Eigen::VectorXd sum = Eigen::VectorXd::Zero(h);
+      for (index_t p = 0; p < t; ++p) sum += out.row(p).transpose().cast<double>();
+      means.row(j) = (sum / double(std::max<index_t>(t, 1))).cast<float>().transpose();
+      out.rowwise() -= means.row(j);
+    }
+    if (want_scores)
+      for (index_t p = 0; p < t; ++p) scores(p, j) = out.row(p).norm();
   }
-  return means;
 }
 
-/// ‖out_e(x_t) − centre_e‖ for every token and routed expert → [T, E]
-/// (centre: the expert means, or empty for plain output norms).
-inline matrix expert_scores(const moe_layer& m, const_matrix_ref x, const matrix& centre) {
-  const index_t e = m.num_experts(), t = x.rows();
-  matrix s(t, e);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (index_t j = 0; j < e; ++j) {
-    const ffn& f = m.experts[std::size_t(j)].weights;
-    for (index_t t0 = 0; t0 < t; t0 += reduce_block) {
-      const index_t n = std::min(reduce_block, t - t0);
-      matrix out = runtime::project(neuron_activations(f, x.middleRows(t0, n)), f.down);
-      if (centre.size()) out.rowwise() -= centre.row(j);
-      for (index_t p = 0; p < n; ++p) s(t0 + p, j) = out.row(p).norm();
-    }
-  }
-  return s;
-}
-
-/// aᵀ·b in double for float matrices.
+/// aᵀ·b in double for float matrices. Wide products (the router's Gram at
+/// LLaMA widths) are split into column tiles computed in parallel, each on
+/// one thread, so the result does not depend on the thread count; a Gram
+/// (b is a) computes only the tiles' upper parts and mirrors them.
 inline dmatrix cross(const matrix& a, const matrix& b) {
-  return a.cast<double>().transpose() * b.cast<double>();
+  constexpr index_t tile = 256;
+  const bool gram = &a == &b;
+  const dmatrix ad = a.cast<double>(), bd = gram ? dmatrix() : b.cast<double>();
+  const dmatrix& bb = gram ? ad : bd;
+  dmatrix out(a.cols(), b.cols());
+  const index_t tiles = (b.cols() + tile - 1) / tile;
+#pragma omp parallel for schedule(dynamic, 1) if (tiles > 1 && double(a.rows()) * double(a.cols()) * double(b.cols()) >= 1e9)
+  for (index_t q = 0; q < tiles; ++q) {
+    const index_t c0 = q * tile, n = std::min(tile, b.cols() - c0), rows = gram ? c0 + n : a.cols();
+    out.block(0, c0, rows, n).noalias() = ad.leftCols(rows).transpose() * bb.middleCols(c0, n);
+  }
+  if (gram)
+    for (index_t q = 1; q < tiles; ++q) {
+      const index_t c0 = q * tile, n = std::min(tile, b.cols() - c0);
+      out.block(c0, 0, n, c0) = out.block(0, c0, c0, n).transpose();
+    }
+  return out;
 }
 
 /// Ridge solution w [d, E] of features f [T, d] → targets y [T, E], with
@@ -195,15 +238,48 @@ inline dmatrix ridge(const matrix& f, const matrix& y, double ridge_factor) {
 
 /// The top-`rank` principal directions of x [T, H] as rows P [rank, H] and
 /// the offset c = −P·mean(x), so z = P·x + c is centred on the calibration data.
+/// Above this hidden size the principal directions come from subspace
+/// iteration: a full eigendecomposition of a 4096-wide covariance takes
+/// longer than the rest of a LLaMA-7B layer's conversion.
+constexpr index_t exact_pca_max_hidden = 512;
+
+/// The eigenvectors (columns, descending eigenvalues) of the centred x's
+/// covariance: all of them for narrow x, else the top `rank` by 24 steps of
+/// subspace iteration with 16 extra directions and a Rayleigh–Ritz rotation
+/// (products in float through the kernel, thread-count independent).
+inline dmatrix principal_directions(const_matrix_ref x, const Eigen::RowVectorXd& mean, index_t rank) {
+  const index_t h = x.cols();
+  if (h <= exact_pca_max_hidden) {
+    const dmatrix centred = x.cast<double>().rowwise() - mean;
+    const dmatrix cov = centred.transpose() * centred / double(std::max<index_t>(x.rows(), 1));
+    Eigen::SelfAdjointEigenSolver<dmatrix> es(cov);
+    return es.eigenvectors().rowwise().reverse();
+  }
+  const matrix xc = x.rowwise() - mean.cast<float>();
+  const matrix xt = xc.transpose();
+  const index_t k = std::min(h, rank + 16);
+  // A seeded start (mt19937_64's raw output is the same everywhere) so the result is reproducible.
+  std::mt19937_64 rng(16);
+  dmatrix v(h, k);
+  for (index_t i = 0; i < v.size(); ++i) v.data()[i] = double(rng() >> 11) * 0x1.0p-53 - 0.5;
+  for (int it = 0; it < 24; ++it) {
+    v = Eigen::HouseholderQR<dmatrix>(v).householderQ() * dmatrix::Identity(h, k);
+    const matrix y = runtime::project(xc, matrix(v.transpose().cast<float>()));   // [T, k]
+    v = runtime::project(xt, matrix(y.transpose())).cast<double>();                 // [H, k] = xcᵀ·xc·v
+  }
+  v = Eigen::HouseholderQR<dmatrix>(v).householderQ() * dmatrix::Identity(h, k);
+  const dmatrix y = runtime::project(xc, matrix(v.transpose().cast<float>())).cast<double>();
+  Eigen::SelfAdjointEigenSolver<dmatrix> es(y.transpose() * y);
+  return (v * es.eigenvectors()).rowwise().reverse();
+}
+
 inline void principal_projection(const_matrix_ref x, index_t rank, matrix& p, vector& c) {
   const Eigen::RowVectorXd mean = x.cast<double>().colwise().mean();
-  const dmatrix centred = x.cast<double>().rowwise() - mean;
-  const dmatrix cov = centred.transpose() * centred / double(std::max<index_t>(x.rows(), 1));
-  Eigen::SelfAdjointEigenSolver<dmatrix> es(cov);
+  const dmatrix dirs = principal_directions(x, mean, rank);
   const index_t h = x.cols();
   p.resize(rank, h);
   for (index_t r = 0; r < rank; ++r) {
-    Eigen::VectorXd v = es.eigenvectors().col(h - 1 - r);  // ascending eigenvalues: take from the top
+    Eigen::VectorXd v = dirs.col(r);
     // A fixed sign (largest entry positive) so the stored projection does not
     // depend on the solver's arbitrary choice.
     index_t at = 0;
@@ -456,15 +532,47 @@ inline fit_report fit_layer(const ffn& dense, moe_layer& m, const_matrix_ref x, 
   fit_report rep;
   if (!o.fits()) return rep;
   detail::eigen_single_thread guard;
-  const matrix target = runtime::dense_forward(dense, x);
-  auto record = [&](const std::string& step) { rep.errors.emplace_back(step, detail::relative_error(m, x, target)); };
+  rep.tokens = fit_tokens(o, dense.hidden(), dense.intermediate(), x.rows());
+  const_matrix_ref xf = x.topRows(rep.tokens);
+  index_t shared_width = 0;
+  for (const auto& sh : m.shared) shared_width += sh.weights.intermediate();
+  index_t computed = shared_width;  // neurons a token computes: the shared ones and the widest top-k routed experts
+  {
+    std::vector<index_t> widths;
+    for (const auto& e : m.experts) widths.push_back(e.width());
+    std::sort(widths.rbegin(), widths.rend());
+    for (index_t j = 0; j < std::min<index_t>(m.router.top_k, index_t(widths.size())); ++j) computed += widths[std::size_t(j)];
+  }
+  index_t all_neurons = shared_width;
+  for (const auto& e : m.experts) all_neurons += e.width();
+  refit_mode refit = o.refit;
+  if (o.size_rule && refit != refit_mode::none && all_neurons > size_rule_max_unknowns) {
+    refit = refit_mode::none;
+    rep.skipped.push_back(moeforge::detail::cat("refit ", refit_name(o.refit), ": ", all_neurons, " unknowns per output > ",
+                                                size_rule_max_unknowns, " (size rule)"));
+  }
+  index_t distill_steps = o.distill_steps;
+  if (o.size_rule && distill_steps > 0 &&
+      double(distill_steps) * double(rep.tokens) * double(computed) * double(dense.hidden()) > size_rule_macs) {
+    distill_steps = 0;
+    rep.skipped.push_back(moeforge::detail::cat("distill: ", o.distill_steps, " steps x ", rep.tokens, " tokens x ", computed,
+                                                " neurons x ", dense.hidden(), " > 2^36 multiply-adds (size rule)"));
+  }
+  auto since = std::chrono::steady_clock::now();
+  const matrix target = runtime::dense_forward(dense, xf);
+  auto record = [&](const std::string& step) {
+    rep.errors.emplace_back(step, detail::relative_error(m, xf, target));
+    const auto now = std::chrono::steady_clock::now();
+    rep.seconds.push_back(std::chrono::duration<double>(now - since).count());
+    since = now;
+  };
   record("analytic");
   for (index_t round = 0; round < o.rounds; ++round) {
     const std::string suffix = round ? moeforge::detail::cat(" (round ", round + 1, ")") : std::string();
-    matrix means;
-    if (o.compensate == compensation_mode::novice) means = detail::expert_means(m, x);
+    matrix means, scores;
+    detail::expert_outputs(m, xf, o.compensate == compensation_mode::novice, o.router != router_fit::analytic, means, scores);
     if (o.router != router_fit::analytic) {
-      fit_router(m.router, x, detail::expert_scores(m, x, means), o);
+      fit_router(m.router, xf, scores, o);
       m.compensation = {};
       record(std::string(router_fit_name(o.router)) + " router" + suffix);
     }
@@ -473,13 +581,13 @@ inline fit_report fit_layer(const ffn& dense, moe_layer& m, const_matrix_ref x, 
       m.compensation.bias = means.colwise().sum().transpose();
       record("novice compensation" + suffix);
     }
-    if (o.refit == refit_mode::down) {
-      detail::refit_down(m, x, target, o.refit_ridge);
+    if (refit == refit_mode::down) {
+      detail::refit_down(m, xf, target, o.refit_ridge);
       record("refit down" + suffix);
     }
   }
-  if (o.distill_steps > 0) {
-    detail::distill(m, x, target, o.distill_steps, o.distill_lr);
+  if (distill_steps > 0) {
+    detail::distill(m, xf, target, distill_steps, o.distill_lr);
     record("distill");
   }
   rep.router_macs = m.router.fitted_macs();

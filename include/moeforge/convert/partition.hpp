@@ -52,23 +52,46 @@ inline void permute_neurons(routed_expert& e, const std::vector<index_t>& order)
 /// p/P (renormalised or not, the weight is 1/P of the expert's), so the
 /// sub-experts' down projections are scaled by P; the analytic and centroid
 /// routers' gate weights are exactly `scale` whatever p is, so nothing is
-/// scaled. A novice becomes P novices whose outputs add up to it. Without a
-/// drop policy only: dropping thresholds mean something else on E·P experts.
+/// scaled. A novice becomes P novices whose outputs add up to it. A fitted
+/// router's bias and quadratic rows are repeated like its weight rows (its
+/// projection is per layer), and novice compensation gives each sub-expert
+/// 1/P of its expert's mean, so the P sub-experts of a selected expert remove
+/// exactly that expert's mean. Without a drop policy only: dropping
+/// thresholds mean something else on E·P experts; nor for the oracle router,
+/// which scores each (sub-)expert by its own output.
 inline moe_layer complete_transformation(const moe_layer& m, index_t parts, const std::string& what = "complete transformation") {
   check_partition(m, parts, what);
   if (m.router.drop.active())
     throw config_error(moeforge::detail::cat(what, ": the layer has a ", drop_kind_name(m.router.drop.kind),
                                              " drop policy; the complete transformation is exact only without dropping"));
-  const index_t e_count = m.num_experts(), h = m.hidden();
+  if (m.router.kind == router_kind::oracle)
+    throw config_error(moeforge::detail::cat(what, ": the oracle router scores every sub-expert by its own output, so its top-",
+                                             m.router.top_k * parts, " is not the split of its top-", m.router.top_k,
+                                             " (a diagnostic router; split the layer's deployable router instead)"));
+  const index_t e_count = m.num_experts();
   const float gain = m.router.kind == router_kind::softmax_topk ? float(parts) : 1.0f;
+  // Repeats every row of a per-expert table P times (an empty table stays empty).
+  const auto repeat_rows = [&](const matrix& a) {
+    matrix r(a.rows() * parts, a.cols());
+    for (index_t i = 0; i < r.rows(); ++i) r.row(i) = a.row(i / parts);
+    return r;
+  };
   moe_layer out;
   out.shared = m.shared;
   out.router.kind = m.router.kind;
   out.router.top_k = m.router.top_k * parts;
   out.router.renormalize = m.router.renormalize;
   out.router.scale = m.router.scale;
-  out.router.weight.resize(e_count * parts, h);
-  if (m.router.weight_up.size()) out.router.weight_up.resize(e_count * parts, h);
+  out.router.weight = repeat_rows(m.router.weight);
+  out.router.weight_up = repeat_rows(m.router.weight_up);
+  out.router.bias = repeat_rows(m.router.bias);
+  out.router.weight_quad = repeat_rows(m.router.weight_quad);
+  out.router.projection = m.router.projection;
+  out.router.projection_bias = m.router.projection_bias;
+  if (m.compensation.active()) {
+    out.compensation.bias = m.compensation.bias;
+    out.compensation.means = repeat_rows(m.compensation.means) / float(parts);
+  }
   for (index_t e = 0; e < e_count; ++e) {
     const auto& ex = m.experts[std::size_t(e)];
     std::vector<index_t> bounds{0};
@@ -78,8 +101,6 @@ inline moe_layer complete_transformation(const moe_layer& m, index_t parts, cons
       bounds.push_back(ex.width());
     }
     for (index_t p = 0; p < parts; ++p) {
-      out.router.weight.row(e * parts + p) = m.router.weight.row(e);
-      if (m.router.weight_up.size()) out.router.weight_up.row(e * parts + p) = m.router.weight_up.row(e);
       routed_expert sub;
       if (ex.is_novice()) {
         sub.novice = ex.novice * (gain / float(parts));

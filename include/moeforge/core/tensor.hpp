@@ -37,6 +37,12 @@ inline std::string_view dtype_name(dtype t) {
   return "?";
 }
 
+/// A BF16 value as stored: the upper 16 bits of an IEEE float (weights kept
+/// in BF16 are arrays of these; the kernels widen them in registers).
+struct bfloat16 {
+  std::uint16_t bits;
+};
+
 inline float bf16_to_f32(std::uint16_t h) {
   const std::uint32_t bits = std::uint32_t(h) << 16;
   float f;
@@ -51,6 +57,14 @@ inline std::uint16_t f32_to_bf16(float f) {
   if (std::isnan(f)) return std::uint16_t((bits >> 16) | 0x40);
   bits += 0x7fff + ((bits >> 16) & 1);
   return std::uint16_t(bits >> 16);
+}
+
+/// Parses "f32" or "bf16" (case-insensitive F32/BF16 too), the weight types
+/// the kernels run on; throws config_error naming the text.
+inline dtype parse_weight_dtype(std::string_view text) {
+  if (text == "f32" || text == "F32") return dtype::f32;
+  if (text == "bf16" || text == "BF16") return dtype::bf16;
+  throw config_error(detail::cat("weight dtype '", text, "': expected f32 or bf16"));
 }
 
 inline float f16_to_f32(std::uint16_t h) {

@@ -225,18 +225,25 @@ struct hf_moe_spec {
 namespace detail {
 
 // Reads tensors of one checkpoint against the shapes the config implies,
-// rejects NaN/Inf, and remembers which names were used.
+// rejects NaN/Inf, and remembers which names were used. With `shapes_only` it
+// reads no data: it checks names and shapes against the headers and returns
+// empty tensors (how streaming conversion vets a whole model up front).
 class tensor_reader {
  public:
-  explicit tensor_reader(const safetensors_checkpoint& ck) : ck_(ck) {}
+  explicit tensor_reader(const safetensors_checkpoint& ck, bool shapes_only = false) : ck_(ck), shapes_only_(shapes_only) {}
 
   bool has(const std::string& name) const { return ck_.contains(name); }
   matrix mat(const std::string& name, index_t rows, index_t cols) {
+    if (shapes_only_) return shape_checked<matrix>(name, {rows, cols});
     return checked(ck_.read_matrix(name, rows, cols), name);
   }
-  vector vec(const std::string& name, index_t n) { return checked(ck_.read_vector(name, n), name); }
-  // A 3-D tensor [a, b, c] as a flat row-major buffer.
+  vector vec(const std::string& name, index_t n) {
+    if (shapes_only_) return shape_checked<vector>(name, {n});
+    return checked(ck_.read_vector(name, n), name);
+  }
+  // A 3-D tensor [a, b, c] as a flat row-major buffer (empty when only checking shapes).
   std::vector<float> cube(const std::string& name, index_t a, index_t b, index_t c) {
+    if (shapes_only_) return shape_checked<std::vector<float>>(name, {a, b, c});
     ck_.require_shape(name, {a, b, c});
     auto v = ck_.read(name);
     if (!std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); }))
@@ -260,7 +267,14 @@ class tensor_reader {
     used_.insert(name);
     return m;
   }
+  template <class M>
+  M shape_checked(const std::string& name, const std::vector<std::int64_t>& shape) {
+    ck_.require_shape(name, shape);
+    used_.insert(name);
+    return M();
+  }
   const safetensors_checkpoint& ck_;
+  bool shapes_only_;
   std::set<std::string> used_;
 };
 
@@ -287,7 +301,7 @@ inline moe_layer read_moe_block(tensor_reader& t, const std::string& p, const hf
     // gate_up_proj [E, 2I, H]: the gate's I rows first; down_proj [E, H, I].
     const auto gu = t.cube(packed, e, 2 * i, h);
     const auto dn = t.cube(p + ".experts.down_proj", e, h, i);
-    for (index_t x = 0; x < e; ++x) {
+    for (index_t x = 0; x < e && !gu.empty(); ++x) {
       ffn& f = m.experts[std::size_t(x)].weights;
       const float* g = gu.data() + std::size_t(x) * std::size_t(2 * i * h);
       f.gate = Eigen::Map<const matrix>(g, i, h);
@@ -316,6 +330,35 @@ inline hf_moe_spec moe_spec_of(const hf_config& h) {
   return {h.model_type, h.model.dim, h.experts, h.top_k, h.expert_intermediate, h.shared_intermediate, h.norm_topk_prob};
 }
 
+// Layer `li` as config.json describes it (attention, norms, dense FFN or MoE block).
+inline model::layer read_layer(tensor_reader& t, const hf_config& h, index_t li) {
+  const auto& c = h.model;
+  const index_t dim = c.dim, q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
+  model::layer l;
+  const std::string p = cat("model.layers.", li, ".");
+  l.attn_norm = t.vec(p + "input_layernorm.weight", dim);
+  l.ffn_norm = t.vec(p + "post_attention_layernorm.weight", dim);
+  l.wq = t.mat(p + "self_attn.q_proj.weight", q, dim);
+  l.wk = t.mat(p + "self_attn.k_proj.weight", kv, dim);
+  l.wv = t.mat(p + "self_attn.v_proj.weight", kv, dim);
+  l.wo = t.mat(p + "self_attn.o_proj.weight", dim, q);
+  if (h.qkv_bias) {
+    l.bq = t.vec(p + "self_attn.q_proj.bias", q);
+    l.bk = t.vec(p + "self_attn.k_proj.bias", kv);
+    l.bv = t.vec(p + "self_attn.v_proj.bias", kv);
+  }
+  // Older exports keep RoPE's inverse frequencies as a buffer; they follow from the config.
+  if (t.has(p + "self_attn.rotary_emb.inv_freq")) t.skip(p + "self_attn.rotary_emb.inv_freq");
+  if (h.is_moe_layer(li)) {
+    // transformers 5 names Mixtral's block "mlp", earlier versions "block_sparse_moe".
+    const bool classic = h.model_type == "mixtral" && t.has(p + "block_sparse_moe.gate.weight");
+    l.ffn = read_moe_block(t, p + (classic ? "block_sparse_moe" : "mlp"), moe_spec_of(h));
+  } else {
+    l.ffn = read_ffn(t, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight", dim, h.intermediate);
+  }
+  return l;
+}
+
 // The config.json next to a weights path: the directory's own, or the file's sibling.
 inline std::string sibling_config(const std::string& weights) {
   namespace fs = std::filesystem;
@@ -337,54 +380,45 @@ inline moe_layer load_hf_moe_block(const safetensors_checkpoint& ck, const std::
   return m;
 }
 
+namespace detail {
+
+// Every tensor config.json implies, in one walk (read, or only checked: see
+// tensor_reader); a tensor left over is an error naming `what`.
+inline model::weights read_model(tensor_reader& t, const hf_config& h, const std::string& what) {
+  const auto& c = h.model;
+  model::weights w;
+  w.config = c;
+  w.tok_emb = t.mat("model.embed_tokens.weight", c.vocab_size, c.dim);
+  w.final_norm = t.vec("model.norm.weight", c.dim);
+  if (!c.tied_embeddings)
+    w.lm_head = t.mat("lm_head.weight", c.vocab_size, c.dim);
+  else if (t.has("lm_head.weight"))
+    t.skip("lm_head.weight");  // some exporters store the tied copy too
+  for (index_t li = 0; li < c.n_layers; ++li) w.layers.push_back(read_layer(t, h, li));
+  t.require_all_used(what);
+  return w;
+}
+
+inline std::string config_beside(const std::string& weights, const std::string& config) {
+  const std::string path = config.empty() ? sibling_config(weights) : config;
+  if (!std::filesystem::exists(path))
+    throw io_error(cat("hf model '", weights, "': no config.json at '", path, "' (pass the config file explicitly)"));
+  return path;
+}
+
+}  // namespace detail
+
 /// Loads a Hugging Face model: `weights` is a directory (config.json plus
 /// model.safetensors or model.safetensors.index.json), an index, or one
 /// .safetensors file; `config` overrides where config.json is looked for.
 inline model::weights load_hf(const std::string& weights, const std::string& config = "") {
   using detail::cat;
-  const std::string config_path = config.empty() ? detail::sibling_config(weights) : config;
-  if (!std::filesystem::exists(config_path))
-    throw io_error(cat("hf model '", weights, "': no config.json at '", config_path, "' (pass the config file explicitly)"));
+  const std::string config_path = detail::config_beside(weights, config);
   const hf_config h = read_hf_config(config_path);
   const safetensors_checkpoint ck(weights);
   detail::tensor_reader t(ck);
-  const auto& c = h.model;
-  const index_t dim = c.dim, q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
-
-  model::weights w;
-  w.config = c;
-  w.tok_emb = t.mat("model.embed_tokens.weight", c.vocab_size, dim);
-  w.final_norm = t.vec("model.norm.weight", dim);
-  if (!c.tied_embeddings)
-    w.lm_head = t.mat("lm_head.weight", c.vocab_size, dim);
-  else if (t.has("lm_head.weight"))
-    t.skip("lm_head.weight");  // some exporters store the tied copy too
-  w.layers.resize(std::size_t(c.n_layers));
-  for (index_t li = 0; li < c.n_layers; ++li) {
-    auto& l = w.layers[std::size_t(li)];
-    const std::string p = cat("model.layers.", li, ".");
-    l.attn_norm = t.vec(p + "input_layernorm.weight", dim);
-    l.ffn_norm = t.vec(p + "post_attention_layernorm.weight", dim);
-    l.wq = t.mat(p + "self_attn.q_proj.weight", q, dim);
-    l.wk = t.mat(p + "self_attn.k_proj.weight", kv, dim);
-    l.wv = t.mat(p + "self_attn.v_proj.weight", kv, dim);
-    l.wo = t.mat(p + "self_attn.o_proj.weight", dim, q);
-    if (h.qkv_bias) {
-      l.bq = t.vec(p + "self_attn.q_proj.bias", q);
-      l.bk = t.vec(p + "self_attn.k_proj.bias", kv);
-      l.bv = t.vec(p + "self_attn.v_proj.bias", kv);
-    }
-    // Older exports keep RoPE's inverse frequencies as a buffer; they follow from the config.
-    if (t.has(p + "self_attn.rotary_emb.inv_freq")) t.skip(p + "self_attn.rotary_emb.inv_freq");
-    if (h.is_moe_layer(li)) {
-      // transformers 5 names Mixtral's block "mlp", earlier versions "block_sparse_moe".
-      const bool classic = h.model_type == "mixtral" && t.has(p + "block_sparse_moe.gate.weight");
-      l.ffn = detail::read_moe_block(t, p + (classic ? "block_sparse_moe" : "mlp"), detail::moe_spec_of(h));
-    } else {
-      l.ffn = detail::read_ffn(t, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight", dim, h.intermediate);
-    }
-  }
-  t.require_all_used(cat("hf model '", weights, "' (config '", config_path, "')"));
+  model::weights w = detail::read_model(t, h, cat("hf model '", weights, "' (config '", config_path, "')"));
+  w.weight_dtype = ck.weight_dtype();
   try {
     model::validate(w);
   } catch (const error& e) {
@@ -392,6 +426,54 @@ inline model::weights load_hf(const std::string& weights, const std::string& con
   }
   return w;
 }
+
+/// A Hugging Face checkpoint read one layer at a time from its memory-mapped
+/// shards, for models bigger than memory. Opening it checks the config, every
+/// shard's framing and every tensor's name and shape (headers only, no data
+/// is read), so a damaged checkpoint is refused before any work starts.
+class hf_layers {
+ public:
+  explicit hf_layers(const std::string& weights, const std::string& config = "")
+      : config_path_(detail::config_beside(weights, config)), h_(read_hf_config(config_path_)), ck_(weights) {
+    detail::tensor_reader t(ck_, true);
+    detail::read_model(t, h_, detail::cat("hf model '", weights, "' (config '", config_path_, "')"));
+  }
+
+  const hf_config& config() const { return h_; }
+  const std::string& config_path() const { return config_path_; }
+  const safetensors_checkpoint& checkpoint() const { return ck_; }
+
+  /// Layer `li` in FP32 (NaN or Inf refused, naming the tensor).
+  model::layer layer(index_t li) const {
+    detail::tensor_reader t(ck_);
+    return detail::read_layer(t, h_, li);
+  }
+
+  /// The embedding rows of `tokens` [n, H]; the rest of the table is not touched.
+  matrix embed(const std::vector<std::int32_t>& tokens) const {
+    const index_t dim = h_.model.dim;
+    matrix x(index_t(tokens.size()), dim);
+    for (std::size_t t = 0; t < tokens.size(); ++t) {
+      const auto id = tokens[t];
+      if (id < 0 || id >= h_.model.vocab_size)
+        throw config_error(detail::cat("hf model: token ", id, " at ", t, " is outside the vocabulary of ", h_.model.vocab_size));
+      ck_.read_rows("model.embed_tokens.weight", std::size_t(id) * std::size_t(dim), std::size_t(dim), x.row(index_t(t)).data());
+    }
+    moeforge::detail::require_finite(x, "hf: tensor 'model.embed_tokens.weight'");
+    return x;
+  }
+
+  /// The dtype a tensor is stored in.
+  io::dtype stored(const std::string& name) const { return ck_.info(name).dtype; }
+
+  /// See safetensors_checkpoint::release.
+  void release() const { ck_.release(); }
+
+ private:
+  std::string config_path_;
+  hf_config h_;
+  safetensors_checkpoint ck_;
+};
 
 /// Whether `dir` looks like a Hugging Face model directory.
 inline bool is_hf_dir(const std::string& dir) {

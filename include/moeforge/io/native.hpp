@@ -1,6 +1,10 @@
-// moeforge's native model format: a directory holding `model.safetensors`
-// (every tensor, F32) and `moeforge.json` (the config, what each layer is, and
-// where the model came from). It round-trips every model moeforge can build,
+// moeforge's native model format: a directory holding the tensors and
+// `moeforge.json` (the config, what each layer is, and where the model came
+// from). The tensors are one `model.safetensors` (save_native: all F32), or
+// shards `model-0000k-of-0000N.safetensors` listed by
+// `model.safetensors.index.json` as Hugging Face shards them (a streamed
+// conversion, native_shard_writer: each tensor in its source's dtype, F32,
+// F16 or BF16). The loader reads both and widens F16/BF16 to F32. It round-trips every model moeforge can build,
 // including the CMoE analytic router and MoNE novices that have no Hugging
 // Face equivalent.
 //
@@ -21,7 +25,7 @@
 // model written before they existed has no dropping, one sub-expert per expert
 // and no novice compensation.
 //
-// Tensor names (all F32, row-major, [out, in] like Hugging Face):
+// Tensor names (row-major, [out, in] like Hugging Face):
 //   tok_emb [V,H], final_norm [H], lm_head [V,H] (absent when tied),
 //   layers.L.{attn_norm, ffn_norm, wq, wk, wv, wo, bq, bk, bv (optional)},
 //   dense FFN:  layers.L.ffn.{gate, up, down}
@@ -35,8 +39,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -69,61 +76,70 @@ namespace detail {
 using moeforge::detail::cat;
 
 /// Calls `on_matrix(name, m)` / `on_vector(name, v)` for every tensor slot of
-/// `w` in one fixed order. Optional tensors (biases, lm_head when tied, a
-/// dense FFN's gate when ungated) are visited only when the layer description
-/// says they exist, so the same walk serves saving and loading.
-template <class Weights, class OnMatrix, class OnVector>
-void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
-  on_matrix("tok_emb", w.tok_emb);
-  on_vector("final_norm", w.final_norm);
-  if (!w.config.tied_embeddings) on_matrix("lm_head", w.lm_head);
+/// layer `i` of a model in one fixed order. Optional tensors (biases, a dense
+/// FFN's gate when ungated) are visited only when the layer description says
+/// they exist, so the same walk serves saving and loading.
+template <class Layer, class OnMatrix, class OnVector>
+void for_each_layer_tensor(std::size_t i, Layer& l, OnMatrix&& on_matrix, OnVector&& on_vector) {
   auto ffn_tensors = [&](const std::string& prefix, auto& f) {
     if (f.gated()) on_matrix(prefix + ".gate", f.gate);
     on_matrix(prefix + ".up", f.up);
     on_matrix(prefix + ".down", f.down);
   };
-  for (std::size_t i = 0; i < w.layers.size(); ++i) {
-    auto& l = w.layers[i];
-    const std::string p = cat("layers.", i);
-    on_vector(p + ".attn_norm", l.attn_norm);
-    on_vector(p + ".ffn_norm", l.ffn_norm);
-    on_matrix(p + ".wq", l.wq);
-    on_matrix(p + ".wk", l.wk);
-    on_matrix(p + ".wv", l.wv);
-    on_matrix(p + ".wo", l.wo);
-    if (l.bq.size()) on_vector(p + ".bq", l.bq);
-    if (l.bk.size()) on_vector(p + ".bk", l.bk);
-    if (l.bv.size()) on_vector(p + ".bv", l.bv);
-    if (auto* f = std::get_if<ffn>(&l.ffn)) {
-      ffn_tensors(p + ".ffn", *f);
-      continue;
-    }
-    auto& m = std::get<moe_layer>(l.ffn);
-    on_matrix(p + ".moe.router.weight", m.router.weight);
-    if (m.router.kind == router_kind::cmoe_analytic) on_matrix(p + ".moe.router.weight_up", m.router.weight_up);
-    if (m.router.fitted() && m.router.bias.size()) on_vector(p + ".moe.router.bias", m.router.bias);
-    if (m.router.kind == router_kind::quadratic_topk && m.router.rank() > 0) {
-      on_matrix(p + ".moe.router.projection", m.router.projection);
-      on_vector(p + ".moe.router.projection_bias", m.router.projection_bias);
-      on_matrix(p + ".moe.router.weight_quad", m.router.weight_quad);
-    }
-    if (m.compensation.active()) {
-      on_vector(p + ".moe.compensation.bias", m.compensation.bias);
-      on_matrix(p + ".moe.compensation.means", m.compensation.means);
-    }
-    for (std::size_t e = 0; e < m.experts.size(); ++e) {
-      const std::string q = cat(p, ".moe.experts.", e);
-      if (m.experts[e].is_novice())
-        on_vector(q + ".novice", m.experts[e].novice);
-      else
-        ffn_tensors(q, m.experts[e].weights);
-    }
-    for (std::size_t s = 0; s < m.shared.size(); ++s) {
-      const std::string q = cat(p, ".moe.shared.", s);
-      ffn_tensors(q, m.shared[s].weights);
-      if (m.shared[s].gated()) on_vector(q + ".sigmoid_gate", m.shared[s].gate);
-    }
+  const std::string p = cat("layers.", i);
+  on_vector(p + ".attn_norm", l.attn_norm);
+  on_vector(p + ".ffn_norm", l.ffn_norm);
+  on_matrix(p + ".wq", l.wq);
+  on_matrix(p + ".wk", l.wk);
+  on_matrix(p + ".wv", l.wv);
+  on_matrix(p + ".wo", l.wo);
+  if (l.bq.size()) on_vector(p + ".bq", l.bq);
+  if (l.bk.size()) on_vector(p + ".bk", l.bk);
+  if (l.bv.size()) on_vector(p + ".bv", l.bv);
+  if (auto* f = std::get_if<ffn>(&l.ffn)) {
+    ffn_tensors(p + ".ffn", *f);
+    return;
   }
+  auto& m = std::get<moe_layer>(l.ffn);
+  on_matrix(p + ".moe.router.weight", m.router.weight);
+  if (m.router.kind == router_kind::cmoe_analytic) on_matrix(p + ".moe.router.weight_up", m.router.weight_up);
+  if (m.router.fitted() && m.router.bias.size()) on_vector(p + ".moe.router.bias", m.router.bias);
+  if (m.router.kind == router_kind::quadratic_topk && m.router.rank() > 0) {
+    on_matrix(p + ".moe.router.projection", m.router.projection);
+    on_vector(p + ".moe.router.projection_bias", m.router.projection_bias);
+    on_matrix(p + ".moe.router.weight_quad", m.router.weight_quad);
+  }
+  if (m.compensation.active()) {
+    on_vector(p + ".moe.compensation.bias", m.compensation.bias);
+    on_matrix(p + ".moe.compensation.means", m.compensation.means);
+  }
+  for (std::size_t e = 0; e < m.experts.size(); ++e) {
+    const std::string q = cat(p, ".moe.experts.", e);
+    if (m.experts[e].is_novice())
+      on_vector(q + ".novice", m.experts[e].novice);
+    else
+      ffn_tensors(q, m.experts[e].weights);
+  }
+  for (std::size_t s = 0; s < m.shared.size(); ++s) {
+    const std::string q = cat(p, ".moe.shared.", s);
+    ffn_tensors(q, m.shared[s].weights);
+    if (m.shared[s].gated()) on_vector(q + ".sigmoid_gate", m.shared[s].gate);
+  }
+}
+
+/// The tensors of the model outside its layers, in the same spirit.
+template <class Weights, class OnMatrix, class OnVector>
+void for_each_global_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
+  on_matrix("tok_emb", w.tok_emb);
+  on_vector("final_norm", w.final_norm);
+  if (!w.config.tied_embeddings) on_matrix("lm_head", w.lm_head);
+}
+
+/// Every tensor slot of `w`: the global ones, then each layer's.
+template <class Weights, class OnMatrix, class OnVector>
+void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
+  for_each_global_tensor(w, on_matrix, on_vector);
+  for (std::size_t i = 0; i < w.layers.size(); ++i) for_each_layer_tensor(i, w.layers[i], on_matrix, on_vector);
 }
 
 inline const char* rope_name(model::rope_style r) { return r == model::rope_style::interleaved ? "interleaved" : "half_split"; }
@@ -306,6 +322,25 @@ inline model::layer layer_skeleton(const manifest_reader& r, const nlohmann::jso
   return l;
 }
 
+/// Renames the complete directory `staged` to `dir`; an existing `dir` is
+/// replaced only then, and survives if the rename fails.
+inline void move_into_place(const std::filesystem::path& staged, const std::filesystem::path& dir) {
+  std::error_code ec;
+  const auto old = dir.parent_path() / cat(".", dir.filename().string(), ".old.", ::getpid());
+  const bool replacing = std::filesystem::exists(dir);
+  if (replacing) {
+    std::filesystem::rename(dir, old, ec);
+    if (ec) throw io_error(cat("native: cannot move '", dir.string(), "' aside: ", ec.message()));
+  }
+  std::filesystem::rename(staged, dir, ec);
+  if (ec) {
+    std::error_code ignored;
+    if (replacing) std::filesystem::rename(old, dir, ignored);
+    throw io_error(cat("native: cannot rename '", staged.string(), "' to '", dir.string(), "': ", ec.message()));
+  }
+  if (replacing) std::filesystem::remove_all(old, ec);
+}
+
 /// A new sibling of `dir` for building the output in; removed unless committed.
 class staging_dir {
  public:
@@ -326,24 +361,10 @@ class staging_dir {
   }
   const std::filesystem::path& path() const { return path_; }
 
-  /// Moves the staged directory to `dir`; an existing `dir` is replaced only
-  /// after the new one is complete, and survives if the rename fails.
+  /// Moves the staged directory to `dir` (see move_into_place).
   void commit(const std::filesystem::path& dir) {
-    std::error_code ec;
-    const auto old = dir.parent_path() / cat(".", dir.filename().string(), ".old.", ::getpid());
-    const bool replacing = std::filesystem::exists(dir);
-    if (replacing) {
-      std::filesystem::rename(dir, old, ec);
-      if (ec) throw io_error(cat("native: cannot move '", dir.string(), "' aside: ", ec.message()));
-    }
-    std::filesystem::rename(path_, dir, ec);
-    if (ec) {
-      std::error_code ignored;
-      if (replacing) std::filesystem::rename(old, dir, ignored);
-      throw io_error(cat("native: cannot rename '", path_.string(), "' to '", dir.string(), "': ", ec.message()));
-    }
+    move_into_place(path_, dir);
     committed_ = true;
-    if (replacing) std::filesystem::remove_all(old, ec);
   }
 
  private:
@@ -351,7 +372,132 @@ class staging_dir {
   bool committed_ = false;
 };
 
+/// Writes moeforge.json into a directory being built and copies the attachments beside it.
+inline void write_manifest(const std::filesystem::path& dir, const model::config& c, nlohmann::json layers, const nlohmann::json& provenance,
+                           const std::vector<std::pair<std::string, std::string>>& attachments) {
+  const nlohmann::json manifest{{"format", "moeforge"},
+                                {"version", native_version},
+                                {"config", config_json(c)},
+                                {"layers", std::move(layers)},
+                                {"provenance", provenance}};
+  {
+    std::ofstream f(dir / native_manifest);
+    f << manifest.dump(2) << "\n";
+    if (!f.flush()) throw io_error(cat("native: cannot write '", (dir / native_manifest).string(), "'"));
+  }
+  for (const auto& [source, name] : attachments) {
+    std::error_code ec;
+    std::filesystem::copy_file(source, dir / name, ec);
+    if (ec) throw io_error(cat("native: cannot copy '", source, "' into the model: ", ec.message()));
+  }
+}
+
 }  // namespace detail
+
+inline constexpr const char* native_index = "model.safetensors.index.json";
+
+/// Writes a native model's tensors tensor by tensor into shards of at most
+/// `shard_bytes` (a tensor bigger than that gets a shard of its own), inside a
+/// directory being built (a staging directory), so a model bigger than memory
+/// can be written as it is produced. state() records what is on disk, so a
+/// killed run can continue with resume(); finish() names the shards
+/// model-0000k-of-0000N.safetensors beside their index (one shard is plain
+/// model.safetensors, which every moeforge reads).
+class native_shard_writer {
+ public:
+  native_shard_writer(std::filesystem::path dir, std::uint64_t shard_bytes) : dir_(std::move(dir)), shard_bytes_(shard_bytes) {
+    if (shard_bytes_ < 1) throw config_error("native: the shard size must be at least 1 byte");
+  }
+
+  /// Continues from a state() an interrupted writer recorded.
+  static native_shard_writer resume(std::filesystem::path dir, std::uint64_t shard_bytes, const nlohmann::json& state) {
+    native_shard_writer w(std::move(dir), shard_bytes);
+    try {
+      for (const auto& c : state.at("closed")) w.closed_.push_back(tensors_of(c));
+      if (!state.at("open").is_null()) {
+        w.open_.emplace(safetensors_writer::resume(w.part(w.closed_.size()).string(), w.reserve(), tensors_of(state.at("open")), metadata()));
+      }
+    } catch (const nlohmann::json::exception& e) {
+      throw format_error(detail::cat("native: the recorded shard state in '", w.dir_.string(), "' is damaged (", e.what(), ")"));
+    }
+    return w;
+  }
+
+  /// Appends a tensor stored as `stored` (F32, or F16/BF16 rounded to nearest even).
+  void add(const std::string& name, const std::vector<std::int64_t>& shape, const float* data, io::dtype stored) {
+    std::uint64_t bytes = dtype_size(stored);
+    for (auto d : shape) bytes *= std::uint64_t(std::max<std::int64_t>(d, 0));
+    if (open_ && !open_->tensors().empty() && (open_->file_bytes() + bytes > shard_bytes_ || !open_->fits(name, shape, stored))) {
+      open_->finish();
+      closed_.push_back(open_->tensors());
+      open_.reset();
+    }
+    if (!open_) open_.emplace(part(closed_.size()).string(), reserve(), metadata());
+    open_->add(name, shape, data, stored);
+  }
+
+  /// What is written so far, as JSON (see resume()).
+  nlohmann::json state() const {
+    nlohmann::json closed = nlohmann::json::array();
+    for (const auto& c : closed_) closed.push_back(json_of(c));
+    return {{"closed", closed}, {"open", open_ ? json_of(open_->tensors()) : nlohmann::json()}};
+  }
+
+  /// Closes the last shard and gives the shards their final names (and an index when there are several).
+  void finish() {
+    using detail::cat;
+    if (open_) {
+      open_->finish();
+      closed_.push_back(open_->tensors());
+      open_.reset();
+    }
+    const std::size_t n = closed_.size();
+    nlohmann::json map = nlohmann::json::object();
+    std::uint64_t total = 0;
+    for (std::size_t k = 0; k < n; ++k) {
+      char name[64];
+      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, n);
+      const std::string final_name = n == 1 ? std::string(native_tensors) : std::string(name);
+      std::error_code ec;
+      std::filesystem::rename(part(k), dir_ / final_name, ec);
+      if (ec) throw io_error(cat("native: cannot rename '", part(k).string(), "': ", ec.message()));
+      for (const auto& t : closed_[k]) {
+        map[t.name] = final_name;
+        total += t.end - t.begin;
+      }
+    }
+    if (n > 1) {
+      std::ofstream f(dir_ / native_index);
+      f << nlohmann::json{{"metadata", {{"total_size", total}}}, {"weight_map", map}}.dump(2) << "\n";
+      if (!f.flush()) throw io_error(cat("native: cannot write '", (dir_ / native_index).string(), "'"));
+    }
+  }
+
+ private:
+  std::filesystem::path part(std::size_t k) const { return dir_ / detail::cat("shard-", k + 1, ".part"); }
+  // Room for the header: ~100 bytes a tensor, so shards of big tensors need
+  // little and small test shards do not carry a megabyte of spaces.
+  std::size_t reserve() const { return std::size_t(std::clamp<std::uint64_t>(shard_bytes_ / 1024, 4096, 1 << 20)); }
+  static std::map<std::string, std::string> metadata() { return {{"format", "pt"}, {"producer", "moeforge"}}; }
+
+  static nlohmann::json json_of(const std::vector<tensor_info>& ts) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& t : ts) out.push_back({t.name, std::string(dtype_name(t.dtype)), t.shape, t.begin, t.end});
+    return out;
+  }
+  static std::vector<tensor_info> tensors_of(const nlohmann::json& j) {
+    std::vector<tensor_info> out;
+    for (const auto& e : j)
+      out.push_back({e.at(0).get<std::string>(), detail::parse_dtype(e.at(1).get<std::string>(), "native shard state"),
+                     e.at(2).get<std::vector<std::int64_t>>(), e.at(3).get<std::size_t>(), e.at(4).get<std::size_t>()});
+    return out;
+  }
+
+  std::filesystem::path dir_;
+  std::uint64_t shard_bytes_;
+  std::vector<std::vector<tensor_info>> closed_;
+  std::optional<safetensors_writer> open_;
+};
 
 /// `dir` as the absolute, normalised path of the directory it names ("out/m/"
 /// names "out/m"). An empty path is refused.
@@ -389,11 +535,6 @@ inline void save_native(const model::weights& w, const std::string& dir, const n
 
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : w.layers) layers.push_back(detail::layer_json(l));
-  const nlohmann::json manifest{{"format", "moeforge"},
-                                {"version", native_version},
-                                {"config", detail::config_json(w.config)},
-                                {"layers", std::move(layers)},
-                                {"provenance", provenance}};
 
   std::vector<tensor_view> views;
   detail::for_each_tensor(
@@ -402,16 +543,7 @@ inline void save_native(const model::weights& w, const std::string& dir, const n
 
   detail::staging_dir stage(out);
   write_safetensors((stage.path() / native_tensors).string(), views, {{"format", "pt"}, {"producer", "moeforge"}});
-  {
-    std::ofstream f(stage.path() / native_manifest);
-    f << manifest.dump(2) << "\n";
-    if (!f.flush()) throw io_error(detail::cat("native: cannot write '", (stage.path() / native_manifest).string(), "'"));
-  }
-  for (const auto& [source, name] : opt.attachments) {
-    std::error_code ec;
-    fs::copy_file(source, stage.path() / name, ec);
-    if (ec) throw io_error(detail::cat("native: cannot copy '", source, "' into the model: ", ec.message()));
-  }
+  detail::write_manifest(stage.path(), w.config, std::move(layers), provenance, opt.attachments);
   stage.commit(out);
 }
 
@@ -446,12 +578,14 @@ inline model::weights load_native(const std::string& dir) {
     r.fail(cat("describes ", layers.size(), " layers, config.n_layers is ", w.config.n_layers));
   for (std::size_t i = 0; i < layers.size(); ++i) w.layers.push_back(detail::layer_skeleton(r, layers[i], cat("layers[", i, "]")));
 
-  const safetensors_file st((std::filesystem::path(dir) / native_tensors).string());
+  // One model.safetensors, or shards with an index (streamed conversions).
+  const safetensors_checkpoint st(dir);
+  w.weight_dtype = st.weight_dtype();
   std::size_t seen = 0;
   auto shape_of = [&](const std::string& name, std::size_t rank) {
-    const auto& info = st.at(name);
+    const auto& info = st.info(name);
     if (info.shape.size() != rank)
-      throw shape_error(cat(st.path(), ": tensor '", name, "' has ", info.shape.size(), " dimensions, expected ", rank));
+      throw shape_error(cat(st.file(name), ": tensor '", name, "' has ", info.shape.size(), " dimensions, expected ", rank));
     ++seen;
     return info.shape;
   };
@@ -460,11 +594,11 @@ inline model::weights load_native(const std::string& dir) {
     auto& l = w.layers[i];
     const std::string p = cat("layers.", i);
     for (auto [name, bias] : {std::pair{".bq", &l.bq}, std::pair{".bk", &l.bk}, std::pair{".bv", &l.bv}})
-      if (st.find(p + name)) bias->resize(1);
+      if (st.contains(p + name)) bias->resize(1);
     // So are a fitted router's bias and a quadratic router's projection (rank 0 without).
     if (auto* m = std::get_if<moe_layer>(&l.ffn)) {
-      if (m->router.fitted() && st.find(p + ".moe.router.bias")) m->router.bias.resize(1);
-      if (m->router.kind == router_kind::quadratic_topk && st.find(p + ".moe.router.projection")) m->router.projection.resize(1, 1);
+      if (m->router.fitted() && st.contains(p + ".moe.router.bias")) m->router.bias.resize(1);
+      if (m->router.kind == router_kind::quadratic_topk && st.contains(p + ".moe.router.projection")) m->router.projection.resize(1, 1);
     }
   }
   detail::for_each_tensor(
@@ -477,13 +611,13 @@ inline model::weights load_native(const std::string& dir) {
         const auto s = shape_of(name, 1);
         v = st.read_vector(name, index_t(s[0]));
       });
-  if (seen != st.tensors().size()) {
-    for (const auto& t : st.tensors()) {
+  const auto names = st.names();
+  if (seen != names.size()) {
+    for (const auto& t : names) {
       bool expected = false;
       detail::for_each_tensor(
-          w, [&](const std::string& n, const matrix&) { expected |= n == t.name; },
-          [&](const std::string& n, const vector&) { expected |= n == t.name; });
-      if (!expected) throw format_error(cat(st.path(), ": unexpected tensor '", t.name, "' (not described by ", file, ")"));
+          w, [&](const std::string& n, const matrix&) { expected |= n == t; }, [&](const std::string& n, const vector&) { expected |= n == t; });
+      if (!expected) throw format_error(cat(st.file(t), ": unexpected tensor '", t, "' (not described by ", file, ")"));
     }
   }
   try {

@@ -94,6 +94,12 @@ class byte_source {
   }
   const char* data() const { return data_; }
   std::size_t size() const { return size_; }
+  /// Drops this process's resident copy of the mapped pages; they stay in the
+  /// page cache and fault back in if touched again. Streaming conversion calls
+  /// it after each layer, so its memory does not grow with the model's depth.
+  void release() const {
+    if (mapping_) ::madvise(mapping_, size_, MADV_DONTNEED);
+  }
 
  private:
   byte_source() = default;
@@ -175,33 +181,46 @@ class safetensors_file {
     throw format_error(detail::cat("safetensors: '", path_, "': missing tensor '", name, "'"));
   }
 
+  void release() const { bytes_->release(); }
+
   /// The tensor's elements as float, whatever its stored dtype.
   std::vector<float> read(const std::string& name) const {
+    std::vector<float> out(static_cast<std::size_t>(at(name).numel()));
+    read_rows(name, 0, out.size(), out.data());
+    return out;
+  }
+
+  /// Elements [first, first + count) of the tensor (flat, row-major) as float
+  /// into `out`: a few rows of an embedding without touching the rest.
+  void read_rows(const std::string& name, std::size_t first, std::size_t count, float* out) const {
     const auto& t = at(name);
-    std::vector<float> out(static_cast<std::size_t>(t.numel()));
-    const char* p = data_ + t.begin;
+    if (first + count > std::size_t(t.numel()))
+      throw shape_error(detail::cat("safetensors: '", path_, "': tensor '", name, "': elements [", first, ", ", first + count,
+                                    ") exceed its ", t.numel()));
+    const char* p = data_ + t.begin + first * dtype_size(t.dtype);
     // memcpy per element: foreign files need not align tensors.
     if (t.dtype == dtype::f32) {
-      if (!out.empty()) std::memcpy(out.data(), p, out.size() * 4);
-      return out;
+      if (count) std::memcpy(out, p, count * 4);
+      return;
     }
-    for (std::size_t i = 0; i < out.size(); ++i) {
+    for (std::size_t i = 0; i < count; ++i) {
       std::uint16_t h;
       std::memcpy(&h, p + 2 * i, 2);
       out[i] = t.dtype == dtype::f16 ? f16_to_f32(h) : bf16_to_f32(h);
     }
-    return out;
   }
 
   matrix read_matrix(const std::string& name, index_t rows, index_t cols) const {
     require_shape(name, {rows, cols});
-    const auto v = read(name);
-    return Eigen::Map<const matrix>(v.data(), rows, cols);
+    matrix m(rows, cols);
+    read_rows(name, 0, std::size_t(m.size()), m.data());
+    return m;
   }
   vector read_vector(const std::string& name, index_t n) const {
     require_shape(name, {n});
-    const auto v = read(name);
-    return Eigen::Map<const vector>(v.data(), n);
+    vector v(n);
+    read_rows(name, 0, std::size_t(n), v.data());
+    return v;
   }
 
   /// Throws shape_error naming the file, the tensor and both shapes.
@@ -331,6 +350,28 @@ class safetensors_checkpoint {
   matrix read_matrix(const std::string& name, index_t rows, index_t cols) const { return file_of(name).read_matrix(name, rows, cols); }
   vector read_vector(const std::string& name, index_t n) const { return file_of(name).read_vector(name, n); }
   void require_shape(const std::string& name, const std::vector<std::int64_t>& expected) const { file_of(name).require_shape(name, expected); }
+  void read_rows(const std::string& name, std::size_t first, std::size_t count, float* out) const {
+    file_of(name).read_rows(name, first, count, out);
+  }
+  /// The file holding a tensor (for messages).
+  const std::string& file(const std::string& name) const { return file_of(name).path(); }
+  /// See detail::byte_source::release: every shard's mapped pages.
+  void release() const {
+    for (const auto& s : shards_) s.release();
+  }
+  const std::vector<safetensors_file>& shards() const { return shards_; }
+  /// BF16 when every matrix (2-D tensor) is stored in BF16, else F32: the
+  /// weight type a model read from here keeps by default.
+  io::dtype weight_dtype() const {
+    bool any = false;
+    for (const auto& f : shards_)
+      for (const auto& t : f.tensors())
+        if (t.shape.size() == 2) {
+          if (t.dtype != dtype::bf16) return dtype::f32;
+          any = true;
+        }
+    return any ? dtype::bf16 : dtype::f32;
+  }
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& [name, shard] : where_) out.push_back(name);
@@ -392,46 +433,185 @@ struct tensor_view {
   const float* data = nullptr;
 };
 
+namespace detail {
+
+/// The safetensors header of `tensors` as JSON text (unpadded).
+inline std::string header_text(const std::vector<tensor_info>& tensors, const std::map<std::string, std::string>& metadata) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  for (const auto& t : tensors)
+    header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
+  return header.dump();
+}
+
+/// Refuses a tensor no safetensors file can hold; returns its element count.
+inline std::uint64_t checked_numel(const std::string& file, const std::string& name, const std::vector<std::int64_t>& shape, bool has_data,
+                                   bool name_taken) {
+  const std::string where = cat("safetensors: writing '", file, "': tensor '", name, "'");
+  if (name.empty() || name == "__metadata__") throw config_error(where + ": invalid name");
+  if (name_taken) throw config_error(where + ": name used twice");
+  std::uint64_t numel = 1;
+  for (auto d : shape)
+    if (d < 0 || __builtin_mul_overflow(numel, std::uint64_t(d), &numel) || numel > (std::uint64_t(1) << 60))
+      throw shape_error(cat(where, ": invalid shape ", shape_text(shape)));
+  if (numel > 0 && !has_data) throw shape_error(where + ": no data");
+  return numel;
+}
+
+}  // namespace detail
+
+/// Writes one safetensors file tensor by tensor, so a model bigger than
+/// memory can be written while it is produced. The header comes first in the
+/// file but is known only at the end: the writer keeps `header_reserve` bytes
+/// for it and pads the JSON with spaces to fill them (the format allows
+/// trailing whitespace). It writes `path` itself: callers that need
+/// atomicity write into a temporary file or a staging directory.
+class safetensors_writer {
+ public:
+  safetensors_writer(std::string path, std::size_t header_reserve, std::map<std::string, std::string> metadata = {{"format", "pt"}})
+      : path_(std::move(path)), reserve_((header_reserve + 7) / 8 * 8), metadata_(std::move(metadata)) {
+    open(O_CREAT | O_TRUNC);
+  }
+
+  /// Continues a file an earlier writer left unfinished (a killed run):
+  /// `tensors` are the ones it had written, whose bytes are kept; anything
+  /// after them is cut off.
+  static safetensors_writer resume(std::string path, std::size_t header_reserve, std::vector<tensor_info> tensors,
+                                   std::map<std::string, std::string> metadata = {{"format", "pt"}}) {
+    safetensors_writer w(std::move(path), header_reserve, std::move(metadata), 0);
+    w.open(0);
+    w.tensors_ = std::move(tensors);
+    for (const auto& t : w.tensors_) w.data_bytes_ = std::max<std::uint64_t>(w.data_bytes_, t.end);
+    const off_t end = off_t(8 + w.reserve_ + w.data_bytes_);
+    struct stat st {};
+    if (::fstat(w.fd_, &st) != 0 || st.st_size < end)
+      throw format_error(detail::cat("safetensors: cannot resume '", w.path_, "': it is shorter than the ", w.data_bytes_,
+                                     " bytes of tensors recorded for it"));
+    if (::ftruncate(w.fd_, end) != 0 || ::lseek(w.fd_, end, SEEK_SET) != end)
+      throw io_error(detail::cat("safetensors: cannot resume '", w.path_, "'"));
+    return w;
+  }
+
+  safetensors_writer(safetensors_writer&& o) noexcept
+      : path_(std::move(o.path_)), reserve_(o.reserve_), metadata_(std::move(o.metadata_)), tensors_(std::move(o.tensors_)),
+        data_bytes_(o.data_bytes_), fd_(o.fd_) {
+    o.fd_ = -1;
+  }
+  safetensors_writer& operator=(safetensors_writer&&) = delete;
+  ~safetensors_writer() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  const std::string& path() const { return path_; }
+  const std::vector<tensor_info>& tensors() const { return tensors_; }
+  std::uint64_t data_bytes() const { return data_bytes_; }
+  /// Bytes the file has once finished.
+  std::uint64_t file_bytes() const { return 8 + reserve_ + data_bytes_; }
+
+  /// Whether the header still fits its reserve with one more tensor of this name and shape.
+  bool fits(const std::string& name, const std::vector<std::int64_t>& shape, io::dtype stored) const {
+    auto more = tensors_;
+    more.push_back({name, stored, shape, data_bytes_, data_bytes_});
+    return detail::header_text(more, metadata_).size() <= reserve_;
+  }
+
+  /// Appends a tensor given as floats, stored as `stored` (F32, or BF16
+  /// rounded to nearest even).
+  void add(const std::string& name, const std::vector<std::int64_t>& shape, const float* data, io::dtype stored = dtype::f32) {
+    const std::uint64_t numel = check(name, shape, data != nullptr, stored);
+    if (stored == dtype::f32) {
+      put(reinterpret_cast<const char*>(data), 4 * numel);
+    } else {
+      std::vector<std::uint16_t> chunk(std::size_t(std::min<std::uint64_t>(numel, 1 << 20)));
+      for (std::uint64_t at = 0; at < numel; at += chunk.size()) {
+        const std::size_t n = std::size_t(std::min<std::uint64_t>(chunk.size(), numel - at));
+        for (std::size_t i = 0; i < n; ++i) chunk[i] = stored == dtype::bf16 ? f32_to_bf16(data[at + i]) : f32_to_f16(data[at + i]);
+        put(reinterpret_cast<const char*>(chunk.data()), 2 * n);
+      }
+    }
+    record(name, shape, stored, numel);
+  }
+
+  /// Writes the header into its reserve and closes the file.
+  void finish() {
+    std::string text = detail::header_text(tensors_, metadata_);
+    if (text.size() > reserve_)
+      throw config_error(detail::cat("safetensors: writing '", path_, "': the header needs ", text.size(), " bytes, ", reserve_, " were reserved"));
+    text.resize(reserve_, ' ');
+    char len[8];
+    for (int i = 0; i < 8; ++i) len[i] = char((std::uint64_t(reserve_) >> (8 * i)) & 0xff);
+    const bool written = ::pwrite(fd_, len, 8, 0) == 8 && ::pwrite(fd_, text.data(), text.size(), 8) == ssize_t(text.size());
+    const bool closed = ::close(fd_) == 0;
+    fd_ = -1;
+    if (!written || !closed) throw io_error(detail::cat("safetensors: cannot write '", path_, "'"));
+  }
+
+ private:
+  safetensors_writer(std::string path, std::size_t header_reserve, std::map<std::string, std::string> metadata, int)
+      : path_(std::move(path)), reserve_((header_reserve + 7) / 8 * 8), metadata_(std::move(metadata)) {}
+
+  void open(int flags) {
+    fd_ = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC | flags, 0644);
+    if (fd_ < 0) throw io_error(detail::cat("safetensors: cannot create '", path_, "'"));
+    if (flags & O_TRUNC) {
+      const off_t start = off_t(8 + reserve_);
+      if (::lseek(fd_, start, SEEK_SET) != start) throw io_error(detail::cat("safetensors: cannot write '", path_, "'"));
+    }
+  }
+
+  std::uint64_t check(const std::string& name, const std::vector<std::int64_t>& shape, bool has_data, io::dtype stored) const {
+    const bool taken = std::any_of(tensors_.begin(), tensors_.end(), [&](const tensor_info& t) { return t.name == name; });
+    const std::uint64_t numel = detail::checked_numel(path_, name, shape, has_data, taken);
+    if (!fits(name, shape, stored))
+      throw config_error(detail::cat("safetensors: writing '", path_, "': tensor '", name, "': the header outgrows the ", reserve_,
+                                     " bytes reserved for it"));
+    return numel;
+  }
+
+  void put(const char* p, std::uint64_t n) {
+    while (n > 0) {
+      const ssize_t w = ::write(fd_, p, std::size_t(std::min<std::uint64_t>(n, 1 << 30)));
+      if (w <= 0) throw io_error(detail::cat("safetensors: cannot write '", path_, "' (disk full?)"));
+      p += w;
+      n -= std::uint64_t(w);
+    }
+  }
+
+  void record(const std::string& name, const std::vector<std::int64_t>& shape, io::dtype stored, std::uint64_t numel) {
+    const std::uint64_t bytes = numel * dtype_size(stored);
+    tensors_.push_back({name, stored, shape, std::size_t(data_bytes_), std::size_t(data_bytes_ + bytes)});
+    data_bytes_ += bytes;
+  }
+
+  std::string path_;
+  std::size_t reserve_;
+  std::map<std::string, std::string> metadata_;
+  std::vector<tensor_info> tensors_;
+  std::uint64_t data_bytes_ = 0;
+  int fd_ = -1;
+};
+
 /// Writes `tensors` (in the given order) to `path` via a temporary file in the
 /// same directory and a rename, so a failure never leaves a partial file and
 /// never touches an existing one.
 inline void write_safetensors(const std::string& path, const std::vector<tensor_view>& tensors,
                               const std::map<std::string, std::string>& metadata = {{"format", "pt"}}) {
   using detail::cat;
-  nlohmann::json header = nlohmann::json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  // The header's exact size first (which also refuses bad names and shapes
+  // before any file is created).
+  std::vector<tensor_info> infos;
+  std::set<std::string> names;
   std::uint64_t offset = 0;
   for (const auto& t : tensors) {
-    const std::string where = cat("safetensors: writing '", path, "': tensor '", t.name, "'");
-    if (t.name.empty() || t.name == "__metadata__") throw config_error(where + ": invalid name");
-    if (header.contains(t.name)) throw config_error(where + ": name used twice");
-    std::uint64_t numel = 1;
-    for (auto d : t.shape) {
-      if (d < 0 || __builtin_mul_overflow(numel, std::uint64_t(d), &numel)) throw shape_error(cat(where, ": invalid shape ", detail::shape_text(t.shape)));
-    }
-    if (numel > 0 && !t.data) throw shape_error(where + ": no data");
-    header[t.name] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + 4 * numel}}};
+    const std::uint64_t numel = detail::checked_numel(path, t.name, t.shape, t.data != nullptr, !names.insert(t.name).second);
+    infos.push_back({t.name, dtype::f32, t.shape, std::size_t(offset), std::size_t(offset + 4 * numel)});
     offset += 4 * numel;
   }
-  std::string text = header.dump();
-  text.resize((text.size() + 7) / 8 * 8, ' ');
-
   const std::string tmp = cat(path, ".tmp.", ::getpid());
   try {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw io_error(cat("safetensors: cannot create '", tmp, "'"));
-    char len[8];
-    for (int i = 0; i < 8; ++i) len[i] = char((std::uint64_t(text.size()) >> (8 * i)) & 0xff);
-    out.write(len, 8);
-    out.write(text.data(), std::streamsize(text.size()));
-    for (const auto& t : tensors) {
-      std::uint64_t numel = 1;
-      for (auto d : t.shape) numel *= std::uint64_t(d);
-      if (numel) out.write(reinterpret_cast<const char*>(t.data), std::streamsize(4 * numel));
-    }
-    out.flush();
-    if (!out) throw io_error(cat("safetensors: cannot write '", tmp, "'"));
-    out.close();
+    safetensors_writer out(tmp, detail::header_text(infos, metadata).size(), metadata);
+    for (const auto& t : tensors) out.add(t.name, t.shape, t.data);
+    out.finish();
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     if (ec) throw io_error(cat("safetensors: cannot rename '", tmp, "' to '", path, "': ", ec.message()));

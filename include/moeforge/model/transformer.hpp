@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -93,17 +94,39 @@ inline void validate(const weights& w) {
 /// Runs a model. Given an lvalue it holds a reference to the weights: they
 /// must outlive it, and a caller may replace a layer's FFN between calls
 /// (calibration does). Given an rvalue it owns the weights, which nobody can
-/// edit any more, and so runs every FFN prepared (runtime::prepare: weights
-/// packed once into the kernel's panels, same results, the FFN weights held
-/// twice) without any risk of stale panels.
+/// edit any more, and so runs every FFN, attention projection and the
+/// classifier prepared (weights packed once into the kernel's panels, in
+/// `format`: by default the type the weights were stored in) without any risk
+/// of stale panels. In F32 the results are bit-identical to the lvalue
+/// form's; in BF16 they are those of the weights rounded to BF16 (exactly so
+/// when they were stored in BF16), with the tokens of many-token products
+/// rounded too unless the format says otherwise (runtime::detail::weight_format).
+/// The plain weights are kept beside the panels.
 class transformer {
  public:
-  explicit transformer(weights&& w) : transformer(std::make_unique<const weights>(std::move(w))) {
-    for (const auto& l : w_.layers) {
+  explicit transformer(weights&& w, std::optional<runtime::detail::weight_format> format = std::nullopt)
+      : transformer(std::make_unique<const weights>(std::move(w))) {
+    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(w_.weight_dtype));
+    const auto pack = [t](const matrix& m) { return runtime::detail::panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols(), {}, t); };
+    if (t.type != dtype::f32 && t.type != dtype::bf16)  // checked here: no exception may leave the parallel loop
+      throw config_error(moeforge::detail::cat("transformer: weights as ", dtype_name(t.type), " are not supported (F32 or BF16)"));
+    // Layers pack side by side (packing only moves and rounds values, so the
+    // panels are the same whoever packs them): loading is memory-bound.
+    const index_t n = index_t(w_.layers.size());
+    packed_.resize(std::size_t(n));
+    attention_.resize(std::size_t(n));
+#pragma omp parallel for schedule(dynamic, 1)
+    for (index_t i = 0; i <= n; ++i) {
+      if (i == n) {
+        classifier_ = pack(w_.classifier());
+        continue;
+      }
+      const auto& l = w_.layers[std::size_t(i)];
       if (const auto* f = std::get_if<ffn>(&l.ffn))
-        packed_.push_back({{}, {runtime::detail::pack_ffn(*f, {})}});
+        packed_[std::size_t(i)] = {{}, {runtime::detail::pack_ffn(*f, {}, t)}};
       else
-        packed_.push_back(runtime::detail::pack_layer(std::get<moe_layer>(l.ffn)));
+        packed_[std::size_t(i)] = runtime::detail::pack_layer(std::get<moe_layer>(l.ffn), t);
+      attention_[std::size_t(i)] = {pack(l.wq), pack(l.wk), pack(l.wv), pack(l.wo)};
     }
   }
   explicit transformer(const weights& w) : w_(w) {
@@ -153,31 +176,14 @@ class transformer {
       x.row(t) = w_.tok_emb.row(id);
     }
     if (n == 0) return matrix(0, c.vocab_size);
-    matrix xb(n, c.dim), y(n, c.dim);
     clock.lap(&stage_times::head);
     for (index_t li = 0; li < c.n_layers; ++li) {
-      const auto& l = w_.layers[std::size_t(li)];
-      rms_norm(x, l.attn_norm, xb);
-      attention(l, li, xb, cache, start, y);
-      x += y;
+      attention_step(li, x, cache, start);
       clock.lap(&stage_times::attention);
-      rms_norm(x, l.ffn_norm, xb);
-      if (opt.on_ffn_input) opt.on_ffn_input(li, xb);
-      if (li == opt.stop_after_layer) {
+      if (!ffn_step(li, x, opt)) {
         cache.length = start + n;
         return matrix();
       }
-      const runtime::detail::packed_layer* packed = packed_.empty() ? nullptr : &packed_[std::size_t(li)];
-      if (const auto* f = std::get_if<ffn>(&l.ffn)) {
-        if (opt.on_route) opt.on_route(li, runtime::dense_stats(*f, n));
-        runtime::detail::dense_forward_packed(*f, packed ? &packed->shared[0] : nullptr, xb, y);
-      } else {
-        const auto& m = std::get<moe_layer>(l.ffn);
-        const runtime::selection sel = runtime::select(m, xb);
-        if (opt.on_route) opt.on_route(li, runtime::count_work(m, sel));
-        runtime::detail::moe_forward_packed(m, packed, runtime::make_plan(m, sel, xb), xb, y);
-      }
-      x += y;
       clock.lap(&stage_times::ffn);
     }
     cache.length = start + n;
@@ -185,9 +191,47 @@ class transformer {
     matrix last = x.bottomRows(n - first);
     matrix normed(last.rows(), c.dim);
     rms_norm(last, w_.final_norm, normed);
-    matrix logits = runtime::project(normed, w_.classifier());
+    matrix logits = prepared() ? runtime::project(normed, classifier_) : runtime::project(normed, w_.classifier());
     clock.lap(&stage_times::head);
     return logits;
+  }
+
+  /// The first half of layer `li` on hidden states x [T, H] at positions
+  /// start..start+T: x += attention(attn_norm(x)), the keys and values going
+  /// into `cache` (whose length the caller advances). With ffn_step this is
+  /// one layer of forward(), for callers that hold the hidden states
+  /// themselves (streaming conversion runs a model one layer at a time).
+  void attention_step(index_t li, matrix& x, kv_cache& cache, index_t start) const {
+    reserve(cache, start + x.rows());
+    matrix xb(x.rows(), x.cols()), y;
+    const auto& l = w_.layers[std::size_t(li)];
+    rms_norm(x, l.attn_norm, xb);
+    attention(l, li, xb, cache, start, y);
+    x += y;
+  }
+
+  /// The second half of layer `li`: reports the FFN input ffn_norm(x) to
+  /// opt.on_ffn_input; returns false right there when li is
+  /// opt.stop_after_layer (x unchanged), else adds the FFN's output to x.
+  bool ffn_step(index_t li, matrix& x, const forward_options& opt) const {
+    const index_t n = x.rows();
+    matrix xb(n, x.cols()), y(n, x.cols());
+    const auto& l = w_.layers[std::size_t(li)];
+    rms_norm(x, l.ffn_norm, xb);
+    if (opt.on_ffn_input) opt.on_ffn_input(li, xb);
+    if (li == opt.stop_after_layer) return false;
+    const runtime::detail::packed_layer* packed = packed_.empty() ? nullptr : &packed_[std::size_t(li)];
+    if (const auto* f = std::get_if<ffn>(&l.ffn)) {
+      if (opt.on_route) opt.on_route(li, runtime::dense_stats(*f, n));
+      runtime::detail::dense_forward_packed(*f, packed ? &packed->shared[0] : nullptr, xb, y);
+    } else {
+      const auto& m = std::get<moe_layer>(l.ffn);
+      const runtime::selection sel = runtime::select(m, xb);
+      if (opt.on_route) opt.on_route(li, runtime::count_work(m, sel));
+      runtime::detail::moe_forward_packed(m, packed, runtime::make_plan(m, sel, xb), xb, y);
+    }
+    x += y;
+    return true;
   }
 
  private:
@@ -247,9 +291,13 @@ class transformer {
   void attention(const layer& l, index_t li, const matrix& xb, kv_cache& cache, index_t start, matrix& out) const {
     const auto& c = w_.config;
     const index_t n = xb.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
-    matrix q = runtime::project(xb, l.wq);
-    matrix k = runtime::project(xb, l.wk);
-    matrix v = runtime::project(xb, l.wv);
+    const attention_panels* panels = prepared() ? &attention_[std::size_t(li)] : nullptr;
+    const auto project = [&](const runtime::detail::panel_matrix attention_panels::*which, const matrix& w, const matrix& in) {
+      return panels ? runtime::project(in, panels->*which) : runtime::project(in, w);
+    };
+    matrix q = project(&attention_panels::wq, l.wq, xb);
+    matrix k = project(&attention_panels::wk, l.wk, xb);
+    matrix v = project(&attention_panels::wv, l.wv, xb);
     if (l.bq.size()) q.rowwise() += l.bq.transpose();
     if (l.bk.size()) k.rowwise() += l.bk.transpose();
     if (l.bv.size()) v.rowwise() += l.bv.transpose();
@@ -266,7 +314,26 @@ class transformer {
     // products are the kernel's x·Wᵀ (see runtime/project.hpp on why not Eigen's GEMM).
     const index_t all_keys = start + n;
     std::vector<matrix> vt(static_cast<std::size_t>(c.n_kv_heads));
-    for (index_t g = 0; g < c.n_kv_heads; ++g) vt[std::size_t(g)] = vc.block(0, g * hd, all_keys, hd).transpose();
+    // A block's product also multiplies the masked (zero) probabilities by
+    // later tokens' values: exact zeros for finite values, NaN for NaN or Inf
+    // ones, which would reach earlier positions. So the products see such
+    // values as zero, and each row then adds the terms of the non-finite
+    // values it may see (a sum with a NaN or infinite term is NaN or that
+    // infinity in any order); finite inputs keep their arithmetic bit for bit.
+    struct entry {
+      index_t key, column;
+    };
+    std::vector<std::vector<entry>> non_finite(vt.size());  // per kv head
+    for (index_t g = 0; g < c.n_kv_heads; ++g) {
+      matrix& values = vt[std::size_t(g)] = vc.block(0, g * hd, all_keys, hd).transpose();
+      if (values.allFinite()) continue;
+      for (index_t key = 0; key < all_keys; ++key)
+        for (index_t d = 0; d < hd; ++d)
+          if (!std::isfinite(values(d, key))) {
+            non_finite[std::size_t(g)].push_back({key, d});
+            values(d, key) = 0;
+          }
+    }
     // Queries in blocks of 32 against only the keys the block's last token may
     // see: causal prefill costs about half a full score matrix, as GEMMs.
     constexpr index_t block = 32;
@@ -286,16 +353,27 @@ class transformer {
         }
         const matrix& v = vt[std::size_t(g)];
         att.block(t0, h * hd, rows, hd) = runtime::detail::times_transpose({{v.data(), v.cols(), hd}}, sc);
+        for (const entry& e : non_finite[std::size_t(g)])
+          for (index_t r = std::max<index_t>(0, e.key - start - t0); r < rows; ++r)
+            att(t0 + r, h * hd + e.column) += sc(r, e.key) * vc(e.key, g * hd + e.column);
       }
     }
-    out = runtime::project(att, l.wo);
+    out = project(&attention_panels::wo, l.wo, att);
   }
 
   explicit transformer(std::unique_ptr<const weights> owned) : transformer(*owned) { owned_ = std::move(owned); }
 
   std::unique_ptr<const weights> owned_;  ///< the weights when the transformer owns them
   const weights& w_;
+  /// A layer's attention projections as panels.
+  struct attention_panels {
+    runtime::detail::panel_matrix wq, wk, wv, wo;
+  };
+  bool prepared() const { return owned_ != nullptr; }
+
   std::vector<runtime::detail::packed_layer> packed_;  ///< per layer, when owned: the FFN's panels
+  std::vector<attention_panels> attention_;            ///< per layer, when owned
+  runtime::detail::panel_matrix classifier_;           ///< when owned
   matrix cos_, sin_;  ///< [seq_len, head_dim/2] RoPE tables
 };
 

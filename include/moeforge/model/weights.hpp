@@ -52,6 +52,10 @@ struct weights {
   vector final_norm;  ///< [H]
   matrix lm_head;     ///< [V, H]; empty when tied to tok_emb
 
+  /// The type the weights were stored in (every value is exact in it): what
+  /// an owning transformer runs them as unless told otherwise.
+  dtype weight_dtype = dtype::f32;
+
   const matrix& classifier() const { return config.tied_embeddings ? tok_emb : lm_head; }
 };
 

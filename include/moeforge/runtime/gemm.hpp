@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <vector>
 
@@ -48,6 +49,53 @@ struct token_rows {
   float operator()(index_t r, index_t k) const { return row[r][k]; }
 };
 
+// Weight panels hold F32 or BF16 values. A BF16 panel row (NR values at one
+// depth k) is stored with its rows permuted within 128-bit lanes (see
+// bf16_slot) so that interleaving it with zeros, 16 bits at a time, yields
+// rows [0, NR/2) and [NR/2, NR) as F32 vectors: one load and two shuffles
+// widen a whole row, exactly, so a BF16 panel computes what an F32 panel of
+// the same values would, bit for bit, with half the bytes to stream. The
+// same interleave of two depths gives the (k, k+1) pairs `vdpbf16ps` takes.
+
+/// Where row q of a BF16 panel row is stored: 128-bit lanes of 8 values, the
+/// first four of lane L holding rows 4L..4L+3, the last four rows NR/2 + 4L...
+constexpr index_t bf16_slot(index_t q) {
+  const index_t half = q / (gemm_nr / 2), r = q % (gemm_nr / 2);
+  return (r / 4) * 8 + half * 4 + r % 4;
+}
+/// The row stored in slot p (the inverse of bf16_slot).
+constexpr index_t bf16_row(index_t p) { return (p % 8 < 4 ? 0 : gemm_nr / 2) + (p / 8) * 4 + p % 4; }
+
+inline float widen(bfloat16 v) { return bf16_to_f32(v.bits); }
+/// Row q's value in a panel row of either type.
+inline float panel_value(const float* row, index_t q) { return row[q]; }
+inline float panel_value(const bfloat16* row, index_t q) { return widen(row[bf16_slot(q)]); }
+
+#if defined(__AVX512F__)
+/// Rows [0, 16) and [16, 32) of a panel row as F32 vectors.
+inline void load_panel_row(const float* p, __m512& lo, __m512& hi) { lo = _mm512_loadu_ps(p), hi = _mm512_loadu_ps(p + 16); }
+inline void load_panel_row(const bfloat16* p, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_loadu_si512(p), zero = _mm512_setzero_si512();
+  lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)), hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/// Rows [0, 8) and [8, 16) of a panel row as F32 vectors.
+inline void load_panel_row(const float* p, __m256& lo, __m256& hi) { lo = _mm256_loadu_ps(p), hi = _mm256_loadu_ps(p + 8); }
+inline void load_panel_row(const bfloat16* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+}
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+/// Fetches panel row k of `pf` into L2: one or two cache lines, by weight size.
+template <class W>
+inline void prefetch_panel_row(const W* pf, index_t k) {
+  const char* p = reinterpret_cast<const char*>(pf + k * gemm_nr);
+  _mm_prefetch(p, _MM_HINT_T1);
+  if constexpr (sizeof(W) * gemm_nr > 64) _mm_prefetch(p + 64, _MM_HINT_T1);
+}
+#endif
+
 /// c[M×NR] (+)= Σ_k tokens(r, k)·b-panel[k][NR] over the first M ≤ MR token
 /// rows (a last, partial panel computes only its real tokens, so the cost
 /// follows the token count, not the panel count); c is a contiguous tile,
@@ -55,8 +103,9 @@ struct token_rows {
 /// same whatever M is and wherever the tokens are read from. `pf`, if not
 /// null, is a panel slice the caller reads next: it is fetched into L2 at the
 /// pace this one is read, so two weight streams are in flight, not one.
-template <int M, class Tokens>
-inline void micro_kernel_rows(index_t kl, Tokens a, const float* b, float* c, bool first, const float* pf = nullptr) {
+/// W is the panel's value type (float or bfloat16).
+template <int M, class Tokens, class W>
+inline void micro_kernel_rows(index_t kl, Tokens a, const W* b, float* c, bool first, const W* pf = nullptr) {
 #if defined(__AVX512F__)
   __m512 lo[M], hi[M];
 #pragma GCC unroll 8
@@ -65,8 +114,9 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const float* b, float* c, bo
     hi[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr + 16);
   }
   for (index_t k = 0; k < kl; ++k, b += gemm_nr) {
-    if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + k * gemm_nr), _MM_HINT_T1), _mm_prefetch(reinterpret_cast<const char*>(pf + k * gemm_nr + 16), _MM_HINT_T1);
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    if (pf) prefetch_panel_row(pf, k);
+    __m512 b0, b1;
+    load_panel_row(b, b0, b1);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const __m512 x = _mm512_set1_ps(a(r, k));
@@ -83,8 +133,9 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const float* b, float* c, bo
     hi[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * gemm_nr + 8);
   }
   for (index_t k = 0; k < kl; ++k, b += gemm_nr) {
-    if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + k * gemm_nr), _MM_HINT_T1);
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    if (pf) prefetch_panel_row(pf, k);
+    __m256 b0, b1;
+    load_panel_row(b, b0, b1);
 #pragma GCC unroll 6
     for (int r = 0; r < M; ++r) {
       const __m256 x = _mm256_set1_ps(a(r, k));
@@ -99,15 +150,15 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const float* b, float* c, bo
   for (index_t e = 0; e < M * gemm_nr; ++e) acc[e] = first ? 0.0f : c[e];
   for (index_t k = 0; k < kl; ++k, b += gemm_nr)
     for (index_t r = 0; r < M; ++r)
-      for (index_t j = 0; j < gemm_nr; ++j) acc[r * gemm_nr + j] += a(r, k) * b[j];  // (std::fma is a library call without -mfma)
+      for (index_t j = 0; j < gemm_nr; ++j) acc[r * gemm_nr + j] += a(r, k) * panel_value(b, j);  // (std::fma is a library call without -mfma)
   for (index_t e = 0; e < M * gemm_nr; ++e) c[e] = acc[e];
 #endif
 }
 
 /// micro_kernel_rows for the first `rows` (1..MR) token rows.
-template <class Tokens>
-inline void micro_kernel_tokens(index_t kl, Tokens a, const float* b, float* c, bool first, index_t rows = gemm_mr,
-                                const float* pf = nullptr) {
+template <class Tokens, class W>
+inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool first, index_t rows = gemm_mr,
+                                const W* pf = nullptr) {
   switch (rows) {
     case 1: return micro_kernel_rows<1>(kl, a, b, c, first, pf);
     case 2: return micro_kernel_rows<2>(kl, a, b, c, first, pf);
@@ -222,33 +273,70 @@ inline void pack_panels(const float* const* src, index_t count, index_t k0, inde
 
 struct weight_block;
 
+/// Whether this build has the BF16 dot-product path (AVX512_BF16).
+#if defined(__AVX512BF16__)
+constexpr bool bf16_dot_available = true;
+#else
+constexpr bool bf16_dot_available = false;
+#endif
+
+/// How prepared weights are stored and multiplied: F32, or BF16. With BF16,
+/// products over more than gemm_tokens_in_place tokens (compute-bound: the
+/// weights are reused) round the tokens to BF16 too and use `vdpbf16ps`, two
+/// multiply-adds per lane and instruction, when `round_tokens` is set and the
+/// build has AVX512_BF16; otherwise the tokens stay F32 and every product is
+/// exactly the F32 product of the BF16 weights. Few-token products (decode)
+/// always take the exact path: they are bound by the weights' bytes.
+struct weight_format {
+  dtype type = dtype::f32;
+  bool round_tokens = true;
+  weight_format(dtype t = dtype::f32, bool round = true) : type(t), round_tokens(round) {}  // implicit: a dtype is a format
+};
+
 /// Rows of a weight matrix in the micro-kernel's order, built once: panel p
-/// holds rows [p·NR, p·NR + NR) as [depth][NR], rows past the end zero.
+/// holds rows [p·NR, p·NR + NR) as [depth][NR], rows past the end zero, in
+/// F32 or BF16 (the weight type; BF16 values are F32 rounded to nearest even).
 /// Panels restart at every cut (rows [cut_i, cut_i+1) start panel-aligned),
 /// so a block that starts at a cut, such as a DualSparse expert's minor part,
-/// reads whole panels. The storage type is the seam for other weight types:
-/// a BF16 panel would hold pairs of k ([depth/2][NR][2]) for `vdpbf16ps`.
+/// reads whole panels.
 class panel_matrix {
  public:
   panel_matrix() = default;
   /// Packs `rows` rows of depth `depth` from src (row-major, leading dimension
-  /// ld), with panels restarting at `cuts` (ascending, inside (0, rows)).
-  panel_matrix(const float* src, index_t ld, index_t rows, index_t depth, const std::vector<index_t>& cuts = {})
-      : rows_(rows), depth_(depth) {
+  /// ld), with panels restarting at `cuts` (ascending, inside (0, rows)), as
+  /// values of type `type` (f32 or bf16).
+  panel_matrix(const float* src, index_t ld, index_t rows, index_t depth, const std::vector<index_t>& cuts = {}, weight_format format = {})
+      : rows_(rows), depth_(depth), type_(format.type), dot_(format.type == dtype::bf16 && format.round_tokens && bf16_dot_available) {
+    const dtype type = format.type;
+    if (type != dtype::f32 && type != dtype::bf16)
+      throw config_error(moeforge::detail::cat("weight panels: dtype ", dtype_name(type), " is not a kernel weight type (expected F32 or BF16)"));
     starts_.push_back(0);
     for (const index_t c : cuts)
       if (c > starts_.back() && c < rows) starts_.push_back(c);
     index_t panels = 0;
     for (std::size_t s = 0; s < starts_.size(); ++s) first_panel_.push_back(panels), panels += ceil_panels(segment_end(s) - starts_[s]);
-    data_.resize(std::size_t(panels * depth * gemm_nr));
+    const std::size_t values = std::size_t(panels * depth * gemm_nr);
+    data_.resize(values * dtype_size(type));
+    std::vector<float> scratch(type == dtype::bf16 ? std::size_t(depth * gemm_nr) : 0);
     for (std::size_t s = 0; s < starts_.size(); ++s)
-      for (index_t r = starts_[s]; r < segment_end(s); r += gemm_nr)
-        pack_rows<gemm_nr>(src + r * ld, ld, std::min(gemm_nr, segment_end(s) - r), depth,
-                           data_.data() + (first_panel_[s] + (r - starts_[s]) / gemm_nr) * depth * gemm_nr);
+      for (index_t r = starts_[s]; r < segment_end(s); r += gemm_nr) {
+        const std::size_t offset = std::size_t((first_panel_[s] + (r - starts_[s]) / gemm_nr) * depth * gemm_nr);
+        float* dst = type == dtype::f32 ? values_as<float>() + offset : scratch.data();
+        pack_rows<gemm_nr>(src + r * ld, ld, std::min(gemm_nr, segment_end(s) - r), depth, dst);
+        if (type == dtype::bf16)
+          for (index_t k = 0; k < depth; ++k)
+            for (index_t q = 0; q < gemm_nr; ++q)
+              values_as<bfloat16>()[offset + std::size_t(k * gemm_nr + bf16_slot(q))] = bfloat16{f32_to_bf16(scratch[std::size_t(k * gemm_nr + q)])};
+      }
   }
 
   index_t rows() const { return rows_; }
   index_t depth() const { return depth_; }
+  dtype type() const { return type_; }
+  /// Whether many-token products round the tokens to BF16 (see weight_format).
+  bool dot() const { return dot_; }
+  /// Bytes of panel storage (what a pass over every row reads).
+  std::size_t bytes() const { return data_.size(); }
   static index_t ceil_panels(index_t rows) { return (rows + gemm_nr - 1) / gemm_nr; }
   /// The first row at or after `row` where panels restart (rows() if none).
   index_t next_cut(index_t row) const {
@@ -258,22 +346,49 @@ class panel_matrix {
   /// Rows [row0, row0 + rows) at depth [k0, …) as an operand of panel_product;
   /// the rows must not cross a cut.
   weight_block block(index_t row0, index_t rows, index_t k0) const;
-  /// Panel p's values at depth k: [NR] for k, k + 1, …
-  const float* at(index_t panel, index_t k) const { return data_.data() + (panel * depth_ + k) * gemm_nr; }
+  /// Panel p's values at depth k: [NR] for k, k + 1, … (W must be the panel
+  /// type; BF16 rows in bf16_slot order).
+  template <class W>
+  const W* at(index_t panel, index_t k) const {
+    return values_as<W>() + (panel * depth_ + k) * gemm_nr;
+  }
   /// The panel holding `row`, and the row's place in it.
   std::pair<index_t, index_t> locate(index_t row) const {
     const std::size_t s = std::size_t(std::upper_bound(starts_.begin(), starts_.end(), row) - starts_.begin()) - 1;
     return {first_panel_[s] + (row - starts_[s]) / gemm_nr, (row - starts_[s]) % gemm_nr};
   }
+  /// Row `row`, depth [k0, k0 + count), widened to F32 into out.
+  void row_values(index_t row, index_t k0, index_t count, float* out) const {
+    const auto [panel, q] = locate(row);
+    for (index_t k = 0; k < count; ++k)
+      out[k] = type_ == dtype::f32 ? panel_value(at<float>(panel, k0 + k), q) : panel_value(at<bfloat16>(panel, k0 + k), q);
+  }
 
  private:
+  template <class W>
+  W* values_as() {
+    return reinterpret_cast<W*>(data_.data());
+  }
+  template <class W>
+  const W* values_as() const {
+    return reinterpret_cast<const W*>(data_.data());
+  }
   index_t segment_end(std::size_t s) const { return s + 1 < starts_.size() ? starts_[s + 1] : rows_; }
   index_t rows_ = 0, depth_ = 0;
+  dtype type_ = dtype::f32;
+  bool dot_ = false;
   std::vector<index_t> starts_, first_panel_;
-  std::vector<float, Eigen::aligned_allocator<float>> data_;
+  std::vector<unsigned char, Eigen::aligned_allocator<unsigned char>> data_;  ///< the values, as type_
 };
 
-/// A block of weight rows, the `a` operand of panel_product: row-major
+/// A panel's depth slice as the micro-kernel reads it: F32 or BF16 values.
+struct panel_slice {
+  const void* data = nullptr;
+  dtype type = dtype::f32;
+  bool dot = false;  ///< BF16 with many tokens rounded for vdpbf16ps (see weight_format)
+};
+
+/// A block of weight rows, the `a` operand of panel_product: row-major F32
 /// (data, ld; packed into panels per call), or rows of a panel_matrix read in
 /// place (its panels from panel0, depth from k0, the first `skip` rows of
 /// panel0 not part of the block).
@@ -286,10 +401,12 @@ struct weight_block {
   index_t panel_count() const { return panel_matrix::ceil_panels(skip + rows); }
   /// Panel p's depth slice [k, k + kl) in the micro-kernel's order: in place
   /// when prepared, else packed into buf (kl·NR floats).
-  const float* slice(index_t p, index_t k, index_t kl, float* buf) const {
-    if (panels) return panels->at(panel0 + p, k0 + k);
+  panel_slice slice(index_t p, index_t k, index_t kl, float* buf) const {
+    if (panels)
+      return panels->type() == dtype::bf16 ? panel_slice{panels->at<bfloat16>(panel0 + p, k0 + k), dtype::bf16, panels->dot()}
+                                           : panel_slice{panels->at<float>(panel0 + p, k0 + k), dtype::f32};
     pack_rows<gemm_nr>(data + p * gemm_nr * ld + k, ld, std::min(gemm_nr, rows - p * gemm_nr), kl, buf);
-    return buf;
+    return {buf, dtype::f32};
   }
 };
 
@@ -297,6 +414,91 @@ inline weight_block panel_matrix::block(index_t row0, index_t rows, index_t k0) 
   const auto [panel, skip] = locate(row0);
   return {nullptr, 0, rows, this, panel, k0, skip};
 }
+
+/// The micro-kernel on a slice of either weight type; `pf` (the next slice
+/// to prefetch, or null) is used when it has the same type.
+template <class Tokens>
+inline void micro_kernel_slice(index_t kl, Tokens a, panel_slice b, float* c, bool first, index_t rows, panel_slice pf) {
+  const bool fetch = pf.data && pf.type == b.type;
+  if (b.type == dtype::bf16)
+    micro_kernel_tokens(kl, a, static_cast<const bfloat16*>(b.data), c, first, rows, fetch ? static_cast<const bfloat16*>(pf.data) : nullptr);
+  else
+    micro_kernel_tokens(kl, a, static_cast<const float*>(b.data), c, first, rows, fetch ? static_cast<const float*>(pf.data) : nullptr);
+}
+
+/// Tokens as BF16 pairs for vdpbf16ps: for pair j of depth [k0, k0 + kl),
+/// (x[k0 + 2j] | x[k0 + 2j + 1] << 16), the second zero past the end; laid
+/// out [pair][MR] per panel of MR tokens, `count` tokens from src, rows past
+/// them zero.
+inline void pack_token_pairs(const float* const* src, index_t count, index_t k0, index_t kl, std::uint32_t* dst) {
+  const index_t pairs = (kl + 1) / 2;
+  for (index_t p0 = 0; p0 < count; p0 += gemm_mr, dst += pairs * gemm_mr) {
+    index_t j0 = 0;
+#if defined(__AVX512BF16__)
+    // Eight tokens × eight pairs at a time: 16 consecutive values of a token
+    // convert to its 8 pairs in order (`vcvtneps2bf16`, round to nearest even,
+    // like f32_to_bf16 for the finite values the kernel takes; it flushes
+    // subnormals), and an 8×8 transpose of those 32-bit pairs lays them out
+    // [pair][MR].
+    if (count - p0 >= gemm_mr)
+      for (; 2 * j0 + 16 <= kl; j0 += 8) {
+        alignas(32) float pairs8[gemm_mr][8];  // the pairs' bits, moved as floats
+        for (index_t r = 0; r < gemm_mr; ++r)
+          _mm256_store_ps(pairs8[r], (__m256)_mm512_cvtneps_pbh(_mm512_loadu_ps(src[p0 + r] + k0 + 2 * j0)));
+        transpose8x8_of([&pairs8](int q) { return static_cast<const float*>(pairs8[q]); }, reinterpret_cast<float*>(dst + j0 * gemm_mr),
+                        gemm_mr);
+      }
+#endif
+    for (index_t r = 0; r < gemm_mr; ++r) {
+      const float* x = p0 + r < count ? src[p0 + r] + k0 : nullptr;
+      for (index_t j = j0; j < pairs; ++j) {
+        const std::uint32_t lo = x ? f32_to_bf16(x[2 * j]) : 0, hi = x && 2 * j + 1 < kl ? f32_to_bf16(x[2 * j + 1]) : 0;
+        dst[j * gemm_mr + r] = lo | hi << 16;
+      }
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+/// c[M×NR] (+)= Σ_k a(r, k)·b[k][NR] with BF16 tokens (pairs from
+/// pack_token_pairs) and a BF16 panel slice: the two depths of a pair are
+/// interleaved from two panel rows in registers and taken by one vdpbf16ps.
+template <int M>
+inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first) {
+  __m512 lo[M], hi[M];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) {
+    lo[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr);
+    hi[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr + 16);
+  }
+  for (index_t k = 0; k < kl; k += 2, b += 2 * gemm_nr, a += gemm_mr) {
+    const __m512i r0 = _mm512_loadu_si512(b), r1 = k + 1 < kl ? _mm512_loadu_si512(b + gemm_nr) : _mm512_setzero_si512();
+    const __m512bh p0 = (__m512bh)_mm512_unpacklo_epi16(r0, r1), p1 = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(int(a[r]));
+      lo[r] = _mm512_dpbf16_ps(lo[r], x, p0), hi[r] = _mm512_dpbf16_ps(hi[r], x, p1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) _mm512_storeu_ps(c + r * gemm_nr, lo[r]), _mm512_storeu_ps(c + r * gemm_nr + 16, hi[r]);
+}
+
+inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows) {
+  switch (rows) {
+    case 1: return micro_kernel_dot_rows<1>(kl, a, b, c, first);
+    case 2: return micro_kernel_dot_rows<2>(kl, a, b, c, first);
+    case 3: return micro_kernel_dot_rows<3>(kl, a, b, c, first);
+    case 4: return micro_kernel_dot_rows<4>(kl, a, b, c, first);
+    case 5: return micro_kernel_dot_rows<5>(kl, a, b, c, first);
+    case 6: return micro_kernel_dot_rows<6>(kl, a, b, c, first);
+    case 7: return micro_kernel_dot_rows<7>(kl, a, b, c, first);
+    default: return micro_kernel_dot_rows<int(gemm_mr)>(kl, a, b, c, first);
+  }
+}
+#else
+inline void micro_kernel_dot(index_t, const std::uint32_t*, const bfloat16*, float*, bool, index_t) {}
+#endif
 
 /// Up to this many tokens the micro-kernel reads them in place from their
 /// rows; more are packed into [k][MR] panels once per depth block, which
@@ -320,12 +522,17 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
     return;
   }
   thread_local std::vector<float> apack, bpack, tiles;
-  thread_local std::vector<const float*> slices;
+  thread_local std::vector<std::uint32_t> bpairs;
+  thread_local std::vector<panel_slice> slices;
   thread_local std::vector<char> prepared;
   const index_t mpanels = (m + gemm_mr - 1) / gemm_mr;
   const bool pack_tokens = m > gemm_tokens_in_place;
+  // BF16 tokens when every block asks for them (see weight_format); the
+  // tokens are then packed as pairs instead of F32 panels.
+  const bool dot = pack_tokens && std::all_of(a.begin(), a.end(), [](const weight_block& blk) { return blk.panels && blk.panels->dot(); });
   apack.resize(std::size_t(packed_panels * gemm_nr * gemm_kc));
-  if (pack_tokens) bpack.resize(std::size_t(gemm_mc * gemm_mr * gemm_kc));
+  if (pack_tokens && !dot) bpack.resize(std::size_t(gemm_mc * gemm_mr * gemm_kc));
+  if (dot) bpairs.resize(std::size_t(gemm_mc * gemm_mr * (gemm_kc / 2)));
   tiles.resize(std::size_t(mpanels * npanels * gemm_tile));
   slices.resize(std::size_t(npanels));
   prepared.clear();
@@ -341,20 +548,27 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
       }
     for (index_t ic = 0; ic < mpanels; ic += gemm_mc) {
       const index_t iend = std::min(mpanels, ic + gemm_mc);
-      if (pack_tokens) pack_panels<gemm_mr>(b + ic * gemm_mr, std::min(m - ic * gemm_mr, (iend - ic) * gemm_mr), k0, kl, bpack.data());
+      const index_t count = std::min(m - ic * gemm_mr, (iend - ic) * gemm_mr);
+      if (dot)
+        pack_token_pairs(b + ic * gemm_mr, count, k0, kl, bpairs.data());
+      else if (pack_tokens)
+        pack_panels<gemm_mr>(b + ic * gemm_mr, count, k0, kl, bpack.data());
       for (jp = 0; jp < npanels; ++jp) {
         // Prepared slices come from memory: the first token group fetches the next one.
-        const float* next = jp + 1 < npanels && ic == 0 && prepared[std::size_t(jp + 1)] ? slices[std::size_t(jp + 1)] : nullptr;
+        const panel_slice next = jp + 1 < npanels && ic == 0 && prepared[std::size_t(jp + 1)] ? slices[std::size_t(jp + 1)] : panel_slice{};
         for (index_t ip = ic; ip < iend; ++ip) {
           float* tile = tiles.data() + (ip * npanels + jp) * gemm_tile;
           const index_t rows = std::min(gemm_mr, m - ip * gemm_mr);
-          const float* pf = ip == ic ? next : nullptr;
-          if (pack_tokens) {
-            micro_kernel_tokens(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
+          const panel_slice pf = ip == ic ? next : panel_slice{};
+          if (dot) {
+            micro_kernel_dot(kl, bpairs.data() + (ip - ic) * ((kl + 1) / 2) * gemm_mr, static_cast<const bfloat16*>(slices[std::size_t(jp)].data),
+                             tile, k0 == 0, rows);
+          } else if (pack_tokens) {
+            micro_kernel_slice(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
           } else {
             const float* row[gemm_mr];
             for (index_t r = 0; r < rows; ++r) row[r] = b[ip * gemm_mr + r] + k0;
-            micro_kernel_tokens(kl, token_rows{row}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
+            micro_kernel_slice(kl, token_rows{row}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
           }
         }
       }
@@ -372,6 +586,34 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
     }
     panel0 += blk.panel_count(), col0 += blk.rows;
   }
+}
+
+/// Below this many multiply-adds a product runs on the calling thread: waking
+/// the team costs microseconds, and far more when the cores are shared.
+constexpr double min_parallel_fma = 1 << 20;
+
+/// A row-major F32 block of weight rows as panel_product takes it.
+template <class Block>
+inline weight_block rows_of(const Block& a) {
+  return {a.data(), a.outerStride(), a.rows()};
+}
+
+/// [b·a₁ᵀ | b·a₂ᵀ | …] for weight blocks of k columns each, where row p of b
+/// (k values) is at b[p], p < m: one panel_product, so each element is the
+/// same FMA chain as in the FFN kernel. Single-threaded.
+inline matrix times_transpose(std::initializer_list<weight_block> a, const float* const* b, index_t m, index_t k) {
+  index_t n = 0;
+  for (const auto& blk : a) n += blk.rows;
+  matrix out(m, n);
+  if (m > 0 && n > 0) panel_product(a, b, m, k, out.data(), out.outerStride());
+  return out;
+}
+
+/// The same with b a row-major matrix.
+inline matrix times_transpose(std::initializer_list<weight_block> a, const_matrix_ref b) {
+  std::vector<const float*> rows(static_cast<std::size_t>(b.rows()));
+  for (index_t p = 0; p < b.rows(); ++p) rows[std::size_t(p)] = b.row(p).data();
+  return times_transpose(a, rows.data(), b.rows(), b.cols());
 }
 
 }  // namespace moeforge::runtime::detail

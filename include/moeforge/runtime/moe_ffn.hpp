@@ -17,11 +17,11 @@
 #pragma once
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "moeforge/runtime/packed_ffn.hpp"
 #include "moeforge/runtime/routing.hpp"
-#include "moeforge/runtime/stream_kernel.hpp"
 
 namespace moeforge::runtime {
 
@@ -67,9 +67,6 @@ inline index_t neuron_chunk(index_t tokens) { return tokens <= 8 ? 64 : tokens <
 /// Output rows per phase-2 task: wide tasks amortise the pass over the
 /// tokens' activations (packed whole for many tokens) over more rows.
 inline index_t row_chunk(index_t tokens) { return tokens <= gemm_tokens_in_place ? 64 : 256; }
-/// Below this many multiply-adds a layer runs on the calling thread: waking
-/// the team costs microseconds, and far more when the cores are shared.
-constexpr double min_parallel_fma = 1 << 20;
 
 inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) {
   const index_t n0 = j.first + i0, n = index_t(j.inputs.size());

@@ -19,13 +19,13 @@ struct packed_ffn {
   bool gated() const { return gate.rows() != 0; }
 };
 
-/// Packs f; neuron panels restart at `cuts` (a DualSparse expert's major
-/// width), so jobs that start there read whole panels.
-inline packed_ffn pack_ffn(const ffn& f, const std::vector<index_t>& cuts) {
+/// Packs f in `format` (F32 or BF16 values); neuron panels restart at `cuts`
+/// (a DualSparse expert's major width), so jobs that start there read whole panels.
+inline packed_ffn pack_ffn(const ffn& f, const std::vector<index_t>& cuts, weight_format format = {}) {
   packed_ffn p;
-  if (f.gated()) p.gate = panel_matrix(f.gate.data(), f.gate.outerStride(), f.gate.rows(), f.gate.cols(), cuts);
-  p.up = panel_matrix(f.up.data(), f.up.outerStride(), f.up.rows(), f.up.cols(), cuts);
-  p.down = panel_matrix(f.down.data(), f.down.outerStride(), f.down.rows(), f.down.cols());
+  if (f.gated()) p.gate = panel_matrix(f.gate.data(), f.gate.outerStride(), f.gate.rows(), f.gate.cols(), cuts, format);
+  p.up = panel_matrix(f.up.data(), f.up.outerStride(), f.up.rows(), f.up.cols(), cuts, format);
+  p.down = panel_matrix(f.down.data(), f.down.outerStride(), f.down.rows(), f.down.cols(), {}, format);
   p.act = f.act;
   return p;
 }
@@ -40,14 +40,14 @@ struct packed_layer {
   std::vector<packed_ffn> experts, shared;
 };
 
-inline packed_layer pack_layer(const moe_layer& m) {
+inline packed_layer pack_layer(const moe_layer& m, weight_format format = {}) {
   packed_layer p;
   const bool two_t = m.router.drop.kind == drop_kind::two_t;
   for (const auto& ex : m.experts) {
     const bool major = two_t || ex.major > 0 || !ex.parts.empty();
-    p.experts.push_back(ex.is_novice() ? packed_ffn{} : pack_ffn(ex.weights, major ? std::vector<index_t>{ex.major_width()} : std::vector<index_t>{}));
+    p.experts.push_back(ex.is_novice() ? packed_ffn{} : pack_ffn(ex.weights, major ? std::vector<index_t>{ex.major_width()} : std::vector<index_t>{}, format));
   }
-  for (const auto& s : m.shared) p.shared.push_back(pack_ffn(s.weights, {}));
+  for (const auto& s : m.shared) p.shared.push_back(pack_ffn(s.weights, {}, format));
   return p;
 }
 

@@ -23,7 +23,10 @@ namespace moeforge::runtime {
 /// A dense FFN with its weights in panels.
 class prepared_ffn {
  public:
-  explicit prepared_ffn(ffn f) : ffn_(std::move(f)), packed_(detail::pack_ffn(ffn_, {})) { validate(ffn_, "prepared ffn"); }
+  explicit prepared_ffn(ffn f, detail::weight_format format = {}) : ffn_(std::move(f)) {
+    validate(ffn_, "prepared ffn");
+    packed_ = detail::pack_ffn(ffn_, {}, format);
+  }
   const ffn& weights() const { return ffn_; }
   const detail::packed_ffn& packed() const { return packed_; }
 
@@ -35,9 +38,9 @@ class prepared_ffn {
 /// A MoE layer with every expert's weights in panels (see packed_layer).
 class prepared_moe {
  public:
-  explicit prepared_moe(moe_layer m) : layer_(std::move(m)) {
+  explicit prepared_moe(moe_layer m, detail::weight_format format = {}) : layer_(std::move(m)) {
     validate(layer_, "prepared moe");
-    packed_ = detail::pack_layer(layer_);
+    packed_ = detail::pack_layer(layer_, format);
   }
   const moe_layer& layer() const { return layer_; }
   const detail::packed_layer& packed() const { return packed_; }
@@ -47,9 +50,10 @@ class prepared_moe {
   detail::packed_layer packed_;
 };
 
-/// Prepares a layer for the kernel (pass an rvalue to move it in rather than copy it).
-inline prepared_ffn prepare(ffn f) { return prepared_ffn(std::move(f)); }
-inline prepared_moe prepare(moe_layer m) { return prepared_moe(std::move(m)); }
+/// Prepares a layer for the kernel with its weights in `format` (a dtype,
+/// F32 or BF16, converts to one); pass an rvalue to move it in rather than copy it.
+inline prepared_ffn prepare(ffn f, detail::weight_format format = {}) { return prepared_ffn(std::move(f), format); }
+inline prepared_moe prepare(moe_layer m, detail::weight_format format = {}) { return prepared_moe(std::move(m), format); }
 
 /// dense_forward on prepared weights: the same result, bit for bit.
 inline void dense_forward(const prepared_ffn& f, const_matrix_ref x, matrix_ref y) {

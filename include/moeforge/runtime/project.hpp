@@ -1,20 +1,55 @@
 // x·Wᵀ, the one dense product the model needs outside the FFN kernel
 // (attention projections, routers, the classifier), computed by the kernel's
-// own products so that its arithmetic depends only on the shapes. Eigen's
-// GEMM does not promise that: inside a nested OpenMP region it may take its
-// multi-threaded blocking even though it runs on one thread, so the same
-// product rounds differently in perplexity's window-parallel loop with one
-// thread or with two.
+// own panel product so that its arithmetic depends only on the shapes: every
+// output element is one FMA chain over k, whichever thread computes it and
+// whether W is row-major (packed per call) or prepared once as panels (F32
+// or BF16). Eigen's GEMM does not promise that: inside a nested OpenMP region
+// it may take its multi-threaded blocking even though it runs on one thread.
 #pragma once
 
-#include "moeforge/runtime/stream_kernel.hpp"
+#include <vector>
+
+#include "moeforge/runtime/gemm.hpp"
 
 namespace moeforge::runtime {
+
+namespace detail {
+
+/// out [T, rows] = x·Wᵀ where block_of(r0, count) gives W's rows
+/// [r0, r0 + count) as a panel_product operand. Output-row tasks of whole
+/// panels run on the team when the product is large enough.
+template <class Blocks>
+inline matrix project_rows(const_matrix_ref x, index_t rows, Blocks block_of) {
+  const index_t t = x.rows(), k = x.cols();
+  matrix out(t, rows);
+  if (t == 0 || rows == 0) return out;
+  std::vector<const float*> tokens(static_cast<std::size_t>(t));
+  for (index_t p = 0; p < t; ++p) tokens[std::size_t(p)] = x.row(p).data();
+  // Few tokens: narrow tasks, so both cores stream weights; many: wide ones,
+  // which pass over the packed tokens fewer times.
+  const index_t per_task = (t <= gemm_tokens_in_place ? 4 : 8) * gemm_nr;
+  const index_t tasks = (rows + per_task - 1) / per_task;
+#pragma omp parallel for schedule(dynamic, 1) if (double(t) * double(rows) * double(k) >= min_parallel_fma && tasks > 1)
+  for (index_t task = 0; task < tasks; ++task) {
+    const index_t r0 = task * per_task, count = std::min(per_task, rows - r0);
+    panel_product({block_of(r0, count)}, tokens.data(), t, k, out.data() + r0, out.outerStride());
+  }
+  return out;
+}
+
+}  // namespace detail
 
 /// x [T, in] · wᵀ for row-major weights w [out, in] → [T, out].
 inline matrix project(const_matrix_ref x, const matrix& w) {
   moeforge::detail::require_shape(x, x.rows(), w.cols(), "projection input");
-  return detail::times_transpose({detail::rows_of(w)}, x);
+  return detail::project_rows(x, w.rows(), [&w](index_t r0, index_t count) { return detail::rows_of(w.middleRows(r0, count)); });
+}
+
+/// The same for weights prepared as panels (F32 or BF16): identical results
+/// to the row-major product of the same values.
+inline matrix project(const_matrix_ref x, const detail::panel_matrix& w) {
+  moeforge::detail::require_shape(x, x.rows(), w.depth(), "projection input");
+  return detail::project_rows(x, w.rows(), [&w](index_t r0, index_t count) { return w.block(r0, count, 0); });
 }
 
 }  // namespace moeforge::runtime

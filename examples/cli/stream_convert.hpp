@@ -1,0 +1,66 @@
+// The streamed path of `moeforge convert cmoe`: a Hugging Face checkpoint is
+// converted one layer at a time from its memory-mapped shards into a sharded
+// native directory (convert/stream.hpp), so a 7B model converts on a machine
+// that cannot hold it in FP32. It is taken for every Hugging Face directory
+// or index — the result is bit-identical to the in-memory path — and
+// `--in-memory` forces the old path (everything loaded in FP32, one
+// model.safetensors in FP32).
+#pragma once
+
+#include <iostream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "conversion.hpp"
+#include "moeforge/convert/stream.hpp"
+
+namespace moeforge::cli {
+
+/// --resume, --shard-size, --in-memory.
+inline void add_stream_options(args& a) {
+  a.flag("resume", "Hugging Face input: continue an interrupted conversion into --out (refused if the model, options or calibration differ)");
+  a.option("shard-size", "MB", "Hugging Face input: at most this many MB per output shard", "4096");
+  a.flag("in-memory", "load the whole model in FP32 and convert it in memory instead of streaming a Hugging Face checkpoint");
+}
+
+/// Whether --model is converted by streaming.
+inline bool streams(const args& a) {
+  namespace fs = std::filesystem;
+  const fs::path p(a.get("model"));
+  return !a.flag_set("in-memory") && (io::is_hf_dir(p.string()) || p.filename() == "model.safetensors.index.json");
+}
+
+/// Converts --model by streaming with `tokens` calibration tokens unless
+/// --calib-tokens says otherwise; `conversion` describes the method for the provenance.
+inline int convert_cmoe_streamed(const args& a, const convert::cmoe_options& o, const nlohmann::json& conversion, index_t tokens) {
+  if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads", 1)));
+  const std::string config = a.has("model-config") ? a.get("model-config") : io::detail::sibling_config(a.get("model"));
+  const model::config c = io::read_hf_config(config).model;
+  const calibration cal = load_calibration(a, c, tokens);
+  convert::stream_options so;
+  so.shard_bytes = std::uint64_t(a.get_int("shard-size", 1)) << 20;
+  so.resume = a.flag_set("resume");
+  so.overwrite = a.flag_set("force");
+  so.attachments.push_back({tokenizer_path(a), "tokenizer.bin"});
+  so.provenance = {{"conversion", conversion}, {"calibration", cal.description}};
+  progress_bar bar(a.flag_set("quiet"));
+  so.progress = std::ref(bar);
+  const auto rep = convert::cmoe_stream(a.get("model"), cal.windows, a.get("out"), o, so);
+  const nlohmann::json summary{{"out", a.get("out")},
+                               {"layers", c.n_layers},
+                               {"resumed_at", rep.resumed_at},
+                               {"seconds", rep.seconds},
+                               {"stage_seconds", convert::to_json(rep.times)}};
+  if (a.flag_set("json")) {
+    std::cout << summary.dump() << "\n";
+  } else {
+    const auto& t = rep.times;
+    std::cout << "wrote " << a.get("out") << " (" << convert::to_string(o.config) << ", streamed " << c.n_layers - rep.resumed_at << " of "
+              << c.n_layers << " layers in " << rep.seconds << " s: read " << t.read << " s, attention " << t.attention << " s, convert "
+              << t.convert << " s, forward " << t.forward << " s, write " << t.write << " s)\n";
+  }
+  return 0;
+}
+
+}  // namespace moeforge::cli
