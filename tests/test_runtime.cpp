@@ -592,6 +592,8 @@ TEST_CASE("BF16 panels hold the rounded weights and project exactly as the round
     }
   const matrix w = random_matrix(4, 4, rng);
   CHECK_THROWS_AS(runtime::detail::panel_matrix(w.data(), 4, 4, 4, {}, dtype::f16), config_error);
+  const matrix cut = random_matrix(3 * gemm_nr, 8, rng);  // project's tasks do not stop at cuts, so it refuses them
+  CHECK_THROWS_AS(runtime::project(random_matrix(2, 8, rng), runtime::detail::panel_matrix(cut.data(), 8, cut.rows(), 8, {gemm_nr + 3})), shape_error);
 }
 
 TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same logits as one that refers to them") {

@@ -136,7 +136,9 @@ TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the
   const auto win = stream_windows();
 
   model::weights want = io::load_model(src);
+  CHECK(want.weight_dtype == stored);
   convert::cmoe_model(want, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, win); }, stream_cmoe());
+  CHECK(want.weight_dtype == dtype::f32);  // the converted layers are F32 values, whatever the source stored
 
   convert::stream_options so;
   so.shard_bytes = 20'000;  // several output shards
@@ -185,6 +187,9 @@ TEST_CASE("a conversion stopped after a layer and resumed writes the identical m
   other.seed = 5;
   CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "resumed", other, resume), config_error,
                 Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("\"seed\":5"));
+  auto sized = stream_cmoe();
+  sized.fit.size_rule = !sized.fit.size_rule;  // changes which fitting steps run on the later layers
+  CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "resumed", sized, resume), config_error, Catch::Contains("method differs"));
   auto fewer = win;
   fewer.pop_back();
   CHECK_REJECTS(convert::cmoe_stream(src, fewer, dir / "resumed", stream_cmoe(), resume), config_error, Catch::Contains("calibration differs"));

@@ -2,7 +2,8 @@
 // converted one layer at a time from its memory-mapped shards into a sharded
 // native directory (convert/stream.hpp), so a 7B model converts on a machine
 // that cannot hold it in FP32. It is taken for every Hugging Face directory
-// or index — the result is bit-identical to the in-memory path — and
+// or index — it computes bit for bit what the in-memory path computes, and
+// writes it in the source's dtype where that path writes FP32 — and
 // `--in-memory` forces the old path (everything loaded in FP32, one
 // model.safetensors in FP32).
 #pragma once

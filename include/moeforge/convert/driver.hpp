@@ -77,6 +77,7 @@ inline index_t visit_layers(model::weights& w, const ffn_inputs_fn& inputs, cons
     const matrix x = inputs(original ? *original : w, l);
     layer_visit v{l, f, x, [&, l](const std::string& stage) { tell(l, stage); }};
     method(v, now() - t0);
+    w.weight_dtype = dtype::f32;  // the method computed the new layer in F32: its values need not be exact in the stored type
     tell(l, "done");
     ++visited;
   }

@@ -56,7 +56,7 @@ inline void permute_neurons(routed_expert& e, const std::vector<index_t>& order)
 /// router's bias and quadratic rows are repeated like its weight rows (its
 /// projection is per layer), and novice compensation gives each sub-expert
 /// 1/P of its expert's mean, so the P sub-experts of a selected expert remove
-/// exactly that expert's mean. Without a drop policy only: dropping
+/// that expert's mean (up to the rounding of mean/P in float). Without a drop policy only: dropping
 /// thresholds mean something else on E·P experts; nor for the oracle router,
 /// which scores each (sub-)expert by its own output.
 inline moe_layer complete_transformation(const moe_layer& m, index_t parts, const std::string& what = "complete transformation") {

@@ -8,7 +8,8 @@
 // per-layer conversion, on the layer presented as a one-layer model), run
 // forward with its new FFN to give the next layer its inputs, written, and
 // freed. Layer l is calibrated on the output of the converted layers 0..l-1,
-// as convert::cmoe_model does in memory, and the result is bit-identical.
+// as convert::cmoe_model does in memory, with bit-identical arithmetic; the
+// layer's tensors are then written in the source's dtype (BF16 stays BF16).
 //
 // The output is built in a hidden sibling directory `.NAME.partial` which
 // records the finished layers (progress.json: a fingerprint of the model, the
@@ -374,7 +375,8 @@ inline nlohmann::json describe(const cmoe_options& o) {
             {"router_ridge", o.fit.router_ridge},
             {"refit_ridge", o.fit.refit_ridge},
             {"distill_steps", o.fit.distill_steps},
-            {"distill_lr", o.fit.distill_lr}}}};
+            {"distill_lr", o.fit.distill_lr},
+            {"size_rule", o.fit.size_rule}}}};
 }
 
 /// CMoE on every dense layer of a Hugging Face checkpoint, streamed (see

@@ -59,7 +59,7 @@ inline std::uint16_t f32_to_bf16(float f) {
   return std::uint16_t(bits >> 16);
 }
 
-/// Parses "f32" or "bf16" (case-insensitive F32/BF16 too), the weight types
+/// Parses "f32" or "bf16" (or F32, BF16), the weight types
 /// the kernels run on; throws config_error naming the text.
 inline dtype parse_weight_dtype(std::string_view text) {
   if (text == "f32" || text == "F32") return dtype::f32;

@@ -320,7 +320,8 @@ inline moe_layer read_moe_block(tensor_reader& t, const std::string& p, const hf
   if (s.shared_intermediate > 0) {
     const std::string q = p + ".shared_expert.";
     shared_expert sh{read_ffn(t, q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight", h, s.shared_intermediate), vector()};
-    sh.gate = t.mat(p + ".shared_expert_gate.weight", 1, h).row(0).transpose();
+    const matrix gate = t.mat(p + ".shared_expert_gate.weight", 1, h);  // 0×0 when only checking shapes
+    if (gate.rows() == 1) sh.gate = gate.row(0).transpose();
     m.shared.push_back(std::move(sh));
   }
   return m;

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -115,19 +116,26 @@ class transformer {
     const index_t n = index_t(w_.layers.size());
     packed_.resize(std::size_t(n));
     attention_.resize(std::size_t(n));
+    std::exception_ptr failed;  // (bad_alloc on a big model): rethrown once the loop is over
 #pragma omp parallel for schedule(dynamic, 1)
     for (index_t i = 0; i <= n; ++i) {
-      if (i == n) {
-        classifier_ = pack(w_.classifier());
-        continue;
+      try {
+        if (i == n) {
+          classifier_ = pack(w_.classifier());
+          continue;
+        }
+        const auto& l = w_.layers[std::size_t(i)];
+        if (const auto* f = std::get_if<ffn>(&l.ffn))
+          packed_[std::size_t(i)] = {{}, {runtime::detail::pack_ffn(*f, {}, t)}};
+        else
+          packed_[std::size_t(i)] = runtime::detail::pack_layer(std::get<moe_layer>(l.ffn), t);
+        attention_[std::size_t(i)] = {pack(l.wq), pack(l.wk), pack(l.wv), pack(l.wo)};
+      } catch (...) {
+#pragma omp critical(moeforge_transformer_pack)
+        if (!failed) failed = std::current_exception();
       }
-      const auto& l = w_.layers[std::size_t(i)];
-      if (const auto* f = std::get_if<ffn>(&l.ffn))
-        packed_[std::size_t(i)] = {{}, {runtime::detail::pack_ffn(*f, {}, t)}};
-      else
-        packed_[std::size_t(i)] = runtime::detail::pack_layer(std::get<moe_layer>(l.ffn), t);
-      attention_[std::size_t(i)] = {pack(l.wq), pack(l.wk), pack(l.wv), pack(l.wo)};
     }
+    if (failed) std::rethrow_exception(failed);
   }
   explicit transformer(const weights& w) : w_(w) {
     validate(w);

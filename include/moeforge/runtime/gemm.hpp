@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <vector>
@@ -426,6 +427,11 @@ inline void micro_kernel_slice(index_t kl, Tokens a, panel_slice b, float* c, bo
     micro_kernel_tokens(kl, a, static_cast<const float*>(b.data), c, first, rows, fetch ? static_cast<const float*>(pf.data) : nullptr);
 }
 
+/// A token value as vdpbf16ps takes it: BF16, round to nearest even, a
+/// subnormal flushed to zero as `vcvtneps2bf16` does, so a token rounds the
+/// same in the vector and the scalar part of pack_token_pairs.
+inline std::uint32_t bf16_token(float v) { return std::fpclassify(v) == FP_SUBNORMAL ? f32_to_bf16(std::copysign(0.0f, v)) : f32_to_bf16(v); }
+
 /// Tokens as BF16 pairs for vdpbf16ps: for pair j of depth [k0, k0 + kl),
 /// (x[k0 + 2j] | x[k0 + 2j + 1] << 16), the second zero past the end; laid
 /// out [pair][MR] per panel of MR tokens, `count` tokens from src, rows past
@@ -436,10 +442,8 @@ inline void pack_token_pairs(const float* const* src, index_t count, index_t k0,
     index_t j0 = 0;
 #if defined(__AVX512BF16__)
     // Eight tokens × eight pairs at a time: 16 consecutive values of a token
-    // convert to its 8 pairs in order (`vcvtneps2bf16`, round to nearest even,
-    // like f32_to_bf16 for the finite values the kernel takes; it flushes
-    // subnormals), and an 8×8 transpose of those 32-bit pairs lays them out
-    // [pair][MR].
+    // convert to its 8 pairs in order (`vcvtneps2bf16`, as bf16_token), and
+    // an 8×8 transpose of those 32-bit pairs lays them out [pair][MR].
     if (count - p0 >= gemm_mr)
       for (; 2 * j0 + 16 <= kl; j0 += 8) {
         alignas(32) float pairs8[gemm_mr][8];  // the pairs' bits, moved as floats
@@ -452,7 +456,7 @@ inline void pack_token_pairs(const float* const* src, index_t count, index_t k0,
     for (index_t r = 0; r < gemm_mr; ++r) {
       const float* x = p0 + r < count ? src[p0 + r] + k0 : nullptr;
       for (index_t j = j0; j < pairs; ++j) {
-        const std::uint32_t lo = x ? f32_to_bf16(x[2 * j]) : 0, hi = x && 2 * j + 1 < kl ? f32_to_bf16(x[2 * j + 1]) : 0;
+        const std::uint32_t lo = x ? bf16_token(x[2 * j]) : 0, hi = x && 2 * j + 1 < kl ? bf16_token(x[2 * j + 1]) : 0;
         dst[j * gemm_mr + r] = lo | hi << 16;
       }
     }

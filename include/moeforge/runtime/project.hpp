@@ -49,6 +49,8 @@ inline matrix project(const_matrix_ref x, const matrix& w) {
 /// to the row-major product of the same values.
 inline matrix project(const_matrix_ref x, const detail::panel_matrix& w) {
   moeforge::detail::require_shape(x, x.rows(), w.depth(), "projection input");
+  if (w.next_cut(0) != w.rows())  // its tasks are cut every few panels, not at the cuts
+    throw shape_error("projection: the panels restart at a cut (a DualSparse layer's); project takes panels without cuts");
   return detail::project_rows(x, w.rows(), [&w](index_t r0, index_t count) { return w.block(r0, count, 0); });
 }
 
