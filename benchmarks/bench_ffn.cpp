@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -66,8 +67,8 @@ moe_shape parse_shape(const std::string& text) {
   char tail = 0;
   const int got = std::sscanf(text.c_str(), "%lldx%lldx%lld/%lld+%lld%c", &h, &e, &i, &k, &s, &tail);
   if ((got != 4 && got != 5) || h != hidden || e < 1 || i < 1 || k < 1 || k > e || s < 0)
-    throw usage_error("moeforge-bench ffn: --shape '" + text + "': expected qwen3-30b-a3b, dsv2-lite or HxExI/k[+S] with H = " +
-                      std::to_string(hidden) + ", 1 <= k <= E");
+    throw config_error("'" + text + "': expected qwen3-30b-a3b, dsv2-lite or HxExI/k[+S] with H = " + std::to_string(hidden) +
+                       ", 1 <= k <= E");
   return {text, e, i, k, s > 0 ? 1 : 0, s};
 }
 
@@ -135,19 +136,12 @@ matrix eigen_dense(const ffn& f, const matrix& x) {
   return h * f.down.transpose();
 }
 
-std::vector<index_t> parse_list(const std::string& s) {
-  std::vector<index_t> v;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');) v.push_back(std::stoll(item));
-  return v;
-}
-
-std::vector<std::string> parse_names(const std::string& s) {
-  std::vector<std::string> v;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) v.push_back(item);
-  return v;
+/// A token count of --tokens: a positive integer.
+index_t parse_token_count(const std::string& text) {
+  char* end = nullptr;
+  const long long v = std::strtoll(text.c_str(), &end, 10);
+  if (end != text.c_str() + text.size() || v < 1) throw config_error("'" + text + "' is not a positive token count");
+  return index_t(v);
 }
 
 }  // namespace
@@ -174,22 +168,19 @@ int bench_ffn(int argc, char** argv) {
   const int threads = a.get_int("threads") > 0 ? int(a.get_int("threads")) : omp_get_max_threads();
   omp_set_num_threads(threads);
   Eigen::setNbThreads(threads);
-  const auto token_counts = quick ? std::vector<index_t>{1, 64} : parse_list(a.get("tokens"));
+  const auto token_counts = quick ? std::vector<index_t>{1, 64} : a.get_list("tokens", parse_token_count, "a positive token count");
   std::vector<moe_shape> shapes;
   if (!a.flag_set("only-shapes"))
     shapes = {split_shape("E8A2", 0, 8, 2), split_shape("S1A1E8", 1, 7, 1), split_shape("S3A3E8", 3, 5, 3)};
   if (a.has("shape"))
-    for (const auto& name : parse_names(a.get("shape"))) shapes.push_back(parse_shape(name));
+    for (auto& shape : a.get_list("shape", parse_shape, "qwen3-30b-a3b, dsv2-lite, HxExI/k[+S]")) shapes.push_back(std::move(shape));
   const double gbps_limit = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
-  const bool any_bf16 = a.get("dtype").find("bf16") != std::string::npos;
+  const std::vector<dtype> types = a.get_list("dtype", parse_weight_dtype, "f32, bf16");
+  const bool any_bf16 = std::find(types.begin(), types.end(), dtype::bf16) != types.end();
   const double bf16_peak = any_bf16 && runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;
   std::printf("machine: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads)\n", gbps_limit, fp32_peak,
               bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
 
-  std::vector<dtype> types;
-  for (const auto& name : parse_names(a.get("dtype")))
-    types.push_back(a.get_parsed("dtype", [&name](const std::string&) { return parse_weight_dtype(name); }));
-  if (types.empty()) throw usage_error("moeforge-bench ffn: --dtype needs at least one of f32, bf16");
 
   std::ofstream json;
   std::string json_tmp;

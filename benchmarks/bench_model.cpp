@@ -26,15 +26,17 @@ namespace {
 /// norms, embedding row and KV cache stay F32): every attention matrix, the
 /// FFN part it computes (for an MoE: router, shared experts and top-k
 /// average-width experts), one embedding row, the classifier, and the keys and
-/// values of the context.
+/// values of the context. From the shapes alone (an owning transformer's
+/// structure() holds no weight matrices).
 double decode_bytes(const model::weights& w, index_t context, double weight_bytes) {
   const auto& c = w.config;
   const auto size = [](const matrix& m) { return double(m.size()); };
-  const auto ffn_size = [&](const ffn& f) { return size(f.gate) + size(f.up) + size(f.down); };
-  double weights = size(w.classifier()), f32 = double(c.dim);
+  const auto ffn_size = [](const ffn& f) { return double(parameter_count(f)); };
+  const double q = double(c.n_heads * c.head_dim), kv = double(c.n_kv_heads * c.head_dim), dim = double(c.dim);
+  double weights = double(c.vocab_size) * dim, f32 = dim;
   for (const auto& l : w.layers) {
-    weights += size(l.wq) + size(l.wk) + size(l.wv) + size(l.wo);
-    f32 += 2.0 * double(context) * double(c.n_kv_heads * c.head_dim);
+    weights += 2.0 * q * dim + 2.0 * kv * dim;
+    f32 += 2.0 * double(context) * kv;
     if (const auto* f = std::get_if<ffn>(&l.ffn)) {
       weights += ffn_size(*f);
       continue;
@@ -66,7 +68,7 @@ int bench_model(int argc, char** argv) {
          "5632, top 2, 32 heads, 8 KV heads, vocab 32000), tiny. For a dense shape --moe adds CMoE layouts of it\n"
          "(random partition: s shared + top-a of e-s routed experts of I/e neurons) beside the dense row. \"load s\" is the\n"
          "time to load the model (for --shape: to generate its weights) and pack it for the kernels; the resident memory\n"
-         "holds the plain F32 weights beside the packed ones.");
+         "holds the packed weights only (the plain ones are released once packed).");
   a.option("model", "PATH", "a model moeforge loads (native, llama2.c .bin, Hugging Face directory) instead of --shape")
       .option("shape", "NAME", "synthetic model shape", "llama-7b")
       .option("layers", "L", "layers of the synthetic model", "8")
@@ -77,11 +79,7 @@ int bench_model(int argc, char** argv) {
       .option("seed", "N", "seed of the synthetic weights", "1")
       .option("json", "FILE", "also write the rows as a JSON array to FILE");
   if (!a.parse(argc, argv)) return 0;
-  std::vector<dtype> types;
-  std::stringstream type_list(a.get("dtype"));
-  for (std::string t; std::getline(type_list, t, ',');)
-    types.push_back(a.get_parsed("dtype", [&t](const std::string&) { return parse_weight_dtype(t); }));
-  if (types.empty()) throw usage_error("moeforge-bench model: --dtype needs at least one of f32, bf16");
+  const std::vector<dtype> types = a.get_list("dtype", parse_weight_dtype, "f32, bf16");
   const index_t steps = a.get_int("decode-steps"), context = a.get_int("context"), layers = a.get_int("layers");
   if (steps < 1) throw usage_error("moeforge-bench model: --decode-steps must be at least 1");
   if (context < 64) throw usage_error("moeforge-bench model: --context must be at least 64");
@@ -108,19 +106,20 @@ int bench_model(int argc, char** argv) {
     for (const dtype type : types) {
       // Made afresh per row, so the resident memory is this row's alone.
       const auto t0 = std::chrono::steady_clock::now();
-      model::weights w = synthetic ? bench::synthetic_model(*shape, layers, v.moe, std::uint64_t(a.get_int("seed")), 2 * context + 64)
-                                   : io::load_model(a.get("model"));
-      const double active = model::active_ffn_fraction(w);
-      const model::transformer tr(std::move(w), type);  // owning: every weight on prepared layouts of this type
+      // Owning: every weight on prepared layouts of this type (a model file read layer by layer).
+      const model::transformer tr =
+          synthetic ? model::transformer(bench::synthetic_model(*shape, layers, v.moe, std::uint64_t(a.get_int("seed")), 2 * context + 64), type)
+                    : io::load_transformer(a.get("model"), {}, type);
       const double load_s = bench::seconds_since(t0);
-      const auto& c = tr.model().config;
+      const double active = model::active_ffn_fraction(tr.structure());
+      const auto& c = tr.config();
       if (c.seq_len < context + 3) throw config_error(detail::cat("model: its context of ", c.seq_len, " is shorter than --context ", context, " + 3"));
       const double pf64 = model::prefill_tokens_per_second(tr, 64);
       const double pf_long = model::prefill_tokens_per_second(tr, context);
       model::stage_times times;
       const double dec0 = model::decode_tokens_per_second(tr, steps, 0, &times);
       const double dec_long = model::decode_tokens_per_second(tr, steps, context);
-      const double bytes = decode_bytes(tr.model(), 1, double(dtype_size(type))), fraction = bytes * dec0 / 1e9 / gbs;
+      const double bytes = decode_bytes(tr.structure(), 1, double(dtype_size(type))), fraction = bytes * dec0 / 1e9 / gbs;
       const double rss = bench::status_mb("VmRSS:");
       const std::string type_name(dtype_name(type));
       std::printf("%-10s %-5s %6.2f %7.2f %8.0f %9.1f %10.1f %10.2f %9.2f %9.1f %7.0f%% %6.0f%% %5.0f%% %5.0f%%\n", v.name.c_str(),

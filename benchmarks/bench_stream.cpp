@@ -1,8 +1,8 @@
 // moeforge-bench make-model: a seeded random-weight Hugging Face checkpoint
 // of a published shape, written tensor by tensor.
-// moeforge-bench convert-model: streamed CMoE conversion of such a
-// checkpoint in a fresh process — its time and peak memory, which must not
-// grow with the model's depth.
+// moeforge-bench convert-model: streamed conversion (CMoE of a dense shape,
+// DualSparse or MoNE of a Mixtral shape) of such a checkpoint in a fresh
+// process — its time and peak memory, which must not grow with the model's depth.
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -79,13 +79,16 @@ int bench_make_model(int argc, char** argv) {
 
 int bench_convert_model(int argc, char** argv) {
   args a("moeforge-bench convert-model",
-         "Streamed CMoE conversion of a synthetic checkpoint: makes it (make-model) in a temporary directory, converts it\n"
+         "Streamed conversion of a synthetic checkpoint: makes it (make-model) in a temporary directory, converts it\n"
          "in a fresh process (memory-mapped shards, one layer resident) and reports seconds, seconds_per_layer, peak_rss_mb\n"
          "(the converting process's peak resident memory, mapped file pages included) and model_bytes. Calibration tokens\n"
          "are seeded random ids (the weights are random: only time and memory mean anything).");
   a.option("shape", "NAME", "model shape", "llama-7b")
       .option("layers", "L", "layers", "8")
       .option("dtype", "bf16|f32", "stored dtype", "bf16")
+      .option("method", "cmoe|dualsparse|mone",
+              "cmoe (dense shapes); on an MoE shape dualsparse (2t, drop rate 0.2, metric b, layer scope) or mone (ratio 0.25, layer scope)",
+              "cmoe")
       .option("config", "S_A_E_", "CMoE configuration", "S2A2E16")
       .option("preset", "paper|best", "CMoE recipe", "paper")
       .option("calib-tokens", "N", "calibration tokens", "2048")
@@ -108,13 +111,33 @@ int bench_convert_model(int argc, char** argv) {
     const io::hf_config h = io::read_hf_config((std::filesystem::path(a.get("model")) / "config.json").string());
     convert::stream_options so;
     so.overwrite = true;
-    const auto rep = convert::cmoe_stream(a.get("model"), random_windows(h.model.vocab_size, tokens, ctx, 7), a.get("out"), o, so);
+    const auto windows = random_windows(h.model.vocab_size, tokens, ctx, 7);
+    const std::string method = a.get("method");
+    convert::stream_report rep;
+    if (method == "dualsparse") {
+      convert::dualsparse_options d;
+      d.metric = calib::importance_metric::abs_act;
+      d.policy.kind = drop_kind::two_t;
+      d.drop_rate = 0.2;
+      d.scope = convert::drop_scope::layer;
+      rep = convert::dualsparse_stream(a.get("model"), windows, a.get("out"), d, so);
+    } else if (method == "mone") {
+      convert::mone_options m;
+      m.ratio = 0.25;
+      rep = convert::mone_stream(a.get("model"), windows, a.get("out"), m, so);
+    } else {
+      rep = convert::cmoe_stream(a.get("model"), windows, a.get("out"), o, so);
+    }
     bench::write_json(a.get("report"), {{"seconds", rep.seconds}, {"times", convert::to_json(rep.times)}});
     return 0;
   }
 
   const auto& shape = a.get_parsed("shape", bench::find_shape);
   const index_t layers = index_t(a.get_int("layers", 1));
+  const std::string method = a.get("method");
+  if (method != "cmoe" && method != "dualsparse" && method != "mone") throw usage_error(method + ": --method must be cmoe, dualsparse or mone");
+  if ((method == "cmoe") != (shape.experts == 0))
+    throw usage_error("--method " + method + " on shape '" + shape.name + "': cmoe converts a dense shape, dualsparse and mone an MoE one");
   namespace fs = std::filesystem;
   const fs::path work = fs::path(a.get("tmp")) / ("moeforge-convert-model." + std::to_string(::getpid()));
   struct cleanup {
@@ -131,7 +154,7 @@ int bench_convert_model(int argc, char** argv) {
   const double make_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_make).count();
 
   std::vector<std::string> child{"/proc/self/exe", "convert-model", "--child", "--model", (work / "source").string(), "--out", (work / "out").string(),
-                                 "--report", (work / "report.json").string(), "--config", a.get("config"), "--preset", a.get("preset"),
+                                 "--report", (work / "report.json").string(), "--method", method, "--config", a.get("config"), "--preset", a.get("preset"),
                                  "--calib-tokens", a.get("calib-tokens"), "--ctx", a.get("ctx")};
   std::vector<char*> cargv;
   for (auto& s : child) cargv.push_back(s.data());
@@ -158,6 +181,7 @@ int bench_convert_model(int argc, char** argv) {
   nlohmann::json row{{"shape", shape.name},
                      {"layers", layers},
                      {"dtype", a.get("dtype")},
+                     {"method", method},
                      {"config", a.get("config")},
                      {"preset", a.get("preset")},
                      {"calib_tokens", tokens},
@@ -172,8 +196,9 @@ int bench_convert_model(int argc, char** argv) {
                      {"model_bytes", bytes},
                      {"make_seconds", make_seconds},
                      {"threads", a.has("threads") ? a.get_int("threads", 1) : 0}};
-  std::printf("%s, %lld layers, %s, %s %s: %.1f s (%.2f s/layer; CPU %.1f s, load average %.1f), peak RSS %.0f MB, model %.2f GB\n",
-              shape.name.c_str(), (long long)layers, a.get("dtype").c_str(), a.get("config").c_str(), a.get("preset").c_str(),
+  const std::string what = method == "cmoe" ? a.get("config") + " " + a.get("preset") : method;
+  std::printf("%s, %lld layers, %s, %s: %.1f s (%.2f s/layer; CPU %.1f s, load average %.1f), peak RSS %.0f MB, model %.2f GB\n",
+              shape.name.c_str(), (long long)layers, a.get("dtype").c_str(), what.c_str(),
               report["seconds"].get<double>(), report["seconds"].get<double>() / double(layers), cpu, load_average_1min(), peak_mb,
               double(bytes) / 1e9);
   std::printf("stages (s): %s\n", report["times"].dump().c_str());

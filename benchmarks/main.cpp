@@ -12,6 +12,7 @@ int bench_pipeline(int argc, char** argv);
 int bench_model(int argc, char** argv);
 int bench_make_model(int argc, char** argv);
 int bench_convert_model(int argc, char** argv);
+int bench_ep(int argc, char** argv);
 }  // namespace moeforge::cli
 
 int main(int argc, char** argv) {
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
       {"model", "whole-model prefill and decode speed, dense beside CMoE layouts, against the machine's bandwidth", &bench_model},
       {"make-model", "a seeded random-weight Hugging Face checkpoint of a published shape, written tensor by tensor", &bench_make_model},
       {"convert-model", "streamed CMoE conversion of a synthetic checkpoint: time and peak memory per depth", &bench_convert_model},
+      {"ep", "expert parallelism over MPI (under mpirun): tokens/s, bytes sent, communication share, per-rank load", &bench_ep},
       {"pipeline", "dense -> CMoE -> DualSparse -> MoNE on stories260K: quality, work, size and speed", &bench_pipeline},
   };
   return dispatch("moeforge-bench", commands, argc, argv);

@@ -67,6 +67,7 @@ class random_tensors {
   explicit random_tensors(std::uint64_t seed) : seed_(seed) {}
   matrix make(index_t rows, index_t cols) {
     matrix m(rows, cols);
+    moeforge::detail::advise_huge_pages(m.data(), std::size_t(m.size()) * sizeof(float));  // as the loaders do
     // Uniform with the variance of N(0, 1/cols): activations keep their scale layer to layer.
     fill_random(m.data(), std::size_t(m.size()), next(), std::sqrt(3.0f / float(cols)));
     return m;

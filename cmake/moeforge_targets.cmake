@@ -21,3 +21,12 @@ function(moeforge_own_target target)
   # templates (kernel, model, loaders); batching them compiles that code once.
   set_target_properties(${target} PROPERTIES RUNTIME_OUTPUT_DIRECTORY "${PROJECT_BINARY_DIR}/bin" UNITY_BUILD ON)
 endfunction()
+
+# For our executables that run expert parallelism when MPI is there: they link
+# MPI and see MOEFORGE_WITH_MPI=1.
+function(moeforge_use_mpi target)
+  if(MOEFORGE_WITH_MPI)
+    target_link_libraries(${target} PRIVATE MPI::MPI_CXX)
+    target_compile_definitions(${target} PRIVATE MOEFORGE_WITH_MPI=1)
+  endif()
+endfunction()

@@ -16,7 +16,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moeforge/io/load.hpp"
 #include "support/data.hpp"
+#include "support/hf_checkpoint.hpp"
 #include "support/temp_dir.hpp"
 #include "support/util.hpp"
 
@@ -101,7 +103,7 @@ TEST_CASE("every subcommand's --help exits 0 and prints its usage on stdout") {
   const temp_dir scratch;
   const std::vector<std::vector<std::string>> cli_commands{{"generate"}, {"eval"}, {"logits"}, {"convert", "cmoe"},
                                                            {"sparsify", "dualsparse"}, {"prune", "mone"}, {"export"}};
-  const std::vector<std::string> bench_commands{"ffn", "cmoe", "convert", "dualsparse", "mone", "model", "pipeline"};
+  const std::vector<std::string> bench_commands{"ffn", "cmoe", "convert", "dualsparse", "mone", "model", "pipeline", "ep"};
   const auto check = [&](const std::string& program, const std::vector<std::string>& command) {
     auto args = command;
     args.push_back("--help");
@@ -278,4 +280,53 @@ TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, 
   // A layout the model cannot take is a usage error naming --config.
   require_usage_error(cli(convert_args(scratch / "bad", "S9A3E8"), scratch), "--config");
   REQUIRE_FALSE(fs::exists(scratch / "bad"));
+}
+
+TEST_CASE("sparsify and prune stream a sharded Hugging Face checkpoint to the model --in-memory writes, and refuse --scope global") {
+  const temp_dir scratch;
+  // Mixtral in F32 (streamed output keeps the source's dtype, so both paths write F32), with the tokenizer's vocabulary.
+  const std::string src = sharded_hf(scratch, "mixtral", moeforge::dtype::f32, 3, {}, true, 512);
+  const std::vector<std::vector<std::string>> commands{
+      {"sparsify", "dualsparse", "--partition", "2", "--metric", "b", "--policy", "2t", "--drop-rate", "0.2", "--scope", "layer"},
+      {"prune", "mone", "--count", "1"}};
+  for (const auto& command : commands) {
+    const std::string what = command.front() == "prune" ? "pruning" : "sparsification";
+    CAPTURE(command[1]);
+    auto args = command;
+    args.insert(args.end(), {"--model", src, "--tokenizer", data_file("models/stories260K/tok512.bin"), "--calib", text("tinystories_calib.txt"),
+                             "--calib-tokens", "256", "--quiet"});
+    auto streamed = args, in_memory = args;
+    streamed.insert(streamed.end(), {"--out", scratch / "streamed"});
+    in_memory.insert(in_memory.end(), {"--in-memory", "--out", scratch / "in-memory"});
+    const auto s = cli(streamed, scratch);
+    INFO(s.err);
+    REQUIRE(s.code == 0);
+    REQUIRE(s.out.find("streamed 3 of 3 layers") != std::string::npos);
+    const auto m = cli(in_memory, scratch);
+    INFO(m.err);
+    REQUIRE(m.code == 0);
+    const auto got = moeforge::io::load_model(scratch / "streamed"), want = moeforge::io::load_model(scratch / "in-memory");
+    for (std::size_t l = 0; l < 3; ++l) CHECK(moeforge::io::detail::layer_json(got.layers[l]) == moeforge::io::detail::layer_json(want.layers[l]));
+    const auto a = named_tensors(got), b = named_tensors(want);
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      CAPTURE(a[i].first);
+      REQUIRE(a[i].first == b[i].first);
+      CHECK(a[i].second == b[i].second);
+    }
+    // Both record the method the same way; the in-memory path adds its whole-model report.
+    const auto ps = read_json(scratch / "streamed/moeforge.json")["provenance"][what], pm = read_json(scratch / "in-memory/moeforge.json")["provenance"][what];
+    CHECK(ps["method"] == pm["method"]);
+    CHECK(ps["options"] == pm["options"]);
+    CHECK(pm.contains("report"));
+    fs::remove_all(scratch / "streamed");
+    fs::remove_all(scratch / "in-memory");
+
+    // The global choice needs every layer at once: a usage error naming --scope, before anything is written.
+    auto global = args;
+    global.insert(global.end(), {"--scope", "global", "--out", scratch / "global"});
+    require_usage_error(cli(global, scratch), "--scope");
+    REQUIRE_FALSE(fs::exists(scratch / "global"));
+    REQUIRE_FALSE(fs::exists(scratch / ".global.partial"));
+  }
 }

@@ -77,7 +77,7 @@ model::weights wide_model() {
 /// The logits of every position, fed one token at a time as generation does.
 matrix decode_logits(const model::transformer& tr, const std::vector<std::int32_t>& tokens) {
   auto cache = tr.new_cache();
-  matrix out(index_t(tokens.size()), tr.model().config.vocab_size);
+  matrix out(index_t(tokens.size()), tr.config().vocab_size);
   for (std::size_t t = 0; t < tokens.size(); ++t) out.row(index_t(t)) = tr.forward({tokens[t]}, cache).row(0);
   return out;
 }

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <set>
 
@@ -15,6 +16,7 @@
 #include "moeforge/calib/ffn_inputs.hpp"
 #include "moeforge/convert/stream.hpp"
 #include "moeforge/io/load.hpp"
+#include "support/hf_checkpoint.hpp"
 #include "support/random.hpp"
 #include "support/temp_dir.hpp"
 #include "support/util.hpp"
@@ -34,66 +36,6 @@ namespace {
   } while (0)
 #endif
 
-/// What to break in a checkpoint.
-struct stream_damage {
-  std::string drop;       ///< a tensor left out
-  std::string misshape;   ///< a tensor written with its dimensions swapped
-};
-
-/// A small random LLaMA model written as a Hugging Face directory of `shards`
-/// shards, tensors dealt round-robin so every layer is spread over all of them.
-std::string stream_source(const temp_dir& dir, const std::string& name, dtype stored, int shards, const stream_damage& d = {}) {
-  std::mt19937 rng(11);
-  model::weights w;
-  auto& c = w.config;
-  c.arch = "llama";
-  c.dim = 32;
-  c.n_layers = 3;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.vocab_size = 64;
-  c.seq_len = 64;
-  c.rope = model::rope_style::half_split;
-  c.tied_embeddings = false;
-  w.tok_emb = random_matrix(c.vocab_size, c.dim, rng, 1.0f);
-  w.lm_head = random_matrix(c.vocab_size, c.dim, rng);
-  w.final_norm = vector::Ones(c.dim);
-  for (index_t l = 0; l < c.n_layers; ++l) {
-    model::layer x;
-    x.attn_norm = vector::Ones(c.dim) + random_matrix(c.dim, 1, rng, 0.1f);
-    x.ffn_norm = vector::Ones(c.dim) + random_matrix(c.dim, 1, rng, 0.1f);
-    x.wq = random_matrix(c.n_heads * c.head_dim, c.dim, rng);
-    x.wk = random_matrix(c.n_kv_heads * c.head_dim, c.dim, rng);
-    x.wv = random_matrix(c.n_kv_heads * c.head_dim, c.dim, rng);
-    x.wo = random_matrix(c.dim, c.n_heads * c.head_dim, rng);
-    x.ffn = random_ffn(c.dim, 48, rng);
-    w.layers.push_back(std::move(x));
-  }
-  const std::string single = dir / (name + ".single");
-  io::save_hf(w, single);
-  const io::safetensors_file src(single + "/model.safetensors");
-  const std::string out = dir / name;
-  fs::create_directories(out);
-  fs::copy_file(single + "/config.json", out + "/config.json");
-  std::vector<std::optional<io::safetensors_writer>> files(static_cast<std::size_t>(shards));
-  nlohmann::json map = nlohmann::json::object();
-  std::size_t i = 0;
-  for (const auto& t : src.tensors()) {
-    if (t.name == d.drop) continue;
-    const std::size_t k = i++ % std::size_t(shards);
-    const std::string file = "model-0000" + std::to_string(k + 1) + "-of-0000" + std::to_string(shards) + ".safetensors";
-    if (!files[k]) files[k].emplace(out + "/" + file, 1 << 16);
-    auto shape = t.shape;
-    if (t.name == d.misshape) std::swap(shape.front(), shape.back());
-    files[k]->add(t.name, shape, src.read(t.name).data(), stored);
-    map[t.name] = file;
-  }
-  for (auto& f : files) f->finish();
-  write_json(out + "/model.safetensors.index.json", {{"weight_map", map}});
-  return out;
-}
-
 std::vector<std::vector<std::int32_t>> stream_windows() {
   std::mt19937 rng(3);
   std::uniform_int_distribution<std::int32_t> id(0, 63);
@@ -111,12 +53,16 @@ convert::cmoe_options stream_cmoe() {
   return o;
 }
 
-/// Every tensor of a model, by native name, in the walk's order.
-std::vector<std::pair<std::string, matrix>> stream_tensors(const model::weights& w) {
-  std::vector<std::pair<std::string, matrix>> out;
-  io::detail::for_each_tensor(
-      w, [&](const std::string& n, const matrix& m) { out.emplace_back(n, m); }, [&](const std::string& n, const vector& v) { out.emplace_back(n, matrix(v)); });
-  return out;
+/// `got` has every tensor of `want`, in order, bit for bit, or (BF16 stored)
+/// rounded to nearest even from want's FP32.
+void check_stream_tensors(const model::weights& got, const model::weights& want, dtype stored) {
+  const auto a = named_tensors(got), b = named_tensors(want);
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    CAPTURE(a[i].first);
+    REQUIRE(a[i].first == b[i].first);
+    CHECK(a[i].second == (stored == dtype::bf16 ? rounded_to_bf16(b[i].second) : b[i].second));
+  }
 }
 
 std::vector<std::string> stream_listing(const fs::path& dir) {
@@ -132,7 +78,7 @@ TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the
   temp_dir dir;
   const auto stored = GENERATE(dtype::f32, dtype::bf16);
   CAPTURE(dtype_name(stored));
-  const std::string src = stream_source(dir, "src", stored, 3);
+  const std::string src = sharded_hf(dir, "src", stored, 3);
   const auto win = stream_windows();
 
   model::weights want = io::load_model(src);
@@ -151,21 +97,13 @@ TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the
   CHECK(ck.shards().size() > 2);
   for (const auto& name : ck.names()) CHECK(ck.info(name).dtype == stored);
 
-  const model::weights got = io::load_model(dir / "out");
-  const auto a = stream_tensors(got), b = stream_tensors(want);
-  REQUIRE(a.size() == b.size());
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    CAPTURE(a[i].first);
-    REQUIRE(a[i].first == b[i].first);
-    // BF16 out: the in-memory FP32 result rounded to nearest even.
-    CHECK(a[i].second == (stored == dtype::bf16 ? rounded_to_bf16(b[i].second) : b[i].second));
-  }
+  check_stream_tensors(io::load_model(dir / "out"), want, stored);
   CHECK(stream_listing(dir.path()) == std::vector<std::string>{"out", "src", "src.single"});
 }
 
 TEST_CASE("a conversion stopped after a layer and resumed writes the identical model; other options or tokens are refused", "[stream]") {
   temp_dir dir;
-  const std::string src = stream_source(dir, "src", dtype::bf16, 2);
+  const std::string src = sharded_hf(dir, "src", dtype::bf16, 2);
   const auto win = stream_windows();
   convert::stream_options so;
   so.shard_bytes = 30'000;
@@ -178,6 +116,8 @@ TEST_CASE("a conversion stopped after a layer and resumed writes the identical m
   // Only the hidden partial directory exists: never a half model at the output.
   CHECK_FALSE(fs::exists(dir / "resumed"));
   CHECK(fs::exists(dir / ".resumed.partial/progress.json"));
+  // CMoE's method fingerprint is its options alone, as before methods were named in it: older partial directories still resume.
+  CHECK(read_json(dir / ".resumed.partial/progress.json")["fingerprint"]["method"] == convert::to_json(stream_cmoe()));
 
   CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "resumed", stream_cmoe(), so), io_error,
                 Catch::Contains("interrupted conversion") && Catch::Contains(".resumed.partial"));
@@ -212,7 +152,7 @@ TEST_CASE("a conversion stopped after a layer and resumed writes the identical m
 
 TEST_CASE("a streamed conversion never clobbers an existing output and replaces it only when asked, once complete", "[stream]") {
   temp_dir dir;
-  const std::string src = stream_source(dir, "src", dtype::f32, 2);
+  const std::string src = sharded_hf(dir, "src", dtype::f32, 2);
   fs::create_directories(dir / "out");
   std::ofstream(dir / "out/keep") << "keep";
   CHECK_REJECTS(convert::cmoe_stream(src, stream_windows(), dir / "out", stream_cmoe(), {}), io_error, Catch::Contains("already exists"));
@@ -242,32 +182,204 @@ TEST_CASE("damaged input is refused with a typed error naming the file, and noth
   };
 
   SECTION("a shard missing from the index's directory") {
-    const std::string src = stream_source(dir, "src", dtype::bf16, 3);
+    const std::string src = sharded_hf(dir, "src", dtype::bf16, 3);
     fs::remove(src + "/model-00002-of-00003.safetensors");
     refuses(src, Catch::Contains("cannot open") && Catch::Contains(src + "/model-00002-of-00003.safetensors"), io_error(""));
   }
   SECTION("a tensor missing") {
-    const std::string src = stream_source(dir, "src", dtype::f32, 3, {"model.layers.2.mlp.up_proj.weight", ""});
+    const std::string src = sharded_hf(dir, "src", dtype::f32, 3, {"model.layers.2.mlp.up_proj.weight", ""});
     refuses(src, Catch::Contains(src) && Catch::Contains("missing tensor 'model.layers.2.mlp.up_proj.weight'"), format_error(""));
   }
   SECTION("a tensor of the wrong shape") {
-    const std::string src = stream_source(dir, "src", dtype::f32, 3, {"", "model.layers.1.mlp.down_proj.weight"});
+    const std::string src = sharded_hf(dir, "src", dtype::f32, 3, {"", "model.layers.1.mlp.down_proj.weight"});
     refuses(src, Catch::Contains("model-0000") && Catch::Contains("tensor 'model.layers.1.mlp.down_proj.weight' has shape [48, 32], expected [32, 48]"),
             shape_error(""));
   }
   SECTION("a truncated shard") {
-    const std::string src = stream_source(dir, "src", dtype::bf16, 3);
+    const std::string src = sharded_hf(dir, "src", dtype::bf16, 3);
     const std::string shard = src + "/model-00003-of-00003.safetensors";
     fs::resize_file(shard, fs::file_size(shard) - 100);
     refuses(src, Catch::Contains(shard) && Catch::Contains("exceed the data"), format_error(""));
   }
   SECTION("an unknown dtype") {
-    const std::string src = stream_source(dir, "src", dtype::f32, 3);
+    const std::string src = sharded_hf(dir, "src", dtype::f32, 3);
     const std::string shard = src + "/model-00001-of-00003.safetensors";
     std::string bytes = file_bytes(shard);
     bytes.replace(bytes.find("\"F32\""), 5, "\"F99\"");
     std::ofstream(shard, std::ios::binary) << bytes;
     refuses(src, Catch::Contains(shard) && Catch::Contains("unknown dtype 'F99'"), format_error(""));
+  }
+}
+
+namespace {
+
+/// One MoE method, streamed and in memory, with the options a case gives it.
+struct moe_method_case {
+  std::string name;
+  std::function<convert::stream_report(const std::string& src, const std::string& out, const convert::stream_options&)> stream;
+  std::function<void(model::weights&)> in_memory;
+};
+
+moe_method_case dualsparse_case(const convert::dualsparse_options& o, const std::vector<std::vector<std::int32_t>>& win) {
+  return {"dualsparse",
+          [=](const std::string& src, const std::string& out, const convert::stream_options& so) { return convert::dualsparse_stream(src, win, out, o, so); },
+          [=](model::weights& w) { convert::dualsparse_model(w, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, win); }, o); }};
+}
+
+moe_method_case mone_case(const convert::mone_options& o, const std::vector<std::vector<std::int32_t>>& win) {
+  return {"mone", [=](const std::string& src, const std::string& out, const convert::stream_options& so) { return convert::mone_stream(src, win, out, o, so); },
+          [=](model::weights& w) { convert::mone_model(w, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, win); }, o); }};
+}
+
+/// Layer-scope DualSparse: reconstruction, a partition, 2t calibrated to a drop rate, load-aware groups.
+convert::dualsparse_options stream_dualsparse() {
+  convert::dualsparse_options o;
+  o.partition = 2;
+  o.metric = calib::importance_metric::abs_act;
+  o.policy.kind = drop_kind::two_t;
+  o.drop_rate = 0.2;
+  o.scope = convert::drop_scope::layer;
+  o.groups = 2;
+  return o;
+}
+
+convert::mone_options stream_mone(convert::mone_method method, bool sequential) {
+  convert::mone_options o;
+  o.method = method;
+  o.count = 1;
+  o.seed = 3;
+  o.sequential = sequential;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("streamed DualSparse and MoNE at layer scope are bit-identical to their in-memory conversions", "[stream]") {
+  temp_dir dir;
+  const auto win = stream_windows();
+  // MoNE random draws from each layer's own stream, and with unpruned inputs
+  // the next layer calibrates on the untouched FFN: both need the real layer.
+  auto unpruned = stream_dualsparse();
+  unpruned.sequential = false;
+  const std::vector<moe_method_case> cases{dualsparse_case(stream_dualsparse(), win), mone_case(stream_mone(convert::mone_method::mone, true), win),
+                                           mone_case(stream_mone(convert::mone_method::random, false), win), dualsparse_case(unpruned, win)};
+  const auto [which, stored] =
+      GENERATE(table<std::size_t, dtype>({{0, dtype::f32}, {0, dtype::bf16}, {1, dtype::bf16}, {2, dtype::f32}, {3, dtype::f32}}));
+  const auto& c = cases[which];
+  CAPTURE(c.name, dtype_name(stored));
+  const std::string src = sharded_hf(dir, "src", stored, 3, {}, true);
+
+  model::weights want = io::load_model(src);
+  c.in_memory(want);
+  convert::stream_options so;
+  so.shard_bytes = 20'000;
+  const auto rep = c.stream(src, dir / "out", so);
+  CHECK(rep.complete);
+  REQUIRE(rep.layers.size() == 3);
+  for (std::size_t l = 0; l < 3; ++l) CHECK(rep.layers[l].at("layer") == l);
+
+  const model::weights got = io::load_model(dir / "out");
+  for (std::size_t l = 0; l < 3; ++l) {
+    CAPTURE(l);
+    // The manifest's layer: drop policy and thresholds, sub-expert cuts, major widths, pruned slots.
+    CHECK(io::detail::layer_json(got.layers[l]) == io::detail::layer_json(want.layers[l]));
+  }
+  check_stream_tensors(got, want, stored);
+  CHECK(read_json(dir / "out/moeforge.json")["provenance"]["method"] == c.name);
+}
+
+TEST_CASE("a streamed MoE method resumes to the identical model and refuses changed options or another method", "[stream]") {
+  temp_dir dir;
+  const auto win = stream_windows();
+  const std::string src = sharded_hf(dir, "src", dtype::f32, 2, {}, true);
+  const auto ds = stream_dualsparse();
+  convert::stream_options so;
+  so.shard_bytes = 30'000;
+  convert::dualsparse_stream(src, win, dir / "whole", ds, so);
+
+  convert::stream_options stop = so;
+  stop.stop_after_layers = 1;
+  CHECK_FALSE(convert::dualsparse_stream(src, win, dir / "resumed", ds, stop).complete);
+  convert::stream_options resume = so;
+  resume.resume = true;
+  auto other = ds;
+  other.drop_rate = 0.3;
+  CHECK_REJECTS(convert::dualsparse_stream(src, win, dir / "resumed", other, resume), config_error,
+                Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("\"drop_rate\":0.3"));
+  CHECK_REJECTS(convert::mone_stream(src, win, dir / "resumed", stream_mone(convert::mone_method::mone, true), resume), config_error,
+                Catch::Contains("method differs"));
+  CHECK(convert::dualsparse_stream(src, win, dir / "resumed", ds, resume).resumed_at == 1);
+  REQUIRE(stream_listing(dir / "whole") == stream_listing(dir / "resumed"));
+  for (const auto& f : stream_listing(dir / "whole")) {
+    CAPTURE(f);
+    if (f != "moeforge.json") CHECK(file_bytes(dir / ("whole/" + f)) == file_bytes(dir / ("resumed/" + f)));
+  }
+  CHECK(read_json(dir / "whole/moeforge.json")["layers"] == read_json(dir / "resumed/moeforge.json")["layers"]);
+}
+
+TEST_CASE("a resume refuses another method whose options look the same", "[stream]") {
+  temp_dir dir;
+  const auto win = stream_windows();
+  const std::string src = sharded_hf(dir, "src", dtype::f32, 2, {}, true);
+  // Methods that leave every layer as it is, with the same options (keys both CMoE's and MoNE's have): only their names differ.
+  const auto method = [](const std::string& name) {
+    return convert::stream_method{name, convert::layer_filter::moe, true, {{"method", "mone"}, {"seed", 3}},
+                                  [](convert::layer_visit&) { return nlohmann::json(); }, {}};
+  };
+  convert::stream_options stop;
+  stop.stop_after_layers = 1;
+  CHECK_FALSE(convert::stream_convert(src, win, dir / "out", method("mone"), stop).complete);
+  convert::stream_options resume;
+  resume.resume = true;
+  for (const std::string other : {"cmoe", "dualsparse"}) {
+    CAPTURE(other);
+    CHECK_REJECTS(convert::stream_convert(src, win, dir / "out", method(other), resume), config_error,
+                  Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("\"name\":\"mone\""));
+  }
+  CHECK(convert::stream_convert(src, win, dir / "out", method("mone"), resume).resumed_at == 1);
+}
+
+TEST_CASE("streaming refuses what needs every layer at once, a method with nothing to convert and damaged MoE input, writing nothing", "[stream]") {
+  temp_dir dir;
+  const auto win = stream_windows();
+  const std::string moe = sharded_hf(dir, "moe", dtype::f32, 2, {}, true);
+  auto refuses = [&](auto&& run, auto matcher, auto type_tag) {
+    using type = decltype(type_tag);
+    CHECK_REJECTS(run(), type, matcher);
+    CHECK_FALSE(fs::exists(dir / "out"));
+    CHECK_FALSE(fs::exists(dir / ".out.partial"));
+  };
+  SECTION("DualSparse's global threshold") {
+    auto o = stream_dualsparse();
+    o.scope = convert::drop_scope::global;
+    refuses([&] { return convert::dualsparse_stream(moe, win, dir / "out", o, {}); }, Catch::Contains("scope global") && Catch::Contains("scope layer"),
+            config_error(""));
+  }
+  SECTION("MoNE's global ranking") {
+    auto o = stream_mone(convert::mone_method::mone, true);
+    o.scope = convert::mone_scope::global;
+    refuses([&] { return convert::mone_stream(moe, win, dir / "out", o, {}); }, Catch::Contains("scope global") && Catch::Contains("scope layer"),
+            config_error(""));
+  }
+  SECTION("a dense model") {
+    const std::string dense = sharded_hf(dir, "dense", dtype::f32, 2);
+    refuses([&] { return convert::dualsparse_stream(dense, win, dir / "out", stream_dualsparse(), {}); }, Catch::Contains("no MoE layer"), config_error(""));
+    refuses([&] { return convert::mone_stream(dense, win, dir / "out", stream_mone(convert::mone_method::mone, true), {}); }, Catch::Contains("no MoE layer"),
+            config_error(""));
+  }
+  SECTION("options the layers cannot take") {
+    auto o = stream_mone(convert::mone_method::mone, true);
+    o.count = 4;
+    refuses([&] { return convert::mone_stream(moe, win, dir / "out", o, {}); }, Catch::Contains("count = 4") && Catch::Contains("layer 0"), config_error(""));
+    auto d = stream_dualsparse();
+    d.partition = 25;
+    refuses([&] { return convert::dualsparse_stream(moe, win, dir / "out", d, {}); }, Catch::Contains("partition P = 25") && Catch::Contains("24 neurons"),
+            config_error(""));
+  }
+  SECTION("an expert's tensor missing") {
+    const std::string src = sharded_hf(dir, "src", dtype::f32, 3, {"model.layers.2.block_sparse_moe.experts.3.w2.weight", ""}, true);
+    refuses([&] { return convert::mone_stream(src, win, dir / "out", stream_mone(convert::mone_method::mone, true), {}); },
+            Catch::Contains(src) && Catch::Contains("missing tensor 'model.layers.2.block_sparse_moe.experts.3.w2.weight'"), format_error(""));
   }
 }
 
@@ -278,12 +390,112 @@ TEST_CASE("make-model writes a sharded checkpoint that loads as the benchmark's 
   CAPTURE(dtype_name(stored));
   bench::write_synthetic_hf(tiny, 2, stored, 3, 9, dir / "m");
   CHECK(io::safetensors_checkpoint(dir / "m").shards().size() == 3);
-  const auto got = stream_tensors(io::load_model(dir / "m"));
-  const auto want = stream_tensors(bench::synthetic_model(tiny, 2, "", 9));
-  REQUIRE(got.size() == want.size());
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    CAPTURE(got[i].first);
-    CHECK(got[i].second == (stored == dtype::bf16 ? rounded_to_bf16(want[i].second) : want[i].second));
-  }
+  check_stream_tensors(io::load_model(dir / "m"), bench::synthetic_model(tiny, 2, "", 9), stored);
   CHECK_REJECTS(bench::write_synthetic_hf(tiny, 2, stored, 3, 9, dir / "m"), io_error, Catch::Contains("already exists"));
+}
+
+namespace {
+
+/// Prefill logits of a 40-token window (the many-token kernels), then three
+/// one-token decode steps (the few-token ones), stacked.
+matrix lean_logits(const model::transformer& tr) {
+  std::vector<std::int32_t> tokens(40);
+  for (std::size_t t = 0; t < tokens.size(); ++t) tokens[t] = std::int32_t((t * 37 + 5) % std::size_t(tr.config().vocab_size));
+  auto cache = tr.new_cache();
+  const matrix prefill = tr.forward(tokens, cache);
+  matrix out(prefill.rows() + 3, prefill.cols());
+  out.topRows(prefill.rows()) = prefill;
+  for (index_t s = 0; s < 3; ++s) out.row(prefill.rows() + s) = tr.forward({std::int32_t(s + 1)}, cache).row(0);
+  return out;
+}
+
+/// A small model exercising everything an owning transformer packs: tied
+/// embeddings, attention biases, a dense layer and an MoE layer with a shared
+/// gated expert, a novice, a partitioned expert, a 2t drop policy and novice
+/// compensation.
+model::weights lean_native_model() {
+  std::mt19937 rng(5);
+  model::weights w = bench::synthetic_model(bench::find_shape("tiny"), 2, "", 4, 64);
+  w.config.tied_embeddings = true;
+  w.lm_head = matrix();
+  for (auto& l : w.layers) {
+    l.bq = random_matrix(l.wq.rows(), 1, rng);
+    l.bk = random_matrix(l.wk.rows(), 1, rng);
+    l.bv = random_matrix(l.wv.rows(), 1, rng);
+  }
+  layer_spec spec;
+  spec.hidden = w.config.dim;
+  spec.widths = {13, 20, 7, 31};
+  spec.shared = 1;
+  spec.shared_gate = true;
+  spec.novices = {2};
+  moe_layer m = random_layer(spec, rng);
+  m.router.top_k = 2;
+  m.experts[1].parts = {8};
+  m.router.drop.kind = drop_kind::two_t;
+  m.router.drop.threshold = 0.4f;
+  m.router.drop.margin = 0.1f;
+  m.compensation.means = random_matrix(4, spec.hidden, rng, 0.01f);
+  m.compensation.bias = m.compensation.means.colwise().sum().transpose();
+  w.layers[1].ffn = std::move(m);
+  return w;
+}
+
+}  // namespace
+
+TEST_CASE("a model loaded layer by layer runs bit for bit as the owning transformer of the whole model, at every dtype", "[stream]") {
+  temp_dir dir;
+  // Dense LLaMA and Mixtral-style MoE Hugging Face checkpoints in 3 shards, and a native directory.
+  const bench::model_shape tiny_moe{"tiny-moe", 64, 2, 4, 2, 256, 48, 4, 2};
+  const int source = GENERATE(0, 1, 2);
+  const auto stored = GENERATE(dtype::f32, dtype::bf16);
+  std::string path = dir / "m";
+  if (source == 2) {
+    model::weights w = lean_native_model();
+    if (stored == dtype::bf16) {
+      io::detail::for_each_tensor(
+          w, [](const std::string&, matrix& m) { m = rounded_to_bf16(m); }, [](const std::string&, vector&) {});
+      w.weight_dtype = dtype::bf16;
+    }
+    io::save_native(w, path);
+  } else {
+    bench::write_synthetic_hf(source == 0 ? bench::find_shape("tiny") : tiny_moe, 2, stored, 3, 9, path, 64);
+  }
+  CAPTURE(source, dtype_name(stored));
+  using format = runtime::detail::weight_format;
+  for (const auto& run : {std::optional<format>(), std::optional<format>(dtype::f32), std::optional<format>(dtype::bf16)}) {
+    CAPTURE(std::string(run ? dtype_name(run->type) : "auto"));
+    const matrix lean = lean_logits(io::load_transformer(path, {}, run));
+    CHECK(lean == lean_logits(model::transformer(io::load_model(path), run)));
+  }
+  // Against the plain-weights (lvalue) transformer, whose code this work left
+  // alone: exact at the stored type when BF16 products keep F32 tokens.
+  const model::weights plain = io::load_model(path);
+  CHECK(lean_logits(io::load_transformer(path, {}, format(stored, false))) == lean_logits(model::transformer(plain)));
+}
+
+TEST_CASE("an owning transformer keeps no plain weight matrix, and a released one is never read as an empty FFN", "[stream]") {
+  model::weights w = lean_native_model();
+  const model::weights plain = w;
+  const model::transformer tr(std::move(w));
+  CHECK_THROWS_AS(tr.model(), config_error);
+  const model::weights& s = tr.structure();
+  CHECK(s.tok_emb.size() == 0);
+  CHECK(s.layers[0].wq.size() == 0);
+  CHECK(s.layers[0].bq == plain.layers[0].bq);  // what the forward pass reads in place stays
+  const auto& dense = std::get<ffn>(s.layers[0].ffn);
+  const auto& dense0 = std::get<ffn>(plain.layers[0].ffn);
+  CHECK(dense.up.size() == 0);
+  CHECK((dense.hidden() == dense0.hidden() && dense.intermediate() == dense0.intermediate() && dense.gated()));
+  CHECK(parameter_count(dense) == parameter_count(dense0));
+  CHECK(model::active_ffn_fraction(s) == model::active_ffn_fraction(plain));
+  const auto& moe = std::get<moe_layer>(s.layers[1].ffn);
+  CHECK(moe.experts[0].weights.up.size() == 0);
+  CHECK(moe.experts[1].width() == 20);
+  const matrix x = matrix::Ones(2, s.config.dim);
+  CHECK_REJECTS(model::validate(s), shape_error, Catch::Contains("model.tok_emb: shape [0, 0]"));
+  CHECK_REJECTS(runtime::dense_forward(dense, x), config_error, Catch::Contains("released"));
+  CHECK_REJECTS(runtime::moe_forward(moe, x), config_error, Catch::Contains("released"));
+  CHECK_REJECTS(select_neurons(dense, std::vector<index_t>{0}), config_error, Catch::Contains("released"));
+  CHECK_REJECTS(model::validate(s.config, s.layers[0], 0), shape_error, Catch::Contains("model.layers[0].wq: shape [0, 0]"));
 }

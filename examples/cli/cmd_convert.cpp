@@ -60,21 +60,10 @@ std::string recipe_name(const args& a, const convert::fit_options& f) {
 }
 
 /// The method and recipe as the provenance records them.
-nlohmann::json conversion_step(const args& a, const convert::cmoe_options& o, const std::string& recipe) {
-  return {{"method", std::string(convert::method_name(o.method))},
-          {"config", convert::to_string(o.config)},
-          {"ka", a.get("ka")},
-          {"leftover", std::string(convert::leftover_name(o.leftover))},
-          {"iterations", o.iterations},
-          {"seed", o.seed},
-          {"recipe", recipe},
-          {"router", std::string(convert::router_fit_name(o.fit.router))},
-          {"rank", o.fit.router == convert::router_fit::quadratic ? nlohmann::json(o.fit.rank) : nlohmann::json()},
-          {"compensate", std::string(convert::compensation_name(o.fit.compensate))},
-          {"refit", std::string(convert::refit_name(o.fit.refit))},
-          {"rounds", o.fit.rounds},
-          {"distill_steps", o.fit.distill_steps},
-          {"size_rule", o.fit.size_rule}};
+nlohmann::json conversion_step(const convert::cmoe_options& o, const std::string& recipe) {
+  nlohmann::json j = convert::to_json(o);
+  j["recipe"] = recipe;
+  return j;
 }
 
 int convert_cmoe(int argc, char** argv) {
@@ -142,7 +131,9 @@ int convert_cmoe(int argc, char** argv) {
   // The best preset fits a router on the tokens: on stories260K, 16384 of
   // them take S1A1E8 from 30.3 to 24.2 perplexity for 1.5× the time (32768: 22.3 for 5×).
   const index_t tokens = a.get("preset") == "best" ? 2 * default_calib_tokens : default_calib_tokens;
-  if (streams(a)) return convert_cmoe_streamed(a, o, conversion_step(a, o, recipe), tokens);
+  if (streams(a))
+    return convert_streamed(a, tokens, {{"conversion", conversion_step(o, recipe)}}, convert::to_string(o.config),
+                            [&](const auto& windows, const auto& so) { return convert::cmoe_stream(a.get("model"), windows, a.get("out"), o, so); });
 
   model::weights w = load_model(a, "model-config");
   const auto dense_layers = std::count_if(w.layers.begin(), w.layers.end(), [](const model::layer& l) { return std::holds_alternative<ffn>(l.ffn); });
@@ -163,7 +154,7 @@ int convert_cmoe(int argc, char** argv) {
 
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& r : reports) layers.push_back(convert::to_json(r));
-  save_conversion(a, w, {{"conversion", conversion_step(a, o, recipe)}, {"calibration", cal.description}, {"layers", layers}});
+  save_conversion(a, w, {{"conversion", conversion_step(o, recipe)}, {"calibration", cal.description}, {"layers", layers}});
   if (!a.flag_set("json"))
     std::cout << "wrote " << a.get("out") << " (" << convert::to_string(o.config) << ", recipe " << recipe << ": router "
               << convert::router_fit_name(o.fit.router) << ", compensate " << convert::compensation_name(o.fit.compensate) << ", refit "

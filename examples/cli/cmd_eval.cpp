@@ -12,20 +12,13 @@ namespace moeforge::cli {
 
 namespace {
 
-/// --policy/--threshold/--margin replace every MoE layer's drop policy (load-aware factors included).
-void override_drop_policy(model::weights& w, const args& a) {
+/// --policy/--threshold/--margin: the drop policy that replaces every MoE layer's (load-aware factors included).
+drop_policy requested_policy(const args& a) {
   drop_policy p;
   p.kind = a.get_parsed("policy", [](const std::string& v) { return parse_drop_kind(v); });
   p.threshold = float(a.get_double("threshold"));
   p.margin = float(a.get_double("margin"));
-  bool any = false;
-  for (std::size_t l = 0; l < w.layers.size(); ++l)
-    if (auto* m = std::get_if<moe_layer>(&w.layers[l].ffn)) {
-      validate(p, m->num_experts(), detail::cat("--policy on layer ", l));
-      m->router.drop = p;
-      any = true;
-    }
-  if (!any) throw config_error("eval: --policy needs a model with MoE layers (convert it first with `moeforge convert cmoe`)");
+  return p;
 }
 
 }  // namespace
@@ -50,15 +43,24 @@ int run_eval(int argc, char** argv) {
   a.flag("json", "print one JSON object instead of text");
   if (!a.parse(argc, argv)) return 0;
   const auto type = requested_dtype(a);
-  auto w = load_model(a);
-  if (a.has("policy")) override_drop_policy(w, a);
-  const auto tok = load_tokenizer(a, w);
-  const index_t prefill_tokens = a.has("prefill-tokens") ? a.get_int("prefill-tokens") : std::min<index_t>(512, w.config.seq_len);
-  if (prefill_tokens < 1 || prefill_tokens > w.config.seq_len)
-    throw usage_error(detail::cat("moeforge eval: --prefill-tokens must be in 1..", w.config.seq_len, " (the model's context), got ", prefill_tokens));
-  const double nominal_active = model::active_ffn_fraction(w);
-  const dtype weights_as = type.value_or(w.weight_dtype);
-  const model::transformer tr(std::move(w), weights_as);  // owning: it runs on prepared layouts of --dtype weights
+  const std::optional<drop_policy> policy = a.has("policy") ? std::optional<drop_policy>(requested_policy(a)) : std::nullopt;
+  bool any_moe = false;
+  // Owning: it runs on prepared layouts of --dtype weights, read layer by layer.
+  const model::transformer tr = load_transformer(a, [&](index_t li, model::layer& l) {
+    auto* m = std::get_if<moe_layer>(&l.ffn);
+    if (!policy || !m) return;
+    validate(*policy, m->num_experts(), detail::cat("--policy on layer ", li));
+    m->router.drop = *policy;
+    any_moe = true;
+  });
+  if (policy && !any_moe) throw config_error("eval: --policy needs a model with MoE layers (convert it first with `moeforge convert cmoe`)");
+  const auto& c = tr.config();
+  const auto tok = load_tokenizer(a, c);
+  const index_t prefill_tokens = a.has("prefill-tokens") ? a.get_int("prefill-tokens") : std::min<index_t>(512, c.seq_len);
+  if (prefill_tokens < 1 || prefill_tokens > c.seq_len)
+    throw usage_error(detail::cat("moeforge eval: --prefill-tokens must be in 1..", c.seq_len, " (the model's context), got ", prefill_tokens));
+  const double nominal_active = model::active_ffn_fraction(tr.structure());
+  const dtype weights_as = type.value_or(tr.structure().weight_dtype);
   const auto stream = tok.encode(read_text_file(a.get("text")));
   const auto r = model::perplexity(tr, stream, a.has("ctx") ? a.get_int("ctx", 1) : 0, a.has("windows") ? a.get_int("windows", 1) : 0);
   const double decode = model::decode_tokens_per_second(tr, a.get_int("decode-steps", 1));

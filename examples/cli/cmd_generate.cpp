@@ -25,10 +25,8 @@ int run_generate(int argc, char** argv) {
   o.top_p = float(a.get_double("top-p", [](double p) { return p > 0 && p <= 1; }, "in (0, 1]"));
   o.seed = std::uint64_t(a.get_int("seed", 0));
   const index_t steps = a.get_int("steps", 1);
-  const auto type = requested_dtype(a);
-  auto w = load_model(a);
-  const auto tok = load_tokenizer(a, w);
-  const model::transformer tr(std::move(w), type);  // owning: it runs on prepared layouts of --dtype weights
+  const model::transformer tr = load_transformer(a);  // owning: it runs on prepared layouts of --dtype weights, read layer by layer
+  const auto tok = load_tokenizer(a, tr.config());
   const auto out = model::generate(tr, tok.encode(a.get("prompt")), steps, o);
   std::cout << tok.decode(out) << "\n";
   if (a.flag_set("tokens")) {

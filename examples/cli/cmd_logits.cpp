@@ -40,10 +40,8 @@ int run_logits(int argc, char** argv) {
   a.required("tokens", "LIST", "comma-separated token ids, e.g. 1,403,407");
   a.flag("json", "print {\"tokens\": [...], \"logits\": [[...], ...]} (the default output is one line per position)");
   if (!a.parse(argc, argv)) return 0;
-  const auto type = requested_dtype(a);
-  auto w = load_model(a);
   const auto tokens = parse_tokens(a.get("tokens"));
-  const model::transformer tr(std::move(w), type);  // owning: it runs on prepared layouts of --dtype weights
+  const model::transformer tr = load_transformer(a);  // owning: it runs on prepared layouts of --dtype weights, read layer by layer
   auto cache = tr.new_cache();
   const matrix logits = tr.forward(tokens, cache);
   if (a.flag_set("json")) {

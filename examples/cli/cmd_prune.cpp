@@ -1,6 +1,8 @@
 // moeforge prune mone: MoNE expert pruning (or one of its baselines) on an MoE
 // model — a CMoE conversion, Mixtral, Qwen2-MoE — saved as a native directory
-// whose moeforge.json carries the pruning report.
+// whose moeforge.json carries the pruning report. A Hugging Face checkpoint
+// is streamed one layer at a time (stream_convert.hpp), which needs the
+// per-layer choice (--scope layer).
 #include <filesystem>
 #include <iostream>
 
@@ -9,6 +11,7 @@
 #include "commands.hpp"
 #include "conversion.hpp"
 #include "moeforge/convert/mone.hpp"
+#include "stream_convert.hpp"
 
 namespace moeforge::cli {
 
@@ -19,9 +22,13 @@ int prune_mone(int argc, char** argv) {
          "MoNE (Zhang et al. 2025): replace each MoE layer's most redundant routed experts (lowest output spread x routing\n"
          "mass on --calib) by novices, constant vectors equal to the expert's mean output, still weighted by the router's\n"
          "gate; the pruned experts' weights are freed. Baselines: zero novice, frequency pruning (expert and router row\n"
-         "removed), REAP, random, and a per-layer search for the set with the least output error. Writes a native model.");
+         "removed), REAP, random, and a per-layer search for the set with the least output error. Writes a native model.\n"
+         "A Hugging Face checkpoint is streamed: one layer in memory at a time, written to sharded output in its own\n"
+         "dtype; this needs --scope layer (the global ranking needs every layer's statistics first: use --in-memory\n"
+         "for it); an interrupted run continues with --resume.");
   add_model_options(a, true, "model-config");
   add_conversion_options(a);
+  add_stream_options(a);
   a.option("ratio", "R", "share of the real experts to prune, in [0, 1): round(R x E) per layer (of all layers with --scope global)");
   a.option("count", "N", "experts to prune per layer (in the whole model with --scope global), instead of --ratio");
   a.option("scope", "layer|global", "prune the same number in every layer, or rank all layers' experts together "
@@ -58,6 +65,14 @@ int prune_mone(int argc, char** argv) {
   std::error_code ec;
   if (std::filesystem::is_regular_file(calib_file, ec) && std::filesystem::file_size(calib_file, ec) == 0 && !ec)
     throw config_error("--calib '" + calib_file + "': the calibration text is empty (MoNE measures every expert on it)");
+  // What both paths record of the method; the in-memory one adds its report.
+  nlohmann::json step{{"method", "mone"}, {"options", convert::to_json(o)}};
+  if (streams(a)) {
+    check_streamable(o, "moeforge prune mone");
+    return convert_streamed(a, default_calib_tokens, {{"pruning", step}},
+                            "mone, " + a.get("method"),
+                            [&](const auto& windows, const auto& so) { return convert::mone_stream(a.get("model"), windows, a.get("out"), o, so); });
+  }
 
   model::weights w = load_model(a, "model-config");
   convert::validate(o, w);  // a dense model, or a count no layer can give
@@ -68,7 +83,8 @@ int prune_mone(int argc, char** argv) {
     if (l.top_k_after != l.top_k_before)
       std::cerr << "moeforge prune mone: layer " << l.layer << " has " << l.top_k_after << " expert slot(s) left, fewer than its top_k of "
                 << l.top_k_before << ": top_k is now " << l.top_k_after << "\n";
-  save_conversion(a, w, {{"pruning", convert::to_json(report)}, {"calibration", cal.description}});
+  step["report"] = convert::to_json(report);
+  save_conversion(a, w, {{"pruning", step}, {"calibration", cal.description}});
   if (!a.flag_set("json"))
     std::cout << "wrote " << a.get("out") << " (" << report.method << ", " << report.replacement << ": " << report.experts_pruned
               << " experts pruned in " << report.layers.size() << " MoE layers, " << report.params_freed << " parameters = "

@@ -1,6 +1,8 @@
 // moeforge sparsify dualsparse: DualSparse-MoE on an MoE model (a CMoE
 // conversion, Mixtral, Qwen2-MoE): exact partition and neuron reconstruction,
-// and a drop policy calibrated on text, saved as a native directory.
+// and a drop policy calibrated on text, saved as a native directory. A Hugging
+// Face checkpoint is streamed one layer at a time (stream_convert.hpp), which
+// needs per-layer thresholds (--scope layer).
 #include <iostream>
 #include <sstream>
 
@@ -9,6 +11,7 @@
 #include "commands.hpp"
 #include "conversion.hpp"
 #include "moeforge/convert/dualsparse.hpp"
+#include "stream_convert.hpp"
 
 namespace moeforge::cli {
 
@@ -37,9 +40,13 @@ int sparsify_dualsparse(int argc, char** argv) {
   args a("moeforge sparsify dualsparse",
          "DualSparse-MoE (arXiv 2508.18376) on an MoE model: split experts into sub-experts and order their neurons by\n"
          "importance (both exact), then store a drop policy that skips low-score token-expert work at inference time,\n"
-         "its threshold given or calibrated on --calib to a target drop rate. Writes a native model directory.");
+         "its threshold given or calibrated on --calib to a target drop rate. Writes a native model directory.\n"
+         "A Hugging Face checkpoint is streamed: one layer in memory at a time, written to sharded output in its own\n"
+         "dtype; this needs --scope layer (one threshold for all layers needs every layer's routing first: use\n"
+         "--in-memory for it); an interrupted run continues with --resume.");
   add_model_options(a, true, "model-config");
   add_conversion_options(a);
+  add_stream_options(a);
   a.option("partition", "P", "sub-experts per routed expert (partial transformation, exact)", "1");
   a.option("metric", "none|a|b|c|d",
            "neuron importance over the tokens routed to each expert: a Σact(g), b Σ|act(g)|, c Σact(g)·u, d Σ|act(g)·u|; "
@@ -68,13 +75,22 @@ int sparsify_dualsparse(int argc, char** argv) {
   if (a.has("groups")) o.groups = a.get_int("groups");
   if (a.has("placement")) o.placement = parse_placement(a.get("placement"));
   convert::validate(o);  // before the model loads: a typo costs nothing
+  // What both paths record of the method; the in-memory one adds its report.
+  nlohmann::json step{{"method", "dualsparse"}, {"options", convert::to_json(o)}};
+  if (streams(a)) {
+    check_streamable(o, "moeforge sparsify dualsparse");
+    return convert_streamed(a, default_calib_tokens, {{"sparsification", step}},
+                            "dualsparse, policy " + a.get("policy"),
+                            [&](const auto& windows, const auto& so) { return convert::dualsparse_stream(a.get("model"), windows, a.get("out"), o, so); });
+  }
 
   model::weights w = load_model(a, "model-config");
   const calibration cal = load_calibration(a, w);
   progress_bar bar(a.flag_set("quiet"));
   o.progress = std::ref(bar);
   const auto report = convert::dualsparse_model(w, cal.inputs(), o);
-  save_conversion(a, w, {{"sparsification", {{"method", "dualsparse"}, {"report", convert::to_json(report)}}}, {"calibration", cal.description}});
+  step["report"] = convert::to_json(report);
+  save_conversion(a, w, {{"sparsification", step}, {"calibration", cal.description}});
   if (!a.flag_set("json")) {
     std::cout << "wrote " << a.get("out") << " (policy " << a.get("policy");
     if (!report.layers.empty() && o.policy.active()) std::cout << ", threshold " << report.layers.front().policy.threshold;

@@ -2,16 +2,22 @@
 // --tokenizer (default: tok512.bin beside the model), --threads.
 #pragma once
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <string>
 
 #include <omp.h>
 
 #include "args.hpp"
+#include "commands.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/model/tokenizer.hpp"
+#if MOEFORGE_WITH_MPI
+#include "moeforge/distributed/expert_parallel.hpp"
+#endif
 
 namespace moeforge::cli {
 
@@ -26,23 +32,82 @@ inline void add_model_options(args& a, bool needs_tokenizer, const char* config_
   a.option("threads", "N", "OpenMP threads (default: all cores)");
 }
 
-inline model::weights load_model(const args& a, const char* config_flag = "config") {
+inline io::load_options load_options(const args& a, const char* config_flag = "config") {
   if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads", 1)));
   io::load_options o;
   if (a.has(config_flag)) o.config = a.get(config_flag);
-  return io::load_model(a.get("model"), o);
+  return o;
 }
 
+/// The model as plain F32 weights (for the commands that convert or export it).
+inline model::weights load_model(const args& a, const char* config_flag = "config") { return io::load_model(a.get("model"), load_options(a, config_flag)); }
+
 /// --dtype for the commands that run a model: the type its weights are kept
-/// in for the kernels.
+/// in for the kernels; and --expert-parallel, which load_transformer honours.
 inline void add_dtype_option(args& a) {
   a.option("dtype", "auto|f32|bf16", "weight type the kernels read: auto = the type the file stores (BF16 halves the bytes per token)", "auto");
+  a.flag("expert-parallel", "under `mpirun -np N`: split the routed experts over the N processes (one thread each); rank 0 prints");
+  a.option("placement", "contiguous|balanced|FILE",
+           "with --expert-parallel: experts in runs of consecutive indices, balanced by their load on --calibration, or a placement JSON file",
+           "contiguous");
+  a.option("calibration", "FILE", "with --placement balanced: the text whose routing loads balance the ranks");
 }
 
 /// The weight type --dtype asks for; empty for `auto` (the type the model's file stores).
 inline std::optional<dtype> requested_dtype(const args& a) {
   if (a.get("dtype") == "auto") return std::nullopt;
   return a.get_parsed("dtype", [](const std::string& v) { return parse_weight_dtype(v); });
+}
+
+inline std::string tokenizer_path(const args& a);
+inline std::string read_text_file(const std::string& path);
+
+/// --expert-parallel: this rank's share of the model (distributed/), with MPI
+/// started here and finished at exit. Ranks other than 0 print nothing on
+/// stdout. One OpenMP thread per rank (a --threads asking for more is refused):
+/// the ranks share the machine's cores. From here on an error on any rank
+/// ends the whole job (on_command_error): the others may be waiting for it
+/// in a collective.
+inline model::transformer load_expert_parallel(const args& a, const io::load_options& o, const std::function<void(index_t, model::layer&)>& on_layer) {
+#if MOEFORGE_WITH_MPI
+  static distributed::mpi_session mpi;
+  if (a.has("threads") && a.get_int("threads", 1) != 1)
+    throw usage_error("--expert-parallel runs one OpenMP thread per rank: drop --threads or pass --threads 1 (start more ranks instead)");
+  omp_set_num_threads(1);
+  if (mpi.size() > 1) on_command_error = [](const std::string& reason) { distributed::abort_job(MPI_COMM_WORLD, reason); };
+  if (mpi.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) throw io_error("expert parallel: cannot silence stdout on a rank other than 0");
+  return distributed::run_or_abort(MPI_COMM_WORLD, [&] {
+    model::weights w = io::load_model(a.get("model"), o);
+    if (on_layer)
+      for (std::size_t li = 0; li < w.layers.size(); ++li) on_layer(index_t(li), w.layers[li]);
+    const std::string how = a.get("placement");
+    distributed::placement p;
+    if (how == "contiguous") {
+      p = distributed::contiguous_placement(w, mpi.size());
+    } else if (how == "balanced") {
+      if (!a.has("calibration")) throw usage_error("--placement balanced needs --calibration FILE (a text whose routing loads balance the ranks)");
+      const auto tokens = model::load_tokenizer(tokenizer_path(a), w.config.vocab_size).encode(read_text_file(a.get("calibration")));
+      p = distributed::balanced_placement(w, distributed::expert_loads(model::transformer(w), tokens), mpi.size());
+    } else {
+      p = distributed::load_placement(how);
+    }
+    return distributed::expert_parallel(std::move(w), std::move(p), MPI_COMM_WORLD, requested_dtype(a)).take_model();
+  });
+#else
+  (void)a, (void)o, (void)on_layer;
+  throw usage_error("--expert-parallel: this moeforge was built without MPI (install libopenmpi-dev and reconfigure with -DMOEFORGE_WITH_MPI=ON)");
+#endif
+}
+
+/// The model as an owning transformer running --dtype weights (add_dtype_option),
+/// read one layer at a time: a BF16 model needs about its file size of memory
+/// (see io::load_transformer). `on_layer` may edit each layer before it is packed.
+inline model::transformer load_transformer(const args& a, std::function<void(index_t, model::layer&)> on_layer = {}) {
+  io::load_options o = load_options(a);
+  if (a.flag_set("expert-parallel")) return load_expert_parallel(a, o, on_layer);
+  if (a.get("placement") != "contiguous" || a.has("calibration")) throw usage_error("--placement and --calibration need --expert-parallel");
+  o.on_layer = std::move(on_layer);
+  return io::load_transformer(a.get("model"), o, requested_dtype(a));
 }
 
 /// --tokenizer, else the tokenizer a converted model directory carries, else tok512.bin beside the model.
@@ -55,9 +120,7 @@ inline std::string tokenizer_path(const args& a) {
   return (model / "tok512.bin").string();
 }
 
-inline model::tokenizer load_tokenizer(const args& a, const model::weights& w) {
-  return model::load_tokenizer(tokenizer_path(a), w.config.vocab_size);
-}
+inline model::tokenizer load_tokenizer(const args& a, const model::config& c) { return model::load_tokenizer(tokenizer_path(a), c.vocab_size); }
 
 inline std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

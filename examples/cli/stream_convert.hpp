@@ -1,13 +1,15 @@
-// The streamed path of `moeforge convert cmoe`: a Hugging Face checkpoint is
-// converted one layer at a time from its memory-mapped shards into a sharded
-// native directory (convert/stream.hpp), so a 7B model converts on a machine
-// that cannot hold it in FP32. It is taken for every Hugging Face directory
-// or index — it computes bit for bit what the in-memory path computes, and
+// The streamed path of the model-transforming commands (convert cmoe,
+// sparsify dualsparse, prune mone): a Hugging Face checkpoint is converted one
+// layer at a time from its memory-mapped shards into a sharded native
+// directory (convert/stream.hpp), so a 7B model converts on a machine that
+// cannot hold it in FP32. It is taken for every Hugging Face directory or
+// index — it computes bit for bit what the in-memory path computes, and
 // writes it in the source's dtype where that path writes FP32 — and
 // `--in-memory` forces the old path (everything loaded in FP32, one
 // model.safetensors in FP32).
 #pragma once
 
+#include <functional>
 #include <iostream>
 #include <string>
 
@@ -32,9 +34,26 @@ inline bool streams(const args& a) {
   return !a.flag_set("in-memory") && (io::is_hf_dir(p.string()) || p.filename() == "model.safetensors.index.json");
 }
 
-/// Converts --model by streaming with `tokens` calibration tokens unless
-/// --calib-tokens says otherwise; `conversion` describes the method for the provenance.
-inline int convert_cmoe_streamed(const args& a, const convert::cmoe_options& o, const nlohmann::json& conversion, index_t tokens) {
+/// The library's refusal to stream a method whose choice spans layers
+/// (convert::check_streamable), as a usage error naming the flags out of it.
+template <class Options>
+void check_streamable(const Options& o, const std::string& command) {
+  try {
+    convert::check_streamable(o);
+  } catch (const config_error& e) {
+    throw usage_error(command + ": --scope: " + e.what() + " (--scope layer, or --in-memory: loads the whole model in FP32)");
+  }
+}
+
+/// A streamed conversion of --model into --out: what the method's *_stream
+/// function is called with.
+using stream_run = std::function<convert::stream_report(const std::vector<std::vector<std::int32_t>>& windows, const convert::stream_options&)>;
+
+/// Streams --model through `run` with `tokens` calibration tokens unless
+/// --calib-tokens says otherwise; `step` is what the provenance records of
+/// the method (beside the calibration and each layer's report), `what` names
+/// it in the summary.
+inline int convert_streamed(const args& a, index_t tokens, const nlohmann::json& step, const std::string& what, const stream_run& run) {
   if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads", 1)));
   const std::string config = a.has("model-config") ? a.get("model-config") : io::detail::sibling_config(a.get("model"));
   const model::config c = io::read_hf_config(config).model;
@@ -44,10 +63,11 @@ inline int convert_cmoe_streamed(const args& a, const convert::cmoe_options& o, 
   so.resume = a.flag_set("resume");
   so.overwrite = a.flag_set("force");
   so.attachments.push_back({tokenizer_path(a), "tokenizer.bin"});
-  so.provenance = {{"conversion", conversion}, {"calibration", cal.description}};
+  so.provenance = step;
+  so.provenance["calibration"] = cal.description;
   progress_bar bar(a.flag_set("quiet"));
   so.progress = std::ref(bar);
-  const auto rep = convert::cmoe_stream(a.get("model"), cal.windows, a.get("out"), o, so);
+  const auto rep = run(cal.windows, so);
   const nlohmann::json summary{{"out", a.get("out")},
                                {"layers", c.n_layers},
                                {"resumed_at", rep.resumed_at},
@@ -57,9 +77,9 @@ inline int convert_cmoe_streamed(const args& a, const convert::cmoe_options& o, 
     std::cout << summary.dump() << "\n";
   } else {
     const auto& t = rep.times;
-    std::cout << "wrote " << a.get("out") << " (" << convert::to_string(o.config) << ", streamed " << c.n_layers - rep.resumed_at << " of "
-              << c.n_layers << " layers in " << rep.seconds << " s: read " << t.read << " s, attention " << t.attention << " s, convert "
-              << t.convert << " s, forward " << t.forward << " s, write " << t.write << " s)\n";
+    std::cout << "wrote " << a.get("out") << " (" << what << ", streamed " << c.n_layers - rep.resumed_at << " of " << c.n_layers
+              << " layers in " << rep.seconds << " s: read " << t.read << " s, attention " << t.attention << " s, convert " << t.convert
+              << " s, forward " << t.forward << " s, write " << t.write << " s)\n";
   }
   return 0;
 }

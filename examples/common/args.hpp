@@ -9,6 +9,7 @@
 // naming the option for a bad command line, 1 for a bad file or model.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -104,6 +105,20 @@ class args {
       if (why.rfind("moeforge: ", 0) == 0) why.erase(0, 10);  // the tool's own name is already in front
       throw usage_error(command_ + ": --" + name + ": " + why);
     }
+  }
+  /// A comma-separated list option, each item parsed as by get_parsed; an
+  /// empty list is a usage error (`expected` says what it takes).
+  template <class Parse>
+  auto get_list(const std::string& name, Parse parse, const std::string& expected) const {
+    std::vector<decltype(parse(std::string()))> items;
+    const std::string v = get(name);
+    for (std::size_t begin = 0; begin <= v.size();) {
+      const std::size_t end = std::min(v.find(',', begin), v.size());
+      if (end > begin) items.push_back(get_parsed(name, [&](const std::string&) { return parse(v.substr(begin, end - begin)); }));
+      begin = end + 1;
+    }
+    if (items.empty()) throw usage_error(command_ + ": --" + name + " needs at least one of " + expected);
+    return items;
   }
   /// A number option that must satisfy `ok` (NaN and Inf parse, so `ok` decides
   /// on them too); `expected` says what it takes, for the message.

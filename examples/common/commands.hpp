@@ -14,6 +14,11 @@
 
 namespace moeforge::cli {
 
+/// Called with the reason before a command's error is reported. A job of
+/// several processes (--expert-parallel) sets it to end them all: the others
+/// would wait forever in a collective this process never reaches.
+inline void (*on_command_error)(const std::string& reason) = nullptr;
+
 struct command {
   const char* name;
   const char* summary;
@@ -44,11 +49,16 @@ int dispatch(const char* program, const command (&commands)[N], int argc, char**
     try {
       return c.run(argc - 1, argv + 1);
     } catch (const usage_error& e) {
+      if (on_command_error) on_command_error(e.what());
       std::cerr << e.what() << "\n";
       return 2;
     } catch (const moeforge::error& e) {
+      if (on_command_error) on_command_error(e.what());
       std::cerr << e.what() << "\n";
       return 1;
+    } catch (const std::exception& e) {
+      if (on_command_error) on_command_error(e.what());
+      throw;
     }
   }
   std::cerr << program << ": unknown command '" << argv[1] << "'\n\n";

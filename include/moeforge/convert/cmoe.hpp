@@ -184,6 +184,36 @@ struct cmoe_report {
   fit_report fit_steps;  ///< calibration error after each fitting step (empty for the paper's method)
 };
 
+/// A fitting recipe as JSON: every field, `rank` whatever the router (the
+/// resume fingerprint of a streamed conversion has always recorded it).
+inline nlohmann::json to_json(const fit_options& f) {
+  return {{"router", std::string(router_fit_name(f.router))},
+          {"rank", f.rank},
+          {"compensate", std::string(compensation_name(f.compensate))},
+          {"refit", std::string(refit_name(f.refit))},
+          {"rounds", f.rounds},
+          {"router_ridge", f.router_ridge},
+          {"refit_ridge", f.refit_ridge},
+          {"distill_steps", f.distill_steps},
+          {"distill_lr", f.distill_lr},
+          {"size_rule", f.size_rule}};
+}
+
+/// The options of a CMoE conversion as JSON: what a streamed conversion's
+/// resume must match, and what the CLI records as provenance.
+inline nlohmann::json to_json(const cmoe_options& o) {
+  return {{"config", to_string(o.config)},
+          {"ka", o.ka},
+          {"ka_fraction", o.ka_fraction},
+          {"leftover", std::string(leftover_name(o.leftover))},
+          {"method", std::string(method_name(o.method))},
+          {"iterations", o.iterations},
+          {"cluster_iterations", o.cluster_iterations},
+          {"seed", o.seed},
+          {"block", o.block},
+          {"fit", to_json(o.fit)}};
+}
+
 inline nlohmann::json to_json(const cmoe_report& r) {
   nlohmann::json j;
   j["config"] = to_string(r.config);
@@ -204,13 +234,7 @@ inline nlohmann::json to_json(const cmoe_report& r) {
                   {"rate_p90", r.rate_p90}, {"rate_max", r.rate_max}};
   j["stage_seconds"] = nlohmann::json::object();
   for (const auto& [stage, s] : r.stage_seconds) j["stage_seconds"][stage] = s;
-  j["fit"] = {{"router", std::string(router_fit_name(r.fit.router))},
-              {"rank", r.fit.router == router_fit::quadratic ? nlohmann::json(r.fit.rank) : nlohmann::json()},
-              {"compensate", std::string(compensation_name(r.fit.compensate))},
-              {"refit", std::string(refit_name(r.fit.refit))},
-              {"rounds", r.fit.rounds},
-              {"distill_steps", r.fit.distill_steps},
-              {"size_rule", r.fit.size_rule}};
+  j["fit"] = to_json(r.fit);
   j["fit"].update(to_json(r.fit_steps));
   return j;
 }
@@ -599,6 +623,16 @@ inline cmoe_result cmoe(const ffn& dense, const_matrix_ref x, const cmoe_options
   return out;
 }
 
+/// CMoE on one visited dense layer, replacing it: the per-layer method that
+/// cmoe_model and the streamed conversion (stream.hpp) share.
+inline cmoe_report cmoe_layer(layer_visit& v, const cmoe_options& opt) {
+  cmoe_options layer_opt = opt;
+  layer_opt.progress = [&](const cmoe_progress& p) { v.stage(p.stage); };
+  cmoe_result res = cmoe(std::get<ffn>(v.ffn), v.inputs, layer_opt);
+  v.ffn = std::move(res.layer);
+  return std::move(res.report);
+}
+
 /// Progress of a whole model's CMoE conversion: stages "calibration",
 /// "markers", "assignment", "router", "experts", "fit" (when fitting), then "done" per layer.
 using cmoe_model_progress = layer_progress;
@@ -624,12 +658,9 @@ inline std::vector<cmoe_report> cmoe_model(model::weights& w, const ffn_inputs_f
   vo.filter = layer_filter::dense;
   vo.progress = progress;
   visit_layers(w, inputs, vo, [&](layer_visit& v, double calibration_seconds) {
-    cmoe_options layer_opt = opt;
-    layer_opt.progress = [&](const cmoe_progress& p) { v.stage(p.stage); };
-    cmoe_result res = cmoe(std::get<ffn>(v.ffn), v.inputs, layer_opt);
-    res.report.stage_seconds.insert(res.report.stage_seconds.begin(), {"calibration", calibration_seconds});
-    reports[std::size_t(v.layer)] = std::move(res.report);
-    v.ffn = std::move(res.layer);
+    cmoe_report r = cmoe_layer(v, opt);
+    r.stage_seconds.insert(r.stage_seconds.begin(), {"calibration", calibration_seconds});
+    reports[std::size_t(v.layer)] = std::move(r);
   });
   return reports;
 }

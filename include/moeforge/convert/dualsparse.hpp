@@ -57,6 +57,10 @@ struct dualsparse_options {
 
 namespace detail {
 
+inline config_error dualsparse_no_moe_layer() {
+  return config_error("dualsparse: the model has no MoE layer (convert it first with `moeforge convert cmoe`)");
+}
+
 inline double max_of(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); }
 inline double mean_of(const std::vector<double>& v) {
   double s = 0;
@@ -132,6 +136,21 @@ inline nlohmann::json to_json(const drop_policy& d) {
   }
   if (!d.expert_factor.empty()) j["expert_factor"] = d.expert_factor;
   return j;
+}
+
+/// The options as JSON (what a streamed conversion's resume must match).
+inline nlohmann::json to_json(const dualsparse_options& o) {
+  auto or_null = [](const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(); };
+  return {{"partition", o.partition},
+          {"metric", std::string(calib::importance_name(o.metric))},
+          {"major_fraction", o.major_fraction},
+          {"drop", to_json(o.policy)},
+          {"threshold", or_null(o.threshold)},
+          {"drop_rate", or_null(o.drop_rate)},
+          {"scope", std::string(drop_scope_name(o.scope))},
+          {"groups", o.groups},
+          {"placement", o.placement},
+          {"sequential", o.sequential}};
 }
 
 inline nlohmann::json to_json(const dualsparse_layer_report& r) {
@@ -220,30 +239,8 @@ inline float naee_beta(const std::vector<routing_sample>& samples) {
   return ratio[ratio.size() / 2];
 }
 
-/// Contiguous placement of E experts on D groups (expert e on group ⌊e·D/E⌋).
-inline std::vector<index_t> contiguous_placement(index_t experts, index_t groups) {
-  std::vector<index_t> g(static_cast<std::size_t>(experts));
-  for (index_t e = 0; e < experts; ++e) g[std::size_t(e)] = e * groups / experts;
-  return g;
-}
-
-namespace detail {
-
-inline std::vector<double> group_work(const moe_layer& m, const runtime::selection& sel, const std::vector<index_t>& placement,
-                                      index_t groups, bool routed) {
-  std::vector<double> load(static_cast<std::size_t>(groups), 0.0);
-  for (std::size_t i = 0; i < sel.expert.size(); ++i) {
-    const auto& e = m.experts[std::size_t(sel.expert[i])];
-    if (e.is_novice()) continue;
-    const double c = runtime::detail::neuron_cost(e.weights);
-    const auto w = routed ? runtime::pair_work::full : sel.work[i];
-    const double neurons = w == runtime::pair_work::full ? double(e.width()) : w == runtime::pair_work::major ? double(e.major_width()) : 0.0;
-    load[std::size_t(placement[std::size_t(sel.expert[i])])] += neurons * c;
-  }
-  return load;
-}
-
-}  // namespace detail
+// Where DualSparse's groups come from and what they cost live in runtime/routing.hpp (expert parallelism uses them too).
+using runtime::contiguous_placement;
 
 /// Load-imbalance-aware thresholds (DualSparse §3.4): with r_d = routed
 /// load of group d / the mean group load, groups with r_d ≥ 1 keep the base
@@ -262,13 +259,13 @@ inline group_loads load_aware_thresholds(const moe_layer& m, const runtime::sele
   }
   group_loads out;
   out.placement = placement;
-  out.routed = detail::group_work(m, sel, placement, groups, true);
+  out.routed = runtime::group_work(m, sel, placement, groups, true);
   policy.expert_factor.clear();
   auto kept = [&](double& rate) {
     runtime::selection s = sel;
     runtime::apply_drop(policy, s);
     rate = runtime::count_work(m, s).drop_rate();
-    return detail::group_work(m, s, placement, groups, false);
+    return runtime::group_work(m, s, placement, groups, false);
   };
   out.before = kept(out.drop_rate_before);
   const double mean = detail::mean_of(out.routed);
@@ -317,6 +314,86 @@ inline void validate(const dualsparse_options& o) {
     throw config_error("dualsparse: load-aware thresholds (groups) need the 1t or 2t policy");
 }
 
+/// Throws config_error unless a layer of `experts` routed experts can take
+/// the options' load-aware groups and placement.
+inline void check_groups(const dualsparse_options& o, index_t experts, const std::string& where) {
+  using moeforge::detail::cat;
+  if (o.groups > experts) throw config_error(cat("dualsparse: groups = ", o.groups, " but ", where, " has only ", experts, " experts"));
+  if (!o.placement.empty() && index_t(o.placement.size()) != experts)
+    throw config_error(cat("dualsparse: placement lists ", o.placement.size(), " experts, ", where, " has ", experts));
+}
+
+/// One MoE layer between the exact part and its drop policy: its report so
+/// far and its calibration routing.
+struct dualsparse_layer_result {
+  dualsparse_layer_report report;
+  routing_sample sample;
+};
+
+/// The exact part on one visited MoE layer: expert statistics on its
+/// calibration inputs, neuron reconstruction, partition.
+inline dualsparse_layer_result dualsparse_prepare(layer_visit& v, const dualsparse_options& opt) {
+  auto& m = std::get<moe_layer>(v.ffn);
+  v.stage("statistics");
+  calib::expert_stats_options so;
+  so.importance = opt.metric;
+  calib::layer_stats st = calib::expert_statistics(m, v.inputs, so);
+  v.stage("reconstruction");
+  for (std::size_t e = 0; e < m.experts.size(); ++e) {
+    auto& ex = m.experts[e];
+    if (ex.is_novice()) continue;
+    if (opt.metric != calib::importance_metric::none) reconstruct(ex, st.experts[e].importance);
+    ex.major = major_width_for(ex.width(), opt.major_fraction);
+  }
+  partition_experts(m, opt.partition, moeforge::detail::cat("dualsparse: layer ", v.layer));
+  dualsparse_layer_result out;
+  auto& r = out.report;
+  r.layer = v.layer;
+  r.partition = opt.partition;
+  r.metric = std::string(calib::importance_name(opt.metric));
+  r.major_fraction = opt.major_fraction;
+  r.target_drop_rate = opt.drop_rate;
+  r.tokens = st.tokens;
+  out.sample = {&m, std::move(st.selection)};
+  return out;
+}
+
+/// The options' policy with its threshold for these samples (one layer's, or all of them).
+inline drop_policy base_policy(const std::vector<routing_sample>& samples, const dualsparse_options& opt) {
+  drop_policy p = opt.policy;
+  p.expert_factor.clear();
+  if (opt.threshold) p.threshold = float(*opt.threshold);
+  else if (opt.drop_rate) p.threshold = calibrate_threshold(samples, p, *opt.drop_rate);
+  else if (p.kind == drop_kind::naee) p.threshold = naee_beta(samples);
+  return p;
+}
+
+/// Puts `base` (with load-aware factors when the options ask) on the layer's router.
+inline void dualsparse_finish(dualsparse_layer_result& x, const drop_policy& base, const dualsparse_options& opt) {
+  auto& r = x.report;
+  moe_layer& m = *x.sample.layer;
+  r.policy = base;
+  if (opt.groups > 1 || !opt.placement.empty()) {
+    const auto placement = opt.placement.empty() ? contiguous_placement(m.num_experts(), opt.groups) : opt.placement;
+    r.groups = load_aware_thresholds(m, x.sample.selection, r.policy, placement);
+  }
+  m.router.drop = r.policy;
+  r.drop_rate_calib = work_under({x.sample}, r.policy).drop_rate();
+}
+
+/// DualSparse-MoE on one visited MoE layer with its own threshold (scope
+/// layer): the per-layer method that dualsparse_model and the streamed
+/// conversion (stream.hpp) share. Global scope needs every layer's routing
+/// first, so it has no per-layer method.
+inline dualsparse_layer_result dualsparse_layer(layer_visit& v, const dualsparse_options& opt) {
+  if (opt.scope != drop_scope::layer)
+    throw config_error("dualsparse: scope global calibrates one threshold on every MoE layer's routing; one layer alone needs scope layer");
+  dualsparse_layer_result x = dualsparse_prepare(v, opt);
+  v.stage("thresholds");
+  dualsparse_finish(x, base_policy({x.sample}, opt), opt);
+  return x;
+}
+
 /// DualSparse-MoE on every MoE layer of `w`, in place: reconstruction and
 /// partition (exact), then the drop policy with its calibrated threshold.
 /// All layers are checked before any is changed.
@@ -328,83 +405,33 @@ inline dualsparse_report dualsparse_model(model::weights& w, const ffn_inputs_fn
     if (const auto* m = std::get_if<moe_layer>(&w.layers[l].ffn)) {
       ++moe_layers;
       check_partition(*m, opt.partition, cat("dualsparse: layer ", l));
-      if (opt.groups > m->num_experts())
-        throw config_error(cat("dualsparse: groups = ", opt.groups, " but layer ", l, " has only ", m->num_experts(), " experts"));
-      if (!opt.placement.empty() && index_t(opt.placement.size()) != m->num_experts())
-        throw config_error(cat("dualsparse: placement lists ", opt.placement.size(), " experts, layer ", l, " has ", m->num_experts()));
+      check_groups(opt, m->num_experts(), cat("layer ", l));
     }
-  if (moe_layers == 0) throw config_error("dualsparse: the model has no MoE layer (convert it first with `moeforge convert cmoe`)");
+  if (moe_layers == 0) throw detail::dualsparse_no_moe_layer();
 
-  dualsparse_report rep;
-  rep.scope = opt.scope;
-  std::vector<routing_sample> samples;
-  auto prepare = [&](layer_visit& v) {
-    auto& m = std::get<moe_layer>(v.ffn);
-    v.stage("statistics");
-    calib::expert_stats_options so;
-    so.importance = opt.metric;
-    calib::layer_stats st = calib::expert_statistics(m, v.inputs, so);
-    v.stage("reconstruction");
-    for (std::size_t e = 0; e < m.experts.size(); ++e) {
-      auto& ex = m.experts[e];
-      if (ex.is_novice()) continue;
-      if (opt.metric != calib::importance_metric::none) reconstruct(ex, st.experts[e].importance);
-      ex.major = major_width_for(ex.width(), opt.major_fraction);
-    }
-    partition_experts(m, opt.partition, cat("dualsparse: layer ", v.layer));
-    dualsparse_layer_report r;
-    r.layer = v.layer;
-    r.partition = opt.partition;
-    r.metric = std::string(calib::importance_name(opt.metric));
-    r.major_fraction = opt.major_fraction;
-    r.target_drop_rate = opt.drop_rate;
-    r.tokens = st.tokens;
-    rep.layers.push_back(std::move(r));
-    samples.push_back({&m, std::move(st.selection)});
-  };
-  // The policy with its threshold for these samples (one layer's, or all of them).
-  auto base_policy = [&](const std::vector<routing_sample>& s) {
-    drop_policy p = opt.policy;
-    p.expert_factor.clear();
-    if (opt.threshold) p.threshold = float(*opt.threshold);
-    else if (opt.drop_rate) p.threshold = calibrate_threshold(s, p, *opt.drop_rate);
-    else if (p.kind == drop_kind::naee) p.threshold = naee_beta(s);
-    return p;
-  };
-  auto finish = [&](std::size_t i, const drop_policy& base) {
-    auto& r = rep.layers[i];
-    auto& s = samples[i];
-    moe_layer& m = *s.layer;
-    r.policy = base;
-    if (opt.groups > 1 || !opt.placement.empty()) {
-      const auto placement = opt.placement.empty() ? contiguous_placement(m.num_experts(), opt.groups) : opt.placement;
-      r.groups = load_aware_thresholds(m, s.selection, r.policy, placement);
-    }
-    m.router.drop = r.policy;
-    r.drop_rate_calib = work_under({s}, r.policy).drop_rate();
-  };
-
+  std::vector<dualsparse_layer_result> layers;
+  layers.reserve(std::size_t(moe_layers));
   visit_options vo;
   vo.filter = layer_filter::moe;
   vo.progress = opt.progress;
   vo.sequential = opt.scope == drop_scope::layer && opt.sequential;
-  samples.reserve(std::size_t(moe_layers));
   visit_layers(w, inputs, vo, [&](layer_visit& v, double) {
-    prepare(v);
-    if (opt.scope == drop_scope::layer) {
-      v.stage("thresholds");
-      finish(samples.size() - 1, base_policy({samples.back()}));
-    }
+    layers.push_back(opt.scope == drop_scope::layer ? dualsparse_layer(v, opt) : dualsparse_prepare(v, opt));
   });
   if (opt.scope == drop_scope::global) {
-    const drop_policy base = base_policy(samples);
-    for (std::size_t i = 0; i < samples.size(); ++i) finish(i, base);
+    std::vector<routing_sample> samples;
+    for (const auto& x : layers) samples.push_back(x.sample);
+    const drop_policy base = base_policy(samples, opt);
+    for (auto& x : layers) dualsparse_finish(x, base, opt);
   }
+  dualsparse_report rep;
+  rep.scope = opt.scope;
   runtime::route_stats total;
-  for (const auto& s : samples) {
-    runtime::selection sel = s.selection;
-    runtime::apply_drop(s.layer->router.drop, sel);
-    total += runtime::count_work(*s.layer, sel);
+  for (auto& x : layers) {
+    runtime::selection sel = x.sample.selection;
+    runtime::apply_drop(x.sample.layer->router.drop, sel);
+    total += runtime::count_work(*x.sample.layer, sel);
+    rep.layers.push_back(std::move(x.report));
   }
   rep.drop_rate_calib = total.drop_rate();
   return rep;

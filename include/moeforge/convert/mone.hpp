@@ -572,6 +572,19 @@ inline nlohmann::json to_json(const mone_layer_report& r) {
   return j;
 }
 
+/// The options as JSON (what a streamed conversion's resume must match).
+inline nlohmann::json to_json(const mone_options& o) {
+  return {{"method", std::string(mone_method_name(o.method))},
+          {"ratio", o.ratio},
+          {"count", o.count ? nlohmann::json(*o.count) : nlohmann::json()},
+          {"scope", std::string(mone_scope_name(o.scope))},
+          {"freq", std::string(freq_form_name(o.freq))},
+          {"replacement", std::string(replacement_name(replacement_of(o)))},
+          {"seed", o.seed},
+          {"sequential", o.sequential},
+          {"exhaustive_limit", o.exhaustive_limit}};
+}
+
 inline nlohmann::json to_json(const mone_report& r) {
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : r.layers) layers.push_back(to_json(l));
@@ -592,6 +605,47 @@ inline nlohmann::json to_json(const mone_report& r) {
 
 namespace detail {
 
+/// One visited layer's statistics (what the pruning still needs of them) and,
+/// at layer scope, its choice.
+struct planned_layer {
+  index_t layer = 0;
+  calib::layer_stats stats;
+  prune_plan plan;
+};
+
+inline planned_layer plan_visit(const layer_visit& v, const mone_options& o) {
+  const auto& m = std::get<moe_layer>(v.ffn);
+  v.stage("statistics");
+  calib::expert_stats_options so;
+  so.keep_outputs = o.method == mone_method::search;
+  planned_layer p{v.layer, calib::expert_statistics(m, v.inputs, so), {}};
+  if (o.scope == mone_scope::layer) {
+    v.stage(o.method == mone_method::search ? "search" : "ranking");
+    const index_t r = layer_prune_count(index_t(real_experts(m).size()), o, moeforge::detail::cat("layer ", v.layer));
+    p.plan = plan_layer(m, p.stats, o, r, layer_seed(o.seed, v.layer));
+  }
+  // What the pruning still needs of the statistics: the means and the figures.
+  p.stats.selection = {};
+  for (auto& s : p.stats.experts) {
+    s.importance = Eigen::VectorXd();
+    s.tokens = {};
+    s.gate = {};
+    s.outputs = matrix();
+  }
+  return p;
+}
+
+inline mone_layer_report apply_planned(model::layer_ffn& f, const planned_layer& p, const mone_options& o) {
+  mone_layer_result res = apply_plan(std::move(std::get<moe_layer>(f)), p.stats, p.plan, o);
+  res.report.layer = p.layer;
+  f = std::move(res.layer);
+  return std::move(res.report);
+}
+
+inline config_error mone_no_moe_layer() {
+  return config_error("mone: the model has no MoE layer (every FFN is dense); convert it first with `moeforge convert cmoe`");
+}
+
 struct model_counts {
   index_t moe_layers = 0;
   index_t global_r = 0;  ///< global scope: experts to prune in all
@@ -611,8 +665,7 @@ inline model_counts count_model(const model::weights& w, const mone_options& o) 
       most_prunable += std::max<index_t>(real - 1, 0);
       if (o.scope == mone_scope::layer) layer_prune_count(real, o, cat("layer ", l));
     }
-  if (c.moe_layers == 0)
-    throw config_error("mone: the model has no MoE layer (every FFN is dense); convert it first with `moeforge convert cmoe`");
+  if (c.moe_layers == 0) throw mone_no_moe_layer();
   if (o.scope == mone_scope::global) {
     c.global_r = o.count ? *o.count : index_t(std::llround(o.ratio * double(total_real)));
     if (c.global_r > most_prunable)
@@ -624,6 +677,20 @@ inline model_counts count_model(const model::weights& w, const mone_options& o) 
 }
 
 }  // namespace detail
+
+/// MoNE (or a baseline) at layer scope on one visited MoE layer: its
+/// statistics on the visit's inputs, its choice (method random draws from the
+/// layer's own stream), the pruning. The per-layer method that mone_model and
+/// the streamed conversion (stream.hpp) share; global scope ranks every
+/// layer's experts together, so it has none.
+inline mone_layer_report mone_layer(layer_visit& v, const mone_options& o) {
+  validate(o);
+  if (o.scope != mone_scope::layer)
+    throw config_error("mone: scope global ranks the experts of every MoE layer together; one layer alone needs scope layer");
+  const detail::planned_layer p = detail::plan_visit(v, o);
+  v.stage("prune");
+  return detail::apply_planned(v.ffn, p, o);
+}
 
 /// Throws config_error unless the options fit the model: it has MoE layers
 /// (a dense model must be converted first), and no layer would lose every
@@ -654,48 +721,18 @@ inline mone_report mone_model(model::weights& w, const ffn_inputs_fn& inputs, co
   const bool apply_now = o.scope == mone_scope::layer && o.sequential;
   rep.inputs = apply_now ? "sequential" : "unpruned";
 
-  struct pending {
-    index_t layer;
-    calib::layer_stats stats;
-    detail::prune_plan plan;
-  };
-  std::vector<pending> deferred;
-  calib::expert_stats_options so;
-  so.keep_outputs = o.method == mone_method::search;
-  auto finish = [&](model::layer_ffn& f, index_t layer, const calib::layer_stats& st, const detail::prune_plan& p) {
-    mone_layer_result res = detail::apply_plan(std::move(std::get<moe_layer>(f)), st, p, o);
-    res.report.layer = layer;
-    f = std::move(res.layer);
-    rep.layers.push_back(std::move(res.report));
-  };
+  std::vector<detail::planned_layer> deferred;
   visit_options vo;
   vo.filter = layer_filter::moe;
   vo.sequential = true;  // the model as it is during the visit; unpruned until the end unless apply_now
   vo.progress = progress;
   visit_layers(w, inputs, vo, [&](layer_visit& v, double) {
-    const auto& m = std::get<moe_layer>(v.ffn);
-    v.stage("statistics");
-    calib::layer_stats st = calib::expert_statistics(m, v.inputs, so);
-    rep.tokens = st.tokens;
-    detail::prune_plan p;
-    if (o.scope == mone_scope::layer) {
-      v.stage(o.method == mone_method::search ? "search" : "ranking");
-      const index_t r = layer_prune_count(index_t(detail::real_experts(m).size()), o, cat("layer ", v.layer));
-      p = detail::plan_layer(m, st, o, r, detail::layer_seed(o.seed, v.layer));
-    }
-    // What the pruning still needs of the statistics: the means and the figures.
-    st.selection = {};
-    for (auto& s : st.experts) {
-      s.importance = Eigen::VectorXd();
-      s.tokens = {};
-      s.gate = {};
-      s.outputs = matrix();
-    }
     if (apply_now) {
-      v.stage("prune");
-      finish(v.ffn, v.layer, st, p);
+      rep.layers.push_back(mone_layer(v, o));
+      rep.tokens = rep.layers.back().tokens;
     } else {
-      deferred.push_back({v.layer, std::move(st), std::move(p)});
+      deferred.push_back(detail::plan_visit(v, o));
+      rep.tokens = deferred.back().stats.tokens;
     }
   });
 
@@ -736,7 +773,7 @@ inline mone_report mone_model(model::weights& w, const ffn_inputs_fn& inputs, co
       ++taken;
     }
   }
-  for (auto& d : deferred) finish(w.layers[std::size_t(d.layer)].ffn, d.layer, d.stats, d.plan);
+  for (auto& d : deferred) rep.layers.push_back(detail::apply_planned(w.layers[std::size_t(d.layer)].ffn, d, o));
   for (const auto& l : rep.layers) {
     rep.experts_pruned += index_t(l.pruned.size());
     rep.params_freed += l.params_freed;

@@ -21,13 +21,18 @@ inline std::vector<index_t> even_cuts(index_t width, index_t parts) {
   return cuts;
 }
 
+/// Throws config_error unless `width` neurons, `whose` ("expert 3's"), split
+/// into P sub-experts of at least one neuron each (P >= 1 is the caller's).
+inline void check_partition(index_t width, index_t parts, const std::string& what, const std::string& whose) {
+  if (width < parts)
+    throw config_error(moeforge::detail::cat(what, ": partition P = ", parts, " exceeds ", whose, " width of ", width, " neurons (expected 1..", width, ")"));
+}
+
 /// Throws config_error unless every routed expert of `m` can be split into P sub-experts.
 inline void check_partition(const moe_layer& m, index_t parts, const std::string& what) {
   if (parts < 1) throw config_error(moeforge::detail::cat(what, ": partition P = ", parts, ", expected >= 1"));
   for (std::size_t e = 0; e < m.experts.size(); ++e)
-    if (!m.experts[e].is_novice() && m.experts[e].width() < parts)
-      throw config_error(moeforge::detail::cat(what, ": partition P = ", parts, " exceeds expert ", e, "'s width of ",
-                                               m.experts[e].width(), " neurons (expected 1..", m.experts[e].width(), ")"));
+    if (!m.experts[e].is_novice()) check_partition(m.experts[e].width(), parts, what, moeforge::detail::cat("expert ", e, "'s"));
 }
 
 /// Partial transformation: every routed expert runs as P sub-experts that

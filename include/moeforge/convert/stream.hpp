@@ -1,24 +1,30 @@
 // Streaming conversion: a Hugging Face checkpoint bigger than memory,
-// converted one layer at a time into a sharded native directory.
+// converted one layer at a time into a sharded native directory, by any
+// method that has a per-layer form: CMoE on the dense layers, DualSparse-MoE
+// and MoNE (layer scope) on the MoE layers.
 //
 // Only the calibration hidden states (tokens × H, per window) and one layer's
 // weights (FP32) are resident: the shards are memory-mapped, the embedding is
 // read for the calibration tokens only, and each layer is read, run through
-// its attention to get its FFN inputs, converted by the method (the driver's
-// per-layer conversion, on the layer presented as a one-layer model), run
-// forward with its new FFN to give the next layer its inputs, written, and
-// freed. Layer l is calibrated on the output of the converted layers 0..l-1,
-// as convert::cmoe_model does in memory, with bit-identical arithmetic; the
-// layer's tensors are then written in the source's dtype (BF16 stays BF16).
+// its attention to get its FFN inputs, converted by the method's per-layer
+// function (the one its in-memory *_model runs on the driver), run forward
+// with its new FFN to give the next layer its inputs, written, and freed.
+// Layer l is calibrated on the output of the converted layers 0..l-1, as the
+// in-memory driver does with sequential inputs, with bit-identical
+// arithmetic; a method calibrated on the untouched model (MoNE's unpruned
+// inputs) gets the layer's forward pass through its original FFN instead.
+// Methods whose choice spans layers (DualSparse's global threshold, MoNE's
+// global ranking) have no per-layer form and are refused before any work: a
+// first pass over every layer would read the model twice.
 //
 // The output is built in a hidden sibling directory `.NAME.partial` which
 // records the finished layers (progress.json: a fingerprint of the model, the
 // method's options and the calibration tokens; the shard writer's state; the
 // hidden states after the last finished layer). A run that dies leaves it
 // behind; `resume` continues after the last finished layer and refuses a
-// different model, options or calibration. The directory is renamed to the
-// output only when complete. Tensors keep the source's dtype (BF16 in, BF16
-// out, rounded to nearest even; the computation is FP32).
+// different model, method, options or calibration. The directory is renamed
+// to the output only when complete. Tensors keep the source's dtype (BF16 in,
+// BF16 out, rounded to nearest even; the computation is FP32).
 #pragma once
 
 #include <chrono>
@@ -33,6 +39,8 @@
 
 #include "moeforge/convert/cmoe.hpp"
 #include "moeforge/convert/driver.hpp"
+#include "moeforge/convert/dualsparse.hpp"
+#include "moeforge/convert/mone.hpp"
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/native.hpp"
 #include "moeforge/model/transformer.hpp"
@@ -56,7 +64,7 @@ struct stream_times {
   double read = 0;       ///< reading a layer from the maps (and the output's global tensors)
   double attention = 0;  ///< the calibration tokens through the layer's attention: its FFN inputs
   double convert = 0;    ///< the method
-  double forward = 0;    ///< the converted FFN on the calibration tokens: the next layer's inputs
+  double forward = 0;    ///< the FFN (converted, or the original when not sequential) on the calibration tokens: the next layer's inputs
   double write = 0;      ///< the layer's tensors to the output shards, the checkpoint of progress
 };
 
@@ -72,10 +80,19 @@ inline nlohmann::json to_json(const stream_times& t) {
   return {{"read", t.read}, {"attention", t.attention}, {"convert", t.convert}, {"forward", t.forward}, {"write", t.write}};
 }
 
-/// Converts one layer, given as a one-layer model whose FFN it may replace,
-/// with the driver's inputs function and progress (layer 0 of 1); returns the
-/// layer's report as JSON.
-using layer_method = std::function<nlohmann::json(model::weights& layer_model, const ffn_inputs_fn& inputs, const progress_fn& progress)>;
+/// A conversion method as the streaming driver runs it.
+struct stream_method {
+  std::string name;  ///< "cmoe", "dualsparse", "mone": recorded in the provenance and what a resume must match
+  layer_filter filter = layer_filter::dense;  ///< the layers it converts; the others are copied
+  /// true: each layer calibrates on the converted layers before it; false: on
+  /// the untouched model (the driver forwards the original FFN).
+  bool sequential = true;
+  nlohmann::json options;  ///< the method's options: what a resume must match
+  /// Converts the visited layer (replacing v.ffn); returns its report.
+  std::function<nlohmann::json(layer_visit& v)> convert_layer;
+  /// May refuse the source's config before anything is written.
+  std::function<void(const io::hf_config&)> check;
+};
 
 namespace detail {
 
@@ -126,16 +143,6 @@ inline void write_json_atomically(const std::filesystem::path& path, const nlohm
   if (ec) throw io_error(cat("stream: cannot rename '", tmp, "' to '", path.string(), "': ", ec.message()));
 }
 
-inline nlohmann::json read_json(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) throw io_error(cat("stream: cannot open '", path.string(), "'"));
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw format_error(cat("stream: '", path.string(), "' is not valid JSON (", e.what(), ")"));
-  }
-}
-
 /// The calibration hidden states of every window, stacked [tokens, H], as one
 /// F32 safetensors file (F32: resuming must continue from the exact values).
 inline void save_hidden(const std::filesystem::path& path, const std::vector<matrix>& x) {
@@ -164,7 +171,7 @@ inline std::vector<matrix> load_hidden(const std::filesystem::path& path, const 
 }
 
 /// A model of one layer (a placeholder one-token vocabulary, tied): what the
-/// transformer and the driver run when the rest of the model is on disk.
+/// transformer runs when the rest of the model is on disk.
 inline model::weights layer_model(const model::config& c, model::layer l) {
   model::weights w;
   w.config = c;
@@ -180,15 +187,12 @@ inline model::weights layer_model(const model::config& c, model::layer l) {
 }  // namespace detail
 
 /// Converts the Hugging Face checkpoint `model` (directory, index or file)
-/// layer by layer with `method` into the native directory `out`. `describe`
-/// is the method's options as JSON (part of the fingerprint a resume must
-/// match, and of the provenance); `check` may refuse the source's config
-/// before any work starts. Bad input — a missing or truncated shard, a
-/// missing or misshapen tensor, an unknown dtype — is refused before anything
-/// is written, with an error naming the file.
+/// layer by layer with `method` into the native directory `out`. Bad input —
+/// a missing or truncated shard, a missing or misshapen tensor, an unknown
+/// dtype, a config the method refuses — is refused before anything is
+/// written, with an error naming the file.
 inline stream_report stream_convert(const std::string& model, const std::vector<std::vector<std::int32_t>>& windows, const std::string& out,
-                                    const layer_method& method, const nlohmann::json& describe, const stream_options& opt,
-                                    const std::function<void(const io::hf_config&)>& check = {}) {
+                                    const stream_method& method, const stream_options& opt) {
   namespace fs = std::filesystem;
   using clock = std::chrono::steady_clock;
   using detail::cat;
@@ -199,7 +203,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   io::check_output_dir(out_dir.string(), opt.overwrite);
   const io::hf_layers src(model);
   const auto& c = src.config().model;
-  if (check) check(src.config());
+  if (method.check) method.check(src.config());
   if (windows.empty()) throw config_error("stream: no calibration tokens");
   for (std::size_t i = 0; i < windows.size(); ++i) {
     if (windows[i].empty() || index_t(windows[i].size()) > c.seq_len)
@@ -207,8 +211,12 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     for (auto id : windows[i])
       if (id < 0 || id >= c.vocab_size) throw config_error(cat("stream: calibration token ", id, " is outside the vocabulary of ", c.vocab_size));
   }
+  // The method by name and options (two methods' options may look alike);
+  // CMoE's by its options alone, as it was recorded before, so that its
+  // interrupted conversions still resume.
+  const nlohmann::json method_print = method.name == "cmoe" ? method.options : nlohmann::json{{"name", method.name}, {"options", method.options}};
   const nlohmann::json fingerprint{{"model", detail::model_fingerprint(src)},
-                                   {"method", describe},
+                                   {"method", method_print},
                                    {"calibration", detail::calibration_fingerprint(windows)},
                                    {"shard_bytes", opt.shard_bytes}};
 
@@ -223,12 +231,12 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   if (fs::exists(progress_file)) {
     if (!opt.resume)
       throw io_error(cat("output '", out, "': an interrupted conversion is in '", stage.string(), "'; resume it or remove that directory"));
-    const auto saved = detail::read_json(progress_file);
+    const auto saved = io::read_json_file(progress_file.string(), "stream");
     try {
       for (const char* part : {"model", "method", "calibration", "shard_bytes"})
         if (saved.at("fingerprint").at(part) != fingerprint.at(part))
           throw config_error(cat("cannot resume into '", out, "': the ", part, " differs from the interrupted conversion's (",
-                                 std::string(part) == "method" ? cat("was ", saved["fingerprint"][part].dump(), ", now ", describe.dump())
+                                 std::string(part) == "method" ? cat("was ", saved["fingerprint"][part].dump(), ", now ", fingerprint[part].dump())
                                                                : std::string("fingerprint ") + saved["fingerprint"][part].dump() + ", now " +
                                                                      fingerprint[part].dump(),
                                  ")"));
@@ -312,18 +320,24 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     }
     rep.times.attention += since(t0);
 
-    t0 = clock::now();
-    const ffn_inputs_fn given = [&](const model::weights&, index_t) { return inputs; };
-    const progress_fn relay = [&](const layer_progress& p) {
-      if (p.stage != "done") tell(l, p.stage);
+    // The next layer's inputs: from the converted FFN, or (not sequential) from the untouched one.
+    auto forward = [&] {
+      t0 = clock::now();
+      tell(l, "forward");
+      for (auto& w : x) tr.ffn_step(0, w, {});
+      rep.times.forward += since(t0);
     };
-    rep.layers[std::size_t(l)] = method(one, given, relay);
-    rep.times.convert += since(t0);
-
-    t0 = clock::now();
-    tell(l, "forward");
-    for (auto& w : x) tr.ffn_step(0, w, {});
-    rep.times.forward += since(t0);
+    auto& f = one.layers.front().ffn;
+    if (matches(f, method.filter)) {
+      if (!method.sequential) forward();
+      t0 = clock::now();
+      layer_visit v{l, f, inputs, [&, l](const std::string& stage) { tell(l, stage); }};
+      rep.layers[std::size_t(l)] = method.convert_layer(v);
+      rep.times.convert += since(t0);
+      if (method.sequential) forward();
+    } else {
+      forward();
+    }
 
     t0 = clock::now();
     tell(l, "write");
@@ -344,6 +358,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   fs::remove(stage / cat("hidden-", layers, ".safetensors"), ec);
   nlohmann::json provenance = opt.provenance;
   provenance["source"] = model;
+  provenance["method"] = method.name;
   provenance["layers"] = rep.layers;
   io::detail::write_manifest(stage, c, layer_manifests, provenance, opt.attachments);
   // The output may have appeared while converting: it is replaced only when allowed.
@@ -355,50 +370,95 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   return rep;
 }
 
-/// The options of a CMoE conversion as JSON (what a resume must match).
-inline nlohmann::json describe(const cmoe_options& o) {
-  return {{"config", to_string(o.config)},
-          {"ka", o.ka},
-          {"ka_fraction", o.ka_fraction},
-          {"leftover", std::string(leftover_name(o.leftover))},
-          {"method", std::string(method_name(o.method))},
-          {"iterations", o.iterations},
-          {"cluster_iterations", o.cluster_iterations},
-          {"seed", o.seed},
-          {"block", o.block},
-          {"fit",
-           {{"router", std::string(router_fit_name(o.fit.router))},
-            {"rank", o.fit.rank},
-            {"compensate", std::string(compensation_name(o.fit.compensate))},
-            {"refit", std::string(refit_name(o.fit.refit))},
-            {"rounds", o.fit.rounds},
-            {"router_ridge", o.fit.router_ridge},
-            {"refit_ridge", o.fit.refit_ridge},
-            {"distill_steps", o.fit.distill_steps},
-            {"distill_lr", o.fit.distill_lr},
-            {"size_rule", o.fit.size_rule}}}};
-}
-
 /// CMoE on every dense layer of a Hugging Face checkpoint, streamed (see
 /// stream_convert); the same result as cmoe_model on the loaded model with
 /// calib::ffn_inputs over `windows`.
 inline stream_report cmoe_stream(const std::string& model, const std::vector<std::vector<std::int32_t>>& windows, const std::string& out,
                                  const cmoe_options& opt, const stream_options& so) {
+  using moeforge::detail::cat;
   validate(opt);
-  const layer_method method = [&](model::weights& w, const ffn_inputs_fn& inputs, const progress_fn& progress) -> nlohmann::json {
-    const bool dense = std::holds_alternative<ffn>(w.layers.front().ffn);
-    const auto reports = cmoe_model(w, inputs, opt, progress);
-    return dense ? to_json(reports.front()) : nlohmann::json();
-  };
   auto check = [&](const io::hf_config& h) {
-    if (h.intermediate == 0)
-      throw config_error(moeforge::detail::cat("cmoe: every FFN of '", model, "' is already an MoE: there is nothing to convert"));
+    if (h.intermediate == 0) throw config_error(cat("cmoe: every FFN of '", model, "' is already an MoE: there is nothing to convert"));
     validate(opt.config, h.intermediate);
     resolve_ka(opt, h.intermediate);
     if (opt.fit.router == router_fit::quadratic && opt.fit.rank > h.model.dim)
-      throw config_error(moeforge::detail::cat("cmoe: rank = ", opt.fit.rank, ", expected 1..", h.model.dim, " (the hidden size)"));
+      throw config_error(cat("cmoe: rank = ", opt.fit.rank, ", expected 1..", h.model.dim, " (the hidden size)"));
   };
-  return stream_convert(model, windows, out, method, describe(opt), so, check);
+  return stream_convert(model, windows, out,
+                        {"cmoe", layer_filter::dense, true, to_json(opt), [&](layer_visit& v) { return to_json(cmoe_layer(v, opt)); }, check}, so);
+}
+
+namespace detail {
+
+/// Refuses a method whose choice spans layers (`why`), before any work.
+inline void need_layer_scope(bool layer_scope, const std::string& why) {
+  if (!layer_scope)
+    throw config_error(cat(why, ", which a streamed conversion (one layer at a time) cannot: use scope layer, or convert in memory"));
+}
+
+}  // namespace detail
+
+/// Throws config_error unless DualSparse with `opt` has a per-layer form
+/// (scope layer): global scope calibrates one threshold on every layer.
+inline void check_streamable(const dualsparse_options& opt) {
+  detail::need_layer_scope(opt.scope == drop_scope::layer, "dualsparse: scope global calibrates one threshold on every MoE layer's routing");
+}
+
+/// Throws config_error unless MoNE with `opt` has a per-layer form (scope
+/// layer): global scope ranks every layer's experts together.
+inline void check_streamable(const mone_options& opt) {
+  detail::need_layer_scope(opt.scope == mone_scope::layer, "mone: scope global ranks every MoE layer's experts together");
+}
+
+namespace detail {
+
+/// The MoE layers of a source, refusing one with none.
+inline std::vector<index_t> moe_layers_of(const io::hf_config& h, const config_error& none) {
+  std::vector<index_t> out;
+  for (index_t l = 0; l < h.model.n_layers; ++l)
+    if (h.is_moe_layer(l)) out.push_back(l);
+  if (out.empty()) throw none;
+  return out;
+}
+
+}  // namespace detail
+
+/// DualSparse-MoE at layer scope on every MoE layer of a Hugging Face
+/// checkpoint, streamed (see stream_convert); the same result as
+/// dualsparse_model on the loaded model. Global scope is refused: its one
+/// threshold needs every layer's routing before the first layer is written.
+inline stream_report dualsparse_stream(const std::string& model, const std::vector<std::vector<std::int32_t>>& windows, const std::string& out,
+                                       const dualsparse_options& opt, const stream_options& so) {
+  using moeforge::detail::cat;
+  validate(opt);
+  check_streamable(opt);
+  auto check = [&](const io::hf_config& h) {
+    for (index_t l : detail::moe_layers_of(h, convert::detail::dualsparse_no_moe_layer())) {
+      check_partition(h.expert_intermediate, opt.partition, cat("dualsparse: layer ", l), "the experts'");
+      check_groups(opt, h.experts, cat("layer ", l));
+    }
+  };
+  return stream_convert(model, windows, out,
+                        {"dualsparse", layer_filter::moe, opt.sequential, to_json(opt),
+                         [&](layer_visit& v) { return to_json(dualsparse_layer(v, opt).report); }, check},
+                        so);
+}
+
+/// MoNE (or a baseline) at layer scope on every MoE layer of a Hugging Face
+/// checkpoint, streamed (see stream_convert); the same result as mone_model on
+/// the loaded model, `sequential` included. Global scope is refused: its
+/// ranking needs every layer's statistics before the first layer is written.
+inline stream_report mone_stream(const std::string& model, const std::vector<std::vector<std::int32_t>>& windows, const std::string& out,
+                                 const mone_options& opt, const stream_options& so) {
+  using moeforge::detail::cat;
+  validate(opt);
+  check_streamable(opt);
+  auto check = [&](const io::hf_config& h) {
+    for (index_t l : detail::moe_layers_of(h, convert::detail::mone_no_moe_layer())) layer_prune_count(h.experts, opt, cat("layer ", l));
+  };
+  return stream_convert(model, windows, out,
+                        {"mone", layer_filter::moe, opt.sequential, to_json(opt), [&](layer_visit& v) { return to_json(mone_layer(v, opt)); }, check},
+                        so);
 }
 
 }  // namespace moeforge::convert

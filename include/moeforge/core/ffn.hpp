@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,12 @@ inline float activate(activation a, float v) {
   return v;
 }
 
+/// The shape of an FFN whose matrices were released (see release(ffn&)).
+struct ffn_shape {
+  index_t hidden = 0, intermediate = 0;
+  bool gated = false;
+};
+
 /// A feed-forward block of `intermediate()` neurons. Neuron i is row i of
 /// `gate` and `up` and column i of `down`. `gate` is empty for ungated FFNs.
 ///   gate: [I, H]   up: [I, H]   down: [H, I]
@@ -50,15 +57,36 @@ struct ffn {
   matrix up;
   matrix down;
   activation act = activation::silu;
+  /// Set by release(ffn&): the matrices are gone (their values live only in a
+  /// runtime's prepared panels) and this is the shape they had, which is all
+  /// routing and the prepared kernels ask of the plain FFN.
+  std::optional<ffn_shape> released = std::nullopt;
 
-  bool gated() const { return gate.size() != 0; }
-  index_t hidden() const { return up.cols(); }
-  index_t intermediate() const { return up.rows(); }
+  bool gated() const { return released ? released->gated : gate.size() != 0; }
+  index_t hidden() const { return released ? released->hidden : up.cols(); }
+  index_t intermediate() const { return released ? released->intermediate : up.rows(); }
 };
+
+/// Frees f's matrices, keeping its shape: an owning transformer does this
+/// once the weights are packed, so they are resident once, in the run dtype.
+inline void release(ffn& f) {
+  f.released = ffn_shape{f.hidden(), f.intermediate(), f.gated()};
+  f.gate = matrix();
+  f.up = matrix();
+  f.down = matrix();
+}
+
+/// Throws config_error naming `what` when f's matrices were released: code
+/// that reads plain weights must not see empty ones as an FFN.
+inline void require_held(const ffn& f, const std::string& what) {
+  if (f.released)
+    throw config_error(detail::cat(what, ": the FFN's weights were released (they live only in an owning transformer's packed panels)"));
+}
 
 /// Throws shape_error if the three matrices do not form one FFN over `hidden`
 /// features (pass hidden < 0 to take it from `up`).
 inline void validate(const ffn& f, const std::string& what, index_t hidden = -1) {
+  require_held(f, what);
   const index_t h = hidden < 0 ? f.up.cols() : hidden;
   const index_t i = f.up.rows();
   if (i == 0) throw shape_error(detail::cat(what, ": no neurons (up has 0 rows)"));
@@ -69,17 +97,19 @@ inline void validate(const ffn& f, const std::string& what, index_t hidden = -1)
 
 /// Throws value_error on the first NaN or Inf weight.
 inline void require_finite(const ffn& f, const std::string& what) {
+  require_held(f, what);
   detail::require_finite(f.gate, what + ".gate");
   detail::require_finite(f.up, what + ".up");
   detail::require_finite(f.down, what + ".down");
 }
 
 /// Number of weights in the FFN.
-inline index_t parameter_count(const ffn& f) { return f.gate.size() + f.up.size() + f.down.size(); }
+inline index_t parameter_count(const ffn& f) { return (f.gated() ? 3 : 2) * f.intermediate() * f.hidden(); }
 
 /// The FFN restricted to the given neurons, in the given order.
 template <class Indices>
 ffn select_neurons(const ffn& f, const Indices& neurons) {
+  require_held(f, "select_neurons");
   const index_t n = index_t(std::size(neurons));
   ffn out;
   out.act = f.act;

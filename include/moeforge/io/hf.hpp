@@ -383,9 +383,8 @@ inline moe_layer load_hf_moe_block(const safetensors_checkpoint& ck, const std::
 
 namespace detail {
 
-// Every tensor config.json implies, in one walk (read, or only checked: see
-// tensor_reader); a tensor left over is an error naming `what`.
-inline model::weights read_model(tensor_reader& t, const hf_config& h, const std::string& what) {
+// The tensors outside the layers: embedding, final norm, classifier.
+inline model::weights read_globals(tensor_reader& t, const hf_config& h) {
   const auto& c = h.model;
   model::weights w;
   w.config = c;
@@ -395,7 +394,14 @@ inline model::weights read_model(tensor_reader& t, const hf_config& h, const std
     w.lm_head = t.mat("lm_head.weight", c.vocab_size, c.dim);
   else if (t.has("lm_head.weight"))
     t.skip("lm_head.weight");  // some exporters store the tied copy too
-  for (index_t li = 0; li < c.n_layers; ++li) w.layers.push_back(read_layer(t, h, li));
+  return w;
+}
+
+// Every tensor config.json implies, in one walk (read, or only checked: see
+// tensor_reader); a tensor left over is an error naming `what`.
+inline model::weights read_model(tensor_reader& t, const hf_config& h, const std::string& what) {
+  model::weights w = read_globals(t, h);
+  for (index_t li = 0; li < h.model.n_layers; ++li) w.layers.push_back(read_layer(t, h, li));
   t.require_all_used(what);
   return w;
 }
@@ -443,6 +449,15 @@ class hf_layers {
   const hf_config& config() const { return h_; }
   const std::string& config_path() const { return config_path_; }
   const safetensors_checkpoint& checkpoint() const { return ck_; }
+
+  /// The model without its layers: config, embedding, final norm and
+  /// classifier in FP32 (NaN or Inf refused), and the stored weight type.
+  model::weights globals() const {
+    detail::tensor_reader t(ck_);
+    model::weights w = detail::read_globals(t, h_);
+    w.weight_dtype = ck_.weight_dtype();
+    return w;
+  }
 
   /// Layer `li` in FP32 (NaN or Inf refused, naming the tensor).
   model::layer layer(index_t li) const {

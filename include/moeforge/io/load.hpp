@@ -2,6 +2,8 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
+#include <optional>
 #include <string>
 
 #include "moeforge/io/hf.hpp"
@@ -12,27 +14,85 @@ namespace moeforge::io {
 
 struct load_options {
   std::string config;  ///< config.json for a .safetensors file or index (default: the one beside it)
+  /// load_transformer only: called with each layer's index and F32 weights
+  /// before it is packed, e.g. to set a drop policy (the layer must stay valid).
+  std::function<void(index_t, model::layer&)> on_layer = {};  // "= {}": `{config}` initialises the struct without -Wextra warnings
 };
 
-/// Loads any model moeforge reads, chosen by the path: a llama2.c `.bin`
-/// checkpoint, a moeforge native directory, a Hugging Face directory, or a
-/// `.safetensors` file / `model.safetensors.index.json` with its config.json.
-inline model::weights load_model(const std::string& path, const load_options& opt = {}) {
+namespace detail {
+
+enum class model_format { native, hf, llama2c };
+
+/// Which reader `path` needs; throws naming the path when none fits.
+inline model_format format_of(const std::string& path, const load_options& opt) {
   namespace fs = std::filesystem;
-  using detail::cat;
   if (!fs::exists(path)) throw io_error(cat("model '", path, "' does not exist"));
   const fs::path p(path);
   if (fs::is_directory(p)) {
-    if (is_native_dir(path)) return load_native(path);
-    if (is_hf_dir(path) || !opt.config.empty()) return load_hf(path, opt.config);
+    if (is_native_dir(path)) return model_format::native;
+    if (is_hf_dir(path) || !opt.config.empty()) return model_format::hf;
     throw format_error(cat("model '", path, "': a directory with neither moeforge.json (native) nor config.json + model.safetensors (Hugging Face)"));
   }
   if (p.extension() == ".bin") {
     if (!opt.config.empty()) throw config_error(cat("model '", path, "': --config applies to safetensors models, not llama2.c checkpoints"));
-    return load_llama2c(path);
+    return model_format::llama2c;
   }
-  if (p.extension() == ".safetensors" || p.filename() == "model.safetensors.index.json") return load_hf(path, opt.config);
+  if (p.extension() == ".safetensors" || p.filename() == "model.safetensors.index.json") return model_format::hf;
   throw format_error(cat("model '", path, "': expected a llama2.c .bin, a .safetensors file, a Hugging Face or a moeforge directory"));
+}
+
+template <class Source>
+model::transformer transformer_from(const Source& src, const load_options& opt, std::optional<runtime::detail::weight_format> format) {
+  model::weights globals = src.globals();
+  src.release();
+  return model::transformer(
+      std::move(globals),
+      [&](index_t li) {
+        model::layer l = src.layer(li);
+        src.release();  // the layer's mapped pages would otherwise stay resident
+        if (opt.on_layer) opt.on_layer(li, l);
+        return l;
+      },
+      format);
+}
+
+}  // namespace detail
+
+/// Loads any model moeforge reads, chosen by the path: a llama2.c `.bin`
+/// checkpoint, a moeforge native directory, a Hugging Face directory, or a
+/// `.safetensors` file / `model.safetensors.index.json` with its config.json.
+/// The weights are F32 in memory (4 bytes per weight, whatever the file
+/// stores): to run a model, load_transformer needs less.
+inline model::weights load_model(const std::string& path, const load_options& opt = {}) {
+  switch (detail::format_of(path, opt)) {
+    case detail::model_format::native: return load_native(path);
+    case detail::model_format::hf: return load_hf(path, opt.config);
+    case detail::model_format::llama2c: break;
+  }
+  return load_llama2c(path);
+}
+
+/// Loads any model load_model reads straight into an owning transformer that
+/// runs its weights as `format` (default: the type the file stores; F32 or
+/// BF16). Hugging Face and native models are read one layer at a time from
+/// their memory-mapped tensors: each layer is read in F32, packed, and its
+/// plain matrices and mapped pages released before the next is read, so
+/// loading needs the packed model plus about one layer in F32 (a BF16 model
+/// about its file size) and never the whole model in F32. A llama2.c
+/// checkpoint (F32 only) is read whole first. The result is the same, bit for
+/// bit, as model::transformer(load_model(path, opt), format). Safe to call
+/// from several processes on one file (it only reads).
+inline model::transformer load_transformer(const std::string& path, const load_options& opt = {},
+                                           std::optional<runtime::detail::weight_format> format = std::nullopt) {
+  switch (detail::format_of(path, opt)) {
+    case detail::model_format::native: return detail::transformer_from(native_layers(path), opt, format);
+    case detail::model_format::hf: return detail::transformer_from(hf_layers(path, opt.config), opt, format);
+    case detail::model_format::llama2c: break;
+  }
+  model::weights w = load_llama2c(path);
+  if (opt.on_layer)
+    for (std::size_t li = 0; li < w.layers.size(); ++li) opt.on_layer(index_t(li), w.layers[li]);
+  return model::transformer(std::move(w), format);
 }
 
 }  // namespace moeforge::io

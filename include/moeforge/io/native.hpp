@@ -547,83 +547,136 @@ inline void save_native(const model::weights& w, const std::string& dir, const n
   stage.commit(out);
 }
 
-/// The parsed moeforge.json of a native directory (its provenance, for reports).
-inline nlohmann::json read_native_manifest(const std::string& dir) {
-  const std::string file = (std::filesystem::path(dir) / native_manifest).string();
+/// A JSON file, parsed: io_error when it cannot be opened, format_error when
+/// it is not JSON, each naming `who` (the reader) and the file.
+inline nlohmann::json read_json_file(const std::string& file, const std::string& who) {
   std::ifstream in(file);
-  if (!in) throw io_error(detail::cat("native: cannot open '", file, "'"));
+  if (!in) throw io_error(detail::cat(who, ": cannot open '", file, "'"));
   try {
     return nlohmann::json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    throw format_error(detail::cat(file, ": not valid JSON (", e.what(), ")"));
+    throw format_error(detail::cat(who, ": '", file, "' is not valid JSON (", e.what(), ")"));
   }
 }
+
+/// The parsed moeforge.json of a native directory (its provenance, for reports).
+inline nlohmann::json read_native_manifest(const std::string& dir) {
+  return read_json_file((std::filesystem::path(dir) / native_manifest).string(), "native");
+}
+
+/// A native model directory opened for reading one layer at a time from its
+/// memory-mapped tensors. Opening it reads the manifest and checks that every
+/// tensor it implies is present with the right rank and that none is left
+/// over (headers only); the tensors' values are read by globals() and layer().
+class native_layers {
+ public:
+  explicit native_layers(const std::string& dir) : dir_(dir), manifest_(read_native_manifest(dir)), st_(dir) {
+    using detail::cat;
+    const auto file = (std::filesystem::path(dir) / native_manifest).string();
+    const auto& j = manifest_;
+    const detail::manifest_reader r(file);
+    if (r.get<std::string>(j, "format", "manifest") != "moeforge") r.fail("format must be 'moeforge'");
+    if (const int v = r.get<int>(j, "version", "manifest"); v != native_version)
+      r.fail(cat("version ", v, " is not supported (this build reads version ", native_version, ")"));
+    auto& w = skeleton_;
+    w.config = detail::parse_config(r, r.at(j, "config", "manifest"));
+    const auto& layers = r.array(j, "layers", "manifest");
+    if (index_t(layers.size()) != w.config.n_layers)
+      r.fail(cat("describes ", layers.size(), " layers, config.n_layers is ", w.config.n_layers));
+    for (std::size_t i = 0; i < layers.size(); ++i) w.layers.push_back(detail::layer_skeleton(r, layers[i], cat("layers[", i, "]")));
+    w.weight_dtype = st_.weight_dtype();
+    // Attention biases are optional; the file says whether they exist.
+    for (std::size_t i = 0; i < w.layers.size(); ++i) {
+      auto& l = w.layers[i];
+      const std::string p = cat("layers.", i);
+      for (auto [name, bias] : {std::pair{".bq", &l.bq}, std::pair{".bk", &l.bk}, std::pair{".bv", &l.bv}})
+        if (st_.contains(p + name)) bias->resize(1);
+      // So are a fitted router's bias and a quadratic router's projection (rank 0 without).
+      if (auto* m = std::get_if<moe_layer>(&l.ffn)) {
+        if (m->router.fitted() && st_.contains(p + ".moe.router.bias")) m->router.bias.resize(1);
+        if (m->router.kind == router_kind::quadratic_topk && st_.contains(p + ".moe.router.projection")) m->router.projection.resize(1, 1);
+      }
+    }
+    std::size_t seen = 0;
+    detail::for_each_tensor(
+        w, [&](const std::string& name, const matrix&) { seen += rank_checked(name, 2); },
+        [&](const std::string& name, const vector&) { seen += rank_checked(name, 1); });
+    const auto names = st_.names();
+    if (seen != names.size()) {
+      for (const auto& t : names) {
+        bool expected = false;
+        detail::for_each_tensor(
+            w, [&](const std::string& n, const matrix&) { expected |= n == t; }, [&](const std::string& n, const vector&) { expected |= n == t; });
+        if (!expected) throw format_error(cat(st_.file(t), ": unexpected tensor '", t, "' (not described by ", file, ")"));
+      }
+    }
+  }
+
+  const model::config& config() const { return skeleton_.config; }
+
+  /// The model without its layers: config, embedding, final norm, classifier
+  /// (F32) and the stored weight type.
+  model::weights globals() const {
+    model::weights w;
+    w.config = skeleton_.config;
+    w.weight_dtype = skeleton_.weight_dtype;
+    const auto read_tensor = [this](const std::string& name, auto& t) { read(name, t); };
+    detail::for_each_global_tensor(w, read_tensor, read_tensor);
+    try {
+      model::validate_globals(w);
+    } catch (const error& e) {
+      throw format_error(detail::cat(dir_, ": ", e.what()));
+    }
+    return w;
+  }
+
+  /// Layer `li` in F32, checked against the config.
+  model::layer layer(index_t li) const {
+    model::layer l = skeleton_.layers[std::size_t(li)];
+    const auto read_tensor = [this](const std::string& name, auto& t) { read(name, t); };
+    detail::for_each_layer_tensor(std::size_t(li), l, read_tensor, read_tensor);
+    try {
+      model::validate(skeleton_.config, l, std::size_t(li));
+    } catch (const error& e) {
+      throw format_error(detail::cat(dir_, ": ", e.what()));
+    }
+    return l;
+  }
+
+  /// See safetensors_checkpoint::release.
+  void release() const { st_.release(); }
+
+ private:
+  std::size_t rank_checked(const std::string& name, std::size_t rank) const {
+    const auto& info = st_.info(name);
+    if (info.shape.size() != rank)
+      throw shape_error(detail::cat(st_.file(name), ": tensor '", name, "' has ", info.shape.size(), " dimensions, expected ", rank));
+    return 1;
+  }
+  // The shapes are the file's; validation compares them with the config.
+  void read(const std::string& name, matrix& m) const {
+    const auto& s = st_.info(name).shape;
+    m = st_.read_matrix(name, index_t(s[0]), index_t(s[1]));
+  }
+  void read(const std::string& name, vector& v) const { v = st_.read_vector(name, index_t(st_.info(name).shape[0])); }
+
+  std::string dir_;
+  nlohmann::json manifest_;  ///< read before the tensors are mapped: a directory without one is refused for that
+  safetensors_checkpoint st_;
+  model::weights skeleton_;  ///< shapes-only: placeholders mark the optional tensors that exist
+};
 
 /// Loads a native model directory. Every tensor must be present with exactly
 /// the shape the description implies and no tensor may be left over; the
 /// model is returned only when complete and valid.
 inline model::weights load_native(const std::string& dir) {
-  using detail::cat;
-  const auto file = (std::filesystem::path(dir) / native_manifest).string();
-  const auto j = read_native_manifest(dir);
-  const detail::manifest_reader r(file);
-  if (r.get<std::string>(j, "format", "manifest") != "moeforge") r.fail("format must be 'moeforge'");
-  if (const int v = r.get<int>(j, "version", "manifest"); v != native_version)
-    r.fail(cat("version ", v, " is not supported (this build reads version ", native_version, ")"));
-
-  model::weights w;
-  w.config = detail::parse_config(r, r.at(j, "config", "manifest"));
-  const auto& layers = r.array(j, "layers", "manifest");
-  if (index_t(layers.size()) != w.config.n_layers)
-    r.fail(cat("describes ", layers.size(), " layers, config.n_layers is ", w.config.n_layers));
-  for (std::size_t i = 0; i < layers.size(); ++i) w.layers.push_back(detail::layer_skeleton(r, layers[i], cat("layers[", i, "]")));
-
-  // One model.safetensors, or shards with an index (streamed conversions).
-  const safetensors_checkpoint st(dir);
-  w.weight_dtype = st.weight_dtype();
-  std::size_t seen = 0;
-  auto shape_of = [&](const std::string& name, std::size_t rank) {
-    const auto& info = st.info(name);
-    if (info.shape.size() != rank)
-      throw shape_error(cat(st.file(name), ": tensor '", name, "' has ", info.shape.size(), " dimensions, expected ", rank));
-    ++seen;
-    return info.shape;
-  };
-  // Attention biases are optional; the file says whether they exist.
-  for (std::size_t i = 0; i < w.layers.size(); ++i) {
-    auto& l = w.layers[i];
-    const std::string p = cat("layers.", i);
-    for (auto [name, bias] : {std::pair{".bq", &l.bq}, std::pair{".bk", &l.bk}, std::pair{".bv", &l.bv}})
-      if (st.contains(p + name)) bias->resize(1);
-    // So are a fitted router's bias and a quadratic router's projection (rank 0 without).
-    if (auto* m = std::get_if<moe_layer>(&l.ffn)) {
-      if (m->router.fitted() && st.contains(p + ".moe.router.bias")) m->router.bias.resize(1);
-      if (m->router.kind == router_kind::quadratic_topk && st.contains(p + ".moe.router.projection")) m->router.projection.resize(1, 1);
-    }
-  }
-  detail::for_each_tensor(
-      w,
-      [&](const std::string& name, matrix& m) {
-        const auto s = shape_of(name, 2);
-        m = st.read_matrix(name, index_t(s[0]), index_t(s[1]));
-      },
-      [&](const std::string& name, vector& v) {
-        const auto s = shape_of(name, 1);
-        v = st.read_vector(name, index_t(s[0]));
-      });
-  const auto names = st.names();
-  if (seen != names.size()) {
-    for (const auto& t : names) {
-      bool expected = false;
-      detail::for_each_tensor(
-          w, [&](const std::string& n, const matrix&) { expected |= n == t; }, [&](const std::string& n, const vector&) { expected |= n == t; });
-      if (!expected) throw format_error(cat(st.file(t), ": unexpected tensor '", t, "' (not described by ", file, ")"));
-    }
-  }
+  const native_layers src(dir);
+  model::weights w = src.globals();
+  for (index_t li = 0; li < w.config.n_layers; ++li) w.layers.push_back(src.layer(li));
   try {
     model::validate(w);
   } catch (const error& e) {
-    throw format_error(cat(dir, ": ", e.what()));
+    throw format_error(detail::cat(dir, ": ", e.what()));
   }
   return w;
 }

@@ -23,6 +23,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moeforge/core/memory.hpp"
 #include "moeforge/core/tensor.hpp"
 
 namespace moeforge::io {
@@ -213,6 +214,7 @@ class safetensors_file {
   matrix read_matrix(const std::string& name, index_t rows, index_t cols) const {
     require_shape(name, {rows, cols});
     matrix m(rows, cols);
+    moeforge::detail::advise_huge_pages(m.data(), std::size_t(m.size()) * sizeof(float));
     read_rows(name, 0, std::size_t(m.size()), m.data());
     return m;
   }

@@ -62,19 +62,20 @@ inline double window_nll(const transformer& tr, const std::vector<std::int32_t>&
 /// (ctx <= 0: the model's context). `max_windows` > 0 scores only the first ones.
 inline perplexity_result perplexity(const transformer& tr, const std::vector<std::int32_t>& stream, index_t ctx = 0,
                                     index_t max_windows = 0) {
-  if (ctx <= 0) ctx = tr.model().config.seq_len;
-  if (ctx > tr.model().config.seq_len)
-    throw config_error(detail::cat("perplexity: ctx = ", ctx, " exceeds the model's context of ", tr.model().config.seq_len));
+  if (ctx <= 0) ctx = tr.config().seq_len;
+  if (ctx > tr.config().seq_len)
+    throw config_error(detail::cat("perplexity: ctx = ", ctx, " exceeds the model's context of ", tr.config().seq_len));
   auto windows = make_windows(stream, ctx);
   if (max_windows > 0 && index_t(windows.size()) > max_windows) windows.resize(std::size_t(max_windows));
   if (windows.empty()) throw config_error("perplexity: the text has fewer than 2 tokens");
   std::vector<double> nll(windows.size());
-  const std::size_t layers = std::size_t(tr.model().config.n_layers);
+  const std::size_t layers = std::size_t(tr.config().n_layers);
   std::vector<std::vector<runtime::route_stats>> work(windows.size(), std::vector<runtime::route_stats>(layers));
   const auto t0 = std::chrono::steady_clock::now();
   // Windows are independent: one per thread, summed in window order afterwards
-  // so the total does not depend on the thread count.
-#pragma omp parallel for schedule(dynamic, 1)
+  // so the total does not depend on the thread count. A collective model
+  // (expert parallelism) runs them one at a time, in the same order on every process.
+#pragma omp parallel for schedule(dynamic, 1) if (!tr.collective())
   for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(windows.size()); ++i)
     nll[std::size_t(i)] = window_nll(tr, windows[std::size_t(i)], &work[std::size_t(i)]);
   perplexity_result r;
@@ -108,7 +109,7 @@ inline std::vector<std::int32_t> synthetic_tokens(const config& c, index_t count
 /// generation would), best of `reps` runs after one warm-up run. `times`,
 /// when given, receives the stage times of the best run.
 inline double prefill_tokens_per_second(const transformer& tr, index_t tokens, int reps = 3, stage_times* times = nullptr) {
-  const auto& c = tr.model().config;
+  const auto& c = tr.config();
   if (tokens < 1 || tokens > c.seq_len)
     throw config_error(detail::cat("prefill speed: ", tokens, " tokens, expected 1..", c.seq_len, " (the model's context)"));
   const auto ids = synthetic_tokens(c, tokens);
@@ -134,7 +135,7 @@ inline double prefill_tokens_per_second(const transformer& tr, index_t tokens, i
 /// two untimed steps, tokens/s over `steps` greedy steps (fewer when the
 /// context runs out; at least one). `times` receives the timed steps' stage times.
 inline double decode_tokens_per_second(const transformer& tr, index_t steps, index_t context = 0, stage_times* times = nullptr) {
-  const auto& c = tr.model().config;
+  const auto& c = tr.config();
   constexpr index_t warmup = 2;
   if (context < 0 || context + warmup + 1 > c.seq_len)
     throw config_error(detail::cat("decode speed: context ", context, " leaves no room for a decode step in the model's context of ", c.seq_len));

@@ -66,8 +66,8 @@ class sampler {
 /// every token, prompt included.
 inline std::vector<std::int32_t> generate(const transformer& tr, std::vector<std::int32_t> prompt, index_t steps,
                                           const sampling_options& opt) {
-  const index_t limit = std::min<index_t>(steps, tr.model().config.seq_len);
-  if (prompt.empty()) prompt.push_back(tr.model().config.bos_token);
+  const index_t limit = std::min<index_t>(steps, tr.config().seq_len);
+  if (prompt.empty()) prompt.push_back(tr.config().bos_token);
   if (index_t(prompt.size()) > limit)
     throw config_error(detail::cat("generate: the prompt has ", prompt.size(), " tokens, more than the ", limit, " positions allowed"));
   sampler pick(opt);
@@ -79,7 +79,7 @@ inline std::vector<std::int32_t> generate(const transformer& tr, std::vector<std
   // Positions 0..limit-1 are fed; the token at position `limit` is the last one produced.
   while (true) {
     const std::int32_t next = pick.next(logits.row(0));
-    if (next == tr.model().config.bos_token) break;
+    if (next == tr.config().bos_token) break;
     out.push_back(next);
     if (index_t(out.size()) > limit) break;
     logits = tr.forward({next}, cache, last_only);

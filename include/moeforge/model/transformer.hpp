@@ -53,105 +53,167 @@ struct forward_options {
   stage_times* times = nullptr;
 };
 
-/// Throws shape_error / config_error naming the part of the model that does
-/// not fit its config.
-inline void validate(const weights& w) {
-  const auto& c = w.config;
+/// Throws config_error unless the config describes a model the forward pass runs.
+inline void validate(const config& c) {
   using moeforge::detail::cat;
-  using moeforge::detail::require_shape;
   if (c.dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 || c.vocab_size <= 0 || c.seq_len <= 0)
     throw config_error("model config: dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size and seq_len must be positive");
   if (c.n_heads % c.n_kv_heads != 0)
     throw config_error(cat("model config: n_heads ", c.n_heads, " is not a multiple of n_kv_heads ", c.n_kv_heads));
   if (c.head_dim % 2 != 0) throw config_error(cat("model config: head_dim ", c.head_dim, " must be even for RoPE"));
-  if (index_t(w.layers.size()) != c.n_layers)
-    throw shape_error(cat("model: ", w.layers.size(), " layers, config says ", c.n_layers));
-  require_shape(w.tok_emb, c.vocab_size, c.dim, "model.tok_emb");
-  require_shape(w.final_norm, c.dim, 1, "model.final_norm");
-  if (!c.tied_embeddings) require_shape(w.lm_head, c.vocab_size, c.dim, "model.lm_head");
+}
+
+/// Throws shape_error / config_error naming the part of layer `i` that does
+/// not fit the config.
+inline void validate(const config& c, const layer& l, std::size_t i) {
+  using moeforge::detail::cat;
+  using moeforge::detail::require_shape;
   const index_t q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
-  for (std::size_t i = 0; i < w.layers.size(); ++i) {
-    const auto& l = w.layers[i];
-    const std::string name = cat("model.layers[", i, "]");
-    require_shape(l.attn_norm, c.dim, 1, name + ".attn_norm");
-    require_shape(l.ffn_norm, c.dim, 1, name + ".ffn_norm");
-    require_shape(l.wq, q, c.dim, name + ".wq");
-    require_shape(l.wk, kv, c.dim, name + ".wk");
-    require_shape(l.wv, kv, c.dim, name + ".wv");
-    require_shape(l.wo, c.dim, q, name + ".wo");
-    if (l.bq.size()) require_shape(l.bq, q, 1, name + ".bq");
-    if (l.bk.size()) require_shape(l.bk, kv, 1, name + ".bk");
-    if (l.bv.size()) require_shape(l.bv, kv, 1, name + ".bv");
-    if (const auto* f = std::get_if<ffn>(&l.ffn))
-      moeforge::validate(*f, name + ".ffn", c.dim);
-    else {
-      const auto& m = std::get<moe_layer>(l.ffn);
-      moeforge::validate(m, name + ".moe");
-      if (m.hidden() != c.dim) throw shape_error(cat(name, ".moe: hidden size ", m.hidden(), ", expected ", c.dim));
-    }
+  const std::string name = cat("model.layers[", i, "]");
+  require_shape(l.attn_norm, c.dim, 1, name + ".attn_norm");
+  require_shape(l.ffn_norm, c.dim, 1, name + ".ffn_norm");
+  require_shape(l.wq, q, c.dim, name + ".wq");
+  require_shape(l.wk, kv, c.dim, name + ".wk");
+  require_shape(l.wv, kv, c.dim, name + ".wv");
+  require_shape(l.wo, c.dim, q, name + ".wo");
+  if (l.bq.size()) require_shape(l.bq, q, 1, name + ".bq");
+  if (l.bk.size()) require_shape(l.bk, kv, 1, name + ".bk");
+  if (l.bv.size()) require_shape(l.bv, kv, 1, name + ".bv");
+  if (const auto* f = std::get_if<ffn>(&l.ffn))
+    moeforge::validate(*f, name + ".ffn", c.dim);
+  else {
+    const auto& m = std::get<moe_layer>(l.ffn);
+    moeforge::validate(m, name + ".moe");
+    if (m.hidden() != c.dim) throw shape_error(cat(name, ".moe: hidden size ", m.hidden(), ", expected ", c.dim));
   }
+}
+
+/// The config and the tensors outside the layers (embedding, final norm, classifier).
+inline void validate_globals(const weights& w) {
+  const auto& c = w.config;
+  validate(c);
+  moeforge::detail::require_shape(w.tok_emb, c.vocab_size, c.dim, "model.tok_emb");
+  moeforge::detail::require_shape(w.final_norm, c.dim, 1, "model.final_norm");
+  if (!c.tied_embeddings) moeforge::detail::require_shape(w.lm_head, c.vocab_size, c.dim, "model.lm_head");
+}
+
+/// Throws shape_error / config_error naming the part of the model that does
+/// not fit its config.
+inline void validate(const weights& w) {
+  validate_globals(w);
+  if (index_t(w.layers.size()) != w.config.n_layers)
+    throw shape_error(moeforge::detail::cat("model: ", w.layers.size(), " layers, config says ", w.config.n_layers));
+  for (std::size_t i = 0; i < w.layers.size(); ++i) validate(w.config, w.layers[i], i);
 }
 
 /// Runs a model. Given an lvalue it holds a reference to the weights: they
 /// must outlive it, and a caller may replace a layer's FFN between calls
-/// (calibration does). Given an rvalue it owns the weights, which nobody can
-/// edit any more, and so runs every FFN, attention projection and the
-/// classifier prepared (weights packed once into the kernel's panels, in
-/// `format`: by default the type the weights were stored in) without any risk
-/// of stale panels. In F32 the results are bit-identical to the lvalue
-/// form's; in BF16 they are those of the weights rounded to BF16 (exactly so
-/// when they were stored in BF16), with the tokens of many-token products
-/// rounded too unless the format says otherwise (runtime::detail::weight_format).
-/// The plain weights are kept beside the panels.
+/// (calibration does). Given an rvalue (or its layers one at a time, see
+/// layer_source) it owns the weights, which nobody can edit any more, and so
+/// runs every FFN, attention projection, the classifier and the embedding
+/// prepared (weights packed once into the kernel's panels, in `format`: by
+/// default the type the weights were stored in) without any risk of stale
+/// panels. In F32 the results are bit-identical to the lvalue form's; in BF16
+/// they are those of the weights rounded to BF16 (exactly so when they were
+/// stored in BF16), with the tokens of many-token products rounded too unless
+/// the format says otherwise (runtime::detail::weight_format). An owning
+/// transformer releases each plain matrix once it is packed, so the weights
+/// are resident once, in the run dtype: model() then throws, and structure()
+/// shows what is left (config, norms, biases, routers, FFN shapes).
 class transformer {
  public:
+  /// Hands an owning transformer layer `li`; called once per layer, in order.
+  using layer_source = std::function<layer(index_t li)>;
+
+  /// Runs MoE layers outside the transformer (expert parallelism,
+  /// distributed/): `run` overwrites out [T, H] with the FFN of MoE layer
+  /// `layer` (as structure() holds it) for the tokens `sel` routes. The
+  /// transformer routes, reports on_route and keeps the layer's skeleton,
+  /// but never packs its FFN. `collective`: every forward pass is a
+  /// collective call the processes must make in the same order, one at a
+  /// time, so callers must not run passes side by side (see collective()).
+  struct external_moe {
+    std::vector<bool> layers;  ///< per layer: `run` answers for it
+    std::function<void(index_t layer, const moe_layer& m, const runtime::selection& sel, const_matrix_ref ffn_input, matrix_ref out)> run;
+    bool collective;  // no initializer: an aggregate the constructors' default arguments can build
+  };
+
   explicit transformer(weights&& w, std::optional<runtime::detail::weight_format> format = std::nullopt)
-      : transformer(std::make_unique<const weights>(std::move(w))) {
-    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(w_.weight_dtype));
-    const auto pack = [t](const matrix& m) { return runtime::detail::panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols(), {}, t); };
+      : transformer(std::move(w), external_moe{}, format) {}
+
+  /// An owning transformer whose MoE layers in `external.layers` `external.run` runs.
+  transformer(weights&& w, external_moe external, std::optional<runtime::detail::weight_format> format = std::nullopt)
+      : transformer(without_layers(w), [&w](index_t li) { return std::move(w.layers[std::size_t(li)]); }, format, std::move(external)) {}
+
+  /// An owning transformer built one layer at a time: `globals` holds the
+  /// config, embedding, final norm, classifier and weight_dtype (no layers),
+  /// and each layer from `next_layer` is validated, packed and released before
+  /// the next is asked for, so building holds the packed model plus one
+  /// layer's plain matrices (how io::load_transformer loads a BF16 model that
+  /// does not fit in memory in F32). The result is the same as
+  /// transformer(weights&&) on the whole model.
+  transformer(weights&& globals, const layer_source& next_layer, std::optional<runtime::detail::weight_format> format = std::nullopt,
+              external_moe external = {})
+      : owned_(std::make_unique<weights>(std::move(globals))), w_(*owned_), external_(std::move(external)) {
+    using moeforge::detail::cat;
+    weights& w = *owned_;
+    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(w.weight_dtype));
     if (t.type != dtype::f32 && t.type != dtype::bf16)  // checked here: no exception may leave the parallel loop
-      throw config_error(moeforge::detail::cat("transformer: weights as ", dtype_name(t.type), " are not supported (F32 or BF16)"));
-    // Layers pack side by side (packing only moves and rounds values, so the
-    // panels are the same whoever packs them): loading is memory-bound.
-    const index_t n = index_t(w_.layers.size());
+      throw config_error(cat("transformer: weights as ", dtype_name(t.type), " are not supported (F32 or BF16)"));
+    if (!w.layers.empty()) throw config_error("transformer: the layers come from the layer source; the globals must hold none");
+    validate_globals(w);
+    if (!external_.layers.empty() && (index_t(external_.layers.size()) != w.config.n_layers || !external_.run))
+      throw config_error(cat("transformer: the external MoE runner covers ", external_.layers.size(), " layers, the model has ", w.config.n_layers));
+    make_rope_tables();
+    const auto pack = [](const matrix& m, dtype type) { return runtime::detail::panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols(), {}, type); };
+    // The embedding is read from panels too, in the stored type (exact): the
+    // classifier's when tied and they hold the same values.
+    const bool shared_embedding = w.config.tied_embeddings && (t.type == dtype::f32 || w.weight_dtype == dtype::bf16);
+    pack_in_parallel({[&] { classifier_ = runtime::detail::panel_matrix(w.classifier().data(), w.classifier().outerStride(), w.classifier().rows(),
+                                                                         w.classifier().cols(), {}, t); },
+                      [&] { if (!shared_embedding) embedding_ = pack(w.tok_emb, w.weight_dtype); }});
+    w.tok_emb = matrix();
+    w.lm_head = matrix();
+    const index_t n = w.config.n_layers;
     packed_.resize(std::size_t(n));
     attention_.resize(std::size_t(n));
-    std::exception_ptr failed;  // (bad_alloc on a big model): rethrown once the loop is over
-#pragma omp parallel for schedule(dynamic, 1)
-    for (index_t i = 0; i <= n; ++i) {
-      try {
-        if (i == n) {
-          classifier_ = pack(w_.classifier());
-          continue;
-        }
-        const auto& l = w_.layers[std::size_t(i)];
-        if (const auto* f = std::get_if<ffn>(&l.ffn))
-          packed_[std::size_t(i)] = {{}, {runtime::detail::pack_ffn(*f, {}, t)}};
-        else
-          packed_[std::size_t(i)] = runtime::detail::pack_layer(std::get<moe_layer>(l.ffn), t);
-        attention_[std::size_t(i)] = {pack(l.wq), pack(l.wk), pack(l.wv), pack(l.wo)};
-      } catch (...) {
-#pragma omp critical(moeforge_transformer_pack)
-        if (!failed) failed = std::current_exception();
+    w.layers.reserve(std::size_t(n));
+    for (index_t li = 0; li < n; ++li) {
+      layer l = next_layer(li);
+      validate(w.config, l, std::size_t(li));
+      if (runs_externally(li)) {
+        const auto* m = std::get_if<moe_layer>(&l.ffn);
+        if (!m || m->router.kind == router_kind::oracle)
+          throw config_error(cat("transformer: layer ", li, " is not an MoE layer with a learned router, which the external runner needs"));
       }
+      pack_layer(l, li, t);
+      release(l);
+      w.layers.push_back(std::move(l));
     }
-    if (failed) std::rethrow_exception(failed);
-  }
-  explicit transformer(const weights& w) : w_(w) {
-    validate(w);
-    const auto& c = w.config;
-    const index_t half = c.head_dim / 2;
-    cos_.resize(c.seq_len, half);
-    sin_.resize(c.seq_len, half);
-    for (index_t p = 0; p < c.seq_len; ++p)
-      for (index_t j = 0; j < half; ++j) {
-        const double angle = double(p) * std::pow(double(c.rope_theta), -2.0 * double(j) / double(c.head_dim));
-        cos_(p, j) = float(std::cos(angle));
-        sin_(p, j) = float(std::sin(angle));
-      }
   }
 
-  const weights& model() const { return w_; }
+  explicit transformer(const weights& w) : w_(w) {
+    validate(w);
+    make_rope_tables();
+  }
+
+  /// The plain weights (of an lvalue-made transformer; an owning one released
+  /// them: config() and structure() say what is left).
+  const weights& model() const {
+    if (prepared())
+      throw config_error("transformer::model(): an owning transformer released its plain weights once packed; use config() or structure()");
+    return w_;
+  }
+  const model::config& config() const { return w_.config; }
+  /// The weights as far as they are held: all of them for an lvalue-made
+  /// transformer; for an owning one the config, norms, attention biases,
+  /// routers, novices and compensation, with every weight matrix empty and each
+  /// FFN's shape in ffn::released (layers with an oracle router keep their experts).
+  const weights& structure() const { return w_; }
+
+  /// True when forward passes are collective (external_moe::collective):
+  /// run them one at a time, in the same order on every process.
+  bool collective() const { return external_.collective; }
 
   /// An empty cache. It grows with the positions fed to it (doubling, up to
   /// the context), so a model whose context is 128k costs nothing until used.
@@ -181,7 +243,10 @@ class transformer {
     for (index_t t = 0; t < n; ++t) {
       const auto id = tokens[std::size_t(t)];
       if (id < 0 || id >= c.vocab_size) throw config_error(cat("forward: token ", id, " at ", t, " is outside the vocabulary of ", c.vocab_size));
-      x.row(t) = w_.tok_emb.row(id);
+      if (prepared())
+        embedding().row_values(id, 0, c.dim, x.row(t).data());
+      else
+        x.row(t) = w_.tok_emb.row(id);
     }
     if (n == 0) return matrix(0, c.vocab_size);
     clock.lap(&stage_times::head);
@@ -236,7 +301,10 @@ class transformer {
       const auto& m = std::get<moe_layer>(l.ffn);
       const runtime::selection sel = runtime::select(m, xb);
       if (opt.on_route) opt.on_route(li, runtime::count_work(m, sel));
-      runtime::detail::moe_forward_packed(m, packed, runtime::make_plan(m, sel, xb), xb, y);
+      if (runs_externally(li))
+        external_.run(li, m, sel, xb, y);
+      else
+        runtime::detail::moe_forward_packed(m, packed, runtime::make_plan(m, sel, xb), xb, y);
     }
     x += y;
     return true;
@@ -369,20 +437,114 @@ class transformer {
     out = project(&attention_panels::wo, l.wo, att);
   }
 
-  explicit transformer(std::unique_ptr<const weights> owned) : transformer(*owned) { owned_ = std::move(owned); }
+  /// w's config, globals and weight type, without its layers (which must be as many as the config says).
+  static weights without_layers(weights& w) {
+    if (index_t(w.layers.size()) != w.config.n_layers)
+      throw shape_error(moeforge::detail::cat("model: ", w.layers.size(), " layers, config says ", w.config.n_layers));
+    weights g;
+    g.config = w.config;
+    g.tok_emb = std::move(w.tok_emb);
+    g.final_norm = std::move(w.final_norm);
+    g.lm_head = std::move(w.lm_head);
+    g.weight_dtype = w.weight_dtype;
+    return g;
+  }
 
-  std::unique_ptr<const weights> owned_;  ///< the weights when the transformer owns them
+  void make_rope_tables() {
+    const auto& c = w_.config;
+    const index_t half = c.head_dim / 2;
+    cos_.resize(c.seq_len, half);
+    sin_.resize(c.seq_len, half);
+    for (index_t p = 0; p < c.seq_len; ++p)
+      for (index_t j = 0; j < half; ++j) {
+        const double angle = double(p) * std::pow(double(c.rope_theta), -2.0 * double(j) / double(c.head_dim));
+        cos_(p, j) = float(std::cos(angle));
+        sin_(p, j) = float(std::sin(angle));
+      }
+  }
+
+  /// Runs the packing tasks side by side (packing only moves and rounds
+  /// values, so the panels are the same whoever packs them: loading is
+  /// memory-bound); the first exception (bad_alloc on a big model) is
+  /// rethrown once the loop is over.
+  static void pack_in_parallel(const std::vector<std::function<void()>>& tasks) {
+    std::exception_ptr failed;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(tasks.size()); ++i) {
+      try {
+        tasks[std::size_t(i)]();
+      } catch (...) {
+#pragma omp critical(moeforge_transformer_pack)
+        if (!failed) failed = std::current_exception();
+      }
+    }
+    if (failed) std::rethrow_exception(failed);
+  }
+
+  /// Packs layer li's attention projections and FFN into its panels: one
+  /// task per matrix, per routed expert.
+  void pack_layer(const layer& l, index_t li, runtime::detail::weight_format t) {
+    using runtime::detail::panel_matrix;
+    std::vector<std::function<void()>> tasks;
+    const auto matrix_task = [&](panel_matrix& out, const matrix& m) {
+      tasks.push_back([&out, &m, t] { out = panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols(), {}, t); });
+    };
+    // An FFN without cuts, matrix by matrix: runtime::detail::pack_ffn(f, {}, t).
+    const auto ffn_tasks = [&](runtime::detail::packed_ffn& out, const ffn& f) {
+      out.act = f.act;
+      if (f.gated()) matrix_task(out.gate, f.gate);
+      matrix_task(out.up, f.up);
+      matrix_task(out.down, f.down);
+    };
+    auto& a = attention_[std::size_t(li)];
+    matrix_task(a.wq, l.wq);
+    matrix_task(a.wk, l.wk);
+    matrix_task(a.wv, l.wv);
+    matrix_task(a.wo, l.wo);
+    auto& p = packed_[std::size_t(li)];
+    if (const auto* f = std::get_if<ffn>(&l.ffn)) {
+      p.shared.resize(1);
+      ffn_tasks(p.shared[0], *f);
+    } else if (!runs_externally(li)) {  // an external runner holds the layer's experts
+      const auto& m = std::get<moe_layer>(l.ffn);
+      p.experts.resize(m.experts.size());
+      p.shared.resize(m.shared.size());
+      for (std::size_t e = 0; e < m.experts.size(); ++e)
+        tasks.push_back([&p, &m, e, t] { p.experts[e] = runtime::detail::pack_expert(m, e, t); });
+      for (std::size_t s = 0; s < m.shared.size(); ++s) ffn_tasks(p.shared[s], m.shared[s].weights);
+    }
+    pack_in_parallel(tasks);
+  }
+
+  /// Frees a packed layer's plain matrices. An oracle router computes every
+  /// expert from its plain weights, so those stay.
+  static void release(layer& l) {
+    for (matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) *m = matrix();
+    if (auto* f = std::get_if<ffn>(&l.ffn)) return moeforge::release(*f);
+    auto& m = std::get<moe_layer>(l.ffn);
+    if (m.router.kind != router_kind::oracle)
+      for (auto& e : m.experts)
+        if (!e.is_novice()) moeforge::release(e.weights);
+    for (auto& s : m.shared) moeforge::release(s.weights);
+  }
+
+  const runtime::detail::panel_matrix& embedding() const { return embedding_.rows() ? embedding_ : classifier_; }
+
+  std::unique_ptr<weights> owned_;  ///< the weights when the transformer owns them (matrices released once packed)
   const weights& w_;
   /// A layer's attention projections as panels.
   struct attention_panels {
     runtime::detail::panel_matrix wq, wk, wv, wo;
   };
   bool prepared() const { return owned_ != nullptr; }
+  bool runs_externally(index_t li) const { return !external_.layers.empty() && external_.layers[std::size_t(li)]; }
 
   std::vector<runtime::detail::packed_layer> packed_;  ///< per layer, when owned: the FFN's panels
   std::vector<attention_panels> attention_;            ///< per layer, when owned
   runtime::detail::panel_matrix classifier_;           ///< when owned
+  runtime::detail::panel_matrix embedding_;            ///< when owned, in the stored dtype; empty when the classifier's serve
   matrix cos_, sin_;  ///< [seq_len, head_dim/2] RoPE tables
+  external_moe external_{};
 };
 
 }  // namespace moeforge::model

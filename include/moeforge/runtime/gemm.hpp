@@ -13,11 +13,13 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include "moeforge/core/tensor.hpp"
+#include "moeforge/core/memory.hpp"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -156,22 +158,21 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* b, float* c, bool f
 #endif
 }
 
+/// Calls kernel(std::integral_constant<int, M>{}) with M = rows for rows in
+/// 1..Max (Max beyond): a micro-kernel unrolled over its token rows, picked
+/// at run time for the last, partial block.
+template <int Max, class Kernel>
+inline void with_rows(index_t rows, Kernel&& kernel) {
+  if constexpr (Max > 1)
+    if (rows < Max) return with_rows<Max - 1>(rows, kernel);
+  kernel(std::integral_constant<int, Max>{});
+}
+
 /// micro_kernel_rows for the first `rows` (1..MR) token rows.
 template <class Tokens, class W>
 inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool first, index_t rows = gemm_mr,
                                 const W* pf = nullptr) {
-  switch (rows) {
-    case 1: return micro_kernel_rows<1>(kl, a, b, c, first, pf);
-    case 2: return micro_kernel_rows<2>(kl, a, b, c, first, pf);
-    case 3: return micro_kernel_rows<3>(kl, a, b, c, first, pf);
-    case 4: return micro_kernel_rows<4>(kl, a, b, c, first, pf);
-    case 5: return micro_kernel_rows<5>(kl, a, b, c, first, pf);
-#if defined(__AVX512F__)
-    case 6: return micro_kernel_rows<6>(kl, a, b, c, first, pf);
-    case 7: return micro_kernel_rows<7>(kl, a, b, c, first, pf);
-#endif
-    default: return micro_kernel_rows<int(gemm_mr)>(kl, a, b, c, first, pf);
-  }
+  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value>(kl, a, b, c, first, pf); });
 }
 /// The micro-kernel on a packed token panel a[k][MR].
 inline void micro_kernel(index_t kl, const float* a, const float* b, float* c, bool first, index_t rows = gemm_mr) {
@@ -379,7 +380,7 @@ class panel_matrix {
   dtype type_ = dtype::f32;
   bool dot_ = false;
   std::vector<index_t> starts_, first_panel_;
-  std::vector<unsigned char, Eigen::aligned_allocator<unsigned char>> data_;  ///< the values, as type_
+  std::vector<unsigned char, moeforge::detail::huge_page_allocator<unsigned char>> data_;  ///< the values, as type_
 };
 
 /// A panel's depth slice as the micro-kernel reads it: F32 or BF16 values.
@@ -489,16 +490,7 @@ inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bflo
 }
 
 inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows) {
-  switch (rows) {
-    case 1: return micro_kernel_dot_rows<1>(kl, a, b, c, first);
-    case 2: return micro_kernel_dot_rows<2>(kl, a, b, c, first);
-    case 3: return micro_kernel_dot_rows<3>(kl, a, b, c, first);
-    case 4: return micro_kernel_dot_rows<4>(kl, a, b, c, first);
-    case 5: return micro_kernel_dot_rows<5>(kl, a, b, c, first);
-    case 6: return micro_kernel_dot_rows<6>(kl, a, b, c, first);
-    case 7: return micro_kernel_dot_rows<7>(kl, a, b, c, first);
-    default: return micro_kernel_dot_rows<int(gemm_mr)>(kl, a, b, c, first);
-  }
+  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value>(kl, a, b, c, first); });
 }
 #else
 inline void micro_kernel_dot(index_t, const std::uint32_t*, const bfloat16*, float*, bool, index_t) {}

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <algorithm>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -36,6 +37,7 @@ struct job {
   const ffn* weights = nullptr;
   const packed_ffn* packed = nullptr;
   const vector* novice = nullptr;
+  index_t expert = -1;  ///< the routed expert's index (-1: a shared expert or a dense FFN)
   std::vector<std::int32_t> tokens;
   std::vector<float> scale;
   std::vector<const float*> inputs;  ///< the tokens' rows of x, read in place (never gathered)
@@ -84,58 +86,123 @@ inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) 
   }
 }
 
-inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
-  if (j.novice) {
-    for (std::size_t p = 0; p < j.tokens.size(); ++p)
-      y.row(j.tokens[p]).segment(r0, rows) += j.scale[p] * j.novice->segment(r0, rows).transpose();
-    return;
-  }
-  thread_local std::vector<float> part;
-  const index_t n = index_t(j.tokens.size());
-  part.resize(std::size_t(n * rows));
-  panel_product({j.down(r0, rows)}, j.h_rows.data(), n, j.columns, part.data(), rows);
-  for (index_t p = 0; p < n; ++p)
-    y.row(j.tokens[std::size_t(p)]).segment(r0, rows) += j.scale[std::size_t(p)] * Eigen::Map<const Eigen::RowVectorXf>(part.data() + p * rows, rows);
+/// Row p of `part` (leading dimension `stride`): the down products of the
+/// job's token p over output rows [r0, r0 + rows).
+inline void down_part(const job& j, index_t r0, index_t rows, float* part, index_t stride) {
+  panel_product({j.down(r0, rows)}, j.h_rows.data(), index_t(j.tokens.size()), j.columns, part, stride);
 }
 
-/// Runs the jobs: every job's activations, then every output row chunk.
-inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
-  struct chunk {
-    std::size_t job;
-    index_t first, count;
-  };
-  std::vector<chunk> chunks;
-  double fma = 0;
+/// y's rows [r0, r0 + rows) of the job's tokens += scale · down_part (a
+/// novice adds its vector; `part` unused): the one place a job's terms join
+/// the sum.
+inline void add_part(const job& j, index_t r0, index_t rows, const float* part, index_t stride, matrix_ref y) {
+  for (std::size_t p = 0; p < j.tokens.size(); ++p) {
+    auto out = y.row(j.tokens[p]).segment(r0, rows);
+    if (j.novice)
+      out += j.scale[p] * j.novice->segment(r0, rows).transpose();
+    else
+      out += j.scale[p] * Eigen::Map<const Eigen::RowVectorXf>(part + index_t(p) * stride, rows);
+  }
+}
+
+inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
+  thread_local std::vector<float> part;
+  if (!j.novice) {
+    part.resize(j.tokens.size() * std::size_t(rows));
+    down_part(j, r0, rows, part.data(), rows);
+  }
+  add_part(j, r0, rows, part.data(), rows, y);
+}
+
+/// A phase-1 task: neurons [first, first + count) of jobs[job].
+struct activation_task {
+  std::size_t job;
+  index_t first, count;
+};
+
+/// Phase 1's tasks over the jobs `wanted(k)` selects (sizing their
+/// activations), and the multiply-adds of those jobs in `fma`.
+template <class Wanted>
+std::vector<activation_task> activation_tasks(std::vector<job>& jobs, index_t hidden, Wanted wanted, double& fma) {
+  std::vector<activation_task> tasks;
+  fma = 0;
   for (std::size_t k = 0; k < jobs.size(); ++k) {
     auto& j = jobs[k];
-    if (j.novice || j.tokens.empty()) continue;
-    fma += double(j.tokens.size()) * double(j.columns) * double(x.cols()) * (j.gated() ? 3 : 2);
+    if (j.novice || j.tokens.empty() || !wanted(k)) continue;
+    fma += double(j.tokens.size()) * double(j.columns) * double(hidden) * (j.gated() ? 3 : 2);
     j.h.resize(index_t(j.tokens.size()), j.columns);
     j.h_rows.clear();
     for (index_t p = 0; p < j.h.rows(); ++p) j.h_rows.push_back(j.h.row(p).data());
     const index_t step = neuron_chunk(index_t(j.tokens.size()));
     for (index_t i = 0; i < j.columns;) {
       const index_t end = std::min(i + step, j.chunk_limit(i));
-      chunks.push_back({k, i, end - i});
+      tasks.push_back({k, i, end - i});
       i = end;
     }
   }
+  return tasks;
+}
+
+/// The jobs' work shared with other processes (expert parallelism,
+/// distributed/): this process computes the down products of the jobs
+/// `computes` marks into `part[k]` ([tokens, H] rows), `exchange` then fills
+/// every other job's part (from the processes that computed it), and the sum
+/// adds the parts in job order, so the output is the single-process one bit
+/// for bit.
+struct job_split {
+  std::vector<char> computes;  ///< per job: this process computes it
+  std::vector<float*> part;    ///< per job: its down products; null for a novice or an empty job
+  std::function<void()> exchange;
+};
+
+/// Runs the jobs: every job's activations, then every output row chunk; with
+/// `split`, only this process's jobs, their down products into their parts,
+/// the exchange, and then the row chunks from the parts.
+inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, const job_split* split = nullptr) {
+  double fma = 0;
+  const auto chunks = activation_tasks(jobs, x.cols(), [&](std::size_t k) { return !split || split->computes[k]; }, fma);
   const index_t hidden = y.cols();
   const index_t rows_per_task = row_chunk(x.rows());
   const index_t row_tasks = (hidden + rows_per_task - 1) / rows_per_task;
+  const auto rows_of_task = [&](index_t r) { return std::min(rows_per_task, hidden - r * rows_per_task); };
+  const auto sum_rows = [&](index_t r) {
+    const index_t r0 = r * rows_per_task, rows = rows_of_task(r);
+    y.middleCols(r0, rows).setZero();
+    for (std::size_t k = 0; k < jobs.size(); ++k) {
+      if (jobs[k].tokens.empty()) continue;
+      if (!split)
+        add_rows(jobs[k], r0, rows, y);
+      else
+        add_part(jobs[k], r0, rows, split->part[k] ? split->part[k] + r0 : nullptr, hidden, y);
+    }
+  };
+  std::vector<std::size_t> mine;  // with split: the jobs whose down products this process computes
+  if (split)
+    for (std::size_t k = 0; k < jobs.size(); ++k)
+      if (split->computes[k] && split->part[k]) mine.push_back(k);
+  const std::ptrdiff_t down_tasks = std::ptrdiff_t(mine.size()) * row_tasks;
 #pragma omp parallel if (fma >= min_parallel_fma)
   {
 #pragma omp for schedule(dynamic, 1)
     for (std::ptrdiff_t c = 0; c < std::ptrdiff_t(chunks.size()); ++c)
       fill_activations(jobs[chunks[std::size_t(c)].job], x.cols(), chunks[std::size_t(c)].first, chunks[std::size_t(c)].count);
+    if (split) {
 #pragma omp for schedule(dynamic, 1)
-    for (index_t r = 0; r < row_tasks; ++r) {
-      const index_t r0 = r * rows_per_task, rows = std::min(rows_per_task, hidden - r0);
-      y.middleCols(r0, rows).setZero();
-      for (const auto& j : jobs)
-        if (!j.tokens.empty()) add_rows(j, r0, rows, y);
+      for (std::ptrdiff_t d = 0; d < down_tasks; ++d) {
+        const std::size_t k = mine[std::size_t(d / row_tasks)];
+        const index_t r = index_t(d % row_tasks);
+        down_part(jobs[k], r * rows_per_task, rows_of_task(r), split->part[k] + r * rows_per_task, hidden);
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (index_t r = 0; r < row_tasks; ++r) sum_rows(r);
     }
   }
+  if (!split) return;
+  // Outside any parallel region: only the thread that started MPI may call it.
+  split->exchange();
+#pragma omp parallel for schedule(dynamic, 1) if (fma >= min_parallel_fma)
+  for (index_t r = 0; r < row_tasks; ++r) sum_rows(r);
 }
 
 /// The jobs of routed expert `ex` (its prepared panels `packed`, or null) for
@@ -147,6 +214,7 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y) {
 /// on the E8A2 layer, for the same result).
 inline void add_expert_jobs(const routed_expert& ex, const packed_ffn* packed, const routing_plan& plan, index_t p0, index_t p1,
                             const_matrix_ref x, std::vector<job>& jobs) {
+  if (!packed) require_held(ex.weights, "moe expert");
   std::vector<index_t> cuts;
   for (index_t p = p0; p < p1; ++p) cuts.push_back(plan.width[std::size_t(p)]);
   cuts.push_back(ex.width());
@@ -172,6 +240,7 @@ inline void add_expert_jobs(const routed_expert& ex, const packed_ffn* packed, c
 }
 
 inline job whole_batch_job(const ffn& f, const packed_ffn* packed, const_matrix_ref x) {
+  if (!packed) require_held(f, "ffn");
   job j;
   j.weights = &f;
   j.packed = packed;
@@ -213,14 +282,11 @@ inline void add_compensation(const moe_layer& m, const routing_plan& plan, matri
 
 namespace detail {
 
-/// moe_forward reading each expert's weights from m's panels (`packed`), or
-/// from m itself (packed per task) when null.
-inline void moe_forward_packed(const moe_layer& m, const packed_layer* packed, const routing_plan& plan, const_matrix_ref x, matrix_ref y) {
+/// The kernel's jobs for `plan` in the order their terms are summed: shared
+/// experts, then routed experts (a novice's pairs as one job) in index order.
+/// Throws shape_error for a plan pair wider than its expert.
+inline std::vector<job> make_jobs(const moe_layer& m, const packed_layer* packed, const routing_plan& plan, const_matrix_ref x) {
   using moeforge::detail::cat;
-  detail::check_input(x, y, m.hidden(), "moe");
-  if (plan.tokens != x.rows() || plan.experts() != m.num_experts() || plan.shared_weight.size() != m.shared.size() * std::size_t(x.rows()))
-    throw shape_error(cat("moe: the routing plan was made for ", plan.tokens, " tokens and ", plan.experts(), " experts, not ",
-                          x.rows(), " and ", m.num_experts()));
   std::vector<detail::job> jobs;
   for (std::size_t s = 0; s < m.shared.size(); ++s) {
     jobs.push_back(detail::whole_batch_job(m.shared[s].weights, packed ? &packed->shared[s] : nullptr, x));
@@ -237,6 +303,7 @@ inline void moe_forward_packed(const moe_layer& m, const packed_layer* packed, c
     if (ex.is_novice()) {
       detail::job j;
       j.novice = &ex.novice;
+      j.expert = e;
       for (index_t p = p0; p < p1; ++p) {
         j.tokens.push_back(plan.token[std::size_t(p)]);
         j.scale.push_back(plan.weight[std::size_t(p)]);
@@ -244,8 +311,26 @@ inline void moe_forward_packed(const moe_layer& m, const packed_layer* packed, c
       jobs.push_back(std::move(j));
       continue;
     }
+    const std::size_t first_job = jobs.size();
     detail::add_expert_jobs(ex, packed ? &packed->experts[std::size_t(e)] : nullptr, plan, p0, p1, x, jobs);
+    for (std::size_t k = first_job; k < jobs.size(); ++k) jobs[k].expert = e;
   }
+  return jobs;
+}
+
+/// Throws shape_error unless `plan` was made for x and layer m.
+inline void check_plan(const moe_layer& m, const routing_plan& plan, const_matrix_ref x) {
+  if (plan.tokens != x.rows() || plan.experts() != m.num_experts() || plan.shared_weight.size() != m.shared.size() * std::size_t(x.rows()))
+    throw shape_error(moeforge::detail::cat("moe: the routing plan was made for ", plan.tokens, " tokens and ", plan.experts(),
+                                            " experts, not ", x.rows(), " and ", m.num_experts()));
+}
+
+/// moe_forward reading each expert's weights from m's panels (`packed`), or
+/// from m itself (packed per task) when null.
+inline void moe_forward_packed(const moe_layer& m, const packed_layer* packed, const routing_plan& plan, const_matrix_ref x, matrix_ref y) {
+  detail::check_input(x, y, m.hidden(), "moe");
+  check_plan(m, plan, x);
+  std::vector<detail::job> jobs = make_jobs(m, packed, plan, x);
   if (x.rows() == 0) return;
   detail::run_jobs(jobs, x, y);
   add_compensation(m, plan, y);

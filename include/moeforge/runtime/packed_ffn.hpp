@@ -40,13 +40,16 @@ struct packed_layer {
   std::vector<packed_ffn> experts, shared;
 };
 
+/// Routed expert e's panels in a packed_layer (a novice's are empty).
+inline packed_ffn pack_expert(const moe_layer& m, std::size_t e, weight_format format = {}) {
+  const auto& ex = m.experts[e];
+  const bool major = m.router.drop.kind == drop_kind::two_t || ex.major > 0 || !ex.parts.empty();
+  return ex.is_novice() ? packed_ffn{} : pack_ffn(ex.weights, major ? std::vector<index_t>{ex.major_width()} : std::vector<index_t>{}, format);
+}
+
 inline packed_layer pack_layer(const moe_layer& m, weight_format format = {}) {
   packed_layer p;
-  const bool two_t = m.router.drop.kind == drop_kind::two_t;
-  for (const auto& ex : m.experts) {
-    const bool major = two_t || ex.major > 0 || !ex.parts.empty();
-    p.experts.push_back(ex.is_novice() ? packed_ffn{} : pack_ffn(ex.weights, major ? std::vector<index_t>{ex.major_width()} : std::vector<index_t>{}, format));
-  }
+  for (std::size_t e = 0; e < m.experts.size(); ++e) p.experts.push_back(pack_expert(m, e, format));
   for (const auto& s : m.shared) p.shared.push_back(pack_ffn(s.weights, {}, format));
   return p;
 }

@@ -237,6 +237,30 @@ namespace detail {
 inline double neuron_cost(const ffn& f) { return f.gated() ? 3.0 : 2.0; }
 }  // namespace detail
 
+/// Contiguous placement of E experts on D groups (expert e on group ⌊e·D/E⌋).
+inline std::vector<index_t> contiguous_placement(index_t experts, index_t groups) {
+  std::vector<index_t> g(static_cast<std::size_t>(experts));
+  for (index_t e = 0; e < experts; ++e) g[std::size_t(e)] = e * groups / experts;
+  return g;
+}
+
+/// Each group's neuron products for the pairs `sel` routes (expert e in group
+/// placement[e]; novices cost nothing): every selected pair in full when
+/// `routed`, else as the drop policy left it (full, major-only or dropped).
+inline std::vector<double> group_work(const moe_layer& m, const selection& sel, const std::vector<index_t>& placement, index_t groups,
+                                      bool routed) {
+  std::vector<double> load(static_cast<std::size_t>(groups), 0.0);
+  for (std::size_t i = 0; i < sel.expert.size(); ++i) {
+    const auto& e = m.experts[std::size_t(sel.expert[i])];
+    if (e.is_novice()) continue;
+    const double c = detail::neuron_cost(e.weights);
+    const auto w = routed ? pair_work::full : sel.work[i];
+    const double neurons = w == pair_work::full ? double(e.width()) : w == pair_work::major ? double(e.major_width()) : 0.0;
+    load[std::size_t(placement[std::size_t(sel.expert[i])])] += neurons * c;
+  }
+  return load;
+}
+
 /// The work of one dense FFN over `tokens` tokens (all of it shared: nothing is routed).
 inline route_stats dense_stats(const ffn& f, index_t tokens) {
   route_stats r;
