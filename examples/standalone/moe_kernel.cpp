@@ -6,7 +6,9 @@
 #include <cstdio>
 #include <string>
 
-#include <moeforge/moeforge.hpp>
+// The kernel alone needs only its header (the umbrella moeforge.hpp brings
+// conversion and file formats too, and compiles several times slower).
+#include <moeforge/runtime/moe_ffn.hpp>
 
 int main(int argc, char** argv) try {
   using namespace moeforge;

@@ -1,6 +1,9 @@
 // Builds a two-expert MoE whose experts split one dense FFN and checks that,
 // with both experts active at unit weight, it reproduces the dense output.
-#include <moeforge/moeforge.hpp>
+// The kernel's headers, not the umbrella: the package's include path, flags
+// and link are what this checks (the examples compile the umbrella).
+#include <moeforge/runtime/dense_ffn.hpp>
+#include <moeforge/runtime/moe_ffn.hpp>
 
 #include <cstdio>
 
