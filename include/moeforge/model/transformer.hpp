@@ -165,12 +165,13 @@ class transformer {
     if (!external_.layers.empty() && (index_t(external_.layers.size()) != w.config.n_layers || !external_.run))
       throw config_error(cat("transformer: the external MoE runner covers ", external_.layers.size(), " layers, the model has ", w.config.n_layers));
     make_rope_tables();
-    const auto pack = [](const matrix& m, dtype type) { return runtime::detail::panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols(), {}, type); };
+    const auto pack = [](const matrix& m, runtime::detail::weight_format f) {
+      return runtime::detail::panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols(), {}, f);
+    };
     // The embedding is read from panels too, in the stored type (exact): the
     // classifier's when tied and they hold the same values.
     const bool shared_embedding = w.config.tied_embeddings && (t.type == dtype::f32 || w.weight_dtype == dtype::bf16);
-    pack_in_parallel({[&] { classifier_ = runtime::detail::panel_matrix(w.classifier().data(), w.classifier().outerStride(), w.classifier().rows(),
-                                                                         w.classifier().cols(), {}, t); },
+    pack_in_parallel({[&] { classifier_ = pack(w.classifier(), t); },
                       [&] { if (!shared_embedding) embedding_ = pack(w.tok_emb, w.weight_dtype); }});
     w.tok_emb = matrix();
     w.lm_head = matrix();
