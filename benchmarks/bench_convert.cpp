@@ -20,16 +20,6 @@ namespace {
 
 double peak_rss_mb() { return bench::status_mb("VmHWM:"); }
 
-/// Resets the kernel's peak-RSS mark to the current RSS, so that two
-/// conversions in one process each get their own peak; false where the
-/// kernel does not allow it (the later peak then includes the earlier one).
-bool reset_peak_rss() {
-  std::ofstream f("/proc/self/clear_refs");
-  f << "5";
-  f.close();
-  return bool(f);
-}
-
 matrix random_matrix(index_t r, index_t c, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> d(-1.0f, 1.0f);
@@ -81,7 +71,7 @@ int bench_convert(int argc, char** argv) {
   auto convert_with = [&](convert::cmoe_preset p) {
     convert::cmoe_options o = opt;
     o.fit = convert::preset_fit(p);
-    peak_reset = reset_peak_rss() && peak_reset;
+    peak_reset = bench::reset_peak_rss() && peak_reset;
     const double rss_before = peak_rss_mb();
     const auto start = std::chrono::steady_clock::now();
     const auto res = convert::cmoe(f, x, o);

@@ -70,28 +70,44 @@ int bench_ep(int argc, char** argv) {
          "ranks; prefill tokens/s of --prefill tokens, decode tokens/s of --decode-steps one-token steps, bytes every rank\n"
          "sends per token, the share of the decode time in MPI (waiting for the slowest rank included), and per rank\n"
          "its share of the expert work, compute and communication seconds and resident memory. With one rank the plain\n"
-         "single-process transformer is measured first, the baseline (`mpirun -np 1 -x OMP_NUM_THREADS=2`).");
-  a.option("shape", "NAME", "synthetic MoE shape", "mixtral-mini")
+         "single-process transformer is measured first, the baseline (`mpirun -np 1 -x OMP_NUM_THREADS=2`); the peak\n"
+         "RSS is reset (/proc/self/clear_refs) before the expert-parallel model is built, so its peak excludes the\n"
+         "baseline's (shown as 0 where the reset is refused). With --model,\n"
+         "a model directory instead, each rank reading only its own experts (and the replicated rest) from the file.");
+  a.option("model", "DIR", "a native or Hugging Face model directory (e.g. from `moeforge-bench make-model`) instead of a synthetic one")
+      .option("shape", "NAME", "synthetic MoE shape", "mixtral-mini")
+      .option("moe", "S{s}A{a}E{e}", "synthetic: a dense --shape laid out as CMoE would (s shared experts; e.g. S1A2E8)")
       .option("layers", "L", "layers of the synthetic model", "2")
       .option("dtype", "f32|bf16", "weight type the kernels read", "bf16")
       .option("decode-steps", "N", "timed decode steps", "32")
       .option("prefill", "N", "prefill tokens", "128")
       .option("seed", "N", "seed of the synthetic weights", "1")
-      .option("threshold", "T", "DualSparse 1t dropping with threshold T on every MoE layer (0: none)", "0")
+      .option("shared-experts", "auto|once|replicated",
+              "who computes each MoE layer's shared experts: its least loaded rank (once), or every rank; auto: the library's default (replicated)", "auto")
+      .option("threshold", "T", "DualSparse 1t dropping with threshold T on every MoE layer (synthetic only; 0: none)", "0")
       .flag("load-aware", "with --threshold: per-rank thresholds T·r_d (DualSparse's load-aware rule, the ranks as its groups), fitted on the prefill tokens")
       .option("json", "FILE", "also write the rows as JSON to FILE (rank 0)");
   if (!a.parse(argc, argv)) return 0;
 #if MOEFORGE_WITH_MPI
   static distributed::mpi_session mpi;
   return distributed::run_or_abort(MPI_COMM_WORLD, [&] {
-    const auto& shape = bench::find_shape(a.get("shape"));
-    if (!shape.experts) throw usage_error("moeforge-bench ep: --shape must be an MoE shape (mixtral-mini)");
     const dtype type = a.get_parsed("dtype", [](const std::string& v) { return parse_weight_dtype(v); });
+    const auto shared = a.get("shared-experts") == "auto"
+                            ? distributed::default_shared_experts
+                            : a.get_parsed("shared-experts", [](const std::string& v) { return distributed::parse_shared_experts(v); });
+    const char* shared_name = shared == distributed::shared_experts::once ? "once" : "replicated";  // what auto resolved to
     const index_t steps = a.get_int("decode-steps", 1), tokens = a.get_int("prefill", 1), layers = a.get_int("layers", 1);
     const int rank = mpi.rank(), ranks = mpi.size(), threads = omp_get_max_threads();
-    model::weights w = bench::synthetic_model(shape, layers, "", std::uint64_t(a.get_int("seed")), tokens + steps + 8);
-    auto placement = distributed::contiguous_placement(w, ranks);
     const double threshold = a.get_double("threshold", [](double t) { return t >= 0 && t <= 1; }, "in [0, 1]");
+    const bool from_file = a.has("model");
+    if (from_file && (threshold > 0 || a.has("moe"))) throw usage_error("moeforge-bench ep: --threshold and --moe apply to synthetic models, not --model");
+    const auto& shape = bench::find_shape(a.get("shape"));
+    if (!from_file && !shape.experts && !a.has("moe"))
+      throw usage_error("moeforge-bench ep: --shape must be an MoE shape (mixtral-mini), or give --moe to lay a dense one out as an MoE");
+    model::weights w = from_file ? model::weights()
+                                 : bench::synthetic_model(shape, layers, a.has("moe") ? a.get("moe") : "", std::uint64_t(a.get_int("seed")),
+                                                          tokens + steps + 8);
+    auto placement = from_file ? distributed::placement() : distributed::contiguous_placement(w, ranks, shared);
     std::vector<double> drop_before, drop_after;  // per MoE layer, on the prefill tokens
     if (threshold > 0) {
       // Every rank fits the same factors from the same tokens (no communication).
@@ -116,43 +132,57 @@ int bench_ep(int argc, char** argv) {
       for (std::size_t l = 0; l < drop_before.size(); ++l)
         std::printf("layer %zu: drop rate on the prefill tokens %.1f%% with one threshold, %.1f%% load-aware\n", l, 100 * drop_before[l], 100 * drop_after[l]);
     if (rank == 0)
-      std::printf("%s, %lld layers, %s, %d rank(s) x %d thread(s)\n%-16s %12s %11s %12s %8s %10s\n", shape.name.c_str(), (long long)layers,
-                  std::string(dtype_name(type)).c_str(), ranks, threads, "run", "prefill t/s", "decode t/s", "KB/token", "comm %", "RSS MB");
+      std::printf("%s, %s, shared experts %s, %d rank(s) x %d thread(s)\n%-16s %12s %11s %12s %8s %10s %10s\n",
+                  from_file ? a.get("model").c_str() : moeforge::detail::cat(shape.name, ", ", layers, " layers").c_str(), std::string(dtype_name(type)).c_str(),
+                  shared_name, ranks, threads, "run", "prefill t/s", "decode t/s", "KB/token", "comm %", "RSS MB", "peak MB");
     nlohmann::json rows = nlohmann::json::array();
     if (ranks == 1) {
-      const model::transformer tr(model::weights(w), type);
-      const speed s = measure(tr, tokens, steps, [] {});
-      const double rss = bench::status_mb("VmRSS:");
-      std::printf("%-16s %12.1f %11.2f %12.1f %7.1f%% %10.0f\n", "single-process", s.prefill, s.decode, 0.0, 0.0, rss);
-      rows.push_back({{"run", "single-process"}, {"ranks", 1}, {"threads", threads}, {"prefill_tok_s", s.prefill}, {"decode_tok_s", s.decode}, {"rss_mb", rss}});
+      double rss = 0;
+      const speed s = [&] {  // the baseline's memory is returned before the expert-parallel run
+        const model::transformer tr = from_file ? io::load_transformer(a.get("model"), {}, type) : model::transformer(model::weights(w), type);
+        rss = bench::status_mb("VmRSS:");
+        return measure(tr, tokens, steps, [] {});
+      }();
+      const double peak = bench::status_mb("VmHWM:");
+      std::printf("%-16s %12.1f %11.2f %12.1f %7.1f%% %10.0f %10.0f\n", "single-process", s.prefill, s.decode, 0.0, 0.0, rss, peak);
+      rows.push_back({{"run", "single-process"}, {"ranks", 1}, {"threads", threads}, {"prefill_tok_s", s.prefill}, {"decode_tok_s", s.decode},
+                      {"rss_mb", rss}, {"peak_rss_mb", peak}});
     }
-    distributed::expert_parallel ep(std::move(w), std::move(placement), MPI_COMM_WORLD, type);
+    const bool peak_valid = ranks > 1 || bench::reset_peak_rss();
+    distributed::placement_options how;
+    how.shared = shared;
+    distributed::expert_parallel ep = from_file ? distributed::expert_parallel(a.get("model"), {}, how, MPI_COMM_WORLD, type)
+                                                : distributed::expert_parallel(std::move(w), std::move(placement), MPI_COMM_WORLD, type);
     const speed s = measure(ep.model(), tokens, steps, [&] { ep.reset_stats(); });
     const auto st = ep.stats();
     const auto sent = gather(double(st.bytes_sent), ranks), work = gather(st.work, ranks), compute = gather(st.compute, ranks),
-               wait = gather(st.communicate, ranks), combine = gather(st.combine, ranks), rss = gather(bench::status_mb("VmRSS:"), ranks);
+               wait = gather(st.communicate, ranks), combine = gather(st.combine, ranks), rss = gather(bench::status_mb("VmRSS:"), ranks),
+               peak = gather(peak_valid ? bench::status_mb("VmHWM:") : 0.0, ranks);
     if (rank != 0) return 0;
-    double bytes = 0, total_work = 0, rss_max = 0;
+    double bytes = 0, total_work = 0, rss_max = 0, peak_max = 0;
     for (int r = 0; r < ranks; ++r) {
       bytes += sent[std::size_t(r)];
       total_work += work[std::size_t(r)];
       rss_max = std::max(rss_max, rss[std::size_t(r)]);
+      peak_max = std::max(peak_max, peak[std::size_t(r)]);
     }
     const double per_token = bytes / double(steps), comm = wait[0] / s.decode_seconds;
-    std::printf("%-16s %12.1f %11.2f %12.1f %7.1f%% %10.0f (max over ranks)\n", "expert-parallel", s.prefill, s.decode, per_token / 1e3, 100 * comm, rss_max);
-    std::printf("decode, per rank: %-6s %10s %10s %10s %10s %8s\n", "rank", "work %", "compute s", "comm s", "combine s", "RSS MB");
+    std::printf("%-16s %12.1f %11.2f %12.1f %7.1f%% %10.0f %10.0f (max over ranks)\n", "expert-parallel", s.prefill, s.decode, per_token / 1e3,
+                100 * comm, rss_max, peak_max);
+    std::printf("decode, per rank: %-6s %10s %10s %10s %10s %8s %8s\n", "rank", "work %", "compute s", "comm s", "combine s", "RSS MB", "peak MB");
     nlohmann::json per_rank = nlohmann::json::array();
     for (int r = 0; r < ranks; ++r) {
       const auto i = std::size_t(r);
-      std::printf("                  %-6d %9.1f%% %10.4f %10.4f %10.4f %8.0f\n", r, total_work > 0 ? 100 * work[i] / total_work : 0.0, compute[i], wait[i],
-                  combine[i], rss[i]);
-      per_rank.push_back({{"rank", r}, {"work", work[i]}, {"compute_s", compute[i]}, {"comm_s", wait[i]}, {"combine_s", combine[i]}, {"rss_mb", rss[i]}});
+      std::printf("                  %-6d %9.1f%% %10.4f %10.4f %10.4f %8.0f %8.0f\n", r, total_work > 0 ? 100 * work[i] / total_work : 0.0, compute[i],
+                  wait[i], combine[i], rss[i], peak[i]);
+      per_rank.push_back({{"rank", r}, {"work", work[i]}, {"compute_s", compute[i]}, {"comm_s", wait[i]}, {"combine_s", combine[i]}, {"rss_mb", rss[i]},
+                          {"peak_rss_mb", peak[i]}});
     }
     rows.push_back({{"run", "expert-parallel"}, {"ranks", ranks}, {"threads", threads}, {"threshold", threshold},
                     {"load_aware", a.flag_set("load-aware")}, {"drop_rate_one_threshold", drop_before}, {"drop_rate_load_aware", drop_after},
                     {"prefill_tok_s", s.prefill},
                     {"decode_tok_s", s.decode}, {"decode_bytes_sent_per_token", per_token}, {"decode_comm_share", comm},
-                    {"rss_mb_max", rss_max}, {"per_rank", per_rank}});
+                    {"shared_experts", shared_name}, {"rss_mb_max", rss_max}, {"peak_rss_mb_max", peak_max}, {"per_rank", per_rank}});
     if (a.has("json")) bench::write_json(a.get("json"), rows);
     return 0;
   });

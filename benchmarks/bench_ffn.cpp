@@ -152,7 +152,7 @@ int bench_ffn(int argc, char** argv) {
          "(weights packed once into the kernel's panels, runtime::prepare) as F32 or BF16 values (--dtype); `unpacked`\n"
          "times the same MoE layer from its plain F32 weights (panels packed per call; F32 rows only), with bit-identical\n"
          "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), both measured\n"
-         "in the same run; the peak is the FP32 FMA peak, or for BF16 rows over more than 32 tokens the BF16 dot-product\n"
+         "in the same run; the peak is the FP32 FMA peak, or for BF16 rows over more than 8 tokens the BF16 dot-product\n"
          "peak (vdpbf16ps; BF16 tokens) where the CPU has one. limit_ratio = moe_ms / limit_ms.");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
@@ -195,7 +195,7 @@ int bench_ffn(int argc, char** argv) {
     const bool f32 = type == dtype::f32;  // the unpacked and Eigen columns (plain F32 weights) only once
     const double weight_bytes = double(dtype_size(type));
     // BF16 layers multiply many tokens with vdpbf16ps where the CPU has it (weight_format), few at the FP32 peak.
-    const auto peak_for = [&](index_t tokens) { return !f32 && tokens > runtime::detail::gemm_tokens_in_place ? bf16_peak : fp32_peak; };
+    const auto peak_for = [&](index_t tokens) { return !f32 && tokens > runtime::detail::bf16_exact_tokens ? bf16_peak : fp32_peak; };
     std::mt19937 rng(1234);  // the same weights for every type
     std::vector<runtime::prepared_ffn> dense;
     const bool with_dense = std::any_of(shapes.begin(), shapes.end(), [](const moe_shape& s) { return s.split; });

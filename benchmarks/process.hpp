@@ -14,4 +14,14 @@ inline double status_mb(const std::string& field) {
   return 0.0;
 }
 
+/// Resets the kernel's peak-RSS mark (VmHWM) to the current RSS, so that a
+/// later measurement in the same process gets its own peak; false where the
+/// kernel does not allow it (the later peak then includes the earlier one).
+inline bool reset_peak_rss() {
+  std::ofstream f("/proc/self/clear_refs");
+  f << "5";
+  f.close();
+  return bool(f);
+}
+
 }  // namespace moeforge::bench

@@ -3,7 +3,7 @@
 
 #include <limits>
 
-#include "moeforge/moeforge.hpp"
+#include "moeforge/core/moe.hpp"
 
 using namespace moeforge;
 

@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdlib>
+#include <limits>
 #include <omp.h>
 #include <random>
 
@@ -13,6 +14,9 @@
 #include "moeforge/distributed/expert_parallel.hpp"
 #include "moeforge/calib/ffn_inputs.hpp"
 #include "moeforge/model/eval.hpp"
+#include "moeforge/io/load.hpp"
+#include "support/hf_checkpoint.hpp"
+#include "support/hf_dir_builder.hpp"
 #include "support/random.hpp"
 #include "support/stories.hpp"
 #include "support/temp_dir.hpp"
@@ -130,7 +134,19 @@ TEST_CASE("expert-parallel logits are the single-process bits with shared expert
   m.compensation.means = test::random_matrix(6, s.hidden, rng, 0.05f);
   m.compensation.bias = m.compensation.means.colwise().sum().transpose();
   const auto w = tiny_model(m, rng);
-  require_identical(w, scattered(w, world_size()));
+  const int ranks = world_size();
+  auto once = scattered(w, ranks);
+  once.shared_owner = {ranks - 1, 0};  // layer 0's on the last rank, layer 1's on rank 0
+  auto replicated = once;
+  replicated.shared_owner = {-1, -1};
+  SECTION("shared experts computed once, by one rank") { require_identical(w, once); }
+  SECTION("shared experts computed by every rank") { require_identical(w, replicated); }
+  SECTION("only the chosen rank packs them") {
+    const distributed::expert_parallel ep{model::weights(w), once, MPI_COMM_WORLD};
+    const int rank = distributed::comm_rank(MPI_COMM_WORLD);
+    REQUIRE(ep.computes_shared(0) == (rank == ranks - 1));
+    REQUIRE(ep.computes_shared(1) == (rank == 0));
+  }
 }
 
 TEST_CASE("expert-parallel logits are the single-process bits with dropped and major-only pairs, in F32 and BF16") {
@@ -213,8 +229,13 @@ TEST_CASE("expert-parallel CMoE-converted stories260K gives the single-process l
 
 TEST_CASE("a placement survives a file round trip; a bad placement is refused by name") {
   std::mt19937 rng(14);
-  const auto w = tiny_model(spec_layer(router_kind::softmax_topk, rng), rng);
-  const auto p = scattered(w, 3);
+  test::layer_spec s;
+  s.hidden = 40;
+  s.widths = {13, 20, 7, 31, 16, 9, 24};
+  s.shared = 1;
+  const auto w = tiny_model(test::random_layer(s, rng), rng);
+  auto p = scattered(w, 3);
+  p.shared_owner = {2, 0};
   test::temp_dir dir;
   // Each rank its own file: ranks may share the temp directory.
   const std::string file = dir / ("placement-" + std::to_string(distributed::comm_rank(MPI_COMM_WORLD)) + ".json");
@@ -222,11 +243,21 @@ TEST_CASE("a placement survives a file round trip; a bad placement is refused by
   const auto back = distributed::load_placement(file);
   REQUIRE(back.ranks == p.ranks);
   REQUIRE(back.owner == p.owner);
+  REQUIRE(back.shared_owner == p.shared_owner);
   REQUIRE(distributed::fingerprint(w, back, dtype::f32) == distributed::fingerprint(w, p, dtype::f32));
+  auto moved = p;
+  moved.shared_owner[0] = -1;
+  REQUIRE(distributed::fingerprint(w, moved, dtype::f32) != distributed::fingerprint(w, p, dtype::f32));
+  // A file from before shared_owner existed replicates the shared experts.
+  test::write_json(file, {{"format", "moeforge-placement"}, {"ranks", 3}, {"owner", p.owner}});
+  REQUIRE(distributed::load_placement(file).shared_of(1) == -1);
 
   auto wrong = p;
   wrong.owner[1][2] = 3;
   REQUIRE_THROWS_WITH(distributed::validate(wrong, w), Catch::Contains("layer 1 expert 2 on rank 3, expected 0..2"));
+  wrong = p;
+  wrong.shared_owner[1] = 3;
+  REQUIRE_THROWS_WITH(distributed::validate(wrong, w), Catch::Contains("layer 1 computes its shared experts on rank 3, expected -1 (every rank) or 0..2"));
   test::write_json(file, {{"format", "moeforge-placement"}, {"ranks", "two"}});
   REQUIRE_THROWS_WITH(distributed::load_placement(file), Catch::Contains(file) && Catch::Contains("not a valid placement file"));
 }
@@ -242,6 +273,148 @@ TEST_CASE("balanced placement evens the ranks' calibration loads") {
   REQUIRE(p.owner[1] == std::vector<int>{0, 1, 0, 1, 0, 1, 0});
 }
 
+namespace {
+
+/// Prefill and a decode step of a model read per rank from `path` against
+/// io::load_transformer's single-process run of the same file: the same bits.
+void require_identical_from_file(const std::string& path, const distributed::placement_options& how = {}) {
+  const auto tokens = some_tokens(40, 8);
+  const model::transformer single = io::load_transformer(path);
+  auto cache = single.new_cache();
+  const matrix prefill = single.forward(tokens, cache);
+  const matrix decode = single.forward({3}, cache);
+  const distributed::expert_parallel ep(path, {}, how, MPI_COMM_WORLD);
+  auto ep_cache = ep.model().new_cache();
+  REQUIRE(same_bits(prefill, ep.model().forward(tokens, ep_cache)));
+  REQUIRE(same_bits(decode, ep.model().forward({3}, ep_cache)));
+}
+
+/// Every MoE layer of `ep`: the rank holds the panels of exactly the routed
+/// experts its placement gives it, and no routed expert's plain weights.
+void require_only_own_experts(const distributed::expert_parallel& ep) {
+  const auto& w = ep.model().structure();
+  for (std::size_t li = 0; li < w.layers.size(); ++li) {
+    const auto* m = std::get_if<moe_layer>(&w.layers[li].ffn);
+    if (!m) continue;
+    for (std::size_t e = 0; e < m->experts.size(); ++e) {
+      INFO("layer " << li << " expert " << e);
+      if (m->experts[e].is_novice()) continue;
+      REQUIRE(m->experts[e].weights.released);
+      REQUIRE(ep.holds_expert(index_t(li), index_t(e)) == (ep.layout().owner[li][e] == ep.rank()));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a model read per rank gives the single-process bits, each rank holding only its experts") {
+  test::temp_dir dir;
+  SECTION("sharded Hugging Face checkpoint") {
+    const std::string hf = test::sharded_hf(dir, "hf", dtype::bf16, 3, {}, true, 61);
+    require_identical_from_file(hf);
+    const distributed::expert_parallel ep(hf, {}, {}, MPI_COMM_WORLD);
+    require_only_own_experts(ep);
+  }
+  SECTION("native directory with shared experts, novices and compensation") {
+    std::mt19937 rng(21);
+    test::layer_spec s;
+    s.hidden = 40;
+    s.widths = {13, 20, 7, 31, 16, 9};
+    s.shared = 1;
+    s.novices = {2};
+    moe_layer m = test::random_layer(s, rng);
+    m.router.top_k = 2;
+    m.compensation.means = test::random_matrix(6, s.hidden, rng, 0.05f);
+    m.compensation.bias = m.compensation.means.colwise().sum().transpose();
+    const std::string native = dir / "native";
+    io::save_native(tiny_model(m, rng), native);
+    for (const auto shared : {distributed::shared_experts::once, distributed::shared_experts::replicated}) {
+      distributed::placement_options how;
+      how.shared = shared;
+      require_identical_from_file(native, how);
+    }
+    const distributed::expert_parallel ep(native, {}, {}, MPI_COMM_WORLD);
+    require_only_own_experts(ep);
+    // The placement is the one contiguous_placement makes from the whole model.
+    REQUIRE(ep.layout().owner == distributed::contiguous_placement(io::load_model(native), world_size()).owner);
+    REQUIRE(ep.layout().shared_owner == distributed::contiguous_placement(io::load_model(native), world_size()).shared_owner);
+  }
+}
+
+TEST_CASE("a layer read with an expert filter reads only the experts it keeps") {
+  test::temp_dir dir;
+  const std::string hf = test::sharded_hf(dir, "hf", dtype::f32, 2, {}, true, 61);
+  const std::string native = dir / "native";
+  io::save_native(io::load_model(hf), native);
+  const auto keep = [](index_t e) { return e == 1 || e == 2; };
+  const auto check = [&](const model::layer& all, const model::layer& some) {
+    const auto& a = std::get<moe_layer>(all.ffn);
+    const auto& b = std::get<moe_layer>(some.ffn);
+    REQUIRE(same_bits(a.router.weight, b.router.weight));
+    REQUIRE(same_bits(all.wq, some.wq));
+    for (index_t e = 0; e < a.num_experts(); ++e) {
+      INFO("expert " << e);
+      const auto& f = b.experts[std::size_t(e)].weights;
+      REQUIRE(bool(f.released) == !keep(e));
+      REQUIRE(f.intermediate() == 24);
+      REQUIRE(f.hidden() == 32);
+      REQUIRE(f.gated());
+      const auto& whole = a.experts[std::size_t(e)].weights;
+      if (keep(e)) {
+        REQUIRE(same_bits(f.gate, whole.gate));
+        REQUIRE(same_bits(f.up, whole.up));
+        REQUIRE(same_bits(f.down, whole.down));
+      } else {
+        REQUIRE(f.gate.size() + f.up.size() + f.down.size() == 0);
+      }
+    }
+  };
+  SECTION("hf, an expert's tensors each") {
+    const io::hf_layers src(hf);
+    check(src.layer(1), src.layer(1, keep));
+  }
+  SECTION("hf, every expert packed in gate_up_proj and down_proj") {
+    test::hf_dir_builder b(io::safetensors_checkpoint{hf});
+    test::pack_mixtral(b, 3, 4, 24, 32);
+    const io::hf_layers src(b.write(dir / "packed", test::read_json(hf + "/config.json")));
+    const io::hf_layers per_expert(hf);
+    const model::layer all = src.layer(1);
+    // The packed read is the per-expert one, so comparing with it checks the slicing too.
+    const model::layer unpacked = per_expert.layer(1);
+    for (std::size_t e = 0; e < 4; ++e)
+      REQUIRE(same_bits(std::get<moe_layer>(all.ffn).experts[e].weights.up, std::get<moe_layer>(unpacked.ffn).experts[e].weights.up));
+    check(all, src.layer(1, keep));
+    // A NaN in an expert the filter refuses is never read; in one it keeps, it is named.
+    auto gate_up = b.get("model.layers.1.mlp.experts.gate_up_proj");
+    gate_up[3 * 48 * 32 + 5] = std::numeric_limits<float>::quiet_NaN();
+    b.put("model.layers.1.mlp.experts.gate_up_proj", {4, 48, 32}, gate_up);
+    const io::hf_layers poisoned(b.write(dir / "poisoned", test::read_json(hf + "/config.json")));
+    REQUIRE_NOTHROW(poisoned.layer(1, keep));
+    REQUIRE_THROWS_WITH(poisoned.layer(1), Catch::Contains("model.safetensors': tensor 'model.layers.1.mlp.experts.gate_up_proj' expert 3"));
+  }
+  SECTION("native") {
+    const io::native_layers src(native);
+    check(src.layer(1), src.layer(1, keep));
+  }
+}
+
+TEST_CASE("balanced placement of a model read per rank is the whole model's, one layer of calibration at a time") {
+  test::temp_dir dir;
+  std::mt19937 rng(22);
+  const std::string native = dir / "native";
+  const auto w = tiny_model(spec_layer(router_kind::softmax_topk, rng), rng);
+  io::save_native(w, native);
+  const auto tokens = some_tokens(500, 10);  // two windows of the context of 320
+  distributed::placement_options how;
+  how.calibration = [&](const model::config&) { return tokens; };
+  const distributed::expert_parallel ep(native, {}, how, MPI_COMM_WORLD);
+  const auto whole = distributed::balanced_placement(w, distributed::expert_loads(model::transformer{w}, tokens), world_size());
+  REQUIRE(ep.layout().owner == whole.owner);
+  REQUIRE(ep.layout().shared_owner == whole.shared_owner);
+  require_only_own_experts(ep);
+  require_identical_from_file(native, how);
+}
+
 TEST_CASE("a rank with a different model is refused at start-up with a clear message") {
   std::mt19937 rng(16);
   auto w = tiny_model(spec_layer(router_kind::softmax_topk, rng), rng);
@@ -255,6 +428,52 @@ TEST_CASE("a rank with a different model is refused at start-up with a clear mes
   }
   REQUIRE_THROWS_WITH(distributed::expert_parallel(std::move(w), p, MPI_COMM_WORLD),
                       Catch::Contains(moeforge::detail::cat("rank ", world_size() - 1, "'s model or placement differs from rank 0's")));
+}
+
+TEST_CASE("a load that fails on one rank throws on every rank, naming that rank, without hanging") {
+  test::temp_dir dir;
+  std::mt19937 rng(23);
+  const std::string native = dir / "native";
+  io::save_native(tiny_model(spec_layer(router_kind::softmax_topk, rng), rng), native);
+  const int last = world_size() - 1;
+  const bool fails = distributed::comm_rank(MPI_COMM_WORLD) == last;
+  const std::string path = fails ? dir / "missing" : native;
+  const auto message = fails ? std::string("missing") : moeforge::detail::cat("rank ", last, " of ", world_size(), " failed to load the model");
+  REQUIRE_THROWS_WITH(distributed::expert_parallel(path, {}, {}, MPI_COMM_WORLD), Catch::Contains(message));
+}
+
+TEST_CASE("an expert this rank computes that arrives released is refused, naming layer and expert") {
+  test::temp_dir dir;
+  std::mt19937 rng(24);
+  const std::string native = dir / "native";
+  io::save_native(tiny_model(spec_layer(router_kind::softmax_topk, rng), rng), native);
+  io::load_options opt;
+  opt.on_layer = [](index_t, model::layer& l) {
+    for (auto& x : std::get<moe_layer>(l.ffn).experts) release(x.weights);
+  };
+  // Each rank owns an expert of layer 0 (7 experts, at most 3 ranks), so each fails on its own.
+  REQUIRE_THROWS_WITH(distributed::expert_parallel(native, opt, {}, MPI_COMM_WORLD),
+                      Catch::Contains("expert parallel: layer 0 expert") && Catch::Contains("weights were released"));
+}
+
+TEST_CASE("placement options that would be ignored and out-of-range expert queries are refused") {
+  std::mt19937 rng(25);
+  const auto w = tiny_model(spec_layer(router_kind::softmax_topk, rng), rng);
+  test::temp_dir dir;
+  const std::string native = dir / "native";
+  io::save_native(w, native);
+  distributed::placement_options how;
+  how.given = distributed::contiguous_placement(w, world_size());
+  how.shared = distributed::shared_experts::once;
+  REQUIRE_THROWS_WITH(distributed::expert_parallel(native, {}, how, MPI_COMM_WORLD), Catch::Contains("both a given placement and calibration or shared"));
+  how.shared = distributed::default_shared_experts;
+  how.given = distributed::contiguous_placement(w, world_size() + 1);
+  how.source = "placement.json";
+  REQUIRE_THROWS_WITH(distributed::expert_parallel(native, {}, how, MPI_COMM_WORLD),
+                      Catch::Contains(moeforge::detail::cat("placement 'placement.json' of model '", native, "': made for ", world_size() + 1, " ranks")));
+  const distributed::expert_parallel ep(model::weights(w), distributed::contiguous_placement(w, world_size()), MPI_COMM_WORLD);
+  REQUIRE_THROWS_WITH(ep.holds_expert(1, 7), Catch::Contains("holds_expert(layer 1, expert 7)"));
+  REQUIRE_THROWS_WITH(ep.holds_expert(2, 0), Catch::Contains("holds_expert(layer 2, expert 0)"));
 }
 
 // Run only by the ctest entry distributed_rank_failure (hidden from the others):

@@ -10,6 +10,7 @@
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
+#include "support/hf_dir_builder.hpp"
 #include "support/random.hpp"
 #include "support/stories.hpp"
 #include "support/temp_dir.hpp"
@@ -25,71 +26,6 @@ const std::vector<std::int32_t> probe_tokens{1, 7, 30, 2, 45, 11, 11, 0, 19, 33}
 
 std::string mixtral_file() { return data_file("fixtures/hf/mixtral_classic.safetensors"); }
 std::string mixtral_config() { return data_file("fixtures/hf/mixtral_classic_config.json"); }
-
-// A Hugging Face directory from a config and tensors (every tensor copied from
-// `source` unless `edit` replaces or drops it).
-struct hf_dir_builder {
-  std::vector<std::string> names;
-  std::vector<std::vector<std::int64_t>> shapes;
-  std::vector<std::vector<float>> data;
-
-  explicit hf_dir_builder(const io::safetensors_checkpoint& source) {
-    for (const auto& n : source.names()) put(n, source.info(n).shape, source.read(n));
-  }
-  void put(const std::string& name, std::vector<std::int64_t> shape, std::vector<float> values) {
-    drop(name);
-    names.push_back(name);
-    shapes.push_back(std::move(shape));
-    data.push_back(std::move(values));
-  }
-  void drop(const std::string& name) {
-    for (std::size_t i = 0; i < names.size(); ++i)
-      if (names[i] == name) {
-        names.erase(names.begin() + std::ptrdiff_t(i));
-        shapes.erase(shapes.begin() + std::ptrdiff_t(i));
-        data.erase(data.begin() + std::ptrdiff_t(i));
-        return;
-      }
-  }
-  const std::vector<float>& get(const std::string& name) const {
-    for (std::size_t i = 0; i < names.size(); ++i)
-      if (names[i] == name) return data[i];
-    FAIL("no tensor " << name);
-    throw 0;
-  }
-  std::string write(const std::string& dir, const nlohmann::json& config) const {
-    std::filesystem::create_directories(dir);
-    std::vector<io::tensor_view> views;
-    for (std::size_t i = 0; i < names.size(); ++i) views.push_back({names[i], shapes[i], data[i].data()});
-    io::write_safetensors(dir + "/model.safetensors", views);
-    write_json(dir + "/config.json", config);
-    return dir;
-  }
-};
-
-// Mixtral's classic per-expert tensors rewritten as transformers-5 packed ones
-// under "mlp": gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
-void pack_mixtral(hf_dir_builder& b, index_t layers, index_t experts, index_t inter, index_t hidden) {
-  for (index_t l = 0; l < layers; ++l) {
-    const std::string old = "model.layers." + std::to_string(l) + ".block_sparse_moe.";
-    const std::string neu = "model.layers." + std::to_string(l) + ".mlp.";
-    std::vector<float> gate_up, down;
-    for (index_t e = 0; e < experts; ++e) {
-      const std::string p = old + "experts." + std::to_string(e) + ".";
-      for (const char* w : {"w1", "w3"}) {
-        const auto& v = b.get(p + w + ".weight");
-        gate_up.insert(gate_up.end(), v.begin(), v.end());
-      }
-      const auto& d = b.get(p + "w2.weight");
-      down.insert(down.end(), d.begin(), d.end());
-      for (const char* w : {"w1", "w2", "w3"}) b.drop(p + w + ".weight");
-    }
-    b.put(neu + "experts.gate_up_proj", {experts, 2 * inter, hidden}, gate_up);
-    b.put(neu + "experts.down_proj", {experts, hidden, inter}, down);
-    b.put(neu + "gate.weight", {experts, hidden}, b.get(old + "gate.weight"));
-    b.drop(old + "gate.weight");
-  }
-}
 
 }  // namespace
 

@@ -508,8 +508,8 @@ TEST_CASE("prepared layers give bit-identical results to plain ones, against the
       }
       // With BF16 tokens (vdpbf16ps, many tokens only), close to the exact
       // BF16 result: each token value moves by at most 2^-8 of itself.
-      if (t > runtime::detail::gemm_tokens_in_place && runtime::detail::bf16_dot_available) REQUIRE(dot[0] != plain_rounded[0]);
-      if (t <= runtime::detail::gemm_tokens_in_place || !runtime::detail::bf16_dot_available) REQUIRE(dot[0] == plain_rounded[0]);
+      if (t > runtime::detail::bf16_exact_tokens && runtime::detail::bf16_dot_available) REQUIRE(dot[0] != plain_rounded[0]);
+      if (t <= runtime::detail::bf16_exact_tokens || !runtime::detail::bf16_dot_available) REQUIRE(dot[0] == plain_rounded[0]);
       REQUIRE(max_abs_diff(dot[0], plain_rounded[0]) <= 2e-2f * plain_rounded[0].cwiseAbs().maxCoeff());
     }
   }
@@ -576,7 +576,7 @@ TEST_CASE("BF16 panels hold the rounded weights and project exactly as the round
         p.row_values(r, 0, depth, row.data());
         REQUIRE(Eigen::Map<const Eigen::RowVectorXf>(row.data(), depth) == rounded.row(r));
       }
-      for (index_t t : {1, 7, 33, 100}) {
+      for (index_t t : {1, 7, 20, 33, 100}) {  // 20: BF16 tokens, though the F32 path would read them in place
         const matrix x = random_matrix(t, depth, rng, 1.0f);
         const auto got = for_each_thread_count([&] { return runtime::project(x, p); });
         const auto got_dot = for_each_thread_count([&] { return runtime::project(x, dot); });
@@ -586,7 +586,7 @@ TEST_CASE("BF16 panels hold the rounded weights and project exactly as the round
         const matrix bound = (x.cwiseAbs() * rounded.cwiseAbs().transpose()) * (std::ldexp(1.0f, -8) + 1e-5f) +
                              matrix::Constant(t, rows, 1e-30f);
         REQUIRE(((got_dot[0] - want).cwiseAbs().array() <= bound.array()).all());
-        const bool dot_ran = t > runtime::detail::gemm_tokens_in_place && runtime::detail::bf16_dot_available;
+        const bool dot_ran = t > runtime::detail::bf16_exact_tokens && runtime::detail::bf16_dot_available;
         REQUIRE((got_dot[0] == want) == !dot_ran);
       }
     }
@@ -594,6 +594,27 @@ TEST_CASE("BF16 panels hold the rounded weights and project exactly as the round
   CHECK_THROWS_AS(runtime::detail::panel_matrix(w.data(), 4, 4, 4, {}, dtype::f16), config_error);
   const matrix cut = random_matrix(3 * gemm_nr, 8, rng);  // project's tasks do not stop at cuts, so it refuses them
   CHECK_THROWS_AS(runtime::project(random_matrix(2, 8, rng), runtime::detail::panel_matrix(cut.data(), 8, cut.rows(), 8, {gemm_nr + 3})), shape_error);
+}
+
+TEST_CASE("BF16 token pairs round every token alike, in whole and partial panels, subnormals flushed") {
+  using runtime::detail::gemm_mr;
+  std::mt19937 rng(26);
+  for (index_t count : {index_t(1), gemm_mr - 1, gemm_mr, gemm_mr + 1, 2 * gemm_mr + 4})
+    for (index_t kl : {1, 17, 256}) {
+      matrix x = random_matrix(count, kl, rng, 1.0f);
+      for (index_t t = 0; t < count; ++t) x(t, (3 * t) % kl) = (t % 2 ? -1.0f : 1.0f) * 1e-40f;  // an F32 subnormal
+      std::vector<const float*> rows;
+      for (index_t t = 0; t < count; ++t) rows.push_back(x.row(t).data());
+      const index_t pairs = (kl + 1) / 2, panels = (count + gemm_mr - 1) / gemm_mr;
+      std::vector<std::uint32_t> got(std::size_t(panels * pairs * gemm_mr), 0xdeadbeef);
+      runtime::detail::pack_token_pairs(rows.data(), count, 0, kl, got.data());
+      INFO("count " << count << " depth " << kl);
+      for (index_t t = 0; t < panels * gemm_mr; ++t)
+        for (index_t j = 0; j < pairs; ++j) {
+          const auto value = [&](index_t k) { return t < count && k < kl ? runtime::detail::bf16_token(x(t, k)) : 0u; };
+          REQUIRE(got[std::size_t((t / gemm_mr * pairs + j) * gemm_mr + t % gemm_mr)] == (value(2 * j) | value(2 * j + 1) << 16));
+        }
+    }
 }
 
 TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same logits as one that refers to them") {

@@ -46,11 +46,19 @@ inline model::weights load_model(const args& a, const char* config_flag = "confi
 /// in for the kernels; and --expert-parallel, which load_transformer honours.
 inline void add_dtype_option(args& a) {
   a.option("dtype", "auto|f32|bf16", "weight type the kernels read: auto = the type the file stores (BF16 halves the bytes per token)", "auto");
-  a.flag("expert-parallel", "under `mpirun -np N`: split the routed experts over the N processes (one thread each); rank 0 prints");
+  a.flag("expert-parallel",
+         "under `mpirun -np N`: split the routed experts over the N processes (one thread each), each reading only its own "
+         "experts and the replicated rest from the file; rank 0 prints");
   a.option("placement", "contiguous|balanced|FILE",
            "with --expert-parallel: experts in runs of consecutive indices, balanced by their load on --calibration, or a placement JSON file",
            "contiguous");
-  a.option("calibration", "FILE", "with --placement balanced: the text whose routing loads balance the ranks");
+  a.option("calibration", "FILE",
+           "with --placement balanced: the text whose routing loads balance the ranks (each rank runs it through each layer "
+           "as the layer is read, so loading holds one whole layer in F32 beyond the rank's share)");
+  a.option("shared-experts", "auto|once|replicated",
+           "with --expert-parallel: each MoE layer's shared experts computed by its least loaded rank (once) or by every rank; "
+           "auto = replicated (as fast as once here, fewer bytes; once saves the other ranks their memory)",
+           "auto");
 }
 
 /// The weight type --dtype asks for; empty for `auto` (the type the model's file stores).
@@ -77,21 +85,22 @@ inline model::transformer load_expert_parallel(const args& a, const io::load_opt
   if (mpi.size() > 1) on_command_error = [](const std::string& reason) { distributed::abort_job(MPI_COMM_WORLD, reason); };
   if (mpi.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) throw io_error("expert parallel: cannot silence stdout on a rank other than 0");
   return distributed::run_or_abort(MPI_COMM_WORLD, [&] {
-    model::weights w = io::load_model(a.get("model"), o);
-    if (on_layer)
-      for (std::size_t li = 0; li < w.layers.size(); ++li) on_layer(index_t(li), w.layers[li]);
     const std::string how = a.get("placement");
-    distributed::placement p;
-    if (how == "contiguous") {
-      p = distributed::contiguous_placement(w, mpi.size());
-    } else if (how == "balanced") {
+    distributed::placement_options p;
+    if (how == "balanced") {
       if (!a.has("calibration")) throw usage_error("--placement balanced needs --calibration FILE (a text whose routing loads balance the ranks)");
-      const auto tokens = model::load_tokenizer(tokenizer_path(a), w.config.vocab_size).encode(read_text_file(a.get("calibration")));
-      p = distributed::balanced_placement(w, distributed::expert_loads(model::transformer(w), tokens), mpi.size());
-    } else {
-      p = distributed::load_placement(how);
+      p.calibration = [&](const model::config& c) { return model::load_tokenizer(tokenizer_path(a), c.vocab_size).encode(read_text_file(a.get("calibration"))); };
+    } else if (how != "contiguous") {
+      p.given = distributed::load_placement(how);
+      p.source = how;
     }
-    return distributed::expert_parallel(std::move(w), std::move(p), MPI_COMM_WORLD, requested_dtype(a)).take_model();
+    if (a.get("shared-experts") != "auto") {
+      if (p.given) throw usage_error("--shared-experts applies to contiguous and balanced placements; a placement FILE says where they run");
+      p.shared = a.get_parsed("shared-experts", [](const std::string& v) { return distributed::parse_shared_experts(v); });
+    }
+    io::load_options with_edits = o;
+    with_edits.on_layer = on_layer;
+    return distributed::expert_parallel(a.get("model"), with_edits, std::move(p), MPI_COMM_WORLD, requested_dtype(a)).take_model();
   });
 #else
   (void)a, (void)o, (void)on_layer;
@@ -105,7 +114,8 @@ inline model::transformer load_expert_parallel(const args& a, const io::load_opt
 inline model::transformer load_transformer(const args& a, std::function<void(index_t, model::layer&)> on_layer = {}) {
   io::load_options o = load_options(a);
   if (a.flag_set("expert-parallel")) return load_expert_parallel(a, o, on_layer);
-  if (a.get("placement") != "contiguous" || a.has("calibration")) throw usage_error("--placement and --calibration need --expert-parallel");
+  if (a.get("placement") != "contiguous" || a.has("calibration") || a.get("shared-experts") != "auto")
+    throw usage_error("--placement, --calibration and --shared-experts need --expert-parallel");
   o.on_layer = std::move(on_layer);
   return io::load_transformer(a.get("model"), o, requested_dtype(a));
 }

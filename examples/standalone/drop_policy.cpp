@@ -6,7 +6,9 @@
 #include <iterator>
 #include <string>
 
-#include <moeforge/moeforge.hpp>
+#include <moeforge/io/load.hpp>
+#include <moeforge/model/eval.hpp>
+#include <moeforge/model/tokenizer.hpp>
 
 int main(int argc, char** argv) try {
   using namespace moeforge;

@@ -170,20 +170,6 @@ inline std::vector<matrix> load_hidden(const std::filesystem::path& path, const 
   return x;
 }
 
-/// A model of one layer (a placeholder one-token vocabulary, tied): what the
-/// transformer runs when the rest of the model is on disk.
-inline model::weights layer_model(const model::config& c, model::layer l) {
-  model::weights w;
-  w.config = c;
-  w.config.n_layers = 1;
-  w.config.vocab_size = 1;
-  w.config.tied_embeddings = true;
-  w.tok_emb = matrix::Zero(1, c.dim);
-  w.final_norm = vector::Ones(c.dim);
-  w.layers.push_back(std::move(l));
-  return w;
-}
-
 }  // namespace detail
 
 /// Converts the Hugging Face checkpoint `model` (directory, index or file)
@@ -296,7 +282,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     }
     auto t0 = clock::now();
     tell(l, "read");
-    model::weights one = detail::layer_model(c, src.layer(l));
+    model::weights one = model::layer_model(c, src.layer(l));
     src.release();  // the layer is in memory now, in FP32
     const io::dtype stored = src.stored(cat("model.layers.", l, ".self_attn.q_proj.weight"));
     const model::transformer tr(one);

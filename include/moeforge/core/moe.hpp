@@ -203,8 +203,11 @@ struct moe_layer {
 };
 
 /// Checks every shape and option against the router's hidden size; throws
-/// shape_error or config_error naming `what` and the offending part.
-inline void validate(const moe_layer& m, const std::string& what) {
+/// shape_error or config_error naming `what` and the offending part. With
+/// `routed_may_be_released`, a routed expert may be a released FFN (only its
+/// shape, see release(ffn&)): what one process of an expert-parallel run
+/// holds of the experts another process computes.
+inline void validate(const moe_layer& m, const std::string& what, bool routed_may_be_released = false) {
   const auto& r = m.router;
   const index_t e = r.weight.rows();
   const index_t h = r.weight.cols();
@@ -252,7 +255,12 @@ inline void validate(const moe_layer& m, const std::string& what) {
       if (x.novice.size() != h) throw shape_error(detail::cat(name, ".novice: size ", x.novice.size(), ", expected ", h));
       if (x.weights.up.size() != 0) throw shape_error(name + ": a novice must not also hold weights");
     } else {
-      validate(x.weights, name, h);
+      if (routed_may_be_released && x.weights.released) {
+        if (x.weights.hidden() != h || x.width() < 1)
+          throw shape_error(detail::cat(name, ": released with shape [", x.width(), ", ", x.weights.hidden(), "], expected [neurons > 0, ", h, "]"));
+      } else {
+        validate(x.weights, name, h);
+      }
       if (x.major < 0 || x.major > x.width())
         throw config_error(detail::cat(name, ".major = ", x.major, ", expected 0..", x.width()));
       for (std::size_t p = 0; p < x.parts.size(); ++p)

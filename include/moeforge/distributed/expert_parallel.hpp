@@ -1,10 +1,12 @@
 // Expert parallelism over MPI: one model run by several processes (ranks),
 // each holding only its share of the routed experts (see placement.hpp).
 //
-// Every rank runs the replicated parts (embedding, attention, norms, routers,
-// shared experts, novices, the head) on the same tokens: deterministic, no
-// communication. In each MoE layer a rank computes its experts' down
-// products, unscaled, for the tokens routed to them, one block per kernel job;
+// Every rank reads from the model's file only its own routed experts and the
+// replicated parts (embedding, attention, norms, routers, shared experts,
+// novices, the head), and runs the replicated parts on the same tokens:
+// deterministic, no communication. Each layer's shared experts are computed
+// by every rank or, placed once, by one rank whose blocks carry them. In
+// each MoE layer a rank computes its experts' down products, unscaled, for the tokens routed to them, one block per kernel job;
 // one MPI_Allgatherv gives every rank every block, and each rank then sums
 // the blocks as the single-process kernel does: in the kernel's job order,
 // through the kernel's own add (runtime::detail::add_part). The blocks are the
@@ -25,7 +27,9 @@
 
 #include <chrono>
 #include <climits>
+#include <exception>
 #include <cstdint>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -34,6 +38,7 @@
 #include <vector>
 
 #include "moeforge/distributed/placement.hpp"
+#include "moeforge/io/load.hpp"
 #include "moeforge/model/transformer.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
 
@@ -108,6 +113,30 @@ inline void require_same_model(MPI_Comm comm, std::uint64_t fp) {
                                                "): every rank must load the same model with the same placement"));
 }
 
+/// Runs `load` (this rank's part of building a model) on every rank of
+/// `comm`, then agrees on failure before any further collective: a rank
+/// whose load threw rethrows its own error, every other rank throws
+/// config_error naming the lowest failing rank, so a read error on one rank
+/// (a missing path, a NaN in one rank's expert) cannot leave the others
+/// waiting in require_same_model.
+template <class Load>
+auto load_on_every_rank(MPI_Comm comm, Load&& load) -> decltype(load()) {
+  std::optional<decltype(load())> result;
+  std::exception_ptr failure;
+  try {
+    result.emplace(load());
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  int failed = failure ? comm_rank(comm) : INT_MAX;
+  MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MIN, comm);
+  if (failure) std::rethrow_exception(failure);
+  if (failed != INT_MAX)
+    throw config_error(moeforge::detail::cat("expert parallel: rank ", failed, " of ", comm_size(comm),
+                                             " failed to load the model (its own error says why); every rank stops"));
+  return std::move(*result);
+}
+
 /// What the expert-parallel MoE layers cost this rank (summed over calls).
 struct ep_stats {
   double compute = 0;      ///< seconds computing this rank's experts (and the replicated shared experts)
@@ -118,6 +147,21 @@ struct ep_stats {
   index_t layer_calls = 0;
 };
 
+/// How a model read layer by layer is placed. Each layer's experts are
+/// placed before its experts are read (a rank reads only its own): from
+/// `given`, or contiguously, or (with `calibration`) balanced by the loads
+/// the calibration tokens put on that layer's experts, which needs the layer
+/// whole for as long as the tokens run through it (one layer in F32 beyond
+/// the rank's share), the tokens' hidden states advancing layer by layer.
+struct placement_options {
+  std::optional<placement> given;  ///< a placement made beforehand (a file)
+  std::string source = {};         ///< where `given` came from (load_placement's path), named in errors
+  /// Balanced placement: the calibration tokens, given the model's config
+  /// (for the tokenizer's vocabulary); empty: contiguous.
+  std::function<std::vector<std::int32_t>(const model::config&)> calibration = {};
+  shared_experts shared = default_shared_experts;  ///< without `given`
+};
+
 namespace detail {
 
 /// One rank's MoE layers and what running them cost; the transformer's
@@ -126,43 +170,114 @@ class expert_layers {
  public:
   explicit expert_layers(MPI_Comm comm) : comm_(comm), rank_(comm_rank(comm)), ranks_(comm_size(comm)) {}
 
-  /// Checks the model and placement across ranks and packs this rank's
-  /// routed experts and the shared ones of every MoE layer; the transformer
-  /// `layers` answers for keeps those layers' skeletons (routers, novices,
-  /// compensation, expert shapes) and releases their plain experts.
-  static model::transformer split(const std::shared_ptr<expert_layers>& layers, model::weights&& w, placement p,
-                                  const std::optional<runtime::detail::weight_format>& format) {
+  /// Builds this rank's transformer from `src` (a layer reader, see
+  /// io::with_layer_reader) one layer at a time: each MoE layer is placed
+  /// (see placement_options), read with only this rank's routed experts
+  /// (the others released, their data unread), its own experts and the
+  /// shared ones it computes packed here, and handed to the transformer as a
+  /// skeleton (routers, novices, compensation, expert shapes) whose MoE
+  /// `layers` runs. The fingerprint of the model and placement is hashed as
+  /// the layers arrive (fingerprint()); the caller compares it across ranks.
+  template <class Reader>
+  static model::transformer build(const std::shared_ptr<expert_layers>& layers, Reader& src, const std::string& model_name,
+                                  const placement_options& how, const std::optional<runtime::detail::weight_format>& format,
+                                  const std::function<void(index_t, model::layer&)>& on_layer = {}) {
     using moeforge::detail::cat;
     expert_layers& self = *layers;
-    model::validate(w);
-    validate(p, w);
-    if (p.ranks != self.ranks_)
-      throw config_error(cat("expert parallel: the placement is for ", p.ranks, " ranks, the job has ", self.ranks_));
-    for (std::size_t li = 0; li < w.layers.size(); ++li)
-      if (const auto* m = std::get_if<moe_layer>(&w.layers[li].ffn); m && m->router.kind == router_kind::oracle)
-        throw config_error(cat("expert parallel: layer ", li, " has an oracle router, which needs every expert on every rank"));
-    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(w.weight_dtype));
-    require_same_model(self.comm_, fingerprint(w, p, t.type));
+    model::weights globals = src.globals();
+    src.release();
+    model::validate_globals(globals);  // the calibration reads the embedding
+    const model::config c = globals.config;
+    if (how.given && (how.calibration || how.shared != default_shared_experts))
+      throw config_error("expert parallel: placement_options sets both a given placement and calibration or shared, "
+                         "which only a placement made while loading uses; set one or the other");
+    const std::string what = cat("expert parallel: placement", how.source.empty() ? "" : cat(" '", how.source, "'"), " of model ", model_name);
+    if (how.given && how.given->ranks != self.ranks_)
+      throw config_error(cat(what, ": made for ", how.given->ranks, " ranks, the job has ", self.ranks_));
+    if (how.given && index_t(how.given->owner.size()) != c.n_layers)
+      throw config_error(cat(what, ": ", how.given->owner.size(), " layers, the model has ", c.n_layers));
+    if (how.given && !how.given->shared_owner.empty() && how.given->shared_owner.size() != how.given->owner.size())
+      throw config_error(cat(what, ": shared_owner lists ", how.given->shared_owner.size(), " layers, the model has ", c.n_layers));
+    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(globals.weight_dtype));
+    fingerprint_builder fp;
+    fp.globals(globals, t.type);
+    std::optional<layer_loads> loads;
+    if (!how.given && how.calibration) loads.emplace(globals, how.calibration(c));
+    placement p{self.ranks_, {}, {}};
     model::transformer::external_moe external;
-    external.layers.assign(w.layers.size(), false);
-    self.packed_.resize(w.layers.size());
-    for (std::size_t li = 0; li < w.layers.size(); ++li) {
-      const auto* m = std::get_if<moe_layer>(&w.layers[li].ffn);
-      if (!m) continue;
-      external.layers[li] = true;
-      auto& packed = self.packed_[li];
-      // Other ranks' experts stay unpacked: the kernel reads only their shapes.
-      for (std::size_t e = 0; e < m->experts.size(); ++e)
-        packed.experts.push_back(p.owner[li][e] == self.rank_ || m->experts[e].is_novice() ? runtime::detail::pack_expert(*m, e, t)
-                                                                                          : runtime::detail::packed_ffn{});
-      for (const auto& sh : m->shared) packed.shared.push_back(runtime::detail::pack_ffn(sh.weights, {}, t));
-    }
-    self.placement_ = std::move(p);
+    external.collective = true;
+    for (index_t li = 0; li < c.n_layers; ++li) external.layers.push_back(src.experts(li) > 0);
     external.run = [layers](index_t li, const moe_layer& m, const runtime::selection& sel, const_matrix_ref x, matrix_ref y) {
       layers->run_layer(li, m, sel, x, y);
     };
-    external.collective = true;
-    return model::transformer(std::move(w), std::move(external), format);
+    self.packed_.resize(std::size_t(c.n_layers));
+    model::transformer tr(
+        std::move(globals),
+        [&](index_t li) {
+          const std::size_t i = std::size_t(li);
+          const index_t experts = src.experts(li);
+          std::vector<int> owner = how.given ? how.given->owner[i] : loads ? std::vector<int>() : contiguous_owners(experts, self.ranks_);
+          if (!loads) validate_layer(owner, -1, self.ranks_, i, std::size_t(experts), 0, what);  // before any expert is read
+          model::layer l = loads ? src.layer(li) : src.layer(li, [&](index_t e) { return owner[std::size_t(e)] == self.rank_; });
+          src.release();  // the layer's mapped pages would otherwise stay resident
+          if (on_layer) on_layer(li, l);
+          model::validate(c, l, i, true);
+          std::vector<double> load;
+          if (loads) load = loads->next(l);
+          auto* m = std::get_if<moe_layer>(&l.ffn);
+          if (loads) owner = balanced_owners(load, self.ranks_);
+          const std::size_t shared = m ? m->shared.size() : 0;
+          const int shared_owner = how.given ? how.given->shared_of(i) : shared_owner_of(i, owner, load, self.ranks_, shared, how.shared);
+          validate_layer(owner, shared_owner, self.ranks_, i, m ? m->experts.size() : 0, shared, what);
+          p.owner.push_back(std::move(owner));
+          p.shared_owner.push_back(shared_owner);
+          fp.layer(l);
+          if (m) self.keep(li, *m, p, t);
+          return l;
+        },
+        format, std::move(external));
+    self.fingerprint_ = fp.finish(p);  // compared by the caller once every rank has loaded (load_on_every_rank)
+    self.placement_ = std::move(p);
+    return tr;
+  }
+
+  /// Packs MoE layer li's experts this rank computes (its routed ones,
+  /// the novices, the shared ones unless another rank computes them) and
+  /// releases every routed expert's plain weights: the kernel reads only the
+  /// shapes of the experts other ranks compute. Only those may arrive
+  /// released (an on_layer edit could release more): packing an empty FFN
+  /// would compute zeros where the single-process run computes the expert.
+  void keep(index_t li, moe_layer& m, const placement& p, runtime::detail::weight_format t) {
+    using moeforge::detail::cat;
+    if (m.router.kind == router_kind::oracle)
+      throw config_error(cat("expert parallel: layer ", li, " has an oracle router, which needs every expert on every rank"));
+    const std::size_t i = std::size_t(li);
+    auto& packed = packed_[i];
+    for (std::size_t e = 0; e < m.experts.size(); ++e) {
+      const bool novice = m.experts[e].is_novice();
+      const bool own = p.owner[i][e] == rank_ || novice;
+      if (own && !novice) require_held(m.experts[e].weights, cat("expert parallel: layer ", li, " expert ", e, " (computed by rank ", rank_, ")"));
+      packed.experts.push_back(own ? runtime::detail::pack_expert(m, e, t) : runtime::detail::packed_ffn{});
+      if (!novice) release(m.experts[e].weights);
+    }
+    const int shared = p.shared_of(i);
+    for (std::size_t s = 0; s < m.shared.size(); ++s) {
+      const bool computes = shared == -1 || shared == rank_;
+      if (computes) require_held(m.shared[s].weights, cat("expert parallel: layer ", li, " shared expert ", s, " (computed by rank ", rank_, ")"));
+      packed.shared.push_back(computes ? runtime::detail::pack_ffn(m.shared[s].weights, {}, t) : runtime::detail::packed_ffn{});
+    }
+  }
+
+  /// Whether this rank holds routed expert e of layer li / layer li's shared experts (their panels).
+  bool holds_expert(index_t li, index_t e) const {
+    if (li < 0 || std::size_t(li) >= packed_.size() || e < 0 || std::size_t(e) >= packed_[std::size_t(li)].experts.size())
+      throw config_error(moeforge::detail::cat("expert parallel: holds_expert(layer ", li, ", expert ", e, "): no such MoE layer or expert (",
+                                               packed_.size(), " layers; a dense layer has no experts)"));
+    return packed_[std::size_t(li)].experts[std::size_t(e)].down.rows() != 0;
+  }
+  bool computes_shared(index_t li) const {
+    const auto& shared = packed_[std::size_t(li)].shared;
+    return !shared.empty() && shared.front().down.rows() != 0;
   }
 
   using clock = std::chrono::steady_clock;
@@ -181,9 +296,10 @@ class expert_layers {
     std::vector<rd::job> jobs = rd::make_jobs(m, &packed_[std::size_t(li)], plan, x);
     if (x.rows() == 0) return;
     const index_t hidden = m.hidden();
-    // Who computes each job: -1 every rank (shared experts), -2 nobody
-    // (novices, added from their vectors while summing; empty jobs).
-    std::vector<int> owner(jobs.size(), -1);
+    // Who computes each job: -1 every rank (replicated shared experts), -2
+    // nobody (novices, added from their vectors while summing; empty jobs).
+    // Shared experts computed once travel in their rank's blocks, in job order.
+    std::vector<int> owner(jobs.size(), placement_.shared_of(std::size_t(li)));
     for (std::size_t k = m.shared.size(); k < jobs.size(); ++k)
       owner[k] = jobs[k].novice || jobs[k].tokens.empty() ? -2 : placement_.owner[std::size_t(li)][std::size_t(jobs[k].expert)];
     // Each rank's blocks in job order: the layout every rank derives from the same plan.
@@ -217,7 +333,7 @@ class expert_layers {
       split.computes[k] = owner[k] == -1 || owner[k] == rank_;
       if (jobs[k].tokens.empty() || owner[k] == -2) continue;
       split.part[k] = owner[k] == -1 ? shared_blocks_.data() + offset[k] : blocks_.data() + std::size_t(displs[std::size_t(owner[k])]) + offset[k];
-      if (owner[k] == rank_) stats.work += double(jobs[k].tokens.size()) * double(jobs[k].columns) * (jobs[k].gated() ? 3 : 2);
+      if (owner[k] == rank_ && k >= m.shared.size()) stats.work += double(jobs[k].tokens.size()) * double(jobs[k].columns) * (jobs[k].gated() ? 3 : 2);
     }
     clock::time_point t2;
     split.exchange = [&] {
@@ -235,6 +351,7 @@ class expert_layers {
   }
 
   const placement& layout() const { return placement_; }
+  std::uint64_t fingerprint() const { return fingerprint_; }
   int rank() const { return rank_; }
   int ranks() const { return ranks_; }
   ep_stats stats;
@@ -243,6 +360,7 @@ class expert_layers {
   MPI_Comm comm_;
   int rank_, ranks_;
   placement placement_;
+  std::uint64_t fingerprint_ = 0;  ///< of the model and placement, set by build
   std::vector<runtime::detail::packed_layer> packed_;  ///< per layer: this rank's experts' and the shared experts' panels (empty for a dense layer)
   std::vector<float> blocks_, shared_blocks_;          ///< the exchanged blocks, this call's; reused
 };
@@ -258,8 +376,25 @@ class expert_layers {
 /// one after another).
 class expert_parallel {
  public:
+  /// From weights in memory (every rank holds them all until each layer is
+  /// taken: what tests and callers that already have the weights use).
   expert_parallel(model::weights&& w, placement p, MPI_Comm comm, std::optional<runtime::detail::weight_format> format = std::nullopt)
-      : layers_(std::make_shared<detail::expert_layers>(comm)), tr_(detail::expert_layers::split(layers_, std::move(w), std::move(p), format)) {}
+      : layers_(std::make_shared<detail::expert_layers>(comm)),
+        tr_(checked(comm, [&] { return from_weights(std::move(w), std::move(p), format); })) {}
+
+  /// Reads the model at `path` (any model io::load_transformer reads) one
+  /// layer at a time, each rank only its own routed experts (and the
+  /// replicated rest), placed as `how` says; `opt.on_layer` may edit each
+  /// layer (whose other ranks' experts are released) before it is packed.
+  /// Peak memory per rank: its share of the model packed, plus one layer's
+  /// replicated tensors and its own experts in F32 (the whole layer in F32
+  /// with balanced placement), plus the file's mapped pages of that layer.
+  expert_parallel(const std::string& path, const io::load_options& opt, placement_options how, MPI_Comm comm,
+                  std::optional<runtime::detail::weight_format> format = std::nullopt)
+      : layers_(std::make_shared<detail::expert_layers>(comm)),
+        tr_(checked(comm, [&] {
+          return io::with_layer_reader(path, opt, [&](auto&& src) { return detail::expert_layers::build(layers_, src, "'" + path + "'", how, format, opt.on_layer); });
+        })) {}
 
   const model::transformer& model() const { return tr_; }
   /// The transformer, still expert-parallel (its runner shares the layers),
@@ -269,9 +404,28 @@ class expert_parallel {
   int rank() const { return layers_->rank(); }
   int ranks() const { return layers_->ranks(); }
   const ep_stats& stats() const { return layers_->stats; }
+  /// Whether this rank holds routed expert e of MoE layer li (its packed weights).
+  bool holds_expert(index_t li, index_t e) const { return layers_->holds_expert(li, e); }
+  /// Whether this rank computes MoE layer li's shared experts.
+  bool computes_shared(index_t li) const { return layers_->computes_shared(li); }
   void reset_stats() { layers_->stats = {}; }
 
  private:
+  model::transformer from_weights(model::weights&& w, placement p, const std::optional<runtime::detail::weight_format>& format) {
+    model::validate(w);
+    validate(p, w);
+    io::weights_layers src(std::move(w));
+    return detail::expert_layers::build(layers_, src, "(weights in memory)", {std::move(p)}, format);
+  }
+
+  /// Loads on every rank, agreeing on failure, then on the model (see load_on_every_rank).
+  template <class Load>
+  model::transformer checked(MPI_Comm comm, Load&& load) {
+    model::transformer tr = load_on_every_rank(comm, std::forward<Load>(load));
+    require_same_model(comm, layers_->fingerprint());
+    return tr;
+  }
+
   std::shared_ptr<detail::expert_layers> layers_;
   model::transformer tr_;
 };

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moeforge/convert/partition.hpp"
+#include "moeforge/io/expert_filter.hpp"
 #include "moeforge/io/native.hpp"
 #include "moeforge/io/safetensors.hpp"
 #include "moeforge/model/transformer.hpp"
@@ -241,15 +242,22 @@ class tensor_reader {
     if (shapes_only_) return shape_checked<vector>(name, {n});
     return checked(ck_.read_vector(name, n), name);
   }
-  // A 3-D tensor [a, b, c] as a flat row-major buffer (empty when only checking shapes).
-  std::vector<float> cube(const std::string& name, index_t a, index_t b, index_t c) {
-    if (shapes_only_) return shape_checked<std::vector<float>>(name, {a, b, c});
+  // Expert x's slice of a packed 3-D tensor [a, b, c] as a [b, c] matrix (empty when only checking shapes).
+  matrix cube_slice(const std::string& name, index_t a, index_t b, index_t c, index_t x) {
+    if (shapes_only_) return shape_checked<matrix>(name, {a, b, c});
     ck_.require_shape(name, {a, b, c});
-    auto v = ck_.read(name);
-    if (!std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); }))
-      throw value_error(cat("hf: tensor '", name, "' contains NaN or Inf"));
+    matrix m(b, c);
+    ck_.read_rows(name, std::size_t(x) * std::size_t(b * c), std::size_t(b * c), m.data());
+    moeforge::detail::require_finite(m, cat("safetensors: '", ck_.file(name), "': tensor '", name, "' expert ", x));
     used_.insert(name);
-    return v;
+    return m;
+  }
+  // An FFN whose tensors are only checked against the headers, never read: released, with their shape.
+  ffn released_ffn(const std::vector<std::pair<std::string, std::vector<std::int64_t>>>& tensors, index_t h, index_t i) {
+    for (const auto& [name, shape] : tensors) shape_checked<matrix>(name, shape);
+    ffn f;
+    f.released = ffn_shape{h, i, true};
+    return f;
   }
   void skip(const std::string& name) { used_.insert(name); }
 
@@ -286,7 +294,8 @@ inline ffn read_ffn(tensor_reader& t, const std::string& gate, const std::string
   return f;
 }
 
-inline moe_layer read_moe_block(tensor_reader& t, const std::string& p, const hf_moe_spec& s) {
+// `keep`: see expert_filter; the experts it refuses are released, their data not read.
+inline moe_layer read_moe_block(tensor_reader& t, const std::string& p, const hf_moe_spec& s, const expert_filter& keep = {}) {
   const index_t h = s.hidden, i = s.intermediate, e = s.experts;
   moe_layer m;
   m.router.kind = router_kind::softmax_topk;
@@ -299,22 +308,30 @@ inline moe_layer read_moe_block(tensor_reader& t, const std::string& p, const hf
     if (t.has(p + ".experts.0." + (s.family == "mixtral" ? "w1" : "gate_proj") + ".weight"))
       throw format_error(cat("hf: block '", p, "' holds its experts both packed and per expert"));
     // gate_up_proj [E, 2I, H]: the gate's I rows first; down_proj [E, H, I].
-    const auto gu = t.cube(packed, e, 2 * i, h);
-    const auto dn = t.cube(p + ".experts.down_proj", e, h, i);
-    for (index_t x = 0; x < e && !gu.empty(); ++x) {
+    // Slice by slice, so a filtered read never touches the other experts'
+    // bytes and the peak is one expert, not the whole packed tensor.
+    const std::string down = p + ".experts.down_proj";
+    for (index_t x = 0; x < e; ++x) {
       ffn& f = m.experts[std::size_t(x)].weights;
-      const float* g = gu.data() + std::size_t(x) * std::size_t(2 * i * h);
-      f.gate = Eigen::Map<const matrix>(g, i, h);
-      f.up = Eigen::Map<const matrix>(g + std::size_t(i * h), i, h);
-      f.down = Eigen::Map<const matrix>(dn.data() + std::size_t(x) * std::size_t(h * i), h, i);
+      if (keep && !keep(x)) {
+        f = t.released_ffn({{packed, {e, 2 * i, h}}, {down, {e, h, i}}}, h, i);
+        continue;
+      }
+      const matrix gu = t.cube_slice(packed, e, 2 * i, h, x);
+      matrix dn = t.cube_slice(down, e, h, i, x);
+      if (gu.size() == 0) continue;  // only checking shapes
+      f.gate = gu.topRows(i);
+      f.up = gu.bottomRows(i);
+      f.down = std::move(dn);
     }
   } else {
     const bool mixtral = s.family == "mixtral";
     for (index_t x = 0; x < e; ++x) {
       const std::string q = cat(p, ".experts.", x, ".");
-      m.experts[std::size_t(x)].weights =
-          mixtral ? read_ffn(t, q + "w1.weight", q + "w3.weight", q + "w2.weight", h, i)
-                  : read_ffn(t, q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight", h, i);
+      const std::string gate = q + (mixtral ? "w1" : "gate_proj") + ".weight", up = q + (mixtral ? "w3" : "up_proj") + ".weight",
+                        down = q + (mixtral ? "w2" : "down_proj") + ".weight";
+      m.experts[std::size_t(x)].weights = keep && !keep(x) ? t.released_ffn({{gate, {i, h}}, {up, {i, h}}, {down, {h, i}}}, h, i)
+                                                           : read_ffn(t, gate, up, down, h, i);
     }
   }
   if (s.shared_intermediate > 0) {
@@ -332,7 +349,7 @@ inline hf_moe_spec moe_spec_of(const hf_config& h) {
 }
 
 // Layer `li` as config.json describes it (attention, norms, dense FFN or MoE block).
-inline model::layer read_layer(tensor_reader& t, const hf_config& h, index_t li) {
+inline model::layer read_layer(tensor_reader& t, const hf_config& h, index_t li, const expert_filter& keep = {}) {
   const auto& c = h.model;
   const index_t dim = c.dim, q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
   model::layer l;
@@ -353,7 +370,7 @@ inline model::layer read_layer(tensor_reader& t, const hf_config& h, index_t li)
   if (h.is_moe_layer(li)) {
     // transformers 5 names Mixtral's block "mlp", earlier versions "block_sparse_moe".
     const bool classic = h.model_type == "mixtral" && t.has(p + "block_sparse_moe.gate.weight");
-    l.ffn = read_moe_block(t, p + (classic ? "block_sparse_moe" : "mlp"), moe_spec_of(h));
+    l.ffn = read_moe_block(t, p + (classic ? "block_sparse_moe" : "mlp"), moe_spec_of(h), keep);
   } else {
     l.ffn = read_ffn(t, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight", dim, h.intermediate);
   }
@@ -459,10 +476,14 @@ class hf_layers {
     return w;
   }
 
-  /// Layer `li` in FP32 (NaN or Inf refused, naming the tensor).
-  model::layer layer(index_t li) const {
+  /// Routed experts of layer `li` (0 for a dense layer), from config.json.
+  index_t experts(index_t li) const { return h_.is_moe_layer(li) ? h_.experts : 0; }
+
+  /// Layer `li` in FP32 (NaN or Inf refused, naming the tensor); the routed
+  /// experts `keep` refuses come back released, their data not read (see expert_filter).
+  model::layer layer(index_t li, const expert_filter& keep = {}) const {
     detail::tensor_reader t(ck_);
-    return detail::read_layer(t, h_, li);
+    return detail::read_layer(t, h_, li, keep);
   }
 
   /// The embedding rows of `tokens` [n, H]; the rest of the table is not touched.

@@ -14,8 +14,10 @@ namespace moeforge::io {
 
 struct load_options {
   std::string config;  ///< config.json for a .safetensors file or index (default: the one beside it)
-  /// load_transformer only: called with each layer's index and F32 weights
-  /// before it is packed, e.g. to set a drop policy (the layer must stay valid).
+  /// load_transformer and distributed::expert_parallel's path constructor:
+  /// called with each layer's index and F32 weights before it is packed, e.g.
+  /// to set a drop policy (the layer must stay valid). In an expert-parallel
+  /// load the routed experts other ranks compute arrive released (shape only).
   std::function<void(index_t, model::layer&)> on_layer = {};  // "= {}": `{config}` initialises the struct without -Wextra warnings
 };
 
@@ -41,8 +43,55 @@ inline model_format format_of(const std::string& path, const load_options& opt) 
   throw format_error(cat("model '", path, "': expected a llama2.c .bin, a .safetensors file, a Hugging Face or a moeforge directory"));
 }
 
+}  // namespace detail
+
+/// A model already in memory served like the file readers' layers (for a
+/// llama2.c checkpoint, read whole, and for callers holding weights).
+class weights_layers {
+ public:
+  explicit weights_layers(model::weights&& w) : w_(std::move(w)) {
+    if (index_t(w_.layers.size()) != w_.config.n_layers)
+      throw shape_error(detail::cat("model weights in memory (a llama2.c checkpoint or a caller's): ", w_.layers.size(), " layers, config says ",
+                                    w_.config.n_layers));
+  }
+  const model::config& config() const { return w_.config; }
+  index_t experts(index_t li) const {
+    const auto* m = std::get_if<moe_layer>(&w_.layers[std::size_t(li)].ffn);
+    return m ? m->num_experts() : 0;
+  }
+  /// The globals, moved out: call once, before the layers.
+  model::weights globals() { return model::take_globals(w_); }
+  /// Layer `li`, moved out (call once per layer); the experts `keep` refuses released.
+  model::layer layer(index_t li, const expert_filter& keep = {}) {
+    model::layer l = std::move(w_.layers[std::size_t(li)]);
+    if (auto* m = std::get_if<moe_layer>(&l.ffn); m && keep)
+      for (index_t e = 0; e < m->num_experts(); ++e)
+        if (!m->experts[std::size_t(e)].is_novice() && !keep(e)) moeforge::release(m->experts[std::size_t(e)].weights);
+    return l;
+  }
+  void release() const {}
+
+ private:
+  model::weights w_;  ///< handed out piece by piece, as the file readers read theirs
+};
+
+/// Calls visit(reader) (an rvalue) with the layer reader `path` needs: native_layers,
+/// hf_layers, or (llama2.c, read whole) weights_layers; each has config(),
+/// experts(li), globals(), layer(li, keep) and release().
+template <class Visit>
+decltype(auto) with_layer_reader(const std::string& path, const load_options& opt, Visit&& visit) {
+  switch (detail::format_of(path, opt)) {
+    case detail::model_format::native: return visit(native_layers(path));
+    case detail::model_format::hf: return visit(hf_layers(path, opt.config));
+    case detail::model_format::llama2c: break;
+  }
+  return visit(weights_layers(load_llama2c(path)));
+}
+
+namespace detail {
+
 template <class Source>
-model::transformer transformer_from(const Source& src, const load_options& opt, std::optional<runtime::detail::weight_format> format) {
+model::transformer transformer_from(Source& src, const load_options& opt, std::optional<runtime::detail::weight_format> format) {
   model::weights globals = src.globals();
   src.release();
   return model::transformer(
@@ -84,15 +133,7 @@ inline model::weights load_model(const std::string& path, const load_options& op
 /// from several processes on one file (it only reads).
 inline model::transformer load_transformer(const std::string& path, const load_options& opt = {},
                                            std::optional<runtime::detail::weight_format> format = std::nullopt) {
-  switch (detail::format_of(path, opt)) {
-    case detail::model_format::native: return detail::transformer_from(native_layers(path), opt, format);
-    case detail::model_format::hf: return detail::transformer_from(hf_layers(path, opt.config), opt, format);
-    case detail::model_format::llama2c: break;
-  }
-  model::weights w = load_llama2c(path);
-  if (opt.on_layer)
-    for (std::size_t li = 0; li < w.layers.size(); ++li) opt.on_layer(index_t(li), w.layers[li]);
-  return model::transformer(std::move(w), format);
+  return with_layer_reader(path, opt, [&](auto&& src) { return detail::transformer_from(src, opt, format); });
 }
 
 }  // namespace moeforge::io

@@ -50,6 +50,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moeforge/io/expert_filter.hpp"
 #include "moeforge/io/safetensors.hpp"
 #include "moeforge/model/transformer.hpp"
 
@@ -630,13 +631,38 @@ class native_layers {
     return w;
   }
 
-  /// Layer `li` in F32, checked against the config.
-  model::layer layer(index_t li) const {
+  /// Routed experts of layer `li` (0 for a dense layer), from the manifest.
+  index_t experts(index_t li) const {
+    const auto* m = std::get_if<moe_layer>(&skeleton_.layers[std::size_t(li)].ffn);
+    return m ? m->num_experts() : 0;
+  }
+
+  /// Layer `li` in F32, checked against the config; the routed experts
+  /// `keep` refuses come back released (see expert_filter).
+  model::layer layer(index_t li, const expert_filter& keep = {}) const {
+    using detail::cat;
     model::layer l = skeleton_.layers[std::size_t(li)];
-    const auto read_tensor = [this](const std::string& name, auto& t) { read(name, t); };
+    std::vector<std::pair<index_t, std::string>> skipped;  // the experts not read, with their tensor names' prefix
+    auto* m = std::get_if<moe_layer>(&l.ffn);
+    if (m && keep)
+      for (index_t e = 0; e < m->num_experts(); ++e)
+        if (!m->experts[std::size_t(e)].is_novice() && !keep(e)) skipped.emplace_back(e, cat("layers.", li, ".moe.experts.", e, "."));
+    const auto read_tensor = [&](const std::string& name, auto& t) {
+      for (const auto& skip : skipped)
+        if (name.compare(0, skip.second.size(), skip.second) == 0) return;
+      read(name, t);
+    };
     detail::for_each_layer_tensor(std::size_t(li), l, read_tensor, read_tensor);
+    for (const auto& [e, prefix] : skipped) {
+      auto& f = m->experts[std::size_t(e)].weights;
+      const auto& up = st_.info(prefix + "up").shape;  // [I, H]; rank checked when the directory was opened
+      if (f.gated()) st_.require_shape(prefix + "gate", up);
+      st_.require_shape(prefix + "down", {up[1], up[0]});
+      f.released = ffn_shape{index_t(up[1]), index_t(up[0]), f.gated()};
+      f.gate = matrix();  // the skeleton's placeholder
+    }
     try {
-      model::validate(skeleton_.config, l, std::size_t(li));
+      model::validate(skeleton_.config, l, std::size_t(li), bool(keep));
     } catch (const error& e) {
       throw format_error(detail::cat(dir_, ": ", e.what()));
     }

@@ -64,8 +64,8 @@ inline void validate(const config& c) {
 }
 
 /// Throws shape_error / config_error naming the part of layer `i` that does
-/// not fit the config.
-inline void validate(const config& c, const layer& l, std::size_t i) {
+/// not fit the config (see validate(moe_layer) on `routed_may_be_released`).
+inline void validate(const config& c, const layer& l, std::size_t i, bool routed_may_be_released = false) {
   using moeforge::detail::cat;
   using moeforge::detail::require_shape;
   const index_t q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
@@ -83,7 +83,7 @@ inline void validate(const config& c, const layer& l, std::size_t i) {
     moeforge::validate(*f, name + ".ffn", c.dim);
   else {
     const auto& m = std::get<moe_layer>(l.ffn);
-    moeforge::validate(m, name + ".moe");
+    moeforge::validate(m, name + ".moe", routed_may_be_released);
     if (m.hidden() != c.dim) throw shape_error(cat(name, ".moe: hidden size ", m.hidden(), ", expected ", c.dim));
   }
 }
@@ -181,7 +181,7 @@ class transformer {
     w.layers.reserve(std::size_t(n));
     for (index_t li = 0; li < n; ++li) {
       layer l = next_layer(li);
-      validate(w.config, l, std::size_t(li));
+      validate(w.config, l, std::size_t(li), runs_externally(li));  // the external runner holds the experts it computes
       if (runs_externally(li)) {
         const auto* m = std::get_if<moe_layer>(&l.ffn);
         if (!m || m->router.kind == router_kind::oracle)
@@ -442,13 +442,7 @@ class transformer {
   static weights without_layers(weights& w) {
     if (index_t(w.layers.size()) != w.config.n_layers)
       throw shape_error(moeforge::detail::cat("model: ", w.layers.size(), " layers, config says ", w.config.n_layers));
-    weights g;
-    g.config = w.config;
-    g.tok_emb = std::move(w.tok_emb);
-    g.final_norm = std::move(w.final_norm);
-    g.lm_head = std::move(w.lm_head);
-    g.weight_dtype = w.weight_dtype;
-    return g;
+    return take_globals(w);
   }
 
   void make_rope_tables() {

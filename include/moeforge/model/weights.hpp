@@ -95,4 +95,30 @@ inline double active_ffn_fraction(const weights& w) {
   return total > 0 ? active / total : 1.0;
 }
 
+/// w's config, globals and weight type moved out, without its layers: what a
+/// model built one layer at a time starts from.
+inline weights take_globals(weights& w) {
+  weights g;
+  g.config = w.config;
+  g.tok_emb = std::move(w.tok_emb);
+  g.final_norm = std::move(w.final_norm);
+  g.lm_head = std::move(w.lm_head);
+  g.weight_dtype = w.weight_dtype;
+  return g;
+}
+
+/// A model of one layer (a placeholder one-token vocabulary, tied): what the
+/// transformer runs when the rest of the model is on disk.
+inline weights layer_model(const config& c, layer l) {
+  weights w;
+  w.config = c;
+  w.config.n_layers = 1;
+  w.config.vocab_size = 1;
+  w.config.tied_embeddings = true;
+  w.tok_emb = matrix::Zero(1, c.dim);
+  w.final_norm = vector::Ones(c.dim);
+  w.layers.push_back(std::move(l));
+  return w;
+}
+
 }  // namespace moeforge::model

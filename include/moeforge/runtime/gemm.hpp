@@ -282,13 +282,24 @@ constexpr bool bf16_dot_available = true;
 constexpr bool bf16_dot_available = false;
 #endif
 
+/// BF16 products over more than this many tokens may round the tokens (see
+/// weight_format). Widening BF16 weights costs one FMA per weight and token,
+/// so the exact path is bound by arithmetic once a product does more FLOPs per
+/// weight byte (its token count) than peak / bandwidth, about 8 on the Zen 5
+/// this was measured on; there `vdpbf16ps` halves the instructions (E8A2 at
+/// T = 64, 16 tokens per expert: a quarter less CPU time). Up to it both paths
+/// stream the weights at the same speed and the exact one costs nothing. An
+/// expert's share of a 64-token batch is 4-32 tokens on the usual layers, so
+/// the rule is per product, not per batch.
+constexpr index_t bf16_exact_tokens = 8;
+
 /// How prepared weights are stored and multiplied: F32, or BF16. With BF16,
-/// products over more than gemm_tokens_in_place tokens (compute-bound: the
-/// weights are reused) round the tokens to BF16 too and use `vdpbf16ps`, two
-/// multiply-adds per lane and instruction, when `round_tokens` is set and the
-/// build has AVX512_BF16; otherwise the tokens stay F32 and every product is
-/// exactly the F32 product of the BF16 weights. Few-token products (decode)
-/// always take the exact path: they are bound by the weights' bytes.
+/// products over more than bf16_exact_tokens tokens round the tokens to BF16
+/// too and use `vdpbf16ps`, two multiply-adds per lane and instruction, when
+/// `round_tokens` is set and the build has AVX512_BF16; otherwise the tokens
+/// stay F32 and every product is exactly the F32 product of the BF16 weights.
+/// Few-token products (decode) always take the exact path: they are bound by
+/// the weights' bytes.
 struct weight_format {
   dtype type = dtype::f32;
   bool round_tokens = true;
@@ -444,15 +455,18 @@ inline void pack_token_pairs(const float* const* src, index_t count, index_t k0,
 #if defined(__AVX512BF16__)
     // Eight tokens × eight pairs at a time: 16 consecutive values of a token
     // convert to its 8 pairs in order (`vcvtneps2bf16`, as bf16_token), and
-    // an 8×8 transpose of those 32-bit pairs lays them out [pair][MR].
-    if (count - p0 >= gemm_mr)
-      for (; 2 * j0 + 16 <= kl; j0 += 8) {
-        alignas(32) float pairs8[gemm_mr][8];  // the pairs' bits, moved as floats
-        for (index_t r = 0; r < gemm_mr; ++r)
-          _mm256_store_ps(pairs8[r], (__m256)_mm512_cvtneps_pbh(_mm512_loadu_ps(src[p0 + r] + k0 + 2 * j0)));
-        transpose8x8_of([&pairs8](int q) { return static_cast<const float*>(pairs8[q]); }, reinterpret_cast<float*>(dst + j0 * gemm_mr),
-                        gemm_mr);
-      }
+    // an 8×8 transpose of those 32-bit pairs lays them out [pair][MR]. The
+    // rows of a last, partial panel are zero here too: a job's tokens rarely
+    // fill whole panels, and converting its last panel value by value cost
+    // a tenth of the time at 16 tokens per expert.
+    const index_t real = std::min(gemm_mr, count - p0);
+    for (; 2 * j0 + 16 <= kl; j0 += 8) {
+      alignas(32) float pairs8[gemm_mr][8];  // the pairs' bits, moved as floats
+      for (index_t r = 0; r < gemm_mr; ++r)
+        _mm256_store_ps(pairs8[r], r < real ? (__m256)_mm512_cvtneps_pbh(_mm512_loadu_ps(src[p0 + r] + k0 + 2 * j0)) : _mm256_setzero_ps());
+      transpose8x8_of([&pairs8](int q) { return static_cast<const float*>(pairs8[q]); }, reinterpret_cast<float*>(dst + j0 * gemm_mr),
+                      gemm_mr);
+    }
 #endif
     for (index_t r = 0; r < gemm_mr; ++r) {
       const float* x = p0 + r < count ? src[p0 + r] + k0 : nullptr;
@@ -469,7 +483,7 @@ inline void pack_token_pairs(const float* const* src, index_t count, index_t k0,
 /// pack_token_pairs) and a BF16 panel slice: the two depths of a pair are
 /// interleaved from two panel rows in registers and taken by one vdpbf16ps.
 template <int M>
-inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first) {
+inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, const bfloat16* pf) {
   __m512 lo[M], hi[M];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
@@ -477,6 +491,7 @@ inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bflo
     hi[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr + 16);
   }
   for (index_t k = 0; k < kl; k += 2, b += 2 * gemm_nr, a += gemm_mr) {
+    if (pf) prefetch_panel_row(pf, k), prefetch_panel_row(pf, k + 1);
     const __m512i r0 = _mm512_loadu_si512(b), r1 = k + 1 < kl ? _mm512_loadu_si512(b + gemm_nr) : _mm512_setzero_si512();
     const __m512bh p0 = (__m512bh)_mm512_unpacklo_epi16(r0, r1), p1 = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
 #pragma GCC unroll 8
@@ -489,11 +504,11 @@ inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bflo
   for (int r = 0; r < M; ++r) _mm512_storeu_ps(c + r * gemm_nr, lo[r]), _mm512_storeu_ps(c + r * gemm_nr + 16, hi[r]);
 }
 
-inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows) {
-  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value>(kl, a, b, c, first); });
+inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows, const bfloat16* pf) {
+  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value>(kl, a, b, c, first, pf); });
 }
 #else
-inline void micro_kernel_dot(index_t, const std::uint32_t*, const bfloat16*, float*, bool, index_t) {}
+inline void micro_kernel_dot(index_t, const std::uint32_t*, const bfloat16*, float*, bool, index_t, const bfloat16*) {}
 #endif
 
 /// Up to this many tokens the micro-kernel reads them in place from their
@@ -525,7 +540,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   const bool pack_tokens = m > gemm_tokens_in_place;
   // BF16 tokens when every block asks for them (see weight_format); the
   // tokens are then packed as pairs instead of F32 panels.
-  const bool dot = pack_tokens && std::all_of(a.begin(), a.end(), [](const weight_block& blk) { return blk.panels && blk.panels->dot(); });
+  const bool dot = m > bf16_exact_tokens && std::all_of(a.begin(), a.end(), [](const weight_block& blk) { return blk.panels && blk.panels->dot(); });
   apack.resize(std::size_t(packed_panels * gemm_nr * gemm_kc));
   if (pack_tokens && !dot) bpack.resize(std::size_t(gemm_mc * gemm_mr * gemm_kc));
   if (dot) bpairs.resize(std::size_t(gemm_mc * gemm_mr * (gemm_kc / 2)));
@@ -558,7 +573,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
           const panel_slice pf = ip == ic ? next : panel_slice{};
           if (dot) {
             micro_kernel_dot(kl, bpairs.data() + (ip - ic) * ((kl + 1) / 2) * gemm_mr, static_cast<const bfloat16*>(slices[std::size_t(jp)].data),
-                             tile, k0 == 0, rows);
+                             tile, k0 == 0, rows, pf.data && pf.type == dtype::bf16 ? static_cast<const bfloat16*>(pf.data) : nullptr);
           } else if (pack_tokens) {
             micro_kernel_slice(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
           } else {
