@@ -107,18 +107,19 @@ int bench_model(int argc, char** argv) {
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& v : variants) {
     for (const dtype type : types) {
-      // Made afresh per row, so the resident memory is this row's alone: the
-      // previous row's freed weights would otherwise stay in glibc's heap,
-      // fragmented, and count here (about 1 GB per earlier row measured).
-#if defined(__GLIBC__)
-      malloc_trim(0);
-#endif
+      // Made afresh per row, so the resident memory is this row's alone.
       const auto t0 = std::chrono::steady_clock::now();
       // Owning: every weight on prepared layouts of this type (a model file read layer by layer).
       const model::transformer tr =
           synthetic ? model::transformer(bench::synthetic_model(*shape, layers, v.moe, std::uint64_t(a.get_int("seed")), 2 * context + 64), type)
                     : io::load_transformer(a.get("model"), {}, type);
       const double load_s = bench::seconds_since(t0);
+      // A model built after another leaves glibc's heap fragmented around its
+      // panels (about 1 GB per 2 layers of llama-7b measured), which would
+      // count in this row's resident memory though nothing uses it.
+#if defined(__GLIBC__)
+      malloc_trim(0);
+#endif
       const double active = model::active_ffn_fraction(tr.structure());
       const auto& c = tr.config();
       if (c.seq_len < context + 3) throw config_error(detail::cat("model: its context of ", c.seq_len, " is shorter than --context ", context, " + 3"));
