@@ -33,7 +33,7 @@ void require_all_equal(const std::vector<T>& r) {
 
 /// One layer of a decoder wide enough that a single token's FFN crosses
 /// min_parallel_fma: 512 features, a dense layer then an MoE layer.
-model::weights wide_model() {
+model::weights wide_model(index_t context = 64) {
   std::mt19937 rng(31);
   model::weights w;
   auto& c = w.config;
@@ -43,7 +43,7 @@ model::weights wide_model() {
   c.n_kv_heads = 4;
   c.head_dim = 64;
   c.vocab_size = 96;
-  c.seq_len = 64;
+  c.seq_len = context;
   // Entries of 1/sqrt(fan-in): activations stay O(1) through both layers.
   const float in = 1.0f / std::sqrt(float(c.dim));
   w.tok_emb = random_matrix(c.vocab_size, c.dim, rng, 1.0f);
@@ -128,6 +128,27 @@ TEST_CASE("the dense kernel is bit-identical for 1-4 threads when both phases sp
       REQUIRE((r[0] - want).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + want.cwiseAbs().maxCoeff()));
     }
   }
+}
+
+TEST_CASE("decoding at a long context splits attention across the team: bit-identical for 1-4 threads, equal to the prefill within rounding") {
+  const model::weights w = wide_model(200);
+  const auto& c = w.config;
+  const index_t context = 150, steps = 10;
+  REQUIRE(2.0 * double(c.n_heads) * double(context) * double(c.head_dim) >= model::transformer::attention_parallel_fma);
+  std::vector<std::int32_t> tokens(std::size_t(context + steps));
+  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = std::int32_t((i * 37 + 5) % std::size_t(c.vocab_size));
+  const model::transformer tr(w);
+  const auto decoded = for_each_thread_count([&] {
+    auto cache = tr.new_cache();
+    tr.forward({tokens.begin(), tokens.begin() + context}, cache);
+    matrix out(steps, c.vocab_size);
+    for (index_t s = 0; s < steps; ++s) out.row(s) = tr.forward({tokens[std::size_t(context + s)]}, cache).row(0);
+    return out;
+  });
+  require_all_equal(decoded);
+  auto cache = tr.new_cache();
+  const matrix prefill = tr.forward(tokens, cache).bottomRows(steps);
+  REQUIRE((decoded[0] - prefill).cwiseAbs().maxCoeff() <= 1e-4f * (1.0f + prefill.cwiseAbs().maxCoeff()));
 }
 
 TEST_CASE("decoding and generation are bit-identical for 1-4 threads on a model whose every token splits") {

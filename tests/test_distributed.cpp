@@ -430,6 +430,18 @@ TEST_CASE("a rank with a different model is refused at start-up with a clear mes
                       Catch::Contains(moeforge::detail::cat("rank ", world_size() - 1, "'s model or placement differs from rank 0's")));
 }
 
+TEST_CASE("the fingerprint covers each routed expert's activation and shape, not its weights (which a rank may not hold)") {
+  std::mt19937 rng(17);
+  auto w = tiny_model(spec_layer(router_kind::softmax_topk, rng), rng);
+  const auto p = distributed::contiguous_placement(w, world_size());
+  const std::uint64_t fp = distributed::fingerprint(w, p, dtype::f32);
+  auto& expert = std::get<moe_layer>(w.layers[1].ffn).experts[0].weights;
+  expert.up(0, 0) += 1.0f;
+  REQUIRE(distributed::fingerprint(w, p, dtype::f32) == fp);
+  expert.act = expert.act == activation::silu ? activation::gelu : activation::silu;
+  REQUIRE(distributed::fingerprint(w, p, dtype::f32) != fp);
+}
+
 TEST_CASE("a load that fails on one rank throws on every rank, naming that rank, without hanging") {
   test::temp_dir dir;
   std::mt19937 rng(23);

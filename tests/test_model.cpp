@@ -61,6 +61,14 @@ TEST_CASE("prefill of a window and token-by-token decode give the same logits") 
   tr.forward({window.begin(), window.begin() + 37}, split_cache);
   const matrix rest = tr.forward({window.begin() + 37, window.end()}, split_cache);
   CHECK((rest - batch.bottomRows(63)).cwiseAbs().maxCoeff() < 1e-4f);
+  // Chunks of up to transformer::attention_rows_max tokens attend row by row, several queries per head.
+  auto chunk_cache = tr.new_cache();
+  tr.forward({window.begin(), window.begin() + 37}, chunk_cache);
+  for (index_t t = 37; t < index_t(window.size()); t += model::transformer::attention_rows_max) {
+    const index_t n = std::min(model::transformer::attention_rows_max, index_t(window.size()) - t);
+    const matrix part = tr.forward({window.begin() + t, window.begin() + t + n}, chunk_cache);
+    REQUIRE((part - batch.middleRows(t, n)).cwiseAbs().maxCoeff() < 1e-4f);
+  }
 }
 
 TEST_CASE("stories260K perplexity on the evaluation text matches the independent reference", "[slow]") {

@@ -295,13 +295,11 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     for (const auto& w : x) total += w.rows();
     matrix inputs(total, c.dim);
     index_t at = 0;
+    model::forward_options fo;
+    fo.stop_after_layer = 0;
+    fo.on_ffn_input = [&](index_t, const_matrix_ref in) { inputs.middleRows(at, in.rows()) = in; };
     for (auto& w : x) {
-      model::kv_cache cache = tr.new_cache();
-      tr.attention_step(0, w, cache, 0);
-      model::forward_options fo;
-      fo.stop_after_layer = 0;
-      fo.on_ffn_input = [&](index_t, const_matrix_ref in) { inputs.middleRows(at, in.rows()) = in; };
-      tr.ffn_step(0, w, fo);
+      tr.layer_step(0, w, fo);
       at += w.rows();
     }
     rep.times.attention += since(t0);

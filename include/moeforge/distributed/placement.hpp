@@ -198,11 +198,7 @@ class layer_loads {
       o.on_ffn_input = [&](index_t, const_matrix_ref x) {
         if (m) add_loads(*m, x, load);
       };
-      for (auto& x : states_) {
-        auto cache = tr.new_cache();
-        tr.attention_step(0, x, cache, 0);
-        tr.ffn_step(0, x, o);
-      }
+      for (auto& x : states_) tr.layer_step(0, x, o);
     }
     l = std::move(one.layers.front());
     return load;
@@ -301,7 +297,7 @@ class fingerprint_hash {
 /// kernels run in (`run_dtype`), every replicated tensor (embedding,
 /// classifier, norms, attention, dense FFNs, routers and their drop
 /// policies, shared experts, novices, compensation), the routed experts'
-/// shapes, and the placement. Ranks compare it at start-up: routed experts'
+/// shapes and activations, and the placement. Ranks compare it at start-up: routed experts'
 /// weights (which a rank may not hold) are not hashed, so it costs one pass
 /// over the replicated weights. Built in the model's order (globals, each
 /// layer, the placement), so a model read layer by layer is hashed as it is
@@ -352,6 +348,7 @@ class fingerprint_builder {
       h_.value(std::int64_t(e.width()));
       h_.value(std::int64_t(e.major_width()));
       h_.value(e.weights.gated());
+      h_.value(e.weights.act);
       h_.value(e.is_novice());
       for (const index_t cut : e.parts) h_.value(std::int64_t(cut));
       if (e.is_novice()) h_.values(e.novice);

@@ -122,6 +122,13 @@ inline void validate(const weights& w) {
 /// shows what is left (config, norms, biases, routers, FFN shapes).
 class transformer {
  public:
+  /// Batches of this many tokens or fewer (decoding) attend row by row,
+  /// reading the cache in place; larger ones (prefill) as blocked products.
+  static constexpr index_t attention_rows_max = 4;
+  /// Row-by-row attention wakes the team from this many multiply-adds: each
+  /// reads a value of the cache that no other row of the batch shares.
+  static constexpr double attention_parallel_fma = 1 << 16;
+
   /// Hands an owning transformer layer `li`; called once per layer, in order.
   using layer_source = std::function<layer(index_t li)>;
 
@@ -311,6 +318,15 @@ class transformer {
     return true;
   }
 
+  /// Layer li alone on hidden states x [T, H] fed from position 0 with a
+  /// fresh cache: attention_step, then ffn_step's result. How a model is run
+  /// one layer at a time over calibration windows.
+  bool layer_step(index_t li, matrix& x, const forward_options& opt) const {
+    kv_cache cache = new_cache();
+    attention_step(li, x, cache, 0);
+    return ffn_step(li, x, opt);
+  }
+
  private:
   /// Adds the time since the previous lap to one stage; free when not timing.
   class stage_clock {
@@ -367,7 +383,7 @@ class transformer {
 
   void attention(const layer& l, index_t li, const matrix& xb, kv_cache& cache, index_t start, matrix& out) const {
     const auto& c = w_.config;
-    const index_t n = xb.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
+    const index_t n = xb.rows(), hd = c.head_dim;
     const attention_panels* panels = prepared() ? &attention_[std::size_t(li)] : nullptr;
     const auto project = [&](const runtime::detail::panel_matrix attention_panels::*which, const matrix& w, const matrix& in) {
       return panels ? runtime::project(in, panels->*which) : runtime::project(in, w);
@@ -384,9 +400,70 @@ class transformer {
     matrix& vc = cache.v[std::size_t(li)];
     kc.middleRows(start, n) = k;
     vc.middleRows(start, n) = v;
-    const index_t kv_stride = kc.cols();
     const float scale = 1.0f / std::sqrt(float(hd));
     matrix att(n, c.n_heads * hd);
+    if (n <= attention_rows_max)
+      attend_rows(q, kc, vc, start, scale, att);
+    else
+      attend_blocks(q, kc, vc, start, scale, att);
+    out = project(&attention_panels::wo, l.wo, att);
+  }
+
+  /// softmax(q·Kᵀ·scale)·V for a few query rows at positions start.., each
+  /// (head, row) reading its kv head's visible keys and values straight from
+  /// the cache, once. (The block path would transpose the values and pack both
+  /// for a product with one row: several passes over the cache, on one thread
+  /// — half the decode speed at a 512-token context.) A non-finite value at a
+  /// visible key reaches the row as it must; later keys are never read.
+  void attend_rows(const matrix& q, const matrix& kc, const matrix& vc, index_t start, float scale, matrix& att) const {
+    const auto& c = w_.config;
+    const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads, stride = kc.cols();
+    const double fma = 2.0 * double(n) * double(c.n_heads) * double(start + n) * double(hd);
+#pragma omp parallel if (fma >= attention_parallel_fma)
+    {
+      // Eigen's reductions start at the first aligned element, so an aligned
+      // buffer (not a std::vector) keeps their order a function of the shapes.
+      Eigen::ArrayXf scores(start + n);
+#pragma omp for collapse(2) schedule(static)
+      for (index_t h = 0; h < c.n_heads; ++h) {
+        for (index_t r = 0; r < n; ++r) {
+          const index_t g = h / group, visible = start + r + 1;
+          const float* query = q.row(r).data() + h * hd;
+          for (index_t j = 0; j < visible; ++j) scores(j) = dot(query, kc.data() + j * stride + g * hd, hd) * scale;
+          auto p = scores.head(visible);
+          p = (p - p.maxCoeff()).exp();
+          p /= p.sum();
+          float* o = att.row(r).data() + h * hd;
+          std::fill_n(o, hd, 0.0f);
+          for (index_t j = 0; j < visible; ++j) {
+            const float pj = scores(j), *value = vc.data() + j * stride + g * hd;
+#pragma omp simd
+            for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
+          }
+        }
+      }
+    }
+  }
+
+  /// Σ a[d]·b[d] in 16 lanes (d mod 16), summed in lane order at the end: an
+  /// order fixed by n alone, whatever the addresses' alignment.
+  static float dot(const float* a, const float* b, index_t n) {
+    constexpr index_t lanes = 16;
+    float acc[lanes] = {};
+    index_t d = 0;
+    for (; d + lanes <= n; d += lanes)
+#pragma omp simd
+      for (index_t l = 0; l < lanes; ++l) acc[l] += a[d + l] * b[d + l];
+    for (index_t l = 0; d < n; ++d, ++l) acc[l] += a[d] * b[d];
+    float sum = 0.0f;
+    for (const float v : acc) sum += v;
+    return sum;
+  }
+
+  /// The same for many query rows (prefill), as blocked products.
+  void attend_blocks(const matrix& q, const matrix& kc, const matrix& vc, index_t start, float scale, matrix& att) const {
+    const auto& c = w_.config;
+    const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads, kv_stride = kc.cols();
     // Each kv head's values transposed ([head_dim, keys]), so both attention
     // products are the kernel's x·Wᵀ (see runtime/project.hpp on why not Eigen's GEMM).
     const index_t all_keys = start + n;
@@ -415,7 +492,7 @@ class transformer {
     // see: causal prefill costs about half a full score matrix, as GEMMs.
     constexpr index_t block = 32;
     const index_t blocks = (n + block - 1) / block;
-#pragma omp parallel for collapse(2) schedule(static) if (n > 1)
+#pragma omp parallel for collapse(2) schedule(static)
     for (index_t h = 0; h < c.n_heads; ++h) {
       for (index_t b = 0; b < blocks; ++b) {
         const index_t t0 = b * block, rows = std::min(block, n - t0);
@@ -435,7 +512,6 @@ class transformer {
             att(t0 + r, h * hd + e.column) += sc(r, e.key) * vc(e.key, g * hd + e.column);
       }
     }
-    out = project(&attention_panels::wo, l.wo, att);
   }
 
   /// w's config, globals and weight type, without its layers (which must be as many as the config says).
