@@ -430,7 +430,7 @@ TEST_CASE("a rank with a different model is refused at start-up with a clear mes
                       Catch::Contains(moeforge::detail::cat("rank ", world_size() - 1, "'s model or placement differs from rank 0's")));
 }
 
-TEST_CASE("the fingerprint covers each routed expert's activation and shape, not its weights (which a rank may not hold)") {
+TEST_CASE("the fingerprint covers each routed expert's activation, not its weights (which a rank may not hold)") {
   std::mt19937 rng(17);
   auto w = tiny_model(spec_layer(router_kind::softmax_topk, rng), rng);
   const auto p = distributed::contiguous_placement(w, world_size());

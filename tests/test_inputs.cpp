@@ -116,6 +116,31 @@ TEST_CASE("a NaN weight in a llama2.c checkpoint loads, and the forward pass sto
   CHECK_THROWS_AS(logits(w, {1, 5, 7}), value_error);
 }
 
+TEST_CASE("decoding a few tokens at once: a NaN value at a later row leaves the earlier rows bit for bit") {
+  model::weights w = stories_weights();
+  w.tok_emb(2, 0) = std::numeric_limits<float>::infinity();  // token 2's key and value are NaN (see below)
+  const auto finite = sample_tokens();
+  REQUIRE(finite.size() > 13);
+  REQUIRE(model::transformer::attention_rows_max >= 3);  // the chunk attends row by row
+  const std::vector<std::int32_t> prompt(finite.begin(), finite.begin() + 10);
+  const auto chunk_layer0_inputs = [&](const std::vector<std::int32_t>& chunk) {
+    const model::transformer tr(w);
+    auto cache = tr.new_cache();
+    tr.forward(prompt, cache);
+    matrix x;
+    model::forward_options o;
+    o.stop_after_layer = 0;
+    o.on_ffn_input = [&](index_t, const_matrix_ref in) { x = in; };
+    tr.forward(chunk, cache, o);
+    return x;
+  };
+  const matrix want = chunk_layer0_inputs({finite[10], finite[11], finite[12]});
+  const matrix got = chunk_layer0_inputs({finite[10], 2, finite[12]});
+  CHECK(got.row(0) == want.row(0));
+  CHECK_FALSE(got.row(1).allFinite());
+  CHECK_FALSE(got.row(2).allFinite());
+}
+
 TEST_CASE("a NaN value at a later position leaves earlier positions bit for bit, and the error names that position") {
   model::weights w = stories_weights();
   // An Inf in token 2's embedding makes its RMSNorm output, so its query, key

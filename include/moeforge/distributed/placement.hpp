@@ -297,11 +297,11 @@ class fingerprint_hash {
 /// kernels run in (`run_dtype`), every replicated tensor (embedding,
 /// classifier, norms, attention, dense FFNs, routers and their drop
 /// policies, shared experts, novices, compensation), the routed experts'
-/// shapes and activations, and the placement. Ranks compare it at start-up: routed experts'
-/// weights (which a rank may not hold) are not hashed, so it costs one pass
-/// over the replicated weights. Built in the model's order (globals, each
-/// layer, the placement), so a model read layer by layer is hashed as it is
-/// read, each layer before its plain weights are released.
+/// shapes and activations, and the placement. Ranks compare it at start-up:
+/// routed experts' weights (which a rank may not hold) are not hashed, so it
+/// costs one pass over the replicated weights. Built in the model's order
+/// (globals, each layer, the placement), so a model read layer by layer is
+/// hashed as it is read, each layer before its plain weights are released.
 class fingerprint_builder {
  public:
   /// The config, the weight types and the tensors outside the layers.

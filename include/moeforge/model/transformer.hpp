@@ -122,11 +122,15 @@ inline void validate(const weights& w) {
 /// shows what is left (config, norms, biases, routers, FFN shapes).
 class transformer {
  public:
-  /// Batches of this many tokens or fewer (decoding) attend row by row,
-  /// reading the cache in place; larger ones (prefill) as blocked products.
+  /// Batches of this many tokens or fewer (decoding, small speculative
+  /// batches) attend row by row, reading the cache in place; larger ones
+  /// (prefill) as blocked products. A block packs every key and value it
+  /// sees, once for all its rows: worth it for many rows, not for a few.
   static constexpr index_t attention_rows_max = 4;
-  /// Row-by-row attention wakes the team from this many multiply-adds: each
-  /// reads a value of the cache that no other row of the batch shares.
+  /// Row-by-row attention wakes the team from this many multiply-adds, 16
+  /// times sooner than the kernel's products (runtime::detail::
+  /// min_parallel_fma): each multiply-add loads a value of the cache from
+  /// memory, where a product reuses its loads from registers.
   static constexpr double attention_parallel_fma = 1 << 16;
 
   /// Hands an owning transformer layer `li`; called once per layer, in order.
@@ -280,8 +284,7 @@ class transformer {
   /// The first half of layer `li` on hidden states x [T, H] at positions
   /// start..start+T: x += attention(attn_norm(x)), the keys and values going
   /// into `cache` (whose length the caller advances). With ffn_step this is
-  /// one layer of forward(), for callers that hold the hidden states
-  /// themselves (streaming conversion runs a model one layer at a time).
+  /// one layer of forward(), and of layer_step.
   void attention_step(index_t li, matrix& x, kv_cache& cache, index_t start) const {
     reserve(cache, start + x.rows());
     matrix xb(x.rows(), x.cols()), y;
@@ -412,17 +415,19 @@ class transformer {
   /// softmax(q·Kᵀ·scale)·V for a few query rows at positions start.., each
   /// (head, row) reading its kv head's visible keys and values straight from
   /// the cache, once. (The block path would transpose the values and pack both
-  /// for a product with one row: several passes over the cache, on one thread
-  /// — half the decode speed at a 512-token context.) A non-finite value at a
-  /// visible key reaches the row as it must; later keys are never read.
+  /// for a product with one row, several passes over the cache: llama-7b-shaped
+  /// decode ran at half its context-0 speed at a 512-token context.) A
+  /// non-finite value at a visible key reaches the row as it must; later keys
+  /// are never read.
   void attend_rows(const matrix& q, const matrix& kc, const matrix& vc, index_t start, float scale, matrix& att) const {
     const auto& c = w_.config;
     const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads, stride = kc.cols();
-    const double fma = 2.0 * double(n) * double(c.n_heads) * double(start + n) * double(hd);
-#pragma omp parallel if (fma >= attention_parallel_fma)
+    const double multiply_adds = 2.0 * double(n) * double(c.n_heads) * double(start + n) * double(hd);
+#pragma omp parallel if (multiply_adds >= attention_parallel_fma)
     {
-      // Eigen's reductions start at the first aligned element, so an aligned
-      // buffer (not a std::vector) keeps their order a function of the shapes.
+      // Eigen's reductions and vectorised exp start at the first aligned
+      // element, so an aligned buffer (not a std::vector) keeps which values
+      // go through which path, and the sums' order, a function of the shapes.
       Eigen::ArrayXf scores(start + n);
 #pragma omp for collapse(2) schedule(static)
       for (index_t h = 0; h < c.n_heads; ++h) {
@@ -433,11 +438,11 @@ class transformer {
           auto p = scores.head(visible);
           p = (p - p.maxCoeff()).exp();
           p /= p.sum();
-          float* o = att.row(r).data() + h * hd;
+          float* __restrict o = att.row(r).data() + h * hd;
           std::fill_n(o, hd, 0.0f);
           for (index_t j = 0; j < visible; ++j) {
-            const float pj = scores(j), *value = vc.data() + j * stride + g * hd;
-#pragma omp simd
+            const float pj = scores(j);
+            const float* __restrict value = vc.data() + j * stride + g * hd;
             for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
           }
         }
@@ -452,7 +457,6 @@ class transformer {
     float acc[lanes] = {};
     index_t d = 0;
     for (; d + lanes <= n; d += lanes)
-#pragma omp simd
       for (index_t l = 0; l < lanes; ++l) acc[l] += a[d + l] * b[d + l];
     for (index_t l = 0; d < n; ++d, ++l) acc[l] += a[d] * b[d];
     float sum = 0.0f;
