@@ -54,6 +54,20 @@ std::vector<std::int32_t> sample_tokens() {
   return tokens;
 }
 
+/// Layer 0's FFN inputs for `tokens`, fed in one forward pass after `prompt`
+/// (another pass, skipped when empty).
+matrix layer0_ffn_inputs(const model::weights& w, const std::vector<std::int32_t>& prompt, const std::vector<std::int32_t>& tokens) {
+  const model::transformer tr(w);
+  auto cache = tr.new_cache();
+  if (!prompt.empty()) tr.forward(prompt, cache);
+  matrix x;
+  model::forward_options o;
+  o.stop_after_layer = 0;
+  o.on_ffn_input = [&](index_t, const_matrix_ref in) { x = in; };
+  tr.forward(tokens, cache, o);
+  return x;
+}
+
 }  // namespace
 
 TEST_CASE("a checkpoint sharded over three files loads like the single file, from its directory or its index") {
@@ -123,19 +137,8 @@ TEST_CASE("decoding a few tokens at once: a NaN value at a later row leaves the 
   REQUIRE(finite.size() > 13);
   REQUIRE(model::transformer::attention_rows_max >= 3);  // the chunk attends row by row
   const std::vector<std::int32_t> prompt(finite.begin(), finite.begin() + 10);
-  const auto chunk_layer0_inputs = [&](const std::vector<std::int32_t>& chunk) {
-    const model::transformer tr(w);
-    auto cache = tr.new_cache();
-    tr.forward(prompt, cache);
-    matrix x;
-    model::forward_options o;
-    o.stop_after_layer = 0;
-    o.on_ffn_input = [&](index_t, const_matrix_ref in) { x = in; };
-    tr.forward(chunk, cache, o);
-    return x;
-  };
-  const matrix want = chunk_layer0_inputs({finite[10], finite[11], finite[12]});
-  const matrix got = chunk_layer0_inputs({finite[10], 2, finite[12]});
+  const matrix want = layer0_ffn_inputs(w, prompt, {finite[10], finite[11], finite[12]});
+  const matrix got = layer0_ffn_inputs(w, prompt, {finite[10], 2, finite[12]});
   CHECK(got.row(0) == want.row(0));
   CHECK_FALSE(got.row(1).allFinite());
   CHECK_FALSE(got.row(2).allFinite());
@@ -150,17 +153,7 @@ TEST_CASE("a NaN value at a later position leaves earlier positions bit for bit,
   const auto finite = sample_tokens();
   auto poisoned = finite;
   poisoned[20] = 2;
-  const auto layer0_inputs = [&](const std::vector<std::int32_t>& tokens) {
-    const model::transformer tr(w);
-    auto cache = tr.new_cache();
-    matrix x;
-    model::forward_options o;
-    o.stop_after_layer = 0;
-    o.on_ffn_input = [&](index_t, const_matrix_ref in) { x = in; };
-    tr.forward(tokens, cache, o);
-    return x;
-  };
-  const matrix want = layer0_inputs(finite), got = layer0_inputs(poisoned);
+  const matrix want = layer0_ffn_inputs(w, {}, finite), got = layer0_ffn_inputs(w, {}, poisoned);
   CHECK(got.topRows(20) == want.topRows(20));
   for (index_t t = 20; t < got.rows(); ++t) CHECK_FALSE(got.row(t).allFinite());
   CHECK_THROWS_WITH(logits(w, poisoned), Catch::Contains("input token 20 has a NaN or Inf value"));
