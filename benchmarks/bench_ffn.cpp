@@ -152,7 +152,7 @@ int bench_ffn(int argc, char** argv) {
          "(weights packed once into the kernel's panels, runtime::prepare) as F32 or BF16 values (--dtype); `unpacked`\n"
          "times the same MoE layer from its plain F32 weights (panels packed per call; F32 rows only), with bit-identical\n"
          "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), both measured\n"
-         "in the same run; the peak is the FP32 FMA peak, or for BF16 rows over more than 8 tokens the BF16 dot-product\n"
+         "in the same run; the peak is the FP32 FMA peak, or for BF16 rows over more than 4 tokens the BF16 dot-product\n"
          "peak (vdpbf16ps; BF16 tokens) where the CPU has one. limit_ratio = moe_ms / limit_ms.");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")

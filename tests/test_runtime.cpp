@@ -452,9 +452,10 @@ TEST_CASE("prepared layers give bit-identical results to plain ones, against the
   // Odd widths and H = 333 (two GEMM-path row chunks); shared experts with a
   // sigmoid gate; a novice; major-only and dropped pairs with the major part
   // at the first sub-expert (panels restart there) and, in the last round,
-  // pairs asking for arbitrary widths (over half), whose jobs start inside a panel. T = 7,
-  // 64 and 300 run on the team (checked); T = 1 on the calling thread, and
-  // the wider layer below streams one token on the team.
+  // pairs asking for arbitrary widths (over half), whose jobs start inside a panel. T = 4,
+  // 7, 64 and 300 run on the team (checked); T = 1 on the calling thread, and
+  // the wider layer below streams one token on the team. BF16 products over
+  // 4 tokens (the shared experts' at T = 7) round their tokens, at 4 they do not.
   std::mt19937 rng(22);
   layer_spec s;
   s.hidden = 333;
@@ -475,7 +476,7 @@ TEST_CASE("prepared layers give bit-identical results to plain ones, against the
     moe_layer rounded = m;  // what the BF16 panels hold: the expert weights rounded (the router stays F32)
     for (auto& ex : rounded.experts) round_to_bf16(ex.weights);
     for (auto& sh : rounded.shared) round_to_bf16(sh.weights);
-    for (index_t t : {1, 7, 64, 300}) {
+    for (index_t t : {1, 4, 7, 64, 300}) {
       const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
       auto sel = runtime::select_topk(m.router, runtime::router_probs(m.router, x));
       for (auto& w : sel.work) w = runtime::pair_work(pick(rng));
@@ -641,9 +642,10 @@ TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same 
   m.router.top_k = 2;
   m.router.drop = {drop_kind::two_t, 0.4f, 0.05f, {}};
   w.layers[1].ffn = std::move(m);
-  // In BF16 the owning transformer computes what the plain one computes on
-  // the weights rounded to BF16; the norms, the router and the embedding
-  // lookup stay F32 (so the rounded copy unties its classifier).
+  // In BF16 with F32 tokens (the 7-token prompt would round them otherwise)
+  // the owning transformer computes what the plain one computes on the
+  // weights rounded to BF16; the norms, the router and the embedding lookup
+  // stay F32 (so the rounded copy unties its classifier).
   model::weights rounded = w;
   for (auto& l : rounded.layers) {
     for (matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) *m = rounded_to_bf16(*m);
@@ -656,7 +658,7 @@ TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same 
   rounded.config.tied_embeddings = false;
   rounded.lm_head = rounded_to_bf16(w.tok_emb);
   const model::transformer plain(w), plain_rounded(rounded);
-  const model::transformer owning{model::weights(w)}, owning_bf16{model::weights(w), dtype::bf16};
+  const model::transformer owning{model::weights(w)}, owning_bf16{model::weights(w), runtime::detail::weight_format{dtype::bf16, false}};
   const std::vector<std::int32_t> prompt{3, 17, 42, 8, 0, 29, 11};
   for (int threads : {1, 2}) {
     with_threads(threads, [&] {

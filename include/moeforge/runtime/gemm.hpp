@@ -284,14 +284,17 @@ constexpr bool bf16_dot_available = false;
 
 /// BF16 products over more than this many tokens may round the tokens (see
 /// weight_format). Widening BF16 weights costs one FMA per weight and token,
-/// so the exact path is bound by arithmetic once a product does more FLOPs per
-/// weight byte (its token count) than peak / bandwidth, about 8 on the Zen 5
-/// this was measured on; there `vdpbf16ps` halves the instructions (E8A2 at
-/// T = 64, 16 tokens per expert: a quarter less CPU time). Up to it both paths
-/// stream the weights at the same speed and the exact one costs nothing. An
-/// expert's share of a 64-token batch is 4-32 tokens on the usual layers, so
-/// the rule is per product, not per batch.
-constexpr index_t bf16_exact_tokens = 8;
+/// so the exact path runs out of arithmetic when a product does more FLOPs
+/// per weight byte (its token count) than FP32 peak / bandwidth, about 7 on
+/// the Zen 5 this was measured on, and it already slows well before: a dense
+/// H 2048 × I 5632 FFN on one thread took 4.1 ms at 1 token, 4.8-5.3 ms at 5
+/// and 6.5 ms at 8 widened, 3.8-4.5 and 4.2 ms with `vdpbf16ps`, which halves
+/// the instructions. Up to 4 tokens both paths stream the weights at the same
+/// speed and the exact one costs nothing, so a single stream's decode (and
+/// a batch of up to 4 decoded tokens) stays exact. An expert's share of a
+/// 64-token batch is 4-32 tokens on the usual layers (6 on DeepSeek-V2-Lite),
+/// so the rule is per product, not per batch.
+constexpr index_t bf16_exact_tokens = 4;
 
 /// How prepared weights are stored and multiplied: F32, or BF16. With BF16,
 /// products over more than bf16_exact_tokens tokens round the tokens to BF16
