@@ -1,8 +1,10 @@
-// Core types: dtype conversion, FFN and MoE-layer validation.
+// Core types: dtype conversion, FFN and MoE-layer validation, matrix reuse.
 #include <catch2/catch.hpp>
 
 #include <limits>
+#include <set>
 
+#include "moeforge/core/memory.hpp"
 #include "moeforge/core/moe.hpp"
 
 using namespace moeforge;
@@ -69,4 +71,31 @@ TEST_CASE("moe layer validation rejects impossible configurations") {
   REQUIRE_NOTHROW(validate(m, "moe"));
   m.router.kind = router_kind::cmoe_analytic;
   REQUIRE_THROWS_WITH(validate(m, "moe"), Catch::Contains("weight_up"));
+}
+
+TEST_CASE("a matrix pool hands storage back reshaped only for the same element count, and released FFNs feed it") {
+  detail::matrix_pool pool;
+  matrix a(6, 4);
+  const float* storage = a.data();
+  pool.give(std::move(a));
+  pool.give(matrix());  // nothing to keep
+  CHECK(pool.held() == 1);
+  const matrix other = pool.take(5, 5);  // 25 elements: new storage
+  CHECK(other.data() != storage);
+  CHECK(pool.held() == 1);
+  const matrix b = pool.take(3, 8);
+  CHECK(b.data() == storage);
+  CHECK((b.rows() == 3 && b.cols() == 8));
+  CHECK(pool.held() == 0);
+
+  ffn f{matrix(7, 5), matrix(7, 5), matrix(5, 7), activation::silu};
+  const float* up = f.up.data();
+  release(f, [&pool](matrix&& m) { pool.give(std::move(m)); });
+  CHECK(pool.held() == 3);
+  CHECK(f.up.size() == 0);
+  REQUIRE(f.released);
+  CHECK((f.hidden() == 5 && f.intermediate() == 7 && f.gated()));
+  std::set<const float*> kept;
+  for (int i = 0; i < 3; ++i) kept.insert(pool.take(7, 5).data());
+  CHECK(kept.count(up) == 1);
 }

@@ -499,3 +499,31 @@ TEST_CASE("an owning transformer keeps no plain weight matrix, and a released on
   CHECK_REJECTS(select_neurons(dense, std::vector<index_t>{0}), config_error, Catch::Contains("released"));
   CHECK_REJECTS(model::validate(s.config, s.layers[0], 0), shape_error, Catch::Contains("model.layers[0].wq: shape [0, 0]"));
 }
+
+TEST_CASE("the layer readers read into a matrix pool's storage, so a load reuses the memory of the layer packed before", "[stream]") {
+  temp_dir dir;
+  const std::string hf = dir / "hf", native = dir / "native";
+  bench::write_synthetic_hf(bench::find_shape("tiny"), 2, dtype::bf16, 3, 9, hf, 64);
+  io::save_native(io::load_model(hf), native);
+  for (const std::string& path : {hf, native}) {
+    CAPTURE(path);
+    const model::weights plain = io::load_model(path);
+    io::with_layer_reader(path, {}, [&](auto&& src) {
+      moeforge::detail::matrix_pool pool;
+      model::layer first = src.layer(0, {}, &pool);
+      auto& f = std::get<ffn>(first.ffn);
+      const std::set<const float*> given{first.wq.data(), f.up.data()};
+      pool.give(std::move(first.wq));
+      pool.give(std::move(f.up));
+      const model::layer second = src.layer(1, {}, &pool);
+      const auto& g = std::get<ffn>(second.ffn);
+      std::set<const float*> used;
+      for (const matrix* m : {&second.wq, &second.wk, &second.wv, &second.wo, &g.gate, &g.up, &g.down}) used.insert(m->data());
+      for (const float* p : given) CHECK(used.count(p) == 1);
+      CHECK(pool.held() == 0);
+      const auto& want = plain.layers[1];
+      CHECK((second.wq == want.wq && second.wo == want.wo && g.gate == std::get<ffn>(want.ffn).gate && g.up == std::get<ffn>(want.ffn).up));
+      return 0;
+    });
+  }
+}

@@ -69,11 +69,18 @@ struct ffn {
 
 /// Frees f's matrices, keeping its shape: an owning transformer does this
 /// once the weights are packed, so they are resident once, in the run dtype.
-inline void release(ffn& f) {
+/// `reuse(matrix&&)` is handed each matrix to keep its storage for later
+/// (loading reads the next layer into it: detail::matrix_pool).
+template <class Reuse>
+void release(ffn& f, Reuse&& reuse) {
   f.released = ffn_shape{f.hidden(), f.intermediate(), f.gated()};
-  f.gate = matrix();
-  f.up = matrix();
-  f.down = matrix();
+  for (matrix* m : {&f.gate, &f.up, &f.down}) {
+    reuse(std::move(*m));
+    *m = matrix();
+  }
+}
+inline void release(ffn& f) {
+  release(f, [](matrix&&) {});
 }
 
 /// Throws config_error naming `what` when f's matrices were released: code

@@ -1,4 +1,4 @@
-// Large weight buffers on transparent huge pages. Two costs of 4 KiB pages
+// Large weight buffers on transparent huge pages, and their reuse (matrix_pool). Two costs of 4 KiB pages
 // show at model sizes: decode streams every panel once per token, and a
 // multi-gigabyte model's panels span far more pages than the TLB reaches;
 // and filling fresh memory takes one page fault per 4 KiB, which on some
@@ -11,7 +11,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <new>
+
+#include "moeforge/core/tensor.hpp"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -57,6 +61,54 @@ struct huge_page_allocator {
   bool operator==(const huge_page_allocator<U>&) const { return true; }
   template <class U>
   bool operator!=(const huge_page_allocator<U>&) const { return false; }
+};
+
+/// A rows × cols matrix with unspecified values in new storage, advised onto
+/// huge pages before anything touches it.
+inline matrix huge_page_matrix(index_t rows, index_t cols) {
+  matrix m(rows, cols);
+  advise_huge_pages(m.data(), std::size_t(m.size()) * sizeof(float));
+  return m;
+}
+
+/// Storage of big F32 matrices handed back for reuse. Loading a model reads
+/// each layer into fresh matrices, packs them and frees them; glibc returns
+/// blocks that big to the system at once, so every layer faulted in fresh,
+/// zeroed pages again (half the CPU time of loading an 8-layer Mixtral-shaped
+/// BF16 model here went to the kernel clearing pages). Through a pool the
+/// next layer reads into the storage the last one left. Thread-safe.
+class matrix_pool {
+ public:
+  /// A rows × cols matrix with unspecified values: a pooled matrix of as many
+  /// elements reshaped (no allocation), else new storage on huge pages.
+  matrix take(index_t rows, index_t cols) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (const auto it = free_.find(rows * cols); it != free_.end()) {
+        matrix m = std::move(it->second);
+        free_.erase(it);
+        m.resize(rows, cols);  // same size: Eigen keeps the buffer
+        return m;
+      }
+    }
+    return huge_page_matrix(rows, cols);
+  }
+  /// Keeps m's storage for a later take() (m is left empty).
+  void give(matrix&& m) {
+    if (m.size() == 0) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const index_t n = m.size();
+    free_.emplace(n, std::move(m));
+  }
+  /// Matrices held for reuse.
+  std::size_t held() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return free_.size();
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::multimap<index_t, matrix> free_;
 };
 
 }  // namespace moeforge::detail

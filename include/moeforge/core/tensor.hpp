@@ -121,6 +121,9 @@ namespace detail {
 /// Throws value_error naming `what` and the first non-finite entry.
 template <class Derived>
 void require_finite(const Eigen::DenseBase<Derived>& m, const std::string& what) {
+  // x − x is 0 for every finite x and NaN otherwise, so one vectorised sum
+  // tells whether to look (Eigen's allFinite tests value by value).
+  if (!std::isnan((m.derived().array() - m.derived().array()).sum())) return;
   for (index_t r = 0; r < m.rows(); ++r)
     for (index_t c = 0; c < m.cols(); ++c)
       if (!std::isfinite(m(r, c)))

@@ -231,12 +231,14 @@ namespace detail {
 // empty tensors (how streaming conversion vets a whole model up front).
 class tensor_reader {
  public:
-  explicit tensor_reader(const safetensors_checkpoint& ck, bool shapes_only = false) : ck_(ck), shapes_only_(shapes_only) {}
+  /// Matrices are read into storage from `pool` when given.
+  explicit tensor_reader(const safetensors_checkpoint& ck, bool shapes_only = false, moeforge::detail::matrix_pool* pool = nullptr)
+      : ck_(ck), shapes_only_(shapes_only), pool_(pool) {}
 
   bool has(const std::string& name) const { return ck_.contains(name); }
   matrix mat(const std::string& name, index_t rows, index_t cols) {
     if (shapes_only_) return shape_checked<matrix>(name, {rows, cols});
-    return checked(ck_.read_matrix(name, rows, cols), name);
+    return checked(ck_.read_matrix(name, rows, cols, pool_), name);
   }
   vector vec(const std::string& name, index_t n) {
     if (shapes_only_) return shape_checked<vector>(name, {n});
@@ -246,7 +248,7 @@ class tensor_reader {
   matrix cube_slice(const std::string& name, index_t a, index_t b, index_t c, index_t x) {
     if (shapes_only_) return shape_checked<matrix>(name, {a, b, c});
     ck_.require_shape(name, {a, b, c});
-    matrix m(b, c);
+    matrix m = pool_ ? pool_->take(b, c) : matrix(b, c);
     ck_.read_rows(name, std::size_t(x) * std::size_t(b * c), std::size_t(b * c), m.data());
     moeforge::detail::require_finite(m, cat("safetensors: '", ck_.file(name), "': tensor '", name, "' expert ", x));
     used_.insert(name);
@@ -283,6 +285,7 @@ class tensor_reader {
   }
   const safetensors_checkpoint& ck_;
   bool shapes_only_;
+  moeforge::detail::matrix_pool* pool_;
   std::set<std::string> used_;
 };
 
@@ -481,8 +484,8 @@ class hf_layers {
 
   /// Layer `li` in FP32 (NaN or Inf refused, naming the tensor); the routed
   /// experts `keep` refuses come back released, their data not read (see expert_filter).
-  model::layer layer(index_t li, const expert_filter& keep = {}) const {
-    detail::tensor_reader t(ck_);
+  model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* pool = nullptr) const {
+    detail::tensor_reader t(ck_, false, pool);
     return detail::read_layer(t, h_, li, keep);
   }
 

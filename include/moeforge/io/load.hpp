@@ -61,8 +61,9 @@ class weights_layers {
   }
   /// The globals, moved out: call once, before the layers.
   model::weights globals() { return model::take_globals(w_); }
-  /// Layer `li`, moved out (call once per layer); the experts `keep` refuses released.
-  model::layer layer(index_t li, const expert_filter& keep = {}) {
+  /// Layer `li`, moved out (call once per layer); the experts `keep` refuses
+  /// released. Its matrices are in memory already: a pool is not used.
+  model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* = nullptr) {
     model::layer l = std::move(w_.layers[std::size_t(li)]);
     if (auto* m = std::get_if<moe_layer>(&l.ffn); m && keep)
       for (index_t e = 0; e < m->num_experts(); ++e)
@@ -94,15 +95,17 @@ template <class Source>
 model::transformer transformer_from(Source& src, const load_options& opt, std::optional<runtime::detail::weight_format> format) {
   model::weights globals = src.globals();
   src.release();
+  // Each layer is read into the storage of the one packed before it.
+  moeforge::detail::matrix_pool pool;
   return model::transformer(
       std::move(globals),
       [&](index_t li) {
-        model::layer l = src.layer(li);
+        model::layer l = src.layer(li, {}, &pool);
         src.release();  // the layer's mapped pages would otherwise stay resident
         if (opt.on_layer) opt.on_layer(li, l);
         return l;
       },
-      format);
+      format, {}, [&pool](matrix&& m) { pool.give(std::move(m)); });
 }
 
 }  // namespace detail

@@ -639,7 +639,7 @@ class native_layers {
 
   /// Layer `li` in F32, checked against the config; the routed experts
   /// `keep` refuses come back released (see expert_filter).
-  model::layer layer(index_t li, const expert_filter& keep = {}) const {
+  model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* pool = nullptr) const {
     using detail::cat;
     model::layer l = skeleton_.layers[std::size_t(li)];
     std::vector<std::pair<index_t, std::string>> skipped;  // the experts not read, with their tensor names' prefix
@@ -650,7 +650,7 @@ class native_layers {
     const auto read_tensor = [&](const std::string& name, auto& t) {
       for (const auto& skip : skipped)
         if (name.compare(0, skip.second.size(), skip.second) == 0) return;
-      read(name, t);
+      read(name, t, pool);
     };
     detail::for_each_layer_tensor(std::size_t(li), l, read_tensor, read_tensor);
     for (const auto& [e, prefix] : skipped) {
@@ -680,11 +680,13 @@ class native_layers {
     return 1;
   }
   // The shapes are the file's; validation compares them with the config.
-  void read(const std::string& name, matrix& m) const {
+  void read(const std::string& name, matrix& m, moeforge::detail::matrix_pool* pool = nullptr) const {
     const auto& s = st_.info(name).shape;
-    m = st_.read_matrix(name, index_t(s[0]), index_t(s[1]));
+    m = st_.read_matrix(name, index_t(s[0]), index_t(s[1]), pool);
   }
-  void read(const std::string& name, vector& v) const { v = st_.read_vector(name, index_t(st_.info(name).shape[0])); }
+  void read(const std::string& name, vector& v, moeforge::detail::matrix_pool* = nullptr) const {
+    v = st_.read_vector(name, index_t(st_.info(name).shape[0]));
+  }
 
   std::string dir_;
   nlohmann::json manifest_;  ///< read before the tensors are mapped: a directory without one is refused for that

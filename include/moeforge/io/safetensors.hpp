@@ -199,22 +199,35 @@ class safetensors_file {
       throw shape_error(detail::cat("safetensors: '", path_, "': tensor '", name, "': elements [", first, ", ", first + count,
                                     ") exceed its ", t.numel()));
     const char* p = data_ + t.begin + first * dtype_size(t.dtype);
-    // memcpy per element: foreign files need not align tensors.
-    if (t.dtype == dtype::f32) {
-      if (count) std::memcpy(out, p, count * 4);
-      return;
-    }
-    for (std::size_t i = 0; i < count; ++i) {
-      std::uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      out[i] = t.dtype == dtype::f16 ? f16_to_f32(h) : bf16_to_f32(h);
-    }
+    // Big tensors in blocks across the team: loading a model reads gigabytes.
+    constexpr std::ptrdiff_t block = 1 << 16;
+    const std::ptrdiff_t blocks = std::ptrdiff_t((count + block - 1) / block);
+    const auto each_block = [&](auto convert) {
+#pragma omp parallel for schedule(static) if (blocks > 4)
+      for (std::ptrdiff_t b = 0; b < blocks; ++b) convert(std::size_t(b * block), std::min(count, std::size_t((b + 1) * block)));
+    };
+    if (t.dtype == dtype::f32) return each_block([&](std::size_t i0, std::size_t i1) { std::memcpy(out + i0, p + 4 * i0, (i1 - i0) * 4); });
+    // memcpy per element: foreign files need not align tensors. One loop per
+    // dtype, so the BF16 one vectorises.
+    const auto widen = [&](auto to_f32) {
+      each_block([&](std::size_t i0, std::size_t i1) {
+        for (std::size_t i = i0; i < i1; ++i) {
+          std::uint16_t h;
+          std::memcpy(&h, p + 2 * i, 2);
+          out[i] = to_f32(h);
+        }
+      });
+    };
+    if (t.dtype == dtype::bf16)
+      widen([](std::uint16_t h) { return bf16_to_f32(h); });
+    else
+      widen([](std::uint16_t h) { return f16_to_f32(h); });
   }
 
-  matrix read_matrix(const std::string& name, index_t rows, index_t cols) const {
+  /// The tensor as a rows × cols matrix, in storage from `pool` when given.
+  matrix read_matrix(const std::string& name, index_t rows, index_t cols, moeforge::detail::matrix_pool* pool = nullptr) const {
     require_shape(name, {rows, cols});
-    matrix m(rows, cols);
-    moeforge::detail::advise_huge_pages(m.data(), std::size_t(m.size()) * sizeof(float));
+    matrix m = pool ? pool->take(rows, cols) : moeforge::detail::huge_page_matrix(rows, cols);
     read_rows(name, 0, std::size_t(m.size()), m.data());
     return m;
   }
@@ -349,7 +362,9 @@ class safetensors_checkpoint {
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   const tensor_info& info(const std::string& name) const { return file_of(name).at(name); }
   std::vector<float> read(const std::string& name) const { return file_of(name).read(name); }
-  matrix read_matrix(const std::string& name, index_t rows, index_t cols) const { return file_of(name).read_matrix(name, rows, cols); }
+  matrix read_matrix(const std::string& name, index_t rows, index_t cols, moeforge::detail::matrix_pool* pool = nullptr) const {
+    return file_of(name).read_matrix(name, rows, cols, pool);
+  }
   vector read_vector(const std::string& name, index_t n) const { return file_of(name).read_vector(name, n); }
   void require_shape(const std::string& name, const std::vector<std::int64_t>& expected) const { file_of(name).require_shape(name, expected); }
   void read_rows(const std::string& name, std::size_t first, std::size_t count, float* out) const {

@@ -135,6 +135,9 @@ class transformer {
 
   /// Hands an owning transformer layer `li`; called once per layer, in order.
   using layer_source = std::function<layer(index_t li)>;
+  /// Takes the plain matrices of a layer once it is packed, to read the next
+  /// layer into their storage (io::load_transformer: detail::matrix_pool).
+  using matrix_sink = std::function<void(matrix&&)>;
 
   /// Runs MoE layers outside the transformer (expert parallelism,
   /// distributed/): `run` overwrites out [T, H] with the FFN of MoE layer
@@ -161,10 +164,11 @@ class transformer {
   /// and each layer from `next_layer` is validated, packed and released before
   /// the next is asked for, so building holds the packed model plus one
   /// layer's plain matrices (how io::load_transformer loads a BF16 model that
-  /// does not fit in memory in F32). The result is the same as
-  /// transformer(weights&&) on the whole model.
+  /// does not fit in memory in F32), handing each layer's plain matrices to
+  /// `reuse` when given. The result is the same as transformer(weights&&) on
+  /// the whole model.
   transformer(weights&& globals, const layer_source& next_layer, std::optional<runtime::detail::weight_format> format = std::nullopt,
-              external_moe external = {})
+              external_moe external = {}, const matrix_sink& reuse = {})
       : owned_(std::make_unique<weights>(std::move(globals))), w_(*owned_), external_(std::move(external)) {
     using moeforge::detail::cat;
     weights& w = *owned_;
@@ -199,7 +203,7 @@ class transformer {
           throw config_error(cat("transformer: layer ", li, " is not an MoE layer with a learned router, which the external runner needs"));
       }
       pack_layer(l, li, t);
-      release(l);
+      release(l, reuse);
       w.layers.push_back(std::move(l));
     }
   }
@@ -591,16 +595,22 @@ class transformer {
     pack_in_parallel(tasks);
   }
 
-  /// Frees a packed layer's plain matrices. An oracle router computes every
-  /// expert from its plain weights, so those stay.
-  static void release(layer& l) {
-    for (matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) *m = matrix();
-    if (auto* f = std::get_if<ffn>(&l.ffn)) return moeforge::release(*f);
+  /// Frees a packed layer's plain matrices, or hands them to `reuse`. An
+  /// oracle router computes every expert from its plain weights, so those stay.
+  static void release(layer& l, const matrix_sink& reuse) {
+    const auto give = [&reuse](matrix&& m) {
+      if (reuse) reuse(std::move(m));
+    };
+    for (matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) {
+      give(std::move(*m));
+      *m = matrix();
+    }
+    if (auto* f = std::get_if<ffn>(&l.ffn)) return moeforge::release(*f, give);
     auto& m = std::get<moe_layer>(l.ffn);
     if (m.router.kind != router_kind::oracle)
       for (auto& e : m.experts)
-        if (!e.is_novice()) moeforge::release(e.weights);
-    for (auto& s : m.shared) moeforge::release(s.weights);
+        if (!e.is_novice()) moeforge::release(e.weights, give);
+    for (auto& s : m.shared) moeforge::release(s.weights, give);
   }
 
   const runtime::detail::panel_matrix& embedding() const { return embedding_.rows() ? embedding_ : classifier_; }

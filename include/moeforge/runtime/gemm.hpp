@@ -339,10 +339,7 @@ class panel_matrix {
         const std::size_t offset = std::size_t((first_panel_[s] + (r - starts_[s]) / gemm_nr) * depth * gemm_nr);
         float* dst = type == dtype::f32 ? values_as<float>() + offset : scratch.data();
         pack_rows<gemm_nr>(src + r * ld, ld, std::min(gemm_nr, segment_end(s) - r), depth, dst);
-        if (type == dtype::bf16)
-          for (index_t k = 0; k < depth; ++k)
-            for (index_t q = 0; q < gemm_nr; ++q)
-              values_as<bfloat16>()[offset + std::size_t(k * gemm_nr + bf16_slot(q))] = bfloat16{f32_to_bf16(scratch[std::size_t(k * gemm_nr + q)])};
+        if (type == dtype::bf16) round_panel(scratch.data(), depth, values_as<bfloat16>() + offset);
       }
   }
 
@@ -390,6 +387,16 @@ class panel_matrix {
     return reinterpret_cast<const W*>(data_.data());
   }
   index_t segment_end(std::size_t s) const { return s + 1 < starts_.size() ? starts_[s + 1] : rows_; }
+  /// An F32 panel [depth][NR] rounded to BF16 into dst, each panel row in
+  /// bf16_slot order: rounded in order (a loop the compiler vectorises; the
+  /// loading of a BF16 model packs gigabytes), then permuted.
+  static void round_panel(const float* src, index_t depth, bfloat16* dst) {
+    for (index_t k = 0; k < depth; ++k, src += gemm_nr, dst += gemm_nr) {
+      std::uint16_t rounded[gemm_nr];
+      for (index_t q = 0; q < gemm_nr; ++q) rounded[q] = f32_to_bf16(src[q]);
+      for (index_t p = 0; p < gemm_nr; ++p) dst[p] = bfloat16{rounded[bf16_row(p)]};
+    }
+  }
   index_t rows_ = 0, depth_ = 0;
   dtype type_ = dtype::f32;
   bool dot_ = false;
