@@ -90,7 +90,7 @@ TEST_CASE("a matrix pool hands storage back reshaped only for the same element c
 
   ffn f{matrix(7, 5), matrix(7, 5), matrix(5, 7), activation::silu};
   const float* up = f.up.data();
-  release(f, [&pool](matrix&& m) { pool.give(std::move(m)); });
+  release(f, pool.sink());
   CHECK(pool.held() == 3);
   CHECK(f.up.size() == 0);
   REQUIRE(f.released);

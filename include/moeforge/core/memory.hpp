@@ -100,6 +100,10 @@ class matrix_pool {
     const index_t n = m.size();
     free_.emplace(n, std::move(m));
   }
+  /// give() as a callable, for release(ffn&, reuse) and transformer::matrix_sink.
+  auto sink() {
+    return [this](matrix&& m) { give(std::move(m)); };
+  }
   /// Matrices held for reuse.
   std::size_t held() const {
     std::lock_guard<std::mutex> lock(mutex_);

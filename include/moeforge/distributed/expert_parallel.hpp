@@ -211,6 +211,7 @@ class expert_layers {
       layers->run_layer(li, m, sel, x, y);
     };
     self.packed_.resize(std::size_t(c.n_layers));
+    moeforge::detail::matrix_pool pool;  // each layer is read into the storage of the one packed before it
     model::transformer tr(
         std::move(globals),
         [&](index_t li) {
@@ -218,7 +219,8 @@ class expert_layers {
           const index_t experts = src.experts(li);
           std::vector<int> owner = how.given ? how.given->owner[i] : loads ? std::vector<int>() : contiguous_owners(experts, self.ranks_);
           if (!loads) validate_layer(owner, -1, self.ranks_, i, std::size_t(experts), 0, what);  // before any expert is read
-          model::layer l = loads ? src.layer(li) : src.layer(li, [&](index_t e) { return owner[std::size_t(e)] == self.rank_; });
+          model::layer l =
+              loads ? src.layer(li, {}, &pool) : src.layer(li, [&](index_t e) { return owner[std::size_t(e)] == self.rank_; }, &pool);
           src.release();  // the layer's mapped pages would otherwise stay resident
           if (on_layer) on_layer(li, l);
           model::validate(c, l, i, true);
@@ -232,10 +234,10 @@ class expert_layers {
           p.owner.push_back(std::move(owner));
           p.shared_owner.push_back(shared_owner);
           fp.layer(l);
-          if (m) self.keep(li, *m, p, t);
+          if (m) self.keep(li, *m, p, t, pool);
           return l;
         },
-        format, std::move(external));
+        format, std::move(external), pool.sink());
     self.fingerprint_ = fp.finish(p);  // compared by the caller once every rank has loaded (load_on_every_rank)
     self.placement_ = std::move(p);
     return tr;
@@ -247,7 +249,7 @@ class expert_layers {
   /// shapes of the experts other ranks compute. Only those may arrive
   /// released (an on_layer edit could release more): packing an empty FFN
   /// would compute zeros where the single-process run computes the expert.
-  void keep(index_t li, moe_layer& m, const placement& p, runtime::detail::weight_format t) {
+  void keep(index_t li, moe_layer& m, const placement& p, runtime::detail::weight_format t, moeforge::detail::matrix_pool& pool) {
     using moeforge::detail::cat;
     if (m.router.kind == router_kind::oracle)
       throw config_error(cat("expert parallel: layer ", li, " has an oracle router, which needs every expert on every rank"));
@@ -258,7 +260,7 @@ class expert_layers {
       const bool own = p.owner[i][e] == rank_ || novice;
       if (own && !novice) require_held(m.experts[e].weights, cat("expert parallel: layer ", li, " expert ", e, " (computed by rank ", rank_, ")"));
       packed.experts.push_back(own ? runtime::detail::pack_expert(m, e, t) : runtime::detail::packed_ffn{});
-      if (!novice) release(m.experts[e].weights);
+      if (!novice) release(m.experts[e].weights, pool.sink());
     }
     const int shared = p.shared_of(i);
     for (std::size_t s = 0; s < m.shared.size(); ++s) {

@@ -105,7 +105,7 @@ model::transformer transformer_from(Source& src, const load_options& opt, std::o
         if (opt.on_layer) opt.on_layer(li, l);
         return l;
       },
-      format, {}, [&pool](matrix&& m) { pool.give(std::move(m)); });
+      format, {}, pool.sink());
 }
 
 }  // namespace detail
