@@ -80,8 +80,8 @@ TEST_CASE("a matrix pool hands storage back reshaped only for the same element c
   pool.give(std::move(a));
   pool.give(matrix());  // nothing to keep
   CHECK(pool.held() == 1);
-  const matrix other = pool.take(5, 5);  // 25 elements: new storage
-  CHECK(other.data() != storage);
+  const matrix other = pool.take(5, 5);  // 25 elements: new storage, the 24 stay held
+  CHECK(other.size() == 25);
   CHECK(pool.held() == 1);
   const matrix b = pool.take(3, 8);
   CHECK(b.data() == storage);
@@ -89,13 +89,35 @@ TEST_CASE("a matrix pool hands storage back reshaped only for the same element c
   CHECK(pool.held() == 0);
 
   ffn f{matrix(7, 5), matrix(7, 5), matrix(5, 7), activation::silu};
-  const float* up = f.up.data();
+  const std::set<const float*> given{f.gate.data(), f.up.data(), f.down.data()};
   release(f, pool.sink());
   CHECK(pool.held() == 3);
   CHECK(f.up.size() == 0);
   REQUIRE(f.released);
   CHECK((f.hidden() == 5 && f.intermediate() == 7 && f.gated()));
-  std::set<const float*> kept;
-  for (int i = 0; i < 3; ++i) kept.insert(pool.take(7, 5).data());
-  CHECK(kept.count(up) == 1);
+  const matrix t1 = pool.take(7, 5), t2 = pool.take(5, 7), t3 = pool.take(35, 1);
+  CHECK(std::set<const float*>{t1.data(), t2.data(), t3.data()} == given);
+
+  pool.give(matrix(2, 2));
+  CHECK(pool.held() == 1);
+  pool.clear();
+  CHECK(pool.held() == 0);
+}
+
+TEST_CASE("require_finite finds NaN and both infinities anywhere, in matrices, vectors and blocks, and names where") {
+  const float bad[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+  for (const float v : bad) {
+    CAPTURE(v);
+    matrix m = matrix::Constant(7, 13, 1e30f);  // huge but finite: x - x is still 0
+    REQUIRE_NOTHROW(detail::require_finite(m, "m"));
+    m(6, 12) = v;  // the last element, past every full vector
+    REQUIRE_THROWS_AS(detail::require_finite(m, "m"), value_error);
+    REQUIRE_THROWS_WITH(detail::require_finite(m, "m"), Catch::Contains(detail::cat("m: non-finite value ", v, " at [6, 12]")));
+    REQUIRE_THROWS_AS(detail::require_finite(m.block(5, 11, 2, 2), "block"), value_error);
+    REQUIRE_NOTHROW(detail::require_finite(m.block(0, 0, 6, 13), "block"));
+    vector x = vector::Ones(17);
+    x(16) = v;
+    REQUIRE_THROWS_WITH(detail::require_finite(x, "x"), Catch::Contains("at [16, 0]"));
+  }
+  REQUIRE_NOTHROW(detail::require_finite(matrix(0, 5), "empty"));
 }

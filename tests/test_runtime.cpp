@@ -577,7 +577,9 @@ TEST_CASE("BF16 panels hold the rounded weights and project exactly as the round
         p.row_values(r, 0, depth, row.data());
         REQUIRE(Eigen::Map<const Eigen::RowVectorXf>(row.data(), depth) == rounded.row(r));
       }
-      for (index_t t : {1, 7, 20, 33, 100}) {  // 20: BF16 tokens, though the F32 path would read them in place
+      // 4 and 5: either side of bf16_exact_tokens; 20: BF16 tokens, though
+      // the F32 path would read them in place.
+      for (index_t t : {1, 4, 5, 7, 20, 33, 100}) {
         const matrix x = random_matrix(t, depth, rng, 1.0f);
         const auto got = for_each_thread_count([&] { return runtime::project(x, p); });
         const auto got_dot = for_each_thread_count([&] { return runtime::project(x, dot); });

@@ -527,3 +527,24 @@ TEST_CASE("the layer readers read into a matrix pool's storage, so a load reuses
     });
   }
 }
+
+TEST_CASE("an owning transformer built layer by layer hands every plain matrix it packed to its sink", "[stream]") {
+  model::weights w = lean_native_model();
+  std::set<const float*> packed;  // the attention projections and FFN matrices; routers and norms stay in the structure
+  for (std::size_t i = 0; i < w.layers.size(); ++i)
+    io::detail::for_each_layer_tensor(
+        i, w.layers[i],
+        [&](const std::string& name, const matrix& m) {
+          if (name.find(".router.") == std::string::npos && name.find(".compensation.") == std::string::npos && m.size()) packed.insert(m.data());
+        },
+        [](const std::string&, const vector&) {});
+  REQUIRE(packed.size() > 8);
+  std::set<const float*> given;
+  model::weights globals = model::take_globals(w);
+  const model::transformer tr(
+      std::move(globals), [&](index_t li) { return std::move(w.layers[std::size_t(li)]); }, std::nullopt, {},
+      [&](matrix&& m) {
+        if (m.size()) given.insert(m.data());
+      });
+  CHECK(given == packed);
+}

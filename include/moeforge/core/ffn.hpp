@@ -67,6 +67,13 @@ struct ffn {
   index_t intermediate() const { return released ? released->intermediate : up.rows(); }
 };
 
+/// Passes m's storage to `reuse(matrix&&)` and leaves m empty.
+template <class Reuse>
+void hand_back(matrix& m, Reuse&& reuse) {
+  reuse(std::move(m));
+  m = matrix();  // a moved-from Eigen matrix is empty already; this says so
+}
+
 /// Frees f's matrices, keeping its shape: an owning transformer does this
 /// once the weights are packed, so they are resident once, in the run dtype.
 /// `reuse(matrix&&)` is handed each matrix to keep its storage for later
@@ -74,10 +81,7 @@ struct ffn {
 template <class Reuse>
 void release(ffn& f, Reuse&& reuse) {
   f.released = ffn_shape{f.hidden(), f.intermediate(), f.gated()};
-  for (matrix* m : {&f.gate, &f.up, &f.down}) {
-    reuse(std::move(*m));
-    *m = matrix();
-  }
+  for (matrix* m : {&f.gate, &f.up, &f.down}) hand_back(*m, reuse);
 }
 inline void release(ffn& f) {
   release(f, [](matrix&&) {});

@@ -1,11 +1,12 @@
-// Large weight buffers on transparent huge pages, and their reuse (matrix_pool). Two costs of 4 KiB pages
-// show at model sizes: decode streams every panel once per token, and a
-// multi-gigabyte model's panels span far more pages than the TLB reaches;
-// and filling fresh memory takes one page fault per 4 KiB, which on some
-// virtual machines costs tens of microseconds each (measured here: loading
-// an 8-layer Mixtral-shaped BF16 model went from 61 s to 17 s once its
-// buffers were on huge pages). With THP in "madvise" mode (Debian's default)
-// only memory that asks gets huge pages; without THP the advice is ignored.
+// Large weight buffers: on transparent huge pages, and reused rather than
+// freed while a model loads. Two costs of 4 KiB pages show at model sizes:
+// decode streams every panel once per token, and a multi-gigabyte model's
+// panels span far more pages than the TLB reaches; and filling fresh memory
+// takes one page fault per 4 KiB, which on some virtual machines costs tens
+// of microseconds each (measured here: loading an 8-layer Mixtral-shaped BF16
+// model went from 61 s to 17 s once its buffers were on huge pages). With THP
+// in "madvise" mode (Debian's default) only memory that asks gets huge pages;
+// without THP the advice is ignored.
 #pragma once
 
 #include <cstddef>
@@ -109,10 +110,20 @@ class matrix_pool {
     std::lock_guard<std::mutex> lock(mutex_);
     return free_.size();
   }
+  /// Frees what is held: a loader calls it once a layer is read, so storage
+  /// of a shape the next layers lack (or from a source that never takes) is
+  /// not kept to the end, and the pool holds at most one layer.
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.clear();
+  }
 
  private:
   mutable std::mutex mutex_;
   std::multimap<index_t, matrix> free_;
 };
+
+/// A rows × cols matrix from `pool` when given, else in new storage on huge pages.
+inline matrix new_matrix(matrix_pool* pool, index_t rows, index_t cols) { return pool ? pool->take(rows, cols) : huge_page_matrix(rows, cols); }
 
 }  // namespace moeforge::detail

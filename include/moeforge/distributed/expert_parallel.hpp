@@ -221,6 +221,7 @@ class expert_layers {
           if (!loads) validate_layer(owner, -1, self.ranks_, i, std::size_t(experts), 0, what);  // before any expert is read
           model::layer l =
               loads ? src.layer(li, {}, &pool) : src.layer(li, [&](index_t e) { return owner[std::size_t(e)] == self.rank_; }, &pool);
+          pool.clear();
           src.release();  // the layer's mapped pages would otherwise stay resident
           if (on_layer) on_layer(li, l);
           model::validate(c, l, i, true);

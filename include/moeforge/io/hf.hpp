@@ -232,8 +232,13 @@ namespace detail {
 class tensor_reader {
  public:
   /// Matrices are read into storage from `pool` when given.
-  explicit tensor_reader(const safetensors_checkpoint& ck, bool shapes_only = false, moeforge::detail::matrix_pool* pool = nullptr)
-      : ck_(ck), shapes_only_(shapes_only), pool_(pool) {}
+  explicit tensor_reader(const safetensors_checkpoint& ck, moeforge::detail::matrix_pool* pool = nullptr) : ck_(ck), pool_(pool) {}
+  /// A reader that checks names and shapes against the headers and reads nothing.
+  static tensor_reader headers_only(const safetensors_checkpoint& ck) {
+    tensor_reader t(ck);
+    t.shapes_only_ = true;
+    return t;
+  }
 
   bool has(const std::string& name) const { return ck_.contains(name); }
   matrix mat(const std::string& name, index_t rows, index_t cols) {
@@ -244,12 +249,15 @@ class tensor_reader {
     if (shapes_only_) return shape_checked<vector>(name, {n});
     return checked(ck_.read_vector(name, n), name);
   }
-  // Expert x's slice of a packed 3-D tensor [a, b, c] as a [b, c] matrix (empty when only checking shapes).
-  matrix cube_slice(const std::string& name, index_t a, index_t b, index_t c, index_t x) {
+  // Rows [row0, row0 + rows) of expert x's slice [b, c] of a packed 3-D
+  // tensor [a, b, c] (all of it by default) as a matrix; empty when only
+  // checking shapes.
+  matrix cube_slice(const std::string& name, index_t a, index_t b, index_t c, index_t x, index_t row0 = 0, index_t rows = -1) {
     if (shapes_only_) return shape_checked<matrix>(name, {a, b, c});
     ck_.require_shape(name, {a, b, c});
-    matrix m = pool_ ? pool_->take(b, c) : matrix(b, c);
-    ck_.read_rows(name, std::size_t(x) * std::size_t(b * c), std::size_t(b * c), m.data());
+    if (rows < 0) rows = b;
+    matrix m = moeforge::detail::new_matrix(pool_, rows, c);
+    ck_.read_rows(name, std::size_t(x * b + row0) * std::size_t(c), std::size_t(rows * c), m.data());
     moeforge::detail::require_finite(m, cat("safetensors: '", ck_.file(name), "': tensor '", name, "' expert ", x));
     used_.insert(name);
     return m;
@@ -284,8 +292,8 @@ class tensor_reader {
     return M();
   }
   const safetensors_checkpoint& ck_;
-  bool shapes_only_;
   moeforge::detail::matrix_pool* pool_;
+  bool shapes_only_ = false;
   std::set<std::string> used_;
 };
 
@@ -320,11 +328,11 @@ inline moe_layer read_moe_block(tensor_reader& t, const std::string& p, const hf
         f = t.released_ffn({{packed, {e, 2 * i, h}}, {down, {e, h, i}}}, h, i);
         continue;
       }
-      const matrix gu = t.cube_slice(packed, e, 2 * i, h, x);
+      matrix gate = t.cube_slice(packed, e, 2 * i, h, x, 0, i), up = t.cube_slice(packed, e, 2 * i, h, x, i, i);
       matrix dn = t.cube_slice(down, e, h, i, x);
-      if (gu.size() == 0) continue;  // only checking shapes
-      f.gate = gu.topRows(i);
-      f.up = gu.bottomRows(i);
+      if (dn.size() == 0) continue;  // only checking shapes
+      f.gate = std::move(gate);
+      f.up = std::move(up);
       f.down = std::move(dn);
     }
   } else {
@@ -462,7 +470,7 @@ class hf_layers {
  public:
   explicit hf_layers(const std::string& weights, const std::string& config = "")
       : config_path_(detail::config_beside(weights, config)), h_(read_hf_config(config_path_)), ck_(weights) {
-    detail::tensor_reader t(ck_, true);
+    auto t = detail::tensor_reader::headers_only(ck_);
     detail::read_model(t, h_, detail::cat("hf model '", weights, "' (config '", config_path_, "')"));
   }
 
@@ -485,7 +493,7 @@ class hf_layers {
   /// Layer `li` in FP32 (NaN or Inf refused, naming the tensor); the routed
   /// experts `keep` refuses come back released, their data not read (see expert_filter).
   model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* pool = nullptr) const {
-    detail::tensor_reader t(ck_, false, pool);
+    detail::tensor_reader t(ck_, pool);
     return detail::read_layer(t, h_, li, keep);
   }
 

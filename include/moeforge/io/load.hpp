@@ -101,6 +101,7 @@ model::transformer transformer_from(Source& src, const load_options& opt, std::o
       std::move(globals),
       [&](index_t li) {
         model::layer l = src.layer(li, {}, &pool);
+        pool.clear();
         src.release();  // the layer's mapped pages would otherwise stay resident
         if (opt.on_layer) opt.on_layer(li, l);
         return l;
@@ -127,10 +128,12 @@ inline model::weights load_model(const std::string& path, const load_options& op
 /// Loads any model load_model reads straight into an owning transformer that
 /// runs its weights as `format` (default: the type the file stores; F32 or
 /// BF16). Hugging Face and native models are read one layer at a time from
-/// their memory-mapped tensors: each layer is read in F32, packed, and its
-/// plain matrices and mapped pages released before the next is read, so
-/// loading needs the packed model plus about one layer in F32 (a BF16 model
-/// about its file size) and never the whole model in F32. A llama2.c
+/// their memory-mapped tensors: each layer is read in F32 (into the storage
+/// of the layer before it, see detail::matrix_pool), packed, and its mapped
+/// pages released, so loading needs the packed model plus about one layer in
+/// F32 (two for a moment where a layer of another kind follows: a dense layer
+/// after an MoE one), a BF16 model about its file size, and never the whole
+/// model in F32. A llama2.c
 /// checkpoint (F32 only) is read whole first. The result is the same, bit for
 /// bit, as model::transformer(load_model(path, opt), format). Safe to call
 /// from several processes on one file (it only reads).

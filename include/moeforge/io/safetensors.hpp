@@ -227,7 +227,7 @@ class safetensors_file {
   /// The tensor as a rows × cols matrix, in storage from `pool` when given.
   matrix read_matrix(const std::string& name, index_t rows, index_t cols, moeforge::detail::matrix_pool* pool = nullptr) const {
     require_shape(name, {rows, cols});
-    matrix m = pool ? pool->take(rows, cols) : moeforge::detail::huge_page_matrix(rows, cols);
+    matrix m = moeforge::detail::new_matrix(pool, rows, cols);
     read_rows(name, 0, std::size_t(m.size()), m.data());
     return m;
   }

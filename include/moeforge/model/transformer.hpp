@@ -164,9 +164,10 @@ class transformer {
   /// and each layer from `next_layer` is validated, packed and released before
   /// the next is asked for, so building holds the packed model plus one
   /// layer's plain matrices (how io::load_transformer loads a BF16 model that
-  /// does not fit in memory in F32), handing each layer's plain matrices to
-  /// `reuse` when given. The result is the same as transformer(weights&&) on
-  /// the whole model.
+  /// does not fit in memory in F32). With `reuse`, each layer's plain
+  /// matrices go to it instead of being freed (the loaders keep them to read
+  /// the next layer into). The result is the same as transformer(weights&&)
+  /// on the whole model.
   transformer(weights&& globals, const layer_source& next_layer, std::optional<runtime::detail::weight_format> format = std::nullopt,
               external_moe external = {}, const matrix_sink& reuse = {})
       : owned_(std::make_unique<weights>(std::move(globals))), w_(*owned_), external_(std::move(external)) {
@@ -601,10 +602,7 @@ class transformer {
     const auto give = [&reuse](matrix&& m) {
       if (reuse) reuse(std::move(m));
     };
-    for (matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) {
-      give(std::move(*m));
-      *m = matrix();
-    }
+    for (matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) hand_back(*m, give);
     if (auto* f = std::get_if<ffn>(&l.ffn)) return moeforge::release(*f, give);
     auto& m = std::get<moe_layer>(l.ffn);
     if (m.router.kind != router_kind::oracle)

@@ -301,8 +301,8 @@ constexpr index_t bf16_exact_tokens = 4;
 /// too and use `vdpbf16ps`, two multiply-adds per lane and instruction, when
 /// `round_tokens` is set and the build has AVX512_BF16; otherwise the tokens
 /// stay F32 and every product is exactly the F32 product of the BF16 weights.
-/// Few-token products (decode) always take the exact path: they are bound by
-/// the weights' bytes.
+/// Products over up to bf16_exact_tokens tokens (a single stream's decode)
+/// always take the exact path: they are bound by the weights' bytes.
 struct weight_format {
   dtype type = dtype::f32;
   bool round_tokens = true;
