@@ -275,6 +275,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   auto tell = [&](index_t l, const std::string& stage_name) {
     if (opt.progress) opt.progress(layer_progress{l, layers, stage_name, since(start)});
   };
+  moeforge::detail::matrix_pool pool;  // each layer is read into the storage of the one written before it
   for (index_t l = rep.resumed_at; l < layers; ++l) {
     if (opt.stop_after_layers >= 0 && l >= opt.stop_after_layers) {
       rep.seconds = since(start);
@@ -282,7 +283,8 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     }
     auto t0 = clock::now();
     tell(l, "read");
-    model::weights one = model::layer_model(c, src.layer(l));
+    model::weights one = model::layer_model(c, src.layer(l, {}, &pool));
+    pool.clear();
     src.release();  // the layer is in memory now, in FP32
     const io::dtype stored = src.stored(cat("model.layers.", l, ".self_attn.q_proj.weight"));
     const model::transformer tr(one);
@@ -330,6 +332,8 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
         [&](const std::string& name, const matrix& m) { writer->add(name, {m.rows(), m.cols()}, m.data(), stored); },
         [&](const std::string& name, const vector& v) { writer->add(name, {v.size()}, v.data(), stored); });
     layer_manifests.push_back(io::detail::layer_json(one.layers.front()));
+    io::detail::for_each_layer_tensor(
+        std::size_t(l), one.layers.front(), [&](const std::string&, matrix& m) { hand_back(m, pool.sink()); }, [](const std::string&, vector&) {});
     one = model::weights();
     checkpoint(l + 1);
     rep.times.write += since(t0);
