@@ -440,9 +440,7 @@ class transformer {
           const index_t g = h / group, visible = start + r + 1;
           const float* query = q.row(r).data() + h * hd;
           for (index_t j = 0; j < visible; ++j) scores(j) = dot(query, kc.data() + j * stride + g * hd, hd) * scale;
-          auto p = scores.head(visible);
-          p = (p - p.maxCoeff()).exp();
-          p /= p.sum();
+          softmax(scores.head(visible));
           float* __restrict o = att.row(r).data() + h * hd;
           std::fill_n(o, hd, 0.0f);
           for (index_t j = 0; j < visible; ++j) {
@@ -453,6 +451,13 @@ class transformer {
         }
       }
     }
+  }
+
+  /// p = exp(p − max p) / Σ, in place (p an Eigen array expression).
+  template <class Scores>
+  static void softmax(Scores&& p) {
+    p = (p - p.maxCoeff()).exp();
+    p /= p.sum();
   }
 
   /// Σ a[d]·b[d] in 16 lanes (d mod 16), summed in lane order at the end: an
@@ -509,9 +514,7 @@ class transformer {
         matrix sc = runtime::detail::times_transpose({{kc.data() + g * hd, kv_stride, keys}}, q.block(t0, h * hd, rows, hd)) * scale;
         for (index_t r = 0; r < rows; ++r) {
           const index_t visible = start + t0 + r + 1;
-          auto row = sc.row(r).head(visible);
-          row.array() = (row.array() - row.maxCoeff()).exp();
-          row /= row.sum();
+          softmax(sc.row(r).head(visible).array());
           sc.row(r).tail(keys - visible).setZero();
         }
         const matrix& v = vt[std::size_t(g)];
