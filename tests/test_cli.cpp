@@ -330,3 +330,38 @@ TEST_CASE("sparsify and prune stream a sharded Hugging Face checkpoint to the mo
     REQUIRE_FALSE(fs::exists(scratch / ".global.partial"));
   }
 }
+
+TEST_CASE("export --format packed writes a directory that logits and eval run as the model it came from") {
+  const temp_dir scratch;
+  const std::string cmoe = scratch / "cmoe", packed = scratch / "packed";
+  REQUIRE(cli(convert_args(cmoe), scratch).code == 0);
+  const auto exported = cli({"export", "--model", cmoe, "--format", "packed", "--dtype", "bf16", "--out", packed}, scratch);
+  INFO(exported.err);
+  REQUIRE(exported.code == 0);
+  CHECK(read_json(packed + "/moeforge.json")["panels"]["weight_dtype"] == "BF16");
+  const auto want = cli({"logits", "--model", cmoe, "--dtype", "bf16", "--tokens", "1,403,407,9", "--json"}, scratch);
+  const auto got = cli({"logits", "--model", packed, "--tokens", "1,403,407,9", "--json"}, scratch);
+  REQUIRE(want.code == 0);
+  REQUIRE(got.code == 0);
+  CHECK(nlohmann::json::parse(got.out) == nlohmann::json::parse(want.out));
+  const std::vector<std::string> eval{"eval", "--text", text("tinystories_eval.txt"), "--ctx", "64", "--windows", "2",
+                                      "--decode-steps", "2", "--prefill-tokens", "8", "--json", "--tokenizer",
+                                      data_file("models/stories260K/tok512.bin"), "--model"};
+  auto eval_of = [&](const std::string& model, std::vector<std::string> extra) {
+    auto args = eval;
+    args.push_back(model);
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto o = cli(args, scratch);
+    INFO(o.err);
+    REQUIRE(o.code == 0);
+    return nlohmann::json::parse(o.out);
+  };
+  const auto e_packed = eval_of(packed, {}), e_cmoe = eval_of(cmoe, {"--dtype", "bf16"});
+  CHECK(e_packed["dtype"] == "BF16");
+  CHECK(e_packed["ppl"] == e_cmoe["ppl"]);
+  // --dtype f32 on BF16 panels repacks them: the same values, computed in F32.
+  CHECK(eval_of(packed, {"--dtype", "f32"})["dtype"] == "F32");
+
+  require_usage_error(cli({"export", "--model", cmoe, "--format", "native", "--dtype", "bf16", "--out", scratch / "n"}, scratch), "--dtype");
+  REQUIRE_FALSE(fs::exists(scratch / "n"));
+}

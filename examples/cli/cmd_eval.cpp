@@ -45,14 +45,16 @@ int run_eval(int argc, char** argv) {
   const auto type = requested_dtype(a);
   const std::optional<drop_policy> policy = a.has("policy") ? std::optional<drop_policy>(requested_policy(a)) : std::nullopt;
   bool any_moe = false;
-  // Owning: it runs on prepared layouts of --dtype weights, read layer by layer.
-  const model::transformer tr = load_transformer(a, [&](index_t li, model::layer& l) {
+  const auto set_policy = [&](index_t li, model::layer& l) {
     auto* m = std::get_if<moe_layer>(&l.ffn);
-    if (!policy || !m) return;
+    if (!m) return;
     validate(*policy, m->num_experts(), detail::cat("--policy on layer ", li));
     m->router.drop = *policy;
     any_moe = true;
-  });
+  };
+  // Owning: it runs on prepared layouts of --dtype weights, read layer by
+  // layer (a packed directory's mapped, unless --policy edits the layers).
+  const model::transformer tr = load_transformer(a, policy ? std::function<void(index_t, model::layer&)>(set_policy) : nullptr);
   if (policy && !any_moe) throw config_error("eval: --policy needs a model with MoE layers (convert it first with `moeforge convert cmoe`)");
   const auto& c = tr.config();
   const auto tok = load_tokenizer(a, c);

@@ -1,37 +1,52 @@
 // moeforge export: rewrite a model in another format — a Hugging Face
-// directory (LLaMA / Qwen2 / Mixtral / Qwen2-MoE names) or a moeforge native
-// directory — without changing what it computes.
+// directory (LLaMA / Qwen2 / Mixtral / Qwen2-MoE names), a moeforge native
+// directory, or a packed one (native, weights as kernel panels) — without
+// changing what it computes.
 #include <iostream>
 
 #include "commands.hpp"
 #include "model_args.hpp"
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/native.hpp"
+#include "moeforge/io/packed.hpp"
 
 namespace moeforge::cli {
 
 int run_export(int argc, char** argv) {
   args a("moeforge export",
-         "Write a model as a Hugging Face directory (config.json + model.safetensors) or a moeforge native directory.\n"
+         "Write a model as a Hugging Face directory (config.json + model.safetensors), a moeforge native directory, or a\n"
+         "packed one: native, with the weights stored as this build's kernel panels, which moeforge maps instead of packing\n"
+         "when it loads them (an 8-layer Mixtral-shaped BF16 model: 0.2 s instead of 4-17 s from its Hugging Face files).\n"
          "llama2.c's interleaved RoPE is reordered into Hugging Face's half-split form; models Hugging Face cannot\n"
          "express (CMoE routers, novices, unequal experts) are refused: export them as native.");
   add_model_options(a, false);
   a.required("out", "DIR", "output directory (must not exist unless --force)");
-  a.option("format", "hf|native", "output format", "hf");
+  a.option("format", "hf|native|packed", "output format", "hf");
+  a.option("dtype", "auto|f32|bf16", "with --format packed: the weight type of the panels (auto = the type the model's file stores)", "auto");
   a.flag("force", "replace --out if it exists (only after the new model is complete)");
   if (!a.parse(argc, argv)) return 0;
   const std::string format = a.get("format");
-  if (format != "hf" && format != "native") throw usage_error("moeforge export: --format must be 'hf' or 'native', got '" + format + "'");
+  if (format != "hf" && format != "native" && format != "packed")
+    throw usage_error("moeforge export: --format must be 'hf', 'native' or 'packed', got '" + format + "'");
+  if (format != "packed" && a.get("dtype") != "auto") throw usage_error("moeforge export: --dtype applies to --format packed");
   io::check_output_dir(a.get("out"), a.flag_set("force"));
-  const auto w = load_model(a);
-  if (format == "hf") {
-    io::save_hf(w, a.get("out"), a.flag_set("force"));
+  io::native_save_options o;
+  o.overwrite = a.flag_set("force");
+  const nlohmann::json provenance{{"exported_from", a.get("model")}};
+  index_t layers = 0;
+  if (format == "packed") {
+    const auto tr = io::load_transformer(a.get("model"), load_options(a), requested_dtype(a));
+    io::save_packed(tr, a.get("out"), provenance, o);
+    layers = tr.config().n_layers;
   } else {
-    io::native_save_options o;
-    o.overwrite = a.flag_set("force");
-    io::save_native(w, a.get("out"), {{"exported_from", a.get("model")}}, o);
+    const auto w = load_model(a);
+    if (format == "hf")
+      io::save_hf(w, a.get("out"), a.flag_set("force"));
+    else
+      io::save_native(w, a.get("out"), provenance, o);
+    layers = w.config.n_layers;
   }
-  std::cout << "wrote " << a.get("out") << " (" << format << ", " << w.config.n_layers << " layers)\n";
+  std::cout << "wrote " << a.get("out") << " (" << format << ", " << layers << " layers)\n";
   return 0;
 }
 

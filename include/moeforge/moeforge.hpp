@@ -29,5 +29,6 @@
 #include "moeforge/io/llama2c.hpp"
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/native.hpp"
+#include "moeforge/io/packed.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/convert/stream.hpp"

@@ -202,12 +202,22 @@ struct moe_layer {
   index_t num_experts() const { return index_t(experts.size()); }
 };
 
+/// validate(f, what, hidden), or, when f's matrices were released and that
+/// is allowed, a check of the shape it records.
+inline void validate_held(const ffn& f, const std::string& what, index_t hidden, bool may_be_released) {
+  if (!(may_be_released && f.released)) return validate(f, what, hidden);
+  if (f.hidden() != hidden || f.intermediate() < 1)
+    throw shape_error(detail::cat(what, ": released with shape [", f.intermediate(), ", ", f.hidden(), "], expected [neurons > 0, ", hidden, "]"));
+}
+
 /// Checks every shape and option against the router's hidden size; throws
 /// shape_error or config_error naming `what` and the offending part. With
 /// `routed_may_be_released`, a routed expert may be a released FFN (only its
 /// shape, see release(ffn&)): what one process of an expert-parallel run
-/// holds of the experts another process computes.
-inline void validate(const moe_layer& m, const std::string& what, bool routed_may_be_released = false) {
+/// holds of the experts another process computes. With
+/// `shared_may_be_released` the shared experts may be too (an owning
+/// transformer's structure, whose panels hold every FFN).
+inline void validate(const moe_layer& m, const std::string& what, bool routed_may_be_released = false, bool shared_may_be_released = false) {
   const auto& r = m.router;
   const index_t e = r.weight.rows();
   const index_t h = r.weight.cols();
@@ -255,12 +265,7 @@ inline void validate(const moe_layer& m, const std::string& what, bool routed_ma
       if (x.novice.size() != h) throw shape_error(detail::cat(name, ".novice: size ", x.novice.size(), ", expected ", h));
       if (x.weights.up.size() != 0) throw shape_error(name + ": a novice must not also hold weights");
     } else {
-      if (routed_may_be_released && x.weights.released) {
-        if (x.weights.hidden() != h || x.width() < 1)
-          throw shape_error(detail::cat(name, ": released with shape [", x.width(), ", ", x.weights.hidden(), "], expected [neurons > 0, ", h, "]"));
-      } else {
-        validate(x.weights, name, h);
-      }
+      validate_held(x.weights, name, h, routed_may_be_released);
       if (x.major < 0 || x.major > x.width())
         throw config_error(detail::cat(name, ".major = ", x.major, ", expected 0..", x.width()));
       for (std::size_t p = 0; p < x.parts.size(); ++p)
@@ -271,7 +276,7 @@ inline void validate(const moe_layer& m, const std::string& what, bool routed_ma
   }
   for (std::size_t i = 0; i < m.shared.size(); ++i) {
     const std::string name = detail::cat(what, ".shared[", i, "]");
-    validate(m.shared[i].weights, name, h);
+    validate_held(m.shared[i].weights, name, h, shared_may_be_released);
     if (m.shared[i].gated() && m.shared[i].gate.size() != h)
       throw shape_error(detail::cat(name, ".gate: size ", m.shared[i].gate.size(), ", expected ", h));
   }

@@ -5,10 +5,12 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/llama2c.hpp"
 #include "moeforge/io/native.hpp"
+#include "moeforge/io/packed.hpp"
 
 namespace moeforge::io {
 
@@ -93,6 +95,8 @@ namespace detail {
 
 template <class Source>
 model::transformer transformer_from(Source& src, const load_options& opt, std::optional<runtime::detail::weight_format> format) {
+  if constexpr (std::is_same_v<Source, native_layers>)
+    if (!opt.on_layer && maps_panels(src, format)) return load_packed(src, format);
   model::weights globals = src.globals();
   src.release();
   // Each layer is read into the storage of the one packed before it.
@@ -135,8 +139,13 @@ inline model::weights load_model(const std::string& path, const load_options& op
 /// after an MoE one), a BF16 model about its file size, and never the whole
 /// model in F32. A llama2.c
 /// checkpoint (F32 only) is read whole first. The result is the same, bit for
-/// bit, as model::transformer(load_model(path, opt), format). Safe to call
-/// from several processes on one file (it only reads).
+/// bit, as model::transformer(load_model(path, opt), format). A packed
+/// directory (io/packed.hpp) of this build's panel width, run in the type its
+/// panels hold and without opt.on_layer, is not read at all: its panels are
+/// mapped in place (load_packed) and it runs what the transformer that wrote
+/// it ran (whose embedding may have stayed F32 beside BF16 panels, where
+/// load_model's weights, typed BF16, would round it). Safe to call from
+/// several processes on one file (it only reads).
 inline model::transformer load_transformer(const std::string& path, const load_options& opt = {},
                                            std::optional<runtime::detail::weight_format> format = std::nullopt) {
   return with_layer_reader(path, opt, [&](auto&& src) { return detail::transformer_from(src, opt, format); });

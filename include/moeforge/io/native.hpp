@@ -4,9 +4,11 @@
 // shards `model-0000k-of-0000N.safetensors` listed by
 // `model.safetensors.index.json` as Hugging Face shards them (a streamed
 // conversion, native_shard_writer: each tensor in its source's dtype, F32,
-// F16 or BF16). The loader reads both and widens F16/BF16 to F32. It round-trips every model moeforge can build,
-// including the CMoE analytic router and MoNE novices that have no Hugging
-// Face equivalent.
+// F16 or BF16), or, in a packed directory (io/packed.hpp), the weight
+// matrices as kernel panels. The loader reads all three and widens F16/BF16
+// to F32 (a packed directory's panels unpacked). It round-trips every model
+// moeforge can build, including the CMoE analytic router and MoNE novices
+// that have no Hugging Face equivalent.
 //
 // moeforge.json:
 //   {"format": "moeforge", "version": 1,
@@ -43,6 +45,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -374,13 +377,16 @@ class staging_dir {
 };
 
 /// Writes moeforge.json into a directory being built and copies the attachments beside it.
+/// `extra` adds top-level keys (a packed model's "panels").
 inline void write_manifest(const std::filesystem::path& dir, const model::config& c, nlohmann::json layers, const nlohmann::json& provenance,
-                           const std::vector<std::pair<std::string, std::string>>& attachments) {
-  const nlohmann::json manifest{{"format", "moeforge"},
-                                {"version", native_version},
-                                {"config", config_json(c)},
-                                {"layers", std::move(layers)},
-                                {"provenance", provenance}};
+                           const std::vector<std::pair<std::string, std::string>>& attachments,
+                           const nlohmann::json& extra = nlohmann::json::object()) {
+  nlohmann::json manifest{{"format", "moeforge"},
+                          {"version", native_version},
+                          {"config", config_json(c)},
+                          {"layers", std::move(layers)},
+                          {"provenance", provenance}};
+  manifest.update(extra);
   {
     std::ofstream f(dir / native_manifest);
     f << manifest.dump(2) << "\n";
@@ -565,6 +571,54 @@ inline nlohmann::json read_native_manifest(const std::string& dir) {
   return read_json_file((std::filesystem::path(dir) / native_manifest).string(), "native");
 }
 
+/// How a packed model directory (io/packed.hpp) stores a weight matrix: its
+/// rows × depth values as the kernel's panels of `nr` rows (see
+/// runtime::detail::panel_matrix), restarting at `cuts`; the tensor holds
+/// [panels(nr), depth, nr] values, F32 or BF16.
+struct panel_layout {
+  index_t rows = 0, depth = 0;
+  std::vector<index_t> cuts;
+
+  /// Panels of `nr` rows the segments between the cuts take.
+  index_t panels(index_t nr) const {
+    index_t n = 0, start = 0;
+    for (std::size_t s = 0; s <= cuts.size(); ++s) {
+      const index_t end = s < cuts.size() ? cuts[s] : rows;
+      n += (end - start + nr - 1) / nr;
+      start = end;
+    }
+    return n;
+  }
+};
+
+namespace detail {
+
+/// Panels written with width `nr` (this build's or another's) as a row-major
+/// rows × depth matrix.
+inline void unpack_panels(const char* bytes, dtype type, index_t nr, const panel_layout& l, float* out) {
+  index_t panel = 0, start = 0;
+  for (std::size_t s = 0; s <= l.cuts.size(); ++s) {
+    const index_t end = s < l.cuts.size() ? l.cuts[s] : l.rows;
+#pragma omp parallel for schedule(static)
+    for (index_t r = start; r < end; ++r) {
+      const index_t p = panel + (r - start) / nr, q = (r - start) % nr;
+      const std::size_t base = std::size_t(p * l.depth) * std::size_t(nr);
+      float* row = out + std::size_t(r) * std::size_t(l.depth);
+      if (type == dtype::f32) {
+        const float* v = reinterpret_cast<const float*>(bytes) + base + std::size_t(q);
+        for (index_t k = 0; k < l.depth; ++k) row[k] = v[std::size_t(k * nr)];
+      } else {
+        const std::uint16_t* v = reinterpret_cast<const std::uint16_t*>(bytes) + base + std::size_t(runtime::detail::bf16_slot(q, nr));
+        for (index_t k = 0; k < l.depth; ++k) row[k] = bf16_to_f32(v[std::size_t(k * nr)]);
+      }
+    }
+    panel += (end - start + nr - 1) / nr;
+    start = end;
+  }
+}
+
+}  // namespace detail
+
 /// A native model directory opened for reading one layer at a time from its
 /// memory-mapped tensors. Opening it reads the manifest and checks that every
 /// tensor it implies is present with the right rank and that none is left
@@ -586,6 +640,7 @@ class native_layers {
       r.fail(cat("describes ", layers.size(), " layers, config.n_layers is ", w.config.n_layers));
     for (std::size_t i = 0; i < layers.size(); ++i) w.layers.push_back(detail::layer_skeleton(r, layers[i], cat("layers[", i, "]")));
     w.weight_dtype = st_.weight_dtype();
+    if (j.contains("panels")) read_panel_index(r, r.at(j, "panels", "manifest"));
     // Attention biases are optional; the file says whether they exist.
     for (std::size_t i = 0; i < w.layers.size(); ++i) {
       auto& l = w.layers[i];
@@ -600,14 +655,17 @@ class native_layers {
     }
     std::size_t seen = 0;
     detail::for_each_tensor(
-        w, [&](const std::string& name, const matrix&) { seen += rank_checked(name, 2); },
+        w, [&](const std::string& name, const matrix&) { seen += panels_.count(name) ? panels_checked(name) : rank_checked(name, 2); },
         [&](const std::string& name, const vector&) { seen += rank_checked(name, 1); });
+    // A packed model's classifier has panels of its own when the embedding's are kept apart, tied or not.
+    if (w.config.tied_embeddings && panels_.count("lm_head")) seen += panels_checked("lm_head");
     const auto names = st_.names();
     if (seen != names.size()) {
       for (const auto& t : names) {
         bool expected = false;
         detail::for_each_tensor(
             w, [&](const std::string& n, const matrix&) { expected |= n == t; }, [&](const std::string& n, const vector&) { expected |= n == t; });
+        expected |= panels_.count(t) != 0;
         if (!expected) throw format_error(cat(st_.file(t), ": unexpected tensor '", t, "' (not described by ", file, ")"));
       }
     }
@@ -655,9 +713,9 @@ class native_layers {
     detail::for_each_layer_tensor(std::size_t(li), l, read_tensor, read_tensor);
     for (const auto& [e, prefix] : skipped) {
       auto& f = m->experts[std::size_t(e)].weights;
-      const auto& up = st_.info(prefix + "up").shape;  // [I, H]; rank checked when the directory was opened
-      if (f.gated()) st_.require_shape(prefix + "gate", up);
-      st_.require_shape(prefix + "down", {up[1], up[0]});
+      const auto up = matrix_shape(prefix + "up");  // [I, H]
+      if (f.gated()) require_matrix_shape(prefix + "gate", up);
+      require_matrix_shape(prefix + "down", {up[1], up[0]});
       f.released = ffn_shape{index_t(up[1]), index_t(up[0]), f.gated()};
       f.gate = matrix();  // the skeleton's placeholder
     }
@@ -672,15 +730,25 @@ class native_layers {
   /// See safetensors_checkpoint::release.
   void release() const { st_.release(); }
 
- private:
-  std::size_t rank_checked(const std::string& name, std::size_t rank) const {
-    const auto& info = st_.info(name);
-    if (info.shape.size() != rank)
-      throw shape_error(detail::cat(st_.file(name), ": tensor '", name, "' has ", info.shape.size(), " dimensions, expected ", rank));
-    return 1;
+  /// How a tensor of a packed model directory is stored as panels; null for
+  /// a row-major tensor.
+  const panel_layout* panels(const std::string& name) const {
+    const auto it = panels_.find(name);
+    return it == panels_.end() ? nullptr : &it->second;
   }
-  // The shapes are the file's; validation compares them with the config.
+  /// The panel width a packed directory was written with (0: not packed).
+  index_t panel_width() const { return panel_nr_; }
+  /// The model as the manifest describes it, without values.
+  const model::weights& skeleton() const { return skeleton_; }
+  const safetensors_checkpoint& tensors() const { return st_; }
+
+  /// One tensor, F32, with the file's shape (a panel tensor unpacked).
   void read(const std::string& name, matrix& m, moeforge::detail::matrix_pool* pool = nullptr) const {
+    if (const auto* l = panels(name)) {
+      m = moeforge::detail::new_matrix(pool, l->rows, l->depth);
+      detail::unpack_panels(st_.stored_bytes(name), st_.info(name).dtype, panel_nr_, *l, m.data());
+      return moeforge::detail::require_finite(m, detail::cat(st_.file(name), ": tensor '", name, "'"));
+    }
     const auto& s = st_.info(name).shape;
     m = st_.read_matrix(name, index_t(s[0]), index_t(s[1]), pool);
   }
@@ -688,10 +756,67 @@ class native_layers {
     v = st_.read_vector(name, index_t(st_.info(name).shape[0]));
   }
 
+ private:
+  /// The manifest's "panels": {"nr", "weight_dtype", "tensors": {name: [rows, depth, [cuts]]}}.
+  void read_panel_index(const detail::manifest_reader& r, const nlohmann::json& j) {
+    using detail::cat;
+    panel_nr_ = r.get<index_t>(j, "nr", "panels");
+    if (panel_nr_ < 8 || panel_nr_ > 256 || panel_nr_ % 8 != 0) r.fail(cat("panels.nr = ", panel_nr_, ", expected a multiple of 8 in [8, 256]"));
+    skeleton_.weight_dtype = detail::parse_dtype(r.get<std::string>(j, "weight_dtype", "panels"), "panels.weight_dtype");
+    const auto& tensors = r.at(j, "tensors", "panels");
+    if (!tensors.is_object()) r.fail("panels.tensors must be an object");
+    for (const auto& [name, v] : tensors.items()) {
+      const std::string where = cat("panels.tensors['", name, "']");
+      if (!v.is_array() || v.size() != 3) r.fail(where + " must be [rows, depth, [cuts]]");
+      panel_layout l;
+      try {
+        l.rows = v[0].get<index_t>();
+        l.depth = v[1].get<index_t>();
+        l.cuts = v[2].get<std::vector<index_t>>();
+      } catch (const nlohmann::json::exception&) {
+        r.fail(where + " must be [rows, depth, [cuts]] of integers");
+      }
+      if (l.rows < 1 || l.depth < 1 || l.rows > (index_t(1) << 31) || l.depth > (index_t(1) << 31))
+        r.fail(cat(where, ": rows ", l.rows, " and depth ", l.depth, " must be in [1, 2^31]"));
+      for (std::size_t c = 0; c < l.cuts.size(); ++c)
+        if (l.cuts[c] <= (c ? l.cuts[c - 1] : 0) || l.cuts[c] >= l.rows)
+          r.fail(cat(where, ": cuts must rise strictly inside (0, ", l.rows, ")"));
+      panels_.emplace(name, std::move(l));
+    }
+  }
+  /// A matrix tensor's [rows, cols] (a panel tensor's by its layout); ranks
+  /// were checked when the directory was opened.
+  std::vector<std::int64_t> matrix_shape(const std::string& name) const {
+    if (const auto* l = panels(name)) return {l->rows, l->depth};
+    return st_.info(name).shape;
+  }
+  void require_matrix_shape(const std::string& name, const std::vector<std::int64_t>& expected) const {
+    if (const auto shape = matrix_shape(name); shape != expected)
+      throw shape_error(detail::cat(st_.file(name), ": tensor '", name, "' has shape ", detail::shape_text(shape), ", expected ",
+                                    detail::shape_text(expected)));
+  }
+  /// A panel tensor's dtype and shape against its layout.
+  std::size_t panels_checked(const std::string& name) const {
+    const auto& info = st_.info(name);
+    const auto& l = panels_.at(name);
+    if (info.dtype != dtype::f32 && info.dtype != dtype::bf16)
+      throw format_error(detail::cat(st_.file(name), ": panel tensor '", name, "' is ", dtype_name(info.dtype), ", expected F32 or BF16"));
+    st_.require_shape(name, {l.panels(panel_nr_), l.depth, panel_nr_});
+    return 1;
+  }
+
+  std::size_t rank_checked(const std::string& name, std::size_t rank) const {
+    const auto& info = st_.info(name);
+    if (info.shape.size() != rank)
+      throw shape_error(detail::cat(st_.file(name), ": tensor '", name, "' has ", info.shape.size(), " dimensions, expected ", rank));
+    return 1;
+  }
   std::string dir_;
   nlohmann::json manifest_;  ///< read before the tensors are mapped: a directory without one is refused for that
   safetensors_checkpoint st_;
   model::weights skeleton_;  ///< shapes-only: placeholders mark the optional tensors that exist
+  std::map<std::string, panel_layout> panels_;  ///< a packed directory's panel tensors
+  index_t panel_nr_ = 0;
 };
 
 /// Loads a native model directory. Every tensor must be present with exactly

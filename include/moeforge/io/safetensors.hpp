@@ -184,6 +184,11 @@ class safetensors_file {
 
   void release() const { bytes_->release(); }
 
+  /// A tensor's stored bytes in place, valid while storage() lives.
+  const char* stored_bytes(const std::string& name) const { return data_ + at(name).begin; }
+  /// What keeps stored_bytes() valid (the file's mapping).
+  std::shared_ptr<const void> storage() const { return bytes_; }
+
   /// The tensor's elements as float, whatever its stored dtype.
   std::vector<float> read(const std::string& name) const {
     std::vector<float> out(static_cast<std::size_t>(at(name).numel()));
@@ -370,6 +375,8 @@ class safetensors_checkpoint {
   void read_rows(const std::string& name, std::size_t first, std::size_t count, float* out) const {
     file_of(name).read_rows(name, first, count, out);
   }
+  const char* stored_bytes(const std::string& name) const { return file_of(name).stored_bytes(name); }
+  std::shared_ptr<const void> storage(const std::string& name) const { return file_of(name).storage(); }
   /// The file holding a tensor (for messages).
   const std::string& file(const std::string& name) const { return file_of(name).path(); }
   /// See detail::byte_source::release: every shard's mapped pages.
@@ -535,17 +542,21 @@ class safetensors_writer {
   /// Appends a tensor given as floats, stored as `stored` (F32, or BF16
   /// rounded to nearest even).
   void add(const std::string& name, const std::vector<std::int64_t>& shape, const float* data, io::dtype stored = dtype::f32) {
+    if (stored == dtype::f32) return add_stored(name, shape, data, stored);
     const std::uint64_t numel = check(name, shape, data != nullptr, stored);
-    if (stored == dtype::f32) {
-      put(reinterpret_cast<const char*>(data), 4 * numel);
-    } else {
-      std::vector<std::uint16_t> chunk(std::size_t(std::min<std::uint64_t>(numel, 1 << 20)));
-      for (std::uint64_t at = 0; at < numel; at += chunk.size()) {
-        const std::size_t n = std::size_t(std::min<std::uint64_t>(chunk.size(), numel - at));
-        for (std::size_t i = 0; i < n; ++i) chunk[i] = stored == dtype::bf16 ? f32_to_bf16(data[at + i]) : f32_to_f16(data[at + i]);
-        put(reinterpret_cast<const char*>(chunk.data()), 2 * n);
-      }
+    std::vector<std::uint16_t> chunk(std::size_t(std::min<std::uint64_t>(numel, 1 << 20)));
+    for (std::uint64_t at = 0; at < numel; at += chunk.size()) {
+      const std::size_t n = std::size_t(std::min<std::uint64_t>(chunk.size(), numel - at));
+      for (std::size_t i = 0; i < n; ++i) chunk[i] = stored == dtype::bf16 ? f32_to_bf16(data[at + i]) : f32_to_f16(data[at + i]);
+      put(reinterpret_cast<const char*>(chunk.data()), 2 * n);
     }
+    record(name, shape, stored, numel);
+  }
+
+  /// Appends a tensor whose bytes are already in the stored type.
+  void add_stored(const std::string& name, const std::vector<std::int64_t>& shape, const void* bytes, io::dtype stored) {
+    const std::uint64_t numel = check(name, shape, bytes != nullptr, stored);
+    put(static_cast<const char*>(bytes), numel * dtype_size(stored));
     record(name, shape, stored, numel);
   }
 

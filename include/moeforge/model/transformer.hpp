@@ -65,27 +65,46 @@ inline void validate(const config& c) {
 
 /// Throws shape_error / config_error naming the part of layer `i` that does
 /// not fit the config (see validate(moe_layer) on `routed_may_be_released`).
-inline void validate(const config& c, const layer& l, std::size_t i, bool routed_may_be_released = false) {
-  using moeforge::detail::cat;
+/// A layer's attention projections as panels.
+struct attention_panels {
+  runtime::detail::panel_matrix wq, wk, wv, wo;
+};
+
+/// Checks layer i's norms and biases and calls check(plain, panels, rows,
+/// cols, what) with each attention projection's slot (in layer, in
+/// attention_panels) and the shape it must have; returns the layer's name.
+template <class Check>
+std::string check_attention_shapes(const config& c, const layer& l, std::size_t i, Check&& check) {
   using moeforge::detail::require_shape;
   const index_t q = c.n_heads * c.head_dim, kv = c.n_kv_heads * c.head_dim;
-  const std::string name = cat("model.layers[", i, "]");
+  const std::string name = moeforge::detail::cat("model.layers[", i, "]");
   require_shape(l.attn_norm, c.dim, 1, name + ".attn_norm");
   require_shape(l.ffn_norm, c.dim, 1, name + ".ffn_norm");
-  require_shape(l.wq, q, c.dim, name + ".wq");
-  require_shape(l.wk, kv, c.dim, name + ".wk");
-  require_shape(l.wv, kv, c.dim, name + ".wv");
-  require_shape(l.wo, c.dim, q, name + ".wo");
+  check(&layer::wq, &attention_panels::wq, q, c.dim, name + ".wq");
+  check(&layer::wk, &attention_panels::wk, kv, c.dim, name + ".wk");
+  check(&layer::wv, &attention_panels::wv, kv, c.dim, name + ".wv");
+  check(&layer::wo, &attention_panels::wo, c.dim, q, name + ".wo");
   if (l.bq.size()) require_shape(l.bq, q, 1, name + ".bq");
   if (l.bk.size()) require_shape(l.bk, kv, 1, name + ".bk");
   if (l.bv.size()) require_shape(l.bv, kv, 1, name + ".bv");
+  return name;
+}
+
+/// validate(moe_layer) and the layer's hidden size against the config.
+inline void validate_moe(const config& c, const moe_layer& m, const std::string& name, bool routed_may_be_released, bool shared_may_be_released) {
+  moeforge::validate(m, name + ".moe", routed_may_be_released, shared_may_be_released);
+  if (m.hidden() != c.dim) throw shape_error(moeforge::detail::cat(name, ".moe: hidden size ", m.hidden(), ", expected ", c.dim));
+}
+
+inline void validate(const config& c, const layer& l, std::size_t i, bool routed_may_be_released = false) {
+  const std::string name = check_attention_shapes(
+      c, l, i, [&l](matrix layer::*plain, auto, index_t rows, index_t cols, const std::string& what) {
+        moeforge::detail::require_shape(l.*plain, rows, cols, what);
+      });
   if (const auto* f = std::get_if<ffn>(&l.ffn))
     moeforge::validate(*f, name + ".ffn", c.dim);
-  else {
-    const auto& m = std::get<moe_layer>(l.ffn);
-    moeforge::validate(m, name + ".moe", routed_may_be_released);
-    if (m.hidden() != c.dim) throw shape_error(cat(name, ".moe: hidden size ", m.hidden(), ", expected ", c.dim));
-  }
+  else
+    validate_moe(c, std::get<moe_layer>(l.ffn), name, routed_may_be_released, false);
 }
 
 /// The config and the tensors outside the layers (embedding, final norm, classifier).
@@ -104,6 +123,74 @@ inline void validate(const weights& w) {
   if (index_t(w.layers.size()) != w.config.n_layers)
     throw shape_error(moeforge::detail::cat("model: ", w.layers.size(), " layers, config says ", w.config.n_layers));
   for (std::size_t i = 0; i < w.layers.size(); ++i) validate(w.config, w.layers[i], i);
+}
+
+/// What an owning transformer runs: every weight matrix of the model as the
+/// kernel's panels (the rest is in its structure()). A packed model directory
+/// stores exactly this (io/packed.hpp), so loading one maps it instead of
+/// packing.
+struct packed_weights {
+  runtime::detail::panel_matrix classifier;          ///< [V, H] in the run type
+  runtime::detail::panel_matrix embedding;           ///< [V, H] in the stored type; empty when the classifier's values serve
+  std::vector<attention_panels> attention;           ///< per layer
+  std::vector<runtime::detail::packed_layer> ffn;    ///< per layer; a dense FFN is its one shared expert
+};
+
+inline void require_panels(const runtime::detail::panel_matrix& p, index_t rows, index_t depth, const std::string& what) {
+  if (p.rows() != rows || p.depth() != depth)
+    throw shape_error(moeforge::detail::cat(what, ": panels of [", p.rows(), ", ", p.depth(), "], expected [", rows, ", ", depth, "]"));
+}
+
+/// An FFN's panels against the shape its structure records.
+inline void require_panels(const runtime::detail::packed_ffn& p, const ffn& f, const std::string& what) {
+  const index_t h = f.hidden(), n = f.intermediate();
+  if (p.act != f.act) throw config_error(what + ": the panels' activation is not the structure's");
+  if (f.gated()) require_panels(p.gate, n, h, what + ".gate");
+  else if (p.gated()) throw shape_error(what + ": gate panels for an ungated FFN");
+  require_panels(p.up, n, h, what + ".up");
+  require_panels(p.down, h, n, what + ".down");
+}
+
+/// Throws shape_error / config_error unless `p` holds exactly the panels an
+/// owning transformer of `structure` (weights whose matrices were released:
+/// config, norms, biases, routers, novices, compensation and FFN shapes) runs.
+inline void validate(const weights& structure, const packed_weights& p) {
+  using moeforge::detail::cat;
+  const auto& c = structure.config;
+  validate(c);
+  moeforge::detail::require_shape(structure.final_norm, c.dim, 1, "model.final_norm");
+  require_panels(p.classifier, c.vocab_size, c.dim, "model.classifier");
+  if (p.embedding.rows()) require_panels(p.embedding, c.vocab_size, c.dim, "model.tok_emb");
+  const std::size_t n = std::size_t(c.n_layers);
+  if (structure.layers.size() != n || p.attention.size() != n || p.ffn.size() != n)
+    throw shape_error(cat("packed model: ", structure.layers.size(), " layers, ", p.attention.size(), " of attention panels and ", p.ffn.size(),
+                          " of FFN panels; config says ", n));
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto& l = structure.layers[i];
+    const auto& a = p.attention[i];
+    const auto& f = p.ffn[i];
+    const std::string name = check_attention_shapes(
+        c, l, i, [&](matrix layer::*, runtime::detail::panel_matrix attention_panels::*panels, index_t rows, index_t cols, const std::string& what) {
+          require_panels(a.*panels, rows, cols, what);
+        });
+    if (const auto* d = std::get_if<ffn>(&l.ffn)) {
+      if (d->hidden() != c.dim) throw shape_error(cat(name, ".ffn: hidden size ", d->hidden(), ", expected ", c.dim));
+      if (f.shared.size() != 1 || !f.experts.empty()) throw shape_error(name + ".ffn: a dense layer's panels must be one FFN");
+      require_panels(f.shared[0], *d, name + ".ffn");
+      continue;
+    }
+    const auto& m = std::get<moe_layer>(l.ffn);
+    validate_moe(c, m, name, true, true);
+    if (f.experts.size() != m.experts.size() || f.shared.size() != m.shared.size())
+      throw shape_error(cat(name, ".moe: panels for ", f.experts.size(), " experts and ", f.shared.size(), " shared ones; the layer has ",
+                            m.experts.size(), " and ", m.shared.size()));
+    for (std::size_t e = 0; e < m.experts.size(); ++e) {
+      const std::string what = cat(name, ".moe.experts[", e, "]");
+      if (m.experts[e].is_novice() && f.experts[e].up.rows()) throw shape_error(what + ": a novice has no panels");
+      if (!m.experts[e].is_novice()) require_panels(f.experts[e], m.experts[e].weights, what);
+    }
+    for (std::size_t e = 0; e < m.shared.size(); ++e) require_panels(f.shared[e], m.shared[e].weights, cat(name, ".moe.shared[", e, "]"));
+  }
 }
 
 /// Runs a model. Given an lvalue it holds a reference to the weights: they
@@ -187,13 +274,13 @@ class transformer {
     // The embedding is read from panels too, in the stored type (exact): the
     // classifier's when tied and they hold the same values.
     const bool shared_embedding = w.config.tied_embeddings && (t.type == dtype::f32 || w.weight_dtype == dtype::bf16);
-    pack_in_parallel({[&] { classifier_ = pack(w.classifier(), t); },
-                      [&] { if (!shared_embedding) embedding_ = pack(w.tok_emb, w.weight_dtype); }});
+    pack_in_parallel({[&] { packed_.classifier = pack(w.classifier(), t); },
+                      [&] { if (!shared_embedding) packed_.embedding = pack(w.tok_emb, w.weight_dtype); }});
     w.tok_emb = matrix();
     w.lm_head = matrix();
     const index_t n = w.config.n_layers;
-    packed_.resize(std::size_t(n));
-    attention_.resize(std::size_t(n));
+    packed_.ffn.resize(std::size_t(n));
+    packed_.attention.resize(std::size_t(n));
     w.layers.reserve(std::size_t(n));
     for (index_t li = 0; li < n; ++li) {
       layer l = next_layer(li);
@@ -207,6 +294,16 @@ class transformer {
       release(l, reuse);
       w.layers.push_back(std::move(l));
     }
+  }
+
+  /// An owning transformer from what another one runs: `structure` as its
+  /// structure() holds it and `panels` as packed() does (a packed model
+  /// directory, mapped: io::load_packed). Nothing is packed; the result runs
+  /// what the transformer they came from ran, bit for bit.
+  transformer(weights&& structure, packed_weights&& panels)
+      : owned_(std::make_unique<weights>(std::move(structure))), w_(*owned_), packed_(std::move(panels)) {
+    validate(*owned_, packed_);
+    make_rope_tables();
   }
 
   explicit transformer(const weights& w) : w_(w) {
@@ -227,6 +324,11 @@ class transformer {
   /// routers, novices and compensation, with every weight matrix empty and each
   /// FFN's shape in ffn::released (layers with an oracle router keep their experts).
   const weights& structure() const { return w_; }
+  /// An owning transformer's panels (with structure(), all it runs).
+  const packed_weights& packed() const {
+    if (!prepared()) throw config_error("transformer::packed(): only an owning transformer packs its weights");
+    return packed_;
+  }
 
   /// True when forward passes are collective (external_moe::collective):
   /// run them one at a time, in the same order on every process.
@@ -281,7 +383,7 @@ class transformer {
     matrix last = x.bottomRows(n - first);
     matrix normed(last.rows(), c.dim);
     rms_norm(last, w_.final_norm, normed);
-    matrix logits = prepared() ? runtime::project(normed, classifier_) : runtime::project(normed, w_.classifier());
+    matrix logits = prepared() ? runtime::project(normed, packed_.classifier) : runtime::project(normed, w_.classifier());
     clock.lap(&stage_times::head);
     return logits;
   }
@@ -309,7 +411,7 @@ class transformer {
     rms_norm(x, l.ffn_norm, xb);
     if (opt.on_ffn_input) opt.on_ffn_input(li, xb);
     if (li == opt.stop_after_layer) return false;
-    const runtime::detail::packed_layer* packed = packed_.empty() ? nullptr : &packed_[std::size_t(li)];
+    const runtime::detail::packed_layer* packed = packed_.ffn.empty() ? nullptr : &packed_.ffn[std::size_t(li)];
     if (const auto* f = std::get_if<ffn>(&l.ffn)) {
       if (opt.on_route) opt.on_route(li, runtime::dense_stats(*f, n));
       runtime::detail::dense_forward_packed(*f, packed ? &packed->shared[0] : nullptr, xb, y);
@@ -392,7 +494,7 @@ class transformer {
   void attention(const layer& l, index_t li, const matrix& xb, kv_cache& cache, index_t start, matrix& out) const {
     const auto& c = w_.config;
     const index_t n = xb.rows(), hd = c.head_dim;
-    const attention_panels* panels = prepared() ? &attention_[std::size_t(li)] : nullptr;
+    const attention_panels* panels = prepared() ? &packed_.attention[std::size_t(li)] : nullptr;
     const auto project = [&](const runtime::detail::panel_matrix attention_panels::*which, const matrix& w, const matrix& in) {
       return panels ? runtime::project(in, panels->*which) : runtime::project(in, w);
     };
@@ -579,12 +681,12 @@ class transformer {
       matrix_task(out.up, f.up);
       matrix_task(out.down, f.down);
     };
-    auto& a = attention_[std::size_t(li)];
+    auto& a = packed_.attention[std::size_t(li)];
     matrix_task(a.wq, l.wq);
     matrix_task(a.wk, l.wk);
     matrix_task(a.wv, l.wv);
     matrix_task(a.wo, l.wo);
-    auto& p = packed_[std::size_t(li)];
+    auto& p = packed_.ffn[std::size_t(li)];
     if (const auto* f = std::get_if<ffn>(&l.ffn)) {
       p.shared.resize(1);
       ffn_tasks(p.shared[0], *f);
@@ -614,21 +716,14 @@ class transformer {
     for (auto& s : m.shared) moeforge::release(s.weights, give);
   }
 
-  const runtime::detail::panel_matrix& embedding() const { return embedding_.rows() ? embedding_ : classifier_; }
+  const runtime::detail::panel_matrix& embedding() const { return packed_.embedding.rows() ? packed_.embedding : packed_.classifier; }
 
   std::unique_ptr<weights> owned_;  ///< the weights when the transformer owns them (matrices released once packed)
   const weights& w_;
-  /// A layer's attention projections as panels.
-  struct attention_panels {
-    runtime::detail::panel_matrix wq, wk, wv, wo;
-  };
   bool prepared() const { return owned_ != nullptr; }
   bool runs_externally(index_t li) const { return !external_.layers.empty() && external_.layers[std::size_t(li)]; }
 
-  std::vector<runtime::detail::packed_layer> packed_;  ///< per layer, when owned: the FFN's panels
-  std::vector<attention_panels> attention_;            ///< per layer, when owned
-  runtime::detail::panel_matrix classifier_;           ///< when owned
-  runtime::detail::panel_matrix embedding_;            ///< when owned, in the stored dtype; empty when the classifier's serve
+  packed_weights packed_;  ///< when owned
   matrix cos_, sin_;  ///< [seq_len, head_dim/2] RoPE tables
   external_moe external_{};
 };

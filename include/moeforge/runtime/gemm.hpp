@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -62,8 +63,9 @@ struct token_rows {
 
 /// Where row q of a BF16 panel row is stored: 128-bit lanes of 8 values, the
 /// first four of lane L holding rows 4L..4L+3, the last four rows NR/2 + 4L...
-constexpr index_t bf16_slot(index_t q) {
-  const index_t half = q / (gemm_nr / 2), r = q % (gemm_nr / 2);
+/// (`nr`: the panel width, this build's or another's whose panels are read.)
+constexpr index_t bf16_slot(index_t q, index_t nr = gemm_nr) {
+  const index_t half = q / (nr / 2), r = q % (nr / 2);
   return (r / 4) * 8 + half * 4 + r % 4;
 }
 /// The row stored in slot p (the inverse of bf16_slot).
@@ -322,26 +324,37 @@ class panel_matrix {
   /// ld), with panels restarting at `cuts` (ascending, inside (0, rows)), as
   /// values of type `type` (f32 or bf16).
   panel_matrix(const float* src, index_t ld, index_t rows, index_t depth, const std::vector<index_t>& cuts = {}, weight_format format = {})
-      : rows_(rows), depth_(depth), type_(format.type), dot_(format.type == dtype::bf16 && format.round_tokens && bf16_dot_available) {
-    const dtype type = format.type;
-    if (type != dtype::f32 && type != dtype::bf16)
-      throw config_error(moeforge::detail::cat("weight panels: dtype ", dtype_name(type), " is not a kernel weight type (expected F32 or BF16)"));
-    starts_.push_back(0);
-    for (const index_t c : cuts)
-      if (c > starts_.back() && c < rows) starts_.push_back(c);
-    index_t panels = 0;
-    for (std::size_t s = 0; s < starts_.size(); ++s) first_panel_.push_back(panels), panels += ceil_panels(segment_end(s) - starts_[s]);
-    const std::size_t values = std::size_t(panels * depth * gemm_nr);
-    data_.resize(values * dtype_size(type));
-    std::vector<float> scratch(type == dtype::bf16 ? std::size_t(depth * gemm_nr) : 0);
+      : panel_matrix(rows, depth, cuts, format) {
+    auto owned = std::make_shared<std::vector<unsigned char, moeforge::detail::huge_page_allocator<unsigned char>>>(storage_bytes());
+    unsigned char* out = owned->data();
+    std::vector<float> scratch(type_ == dtype::bf16 ? std::size_t(depth * gemm_nr) : 0);
     for (std::size_t s = 0; s < starts_.size(); ++s)
       for (index_t r = starts_[s]; r < segment_end(s); r += gemm_nr) {
         const std::size_t offset = std::size_t((first_panel_[s] + (r - starts_[s]) / gemm_nr) * depth * gemm_nr);
-        float* dst = type == dtype::f32 ? values_as<float>() + offset : scratch.data();
+        float* dst = type_ == dtype::f32 ? reinterpret_cast<float*>(out) + offset : scratch.data();
         pack_rows<gemm_nr>(src + r * ld, ld, std::min(gemm_nr, segment_end(s) - r), depth, dst);
-        if (type == dtype::bf16) round_panel(scratch.data(), depth, values_as<bfloat16>() + offset);
+        if (type_ == dtype::bf16) round_panel(scratch.data(), depth, reinterpret_cast<bfloat16*>(out) + offset);
       }
+    data_ = out;
+    keep_ = std::move(owned);
   }
+
+  /// Panels built elsewhere in this build's order (what storage() of a
+  /// panel_matrix of the same rows, depth, cuts and type holds: a packed
+  /// model's file, mapped), read in place from `bytes` (storage_bytes() of
+  /// them, aligned to a BF16 panel row: view_alignment) for as long as `keep` lives.
+  static panel_matrix view(const void* bytes, std::shared_ptr<const void> keep, index_t rows, index_t depth, const std::vector<index_t>& cuts,
+                           weight_format format) {
+    panel_matrix p(rows, depth, cuts, format);
+    if (reinterpret_cast<std::uintptr_t>(bytes) % view_alignment != 0)
+      throw config_error(moeforge::detail::cat("weight panels: a view's storage must be ", view_alignment, "-byte aligned"));
+    p.data_ = static_cast<const unsigned char*>(bytes);
+    p.keep_ = std::move(keep);
+    return p;
+  }
+
+  /// The bytes of a BF16 panel row, which every panel's size is a multiple of.
+  static constexpr std::size_t view_alignment = std::size_t(gemm_nr) * 2;
 
   index_t rows() const { return rows_; }
   index_t depth() const { return depth_; }
@@ -349,7 +362,13 @@ class panel_matrix {
   /// Whether many-token products round the tokens to BF16 (see weight_format).
   bool dot() const { return dot_; }
   /// Bytes of panel storage (what a pass over every row reads).
-  std::size_t bytes() const { return data_.size(); }
+  std::size_t bytes() const { return storage_bytes(); }
+  /// The panels' bytes, as view() takes them.
+  const void* storage() const { return data_; }
+  /// Where panels restart (ascending, inside (0, rows())).
+  std::vector<index_t> cuts() const { return {starts_.begin() + 1, starts_.end()}; }
+  /// How many NR-row panels rows of depth `depth` with these cuts take.
+  std::size_t panels() const { return std::size_t(panels_); }
   static index_t ceil_panels(index_t rows) { return (rows + gemm_nr - 1) / gemm_nr; }
   /// The first row at or after `row` where panels restart (rows() if none).
   index_t next_cut(index_t row) const {
@@ -378,13 +397,20 @@ class panel_matrix {
   }
 
  private:
-  template <class W>
-  W* values_as() {
-    return reinterpret_cast<W*>(data_.data());
+  /// The layout of rows × depth values of `format` with panels restarting at `cuts`; no storage yet.
+  panel_matrix(index_t rows, index_t depth, const std::vector<index_t>& cuts, weight_format format)
+      : rows_(rows), depth_(depth), type_(format.type), dot_(format.type == dtype::bf16 && format.round_tokens && bf16_dot_available) {
+    if (type_ != dtype::f32 && type_ != dtype::bf16)
+      throw config_error(moeforge::detail::cat("weight panels: dtype ", dtype_name(type_), " is not a kernel weight type (expected F32 or BF16)"));
+    starts_.push_back(0);
+    for (const index_t c : cuts)
+      if (c > starts_.back() && c < rows) starts_.push_back(c);
+    for (std::size_t s = 0; s < starts_.size(); ++s) first_panel_.push_back(panels_), panels_ += ceil_panels(segment_end(s) - starts_[s]);
   }
+  std::size_t storage_bytes() const { return std::size_t(panels_ * depth_ * gemm_nr) * dtype_size(type_); }
   template <class W>
   const W* values_as() const {
-    return reinterpret_cast<const W*>(data_.data());
+    return reinterpret_cast<const W*>(data_);
   }
   index_t segment_end(std::size_t s) const { return s + 1 < starts_.size() ? starts_[s + 1] : rows_; }
   /// An F32 panel [depth][NR] rounded to BF16 into dst, each panel row in
@@ -401,7 +427,9 @@ class panel_matrix {
   dtype type_ = dtype::f32;
   bool dot_ = false;
   std::vector<index_t> starts_, first_panel_;
-  std::vector<unsigned char, moeforge::detail::huge_page_allocator<unsigned char>> data_;  ///< the values, as type_
+  index_t panels_ = 0;
+  const unsigned char* data_ = nullptr;  ///< the values, as type_; immutable once built, so copies share them
+  std::shared_ptr<const void> keep_;     ///< what holds data_: this matrix's own storage or a mapped file
 };
 
 /// A panel's depth slice as the micro-kernel reads it: F32 or BF16 values.
