@@ -338,7 +338,7 @@ TEST_CASE("export --format packed writes a directory that logits and eval run as
   const auto exported = cli({"export", "--model", cmoe, "--format", "packed", "--dtype", "bf16", "--out", packed}, scratch);
   INFO(exported.err);
   REQUIRE(exported.code == 0);
-  CHECK(read_json(packed + "/moeforge.json")["panels"]["weight_dtype"] == "BF16");
+  CHECK(read_json(packed + "/moeforge.json")["panels"]["type"] == "BF16");
   const auto want = cli({"logits", "--model", cmoe, "--dtype", "bf16", "--tokens", "1,403,407,9", "--json"}, scratch);
   const auto got = cli({"logits", "--model", packed, "--tokens", "1,403,407,9", "--json"}, scratch);
   REQUIRE(want.code == 0);

@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include <nlohmann/json.hpp>
 
@@ -57,7 +58,8 @@ TEST_CASE("packed: a packed directory runs what its transformer ran, bit for bit
 
       const io::native_layers src(tmp / "p");
       REQUIRE(io::maps_panels(src, std::nullopt));
-      CHECK(src.skeleton().weight_dtype == type);
+      CHECK(src.skeleton().run_dtype() == type);
+      CHECK(src.skeleton().weight_dtype == dtype::f32);  // what the weights were stored in
       const model::transformer back = io::load_packed(src);
       // In place: the classifier's panels are the file's bytes.
       CHECK(back.packed().classifier.storage() == src.tensors().stored_bytes(src.panels("lm_head") ? "lm_head" : "tok_emb"));
@@ -69,19 +71,18 @@ TEST_CASE("packed: a packed directory runs what its transformer ran, bit for bit
       CHECK(file_bytes(tmp / "p/model.safetensors") == file_bytes(tmp / "q/model.safetensors"));
       CHECK(file_bytes(tmp / "p/moeforge.json") == file_bytes(tmp / "q/moeforge.json"));
 
-      // Everything else reads it as plain weights: the values the panels hold.
+      // Everything else reads it as plain weights: the values the panels
+      // hold, run by default in the panels' type, as the mapped model.
       const model::weights plain = io::load_model(tmp / "p");
-      CHECK(plain.weight_dtype == type);
-      CHECK(plain.tok_emb.cwiseEqual(w.tok_emb).all());  // the embedding in the type the weights had (F32)
-      if (type == dtype::f32) {
-        CHECK(logits(plain, tokens).cwiseEqual(logits(w, tokens)).all());
-        CHECK(run_tokens(model::transformer(model::weights(plain), type), tokens).cwiseEqual(want).all());
-      } else {
-        const auto rounded = [](const matrix& m) { return matrix(m.unaryExpr([](float v) { return bf16_to_f32(f32_to_bf16(v)); })); };
-        CHECK(plain.layers[0].wq.cwiseEqual(rounded(w.layers[0].wq)).all());
-        const auto& e = std::get<moe_layer>(plain.layers[1].ffn).experts[3].weights;
-        CHECK(e.down.cwiseEqual(rounded(std::get<moe_layer>(w.layers[1].ffn).experts[3].weights.down)).all());
-      }
+      CHECK(plain.weight_dtype == dtype::f32);
+      CHECK(plain.run_dtype() == type);
+      CHECK(plain.tok_emb.cwiseEqual(w.tok_emb).all());  // the embedding stays exact
+      CHECK(run_tokens(model::transformer(model::weights(plain)), tokens).cwiseEqual(want).all());
+      if (type == dtype::f32) CHECK(logits(plain, tokens).cwiseEqual(logits(w, tokens)).all());
+      // So does loading layer by layer when a caller edits the layers (eval --policy).
+      io::load_options edit;
+      edit.on_layer = [](index_t, model::layer&) {};
+      CHECK(run_tokens(io::load_transformer(tmp / "p", edit), tokens).cwiseEqual(want).all());
       // Another weight type repacks them.
       const dtype other = type == dtype::f32 ? dtype::bf16 : dtype::f32;
       REQUIRE_FALSE(io::maps_panels(src, runtime::detail::weight_format(other)));
@@ -128,7 +129,9 @@ TEST_CASE("packed: panels of any width unpack to the rows they were packed from"
 }
 
 TEST_CASE("packed: damaged packed directories fail with a typed error naming the tensor") {
-  const model::transformer t(packed_test_model(false), dtype::bf16);
+  const dtype type = GENERATE(dtype::f32, dtype::bf16);
+  INFO(dtype_name(type));
+  const model::transformer t(packed_test_model(false), type);
   temp_dir tmp;
   const std::string good = tmp / "good", dir = tmp / "bad";
   io::save_packed(t, good);
@@ -157,11 +160,31 @@ TEST_CASE("packed: damaged packed directories fail with a typed error naming the
     std::fstream f(dir + "/model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
     std::uint64_t header = 0;  // the data section follows the 8-byte header length and the header
     f.read(reinterpret_cast<char*>(&header), 8);
-    f.seekp(std::streamoff(8 + header + begin + 2));
-    const std::uint16_t nan = 0x7fc0;
-    f.write(reinterpret_cast<const char*>(&nan), 2);
+    f.seekp(std::streamoff(8 + header + begin + 4));
+    const std::uint16_t bf16_nan = 0x7fc0;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    if (type == dtype::bf16)
+      f.write(reinterpret_cast<const char*>(&bf16_nan), 2);
+    else
+      f.write(reinterpret_cast<const char*>(&nan), 4);
     f.close();
-    CHECK_THAT(message(), Contains("layers.1.moe.experts.3.down") && Contains("NaN"));
+    CHECK_THAT(message(), Contains("layers.1.moe.experts.3.down") && Contains("non-finite value nan"));
+  }
+  SECTION("cuts where the runtime expects none") {
+    edit_manifest([](auto& j) { j["panels"]["tensors"]["tok_emb"][2] = {8}; });  // 40 rows: as many panels as without
+    CHECK_THAT(message(), Contains("model.tok_emb: panels restart"));
+  }
+  SECTION("a tensor listed as panels that the kernels do not read") {
+    edit_manifest([](auto& j) { j["panels"]["tensors"]["final_norm"] = {24, 1, nlohmann::json::array()}; });
+    CHECK_THAT(message(), Contains("lists 'final_norm'"));
+  }
+  SECTION("a kernel matrix not stored as panels") {
+    edit_manifest([](auto& j) { j["panels"]["tensors"].erase("lm_head"); });
+    CHECK_THAT(message(), Contains("'lm_head' must be stored as panels"));
+  }
+  SECTION("panels of another type than the manifest says") {
+    edit_manifest([type](auto& j) { j["panels"]["type"] = type == dtype::f32 ? "BF16" : "F32"; });
+    CHECK_THAT(message(), Contains("panel tensor 'lm_head' is"));
   }
   SECTION("a layout that does not match the tensor") {
     edit_manifest([](auto& j) { j["panels"]["tensors"]["layers.0.wq"][0] = 100; });
@@ -186,7 +209,7 @@ TEST_CASE("packed: a transformer without panels for every layer is refused and n
   model::transformer::external_moe elsewhere{{false, true, false}, [](index_t, const moe_layer&, const runtime::selection&, const_matrix_ref, matrix_ref out) { out.setZero(); }, false};
   const model::transformer t(std::move(w), std::move(elsewhere));
   temp_dir tmp;
-  CHECK_THROWS_AS(io::save_packed(t, tmp / "p"), shape_error);
+  CHECK_THROWS_AS(io::save_packed(t, tmp / "p"), config_error);
   CHECK_FALSE(std::filesystem::exists(tmp / "p"));
   CHECK_THROWS_AS(io::save_packed(model::transformer(packed_test_model(false)), tmp.path().string()), io_error);  // exists, not --force
 }

@@ -62,7 +62,7 @@ int run_eval(int argc, char** argv) {
   if (prefill_tokens < 1 || prefill_tokens > c.seq_len)
     throw usage_error(detail::cat("moeforge eval: --prefill-tokens must be in 1..", c.seq_len, " (the model's context), got ", prefill_tokens));
   const double nominal_active = model::active_ffn_fraction(tr.structure());
-  const dtype weights_as = type.value_or(tr.structure().weight_dtype);
+  const dtype weights_as = type.value_or(tr.structure().run_dtype());
   const auto stream = tok.encode(read_text_file(a.get("text")));
   const auto r = model::perplexity(tr, stream, a.has("ctx") ? a.get_int("ctx", 1) : 0, a.has("windows") ? a.get_int("windows", 1) : 0);
   const double decode = model::decode_tokens_per_second(tr, a.get_int("decode-steps", 1));

@@ -15,8 +15,8 @@ namespace moeforge::cli {
 int run_export(int argc, char** argv) {
   args a("moeforge export",
          "Write a model as a Hugging Face directory (config.json + model.safetensors), a moeforge native directory, or a\n"
-         "packed one: native, with the weights stored as this build's kernel panels, which moeforge maps instead of packing\n"
-         "when it loads them (an 8-layer Mixtral-shaped BF16 model: 0.2 s instead of 4-17 s from its Hugging Face files).\n"
+         "packed one: native, with the weight matrices stored as this build's kernel panels in the --dtype type, which\n"
+         "moeforge maps in place instead of reading and packing them when it loads the directory.\n"
          "llama2.c's interleaved RoPE is reordered into Hugging Face's half-split form; models Hugging Face cannot\n"
          "express (CMoE routers, novices, unequal experts) are refused: export them as native.");
   add_model_options(a, false);

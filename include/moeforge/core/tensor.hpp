@@ -118,12 +118,17 @@ inline std::uint16_t f32_to_f16(float f) {
 
 namespace detail {
 
+/// Whether every entry is finite: x − x is 0 for every finite x and NaN
+/// otherwise, so one vectorised sum tells (Eigen's allFinite tests value by value).
+template <class Derived>
+bool all_finite(const Eigen::DenseBase<Derived>& m) {
+  return !std::isnan((m.derived().array() - m.derived().array()).sum());
+}
+
 /// Throws value_error naming `what` and the first non-finite entry.
 template <class Derived>
 void require_finite(const Eigen::DenseBase<Derived>& m, const std::string& what) {
-  // x − x is 0 for every finite x and NaN otherwise, so one vectorised sum
-  // tells whether to look (Eigen's allFinite tests value by value).
-  if (!std::isnan((m.derived().array() - m.derived().array()).sum())) return;
+  if (all_finite(m)) return;
   for (index_t r = 0; r < m.rows(); ++r)
     for (index_t c = 0; c < m.cols(); ++c)
       if (!std::isfinite(m(r, c)))

@@ -198,7 +198,7 @@ class expert_layers {
       throw config_error(cat(what, ": ", how.given->owner.size(), " layers, the model has ", c.n_layers));
     if (how.given && !how.given->shared_owner.empty() && how.given->shared_owner.size() != how.given->owner.size())
       throw config_error(cat(what, ": shared_owner lists ", how.given->shared_owner.size(), " layers, the model has ", c.n_layers));
-    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(globals.weight_dtype));
+    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(globals.run_dtype()));
     fingerprint_builder fp;
     fp.globals(globals, t.type);
     std::optional<layer_loads> loads;

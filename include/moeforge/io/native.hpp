@@ -46,6 +46,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -617,6 +618,58 @@ inline void unpack_panels(const char* bytes, dtype type, index_t nr, const panel
   }
 }
 
+/// Calls on_panel(name, panel) for each panel of a packed model's layers,
+/// named as the native format names the matrix it holds. `p` must be sized
+/// for `structure` (every layer, expert and shared expert in place).
+template <class Packed, class OnPanel>
+void for_each_layer_panel(const model::weights& structure, Packed& p, OnPanel&& on_panel) {
+  const auto ffn_panels = [&](const std::string& prefix, auto& f, bool gated) {
+    if (gated) on_panel(prefix + ".gate", f.gate);
+    on_panel(prefix + ".up", f.up);
+    on_panel(prefix + ".down", f.down);
+  };
+  for (std::size_t li = 0; li < structure.layers.size(); ++li) {
+    const auto& l = structure.layers[li];
+    const std::string pre = cat("layers.", li);
+    auto& a = p.attention[li];
+    on_panel(pre + ".wq", a.wq);
+    on_panel(pre + ".wk", a.wk);
+    on_panel(pre + ".wv", a.wv);
+    on_panel(pre + ".wo", a.wo);
+    auto& f = p.ffn[li];
+    if (const auto* d = std::get_if<ffn>(&l.ffn)) {
+      ffn_panels(pre + ".ffn", f.shared[0], d->gated());
+      continue;
+    }
+    const auto& m = std::get<moe_layer>(l.ffn);
+    for (std::size_t e = 0; e < m.experts.size(); ++e)
+      if (!m.experts[e].is_novice()) ffn_panels(cat(pre, ".moe.experts.", e), f.experts[e], m.experts[e].weights.gated());
+    for (std::size_t s = 0; s < m.shared.size(); ++s) ffn_panels(cat(pre, ".moe.shared.", s), f.shared[s], m.shared[s].weights.gated());
+  }
+}
+
+/// Panels sized for `structure`: every layer, expert and shared expert in
+/// place with its activation, no values (what for_each_layer_panel walks).
+inline model::packed_weights panel_slots(const model::weights& structure) {
+  model::packed_weights p;
+  p.attention.resize(structure.layers.size());
+  p.ffn.resize(structure.layers.size());
+  for (std::size_t li = 0; li < structure.layers.size(); ++li) {
+    auto& f = p.ffn[li];
+    if (const auto* d = std::get_if<ffn>(&structure.layers[li].ffn)) {
+      f.shared.resize(1);
+      f.shared[0].act = d->act;
+      continue;
+    }
+    const auto& m = std::get<moe_layer>(structure.layers[li].ffn);
+    f.experts.resize(m.experts.size());
+    f.shared.resize(m.shared.size());
+    for (std::size_t e = 0; e < m.experts.size(); ++e) f.experts[e].act = m.experts[e].weights.act;
+    for (std::size_t e = 0; e < m.shared.size(); ++e) f.shared[e].act = m.shared[e].weights.act;
+  }
+  return p;
+}
+
 }  // namespace detail
 
 /// A native model directory opened for reading one layer at a time from its
@@ -657,7 +710,7 @@ class native_layers {
     detail::for_each_tensor(
         w, [&](const std::string& name, const matrix&) { seen += panels_.count(name) ? panels_checked(name) : rank_checked(name, 2); },
         [&](const std::string& name, const vector&) { seen += rank_checked(name, 1); });
-    // A packed model's classifier has panels of its own when the embedding's are kept apart, tied or not.
+    // A tied packed model's classifier has panels of its own when the embedding's are kept apart.
     if (w.config.tied_embeddings && panels_.count("lm_head")) seen += panels_checked("lm_head");
     const auto names = st_.names();
     if (seen != names.size()) {
@@ -674,11 +727,12 @@ class native_layers {
   const model::config& config() const { return skeleton_.config; }
 
   /// The model without its layers: config, embedding, final norm, classifier
-  /// (F32) and the stored weight type.
+  /// (F32), the stored weight type and a packed directory's panel type.
   model::weights globals() const {
     model::weights w;
     w.config = skeleton_.config;
     w.weight_dtype = skeleton_.weight_dtype;
+    w.panel_dtype = skeleton_.panel_dtype;
     const auto read_tensor = [this](const std::string& name, auto& t) { read(name, t); };
     detail::for_each_global_tensor(w, read_tensor, read_tensor);
     try {
@@ -738,6 +792,12 @@ class native_layers {
   }
   /// The panel width a packed directory was written with (0: not packed).
   index_t panel_width() const { return panel_nr_; }
+  /// Whether a packed directory keeps the embedding's panels apart from the
+  /// classifier's (`tok_emb` in the stored type, `lm_head` in the run type),
+  /// as an owning transformer does unless it looks tokens up in its classifier.
+  bool embedding_apart() const {
+    return panel_nr_ && !model::classifier_embeds(skeleton_.config, skeleton_.run_dtype(), skeleton_.weight_dtype);
+  }
   /// The model as the manifest describes it, without values.
   const model::weights& skeleton() const { return skeleton_; }
   const safetensors_checkpoint& tensors() const { return st_; }
@@ -757,12 +817,19 @@ class native_layers {
   }
 
  private:
-  /// The manifest's "panels": {"nr", "weight_dtype", "tensors": {name: [rows, depth, [cuts]]}}.
+  /// The manifest's "panels": {"nr", "type", "weight_dtype", "tensors": {name:
+  /// [rows, depth, [cuts]]}}, listing exactly the matrices the kernels read.
   void read_panel_index(const detail::manifest_reader& r, const nlohmann::json& j) {
     using detail::cat;
     panel_nr_ = r.get<index_t>(j, "nr", "panels");
     if (panel_nr_ < 8 || panel_nr_ > 256 || panel_nr_ % 8 != 0) r.fail(cat("panels.nr = ", panel_nr_, ", expected a multiple of 8 in [8, 256]"));
-    skeleton_.weight_dtype = detail::parse_dtype(r.get<std::string>(j, "weight_dtype", "panels"), "panels.weight_dtype");
+    const auto kernel_type = [&](const char* key) {
+      const auto name = r.get<std::string>(j, key, "panels");
+      if (name != dtype_name(dtype::f32) && name != dtype_name(dtype::bf16)) r.fail(cat("panels.", key, " = '", name, "', expected F32 or BF16"));
+      return name == dtype_name(dtype::f32) ? dtype::f32 : dtype::bf16;
+    };
+    skeleton_.panel_dtype = kernel_type("type");
+    skeleton_.weight_dtype = kernel_type("weight_dtype");
     const auto& tensors = r.at(j, "tensors", "panels");
     if (!tensors.is_object()) r.fail("panels.tensors must be an object");
     for (const auto& [name, v] : tensors.items()) {
@@ -783,6 +850,14 @@ class native_layers {
           r.fail(cat(where, ": cuts must rise strictly inside (0, ", l.rows, ")"));
       panels_.emplace(name, std::move(l));
     }
+    std::set<std::string> kernel_matrices{"tok_emb"};
+    if (embedding_apart()) kernel_matrices.insert("lm_head");
+    auto slots = detail::panel_slots(skeleton_);
+    detail::for_each_layer_panel(skeleton_, slots, [&](const std::string& name, const auto&) { kernel_matrices.insert(name); });
+    for (const auto& [name, l] : panels_)
+      if (!kernel_matrices.count(name)) r.fail(cat("panels.tensors lists '", name, "', which is not a weight matrix the kernels read"));
+    for (const auto& name : kernel_matrices)
+      if (!panels_.count(name)) r.fail(cat("panels.tensors: '", name, "' must be stored as panels in a packed directory"));
   }
   /// A matrix tensor's [rows, cols] (a panel tensor's by its layout); ranks
   /// were checked when the directory was opened.
@@ -795,12 +870,14 @@ class native_layers {
       throw shape_error(detail::cat(st_.file(name), ": tensor '", name, "' has shape ", detail::shape_text(shape), ", expected ",
                                     detail::shape_text(expected)));
   }
-  /// A panel tensor's dtype and shape against its layout.
+  /// A panel tensor's dtype and shape against its layout: the run type, or
+  /// the stored type for an embedding kept apart.
   std::size_t panels_checked(const std::string& name) const {
     const auto& info = st_.info(name);
     const auto& l = panels_.at(name);
-    if (info.dtype != dtype::f32 && info.dtype != dtype::bf16)
-      throw format_error(detail::cat(st_.file(name), ": panel tensor '", name, "' is ", dtype_name(info.dtype), ", expected F32 or BF16"));
+    const dtype want = name == "tok_emb" && embedding_apart() ? skeleton_.weight_dtype : skeleton_.run_dtype();
+    if (info.dtype != want)
+      throw format_error(detail::cat(st_.file(name), ": panel tensor '", name, "' is ", dtype_name(info.dtype), ", expected ", dtype_name(want)));
     st_.require_shape(name, {l.panels(panel_nr_), l.depth, panel_nr_});
     return 1;
   }

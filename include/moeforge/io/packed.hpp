@@ -8,15 +8,17 @@
 // load_model, conversions and builds of another panel width unpack the panels.
 //
 // The manifest gains
-//   "panels": {"nr": 32, "weight_dtype": "BF16",
+//   "panels": {"nr": 32, "type": "BF16", "weight_dtype": "F32",
 //              "tensors": {"layers.0.wq": [rows, depth, [cuts]], ...}}
-// and each listed tensor holds [panels, depth, nr] values (F32 or BF16, in
-// bf16_slot order) under the matrix's native name. The classifier is `lm_head`
-// and the embedding `tok_emb` when the transformer keeps them apart (untied,
-// or tied with the embedding in its stored type); otherwise `tok_emb` holds
-// the tied classifier. Panel tensors come first in the file, from a 64-byte
-// aligned data section, each a whole number of 64-byte rows (32 bytes for
-// 16-row BF16 panels), so every one starts aligned for the kernel's loads.
+// (the panel width, the type the panels hold and the model is run as, the
+// type the weights were stored in, and every matrix the kernels read: no
+// more, no fewer), and each listed tensor holds [panels, depth, nr] values
+// in bf16_slot order under the matrix's native name. The classifier is
+// `lm_head` and the embedding `tok_emb` (in the stored type) when the
+// transformer keeps them apart (untied, or tied but run in another type);
+// otherwise `tok_emb` holds the tied classifier. Panel tensors come first in
+// the file, from a 64-byte aligned data section, each a whole number of
+// panel rows, so each starts on a cache line (AVX-512) or half of one (AVX2).
 #pragma once
 
 #include <optional>
@@ -30,80 +32,79 @@ namespace moeforge::io {
 
 namespace detail {
 
-/// Calls on_panel(name, panel) for each panel of a packed model's layers,
-/// named as the native format names the matrix it holds. `p` must be sized
-/// for `structure` (every layer, expert and shared expert in place).
-template <class Packed, class OnPanel>
-void for_each_layer_panel(const model::weights& structure, Packed& p, OnPanel&& on_panel) {
-  const auto ffn_panels = [&](const std::string& prefix, auto& f, bool gated) {
-    if (gated) on_panel(prefix + ".gate", f.gate);
-    on_panel(prefix + ".up", f.up);
-    on_panel(prefix + ".down", f.down);
-  };
-  for (std::size_t li = 0; li < structure.layers.size(); ++li) {
-    const auto& l = structure.layers[li];
-    const std::string pre = cat("layers.", li);
-    auto& a = p.attention[li];
-    on_panel(pre + ".wq", a.wq);
-    on_panel(pre + ".wk", a.wk);
-    on_panel(pre + ".wv", a.wv);
-    on_panel(pre + ".wo", a.wo);
-    auto& f = p.ffn[li];
-    if (const auto* d = std::get_if<ffn>(&l.ffn)) {
-      ffn_panels(pre + ".ffn", f.shared[0], d->gated());
-      continue;
+/// Throws value_error naming the tensor and the first non-finite value when
+/// a panel holds NaN or Inf. It reads every page of the panels (across the
+/// team), which also faults a mapping in before the first token needs it.
+inline void require_finite_panels(const runtime::detail::panel_matrix& p, const std::string& what) {
+  const std::size_t values = p.bytes() / dtype_size(p.type()), block = std::size_t(1) << 20;
+  const std::ptrdiff_t blocks = std::ptrdiff_t((values + block - 1) / block);
+  bool finite = true;
+#pragma omp parallel for reduction(&& : finite) schedule(static)
+  for (std::ptrdiff_t b = 0; b < blocks; ++b) {
+    const std::size_t first = std::size_t(b) * block, n = std::min(block, values - first);
+    if (p.type() == dtype::f32) {
+      finite = finite && moeforge::detail::all_finite(Eigen::Map<const Eigen::VectorXf>(static_cast<const float*>(p.storage()) + first, index_t(n)));
+    } else {
+      const std::uint16_t* v = static_cast<const std::uint16_t*>(p.storage()) + first;
+      unsigned special = 0;  // BF16 values whose exponent bits are all set
+      for (std::size_t i = 0; i < n; ++i) special += (v[i] & 0x7f80u) == 0x7f80u;
+      finite = finite && special == 0;
     }
-    const auto& m = std::get<moe_layer>(l.ffn);
-    for (std::size_t e = 0; e < m.experts.size(); ++e)
-      if (!m.experts[e].is_novice()) ffn_panels(cat(pre, ".moe.experts.", e), f.experts[e], m.experts[e].weights.gated());
-    for (std::size_t s = 0; s < m.shared.size(); ++s) ffn_panels(cat(pre, ".moe.shared.", s), f.shared[s], m.shared[s].weights.gated());
   }
+  if (finite) return;
+  std::vector<float> row(std::size_t(p.depth()));
+  for (index_t r = 0; r < p.rows(); ++r) {
+    p.row_values(r, 0, p.depth(), row.data());
+    for (index_t k = 0; k < p.depth(); ++k)
+      if (!std::isfinite(row[std::size_t(k)])) throw value_error(cat(what, ": non-finite value ", row[std::size_t(k)], " at [", r, ", ", k, "]"));
+  }
+  throw value_error(what + ": non-finite values in the panels' padding (rows past the last, which must be zero)");
 }
 
-/// Throws value_error naming the tensor when a panel holds NaN or Inf. It
-/// reads every page of the panels, which also faults the mapping in before
-/// the first token needs it.
-inline void require_finite_panels(const runtime::detail::panel_matrix& p, const std::string& what) {
-  const std::size_t bytes = p.bytes();
-  bool finite = true;
-  if (p.type() == dtype::f32) {
-    const float* v = static_cast<const float*>(p.storage());
-    float sum = 0.0f;  // x - x is 0 for a finite x, NaN otherwise
-#pragma omp parallel for reduction(+ : sum) schedule(static)
-    for (std::size_t i = 0; i < bytes / 4; ++i) sum += v[i] - v[i];
-    finite = sum == 0.0f;
-  } else {
-    const std::uint16_t* v = static_cast<const std::uint16_t*>(p.storage());
-    std::uint16_t special = 0;  // any value whose exponent bits are all set
-#pragma omp parallel for reduction(| : special) schedule(static)
-    for (std::size_t i = 0; i < bytes / 2; ++i) special |= std::uint16_t((v[i] & 0x7f80) == 0x7f80);
-    finite = special == 0;
+/// The classifier and embedding panels under their tensor names (see the top of this file).
+template <class Packed>
+std::vector<std::pair<std::string, decltype(&std::declval<Packed&>().classifier)>> global_panels(Packed& p, bool apart) {
+  if (!apart) return {{"tok_emb", &p.classifier}};
+  return {{"lm_head", &p.classifier}, {"tok_emb", &p.embedding}};
+}
+
+/// A tied model whose classifier is kept apart must hold the embedding's
+/// values rounded to the run type, or the mapped transformer and one built
+/// from the plain weights (`lm_head` is not read: it is tied) would differ.
+inline void require_tied(const runtime::detail::panel_matrix& classifier, const runtime::detail::panel_matrix& embedding, const std::string& file) {
+  bool same = true;
+#pragma omp parallel for reduction(&& : same) schedule(static)
+  for (index_t r = 0; r < classifier.rows(); ++r) {
+    std::vector<float> c(std::size_t(classifier.depth())), e(c.size());
+    classifier.row_values(r, 0, classifier.depth(), c.data());
+    embedding.row_values(r, 0, embedding.depth(), e.data());
+    for (std::size_t k = 0; k < c.size(); ++k) same = same && c[k] == (classifier.type() == dtype::bf16 ? bf16_to_f32(f32_to_bf16(e[k])) : e[k]);
   }
-  if (!finite) throw value_error(what + ": the panels hold NaN or Inf");
+  if (!same) throw format_error(cat(file, ": the model is tied, but 'lm_head' does not hold the values of 'tok_emb'"));
 }
 
 }  // namespace detail
 
 /// Writes what the owning transformer `t` runs as a packed model directory
 /// `dir`, atomically (staged, then renamed into place). Loading it with
-/// load_transformer in the same weight type gives a transformer that
-/// computes what `t` does, bit for bit. A transformer whose MoE layers run
-/// elsewhere (expert parallelism) holds no panels for them and is refused.
+/// load_transformer, in the type its panels hold and with the same
+/// weight_format::round_tokens (true unless asked otherwise), gives a
+/// transformer that computes what `t` does, bit for bit. A transformer whose
+/// MoE layers run elsewhere (expert parallelism) holds no panels for them and
+/// is refused.
 inline void save_packed(const model::transformer& t, const std::string& dir, const nlohmann::json& provenance = nlohmann::json::object(),
                         const native_save_options& opt = {}) {
   namespace fs = std::filesystem;
   using detail::cat;
+  if (t.runs_moe_elsewhere())
+    throw config_error("save_packed: some MoE layers of the transformer run outside it (expert parallelism); it holds no panels for them");
   const model::weights& s = t.structure();
   const model::packed_weights& p = t.packed();
-  if (t.collective()) throw config_error("save_packed: the transformer's MoE layers run on other processes; it holds no panels for them");
   model::validate(s, p);
   const fs::path out = output_path(dir);
   check_output_dir(out.string(), opt.overwrite);
 
-  std::vector<std::pair<std::string, const runtime::detail::panel_matrix*>> panels;
-  const bool apart = p.embedding.rows() != 0;
-  panels.emplace_back(apart ? "lm_head" : "tok_emb", &p.classifier);
-  if (apart) panels.emplace_back("tok_emb", &p.embedding);
+  auto panels = detail::global_panels(p, p.embedding.rows() != 0);
   detail::for_each_layer_panel(s, p, [&](const std::string& name, const runtime::detail::panel_matrix& m) { panels.emplace_back(name, &m); });
   // Everything else (norms, biases, routers, novices, compensation) as F32
   // tensors; the slots the panels hold are the structure's empty matrices.
@@ -114,18 +115,12 @@ inline void save_packed(const model::transformer& t, const std::string& dir, con
 
   nlohmann::json index = nlohmann::json::object();
   std::vector<tensor_info> infos;
-  std::size_t offset = 0;
-  const auto record = [&](const std::string& name, dtype type, std::vector<std::int64_t> shape) {
-    std::size_t bytes = dtype_size(type);
-    for (const auto d : shape) bytes *= std::size_t(d);
-    infos.push_back({name, type, std::move(shape), offset, offset + bytes});
-    offset += bytes;
-  };
   for (const auto& [name, m] : panels) {
     index[name] = {m->rows(), m->depth(), m->cuts()};
-    record(name, m->type(), {std::int64_t(m->panels()), m->depth(), runtime::detail::gemm_nr});
+    infos.push_back({name, m->type(), {std::int64_t(m->panels()), m->depth(), runtime::detail::gemm_nr}, 0, 0});
   }
-  for (const auto& v : plain) record(v.name, dtype::f32, v.shape);
+  for (const auto& v : plain) infos.push_back({v.name, dtype::f32, v.shape, 0, 0});
+  detail::assign_offsets((out / native_tensors).string(), infos);
   const std::map<std::string, std::string> metadata{{"format", "pt"}, {"producer", "moeforge"}};
   // The data section starts 64-byte aligned in the file, so in its mapping.
   const std::size_t reserve = (detail::header_text(infos, metadata).size() + 8 + 63) / 64 * 64 - 8;
@@ -137,35 +132,43 @@ inline void save_packed(const model::transformer& t, const std::string& dir, con
   for (std::size_t i = 0; i < panels.size(); ++i) w.add_stored(infos[i].name, infos[i].shape, panels[i].second->storage(), infos[i].dtype);
   for (const auto& v : plain) w.add(v.name, v.shape, v.data);
   w.finish();
-  const nlohmann::json extra{
-      {"panels", {{"nr", runtime::detail::gemm_nr}, {"weight_dtype", std::string(dtype_name(p.classifier.type()))}, {"tensors", std::move(index)}}}};
+  const nlohmann::json extra{{"panels",
+                              {{"nr", runtime::detail::gemm_nr},
+                               {"type", std::string(dtype_name(p.classifier.type()))},
+                               {"weight_dtype", std::string(dtype_name(s.weight_dtype))},
+                               {"tensors", std::move(index)}}}};
   detail::write_manifest(stage.path(), s.config, std::move(layers), provenance, opt.attachments, extra);
   stage.commit(out);
 }
 
 /// Whether load_transformer maps `src`'s panels as they are: a packed
 /// directory written with this build's panel width, run in the type its
-/// panels hold (`format` empty: the file's).
+/// panels hold (`format` empty: that type), every panel tensor aligned to its
+/// values (as save_packed writes them; another writer may not).
 inline bool maps_panels(const native_layers& src, const std::optional<runtime::detail::weight_format>& format) {
-  return src.panel_width() == runtime::detail::gemm_nr && (!format || format->type == src.skeleton().weight_dtype);
+  if (src.panel_width() != runtime::detail::gemm_nr || (format && format->type != src.skeleton().run_dtype())) return false;
+  for (const auto& name : src.tensors().names())
+    if (src.panels(name) && reinterpret_cast<std::uintptr_t>(src.tensors().stored_bytes(name)) % dtype_size(src.tensors().info(name).dtype) != 0)
+      return false;
+  return true;
 }
 
 /// The owning transformer of a packed directory whose panels it maps in
-/// place (maps_panels must hold); `format` says only whether many-token BF16
-/// products round their tokens. The panels are checked for shape and for
-/// NaN/Inf; the mapping lives as long as the transformer.
+/// place (maps_panels must hold; `format` says only whether many-token BF16
+/// products round their tokens). The panels are checked for shape, type,
+/// cuts and NaN/Inf; the mapping lives as long as the transformer.
 inline model::transformer load_packed(const native_layers& src, const std::optional<runtime::detail::weight_format>& format = std::nullopt) {
   using detail::cat;
   if (!maps_panels(src, format))
-    throw config_error(cat("load_packed: the directory's panels are ", src.panel_width(), " rows wide in ", dtype_name(src.skeleton().weight_dtype),
-                           "; this build maps ", runtime::detail::gemm_nr, "-row panels in the type they hold (load_transformer repacks the others)"));
-  const bool round_tokens = format ? format->round_tokens : true;
+    throw config_error(cat("load_packed: the directory's panels are ", src.panel_width(), " rows wide in ", dtype_name(src.skeleton().run_dtype()),
+                           "; this build maps aligned ", runtime::detail::gemm_nr,
+                           "-row panels in the type they hold (load_transformer repacks the others)"));
+  const bool round_tokens = format.value_or(runtime::detail::weight_format()).round_tokens;
   model::weights s = src.skeleton();
   // Each FFN keeps only its shape (the manifest says whether it is gated);
   // then the values of everything that is not a panel.
   const auto shape_from_panels = [&](ffn& f, const std::string& prefix) {
     const panel_layout* up = src.panels(prefix + ".up");
-    if (!up) throw format_error(cat(src.tensors().file(prefix + ".up"), ": '", prefix, ".up' is not stored as panels"));
     f.released = ffn_shape{up->depth, up->rows, f.gated()};
   };
   for (std::size_t li = 0; li < s.layers.size(); ++li) {
@@ -182,39 +185,17 @@ inline model::transformer load_packed(const native_layers& src, const std::optio
   detail::for_each_tensor(
       s, [&](const std::string& name, matrix& m) { src.panels(name) ? void(m = matrix()) : src.read(name, m); },
       [&](const std::string& name, vector& v) { src.read(name, v); });
-  model::packed_weights p;
-  p.attention.resize(s.layers.size());
-  p.ffn.resize(s.layers.size());
-  for (std::size_t li = 0; li < s.layers.size(); ++li) {
-    auto& f = p.ffn[li];
-    if (const auto* d = std::get_if<ffn>(&s.layers[li].ffn)) {
-      f.shared.resize(1);
-      f.shared[0].act = d->act;
-      continue;
-    }
-    const auto& m = std::get<moe_layer>(s.layers[li].ffn);
-    f.experts.resize(m.experts.size());
-    f.shared.resize(m.shared.size());
-    for (std::size_t e = 0; e < m.experts.size(); ++e) f.experts[e].act = m.experts[e].weights.act;
-    for (std::size_t e = 0; e < m.shared.size(); ++e) f.shared[e].act = m.shared[e].weights.act;
-  }
-  std::vector<std::pair<std::string, runtime::detail::panel_matrix*>> views;
-  const bool apart = src.panels("lm_head") != nullptr;
-  views.emplace_back(apart ? "lm_head" : "tok_emb", &p.classifier);
-  if (apart) views.emplace_back("tok_emb", &p.embedding);
+  model::packed_weights p = detail::panel_slots(s);
+  auto views = detail::global_panels(p, src.embedding_apart());
   detail::for_each_layer_panel(s, p, [&](const std::string& name, runtime::detail::panel_matrix& m) { views.emplace_back(name, &m); });
   const auto& st = src.tensors();
   for (auto& [name, m] : views) {
     const panel_layout* l = src.panels(name);
-    if (!l) throw format_error(cat(st.file(name), ": '", name, "' is not stored as panels"));
-    try {
-      *m = runtime::detail::panel_matrix::view(st.stored_bytes(name), st.storage(name), l->rows, l->depth, l->cuts,
-                                               {st.info(name).dtype, round_tokens});
-    } catch (const config_error& e) {
-      throw format_error(cat(st.file(name), ": tensor '", name, "': ", e.what()));
-    }
+    *m = runtime::detail::panel_matrix::view(st.stored_bytes(name), st.storage(name), l->rows, l->depth, l->cuts,
+                                             {st.info(name).dtype, round_tokens});
   }
   for (const auto& [name, m] : views) detail::require_finite_panels(*m, cat(st.file(name), ": tensor '", name, "'"));
+  if (s.config.tied_embeddings && p.embedding.rows()) detail::require_tied(p.classifier, p.embedding, st.file("lm_head"));
   try {
     return model::transformer(std::move(s), std::move(p));
   } catch (const error& e) {

@@ -482,6 +482,18 @@ inline std::uint64_t checked_numel(const std::string& file, const std::string& n
   return numel;
 }
 
+/// Gives `tensors` (name, dtype and shape set) consecutive data offsets in
+/// order, refusing bad names, repeated names and bad shapes.
+inline void assign_offsets(const std::string& file, std::vector<tensor_info>& tensors) {
+  std::set<std::string> names;
+  std::size_t offset = 0;
+  for (auto& t : tensors) {
+    const std::uint64_t numel = checked_numel(file, t.name, t.shape, true, !names.insert(t.name).second);
+    t.begin = offset;
+    t.end = offset += std::size_t(numel * dtype_size(t.dtype));
+  }
+}
+
 }  // namespace detail
 
 /// Writes one safetensors file tensor by tensor, so a model bigger than
@@ -628,13 +640,8 @@ inline void write_safetensors(const std::string& path, const std::vector<tensor_
   // The header's exact size first (which also refuses bad names and shapes
   // before any file is created).
   std::vector<tensor_info> infos;
-  std::set<std::string> names;
-  std::uint64_t offset = 0;
-  for (const auto& t : tensors) {
-    const std::uint64_t numel = detail::checked_numel(path, t.name, t.shape, t.data != nullptr, !names.insert(t.name).second);
-    infos.push_back({t.name, dtype::f32, t.shape, std::size_t(offset), std::size_t(offset + 4 * numel)});
-    offset += 4 * numel;
-  }
+  for (const auto& t : tensors) infos.push_back({t.name, dtype::f32, t.shape, 0, 0});
+  detail::assign_offsets(path, infos);
   const std::string tmp = cat(path, ".tmp.", ::getpid());
   try {
     safetensors_writer out(tmp, detail::header_text(infos, metadata).size(), metadata);

@@ -63,8 +63,6 @@ inline void validate(const config& c) {
   if (c.head_dim % 2 != 0) throw config_error(cat("model config: head_dim ", c.head_dim, " must be even for RoPE"));
 }
 
-/// Throws shape_error / config_error naming the part of layer `i` that does
-/// not fit the config (see validate(moe_layer) on `routed_may_be_released`).
 /// A layer's attention projections as panels.
 struct attention_panels {
   runtime::detail::panel_matrix wq, wk, wv, wo;
@@ -96,6 +94,8 @@ inline void validate_moe(const config& c, const moe_layer& m, const std::string&
   if (m.hidden() != c.dim) throw shape_error(moeforge::detail::cat(name, ".moe: hidden size ", m.hidden(), ", expected ", c.dim));
 }
 
+/// Throws shape_error / config_error naming the part of layer `i` that does
+/// not fit the config (see validate(moe_layer) on `routed_may_be_released`).
 inline void validate(const config& c, const layer& l, std::size_t i, bool routed_may_be_released = false) {
   const std::string name = check_attention_shapes(
       c, l, i, [&l](matrix layer::*plain, auto, index_t rows, index_t cols, const std::string& what) {
@@ -136,31 +136,62 @@ struct packed_weights {
   std::vector<runtime::detail::packed_layer> ffn;    ///< per layer; a dense FFN is its one shared expert
 };
 
-inline void require_panels(const runtime::detail::panel_matrix& p, index_t rows, index_t depth, const std::string& what) {
+/// Whether an owning transformer running weights stored as `stored` in `run`
+/// looks tokens up in its classifier's panels (tied, and the values the same)
+/// rather than in an embedding of its own in the stored type.
+inline bool classifier_embeds(const config& c, dtype run, dtype stored) { return c.tied_embeddings && (run == dtype::f32 || stored == dtype::bf16); }
+
+/// Panels of `rows` × `depth` values of type `type` restarting at `cuts`.
+inline void require_panels(const runtime::detail::panel_matrix& p, index_t rows, index_t depth, dtype type, const std::string& what,
+                           const std::vector<index_t>& cuts = {}) {
+  using moeforge::detail::cat;
   if (p.rows() != rows || p.depth() != depth)
-    throw shape_error(moeforge::detail::cat(what, ": panels of [", p.rows(), ", ", p.depth(), "], expected [", rows, ", ", depth, "]"));
+    throw shape_error(cat(what, ": panels of [", p.rows(), ", ", p.depth(), "], expected [", rows, ", ", depth, "]"));
+  if (p.type() != type) throw config_error(cat(what, ": ", dtype_name(p.type()), " panels, expected ", dtype_name(type)));
+  const auto want = runtime::detail::panel_matrix::kept_cuts(cuts, rows);
+  if (p.cuts() != want) {
+    const auto list = [](const std::vector<index_t>& v) {
+      std::string text = "[";
+      for (std::size_t i = 0; i < v.size(); ++i) text += cat(i ? ", " : "", v[i]);
+      return text + "]";
+    };
+    throw shape_error(cat(what, ": panels restart at rows ", list(p.cuts()), ", the runtime packs them restarting at ", list(want)));
+  }
 }
 
-/// An FFN's panels against the shape its structure records.
-inline void require_panels(const runtime::detail::packed_ffn& p, const ffn& f, const std::string& what) {
+/// A released FFN's panels against the shape it records; gate and up restart at `cuts`.
+inline void require_panels(const runtime::detail::packed_ffn& p, const ffn& f, dtype type, const std::string& what,
+                           const std::vector<index_t>& cuts = {}) {
+  if (!f.released) throw config_error(what + ": the structure of a packed model holds FFN shapes, not weights");
   const index_t h = f.hidden(), n = f.intermediate();
   if (p.act != f.act) throw config_error(what + ": the panels' activation is not the structure's");
-  if (f.gated()) require_panels(p.gate, n, h, what + ".gate");
-  else if (p.gated()) throw shape_error(what + ": gate panels for an ungated FFN");
-  require_panels(p.up, n, h, what + ".up");
-  require_panels(p.down, h, n, what + ".down");
+  if (f.gated())
+    require_panels(p.gate, n, h, type, what + ".gate", cuts);
+  else if (p.gated())
+    throw shape_error(what + ": gate panels for an ungated FFN");
+  require_panels(p.up, n, h, type, what + ".up", cuts);
+  require_panels(p.down, h, n, type, what + ".down");
 }
 
 /// Throws shape_error / config_error unless `p` holds exactly the panels an
 /// owning transformer of `structure` (weights whose matrices were released:
-/// config, norms, biases, routers, novices, compensation and FFN shapes) runs.
+/// config, norms, biases, routers, novices, compensation and FFN shapes)
+/// builds and runs: shapes, types (the classifier's for every layer) and
+/// the cuts it packs them with.
 inline void validate(const weights& structure, const packed_weights& p) {
   using moeforge::detail::cat;
   const auto& c = structure.config;
   validate(c);
+  const dtype run = p.classifier.type();
   moeforge::detail::require_shape(structure.final_norm, c.dim, 1, "model.final_norm");
-  require_panels(p.classifier, c.vocab_size, c.dim, "model.classifier");
-  if (p.embedding.rows()) require_panels(p.embedding, c.vocab_size, c.dim, "model.tok_emb");
+  if (structure.tok_emb.size() || structure.lm_head.size()) throw config_error("packed model: the structure must not hold the embedding or classifier");
+  if (structure.panel_dtype && *structure.panel_dtype != run)
+    throw config_error(cat("packed model: the structure says ", dtype_name(*structure.panel_dtype), " panels, the classifier's are ", dtype_name(run)));
+  require_panels(p.classifier, c.vocab_size, c.dim, run, "model.classifier");
+  if (classifier_embeds(c, run, structure.weight_dtype) != (p.embedding.rows() == 0))
+    throw config_error(cat("packed model: a ", c.tied_embeddings ? "tied" : "untied", " model run as ", dtype_name(run), " from ",
+                           dtype_name(structure.weight_dtype), " weights ", p.embedding.rows() ? "has no" : "needs", " embedding panels of its own"));
+  if (p.embedding.rows()) require_panels(p.embedding, c.vocab_size, c.dim, structure.weight_dtype, "model.tok_emb");
   const std::size_t n = std::size_t(c.n_layers);
   if (structure.layers.size() != n || p.attention.size() != n || p.ffn.size() != n)
     throw shape_error(cat("packed model: ", structure.layers.size(), " layers, ", p.attention.size(), " of attention panels and ", p.ffn.size(),
@@ -170,13 +201,14 @@ inline void validate(const weights& structure, const packed_weights& p) {
     const auto& a = p.attention[i];
     const auto& f = p.ffn[i];
     const std::string name = check_attention_shapes(
-        c, l, i, [&](matrix layer::*, runtime::detail::panel_matrix attention_panels::*panels, index_t rows, index_t cols, const std::string& what) {
-          require_panels(a.*panels, rows, cols, what);
+        c, l, i, [&](matrix layer::*plain, runtime::detail::panel_matrix attention_panels::*panels, index_t rows, index_t cols, const std::string& what) {
+          if ((l.*plain).size()) throw config_error(what + ": the structure of a packed model holds no attention weights");
+          require_panels(a.*panels, rows, cols, run, what);
         });
     if (const auto* d = std::get_if<ffn>(&l.ffn)) {
-      if (d->hidden() != c.dim) throw shape_error(cat(name, ".ffn: hidden size ", d->hidden(), ", expected ", c.dim));
+      validate_held(*d, name + ".ffn", c.dim, true);
       if (f.shared.size() != 1 || !f.experts.empty()) throw shape_error(name + ".ffn: a dense layer's panels must be one FFN");
-      require_panels(f.shared[0], *d, name + ".ffn");
+      require_panels(f.shared[0], *d, run, name + ".ffn");
       continue;
     }
     const auto& m = std::get<moe_layer>(l.ffn);
@@ -187,9 +219,9 @@ inline void validate(const weights& structure, const packed_weights& p) {
     for (std::size_t e = 0; e < m.experts.size(); ++e) {
       const std::string what = cat(name, ".moe.experts[", e, "]");
       if (m.experts[e].is_novice() && f.experts[e].up.rows()) throw shape_error(what + ": a novice has no panels");
-      if (!m.experts[e].is_novice()) require_panels(f.experts[e], m.experts[e].weights, what);
+      if (!m.experts[e].is_novice()) require_panels(f.experts[e], m.experts[e].weights, run, what, runtime::detail::expert_cuts(m, e));
     }
-    for (std::size_t e = 0; e < m.shared.size(); ++e) require_panels(f.shared[e], m.shared[e].weights, cat(name, ".moe.shared[", e, "]"));
+    for (std::size_t e = 0; e < m.shared.size(); ++e) require_panels(f.shared[e], m.shared[e].weights, run, cat(name, ".moe.shared[", e, "]"));
   }
 }
 
@@ -260,7 +292,8 @@ class transformer {
       : owned_(std::make_unique<weights>(std::move(globals))), w_(*owned_), external_(std::move(external)) {
     using moeforge::detail::cat;
     weights& w = *owned_;
-    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(w.weight_dtype));
+    const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(w.run_dtype()));
+    w.panel_dtype = t.type;
     if (t.type != dtype::f32 && t.type != dtype::bf16)  // checked here: no exception may leave the parallel loop
       throw config_error(cat("transformer: weights as ", dtype_name(t.type), " are not supported (F32 or BF16)"));
     if (!w.layers.empty()) throw config_error("transformer: the layers come from the layer source; the globals must hold none");
@@ -273,7 +306,7 @@ class transformer {
     };
     // The embedding is read from panels too, in the stored type (exact): the
     // classifier's when tied and they hold the same values.
-    const bool shared_embedding = w.config.tied_embeddings && (t.type == dtype::f32 || w.weight_dtype == dtype::bf16);
+    const bool shared_embedding = classifier_embeds(w.config, t.type, w.weight_dtype);
     pack_in_parallel({[&] { packed_.classifier = pack(w.classifier(), t); },
                       [&] { if (!shared_embedding) packed_.embedding = pack(w.tok_emb, w.weight_dtype); }});
     w.tok_emb = matrix();
@@ -329,6 +362,10 @@ class transformer {
     if (!prepared()) throw config_error("transformer::packed(): only an owning transformer packs its weights");
     return packed_;
   }
+
+  /// True when some MoE layer runs outside the transformer (external_moe):
+  /// it holds no panels for that layer's experts.
+  bool runs_moe_elsewhere() const { return std::find(external_.layers.begin(), external_.layers.end(), true) != external_.layers.end(); }
 
   /// True when forward passes are collective (external_moe::collective):
   /// run them one at a time, in the same order on every process.

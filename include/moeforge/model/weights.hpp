@@ -3,6 +3,7 @@
 // forward pass (model/transformer.hpp) reads it.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <variant>
 #include <vector>
@@ -53,9 +54,16 @@ struct weights {
   matrix lm_head;     ///< [V, H]; empty when tied to tok_emb
 
   /// The type the weights were stored in (every value is exact in it): what
-  /// an owning transformer runs them as unless told otherwise.
+  /// an owning transformer runs them as unless told otherwise (run_dtype),
+  /// and keeps the embedding in.
   dtype weight_dtype = dtype::f32;
+  /// The type a packed directory's panels hold (io/packed.hpp), which it is
+  /// run as by default even where its weights are read back plain; empty
+  /// otherwise. See run_dtype().
+  std::optional<dtype> panel_dtype;
 
+  /// What an owning transformer runs the weights as unless told otherwise.
+  dtype run_dtype() const { return panel_dtype.value_or(weight_dtype); }
   const matrix& classifier() const { return config.tied_embeddings ? tok_emb : lm_head; }
 };
 
@@ -104,6 +112,7 @@ inline weights take_globals(weights& w) {
   g.final_norm = std::move(w.final_norm);
   g.lm_head = std::move(w.lm_head);
   g.weight_dtype = w.weight_dtype;
+  g.panel_dtype = w.panel_dtype;
   return g;
 }
 

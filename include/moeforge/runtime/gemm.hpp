@@ -342,19 +342,17 @@ class panel_matrix {
   /// Panels built elsewhere in this build's order (what storage() of a
   /// panel_matrix of the same rows, depth, cuts and type holds: a packed
   /// model's file, mapped), read in place from `bytes` (storage_bytes() of
-  /// them, aligned to a BF16 panel row: view_alignment) for as long as `keep` lives.
+  /// them, aligned to their value type; the kernels' loads take any address,
+  /// though whole cache lines stream best) for as long as `keep` lives.
   static panel_matrix view(const void* bytes, std::shared_ptr<const void> keep, index_t rows, index_t depth, const std::vector<index_t>& cuts,
                            weight_format format) {
     panel_matrix p(rows, depth, cuts, format);
-    if (reinterpret_cast<std::uintptr_t>(bytes) % view_alignment != 0)
-      throw config_error(moeforge::detail::cat("weight panels: a view's storage must be ", view_alignment, "-byte aligned"));
+    if (reinterpret_cast<std::uintptr_t>(bytes) % dtype_size(p.type_) != 0)
+      throw config_error(moeforge::detail::cat("weight panels: a view's storage must be aligned to its ", dtype_size(p.type_), "-byte values"));
     p.data_ = static_cast<const unsigned char*>(bytes);
     p.keep_ = std::move(keep);
     return p;
   }
-
-  /// The bytes of a BF16 panel row, which every panel's size is a multiple of.
-  static constexpr std::size_t view_alignment = std::size_t(gemm_nr) * 2;
 
   index_t rows() const { return rows_; }
   index_t depth() const { return depth_; }
@@ -366,7 +364,14 @@ class panel_matrix {
   /// The panels' bytes, as view() takes them.
   const void* storage() const { return data_; }
   /// Where panels restart (ascending, inside (0, rows())).
-  std::vector<index_t> cuts() const { return {starts_.begin() + 1, starts_.end()}; }
+  std::vector<index_t> cuts() const { return starts_.empty() ? std::vector<index_t>{} : std::vector<index_t>(starts_.begin() + 1, starts_.end()); }
+  /// The cuts a panel_matrix of `rows` rows keeps of `cuts` (those that rise inside (0, rows)).
+  static std::vector<index_t> kept_cuts(const std::vector<index_t>& cuts, index_t rows) {
+    std::vector<index_t> kept;
+    for (const index_t c : cuts)
+      if (c > (kept.empty() ? 0 : kept.back()) && c < rows) kept.push_back(c);
+    return kept;
+  }
   /// How many NR-row panels rows of depth `depth` with these cuts take.
   std::size_t panels() const { return std::size_t(panels_); }
   static index_t ceil_panels(index_t rows) { return (rows + gemm_nr - 1) / gemm_nr; }
@@ -403,8 +408,7 @@ class panel_matrix {
     if (type_ != dtype::f32 && type_ != dtype::bf16)
       throw config_error(moeforge::detail::cat("weight panels: dtype ", dtype_name(type_), " is not a kernel weight type (expected F32 or BF16)"));
     starts_.push_back(0);
-    for (const index_t c : cuts)
-      if (c > starts_.back() && c < rows) starts_.push_back(c);
+    for (const index_t c : kept_cuts(cuts, rows)) starts_.push_back(c);
     for (std::size_t s = 0; s < starts_.size(); ++s) first_panel_.push_back(panels_), panels_ += ceil_panels(segment_end(s) - starts_[s]);
   }
   std::size_t storage_bytes() const { return std::size_t(panels_ * depth_ * gemm_nr) * dtype_size(type_); }

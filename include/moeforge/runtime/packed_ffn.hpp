@@ -40,11 +40,17 @@ struct packed_layer {
   std::vector<packed_ffn> experts, shared;
 };
 
-/// Routed expert e's panels in a packed_layer (a novice's are empty).
-inline packed_ffn pack_expert(const moe_layer& m, std::size_t e, weight_format format = {}) {
+/// Where routed expert e's gate and up panels restart: at its major width
+/// when major-only pairs can occur.
+inline std::vector<index_t> expert_cuts(const moe_layer& m, std::size_t e) {
   const auto& ex = m.experts[e];
   const bool major = m.router.drop.kind == drop_kind::two_t || ex.major > 0 || !ex.parts.empty();
-  return ex.is_novice() ? packed_ffn{} : pack_ffn(ex.weights, major ? std::vector<index_t>{ex.major_width()} : std::vector<index_t>{}, format);
+  return major ? std::vector<index_t>{ex.major_width()} : std::vector<index_t>{};
+}
+
+/// Routed expert e's panels in a packed_layer (a novice's are empty).
+inline packed_ffn pack_expert(const moe_layer& m, std::size_t e, weight_format format = {}) {
+  return m.experts[e].is_novice() ? packed_ffn{} : pack_ffn(m.experts[e].weights, expert_cuts(m, e), format);
 }
 
 inline packed_layer pack_layer(const moe_layer& m, weight_format format = {}) {
