@@ -213,3 +213,35 @@ TEST_CASE("packed: a transformer without panels for every layer is refused and n
   CHECK_FALSE(std::filesystem::exists(tmp / "p"));
   CHECK_THROWS_AS(io::save_packed(model::transformer(packed_test_model(false)), tmp.path().string()), io_error);  // exists, not --force
 }
+
+TEST_CASE("packed: a NaN anywhere in a big panel is found and placed, whichever thread's block holds it") {
+  std::mt19937 rng(5);
+  matrix m = random_matrix(1100, 1024, rng);  // over a million values: several blocks of the check
+  m(1099, 5) = std::numeric_limits<float>::infinity();
+  for (const dtype type : {dtype::f32, dtype::bf16}) {
+    INFO(dtype_name(type));
+    const runtime::detail::panel_matrix p(m.data(), m.cols(), m.rows(), m.cols(), {}, type);
+    CHECK_THROWS_WITH(io::detail::require_finite_panels(p, "t"), Catch::Matchers::EndsWith("t: non-finite value inf at [1099, 5]"));
+    matrix ok = m;
+    ok(1099, 5) = 1.0f;
+    CHECK_NOTHROW(io::detail::require_finite_panels(runtime::detail::panel_matrix(ok.data(), ok.cols(), ok.rows(), ok.cols(), {}, type), "t"));
+  }
+}
+
+TEST_CASE("packed: a tied classifier kept apart must be the embedding rounded") {
+  // Tied, F32 weights run as BF16: BF16 classifier panels beside F32 embedding panels.
+  const model::transformer t(packed_test_model(true), dtype::bf16);
+  temp_dir tmp;
+  io::save_packed(t, tmp / "p");
+  const io::native_layers src(tmp / "p");
+  REQUIRE(src.embedding_apart());
+  const std::size_t begin = src.tensors().info("lm_head").begin;
+  std::fstream f(tmp / "p/model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+  std::uint64_t header = 0;
+  f.read(reinterpret_cast<char*>(&header), 8);
+  f.seekp(std::streamoff(8 + header + begin));
+  const std::uint16_t other = 0x3f80;  // 1.0, not what the embedding's first value rounds to
+  f.write(reinterpret_cast<const char*>(&other), 2);
+  f.close();
+  CHECK_THROWS_WITH(io::load_transformer(tmp / "p"), Catch::Matchers::Contains("'lm_head' does not hold the values of 'tok_emb'"));
+}

@@ -22,7 +22,7 @@ int run_export(int argc, char** argv) {
   add_model_options(a, false);
   a.required("out", "DIR", "output directory (must not exist unless --force)");
   a.option("format", "hf|native|packed", "output format", "hf");
-  a.option("dtype", "auto|f32|bf16", "with --format packed: the weight type of the panels (auto = the type the model's file stores)", "auto");
+  a.option("dtype", "auto|f32|bf16", "with --format packed: the weight type of the panels (auto = the type the model runs in by default: its file's)", "auto");
   a.flag("force", "replace --out if it exists (only after the new model is complete)");
   if (!a.parse(argc, argv)) return 0;
   const std::string format = a.get("format");

@@ -78,6 +78,7 @@ inline index_t visit_layers(model::weights& w, const ffn_inputs_fn& inputs, cons
     layer_visit v{l, f, x, [&, l](const std::string& stage) { tell(l, stage); }};
     method(v, now() - t0);
     w.weight_dtype = dtype::f32;  // the method computed the new layer in F32: its values need not be exact in the stored type
+    w.panel_dtype.reset();        // nor is a packed directory's run type the new model's
     tell(l, "done");
     ++visited;
   }

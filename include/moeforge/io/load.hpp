@@ -143,9 +143,9 @@ inline model::weights load_model(const std::string& path, const load_options& op
 /// directory (io/packed.hpp) of this build's panel width, run in the type its
 /// panels hold and without opt.on_layer, is not read at all: its panels are
 /// mapped in place (load_packed) and it runs what the transformer that wrote
-/// it ran (whose embedding may have stayed F32 beside BF16 panels, where
-/// load_model's weights, typed BF16, would round it). Safe to call from
-/// several processes on one file (it only reads).
+/// it ran; read plain, it runs the same (weights::run_dtype: by default in
+/// its panels' type). Safe to call from several processes on one file (it
+/// only reads).
 inline model::transformer load_transformer(const std::string& path, const load_options& opt = {},
                                            std::optional<runtime::detail::weight_format> format = std::nullopt) {
   return with_layer_reader(path, opt, [&](auto&& src) { return detail::transformer_from(src, opt, format); });

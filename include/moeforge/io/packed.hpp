@@ -58,7 +58,7 @@ inline void require_finite_panels(const runtime::detail::panel_matrix& p, const 
     for (index_t k = 0; k < p.depth(); ++k)
       if (!std::isfinite(row[std::size_t(k)])) throw value_error(cat(what, ": non-finite value ", row[std::size_t(k)], " at [", r, ", ", k, "]"));
   }
-  throw value_error(what + ": non-finite values in the panels' padding (rows past the last, which must be zero)");
+  throw value_error(what + ": non-finite values in the panels' padding (past the last row)");
 }
 
 /// The classifier and embedding panels under their tensor names (see the top of this file).
@@ -68,19 +68,22 @@ std::vector<std::pair<std::string, decltype(&std::declval<Packed&>().classifier)
   return {{"lm_head", &p.classifier}, {"tok_emb", &p.embedding}};
 }
 
-/// A tied model whose classifier is kept apart must hold the embedding's
-/// values rounded to the run type, or the mapped transformer and one built
-/// from the plain weights (`lm_head` is not read: it is tied) would differ.
+/// A tied model whose classifier is kept apart (BF16 panels beside F32
+/// embedding panels of the same shape, checked before) must hold the
+/// embedding's values rounded, or the mapped transformer and one built from
+/// the plain weights (`lm_head` is not read: it is tied) would differ. Both
+/// have the same panel layout, so the comparison runs down their storage.
 inline void require_tied(const runtime::detail::panel_matrix& classifier, const runtime::detail::panel_matrix& embedding, const std::string& file) {
+  using runtime::detail::gemm_nr;
+  const auto* c = static_cast<const std::uint16_t*>(classifier.storage());
+  const auto* e = static_cast<const float*>(embedding.storage());
+  const std::ptrdiff_t rows = std::ptrdiff_t(classifier.bytes() / 2 / std::size_t(gemm_nr));  // panel rows: NR values at one depth
   bool same = true;
 #pragma omp parallel for reduction(&& : same) schedule(static)
-  for (index_t r = 0; r < classifier.rows(); ++r) {
-    std::vector<float> c(std::size_t(classifier.depth())), e(c.size());
-    classifier.row_values(r, 0, classifier.depth(), c.data());
-    embedding.row_values(r, 0, embedding.depth(), e.data());
-    for (std::size_t k = 0; k < c.size(); ++k) same = same && c[k] == (classifier.type() == dtype::bf16 ? bf16_to_f32(f32_to_bf16(e[k])) : e[k]);
-  }
-  if (!same) throw format_error(cat(file, ": the model is tied, but 'lm_head' does not hold the values of 'tok_emb'"));
+  for (std::ptrdiff_t r = 0; r < rows; ++r)
+    for (index_t slot = 0; slot < gemm_nr; ++slot)
+      same = same && c[r * gemm_nr + slot] == f32_to_bf16(e[r * gemm_nr + runtime::detail::bf16_row(slot)]);
+  if (!same) throw format_error(cat(file, ": the model is tied, but 'lm_head' does not hold the values of 'tok_emb' rounded to BF16"));
 }
 
 }  // namespace detail
@@ -194,13 +197,14 @@ inline model::transformer load_packed(const native_layers& src, const std::optio
     *m = runtime::detail::panel_matrix::view(st.stored_bytes(name), st.storage(name), l->rows, l->depth, l->cuts,
                                              {st.info(name).dtype, round_tokens});
   }
-  for (const auto& [name, m] : views) detail::require_finite_panels(*m, cat(st.file(name), ": tensor '", name, "'"));
-  if (s.config.tied_embeddings && p.embedding.rows()) detail::require_tied(p.classifier, p.embedding, st.file("lm_head"));
   try {
-    return model::transformer(std::move(s), std::move(p));
+    model::validate(s, p);
   } catch (const error& e) {
     throw format_error(cat(st.file(views.front().first), ": ", e.what()));
   }
+  for (const auto& [name, m] : views) detail::require_finite_panels(*m, cat(st.file(name), ": tensor '", name, "'"));
+  if (s.config.tied_embeddings && p.embedding.rows()) detail::require_tied(p.classifier, p.embedding, st.file("lm_head"));
+  return model::transformer(std::move(s), std::move(p));
 }
 
 }  // namespace moeforge::io

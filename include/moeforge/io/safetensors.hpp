@@ -640,7 +640,10 @@ inline void write_safetensors(const std::string& path, const std::vector<tensor_
   // The header's exact size first (which also refuses bad names and shapes
   // before any file is created).
   std::vector<tensor_info> infos;
-  for (const auto& t : tensors) infos.push_back({t.name, dtype::f32, t.shape, 0, 0});
+  for (const auto& t : tensors) {
+    if (!t.data) detail::checked_numel(path, t.name, t.shape, false, false);  // refuses a tensor with values but no data
+    infos.push_back({t.name, dtype::f32, t.shape, 0, 0});
+  }
   detail::assign_offsets(path, infos);
   const std::string tmp = cat(path, ".tmp.", ::getpid());
   try {

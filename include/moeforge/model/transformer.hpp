@@ -190,7 +190,7 @@ inline void validate(const weights& structure, const packed_weights& p) {
   require_panels(p.classifier, c.vocab_size, c.dim, run, "model.classifier");
   if (classifier_embeds(c, run, structure.weight_dtype) != (p.embedding.rows() == 0))
     throw config_error(cat("packed model: a ", c.tied_embeddings ? "tied" : "untied", " model run as ", dtype_name(run), " from ",
-                           dtype_name(structure.weight_dtype), " weights ", p.embedding.rows() ? "has no" : "needs", " embedding panels of its own"));
+                           dtype_name(structure.weight_dtype), " weights ", p.embedding.rows() ? "must have no" : "needs", " embedding panels of its own"));
   if (p.embedding.rows()) require_panels(p.embedding, c.vocab_size, c.dim, structure.weight_dtype, "model.tok_emb");
   const std::size_t n = std::size_t(c.n_layers);
   if (structure.layers.size() != n || p.attention.size() != n || p.ffn.size() != n)
@@ -336,6 +336,7 @@ class transformer {
   transformer(weights&& structure, packed_weights&& panels)
       : owned_(std::make_unique<weights>(std::move(structure))), w_(*owned_), packed_(std::move(panels)) {
     validate(*owned_, packed_);
+    owned_->panel_dtype = packed_.classifier.type();
     make_rope_tables();
   }
 
