@@ -5,6 +5,7 @@
 // instruction set (the panel width and alignment differ).
 #include <catch2/catch.hpp>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -244,4 +245,24 @@ TEST_CASE("packed: a tied classifier kept apart must be the embedding rounded") 
   f.write(reinterpret_cast<const char*>(&other), 2);
   f.close();
   CHECK_THROWS_WITH(io::load_transformer(tmp / "p"), Catch::Matchers::Contains("'lm_head' does not hold the values of 'tok_emb'"));
+}
+
+TEST_CASE("packed: panels another writer left misaligned are repacked, not mapped") {
+  const model::transformer t(packed_test_model(false), dtype::f32);
+  temp_dir tmp;
+  io::save_packed(t, tmp / "p");
+  // The same file with two more spaces of header: every tensor moves 2 bytes,
+  // off the alignment of its F32 values (a layout the format allows).
+  std::string bytes = file_bytes(tmp / "p/model.safetensors");
+  std::uint64_t header = 0;
+  std::memcpy(&header, bytes.data(), 8);
+  bytes.insert(std::size_t(8 + header), "  ");
+  header += 2;
+  std::memcpy(&bytes[0], &header, 8);
+  std::filesystem::copy(tmp / "p", tmp / "q");
+  std::ofstream(tmp / "q/model.safetensors", std::ios::binary | std::ios::trunc) << bytes;
+  const io::native_layers src(tmp / "q");
+  CHECK_FALSE(io::maps_panels(src, std::nullopt));
+  const std::vector<std::int32_t> tokens{4, 8, 15, 16, 23};
+  CHECK(run_tokens(io::load_transformer(tmp / "q"), tokens).cwiseEqual(run_tokens(t, tokens)).all());
 }
