@@ -147,6 +147,16 @@ void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
   for (std::size_t i = 0; i < w.layers.size(); ++i) for_each_layer_tensor(i, w.layers[i], on_matrix, on_vector);
 }
 
+/// Every tensor of `w` that holds values, as safetensors views (an owning
+/// transformer's structure has empty matrices where its panels are).
+inline std::vector<tensor_view> tensor_views(const model::weights& w) {
+  std::vector<tensor_view> views;
+  for_each_tensor(
+      w, [&](const std::string& name, const matrix& m) { if (m.size()) views.push_back({name, {m.rows(), m.cols()}, m.data()}); },
+      [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data()}); });
+  return views;
+}
+
 inline const char* rope_name(model::rope_style r) { return r == model::rope_style::interleaved ? "interleaved" : "half_split"; }
 
 inline nlohmann::json config_json(const model::config& c) {
@@ -544,10 +554,7 @@ inline void save_native(const model::weights& w, const std::string& dir, const n
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : w.layers) layers.push_back(detail::layer_json(l));
 
-  std::vector<tensor_view> views;
-  detail::for_each_tensor(
-      w, [&](const std::string& name, const matrix& m) { views.push_back({name, {m.rows(), m.cols()}, m.data()}); },
-      [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data()}); });
+  const std::vector<tensor_view> views = detail::tensor_views(w);
 
   detail::staging_dir stage(out);
   write_safetensors((stage.path() / native_tensors).string(), views, {{"format", "pt"}, {"producer", "moeforge"}});
@@ -580,15 +587,22 @@ struct panel_layout {
   index_t rows = 0, depth = 0;
   std::vector<index_t> cuts;
 
-  /// Panels of `nr` rows the segments between the cuts take.
-  index_t panels(index_t nr) const {
-    index_t n = 0, start = 0;
+  /// Calls segment(start, end, first_panel) for the rows between the cuts,
+  /// in order, with the first of the `nr`-row panels each starts; returns
+  /// the panels they take in all.
+  template <class Segment>
+  index_t for_each_segment(index_t nr, Segment&& segment) const {
+    index_t panel = 0, start = 0;
     for (std::size_t s = 0; s <= cuts.size(); ++s) {
       const index_t end = s < cuts.size() ? cuts[s] : rows;
-      n += (end - start + nr - 1) / nr;
+      segment(start, end, panel);
+      panel += (end - start + nr - 1) / nr;
       start = end;
     }
-    return n;
+    return panel;
+  }
+  index_t panels(index_t nr) const {
+    return for_each_segment(nr, [](index_t, index_t, index_t) {});
   }
 };
 
@@ -597,9 +611,7 @@ namespace detail {
 /// Panels written with width `nr` (this build's or another's) as a row-major
 /// rows × depth matrix.
 inline void unpack_panels(const char* bytes, dtype type, index_t nr, const panel_layout& l, float* out) {
-  index_t panel = 0, start = 0;
-  for (std::size_t s = 0; s <= l.cuts.size(); ++s) {
-    const index_t end = s < l.cuts.size() ? l.cuts[s] : l.rows;
+  l.for_each_segment(nr, [&](index_t start, index_t end, index_t panel) {
 #pragma omp parallel for schedule(static)
     for (index_t r = start; r < end; ++r) {
       const index_t p = panel + (r - start) / nr, q = (r - start) % nr;
@@ -613,39 +625,47 @@ inline void unpack_panels(const char* bytes, dtype type, index_t nr, const panel
         for (index_t k = 0; k < l.depth; ++k) row[k] = bf16_to_f32(v[std::size_t(k * nr)]);
       }
     }
-    panel += (end - start + nr - 1) / nr;
-    start = end;
+  });
+}
+
+/// Calls on_ffn(prefix, f, packed) for every FFN of `structure` that has
+/// panels (a dense layer's, each routed expert but novices, each shared
+/// expert), with its native tensor-name prefix and its packed_ffn in `p`,
+/// which must be sized for `structure` (panel_slots).
+template <class Weights, class Packed, class OnFfn>
+void for_each_ffn_slot(Weights& structure, Packed& p, OnFfn&& on_ffn) {
+  for (std::size_t li = 0; li < structure.layers.size(); ++li) {
+    const std::string pre = cat("layers.", li);
+    auto& f = p.ffn[li];
+    if (auto* d = std::get_if<ffn>(&structure.layers[li].ffn)) {
+      on_ffn(pre + ".ffn", *d, f.shared[0]);
+      continue;
+    }
+    auto& m = std::get<moe_layer>(structure.layers[li].ffn);
+    for (std::size_t e = 0; e < m.experts.size(); ++e)
+      if (!m.experts[e].is_novice()) on_ffn(cat(pre, ".moe.experts.", e), m.experts[e].weights, f.experts[e]);
+    for (std::size_t s = 0; s < m.shared.size(); ++s) on_ffn(cat(pre, ".moe.shared.", s), m.shared[s].weights, f.shared[s]);
   }
 }
 
 /// Calls on_panel(name, panel) for each panel of a packed model's layers,
 /// named as the native format names the matrix it holds. `p` must be sized
-/// for `structure` (every layer, expert and shared expert in place).
+/// for `structure` (panel_slots).
 template <class Packed, class OnPanel>
 void for_each_layer_panel(const model::weights& structure, Packed& p, OnPanel&& on_panel) {
-  const auto ffn_panels = [&](const std::string& prefix, auto& f, bool gated) {
-    if (gated) on_panel(prefix + ".gate", f.gate);
-    on_panel(prefix + ".up", f.up);
-    on_panel(prefix + ".down", f.down);
-  };
   for (std::size_t li = 0; li < structure.layers.size(); ++li) {
-    const auto& l = structure.layers[li];
     const std::string pre = cat("layers.", li);
     auto& a = p.attention[li];
     on_panel(pre + ".wq", a.wq);
     on_panel(pre + ".wk", a.wk);
     on_panel(pre + ".wv", a.wv);
     on_panel(pre + ".wo", a.wo);
-    auto& f = p.ffn[li];
-    if (const auto* d = std::get_if<ffn>(&l.ffn)) {
-      ffn_panels(pre + ".ffn", f.shared[0], d->gated());
-      continue;
-    }
-    const auto& m = std::get<moe_layer>(l.ffn);
-    for (std::size_t e = 0; e < m.experts.size(); ++e)
-      if (!m.experts[e].is_novice()) ffn_panels(cat(pre, ".moe.experts.", e), f.experts[e], m.experts[e].weights.gated());
-    for (std::size_t s = 0; s < m.shared.size(); ++s) ffn_panels(cat(pre, ".moe.shared.", s), f.shared[s], m.shared[s].weights.gated());
   }
+  for_each_ffn_slot(structure, p, [&](const std::string& prefix, const ffn& f, auto& panels) {
+    if (f.gated()) on_panel(prefix + ".gate", panels.gate);
+    on_panel(prefix + ".up", panels.up);
+    on_panel(prefix + ".down", panels.down);
+  });
 }
 
 /// Panels sized for `structure`: every layer, expert and shared expert in
@@ -655,20 +675,14 @@ inline model::packed_weights panel_slots(const model::weights& structure) {
   p.attention.resize(structure.layers.size());
   p.ffn.resize(structure.layers.size());
   for (std::size_t li = 0; li < structure.layers.size(); ++li) {
-    auto& f = p.ffn[li];
-    if (const auto* d = std::get_if<ffn>(&structure.layers[li].ffn)) {
-      f.shared.resize(1);
-      f.shared[0].act = d->act;
-      continue;
-    }
-    const auto& m = std::get<moe_layer>(structure.layers[li].ffn);
-    f.experts.resize(m.experts.size());
-    f.shared.resize(m.shared.size());
-    for (std::size_t e = 0; e < m.experts.size(); ++e) f.experts[e].act = m.experts[e].weights.act;
-    for (std::size_t e = 0; e < m.shared.size(); ++e) f.shared[e].act = m.shared[e].weights.act;
+    const auto* m = std::get_if<moe_layer>(&structure.layers[li].ffn);
+    p.ffn[li].experts.resize(m ? m->experts.size() : 0);
+    p.ffn[li].shared.resize(m ? m->shared.size() : 1);
   }
+  for_each_ffn_slot(structure, p, [](const std::string&, const ffn& f, runtime::detail::packed_ffn& panels) { panels.act = f.act; });
   return p;
 }
+
 
 }  // namespace detail
 

@@ -109,12 +109,8 @@ inline void save_packed(const model::transformer& t, const std::string& dir, con
 
   auto panels = detail::global_panels(p, p.embedding.rows() != 0);
   detail::for_each_layer_panel(s, p, [&](const std::string& name, const runtime::detail::panel_matrix& m) { panels.emplace_back(name, &m); });
-  // Everything else (norms, biases, routers, novices, compensation) as F32
-  // tensors; the slots the panels hold are the structure's empty matrices.
-  std::vector<tensor_view> plain;
-  detail::for_each_tensor(
-      s, [&](const std::string& name, const matrix& m) { if (m.size()) plain.push_back({name, {m.rows(), m.cols()}, m.data()}); },
-      [&](const std::string& name, const vector& v) { plain.push_back({name, {v.size()}, v.data()}); });
+  // Everything else (norms, biases, routers, novices, compensation) as F32 tensors.
+  const std::vector<tensor_view> plain = detail::tensor_views(s);
 
   nlohmann::json index = nlohmann::json::object();
   std::vector<tensor_info> infos;
@@ -168,27 +164,16 @@ inline model::transformer load_packed(const native_layers& src, const std::optio
                            "-row panels in the type they hold (load_transformer repacks the others)"));
   const bool round_tokens = format.value_or(runtime::detail::weight_format()).round_tokens;
   model::weights s = src.skeleton();
+  model::packed_weights p = detail::panel_slots(s);
   // Each FFN keeps only its shape (the manifest says whether it is gated);
   // then the values of everything that is not a panel.
-  const auto shape_from_panels = [&](ffn& f, const std::string& prefix) {
+  detail::for_each_ffn_slot(s, p, [&](const std::string& prefix, ffn& f, runtime::detail::packed_ffn&) {
     const panel_layout* up = src.panels(prefix + ".up");
     f.released = ffn_shape{up->depth, up->rows, f.gated()};
-  };
-  for (std::size_t li = 0; li < s.layers.size(); ++li) {
-    const std::string pre = cat("layers.", li);
-    if (auto* d = std::get_if<ffn>(&s.layers[li].ffn)) {
-      shape_from_panels(*d, pre + ".ffn");
-      continue;
-    }
-    auto& m = std::get<moe_layer>(s.layers[li].ffn);
-    for (std::size_t e = 0; e < m.experts.size(); ++e)
-      if (!m.experts[e].is_novice()) shape_from_panels(m.experts[e].weights, cat(pre, ".moe.experts.", e));
-    for (std::size_t e = 0; e < m.shared.size(); ++e) shape_from_panels(m.shared[e].weights, cat(pre, ".moe.shared.", e));
-  }
+  });
   detail::for_each_tensor(
       s, [&](const std::string& name, matrix& m) { src.panels(name) ? void(m = matrix()) : src.read(name, m); },
       [&](const std::string& name, vector& v) { src.read(name, v); });
-  model::packed_weights p = detail::panel_slots(s);
   auto views = detail::global_panels(p, src.embedding_apart());
   detail::for_each_layer_panel(s, p, [&](const std::string& name, runtime::detail::panel_matrix& m) { views.emplace_back(name, &m); });
   const auto& st = src.tensors();
