@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -615,14 +616,20 @@ inline void unpack_panels(const char* bytes, dtype type, index_t nr, const panel
 #pragma omp parallel for schedule(static)
     for (index_t r = start; r < end; ++r) {
       const index_t p = panel + (r - start) / nr, q = (r - start) % nr;
-      const std::size_t base = std::size_t(p * l.depth) * std::size_t(nr);
+      const std::size_t base = std::size_t(p * l.depth) * std::size_t(nr), stride = std::size_t(nr);
       float* row = out + std::size_t(r) * std::size_t(l.depth);
+      // memcpy per value: panels another writer left misaligned are read
+      // here (only aligned ones are mapped).
       if (type == dtype::f32) {
-        const float* v = reinterpret_cast<const float*>(bytes) + base + std::size_t(q);
-        for (index_t k = 0; k < l.depth; ++k) row[k] = v[std::size_t(k * nr)];
+        const char* v = bytes + 4 * (base + std::size_t(q));
+        for (index_t k = 0; k < l.depth; ++k) std::memcpy(row + k, v + 4 * stride * std::size_t(k), 4);
       } else {
-        const std::uint16_t* v = reinterpret_cast<const std::uint16_t*>(bytes) + base + std::size_t(runtime::detail::bf16_slot(q, nr));
-        for (index_t k = 0; k < l.depth; ++k) row[k] = bf16_to_f32(v[std::size_t(k * nr)]);
+        const char* v = bytes + 2 * (base + std::size_t(runtime::detail::bf16_slot(q, nr)));
+        for (index_t k = 0; k < l.depth; ++k) {
+          std::uint16_t h;
+          std::memcpy(&h, v + 2 * stride * std::size_t(k), 2);
+          row[k] = bf16_to_f32(h);
+        }
       }
     }
   });
