@@ -690,7 +690,6 @@ inline model::packed_weights panel_slots(const model::weights& structure) {
   return p;
 }
 
-
 }  // namespace detail
 
 /// A native model directory opened for reading one layer at a time from its
