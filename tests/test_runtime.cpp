@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 
@@ -316,6 +317,63 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
       }
 }
 
+/// Inputs that reach every branch of the activations: a fine sweep over
+/// [-100, 100] (SiLU's exponential is clamped outside [-88, 87]), the clamp
+/// edges, tiny and huge values, signed zeros and a NaN.
+std::vector<float> activation_inputs() {
+  std::vector<float> v;
+  for (float x = -100.0f; x <= 100.0f; x += 0.0137f) v.push_back(x);
+  for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-40f, 86.9f, 87.0f, 87.1f, 88.0f, 88.1f, -86.9f, -87.0f, -87.1f, -88.0f, -88.1f, 1e30f, -1e30f,
+                  std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(), std::numeric_limits<float>::quiet_NaN()})
+    v.push_back(x);
+  return v;
+}
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+TEST_CASE("activations along a row compute what the scalar form computes, bit for bit, wherever a value falls in a vector") {
+  std::mt19937 rng(41);
+  const std::vector<float> inputs = activation_inputs();
+  std::vector<float> up(inputs.size());
+  for (auto& u : up) u = std::normal_distribution<float>(0.0f, 2.0f)(rng);
+  for (auto a : {activation::silu, activation::gelu, activation::relu})
+    for (bool gated : {true, false})
+      for (index_t offset : {0, 1, 5}) {  // runs of every length, starting on and off a vector boundary
+        for (index_t n = 0; n <= 40 && offset + n <= index_t(inputs.size()); ++n) {
+          std::vector<float> out(std::size_t(n), -1.0f);
+          activate_row(a, inputs.data() + offset, gated ? up.data() + offset : nullptr, out.data(), n);
+          for (index_t i = 0; i < n; ++i) {
+            const float g = inputs[std::size_t(offset + i)], want = gated ? activate(a, g) * up[std::size_t(offset + i)] : activate(a, g);
+            INFO(activation_name(a) << " gated " << gated << " n " << n << " i " << i << " input " << g);
+            REQUIRE(same_bits(out[std::size_t(i)], want));
+          }
+        }
+        // The whole sweep in one row, written over its input.
+        std::vector<float> row = inputs;
+        activate_row(a, row.data(), gated ? up.data() : nullptr, row.data(), index_t(row.size()));
+        for (std::size_t i = 0; i < row.size(); ++i) {
+          INFO(activation_name(a) << " gated " << gated << " input " << inputs[i]);
+          REQUIRE(same_bits(row[i], gated ? activate(a, inputs[i]) * up[i] : activate(a, inputs[i])));
+        }
+      }
+}
+
+TEST_CASE("SiLU is within 3 ulp of x / (1 + e^-x) computed in double, and NaN stays NaN") {
+  for (const float x : activation_inputs()) {
+    const float got = activate(activation::silu, x);
+    INFO("x " << x);
+    if (std::isnan(x)) {
+      CHECK(std::isnan(got));
+      continue;
+    }
+    const double want = double(x) / (1.0 + std::exp(-double(x)));
+    // Below -87 the exponential is clamped: the result is then a tiny
+    // negative number where the true one is tinier still.
+    const double ulp = std::ldexp(1.0, std::ilogb(float(want)) - 23);
+    CHECK(std::abs(double(got) - want) <= 3.0 * ulp + 1e-35);
+  }
+}
+
 TEST_CASE("the dense kernel matches the reference for every activation, gated and not") {
   // H = 45 is one output-row chunk and T <= 3 stays under min_parallel_fma:
   // bit-identity on shapes that split is in test_determinism.cpp.
@@ -618,6 +676,37 @@ TEST_CASE("BF16 token pairs round every token alike, in whole and partial panels
           REQUIRE(got[std::size_t((t / gemm_mr * pairs + j) * gemm_mr + t % gemm_mr)] == (value(2 * j) | value(2 * j + 1) << 16));
         }
     }
+}
+
+TEST_CASE("a product reads tokens rounded once into BF16 pairs as it reads the pairs it rounds itself, bit for bit") {
+  // Where the CPU has no vdpbf16ps the products never round their tokens and
+  // must ignore the pairs: the same equality.
+  using namespace runtime::detail;
+  std::mt19937 rng(42);
+  for (index_t depth : {index_t(301), gemm_kc * 2}) {  // odd and across depth blocks, and whole blocks
+    const matrix w = random_matrix(2 * gemm_nr + 13, depth, rng, 1.0f);
+    const panel_matrix panels(w.data(), w.outerStride(), w.rows(), depth, {}, weight_format(dtype::bf16, true));
+    for (index_t m : {bf16_exact_tokens + 1, gemm_mr + 1, gemm_mc * gemm_mr + 3}) {  // one panel, two, and past a token block
+      const matrix x = random_matrix(m, depth, rng, 1.0f);
+      std::vector<const float*> rows;
+      for (index_t t = 0; t < m; ++t) rows.push_back(x.row(t).data());
+      const auto blocks = {panels.block(0, 20, 0), panels.block(20, w.rows() - 20, 0)};
+      CHECK(rounds_tokens(blocks, m) == bf16_dot_available);
+      matrix own(m, w.rows()), given(m, w.rows());
+      panel_product(blocks, rows.data(), m, depth, own.data(), own.outerStride());
+      std::vector<std::uint32_t> pairs(token_pair_count(m, depth));
+      std::vector<pair_panel> todo;
+      add_pair_panels(rows.data(), m, depth, pairs.data(), todo);
+      with_threads(2, [&] {
+#pragma omp parallel
+        pack_pair_panels(todo);
+        return 0;
+      });
+      panel_product(blocks, rows.data(), m, depth, given.data(), given.outerStride(), pairs.data());
+      INFO("depth " << depth << " tokens " << m);
+      REQUIRE(own == given);
+    }
+  }
 }
 
 TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same logits as one that refers to them") {

@@ -166,8 +166,7 @@ inline layer_stats expert_statistics(const moe_layer& m, const_matrix_ref x, con
   if (x.cols() != m.hidden()) throw shape_error(cat("expert statistics: inputs have ", x.cols(), " features, the layer ", m.hidden()));
   if (x.rows() == 0) throw config_error("expert statistics: zero calibration tokens");
   // A NaN score breaks the top-k's ordering (undefined behaviour in the sort), so refuse it here like the kernel does.
-  for (index_t t = 0; t < x.rows(); ++t)
-    if (!x.row(t).allFinite()) throw value_error(cat("expert statistics: calibration token ", t, " has a NaN or Inf value"));
+  moeforge::detail::require_finite_rows(x, "expert statistics: calibration token");
   if (opt.chunk < 1) throw config_error(cat("expert statistics: chunk = ", opt.chunk, ", expected >= 1"));
   layer_stats out;
   out.tokens = x.rows();

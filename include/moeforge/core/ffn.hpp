@@ -8,40 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "moeforge/core/activation.hpp"
 #include "moeforge/core/tensor.hpp"
 
 namespace moeforge {
-
-enum class activation { silu, gelu, relu };
-
-inline std::string_view activation_name(activation a) {
-  switch (a) {
-    case activation::silu: return "silu";
-    case activation::gelu: return "gelu";
-    case activation::relu: return "relu";
-  }
-  return "?";
-}
-
-inline activation parse_activation(std::string_view name) {
-  if (name == "silu" || name == "swish") return activation::silu;
-  if (name == "gelu" || name == "gelu_pytorch_tanh" || name == "gelu_new") return activation::gelu;
-  if (name == "relu") return activation::relu;
-  throw config_error(detail::cat("activation '", name, "' is not supported (expected silu, gelu or relu)"));
-}
-
-/// silu(x) = x·sigmoid(x); gelu is the tanh approximation used by most LLMs.
-inline float activate(activation a, float v) {
-  switch (a) {
-    case activation::silu: return v / (1.0f + std::exp(-v));
-    case activation::gelu: {
-      const float c = 0.7978845608028654f;  // sqrt(2/pi)
-      return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
-    }
-    case activation::relu: return v > 0.0f ? v : 0.0f;
-  }
-  return v;
-}
 
 /// The shape of an FFN whose matrices were released (see release(ffn&)).
 struct ffn_shape {

@@ -135,6 +135,15 @@ void require_finite(const Eigen::DenseBase<Derived>& m, const std::string& what)
         throw value_error(cat(what, ": non-finite value ", m(r, c), " at [", r, ", ", c, "]"));
 }
 
+/// Throws value_error "<row_name> r has a NaN or Inf value" for the first row
+/// r of m that has one (checked with one sum while all are finite).
+template <class Derived>
+void require_finite_rows(const Eigen::DenseBase<Derived>& m, std::string_view row_name) {
+  if (all_finite(m)) return;
+  for (index_t r = 0; r < m.rows(); ++r)
+    if (!m.derived().row(r).allFinite()) throw value_error(cat(row_name, " ", r, " has a NaN or Inf value"));
+}
+
 /// Throws shape_error unless `m` is rows × cols.
 template <class Derived>
 void require_shape(const Eigen::DenseBase<Derived>& m, index_t rows, index_t cols, const std::string& what) {

@@ -520,6 +520,35 @@ inline void pack_token_pairs(const float* const* src, index_t count, index_t k0,
   }
 }
 
+/// The uint32 pairs pack_token_pairs writes for m tokens of depth k (whole panels of MR tokens).
+inline std::size_t token_pair_count(index_t m, index_t k) {
+  return std::size_t((m + gemm_mr - 1) / gemm_mr * gemm_mr) * std::size_t((k + 1) / 2);
+}
+
+/// One panel of up to MR tokens to round into BF16 pairs over their whole depth.
+struct pair_panel {
+  const float* const* src;
+  index_t count, depth;
+  std::uint32_t* dst;
+};
+
+/// Appends the panels that pack m tokens (rows src[t]) of depth k into dst
+/// (token_pair_count(m, k) words) in the layout panel_product takes as `pairs`.
+inline void add_pair_panels(const float* const* src, index_t m, index_t k, std::uint32_t* dst, std::vector<pair_panel>& out) {
+  const index_t words = (k + 1) / 2 * gemm_mr;
+  for (index_t p0 = 0; p0 < m; p0 += gemm_mr, dst += words) out.push_back({src + p0, std::min(gemm_mr, m - p0), k, dst});
+}
+
+/// Packs the panels, one per iteration of an orphaned `omp for`: on the
+/// team inside a parallel region, serially outside one.
+inline void pack_pair_panels(const std::vector<pair_panel>& panels) {
+#pragma omp for schedule(static)
+  for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(panels.size()); ++i) {
+    const pair_panel& p = panels[std::size_t(i)];
+    pack_token_pairs(p.src, p.count, 0, p.depth, p.dst);
+  }
+}
+
 #if defined(__AVX512BF16__)
 /// c[M×NR] (+)= Σ_k a(r, k)·b[k][NR] with BF16 tokens (pairs from
 /// pack_token_pairs) and a BF16 panel slice: the two depths of a pair are
@@ -559,12 +588,24 @@ inline void micro_kernel_dot(index_t, const std::uint32_t*, const bfloat16*, flo
 /// passes over it. (The choice changes no result.)
 constexpr index_t gemm_tokens_in_place = 32;
 
+/// Whether panel_product rounds m tokens to BF16 pairs for vdpbf16ps with
+/// these weight blocks (see weight_format): all are BF16 panels that ask for
+/// it and there are more than bf16_exact_tokens tokens.
+inline bool rounds_tokens(const panel_matrix* panels, index_t m) { return m > bf16_exact_tokens && panels && panels->dot(); }
+inline bool rounds_tokens(std::initializer_list<weight_block> a, index_t m) {
+  return std::all_of(a.begin(), a.end(), [m](const weight_block& blk) { return rounds_tokens(blk.panels, m); });
+}
+
 /// out[t, c] = Σ_k b[t][k]·a[c, k] for t < m tokens, where the columns c run
 /// over the rows of every block of `a` in turn (so gate and up rows give
 /// [x·gateᵀ | x·upᵀ] with the tokens read once). Token t's k values are at
 /// b[t]; out is row-major with leading dimension ldo; k is every block's
-/// depth. Single-threaded: callers run it inside their own parallel tasks.
-inline void panel_product(std::initializer_list<weight_block> a, const float* const* b, index_t m, index_t k, float* out, index_t ldo) {
+/// depth. When the product rounds its tokens (rounds_tokens), `pairs`, if
+/// not null, holds them already rounded (add_pair_panels of b): tasks
+/// that share their tokens pack them once, not each. Single-threaded:
+/// callers run it inside their own parallel tasks.
+inline void panel_product(std::initializer_list<weight_block> a, const float* const* b, index_t m, index_t k, float* out, index_t ldo,
+                          const std::uint32_t* pairs = nullptr) {
   index_t npanels = 0, packed_panels = 0, n = 0;
   for (const auto& blk : a) {
     npanels += blk.panel_count(), n += blk.rows;
@@ -582,10 +623,10 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   const bool pack_tokens = m > gemm_tokens_in_place;
   // BF16 tokens when every block asks for them (see weight_format); the
   // tokens are then packed as pairs instead of F32 panels.
-  const bool dot = m > bf16_exact_tokens && std::all_of(a.begin(), a.end(), [](const weight_block& blk) { return blk.panels && blk.panels->dot(); });
+  const bool dot = rounds_tokens(a, m);
   apack.resize(std::size_t(packed_panels * gemm_nr * gemm_kc));
   if (pack_tokens && !dot) bpack.resize(std::size_t(gemm_mc * gemm_mr * gemm_kc));
-  if (dot) bpairs.resize(std::size_t(gemm_mc * gemm_mr * (gemm_kc / 2)));
+  if (dot && !pairs) bpairs.resize(std::size_t(gemm_mc * gemm_mr * (gemm_kc / 2)));
   tiles.resize(std::size_t(mpanels * npanels * gemm_tile));
   slices.resize(std::size_t(npanels));
   prepared.clear();
@@ -602,10 +643,17 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
     for (index_t ic = 0; ic < mpanels; ic += gemm_mc) {
       const index_t iend = std::min(mpanels, ic + gemm_mc);
       const index_t count = std::min(m - ic * gemm_mr, (iend - ic) * gemm_mr);
-      if (dot)
+      // Token panel ip's pairs for this depth block: at ic_pairs + (ip - ic)·pair_stride.
+      const std::uint32_t* ic_pairs = bpairs.data();
+      index_t pair_stride = (kl + 1) / 2 * gemm_mr;
+      if (dot && pairs) {
+        pair_stride = (k + 1) / 2 * gemm_mr;
+        ic_pairs = pairs + ic * pair_stride + k0 / 2 * gemm_mr;
+      } else if (dot) {
         pack_token_pairs(b + ic * gemm_mr, count, k0, kl, bpairs.data());
-      else if (pack_tokens)
+      } else if (pack_tokens) {
         pack_panels<gemm_mr>(b + ic * gemm_mr, count, k0, kl, bpack.data());
+      }
       for (jp = 0; jp < npanels; ++jp) {
         // Prepared slices come from memory: the first token group fetches the next one.
         const panel_slice next = jp + 1 < npanels && ic == 0 && prepared[std::size_t(jp + 1)] ? slices[std::size_t(jp + 1)] : panel_slice{};
@@ -614,7 +662,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
           const index_t rows = std::min(gemm_mr, m - ip * gemm_mr);
           const panel_slice pf = ip == ic ? next : panel_slice{};
           if (dot) {
-            micro_kernel_dot(kl, bpairs.data() + (ip - ic) * ((kl + 1) / 2) * gemm_mr, static_cast<const bfloat16*>(slices[std::size_t(jp)].data),
+            micro_kernel_dot(kl, ic_pairs + (ip - ic) * pair_stride, static_cast<const bfloat16*>(slices[std::size_t(jp)].data),
                              tile, k0 == 0, rows, pf.data && pf.type == dtype::bf16 ? static_cast<const bfloat16*>(pf.data) : nullptr);
           } else if (pack_tokens) {
             micro_kernel_slice(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);

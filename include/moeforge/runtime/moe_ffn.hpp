@@ -45,6 +45,11 @@ struct job {
   index_t columns = 0;
   matrix h;                          ///< activations [n, columns]
   std::vector<const float*> h_rows;  ///< h's rows, the tokens of the down projection
+  /// When the products round their tokens (rounds_tokens): the inputs and
+  /// the activations as BF16 pairs, packed once per call for all the job's
+  /// tasks (in run_jobs' workspace); else null.
+  std::uint32_t* input_pairs = nullptr;
+  std::uint32_t* h_pairs = nullptr;
 
   bool gated() const { return packed ? packed->gated() : weights->gated(); }
   activation act() const { return packed ? packed->act : weights->act; }
@@ -58,6 +63,8 @@ struct job {
     if (packed) return packed->down.block(r0, rows, first);
     return rows_of(weights->down.block(r0, first, rows, columns));
   }
+  /// Whether its products round the tokens to BF16 (gate, up and down share a format).
+  bool rounds_tokens() const { return detail::rounds_tokens(packed ? &packed->up : nullptr, index_t(tokens.size())); }
   /// Where the job's neurons from `i0` (relative to first) must end a chunk:
   /// a cut of the prepared panels, or the job's end.
   index_t chunk_limit(index_t i0) const { return packed ? std::min(columns, packed->up.next_cut(first + i0) - first) : columns; }
@@ -76,20 +83,20 @@ inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) 
   const index_t width = j.gated() ? 2 * count : count;
   out.resize(std::size_t(n * width));
   if (j.gated())
-    panel_product({j.neurons(true, n0, count), j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width);
+    panel_product({j.neurons(true, n0, count), j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width, j.input_pairs);
   else
-    panel_product({j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width);
-  const activation act = j.act();
+    panel_product({j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width, j.input_pairs);
+  const bool gated = j.gated();
   for (index_t p = 0; p < n; ++p) {
     const float* o = out.data() + p * width;
-    for (index_t i = 0; i < count; ++i) j.h(p, i0 + i) = j.gated() ? activate(act, o[i]) * o[count + i] : activate(act, o[i]);
+    activate_row(j.act(), o, gated ? o + count : nullptr, j.h.row(p).data() + i0, count);
   }
 }
 
 /// Row p of `part` (leading dimension `stride`): the down products of the
 /// job's token p over output rows [r0, r0 + rows).
 inline void down_part(const job& j, index_t r0, index_t rows, float* part, index_t stride) {
-  panel_product({j.down(r0, rows)}, j.h_rows.data(), index_t(j.tokens.size()), j.columns, part, stride);
+  panel_product({j.down(r0, rows)}, j.h_rows.data(), index_t(j.tokens.size()), j.columns, part, stride, j.h_pairs);
 }
 
 /// y's rows [r0, r0 + rows) of the job's tokens += scale · down_part (a
@@ -176,6 +183,23 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
         add_part(jobs[k], r0, rows, split->part[k] ? split->part[k] + r0 : nullptr, hidden, y);
     }
   };
+  // The jobs whose products round their tokens to BF16 pairs: their inputs
+  // and activations are packed once, on the team, not by each task.
+  std::vector<pair_panel> input_panels, h_panels;
+  std::size_t words = 0;
+  for (const auto& j : jobs)
+    if (j.h.rows() > 0 && j.rounds_tokens()) words += token_pair_count(j.h.rows(), x.cols()) + token_pair_count(j.h.rows(), j.columns);
+  thread_local std::vector<std::uint32_t> pair_space;  // the calling thread's, kept between calls
+  if (pair_space.size() < words) pair_space.resize(words);
+  std::uint32_t* free_words = pair_space.data();
+  for (auto& j : jobs) {
+    if (j.h.rows() == 0 || !j.rounds_tokens()) continue;
+    j.input_pairs = free_words;
+    add_pair_panels(j.inputs.data(), j.h.rows(), x.cols(), j.input_pairs, input_panels);
+    j.h_pairs = j.input_pairs + token_pair_count(j.h.rows(), x.cols());
+    add_pair_panels(j.h_rows.data(), j.h.rows(), j.columns, j.h_pairs, h_panels);
+    free_words = j.h_pairs + token_pair_count(j.h.rows(), j.columns);
+  }
   std::vector<std::size_t> mine;  // with split: the jobs whose down products this process computes
   if (split)
     for (std::size_t k = 0; k < jobs.size(); ++k)
@@ -183,9 +207,11 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
   const std::ptrdiff_t down_tasks = std::ptrdiff_t(mine.size()) * row_tasks;
 #pragma omp parallel if (fma >= min_parallel_fma)
   {
+    pack_pair_panels(input_panels);
 #pragma omp for schedule(dynamic, 1)
     for (std::ptrdiff_t c = 0; c < std::ptrdiff_t(chunks.size()); ++c)
       fill_activations(jobs[chunks[std::size_t(c)].job], x.cols(), chunks[std::size_t(c)].first, chunks[std::size_t(c)].count);
+    pack_pair_panels(h_panels);
     if (split) {
 #pragma omp for schedule(dynamic, 1)
       for (std::ptrdiff_t d = 0; d < down_tasks; ++d) {
@@ -257,8 +283,7 @@ inline void check_input(const_matrix_ref x, const_matrix_ref y, index_t hidden, 
   using moeforge::detail::cat;
   if (x.cols() != hidden) throw shape_error(cat(what, ": input has ", x.cols(), " features, expected ", hidden));
   moeforge::detail::require_shape(y, x.rows(), hidden, cat(what, " output"));
-  for (index_t t = 0; t < x.rows(); ++t)
-    if (!x.row(t).allFinite()) throw value_error(cat(what, ": input token ", t, " has a NaN or Inf value"));
+  moeforge::detail::require_finite_rows(x, cat(what, ": input token"));
 }
 
 }  // namespace detail

@@ -298,7 +298,7 @@ inline matrix neuron_activations(const ffn& f, const_matrix_ref x) {
   matrix h = project(x, f.up);
   const matrix g = f.gated() ? project(x, f.gate) : matrix();
   for (index_t t = 0; t < h.rows(); ++t)
-    for (index_t i = 0; i < h.cols(); ++i) h(t, i) = f.gated() ? activate(f.act, g(t, i)) * h(t, i) : activate(f.act, h(t, i));
+    activate_row(f.act, f.gated() ? g.row(t).data() : h.row(t).data(), f.gated() ? h.row(t).data() : nullptr, h.row(t).data(), h.cols());
   return h;
 }
 
