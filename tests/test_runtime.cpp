@@ -709,6 +709,24 @@ TEST_CASE("a product reads tokens rounded once into BF16 pairs as it reads the p
   }
 }
 
+TEST_CASE("a BF16 projection gives the same result at top level after every thread of a team has run one of its own") {
+  // The tokens rounded once per call live in the calling thread's scratch;
+  // the team must read the caller's, not stale pairs of its own.
+  using namespace runtime::detail;
+  std::mt19937 rng(43);
+  const matrix w = random_matrix(1024, 300, rng, 1.0f);
+  const panel_matrix panels(w.data(), w.outerStride(), w.rows(), w.cols(), {}, weight_format(dtype::bf16, true));
+  const matrix x = random_matrix(64, 300, rng, 1.0f), other = random_matrix(96, 300, rng, 1.0f);
+  const auto run = [&] {
+    const matrix first = runtime::project(x, panels);
+#pragma omp parallel
+    { const matrix inner = runtime::project(other, panels); }
+    return first == runtime::project(x, panels);
+  };
+  REQUIRE(with_threads(2, run));
+  REQUIRE(with_threads(3, run));
+}
+
 TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same logits as one that refers to them") {
   std::mt19937 rng(24);
   model::weights w;

@@ -539,6 +539,22 @@ inline void add_pair_panels(const float* const* src, index_t m, index_t k, std::
   for (index_t p0 = 0; p0 < m; p0 += gemm_mr, dst += words) out.push_back({src + p0, std::min(gemm_mr, m - p0), k, dst});
 }
 
+/// Storage for `words` token pairs on the calling thread: kept between calls
+/// (its pages already mapped) up to 64 MiB, and a larger request in `own`,
+/// freed with it, so a long prefill does not leave every thread holding its
+/// size. Valid until the thread's next call; read it through the pointer
+/// (inside a parallel region a thread_local names each thread's own).
+inline std::uint32_t* pair_scratch(std::size_t words, std::vector<std::uint32_t>& own) {
+  constexpr std::size_t kept_words = (std::size_t(64) << 20) / sizeof(std::uint32_t);
+  thread_local std::vector<std::uint32_t> kept;
+  if (words > kept_words) {
+    own.resize(words);
+    return own.data();
+  }
+  if (kept.size() < words) kept.resize(words);
+  return kept.data();
+}
+
 /// Packs the panels, one per iteration of an orphaned `omp for`: on the
 /// team inside a parallel region, serially outside one.
 inline void pack_pair_panels(const std::vector<pair_panel>& panels) {

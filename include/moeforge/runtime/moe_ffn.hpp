@@ -189,9 +189,8 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
   std::size_t words = 0;
   for (const auto& j : jobs)
     if (j.h.rows() > 0 && j.rounds_tokens()) words += token_pair_count(j.h.rows(), x.cols()) + token_pair_count(j.h.rows(), j.columns);
-  thread_local std::vector<std::uint32_t> pair_space;  // the calling thread's, kept between calls
-  if (pair_space.size() < words) pair_space.resize(words);
-  std::uint32_t* free_words = pair_space.data();
+  std::vector<std::uint32_t> own;
+  std::uint32_t* free_words = pair_scratch(words, own);
   for (auto& j : jobs) {
     if (j.h.rows() == 0 || !j.rounds_tokens()) continue;
     j.input_pairs = free_words;

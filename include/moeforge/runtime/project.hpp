@@ -30,20 +30,17 @@ inline matrix project_rows(const_matrix_ref x, index_t rows, Blocks block_of) {
   const index_t per_task = (t <= gemm_tokens_in_place ? 4 : 8) * gemm_nr;
   const index_t tasks = (rows + per_task - 1) / per_task;
   // Tokens every task rounds to BF16 pairs are rounded once, on the team.
-  thread_local std::vector<std::uint32_t> pairs;  // the calling thread's, kept between calls
   std::vector<pair_panel> panels;
-  const bool rounds = rounds_tokens({block_of(0, std::min(rows, gemm_nr))}, t);
-  if (rounds) {
-    if (pairs.size() < token_pair_count(t, k)) pairs.resize(token_pair_count(t, k));
-    add_pair_panels(tokens.data(), t, k, pairs.data(), panels);
-  }
+  std::vector<std::uint32_t> own;
+  std::uint32_t* const pairs = rounds_tokens({block_of(0, std::min(rows, gemm_nr))}, t) ? pair_scratch(token_pair_count(t, k), own) : nullptr;
+  if (pairs) add_pair_panels(tokens.data(), t, k, pairs, panels);
 #pragma omp parallel if (double(t) * double(rows) * double(k) >= min_parallel_fma && tasks > 1)
   {
     pack_pair_panels(panels);
 #pragma omp for schedule(dynamic, 1)
     for (index_t task = 0; task < tasks; ++task) {
       const index_t r0 = task * per_task, count = std::min(per_task, rows - r0);
-      panel_product({block_of(r0, count)}, tokens.data(), t, k, out.data() + r0, out.outerStride(), rounds ? pairs.data() : nullptr);
+      panel_product({block_of(r0, count)}, tokens.data(), t, k, out.data() + r0, out.outerStride(), pairs);
     }
   }
   return out;
