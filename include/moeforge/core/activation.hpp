@@ -9,9 +9,9 @@
 // SiLU's exponential is therefore our own, not libm's (whose scalar and
 // vector versions differ): a Cody-Waite reduction by ln 2 and a degree-6
 // polynomial, within 1.01 ulp of exp, and SiLU within 2.4 ulp of its exact
-// value on [-87, 87] (every eighth float; test_runtime checks 3 ulp). Below
-// -87 the exponent is clamped and SiLU's result, under 1e-35 in magnitude,
-// is larger than the true, tinier one. Every
+// value on [-87, 87] (every eighth float; test_runtime checks 3 ulp). Past
+// its range exp is e^-87 below and infinite above (so SiLU gives -0 below
+// x = -88, where the true value is under 1e-36 in magnitude). Every
 // multiply-add in it is written as one fused operation where the target has
 // FMA and as two roundings where it has none, never left to the compiler,
 // which may fuse a product into a following sum (-ffp-contract) in one
@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string_view>
 
 #include "moeforge/core/error.hpp"
@@ -75,9 +76,10 @@ constexpr float exp_poly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e
 inline float min_of(float a, float b) { return a < b ? a : b; }
 inline float max_of(float a, float b) { return a > b ? a : b; }
 
-/// e^x for x clamped to [exp_lo, exp_hi] (a NaN gives e^exp_hi):
-/// 2^n · (1 + r + r²·p(r)) with n = round(x·log2 e), r = x − n·ln 2.
+/// e^x as 2^n · (1 + r + r²·p(r)) with n = round(x·log2 e), r = x − n·ln 2,
+/// for x in [exp_lo, exp_hi]; e^exp_lo below, +inf above (a NaN gives e^exp_hi).
 inline float clamped_exp(float x) {
+  const bool over = x > exp_hi;
   x = max_of(min_of(x, exp_hi), exp_lo);
   const float n = std::nearbyint(x * log2e);
   float r = mul_add(n, -ln2_hi, x);
@@ -89,7 +91,7 @@ inline float clamped_exp(float x) {
   const std::uint32_t bits = std::uint32_t(int(n) + 127) << 23;  // 2^n, n in [-126, 127]
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;  // exact: y is in [0.7, 1.5] and the product a normal float
+  return over ? std::numeric_limits<float>::infinity() : y * scale;  // exact: y is in [0.7, 1.5] and the product a normal float
 }
 
 /// x·sigmoid(x) = x / (1 + e^−x).
@@ -109,6 +111,10 @@ inline act_vector act_div(act_vector a, act_vector b) { return _mm512_div_ps(a, 
 inline act_vector act_min(act_vector a, act_vector b) { return _mm512_min_ps(a, b); }
 inline act_vector act_max(act_vector a, act_vector b) { return _mm512_max_ps(a, b); }
 inline act_vector act_round(act_vector a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/// a > b ? then : otherwise, lane by lane (false for a NaN).
+inline act_vector act_if_greater(act_vector a, act_vector b, act_vector then, act_vector otherwise) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), otherwise, then);
+}
 inline act_vector act_exp2i(act_vector n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
@@ -125,6 +131,9 @@ inline act_vector act_div(act_vector a, act_vector b) { return _mm256_div_ps(a, 
 inline act_vector act_min(act_vector a, act_vector b) { return _mm256_min_ps(a, b); }
 inline act_vector act_max(act_vector a, act_vector b) { return _mm256_max_ps(a, b); }
 inline act_vector act_round(act_vector a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline act_vector act_if_greater(act_vector a, act_vector b, act_vector then, act_vector otherwise) {
+  return _mm256_blendv_ps(otherwise, then, _mm256_cmp_ps(a, b, _CMP_GT_OQ));
+}
 inline act_vector act_exp2i(act_vector n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
@@ -132,14 +141,16 @@ inline act_vector act_exp2i(act_vector n) {
 
 /// silu on a vector: clamped_exp and silu above, operation for operation.
 inline act_vector silu(act_vector x) {
-  const act_vector m = act_max(act_min(act_mul(x, act_set(-1.0f)), act_set(exp_hi)), act_set(exp_lo));
+  const act_vector neg = act_mul(x, act_set(-1.0f));
+  const act_vector m = act_max(act_min(neg, act_set(exp_hi)), act_set(exp_lo));
   const act_vector n = act_round(act_mul(m, act_set(log2e)));
   act_vector r = act_fma(n, act_set(-ln2_hi), m);
   r = act_fma(n, act_set(-ln2_lo), r);
   act_vector p = act_set(exp_poly[0]);
   for (int i = 1; i < 6; ++i) p = act_fma(p, r, act_set(exp_poly[i]));
   const act_vector y = act_add(act_fma(p, act_mul(r, r), r), act_set(1.0f));
-  return act_div(x, act_add(act_set(1.0f), act_mul(y, act_exp2i(n))));
+  const act_vector e = act_if_greater(neg, act_set(exp_hi), act_set(std::numeric_limits<float>::infinity()), act_mul(y, act_exp2i(n)));
+  return act_div(x, act_add(act_set(1.0f), e));
 }
 
 /// out[i] = silu(gate[i]) · up[i] (up null: silu(gate[i])) for a whole vector.
