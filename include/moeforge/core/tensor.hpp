@@ -135,13 +135,14 @@ void require_finite(const Eigen::DenseBase<Derived>& m, const std::string& what)
         throw value_error(cat(what, ": non-finite value ", m(r, c), " at [", r, ", ", c, "]"));
 }
 
-/// Throws value_error "<row_name> r has a NaN or Inf value" for the first row
-/// r of m that has one (checked with one sum while all are finite).
-template <class Derived>
-void require_finite_rows(const Eigen::DenseBase<Derived>& m, std::string_view row_name) {
+/// Throws value_error "<row name> r has a NaN or Inf value" for the first
+/// row r of m that has one (checked with one sum while all are finite); the
+/// name's parts are joined only then, as the kernels check every call.
+template <class Derived, class... Name>
+void require_finite_rows(const Eigen::DenseBase<Derived>& m, const Name&... row_name) {
   if (all_finite(m)) return;
   for (index_t r = 0; r < m.rows(); ++r)
-    if (!m.derived().row(r).allFinite()) throw value_error(cat(row_name, " ", r, " has a NaN or Inf value"));
+    if (!m.derived().row(r).allFinite()) throw value_error(cat(row_name..., " ", r, " has a NaN or Inf value"));
 }
 
 /// Throws shape_error unless `m` is rows × cols.
