@@ -145,11 +145,12 @@ void require_finite_rows(const Eigen::DenseBase<Derived>& m, const Name&... row_
     if (!m.derived().row(r).allFinite()) throw value_error(cat(row_name..., " ", r, " has a NaN or Inf value"));
 }
 
-/// Throws shape_error unless `m` is rows × cols.
-template <class Derived>
-void require_shape(const Eigen::DenseBase<Derived>& m, index_t rows, index_t cols, const std::string& what) {
+/// Throws shape_error unless `m` is rows × cols; the name's parts are
+/// joined only then.
+template <class Derived, class... Name>
+void require_shape(const Eigen::DenseBase<Derived>& m, index_t rows, index_t cols, const Name&... what) {
   if (m.rows() != rows || m.cols() != cols)
-    throw shape_error(cat(what, ": shape [", m.rows(), ", ", m.cols(), "], expected [", rows, ", ", cols, "]"));
+    throw shape_error(cat(what..., ": shape [", m.rows(), ", ", m.cols(), "], expected [", rows, ", ", cols, "]"));
 }
 
 }  // namespace detail

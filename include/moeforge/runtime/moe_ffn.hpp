@@ -281,7 +281,7 @@ inline job whole_batch_job(const ffn& f, const packed_ffn* packed, const_matrix_
 inline void check_input(const_matrix_ref x, const_matrix_ref y, index_t hidden, const char* what) {
   using moeforge::detail::cat;
   if (x.cols() != hidden) throw shape_error(cat(what, ": input has ", x.cols(), " features, expected ", hidden));
-  if (y.rows() != x.rows() || y.cols() != hidden) moeforge::detail::require_shape(y, x.rows(), hidden, cat(what, " output"));  // (its message built only then)
+  moeforge::detail::require_shape(y, x.rows(), hidden, what, " output");
   moeforge::detail::require_finite_rows(x, what, ": input token");
 }
 
