@@ -291,7 +291,8 @@ TEST_CASE("a partitioned layer without dropping equals the unpartitioned layer")
 TEST_CASE("the weight-streaming and packed products equal a plain double-precision product") {
   // Shapes around every blocking edge of both instruction sets: tokens (6 or 8
   // per micro-tile and partial tiles, 96 or 128 per packed block, 32 or 48 the
-  // streaming limit, 1-4 per streaming group, 3 the start of the AVX-512 tiles),
+  // streaming limit, 1-4 per streaming group, 3 the start of the AVX-512 tiles,
+  // 1 and 2 with panels side by side),
   // weight rows (16 or 32 per panel, 8 per transposed group, 6 per streaming
   // tile), depth (8 or 16 lanes, 256 per packed block, 1024 per streaming block).
   std::mt19937 rng(5);
@@ -314,6 +315,11 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
         const Eigen::ArrayXXd err = (got.cast<double>() - want).array().abs();
         const Eigen::ArrayXXd bound = product_tolerance * std::sqrt(double(k) + 1) * magnitude.array();
         CHECK((err <= bound).all());
+        // A token's products are the same FMA chains alone (panels read side
+        // by side for one or two tokens) as in any batch, bit for bit.
+        const matrix alone = runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b.topRows(1));
+        CHECK(alone.row(0) == got.row(0));
+        if (m >= 2) CHECK(runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b.topRows(2)) == got.topRows(2));
       }
 }
 

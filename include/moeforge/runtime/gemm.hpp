@@ -103,60 +103,81 @@ inline void prefetch_panel_row(const W* pf, index_t k) {
 
 /// c[M×NR] (+)= Σ_k tokens(r, k)·b-panel[k][NR] over the first M ≤ MR token
 /// rows (a last, partial panel computes only its real tokens, so the cost
-/// follows the token count, not the panel count); c is a contiguous tile,
-/// overwritten when `first`, else accumulated into. Each element's sum is the
-/// same whatever M is and wherever the tokens are read from. `pf`, if not
-/// null, is a panel slice the caller reads next: it is fetched into L2 at the
-/// pace this one is read, so two weight streams are in flight, not one.
-/// W is the panel's value type (float or bfloat16).
-template <int M, class Tokens, class W>
-inline void micro_kernel_rows(index_t kl, Tokens a, const W* b, float* c, bool first, const W* pf = nullptr) {
+/// follows the token count, not the panel count), for each of P panels b[p]
+/// into its own tile c + p·MR·NR; a tile is contiguous, overwritten when
+/// `first`, else accumulated into. Each element's sum is the same whatever M
+/// and P are and wherever the tokens are read from. pf[p], where not null, is
+/// a panel slice the caller reads next: it is fetched into L2 at the pace
+/// b[p] is read, so twice the weight streams are in flight. W is the panel's
+/// value type (float or bfloat16).
+template <int M, int P, class Tokens, class W>
+inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c, bool first, const W* const* pf) {
 #if defined(__AVX512F__)
-  __m512 lo[M], hi[M];
+  __m512 lo[M][P], hi[M][P];
 #pragma GCC unroll 8
-  for (int r = 0; r < M; ++r) {
-    lo[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr);
-    hi[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr + 16);
-  }
-  for (index_t k = 0; k < kl; ++k, b += gemm_nr) {
-    if (pf) prefetch_panel_row(pf, k);
-    __m512 b0, b1;
-    load_panel_row(b, b0, b1);
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      lo[r][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + p * gemm_tile + r * gemm_nr);
+      hi[r][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + p * gemm_tile + r * gemm_nr + 16);
+    }
+  for (index_t k = 0; k < kl; ++k) {
+    __m512 b0[P], b1[P];
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      if (pf[p]) prefetch_panel_row(pf[p], k);
+      load_panel_row(b[p] + k * gemm_nr, b0[p], b1[p]);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const __m512 x = _mm512_set1_ps(a(r, k));
-      lo[r] = _mm512_fmadd_ps(x, b0, lo[r]), hi[r] = _mm512_fmadd_ps(x, b1, hi[r]);
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) lo[r][p] = _mm512_fmadd_ps(x, b0[p], lo[r][p]), hi[r][p] = _mm512_fmadd_ps(x, b1[p], hi[r][p]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < M; ++r) _mm512_storeu_ps(c + r * gemm_nr, lo[r]), _mm512_storeu_ps(c + r * gemm_nr + 16, hi[r]);
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p)
+      _mm512_storeu_ps(c + p * gemm_tile + r * gemm_nr, lo[r][p]), _mm512_storeu_ps(c + p * gemm_tile + r * gemm_nr + 16, hi[r][p]);
 #elif defined(__AVX2__) && defined(__FMA__)
-  __m256 lo[M], hi[M];  // 12 accumulators at M = 6, with two weight vectors and a broadcast: 15 of 16 registers
+  __m256 lo[M][P], hi[M][P];  // 12 accumulators at M = 6, with two weight vectors and a broadcast: 15 of 16 registers
 #pragma GCC unroll 6
-  for (int r = 0; r < M; ++r) {
-    lo[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * gemm_nr);
-    hi[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * gemm_nr + 8);
-  }
-  for (index_t k = 0; k < kl; ++k, b += gemm_nr) {
-    if (pf) prefetch_panel_row(pf, k);
-    __m256 b0, b1;
-    load_panel_row(b, b0, b1);
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      lo[r][p] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + p * gemm_tile + r * gemm_nr);
+      hi[r][p] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + p * gemm_tile + r * gemm_nr + 8);
+    }
+  for (index_t k = 0; k < kl; ++k) {
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      if (pf[p]) prefetch_panel_row(pf[p], k);
+      __m256 b0, b1;
+      load_panel_row(b[p] + k * gemm_nr, b0, b1);
 #pragma GCC unroll 6
-    for (int r = 0; r < M; ++r) {
-      const __m256 x = _mm256_set1_ps(a(r, k));
-      lo[r] = _mm256_fmadd_ps(x, b0, lo[r]), hi[r] = _mm256_fmadd_ps(x, b1, hi[r]);
+      for (int r = 0; r < M; ++r) {
+        const __m256 x = _mm256_set1_ps(a(r, k));
+        lo[r][p] = _mm256_fmadd_ps(x, b0, lo[r][p]), hi[r][p] = _mm256_fmadd_ps(x, b1, hi[r][p]);
+      }
     }
   }
 #pragma GCC unroll 6
-  for (int r = 0; r < M; ++r) _mm256_storeu_ps(c + r * gemm_nr, lo[r]), _mm256_storeu_ps(c + r * gemm_nr + 8, hi[r]);
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p)
+      _mm256_storeu_ps(c + p * gemm_tile + r * gemm_nr, lo[r][p]), _mm256_storeu_ps(c + p * gemm_tile + r * gemm_nr + 8, hi[r][p]);
 #else
   (void)pf;
-  float acc[gemm_tile];
-  for (index_t e = 0; e < M * gemm_nr; ++e) acc[e] = first ? 0.0f : c[e];
-  for (index_t k = 0; k < kl; ++k, b += gemm_nr)
-    for (index_t r = 0; r < M; ++r)
-      for (index_t j = 0; j < gemm_nr; ++j) acc[r * gemm_nr + j] += a(r, k) * panel_value(b, j);  // (std::fma is a library call without -mfma)
-  for (index_t e = 0; e < M * gemm_nr; ++e) c[e] = acc[e];
+  for (int p = 0; p < P; ++p) {
+    float* tile = c + p * gemm_tile;
+    float acc[gemm_tile];
+    for (index_t e = 0; e < M * gemm_nr; ++e) acc[e] = first ? 0.0f : tile[e];
+    for (index_t k = 0; k < kl; ++k)
+      for (index_t r = 0; r < M; ++r)
+        for (index_t j = 0; j < gemm_nr; ++j) acc[r * gemm_nr + j] += a(r, k) * panel_value(b[p] + k * gemm_nr, j);  // (std::fma is a library call without -mfma)
+    for (index_t e = 0; e < M * gemm_nr; ++e) tile[e] = acc[e];
+  }
 #endif
 }
 
@@ -170,15 +191,32 @@ inline void with_rows(index_t rows, Kernel&& kernel) {
   kernel(std::integral_constant<int, Max>{});
 }
 
-/// micro_kernel_rows for the first `rows` (1..MR) token rows.
+/// Up to this many panels are read at once for one or two tokens (see
+/// panels_together).
+constexpr index_t gemm_max_together = 4;
+/// Panels one micro-kernel call reads side by side for `rows` tokens read in
+/// place. One token gives a panel two FMA chains, which wait on the FMA's
+/// latency: a BF16 panel (64 bytes a depth step) then streamed at about 49
+/// GB/s a core from L3, short of DRAM's 29 GB/s a core once the prefetch
+/// misses are added, while four panels side by side keep eight chains busy.
+constexpr index_t panels_together(index_t rows) { return rows == 1 ? gemm_max_together : rows == 2 ? 2 : 1; }
+
+/// micro_kernel_rows for the first `rows` (1..MR) token rows and `count`
+/// (1..panels_together(rows)) panels; pf null, or count slices to fetch.
 template <class Tokens, class W>
-inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool first, index_t rows = gemm_mr,
-                                const W* pf = nullptr) {
-  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value>(kl, a, b, c, first, pf); });
+inline void micro_kernel_tokens(index_t kl, Tokens a, const W* const* b, index_t count, float* c, bool first, index_t rows,
+                                const W* const* pf = nullptr) {
+  const W* const none[gemm_max_together] = {};
+  if (!pf) pf = none;
+  if (count == 1)
+    return with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 1>(kl, a, b, c, first, pf); });
+  with_rows<2>(rows, [&](auto m) {
+    with_rows<int(gemm_max_together)>(count, [&](auto p) { micro_kernel_rows<decltype(m)::value, decltype(p)::value>(kl, a, b, c, first, pf); });
+  });
 }
 /// The micro-kernel on a packed token panel a[k][MR].
 inline void micro_kernel(index_t kl, const float* a, const float* b, float* c, bool first, index_t rows = gemm_mr) {
-  micro_kernel_tokens(kl, packed_tokens{a}, b, c, first, rows);
+  micro_kernel_tokens(kl, packed_tokens{a}, &b, 1, c, first, rows);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -470,15 +508,26 @@ inline weight_block panel_matrix::block(index_t row0, index_t rows, index_t k0) 
   return {nullptr, 0, rows, this, panel, k0, skip};
 }
 
-/// The micro-kernel on a slice of either weight type; `pf` (the next slice
-/// to prefetch, or null) is used when it has the same type.
+/// The micro-kernel on `count` slices of one weight type (see
+/// micro_kernel_tokens) into consecutive tiles from c; pf null, or the count
+/// slices to prefetch, each used where it has that type.
 template <class Tokens>
-inline void micro_kernel_slice(index_t kl, Tokens a, panel_slice b, float* c, bool first, index_t rows, panel_slice pf) {
-  const bool fetch = pf.data && pf.type == b.type;
-  if (b.type == dtype::bf16)
-    micro_kernel_tokens(kl, a, static_cast<const bfloat16*>(b.data), c, first, rows, fetch ? static_cast<const bfloat16*>(pf.data) : nullptr);
+inline void micro_kernel_slices(index_t kl, Tokens a, const panel_slice* b, index_t count, float* c, bool first, index_t rows,
+                                const panel_slice* pf) {
+  const auto run = [&](auto typed) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
+    const W* in[gemm_max_together];
+    const W* fetch[gemm_max_together];
+    for (index_t p = 0; p < count; ++p) {
+      in[p] = static_cast<const W*>(b[p].data);
+      fetch[p] = pf && pf[p].data && pf[p].type == b[0].type ? static_cast<const W*>(pf[p].data) : nullptr;
+    }
+    micro_kernel_tokens(kl, a, in, count, c, first, rows, fetch);
+  };
+  if (b[0].type == dtype::bf16)
+    run(static_cast<const bfloat16*>(nullptr));
   else
-    micro_kernel_tokens(kl, a, static_cast<const float*>(b.data), c, first, rows, fetch ? static_cast<const float*>(pf.data) : nullptr);
+    run(static_cast<const float*>(nullptr));
 }
 
 /// A token value as vdpbf16ps takes it: BF16, round to nearest even, a
@@ -670,24 +719,31 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
       } else if (pack_tokens) {
         pack_panels<gemm_mr>(b + ic * gemm_mr, count, k0, kl, bpack.data());
       }
-      for (jp = 0; jp < npanels; ++jp) {
-        // Prepared slices come from memory: the first token group fetches the next one.
-        const panel_slice next = jp + 1 < npanels && ic == 0 && prepared[std::size_t(jp + 1)] ? slices[std::size_t(jp + 1)] : panel_slice{};
+      // Tokens read in place, one or two: panels side by side (panels_together).
+      const index_t together = dot || pack_tokens ? 1 : panels_together(m);
+      for (jp = 0; jp < npanels;) {
+        index_t group = 1;
+        while (group < together && jp + group < npanels && slices[std::size_t(jp + group)].type == slices[std::size_t(jp)].type) ++group;
+        // Prepared slices come from memory: the first token group fetches the next group's.
+        panel_slice next[gemm_max_together] = {};
+        for (index_t g = 0; g < group && ic == 0; ++g)
+          if (jp + group + g < npanels && prepared[std::size_t(jp + group + g)]) next[g] = slices[std::size_t(jp + group + g)];
         for (index_t ip = ic; ip < iend; ++ip) {
           float* tile = tiles.data() + (ip * npanels + jp) * gemm_tile;
           const index_t rows = std::min(gemm_mr, m - ip * gemm_mr);
-          const panel_slice pf = ip == ic ? next : panel_slice{};
+          const panel_slice* pf = ip == ic ? next : nullptr;
           if (dot) {
-            micro_kernel_dot(kl, ic_pairs + (ip - ic) * pair_stride, static_cast<const bfloat16*>(slices[std::size_t(jp)].data),
-                             tile, k0 == 0, rows, pf.data && pf.type == dtype::bf16 ? static_cast<const bfloat16*>(pf.data) : nullptr);
+            micro_kernel_dot(kl, ic_pairs + (ip - ic) * pair_stride, static_cast<const bfloat16*>(slices[std::size_t(jp)].data), tile, k0 == 0,
+                             rows, pf && pf->data && pf->type == dtype::bf16 ? static_cast<const bfloat16*>(pf->data) : nullptr);
           } else if (pack_tokens) {
-            micro_kernel_slice(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
+            micro_kernel_slices(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, &slices[std::size_t(jp)], 1, tile, k0 == 0, rows, pf);
           } else {
             const float* row[gemm_mr];
             for (index_t r = 0; r < rows; ++r) row[r] = b[ip * gemm_mr + r] + k0;
-            micro_kernel_slice(kl, token_rows{row}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
+            micro_kernel_slices(kl, token_rows{row}, &slices[std::size_t(jp)], group, tile, k0 == 0, rows, pf);
           }
         }
+        jp += group;
       }
     }
   }
