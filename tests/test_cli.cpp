@@ -365,3 +365,24 @@ TEST_CASE("export --format packed writes a directory that logits and eval run as
   require_usage_error(cli({"export", "--model", cmoe, "--format", "native", "--dtype", "bf16", "--out", scratch / "n"}, scratch), "--dtype");
   REQUIRE_FALSE(fs::exists(scratch / "n"));
 }
+
+TEST_CASE("moeforge-bench model writes a row per layout and type, its decode judged against the bandwidth measured beside it") {
+  const temp_dir scratch;
+  const std::string json = scratch / "rows.json";
+  const auto o = run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--layers", "1", "--moe", "S1A1E4", "--dtype", "f32", "--context", "64",
+                                      "--decode-steps", "2", "--rounds", "2", "--json", json},
+                     scratch);
+  INFO(o.err);
+  REQUIRE(o.code == 0);
+  const auto rows = read_json(json);
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0]["moe"] == "none");
+  CHECK(rows[1]["moe"] == "S1A1E4");
+  for (const auto& r : rows) {
+    for (const char* key : {"load_s", "rss_mb", "prefill64_tok_s", "prefill512_tok_s", "decode_tok_s", "bytes_per_token", "machine_gbs"})
+      CHECK(r[key].get<double>() > 0);
+    const double fraction = r["bytes_per_token"].get<double>() * r["decode_tok_s"].get<double>() / 1e9 / r["machine_gbs"].get<double>();
+    CHECK(r["decode_bandwidth_fraction"].get<double>() == Approx(fraction).epsilon(1e-9));
+  }
+  require_usage_error(run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--rounds", "0"}, scratch), "--rounds");
+}
