@@ -67,9 +67,9 @@ struct decode_measure {
   double tok_s = 0, gbs = 0;
   model::stage_times times;
 };
-decode_measure measure_decode(const model::transformer& tr, index_t steps, int threads, int rounds) {
+decode_measure measure_decode(const model::transformer& tr, index_t steps, int threads, long long rounds) {
   decode_measure best;
-  for (int r = 0; r < rounds; ++r) {
+  for (long long r = 0; r < rounds; ++r) {
     best.gbs = std::max(best.gbs, bench::probe_read_gbps(threads));
     model::stage_times times;
     const double tok_s = model::decode_tokens_per_second(tr, steps, 0, &times);
@@ -98,14 +98,15 @@ int bench_model(int argc, char** argv) {
       .option("moe", "LIST", "CMoE layouts of a dense shape to compare with it, comma-separated ('' for none)", "S1A1E4,S1A1E8")
       .option("dtype", "LIST", "weight types the kernels read, comma-separated (f32, bf16; each a row of its own)", "f32,bf16")
       .option("decode-steps", "N", "timed decode steps per row", "16")
-      .option("rounds", "N", "rounds of (bandwidth probe, decode at context 0) per row, the best of each kept", "3")
+      .option("rounds", "N", "rounds of (bandwidth probe, decode at context 0) per row, the best of each kept (decode at the\n"
+              "longer context runs once)", "3")
       .option("context", "N", "the longer decode context and prefill length", "512")
       .option("seed", "N", "seed of the synthetic weights", "1")
       .option("json", "FILE", "also write the rows as a JSON array to FILE");
   if (!a.parse(argc, argv)) return 0;
   const std::vector<dtype> types = a.get_list("dtype", parse_weight_dtype, "f32, bf16");
   const index_t steps = a.get_int("decode-steps"), context = a.get_int("context"), layers = a.get_int("layers");
-  const int rounds = int(a.get_int("rounds", 1));
+  const long long rounds = a.get_int("rounds", 1);
   if (steps < 1) throw usage_error("moeforge-bench model: --decode-steps must be at least 1");
   if (context < 64) throw usage_error("moeforge-bench model: --context must be at least 64");
   if (layers < 1) throw usage_error("moeforge-bench model: --layers must be at least 1");
@@ -121,7 +122,7 @@ int bench_model(int argc, char** argv) {
   }
   const int threads = omp_get_max_threads();
   const std::string label = synthetic ? shape->name : a.get("model");
-  std::printf("%s, %s layers, %d threads; each row's decode and DRAM read bandwidth (GB/s) the best of %d rounds measured in turn\n",
+  std::printf("%s, %s layers, %d threads; each row's decode and DRAM read bandwidth (GB/s) the best of %lld rounds measured in turn\n",
               label.c_str(), synthetic ? a.get("layers").c_str() : "all", threads, rounds);
   std::printf("%-10s %-5s %6s %7s %8s %9s %10s %10s %9s %9s %6s %8s %7s %6s %6s\n", "layout", "dtype", "active", "load s", "RSS MB", "pf64 t/s",
               "pf512 t/s", "dec0 t/s", "dec512", "MB/token", "GB/s", "of BW", "attn", "ffn", "head");
@@ -173,6 +174,7 @@ int bench_model(int argc, char** argv) {
                       {"decode_long_context", context},
                       {"bytes_per_token", bytes},
                       {"machine_gbs", row_gbs},
+                      {"rounds", rounds},
                       {"decode_bandwidth_fraction", fraction},
                       {"decode_share_attention", times.attention / times.total()},
                       {"decode_share_ffn", times.ffn / times.total()},

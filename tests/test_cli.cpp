@@ -383,6 +383,7 @@ TEST_CASE("moeforge-bench model writes a row per layout and type, its decode jud
       CHECK(r[key].get<double>() > 0);
     const double fraction = r["bytes_per_token"].get<double>() * r["decode_tok_s"].get<double>() / 1e9 / r["machine_gbs"].get<double>();
     CHECK(r["decode_bandwidth_fraction"].get<double>() == Approx(fraction).epsilon(1e-9));
+    CHECK(r["rounds"] == 2);
   }
   require_usage_error(run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--rounds", "0"}, scratch), "--rounds");
 }

@@ -292,12 +292,13 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
   // Shapes around every blocking edge of both instruction sets: tokens (6 or 8
   // per micro-tile and partial tiles, 96 or 128 per packed block, 32 or 48 the
   // streaming limit, 1-4 per streaming group, 3 the start of the AVX-512 tiles,
-  // 1 and 2 with panels side by side),
+  // 1 and 2 with panels side by side, 2-4 of them: n = 31 gives 3 with
+  // AVX-512's 32-row panels),
   // weight rows (16 or 32 per panel, 8 per transposed group, 6 per streaming
   // tile), depth (8 or 16 lanes, 256 per packed block, 1024 per streaming block).
   std::mt19937 rng(5);
   for (index_t m : {1, 2, 3, 4, 5, 7, 9, 13, 32, 33, 48, 49, 97, 129, 193})
-    for (index_t n : {1, 7, 15, 33})
+    for (index_t n : {1, 7, 15, 31, 33})
       for (index_t k : {0, 7, 17, 256, 300, 1100}) {
         const matrix b = random_matrix(m, k, rng), gate = random_matrix(n, k, rng), up = random_matrix(n + 2, k, rng);
         const matrix got = runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b);
@@ -320,6 +321,14 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
         const matrix alone = runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b.topRows(1));
         CHECK(alone.row(0) == got.row(0));
         if (m >= 2) CHECK(runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b.topRows(2)) == got.topRows(2));
+        if (k == 300 && m >= 3 && m <= runtime::detail::bf16_exact_tokens) {
+          // The same with prepared BF16 panels, whose few-token products are exact.
+          const runtime::detail::panel_matrix pg(gate.data(), gate.outerStride(), n, k, {}, dtype::bf16), pu(up.data(), up.outerStride(), n + 2, k, {}, dtype::bf16);
+          const auto product = [&](index_t tokens) { return runtime::detail::times_transpose({pg.block(0, n, 0), pu.block(0, n + 2, 0)}, b.topRows(tokens)); };
+          const matrix batch = product(m);
+          CHECK(product(1).row(0) == batch.row(0));
+          CHECK(product(2) == batch.topRows(2));
+        }
       }
 }
 

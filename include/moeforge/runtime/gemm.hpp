@@ -106,12 +106,12 @@ inline void prefetch_panel_row(const W* pf, index_t k) {
 /// follows the token count, not the panel count), for each of P panels b[p]
 /// into its own tile c + p·MR·NR; a tile is contiguous, overwritten when
 /// `first`, else accumulated into. Each element's sum is the same whatever M
-/// and P are and wherever the tokens are read from. pf[p], where not null, is
-/// a panel slice the caller reads next: it is fetched into L2 at the pace
-/// b[p] is read, so twice the weight streams are in flight. W is the panel's
-/// value type (float or bfloat16).
+/// and P are and wherever the tokens are read from. `pf`, if not null (one
+/// panel only), is a panel slice the caller reads next: it is fetched into L2
+/// at the pace this one is read, so two weight streams are in flight, not
+/// one. W is the panel's value type (float or bfloat16).
 template <int M, int P, class Tokens, class W>
-inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c, bool first, const W* const* pf) {
+inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c, bool first, const W* pf) {
 #if defined(__AVX512F__)
   __m512 lo[M][P], hi[M][P];
 #pragma GCC unroll 8
@@ -122,12 +122,10 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
       hi[r][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + p * gemm_tile + r * gemm_nr + 16);
     }
   for (index_t k = 0; k < kl; ++k) {
+    if (pf) prefetch_panel_row(pf, k);
     __m512 b0[P], b1[P];
 #pragma GCC unroll 4
-    for (int p = 0; p < P; ++p) {
-      if (pf[p]) prefetch_panel_row(pf[p], k);
-      load_panel_row(b[p] + k * gemm_nr, b0[p], b1[p]);
-    }
+    for (int p = 0; p < P; ++p) load_panel_row(b[p] + k * gemm_nr, b0[p], b1[p]);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const __m512 x = _mm512_set1_ps(a(r, k));
@@ -141,7 +139,9 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
     for (int p = 0; p < P; ++p)
       _mm512_storeu_ps(c + p * gemm_tile + r * gemm_nr, lo[r][p]), _mm512_storeu_ps(c + p * gemm_tile + r * gemm_nr + 16, hi[r][p]);
 #elif defined(__AVX2__) && defined(__FMA__)
-  __m256 lo[M][P], hi[M][P];  // 12 accumulators at M = 6, with two weight vectors and a broadcast: 15 of 16 registers
+  // 2·M·P accumulators: 12 at M = 6 (P = 1), with two weight vectors and a
+  // broadcast 15 of 16 registers; 8 for panels side by side (M·P <= 4).
+  __m256 lo[M][P], hi[M][P];
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
@@ -150,9 +150,9 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
       hi[r][p] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + p * gemm_tile + r * gemm_nr + 8);
     }
   for (index_t k = 0; k < kl; ++k) {
+    if (pf) prefetch_panel_row(pf, k);
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
-      if (pf[p]) prefetch_panel_row(pf[p], k);
       __m256 b0, b1;
       load_panel_row(b[p] + k * gemm_nr, b0, b1);
 #pragma GCC unroll 6
@@ -196,27 +196,27 @@ inline void with_rows(index_t rows, Kernel&& kernel) {
 constexpr index_t gemm_max_together = 4;
 /// Panels one micro-kernel call reads side by side for `rows` tokens read in
 /// place. One token gives a panel two FMA chains, which wait on the FMA's
-/// latency: a BF16 panel (64 bytes a depth step) then streamed at about 49
-/// GB/s a core from L3, short of DRAM's 29 GB/s a core once the prefetch
-/// misses are added, while four panels side by side keep eight chains busy.
+/// latency: one panel at a time, a BF16 panel streamed from L3 at about 49
+/// GB/s a core (57 GFLOP/s), which left too little slack over the 29 GB/s a
+/// core DRAM can deliver for the misses; four panels side by side keep eight
+/// chains busy (92 GFLOP/s).
 constexpr index_t panels_together(index_t rows) { return rows == 1 ? gemm_max_together : rows == 2 ? 2 : 1; }
 
-/// micro_kernel_rows for the first `rows` (1..MR) token rows and `count`
-/// (1..panels_together(rows)) panels; pf null, or count slices to fetch.
+/// micro_kernel_rows for the first `rows` (1..MR) token rows of one panel, `pf` as there.
 template <class Tokens, class W>
-inline void micro_kernel_tokens(index_t kl, Tokens a, const W* const* b, index_t count, float* c, bool first, index_t rows,
-                                const W* const* pf = nullptr) {
-  const W* const none[gemm_max_together] = {};
-  if (!pf) pf = none;
-  if (count == 1)
-    return with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 1>(kl, a, b, c, first, pf); });
-  with_rows<2>(rows, [&](auto m) {
-    with_rows<int(gemm_max_together)>(count, [&](auto p) { micro_kernel_rows<decltype(m)::value, decltype(p)::value>(kl, a, b, c, first, pf); });
-  });
+inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool first, index_t rows, const W* pf = nullptr) {
+  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 1>(kl, a, &b, c, first, pf); });
+}
+/// micro_kernel_rows for one or two tokens read in place over `count`
+/// (2..panels_together(rows)) panels side by side.
+template <class W>
+inline void micro_kernel_side_by_side(index_t kl, token_rows a, const W* const* b, index_t count, float* c, bool first, index_t rows) {
+  if (rows == 2) return micro_kernel_rows<2, 2>(kl, a, b, c, first, static_cast<const W*>(nullptr));
+  with_rows<int(gemm_max_together)>(count, [&](auto p) { micro_kernel_rows<1, decltype(p)::value>(kl, a, b, c, first, static_cast<const W*>(nullptr)); });
 }
 /// The micro-kernel on a packed token panel a[k][MR].
 inline void micro_kernel(index_t kl, const float* a, const float* b, float* c, bool first, index_t rows = gemm_mr) {
-  micro_kernel_tokens(kl, packed_tokens{a}, &b, 1, c, first, rows);
+  micro_kernel_tokens(kl, packed_tokens{a}, b, c, first, rows);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -508,21 +508,23 @@ inline weight_block panel_matrix::block(index_t row0, index_t rows, index_t k0) 
   return {nullptr, 0, rows, this, panel, k0, skip};
 }
 
-/// The micro-kernel on `count` slices of one weight type (see
-/// micro_kernel_tokens) into consecutive tiles from c; pf null, or the count
-/// slices to prefetch, each used where it has that type.
+/// The micro-kernel on a slice of either weight type; `pf` (the next slice
+/// to prefetch, or null) is used when it has the same type.
 template <class Tokens>
-inline void micro_kernel_slices(index_t kl, Tokens a, const panel_slice* b, index_t count, float* c, bool first, index_t rows,
-                                const panel_slice* pf) {
+inline void micro_kernel_slice(index_t kl, Tokens a, panel_slice b, float* c, bool first, index_t rows, panel_slice pf) {
+  const bool fetch = pf.data && pf.type == b.type;
+  if (b.type == dtype::bf16)
+    micro_kernel_tokens(kl, a, static_cast<const bfloat16*>(b.data), c, first, rows, fetch ? static_cast<const bfloat16*>(pf.data) : nullptr);
+  else
+    micro_kernel_tokens(kl, a, static_cast<const float*>(b.data), c, first, rows, fetch ? static_cast<const float*>(pf.data) : nullptr);
+}
+/// micro_kernel_side_by_side on `count` slices of one weight type, into consecutive tiles from c.
+inline void micro_kernel_slices(index_t kl, token_rows a, const panel_slice* b, index_t count, float* c, bool first, index_t rows) {
   const auto run = [&](auto typed) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
     const W* in[gemm_max_together];
-    const W* fetch[gemm_max_together];
-    for (index_t p = 0; p < count; ++p) {
-      in[p] = static_cast<const W*>(b[p].data);
-      fetch[p] = pf && pf[p].data && pf[p].type == b[0].type ? static_cast<const W*>(pf[p].data) : nullptr;
-    }
-    micro_kernel_tokens(kl, a, in, count, c, first, rows, fetch);
+    for (index_t p = 0; p < count; ++p) in[p] = static_cast<const W*>(b[p].data);
+    micro_kernel_side_by_side(kl, a, in, count, c, first, rows);
   };
   if (b[0].type == dtype::bf16)
     run(static_cast<const bfloat16*>(nullptr));
@@ -706,7 +708,8 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
       for (index_t p = 0; p < blk.panel_count(); ++p, ++jp) {
         slices[std::size_t(jp)] = blk.slice(p, k0, kl, dst);
         if (!blk.panels) dst += kl * gemm_nr;
-        slices[std::size_t(npanels + jp)] = blk.panels && k0 + kl < k ? blk.slice(p, k0 + kl, 0, nullptr) : panel_slice{};
+        // (Fetched at this block's pace, a shorter last block is left out.)
+        slices[std::size_t(npanels + jp)] = blk.panels && k0 + 2 * kl <= k ? blk.slice(p, k0 + kl, 0, nullptr) : panel_slice{};
       }
     for (index_t ic = 0; ic < mpanels; ic += gemm_mc) {
       const index_t iend = std::min(mpanels, ic + gemm_mc);
@@ -732,22 +735,25 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         // the next depth block). Panels side by side are already two to four
         // sequential streams, which the hardware prefetcher follows: fetching
         // their successors too slowed one and two tokens by 2-6%.
-        panel_slice next[gemm_max_together] = {};
+        panel_slice next;
         const index_t j = jp + 1;  // from npanels on, in the next depth block
-        if (together == 1 && ic == 0 && j < 2 * npanels && (j >= npanels || prepared[std::size_t(j)])) next[0] = slices[std::size_t(j)];
+        if (together == 1 && ic == 0 && j < 2 * npanels && (j >= npanels || prepared[std::size_t(j)])) next = slices[std::size_t(j)];
         for (index_t ip = ic; ip < iend; ++ip) {
           float* tile = tiles.data() + (ip * npanels + jp) * gemm_tile;
           const index_t rows = std::min(gemm_mr, m - ip * gemm_mr);
-          const panel_slice* pf = ip == ic ? next : nullptr;
+          const panel_slice pf = ip == ic ? next : panel_slice{};
           if (dot) {
             micro_kernel_dot(kl, ic_pairs + (ip - ic) * pair_stride, static_cast<const bfloat16*>(slices[std::size_t(jp)].data), tile, k0 == 0,
-                             rows, pf && pf->data && pf->type == dtype::bf16 ? static_cast<const bfloat16*>(pf->data) : nullptr);
+                             rows, pf.data && pf.type == dtype::bf16 ? static_cast<const bfloat16*>(pf.data) : nullptr);
           } else if (pack_tokens) {
-            micro_kernel_slices(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, &slices[std::size_t(jp)], 1, tile, k0 == 0, rows, pf);
+            micro_kernel_slice(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
           } else {
             const float* row[gemm_mr];
             for (index_t r = 0; r < rows; ++r) row[r] = b[ip * gemm_mr + r] + k0;
-            micro_kernel_slices(kl, token_rows{row}, &slices[std::size_t(jp)], group, tile, k0 == 0, rows, pf);
+            if (group > 1)
+              micro_kernel_slices(kl, token_rows{row}, &slices[std::size_t(jp)], group, tile, k0 == 0, rows);
+            else
+              micro_kernel_slice(kl, token_rows{row}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
           }
         }
         jp += group;

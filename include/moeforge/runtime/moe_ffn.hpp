@@ -74,8 +74,11 @@ struct job {
 /// weight streaming), large for many (fewer passes over the token block).
 inline index_t neuron_chunk(index_t tokens) { return tokens <= 8 ? 64 : tokens <= 64 ? 128 : 256; }
 /// Output rows per phase-2 task: wide tasks amortise the pass over the
-/// tokens' activations (packed whole for many tokens) over more rows.
-inline index_t row_chunk(index_t tokens) { return tokens <= gemm_tokens_in_place ? 64 : 256; }
+/// tokens' activations (packed whole for many tokens) over more rows; for one
+/// token, as many panels as are read side by side (panels_together).
+inline index_t row_chunk(index_t tokens) {
+  return tokens == 1 ? std::max<index_t>(64, gemm_max_together * gemm_nr) : tokens <= gemm_tokens_in_place ? 64 : 256;
+}
 
 inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) {
   const index_t n0 = j.first + i0, n = index_t(j.inputs.size());
