@@ -117,6 +117,20 @@ std::pair<double, double> active_cost(const moe_layer& m, const runtime::routing
   return {weights * weight_bytes, flops};
 }
 
+/// The machine's limits beside one row: DRAM read bandwidth and the row's
+/// arithmetic peak (FP32 FMA, or BF16 dot products), each the better of the
+/// probes taken just before and just after the row's timings. On a shared
+/// machine both drift (this VM's bandwidth between 30 and 57 GB/s within one
+/// run, its FMA peak halved for minutes), and one probe at the start of a run
+/// judged later rows against another machine (kernels read 113-118% of it).
+struct row_limits {
+  double gbps = 0, peak = 0;
+  void probe(int threads, bool dot) {
+    gbps = std::max(gbps, bench::probe_read_gbps(threads));
+    peak = std::max(peak, dot ? bench::probe_bf16_dot_gflops(threads) : bench::probe_fma_gflops(threads));
+  }
+};
+
 /// Best time in ms of `run(copy)` over `reps`, rotating the layer copies so weights come from DRAM.
 template <class F>
 double best_ms(int reps, int copies, F&& run) {
@@ -151,9 +165,10 @@ int bench_ffn(int argc, char** argv) {
          "MoE and dense FFN kernels (H=2048 SwiGLU) against Eigen and the machine's limits. Layers are prepared\n"
          "(weights packed once into the kernel's panels, runtime::prepare) as F32 or BF16 values (--dtype); `unpacked`\n"
          "times the same MoE layer from its plain F32 weights (panels packed per call; F32 rows only), with bit-identical\n"
-         "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), both measured\n"
-         "in the same run; the peak is the FP32 FMA peak, or for BF16 rows over more than 4 tokens the BF16 dot-product\n"
-         "peak (vdpbf16ps; BF16 tokens) where the CPU has one. limit_ratio = moe_ms / limit_ms.");
+         "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), each the better\n"
+         "of two probes taken just before and just after the row; the peak is the FP32 FMA peak, or for BF16 rows over\n"
+         "more than 4 tokens the BF16 dot-product peak (vdpbf16ps; BF16 tokens) where the CPU has one.\n"
+         "limit_ratio = moe_ms / limit_ms.");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
       .option("shape", "LIST",
@@ -174,12 +189,13 @@ int bench_ffn(int argc, char** argv) {
     shapes = {split_shape("E8A2", 0, 8, 2), split_shape("S1A1E8", 1, 7, 1), split_shape("S3A3E8", 3, 5, 3)};
   if (a.has("shape"))
     for (auto& shape : a.get_list("shape", parse_shape, "qwen3-30b-a3b, dsv2-lite, HxExI/k[+S]")) shapes.push_back(std::move(shape));
-  const double gbps_limit = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
+  const double run_gbps = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
   const std::vector<dtype> types = a.get_list("dtype", parse_weight_dtype, "f32, bf16");
   const bool any_bf16 = std::find(types.begin(), types.end(), dtype::bf16) != types.end();
   const double bf16_peak = any_bf16 && runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;
-  std::printf("machine: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads)\n", gbps_limit, fp32_peak,
-              bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
+  std::printf("machine at the start: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads);\n"
+              "each row's limit_ms from probes taken beside it (machine_gbps, machine_gflops in --json)\n",
+              run_gbps, fp32_peak, bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
 
 
   std::ofstream json;
@@ -195,7 +211,7 @@ int bench_ffn(int argc, char** argv) {
     const bool f32 = type == dtype::f32;  // the unpacked and Eigen columns (plain F32 weights) only once
     const double weight_bytes = double(dtype_size(type));
     // BF16 layers multiply many tokens with vdpbf16ps where the CPU has it (weight_format), few at the FP32 peak.
-    const auto peak_for = [&](index_t tokens) { return !f32 && tokens > runtime::detail::bf16_exact_tokens ? bf16_peak : fp32_peak; };
+    const auto uses_dot = [&](index_t tokens) { return !f32 && tokens > runtime::detail::bf16_exact_tokens && runtime::detail::bf16_dot_available; };
     std::mt19937 rng(1234);  // the same weights for every type
     std::vector<runtime::prepared_ffn> dense;
     const bool with_dense = std::any_of(shapes.begin(), shapes.end(), [](const moe_shape& s) { return s.split; });
@@ -208,10 +224,11 @@ int bench_ffn(int argc, char** argv) {
       const int copies = decode_bytes >= cold_bytes ? 1 : moe_copies;
       for (int c = 0; c < copies; ++c) moe.push_back(runtime::prepare(random_moe(shape, rng), type));
       for (index_t tokens : token_counts) {
-        const double peak = peak_for(tokens);
         const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
         const auto plan = balanced_plan(moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
         matrix y(tokens, hidden);
+        row_limits limits;
+        limits.probe(threads, uses_dot(tokens));
         const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
         double dense_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0, unpacked_ms = 0;
         if (shape.split) {
@@ -223,6 +240,8 @@ int bench_ffn(int argc, char** argv) {
         }
         const double moe_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
         if (f32) unpacked_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)].layer(), plan, x, y); });
+        limits.probe(threads, uses_dot(tokens));
+        const double gbps_limit = limits.gbps, peak = limits.peak;
         const auto [bytes, flops] = active_cost(moe[0].layer(), plan, weight_bytes);
         const double dense_flops = 2.0 * dense_weights * double(tokens);
         const bool bandwidth_bound = flops / bytes < peak / gbps_limit;
