@@ -227,8 +227,9 @@ int bench_ffn(int argc, char** argv) {
         const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
         const auto plan = balanced_plan(moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
         matrix y(tokens, hidden);
+        const bool dot = uses_dot(tokens);
         row_limits limits;
-        limits.probe(threads, uses_dot(tokens));
+        limits.probe(threads, dot);
         const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
         double dense_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0, unpacked_ms = 0;
         if (shape.split) {
@@ -240,7 +241,7 @@ int bench_ffn(int argc, char** argv) {
         }
         const double moe_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
         if (f32) unpacked_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)].layer(), plan, x, y); });
-        limits.probe(threads, uses_dot(tokens));
+        limits.probe(threads, dot);
         const double gbps_limit = limits.gbps, peak = limits.peak;
         const auto [bytes, flops] = active_cost(moe[0].layer(), plan, weight_bytes);
         const double dense_flops = 2.0 * dense_weights * double(tokens);

@@ -77,7 +77,7 @@ inline index_t neuron_chunk(index_t tokens) { return tokens <= 8 ? 64 : tokens <
 /// tokens' activations (packed whole for many tokens) over more rows; for one
 /// token, as many panels as are read side by side (panels_together).
 inline index_t row_chunk(index_t tokens) {
-  return tokens == 1 ? std::max<index_t>(64, gemm_max_together * gemm_nr) : tokens <= gemm_tokens_in_place ? 64 : 256;
+  return tokens == 1 ? std::max<index_t>(64, panels_together(1) * gemm_nr) : tokens <= gemm_tokens_in_place ? 64 : 256;
 }
 
 inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) {
