@@ -94,6 +94,44 @@ TEST_CASE("hf: Mixtral loads from per-expert and packed tensors to identical log
   }
 }
 
+TEST_CASE("hf: load_transformer packs weights straight from the files, as if it read them first; a NaN is named alike") {
+  temp_dir tmp;
+  const io::safetensors_checkpoint ck(mixtral_file());
+  const auto config = read_json(mixtral_config());
+  for (const bool packed : {false, true})
+    for (const auto stored : {dtype::f32, dtype::bf16, dtype::f16}) {
+      const std::string name = std::string(packed ? "packed-" : "per-expert-") + std::string(dtype_name(stored));
+      CAPTURE(name);
+      hf_dir_builder b(ck);
+      if (packed) pack_mixtral(b, 2, 4, 64, 32);
+      const std::string dir = b.write(tmp / name, config, stored);
+      const model::weights read = io::load_model(dir);
+      CHECK(read.weight_dtype == (stored == dtype::f16 ? dtype::f32 : stored));  // F16 weights run as F32
+      CHECK(logits(io::load_transformer(dir), probe_tokens) == logits(model::transformer(io::load_model(dir)), probe_tokens));
+      // A NaN in an attention projection and in expert 3's up rows (in the
+      // packed layout, past the gate rows of its slice): the error names the
+      // tensor and the value's place as reading the tensor first does.
+      const std::string expert = packed ? "model.layers.1.mlp.experts.gate_up_proj" : "model.layers.1.block_sparse_moe.experts.3.w3.weight";
+      for (const auto& [tensor, at] : {std::pair<std::string, std::size_t>{"model.layers.0.self_attn.v_proj.weight", 70},
+                                       {expert, packed ? std::size_t(3 * 128 * 32 + 64 * 32 + 37) : std::size_t(37)}}) {
+        CAPTURE(tensor);
+        hf_dir_builder nan = b;
+        auto v = nan.get(tensor);
+        v[at] = std::numeric_limits<float>::quiet_NaN();
+        nan.set(tensor, v);
+        const std::string poisoned = nan.write(tmp / (name + "-nan"), config, stored);
+        std::string want;
+        try {
+          io::load_model(poisoned);
+        } catch (const value_error& e) {
+          want = e.what();
+        }
+        REQUIRE_THAT(want, Contains(tensor) && Contains("nan at [") && Contains(packed && tensor == expert ? "expert 3" : tensor));
+        CHECK_THROWS_MATCHES(io::load_transformer(poisoned), value_error, Catch::Matchers::Message(want));
+      }
+    }
+}
+
 TEST_CASE("hf: stories260K exported to the LLaMA layout runs exactly as the llama2.c checkpoint") {
   const auto& ref = stories_weights();
   temp_dir tmp;

@@ -672,6 +672,73 @@ TEST_CASE("BF16 panels hold the rounded weights and project exactly as the round
   CHECK_THROWS_AS(runtime::project(random_matrix(2, 8, rng), runtime::detail::panel_matrix(cut.data(), 8, cut.rows(), 8, {gemm_nr + 3})), shape_error);
 }
 
+TEST_CASE("BF16 panels round every weight to nearest even, through ties, subnormals, overflow, infinities and NaN") {
+  using runtime::detail::gemm_nr;
+  std::mt19937 rng(26);
+  const float tie_down = 1.0f + std::ldexp(1.0f, -8), tie_up = 1.0f + 3 * std::ldexp(1.0f, -8);
+  const float special[] = {tie_down, -tie_up, std::numeric_limits<float>::max(), std::numeric_limits<float>::denorm_min(),
+                           -std::ldexp(1.5f, -140), -0.0f, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::quiet_NaN()};
+  // Known results, not computed by the code under test: ties go to the even
+  // neighbour, the largest float overflows to infinity, a NaN stays one with its sign.
+  CHECK(f32_to_bf16(tie_down) == 0x3f80);
+  CHECK(f32_to_bf16(tie_up) == 0x3f82);
+  CHECK(f32_to_bf16(std::numeric_limits<float>::max()) == 0x7f80);
+  // Depth 300 crosses a depth block; rows fill two panels and part of a third.
+  const index_t rows = 2 * gemm_nr + 3, depth = 300;
+  matrix w = random_matrix(rows, depth, rng);
+  std::uniform_int_distribution<std::size_t> pick(0, std::size(special) - 1);
+  for (index_t i = 0; i < w.size(); i += 3) w.data()[i] = special[pick(rng)];
+  const runtime::detail::panel_matrix p(w.data(), w.outerStride(), rows, depth, {}, dtype::bf16);
+  for (index_t r = 0; r < rows; ++r) {
+    const auto [panel, lane] = p.locate(r);
+    for (index_t k = 0; k < depth; ++k) {
+      INFO("row " << r << " depth " << k << " value " << w(r, k));
+      REQUIRE(p.at<bfloat16>(panel, k)[runtime::detail::bf16_slot(lane)].bits == f32_to_bf16(w(r, k)));
+    }
+  }
+  for (index_t k = 0; k < depth; ++k)
+    for (index_t lane = 3; lane < gemm_nr; ++lane) REQUIRE(p.at<bfloat16>(2, k)[runtime::detail::bf16_slot(lane)].bits == 0);  // padding rows
+}
+
+TEST_CASE("panels packed from a file's F32, BF16 or F16 bytes at any alignment equal panels of the same values in F32; a NaN is named") {
+  using runtime::detail::gemm_nr;
+  using runtime::detail::panel_matrix;
+  std::mt19937 rng(27);
+  const index_t rows = gemm_nr + 5, depth = 301, ld = depth + 3;  // a partial panel, two depth blocks, rows apart by more than their depth
+  for (const auto stored : {dtype::f32, dtype::bf16, dtype::f16})
+    for (const std::size_t misalign : {std::size_t(0), std::size_t(1)}) {
+      CAPTURE(dtype_name(stored), misalign);
+      // The values as stored, and as F32 (what reading the file first gives).
+      matrix values = random_matrix(rows, ld, rng);
+      std::vector<char> bytes(misalign + std::size_t(values.size()) * dtype_size(stored));
+      const auto put = [&](index_t r, index_t c, float v) {
+        const std::uint16_t h = stored == dtype::bf16 ? f32_to_bf16(v) : f32_to_f16(v);
+        std::memcpy(bytes.data() + misalign + std::size_t(r * ld + c) * dtype_size(stored), stored == dtype::f32 ? static_cast<const void*>(&v) : &h,
+                    dtype_size(stored));
+        return stored == dtype::f32 ? v : stored == dtype::bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+      };
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t c = 0; c < ld; ++c) values(r, c) = put(r, c, values(r, c));
+      const runtime::detail::weight_rows file{bytes.data() + misalign, stored, ld, "tensor 'w'"};
+      for (const auto type : {dtype::f32, dtype::bf16}) {
+        const panel_matrix want(values.data(), ld, rows, depth, {gemm_nr - 3}, type), got(file, rows, depth, {gemm_nr - 3}, type);
+        REQUIRE(got.bytes() == want.bytes());
+        REQUIRE(std::memcmp(got.storage(), want.storage(), got.bytes()) == 0);
+      }
+      // A NaN and an infinity: the first in row-major order is named with its place.
+      put(gemm_nr + 2, 3, std::numeric_limits<float>::infinity());
+      put(gemm_nr + 1, 290, std::numeric_limits<float>::quiet_NaN());
+      CHECK_THROWS_MATCHES(panel_matrix(file, rows, depth, {}, dtype::bf16), value_error,
+                           Catch::Matchers::Message("moeforge: tensor 'w': non-finite value nan at [" + std::to_string(gemm_nr + 1) + ", 290]"));
+      put(gemm_nr + 1, 290, 0.0f);
+      CHECK_THROWS_MATCHES(panel_matrix(file, rows, depth, {}, dtype::f32), value_error,
+                           Catch::Matchers::Message("moeforge: tensor 'w': non-finite value inf at [" + std::to_string(gemm_nr + 2) + ", 3]"));
+      put(gemm_nr + 2, depth, std::numeric_limits<float>::infinity());  // past the depth: not a weight
+      put(gemm_nr + 2, 3, 1.0f);
+      CHECK_NOTHROW(panel_matrix(file, rows, depth, {}, dtype::f32));
+    }
+}
+
 TEST_CASE("BF16 token pairs round every token alike, in whole and partial panels, subnormals flushed") {
   using runtime::detail::gemm_mr;
   std::mt19937 rng(26);

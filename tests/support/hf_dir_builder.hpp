@@ -41,17 +41,31 @@ struct hf_dir_builder {
         return;
       }
   }
+  /// Replaces a tensor's values, keeping its shape.
+  void set(const std::string& name, std::vector<float> values) {
+    for (std::size_t i = 0; i < names.size(); ++i)
+      if (names[i] == name) return void(data[i] = std::move(values));
+    FAIL("no tensor " << name);
+  }
   const std::vector<float>& get(const std::string& name) const {
     for (std::size_t i = 0; i < names.size(); ++i)
       if (names[i] == name) return data[i];
     FAIL("no tensor " << name);
     throw 0;
   }
-  std::string write(const std::string& dir, const nlohmann::json& config) const {
+  /// Writes the directory, every tensor stored as `stored` (F32, BF16 or F16).
+  std::string write(const std::string& dir, const nlohmann::json& config, io::dtype stored = io::dtype::f32) const {
     std::filesystem::create_directories(dir);
-    std::vector<io::tensor_view> views;
-    for (std::size_t i = 0; i < names.size(); ++i) views.push_back({names[i], shapes[i], data[i].data()});
-    io::write_safetensors(dir + "/model.safetensors", views);
+    std::vector<io::tensor_info> infos;
+    std::size_t end = 0;
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      const std::size_t begin = end;
+      end += data[i].size() * dtype_size(stored);
+      infos.push_back({names[i], stored, shapes[i], begin, end});
+    }
+    io::safetensors_writer w(dir + "/model.safetensors", io::detail::header_text(infos, {{"format", "pt"}}).size());
+    for (std::size_t i = 0; i < names.size(); ++i) w.add(names[i], shapes[i], data[i].data(), stored);
+    w.finish();
     write_json(dir + "/config.json", config);
     return dir;
   }

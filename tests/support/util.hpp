@@ -13,11 +13,11 @@
 namespace moeforge::test {
 
 /// Logits at every position of `tokens`, from an empty cache.
-inline matrix logits(const model::weights& w, const std::vector<std::int32_t>& tokens) {
-  const model::transformer tr(w);
+inline matrix logits(const model::transformer& tr, const std::vector<std::int32_t>& tokens) {
   auto cache = tr.new_cache();
   return tr.forward(tokens, cache);
 }
+inline matrix logits(const model::weights& w, const std::vector<std::int32_t>& tokens) { return logits(model::transformer(w), tokens); }
 
 inline std::string file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

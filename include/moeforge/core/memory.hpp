@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <type_traits>
 
 #include "moeforge/core/tensor.hpp"
 
@@ -38,7 +39,8 @@ inline void advise_huge_pages([[maybe_unused]] void* p, [[maybe_unused]] std::si
 }
 
 /// A cache-line aligned allocator whose allocations of a huge page or more
-/// are aligned to one and advised to use huge pages.
+/// are aligned to one and advised to use huge pages. Default-made elements
+/// are default-initialised (unspecified values for scalars).
 template <class T>
 struct huge_page_allocator {
   using value_type = T;
@@ -57,6 +59,13 @@ struct huge_page_allocator {
     return static_cast<T*>(p);
   }
   void deallocate(T* p, std::size_t) { std::free(p); }
+  /// Elements made without a value are left unspecified, not zeroed: their
+  /// owners write them all, and zeroing gigabytes of weights first is a pass
+  /// over memory for nothing.
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
 
   template <class U>
   bool operator==(const huge_page_allocator<U>&) const { return true; }

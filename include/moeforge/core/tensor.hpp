@@ -125,14 +125,18 @@ bool all_finite(const Eigen::DenseBase<Derived>& m) {
   return !std::isnan((m.derived().array() - m.derived().array()).sum());
 }
 
+/// The error for a non-finite `value` at [r, c] of the tensor `what`.
+inline value_error non_finite_error(const std::string& what, float value, index_t r, index_t c) {
+  return value_error(cat(what, ": non-finite value ", value, " at [", r, ", ", c, "]"));
+}
+
 /// Throws value_error naming `what` and the first non-finite entry.
 template <class Derived>
 void require_finite(const Eigen::DenseBase<Derived>& m, const std::string& what) {
   if (all_finite(m)) return;
   for (index_t r = 0; r < m.rows(); ++r)
     for (index_t c = 0; c < m.cols(); ++c)
-      if (!std::isfinite(m(r, c)))
-        throw value_error(cat(what, ": non-finite value ", m(r, c), " at [", r, ", ", c, "]"));
+      if (!std::isfinite(m(r, c))) throw non_finite_error(what, m(r, c), r, c);
 }
 
 /// Throws value_error "<row name> r has a NaN or Inf value" for the first

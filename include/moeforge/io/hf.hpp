@@ -225,14 +225,40 @@ struct hf_moe_spec {
 
 namespace detail {
 
+/// Weight matrices a reader handed out unread, each with where its values
+/// are in the mapped files: their storage is reserved but never written (so
+/// never faulted in), and the transformer packs them straight from the file
+/// (model::transformer's `unread`, through lookup()). Loading a BF16 model
+/// then reads each weight once and writes its panel once, instead of
+/// widening it into an F32 copy first. Valid while the files stay mapped.
+class unread_matrices {
+ public:
+  void add(const matrix& m, runtime::detail::weight_rows where) { by_data_[m.data()] = std::move(where); }
+  /// Forgets what was handed out (before the next layer reuses the storage).
+  void clear() { by_data_.clear(); }
+  /// Where a matrix's values are: in the file if it was handed out unread, else its own.
+  runtime::detail::rows_lookup lookup() const {
+    return [this](const matrix& m) {
+      const auto it = by_data_.find(m.data());
+      return it == by_data_.end() ? runtime::detail::source_of(m) : it->second;
+    };
+  }
+
+ private:
+  std::map<const float*, runtime::detail::weight_rows> by_data_;
+};
+
 // Reads tensors of one checkpoint against the shapes the config implies,
 // rejects NaN/Inf, and remembers which names were used. With `shapes_only` it
 // reads no data: it checks names and shapes against the headers and returns
 // empty tensors (how streaming conversion vets a whole model up front).
 class tensor_reader {
  public:
-  /// Matrices are read into storage from `pool` when given.
-  explicit tensor_reader(const safetensors_checkpoint& ck, moeforge::detail::matrix_pool* pool = nullptr) : ck_(ck), pool_(pool) {}
+  /// Matrices are read into storage from `pool` when given. With `unread`,
+  /// the weight matrices the kernels read (weight(), cube_slice()) are not
+  /// read but recorded there, their NaN/Inf check left to the packing.
+  explicit tensor_reader(const safetensors_checkpoint& ck, moeforge::detail::matrix_pool* pool = nullptr, unread_matrices* unread = nullptr)
+      : ck_(ck), pool_(pool), unread_(unread) {}
   /// A reader that checks names and shapes against the headers and reads nothing.
   static tensor_reader headers_only(const safetensors_checkpoint& ck) {
     tensor_reader t(ck);
@@ -245,6 +271,13 @@ class tensor_reader {
     if (shapes_only_) return shape_checked<matrix>(name, {rows, cols});
     return checked(ck_.read_matrix(name, rows, cols, pool_), name);
   }
+  /// A weight matrix the kernels read (attention projection, FFN or expert
+  /// weight): mat(), or recorded unread (see tensor_reader()).
+  matrix weight(const std::string& name, index_t rows, index_t cols) {
+    if (shapes_only_ || !unread_) return mat(name, rows, cols);
+    ck_.require_shape(name, {rows, cols});
+    return unread(name, 0, rows, cols, cat("hf: tensor '", name, "'"));
+  }
   vector vec(const std::string& name, index_t n) {
     if (shapes_only_) return shape_checked<vector>(name, {n});
     return checked(ck_.read_vector(name, n), name);
@@ -256,9 +289,12 @@ class tensor_reader {
     if (shapes_only_) return shape_checked<matrix>(name, {a, b, c});
     ck_.require_shape(name, {a, b, c});
     if (rows < 0) rows = b;
+    const std::size_t first = std::size_t(x * b + row0) * std::size_t(c);
+    const std::string what = cat("safetensors: '", ck_.file(name), "': tensor '", name, "' expert ", x);
+    if (unread_) return unread(name, first, rows, c, what);
     matrix m = moeforge::detail::new_matrix(pool_, rows, c);
-    ck_.read_rows(name, std::size_t(x * b + row0) * std::size_t(c), std::size_t(rows * c), m.data());
-    moeforge::detail::require_finite(m, cat("safetensors: '", ck_.file(name), "': tensor '", name, "' expert ", x));
+    ck_.read_rows(name, first, std::size_t(rows * c), m.data());
+    moeforge::detail::require_finite(m, what);
     used_.insert(name);
     return m;
   }
@@ -285,6 +321,14 @@ class tensor_reader {
     used_.insert(name);
     return m;
   }
+  // rows × cols values of tensor `name` from element `first` on, recorded unread; errors name `what`.
+  matrix unread(const std::string& name, std::size_t first, index_t rows, index_t cols, std::string what) {
+    const auto type = ck_.info(name).dtype;
+    matrix m = moeforge::detail::new_matrix(pool_, rows, cols);
+    unread_->add(m, {ck_.stored_bytes(name) + first * dtype_size(type), type, cols, std::move(what)});
+    used_.insert(name);
+    return m;
+  }
   template <class M>
   M shape_checked(const std::string& name, const std::vector<std::int64_t>& shape) {
     ck_.require_shape(name, shape);
@@ -293,15 +337,16 @@ class tensor_reader {
   }
   const safetensors_checkpoint& ck_;
   moeforge::detail::matrix_pool* pool_;
+  unread_matrices* unread_;
   bool shapes_only_ = false;
   std::set<std::string> used_;
 };
 
 inline ffn read_ffn(tensor_reader& t, const std::string& gate, const std::string& up, const std::string& down, index_t h, index_t i) {
   ffn f;
-  f.gate = t.mat(gate, i, h);
-  f.up = t.mat(up, i, h);
-  f.down = t.mat(down, h, i);
+  f.gate = t.weight(gate, i, h);
+  f.up = t.weight(up, i, h);
+  f.down = t.weight(down, h, i);
   return f;
 }
 
@@ -367,10 +412,10 @@ inline model::layer read_layer(tensor_reader& t, const hf_config& h, index_t li,
   const std::string p = cat("model.layers.", li, ".");
   l.attn_norm = t.vec(p + "input_layernorm.weight", dim);
   l.ffn_norm = t.vec(p + "post_attention_layernorm.weight", dim);
-  l.wq = t.mat(p + "self_attn.q_proj.weight", q, dim);
-  l.wk = t.mat(p + "self_attn.k_proj.weight", kv, dim);
-  l.wv = t.mat(p + "self_attn.v_proj.weight", kv, dim);
-  l.wo = t.mat(p + "self_attn.o_proj.weight", dim, q);
+  l.wq = t.weight(p + "self_attn.q_proj.weight", q, dim);
+  l.wk = t.weight(p + "self_attn.k_proj.weight", kv, dim);
+  l.wv = t.weight(p + "self_attn.v_proj.weight", kv, dim);
+  l.wo = t.weight(p + "self_attn.o_proj.weight", dim, q);
   if (h.qkv_bias) {
     l.bq = t.vec(p + "self_attn.q_proj.bias", q);
     l.bk = t.vec(p + "self_attn.k_proj.bias", kv);
@@ -491,9 +536,12 @@ class hf_layers {
   index_t experts(index_t li) const { return h_.is_moe_layer(li) ? h_.experts : 0; }
 
   /// Layer `li` in FP32 (NaN or Inf refused, naming the tensor); the routed
-  /// experts `keep` refuses come back released, their data not read (see expert_filter).
-  model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* pool = nullptr) const {
-    detail::tensor_reader t(ck_, pool);
+  /// experts `keep` refuses come back released, their data not read (see
+  /// expert_filter). With `unread`, the weight matrices the kernels read come
+  /// back unread, recorded there (see detail::unread_matrices).
+  model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* pool = nullptr,
+                     detail::unread_matrices* unread = nullptr) const {
+    detail::tensor_reader t(ck_, pool, unread);
     return detail::read_layer(t, h_, li, keep);
   }
 

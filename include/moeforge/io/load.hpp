@@ -99,18 +99,25 @@ model::transformer transformer_from(Source& src, const load_options& opt, std::o
     if (!opt.on_layer && maps_panels(src, format)) return load_packed(src, format);
   model::weights globals = src.globals();
   src.release();
-  // Each layer is read into the storage of the one packed before it.
+  // Each layer is read into the storage of the one packed before it. A
+  // Hugging Face layer's weight matrices are not read at all unless on_layer
+  // needs their values: they are packed straight from the mapped file.
   moeforge::detail::matrix_pool pool;
+  unread_matrices unread;
   return model::transformer(
       std::move(globals),
       [&](index_t li) {
-        model::layer l = src.layer(li, {}, &pool);
+        unread.clear();
+        model::layer l = [&] {
+          if constexpr (std::is_same_v<Source, hf_layers>) return src.layer(li, {}, &pool, opt.on_layer ? nullptr : &unread);
+          return src.layer(li, {}, &pool);
+        }();
         pool.clear();
         src.release();  // the layer's mapped pages would otherwise stay resident
         if (opt.on_layer) opt.on_layer(li, l);
         return l;
       },
-      format, {}, pool.sink());
+      format, {}, pool.sink(), unread.lookup());
 }
 
 }  // namespace detail

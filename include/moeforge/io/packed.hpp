@@ -56,7 +56,7 @@ inline void require_finite_panels(const runtime::detail::panel_matrix& p, const 
   for (index_t r = 0; r < p.rows(); ++r) {
     p.row_values(r, 0, p.depth(), row.data());
     for (index_t k = 0; k < p.depth(); ++k)
-      if (!std::isfinite(row[std::size_t(k)])) throw value_error(cat(what, ": non-finite value ", row[std::size_t(k)], " at [", r, ", ", k, "]"));
+      if (!std::isfinite(row[std::size_t(k)])) throw moeforge::detail::non_finite_error(what, row[std::size_t(k)], r, k);
   }
   throw value_error(what + ": non-finite values in the panels' padding (past the last row)");
 }

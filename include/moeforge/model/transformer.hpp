@@ -285,10 +285,13 @@ class transformer {
   /// layer's plain matrices (how io::load_transformer loads a BF16 model that
   /// does not fit in memory in F32). With `reuse`, each layer's plain
   /// matrices go to it instead of being freed (the loaders keep them to read
-  /// the next layer into). The result is the same as transformer(weights&&)
-  /// on the whole model.
+  /// the next layer into). With `unread`, the weight matrices the kernels
+  /// read (attention projections, FFN and expert weights) are packed from
+  /// where it says, not from their storage: a loader hands them out unread
+  /// and points at the file (see runtime::detail::rows_lookup). The result is
+  /// the same as transformer(weights&&) on the whole model.
   transformer(weights&& globals, const layer_source& next_layer, std::optional<runtime::detail::weight_format> format = std::nullopt,
-              external_moe external = {}, const matrix_sink& reuse = {})
+              external_moe external = {}, const matrix_sink& reuse = {}, const runtime::detail::rows_lookup& unread = {})
       : owned_(std::make_unique<weights>(std::move(globals))), w_(*owned_), external_(std::move(external)) {
     using moeforge::detail::cat;
     weights& w = *owned_;
@@ -323,7 +326,7 @@ class transformer {
         if (!m || m->router.kind == router_kind::oracle)
           throw config_error(cat("transformer: layer ", li, " is not an MoE layer with a learned router, which the external runner needs"));
       }
-      pack_layer(l, li, t);
+      pack_layer(l, li, t, unread);
       release(l, reuse);
       w.layers.push_back(std::move(l));
     }
@@ -688,31 +691,32 @@ class transformer {
 
   /// Runs the packing tasks side by side (packing only moves and rounds
   /// values, so the panels are the same whoever packs them: loading is
-  /// memory-bound); the first exception (bad_alloc on a big model) is
-  /// rethrown once the loop is over.
+  /// memory-bound); the first task's exception (bad_alloc on a big model, a
+  /// NaN in a file's weights) is rethrown once the loop is over.
   static void pack_in_parallel(const std::vector<std::function<void()>>& tasks) {
-    std::exception_ptr failed;
+    std::vector<std::exception_ptr> failed(tasks.size());
 #pragma omp parallel for schedule(dynamic, 1)
     for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(tasks.size()); ++i) {
       try {
         tasks[std::size_t(i)]();
       } catch (...) {
-#pragma omp critical(moeforge_transformer_pack)
-        if (!failed) failed = std::current_exception();
+        failed[std::size_t(i)] = std::current_exception();
       }
     }
-    if (failed) std::rethrow_exception(failed);
+    // The first task's error, whichever thread failed first: the same message for any thread count.
+    for (const auto& e : failed)
+      if (e) std::rethrow_exception(e);
   }
 
   /// Packs layer li's attention projections and FFN into its panels: one
   /// task per matrix, per routed expert.
-  void pack_layer(const layer& l, index_t li, runtime::detail::weight_format t) {
+  void pack_layer(const layer& l, index_t li, runtime::detail::weight_format t, const runtime::detail::rows_lookup& unread) {
     using runtime::detail::panel_matrix;
     std::vector<std::function<void()>> tasks;
     const auto matrix_task = [&](panel_matrix& out, const matrix& m) {
-      tasks.push_back([&out, &m, t] { out = panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols(), {}, t); });
+      tasks.push_back([&out, &m, t, &unread] { out = panel_matrix(runtime::detail::source_of(m, unread), m.rows(), m.cols(), {}, t); });
     };
-    // An FFN without cuts, matrix by matrix: runtime::detail::pack_ffn(f, {}, t).
+    // An FFN without cuts, matrix by matrix: runtime::detail::pack_ffn(f, {}, t, unread).
     const auto ffn_tasks = [&](runtime::detail::packed_ffn& out, const ffn& f) {
       out.act = f.act;
       if (f.gated()) matrix_task(out.gate, f.gate);
@@ -733,7 +737,7 @@ class transformer {
       p.experts.resize(m.experts.size());
       p.shared.resize(m.shared.size());
       for (std::size_t e = 0; e < m.experts.size(); ++e)
-        tasks.push_back([&p, &m, e, t] { p.experts[e] = runtime::detail::pack_expert(m, e, t); });
+        tasks.push_back([&p, &m, e, t, &unread] { p.experts[e] = runtime::detail::pack_expert(m, e, t, unread); });
       for (std::size_t s = 0; s < m.shared.size(); ++s) ffn_tasks(p.shared[s], m.shared[s].weights);
     }
     pack_in_parallel(tasks);

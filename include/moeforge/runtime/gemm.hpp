@@ -12,8 +12,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -349,6 +351,53 @@ struct weight_format {
   weight_format(dtype t = dtype::f32, bool round = true) : type(t), round_tokens(round) {}  // implicit: a dtype is a format
 };
 
+/// Row-major weight values where a panel_matrix is packed from: F32 in
+/// memory, or a file's F32, BF16 or F16 values in place (a loader's mapped
+/// tensor: any alignment, each row read through memcpy and widened exactly),
+/// `ld` values from one row to the next. With a `name`, the values are checked
+/// as they are packed: a NaN or Inf is refused with value_error naming it and
+/// the first such value's [row, column] in row-major order.
+struct weight_rows {
+  const void* data = nullptr;
+  dtype type = dtype::f32;
+  index_t ld = 0;
+  std::string name;
+
+  /// Values [k0, k0 + count) of row `row` as F32 into out.
+  void widen(index_t row, index_t k0, index_t count, float* out) const {
+    const char* p = static_cast<const char*>(data) + std::size_t(row * ld + k0) * dtype_size(type);
+    if (type == dtype::f32) return void(std::memcpy(out, p, std::size_t(count) * sizeof(float)));
+    index_t k = 0;
+    if (type == dtype::bf16) {
+      // In vectors: GCC leaves the scalar loop scalar at -O2, and it was most
+      // of a BF16 model's loading time.
+#if defined(__AVX512F__)
+      for (; k + 16 <= count; k += 16)
+        _mm512_storeu_si512(out + k, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * k))), 16));
+#elif defined(__AVX2__) && defined(__FMA__)
+      for (; k + 8 <= count; k += 8)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * k))), 16));
+#endif
+    }
+    for (; k < count; ++k) {
+      std::uint16_t h;
+      std::memcpy(&h, p + 2 * k, 2);
+      out[k] = type == dtype::bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+    }
+  }
+  /// The error for the first non-finite value of rows × depth (one must be there).
+  value_error first_non_finite(index_t rows, index_t depth) const {
+    std::vector<float> row(static_cast<std::size_t>(depth));
+    for (index_t r = 0; r < rows; ++r) {
+      widen(r, 0, depth, row.data());
+      for (index_t c = 0; c < depth; ++c)
+        if (!std::isfinite(row[std::size_t(c)])) return moeforge::detail::non_finite_error(name, row[std::size_t(c)], r, c);
+    }
+    return value_error(moeforge::detail::cat(name, ": a non-finite value was packed but is not found again"));
+  }
+};
+
 /// Rows of a weight matrix in the micro-kernel's order, built once: panel p
 /// holds rows [p·NR, p·NR + NR) as [depth][NR], rows past the end zero, in
 /// F32 or BF16 (the weight type; BF16 values are F32 rounded to nearest even).
@@ -362,17 +411,36 @@ class panel_matrix {
   /// ld), with panels restarting at `cuts` (ascending, inside (0, rows)), as
   /// values of type `type` (f32 or bf16).
   panel_matrix(const float* src, index_t ld, index_t rows, index_t depth, const std::vector<index_t>& cuts = {}, weight_format format = {})
+      : panel_matrix(weight_rows{src, dtype::f32, ld, {}}, rows, depth, cuts, format) {}
+
+  /// The same from rows wherever they are (see weight_rows): a file's values
+  /// go to their panels in one pass, a depth block of a panel's rows at a
+  /// time through L1, never through an F32 copy of the matrix.
+  panel_matrix(const weight_rows& src, index_t rows, index_t depth, const std::vector<index_t>& cuts = {}, weight_format format = {})
       : panel_matrix(rows, depth, cuts, format) {
+    // Every byte is written below: the storage is not zeroed first (a pass
+    // over gigabytes when a model loads).
     auto owned = std::make_shared<std::vector<unsigned char, moeforge::detail::huge_page_allocator<unsigned char>>>(storage_bytes());
     unsigned char* out = owned->data();
-    std::vector<float> scratch(type_ == dtype::bf16 ? std::size_t(depth * gemm_nr) : 0);
+    const bool in_place = src.type == dtype::f32 && reinterpret_cast<std::uintptr_t>(src.data) % alignof(float) == 0;
+    float widened[gemm_nr * gemm_kc];  // a depth block of a panel's rows, [row][k], when not read in place
+    float scratch[gemm_kc * gemm_nr];  // a BF16 panel's F32 values, one depth block
+    bool finite = true;
     for (std::size_t s = 0; s < starts_.size(); ++s)
       for (index_t r = starts_[s]; r < segment_end(s); r += gemm_nr) {
         const std::size_t offset = std::size_t((first_panel_[s] + (r - starts_[s]) / gemm_nr) * depth * gemm_nr);
-        float* dst = type_ == dtype::f32 ? reinterpret_cast<float*>(out) + offset : scratch.data();
-        pack_rows<gemm_nr>(src + r * ld, ld, std::min(gemm_nr, segment_end(s) - r), depth, dst);
-        if (type_ == dtype::bf16) round_panel(scratch.data(), depth, reinterpret_cast<bfloat16*>(out) + offset);
+        const index_t count = std::min(gemm_nr, segment_end(s) - r);
+        for (index_t k0 = 0; k0 < depth; k0 += gemm_kc) {
+          const index_t kl = std::min(gemm_kc, depth - k0);
+          if (!in_place)
+            for (index_t q = 0; q < count; ++q) src.widen(r + q, k0, kl, widened + q * kl);
+          float* dst = type_ == dtype::f32 ? reinterpret_cast<float*>(out) + offset + std::size_t(k0 * gemm_nr) : scratch;
+          pack_rows<gemm_nr>(in_place ? static_cast<const float*>(src.data) + r * src.ld + k0 : widened, in_place ? src.ld : kl, count, kl, dst);
+          if (!src.name.empty()) finite = finite && moeforge::detail::all_finite(Eigen::Map<const Eigen::ArrayXf>(dst, kl * gemm_nr));
+          if (type_ == dtype::bf16) round_panel(scratch, kl, reinterpret_cast<bfloat16*>(out) + offset + std::size_t(k0 * gemm_nr));
+        }
       }
+    if (!finite) throw src.first_non_finite(rows, depth);
     data_ = out;
     keep_ = std::move(owned);
   }
@@ -455,14 +523,36 @@ class panel_matrix {
     return reinterpret_cast<const W*>(data_);
   }
   index_t segment_end(std::size_t s) const { return s + 1 < starts_.size() ? starts_[s + 1] : rows_; }
-  /// An F32 panel [depth][NR] rounded to BF16 into dst, each panel row in
-  /// bf16_slot order: rounded in order (a loop the compiler vectorises; the
-  /// loading of a BF16 model packs gigabytes), then permuted.
+  /// An F32 panel [depth][NR] rounded to BF16 (f32_to_bf16) into dst, each
+  /// panel row in bf16_slot order. Vectorised (loading a BF16 model packs
+  /// gigabytes): the halves of a panel row, rows [0, NR/2) and [NR/2, NR),
+  /// are rounded in 32-bit lanes and packed to 16 bits lane by lane, which
+  /// interleaves four rows of each half per 128-bit lane: bf16_slot's order.
   static void round_panel(const float* src, index_t depth, bfloat16* dst) {
     for (index_t k = 0; k < depth; ++k, src += gemm_nr, dst += gemm_nr) {
-      std::uint16_t rounded[gemm_nr];
-      for (index_t q = 0; q < gemm_nr; ++q) rounded[q] = f32_to_bf16(src[q]);
-      for (index_t p = 0; p < gemm_nr; ++p) dst[p] = bfloat16{rounded[bf16_row(p)]};
+#if defined(__AVX512F__)
+      const auto round = [](const float* x) {
+        const __m512 v = _mm512_loadu_ps(x);
+        const __m512i bits = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+        const __m512i nearest = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+        const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));  // NaN stays NaN
+        return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nearest, quiet);
+      };
+      _mm512_storeu_si512(dst, _mm512_packus_epi32(round(src), round(src + 16)));
+#elif defined(__AVX2__) && defined(__FMA__)
+      const auto round = [](const float* x) {
+        const __m256 v = _mm256_loadu_ps(x);
+        const __m256i bits = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+        const __m256i nearest = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+        const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));  // NaN stays NaN
+        return _mm256_blendv_epi8(nearest, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      };
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_packus_epi32(round(src), round(src + 8)));
+#else
+      for (index_t p = 0; p < gemm_nr; ++p) dst[p] = bfloat16{f32_to_bf16(src[bf16_row(p)])};
+#endif
     }
   }
   index_t rows_ = 0, depth_ = 0;

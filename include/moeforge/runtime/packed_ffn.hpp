@@ -3,6 +3,7 @@
 // few-token path streams them as whole panels.
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "moeforge/core/moe.hpp"
@@ -19,13 +20,23 @@ struct packed_ffn {
   bool gated() const { return gate.rows() != 0; }
 };
 
+/// Where a layer's weight matrices are packed from: each matrix's own values
+/// when not given; a loader that handed matrices out unread answers with
+/// their file's bytes (io::load_transformer), others with the matrix itself.
+using rows_lookup = std::function<weight_rows(const matrix&)>;
+
+inline weight_rows source_of(const matrix& m, const rows_lookup& where = {}) {
+  return where ? where(m) : weight_rows{m.data(), dtype::f32, m.outerStride(), {}};
+}
+
 /// Packs f in `format` (F32 or BF16 values); neuron panels restart at `cuts`
-/// (a DualSparse expert's major width), so jobs that start there read whole panels.
-inline packed_ffn pack_ffn(const ffn& f, const std::vector<index_t>& cuts, weight_format format = {}) {
+/// (a DualSparse expert's major width), so jobs that start there read whole
+/// panels. The values come from where `where` says (see rows_lookup).
+inline packed_ffn pack_ffn(const ffn& f, const std::vector<index_t>& cuts, weight_format format = {}, const rows_lookup& where = {}) {
   packed_ffn p;
-  if (f.gated()) p.gate = panel_matrix(f.gate.data(), f.gate.outerStride(), f.gate.rows(), f.gate.cols(), cuts, format);
-  p.up = panel_matrix(f.up.data(), f.up.outerStride(), f.up.rows(), f.up.cols(), cuts, format);
-  p.down = panel_matrix(f.down.data(), f.down.outerStride(), f.down.rows(), f.down.cols(), {}, format);
+  if (f.gated()) p.gate = panel_matrix(source_of(f.gate, where), f.gate.rows(), f.gate.cols(), cuts, format);
+  p.up = panel_matrix(source_of(f.up, where), f.up.rows(), f.up.cols(), cuts, format);
+  p.down = panel_matrix(source_of(f.down, where), f.down.rows(), f.down.cols(), {}, format);
   p.act = f.act;
   return p;
 }
@@ -49,8 +60,8 @@ inline std::vector<index_t> expert_cuts(const moe_layer& m, std::size_t e) {
 }
 
 /// Routed expert e's panels in a packed_layer (a novice's are empty).
-inline packed_ffn pack_expert(const moe_layer& m, std::size_t e, weight_format format = {}) {
-  return m.experts[e].is_novice() ? packed_ffn{} : pack_ffn(m.experts[e].weights, expert_cuts(m, e), format);
+inline packed_ffn pack_expert(const moe_layer& m, std::size_t e, weight_format format = {}, const rows_lookup& where = {}) {
+  return m.experts[e].is_novice() ? packed_ffn{} : pack_ffn(m.experts[e].weights, expert_cuts(m, e), format, where);
 }
 
 inline packed_layer pack_layer(const moe_layer& m, weight_format format = {}) {
