@@ -98,7 +98,7 @@ int bench_model(int argc, char** argv) {
       .option("moe", "LIST", "CMoE layouts of a dense shape to compare with it, comma-separated ('' for none)", "S1A1E4,S1A1E8")
       .option("dtype", "LIST", "weight types the kernels read, comma-separated (f32, bf16; each a row of its own)", "f32,bf16")
       .option("decode-steps", "N", "timed decode steps per row", "16")
-      .option("rounds", "N", "rounds of (bandwidth probe, decode at context 0) per row, the best of each kept (decode at the\n"
+      .option("rounds", "N", "rounds of (bandwidth probe, decode at context 0) per row, the best of each kept (decode at the "
               "longer context runs once)", "3")
       .option("context", "N", "the longer decode context and prefill length", "512")
       .option("seed", "N", "seed of the synthetic weights", "1")

@@ -132,14 +132,12 @@ class args {
   void print_help(std::ostream& out) const {
     out << "usage: " << command_ << " [options]\n\n" << summary_ << "\n\noptions:\n";
     for (const auto& s : specs_) {
-      std::string left = "  --" + s.name + (s.is_flag ? "" : " <" + s.value_name + ">");
-      if (left.size() < 30) left.resize(30, ' ');
-      out << left << " " << s.help;
-      if (s.fallback) out << " (default: " << *s.fallback << ")";
-      if (s.required) out << " (required)";
-      out << "\n";
+      std::string help = s.help;
+      if (s.fallback) help += " (default: " + *s.fallback + ")";
+      if (s.required) help += " (required)";
+      print_option(out, "--" + s.name + (s.is_flag ? "" : " <" + s.value_name + ">"), help);
     }
-    out << "  --help                         print this help\n";
+    print_option(out, "--help", "print this help");
   }
 
  private:
@@ -149,6 +147,25 @@ class args {
     bool required;
     bool is_flag;
   };
+
+  /// One option's line: its help in a column of its own, words wrapped at 120
+  /// columns and continued there.
+  static void print_option(std::ostream& out, const std::string& option, const std::string& help) {
+    constexpr std::size_t column = 30, width = 120;
+    std::string left = "  " + option;
+    if (left.size() < column) left.resize(column, ' ');
+    out << left;
+    std::size_t at = left.size(), begin = 0;
+    while (begin < help.size()) {
+      const std::size_t end = std::min(help.find(' ', begin), help.size());
+      const std::size_t word = end - begin;
+      if (at + 1 + word > width && at > column) out << '\n' << std::string(column, ' '), at = column;
+      out << ' ' << help.substr(begin, word);
+      at += 1 + word;
+      begin = end + 1;
+    }
+    out << '\n';
+  }
 
   const spec* find(const std::string& name) const {
     for (const auto& s : specs_)
