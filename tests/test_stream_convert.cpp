@@ -474,6 +474,23 @@ TEST_CASE("a model loaded layer by layer runs bit for bit as the owning transfor
   CHECK(lean_logits(io::load_transformer(path, {}, format(stored, false))) == lean_logits(model::transformer(plain)));
 }
 
+TEST_CASE("a weight handed out unread but never looked up is an error, not a model run on unwritten memory", "[stream]") {
+  io::detail::unread_matrices unread;
+  const matrix a(3, 4), b(2, 4), read(2, 4);
+  const std::vector<float> file(20, 1.0f);
+  unread.add(a, {file.data(), dtype::f32, 4, {}}, "layers.0.attention.wq.weight");
+  unread.add(b, {file.data() + 12, dtype::f32, 4, {}}, "layers.0.attention.wk.weight");
+  const auto lookup = unread.lookup();
+  CHECK(lookup(a).data == file.data());
+  CHECK(lookup(read).data == read.data());  // not handed out unread: its own values
+  CHECK_THROWS_MATCHES(unread.clear(), std::logic_error,
+                       Catch::Matchers::Message("moeforge: weight 'layers.0.attention.wk.weight' was handed out unread but never packed from its file"));
+  CHECK(lookup(b).data == file.data() + 12);
+  unread.clear();
+  CHECK(lookup(a).data == a.data());  // forgotten
+  unread.clear();
+}
+
 TEST_CASE("an owning transformer keeps no plain weight matrix, and a released one is never read as an empty FFN", "[stream]") {
   model::weights w = lean_native_model();
   const model::weights plain = w;

@@ -159,7 +159,10 @@ class args {
     while (begin < help.size()) {
       const std::size_t end = std::min(help.find(' ', begin), help.size());
       const std::size_t word = end - begin;
-      if (at + 1 + word > width && at > column) out << '\n' << std::string(column, ' '), at = column;
+      if (at + 1 + word > width && at > column) {
+        out << '\n' << std::string(column, ' ');
+        at = column;
+      }
       out << ' ' << help.substr(begin, word);
       at += 1 + word;
       begin = end + 1;

@@ -225,31 +225,11 @@ struct hf_moe_spec {
 
 namespace detail {
 
-/// Weight matrices a reader handed out unread, each with where its values
-/// are in the mapped files: their storage is reserved but never written (so
-/// never faulted in), and the transformer packs them straight from the file
-/// (model::transformer's `unread`, through lookup()). Loading a BF16 model
-/// then reads each weight once and writes its panel once, instead of
-/// widening it into an F32 copy first. Valid while the files stay mapped.
-class unread_matrices {
- public:
-  void add(const matrix& m, runtime::detail::weight_rows where) { by_data_[m.data()] = std::move(where); }
-  /// Forgets what was handed out (before the next layer reuses the storage).
-  void clear() { by_data_.clear(); }
-  /// Where a matrix's values are: in the file if it was handed out unread, else its own.
-  runtime::detail::rows_lookup lookup() const {
-    return [this](const matrix& m) {
-      const auto it = by_data_.find(m.data());
-      return it == by_data_.end() ? runtime::detail::source_of(m) : it->second;
-    };
-  }
-
- private:
-  std::map<const float*, runtime::detail::weight_rows> by_data_;
-};
+// How NaN/Inf errors name a tensor of a Hugging Face checkpoint.
+inline std::string tensor_label(const std::string& name) { return "hf: tensor '" + name + "'"; }
 
 // Reads tensors of one checkpoint against the shapes the config implies,
-// rejects NaN/Inf, and remembers which names were used. With `shapes_only` it
+// rejects NaN/Inf (in a matrix recorded unread, when it is packed), and remembers which names were used. With `shapes_only` it
 // reads no data: it checks names and shapes against the headers and returns
 // empty tensors (how streaming conversion vets a whole model up front).
 class tensor_reader {
@@ -276,7 +256,7 @@ class tensor_reader {
   matrix weight(const std::string& name, index_t rows, index_t cols) {
     if (shapes_only_ || !unread_) return mat(name, rows, cols);
     ck_.require_shape(name, {rows, cols});
-    return unread(name, 0, rows, cols, cat("hf: tensor '", name, "'"));
+    return unread(name, 0, rows, cols, tensor_label(name));
   }
   vector vec(const std::string& name, index_t n) {
     if (shapes_only_) return shape_checked<vector>(name, {n});
@@ -317,7 +297,7 @@ class tensor_reader {
  private:
   template <class M>
   M checked(M m, const std::string& name) {
-    moeforge::detail::require_finite(m, "hf: tensor '" + name + "'");
+    moeforge::detail::require_finite(m, tensor_label(name));
     used_.insert(name);
     return m;
   }
@@ -325,7 +305,7 @@ class tensor_reader {
   matrix unread(const std::string& name, std::size_t first, index_t rows, index_t cols, std::string what) {
     const auto type = ck_.info(name).dtype;
     matrix m = moeforge::detail::new_matrix(pool_, rows, cols);
-    unread_->add(m, {ck_.stored_bytes(name) + first * dtype_size(type), type, cols, std::move(what)});
+    unread_->add(m, {ck_.stored_bytes(name) + first * dtype_size(type), type, cols, std::move(what)}, name);
     used_.insert(name);
     return m;
   }
@@ -538,7 +518,9 @@ class hf_layers {
   /// Layer `li` in FP32 (NaN or Inf refused, naming the tensor); the routed
   /// experts `keep` refuses come back released, their data not read (see
   /// expert_filter). With `unread`, the weight matrices the kernels read come
-  /// back unread, recorded there (see detail::unread_matrices).
+  /// back unread, recorded there (see detail::unread_matrices): their storage
+  /// holds unspecified values, and NaN/Inf in the file's is refused when an
+  /// owning transformer packs them.
   model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* pool = nullptr,
                      detail::unread_matrices* unread = nullptr) const {
     detail::tensor_reader t(ck_, pool, unread);
@@ -555,7 +537,7 @@ class hf_layers {
         throw config_error(detail::cat("hf model: token ", id, " at ", t, " is outside the vocabulary of ", h_.model.vocab_size));
       ck_.read_rows("model.embed_tokens.weight", std::size_t(id) * std::size_t(dim), std::size_t(dim), x.row(index_t(t)).data());
     }
-    moeforge::detail::require_finite(x, "hf: tensor 'model.embed_tokens.weight'");
+    moeforge::detail::require_finite(x, detail::tensor_label("model.embed_tokens.weight"));
     return x;
   }
 

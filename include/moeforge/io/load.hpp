@@ -99,18 +99,21 @@ model::transformer transformer_from(Source& src, const load_options& opt, std::o
     if (!opt.on_layer && maps_panels(src, format)) return load_packed(src, format);
   model::weights globals = src.globals();
   src.release();
-  // Each layer is read into the storage of the one packed before it. A
-  // Hugging Face layer's weight matrices are not read at all unless on_layer
-  // needs their values: they are packed straight from the mapped file.
+  // Each layer is read into the storage of the one packed before it. The
+  // weight matrices of a Hugging Face or native layer are not read at all
+  // unless on_layer needs their values: they are packed straight from the
+  // mapped file.
   moeforge::detail::matrix_pool pool;
   unread_matrices unread;
-  return model::transformer(
+  model::transformer t(
       std::move(globals),
       [&](index_t li) {
         unread.clear();
         model::layer l = [&] {
-          if constexpr (std::is_same_v<Source, hf_layers>) return src.layer(li, {}, &pool, opt.on_layer ? nullptr : &unread);
-          return src.layer(li, {}, &pool);
+          if constexpr (std::is_same_v<Source, weights_layers>)
+            return src.layer(li, {}, &pool);
+          else
+            return src.layer(li, {}, &pool, opt.on_layer ? nullptr : &unread);
         }();
         pool.clear();
         src.release();  // the layer's mapped pages would otherwise stay resident
@@ -118,6 +121,8 @@ model::transformer transformer_from(Source& src, const load_options& opt, std::o
         return l;
       },
       format, {}, pool.sink(), unread.lookup());
+  unread.clear();  // checks the last layer's
+  return t;
 }
 
 }  // namespace detail
@@ -139,12 +144,13 @@ inline model::weights load_model(const std::string& path, const load_options& op
 /// Loads any model load_model reads straight into an owning transformer that
 /// runs its weights as `format` (default: the type the file stores; F32 or
 /// BF16). Hugging Face and native models are read one layer at a time from
-/// their memory-mapped tensors: each layer is read in F32 (into the storage
-/// of the layer before it, see detail::matrix_pool), packed, and its mapped
-/// pages released, so loading needs the packed model plus about one layer in
-/// F32 (two for a moment where a layer of another kind follows: a dense layer
-/// after an MoE one), a BF16 model about its file size, and never the whole
-/// model in F32. A llama2.c
+/// their memory-mapped tensors: each layer's weight matrices are packed
+/// straight from the file's bytes (F32, BF16 or F16), its other tensors read
+/// in F32, and its mapped pages released, so loading needs the packed model
+/// plus a few pages of each layer (about one layer in F32 with opt.on_layer,
+/// which is handed every value; two for a moment where a layer of another kind
+/// follows), a BF16 model about its file size, and never the whole model in
+/// F32. A llama2.c
 /// checkpoint (F32 only) is read whole first. The result is the same, bit for
 /// bit, as model::transformer(load_model(path, opt), format). A packed
 /// directory (io/packed.hpp) of this build's panel width, run in the type its

@@ -47,10 +47,12 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <set>
 #include <optional>
+#include <set>
 #include <string>
+#include <stdexcept>
 #include <system_error>
+#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -78,6 +80,47 @@ inline bool is_native_dir(const std::string& dir) {
 }
 
 namespace detail {
+
+/// Weight matrices a reader handed out unread, each with where its values
+/// are in the mapped files: their storage is reserved but never written (so
+/// never faulted in), and the transformer packs them straight from the file
+/// (model::transformer's `unread`, through lookup()). Loading a BF16 model
+/// then reads each weight once and writes its panel once, instead of
+/// widening it into an F32 copy first. Valid while the files stay mapped.
+class unread_matrices {
+ public:
+  /// Records `m`, handed out unread, as tensor `tensor` whose values are at `where`.
+  void add(const matrix& m, runtime::detail::weight_rows where, std::string tensor) {
+    by_data_[m.data()] = {std::move(where), std::move(tensor), false};
+  }
+  /// Forgets what was handed out (before the next layer reuses the storage),
+  /// after checking that every matrix was looked up: one that was not (its
+  /// storage moved, or it was never packed) would run on values never written.
+  void clear() {
+    for (const auto& [data, e] : by_data_)
+      if (!e.looked_up)
+        throw std::logic_error("moeforge: weight '" + e.tensor + "' was handed out unread but never packed from its file");
+    by_data_.clear();
+  }
+  /// Where a matrix's values are: in the file if it was handed out unread, else
+  /// its own. Safe from several threads at once, each asking for other matrices.
+  runtime::detail::rows_lookup lookup() {
+    return [this](const matrix& m) {
+      const auto it = by_data_.find(m.data());
+      if (it == by_data_.end()) return runtime::detail::source_of(m);
+      it->second.looked_up = true;
+      return it->second.where;
+    };
+  }
+
+ private:
+  struct entry {
+    runtime::detail::weight_rows where;
+    std::string tensor;
+    bool looked_up;
+  };
+  std::map<const float*, entry> by_data_;
+};
 
 using moeforge::detail::cat;
 
@@ -770,10 +813,20 @@ class native_layers {
   }
 
   /// Layer `li` in F32, checked against the config; the routed experts
-  /// `keep` refuses come back released (see expert_filter).
-  model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* pool = nullptr) const {
+  /// `keep` refuses come back released (see expert_filter). With `unread`,
+  /// the row-major matrices an owning transformer packs and frees come back
+  /// unread, recorded there (see detail::unread_matrices): their storage holds
+  /// unspecified values, and the file's are not scanned for NaN (as read ones
+  /// are not).
+  model::layer layer(index_t li, const expert_filter& keep = {}, moeforge::detail::matrix_pool* pool = nullptr,
+                     detail::unread_matrices* unread = nullptr) const {
     using detail::cat;
     model::layer l = skeleton_.layers[std::size_t(li)];
+    std::set<const matrix*> packed;
+    if (unread) {
+      for (const matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) packed.insert(m);
+      model::for_each_packed_ffn(l, [&](ffn& f) { packed.insert({&f.gate, &f.up, &f.down}); });
+    }
     std::vector<std::pair<index_t, std::string>> skipped;  // the experts not read, with their tensor names' prefix
     auto* m = std::get_if<moe_layer>(&l.ffn);
     if (m && keep)
@@ -782,6 +835,12 @@ class native_layers {
     const auto read_tensor = [&](const std::string& name, auto& t) {
       for (const auto& skip : skipped)
         if (name.compare(0, skip.second.size(), skip.second) == 0) return;
+      if constexpr (std::is_same_v<std::decay_t<decltype(t)>, matrix>)
+        if (packed.count(&t) && !panels(name)) {
+          const auto& info = st_.info(name);
+          t = moeforge::detail::new_matrix(pool, index_t(info.shape[0]), index_t(info.shape[1]));
+          return unread->add(t, {st_.stored_bytes(name), info.dtype, index_t(info.shape[1]), {}}, name);
+        }
       read(name, t, pool);
     };
     detail::for_each_layer_tensor(std::size_t(li), l, read_tensor, read_tensor);

@@ -225,6 +225,20 @@ inline void validate(const weights& structure, const packed_weights& p) {
   }
 }
 
+/// Calls f on each FFN of layer `l` whose weights an owning transformer packs
+/// and then frees (beside the attention projections): the dense FFN, or the
+/// shared experts and the routed ones but novices, unless an oracle router
+/// computes the routed experts from their plain weights (those stay).
+template <class Layer, class F>
+void for_each_packed_ffn(Layer& l, F&& f) {
+  if (auto* dense = std::get_if<ffn>(&l.ffn)) return f(*dense);
+  auto& m = std::get<moe_layer>(l.ffn);
+  if (m.router.kind != router_kind::oracle)
+    for (auto& e : m.experts)
+      if (!e.is_novice()) f(e.weights);
+  for (auto& s : m.shared) f(s.weights);
+}
+
 /// Runs a model. Given an lvalue it holds a reference to the weights: they
 /// must outlive it, and a caller may replace a layer's FFN between calls
 /// (calibration does). Given an rvalue (or its layers one at a time, see
@@ -743,19 +757,14 @@ class transformer {
     pack_in_parallel(tasks);
   }
 
-  /// Frees a packed layer's plain matrices, or hands them to `reuse`. An
-  /// oracle router computes every expert from its plain weights, so those stay.
+  /// Frees a packed layer's plain matrices (for_each_packed_ffn's FFNs and
+  /// the attention projections), or hands them to `reuse`.
   static void release(layer& l, const matrix_sink& reuse) {
     const auto give = [&reuse](matrix&& m) {
       if (reuse) reuse(std::move(m));
     };
     for (matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo}) hand_back(*m, give);
-    if (auto* f = std::get_if<ffn>(&l.ffn)) return moeforge::release(*f, give);
-    auto& m = std::get<moe_layer>(l.ffn);
-    if (m.router.kind != router_kind::oracle)
-      for (auto& e : m.experts)
-        if (!e.is_novice()) moeforge::release(e.weights, give);
-    for (auto& s : m.shared) moeforge::release(s.weights, give);
+    for_each_packed_ffn(l, [&](ffn& f) { moeforge::release(f, give); });
   }
 
   const runtime::detail::panel_matrix& embedding() const { return packed_.embedding.rows() ? packed_.embedding : packed_.classifier; }
