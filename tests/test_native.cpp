@@ -3,12 +3,16 @@
 // damaged directories or unsafe outputs fail clearly without losing anything.
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <fstream>
 #include <iterator>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
+#include "../benchmarks/synthetic.hpp"
 #include "moeforge/calib/ffn_inputs.hpp"
+#include "moeforge/io/hf.hpp"
 #include "moeforge/convert/cmoe.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/io/native.hpp"
@@ -51,6 +55,57 @@ TEST_CASE("native: every layer kind round-trips to the same bytes and the same l
 
   // load_model recognises the directory.
   CHECK(logits(io::load_model(tmp / "a"), tokens).cwiseEqual(a).all());
+}
+
+namespace {
+
+// The stored type of every tensor of one safetensors file, by rank.
+std::set<std::string> stored_types(const std::string& file, std::size_t rank) {
+  std::set<std::string> out;
+  const io::safetensors_file f(file);
+  for (const auto& t : f.tensors())
+    if (t.shape.size() == rank) out.insert(std::string(dtype_name(t.dtype)));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("native and Hugging Face exports keep a BF16 model's matrices in BF16, never rounding a value") {
+  temp_dir tmp;
+  const std::vector<std::int32_t> tokens{1, 5, 9, 33, 2, 17, 39, 0};
+  // Every layer kind, as a BF16 model holds it: matrices exact in BF16.
+  model::weights w = everything_model();
+  io::detail::for_each_tensor(
+      w, [](const std::string&, matrix& m) { m = rounded_to_bf16(m); }, [](const std::string&, vector&) {});
+  w.weight_dtype = dtype::bf16;
+  io::save_native(w, tmp / "bf16");
+  CHECK(stored_types(tmp / "bf16/model.safetensors", 2) == std::set<std::string>{"BF16"});
+  CHECK(stored_types(tmp / "bf16/model.safetensors", 1) == std::set<std::string>{"F32"});
+  const model::weights back = io::load_native(tmp / "bf16");
+  CHECK(back.weight_dtype == dtype::bf16);
+  CHECK(logits(back, tokens).cwiseEqual(logits(w, tokens)).all());
+
+  // One value that BF16 cannot hold: the whole model is written in F32, unrounded.
+  model::weights edited = w;
+  edited.layers[0].wq(1, 2) = std::nextafter(edited.layers[0].wq(1, 2), 1.0f);
+  io::save_native(edited, tmp / "edited");
+  CHECK(stored_types(tmp / "edited/model.safetensors", 2) == std::set<std::string>{"F32"});
+  CHECK(io::load_native(tmp / "edited").layers[0].wq == edited.layers[0].wq);
+
+  // A BF16 Hugging Face checkpoint exported both ways stays BF16 and reloads to the same logits.
+  bench::write_synthetic_hf(bench::find_shape("tiny"), 2, dtype::bf16, 1, 5, tmp / "hf", 64);
+  const model::weights hf = io::load_model(tmp / "hf");
+  REQUIRE(hf.weight_dtype == dtype::bf16);
+  io::save_hf(hf, tmp / "hf2");
+  io::save_native(hf, tmp / "native");
+  CHECK(stored_types(tmp / "hf2/model.safetensors", 2) == std::set<std::string>{"BF16"});
+  CHECK(nlohmann::json::parse(std::ifstream(tmp / "hf2/config.json"))["torch_dtype"] == "bfloat16");
+  for (const char* dir : {"hf2", "native"}) {
+    CAPTURE(dir);
+    const model::weights again = io::load_model(tmp / dir);
+    CHECK(again.weight_dtype == dtype::bf16);
+    CHECK(logits(again, tokens).cwiseEqual(logits(hf, tokens)).all());
+  }
 }
 
 TEST_CASE("native: a CMoE-converted stories260K reloads to bit-identical logits") {

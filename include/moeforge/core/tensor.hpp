@@ -59,6 +59,18 @@ inline std::uint16_t f32_to_bf16(float f) {
   return std::uint16_t(bits >> 16);
 }
 
+/// Whether every value is a BF16 value (its low 16 bits zero), so storing
+/// them in BF16 loses nothing.
+inline bool exact_in_bf16(const float* x, std::size_t n) {
+  std::uint32_t low = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    low |= bits & 0xffffu;
+  }
+  return low == 0;
+}
+
 /// Parses "f32" or "bf16" (or F32, BF16), the weight types
 /// the kernels run on; throws config_error naming the text.
 inline dtype parse_weight_dtype(std::string_view text) {

@@ -624,7 +624,8 @@ inline std::optional<model::weights> with_complete_transformations(const model::
 }  // namespace detail
 
 /// Writes `w` as a Hugging Face directory (config.json + model.safetensors,
-/// per-expert 2-D tensors), atomically. A DualSparse-partitioned layer is
+/// per-expert 2-D tensors; matrices in BF16 where save_native would store
+/// them so, see detail::stored_matrix_dtype), atomically. A DualSparse-partitioned layer is
 /// written as its complete transformation (E·P plain experts, same output). Dense models become "llama" (or
 /// "qwen2" with attention biases); MoE models "mixtral" or "qwen2_moe". Models
 /// those layouts cannot express (CMoE routers, novices, ...) are refused with
@@ -668,6 +669,7 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
   if (type == "qwen2_moe" && moe->shared.empty())
     throw config_error("save_hf: an MoE model without a shared expert and with dense layers or attention biases has no Hugging Face form");
 
+  const dtype stored = detail::stored_matrix_dtype(w);
   nlohmann::json j{{"model_type", type},
                    {"hidden_size", c.dim},
                    {"num_hidden_layers", c.n_layers},
@@ -682,7 +684,7 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
                    {"bos_token_id", c.bos_token},
                    {"eos_token_id", c.eos_token},
                    {"hidden_act", "silu"},
-                   {"torch_dtype", "float32"}};
+                   {"torch_dtype", stored == dtype::bf16 ? "bfloat16" : "float32"}};
   static const std::map<std::string, std::string> architecture{
       {"llama", "LlamaForCausalLM"}, {"qwen2", "Qwen2ForCausalLM"}, {"mixtral", "MixtralForCausalLM"}, {"qwen2_moe", "Qwen2MoeForCausalLM"}};
   j["architectures"] = {architecture.at(type)};
@@ -711,7 +713,7 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
   const bool qwen = type == "qwen2" || type == "qwen2_moe";
   const bool permute = c.rope == model::rope_style::interleaved;
   std::vector<tensor_view> views;
-  auto add_m = [&](const std::string& name, const matrix& m) { views.push_back({name, {m.rows(), m.cols()}, m.data()}); };
+  auto add_m = [&](const std::string& name, const matrix& m) { views.push_back({name, {m.rows(), m.cols()}, m.data(), stored}); };
   auto add_v = [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data()}); };
   auto add_ffn = [&](const std::string& p, const ffn& f, const char* g, const char* u, const char* d) {
     add_m(p + g, f.gate);

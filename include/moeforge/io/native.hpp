@@ -1,6 +1,7 @@
 // moeforge's native model format: a directory holding the tensors and
 // `moeforge.json` (the config, what each layer is, and where the model came
-// from). The tensors are one `model.safetensors` (save_native: all F32), or
+// from). The tensors are one `model.safetensors` (save_native: matrices in
+// the model's weight_dtype where that loses nothing, else F32), or
 // shards `model-0000k-of-0000N.safetensors` listed by
 // `model.safetensors.index.json` as Hugging Face shards them (a streamed
 // conversion, native_shard_writer: each tensor in its source's dtype, F32,
@@ -193,10 +194,25 @@ void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
 
 /// Every tensor of `w` that holds values, as safetensors views (an owning
 /// transformer's structure has empty matrices where its panels are).
+/// The type `w`'s matrices are written in: its weight_dtype when every value
+/// is exact in it, so a BF16 model stays BF16 (half the bytes, and it reloads
+/// to run as BF16 again) and nothing is ever rounded; else F32 (a model edited
+/// in F32 after loading whose weight_dtype was not reset).
+inline dtype stored_matrix_dtype(const model::weights& w) {
+  if (w.weight_dtype != dtype::bf16) return dtype::f32;
+  bool exact = true;
+  for_each_tensor(
+      w, [&](const std::string&, const matrix& m) { exact = exact && exact_in_bf16(m.data(), std::size_t(m.size())); },
+      [](const std::string&, const vector&) {});
+  return exact ? dtype::bf16 : dtype::f32;
+}
+
+/// Every tensor of `w` to write: matrices in stored_matrix_dtype(w), vectors in F32.
 inline std::vector<tensor_view> tensor_views(const model::weights& w) {
   std::vector<tensor_view> views;
+  const dtype stored = stored_matrix_dtype(w);
   for_each_tensor(
-      w, [&](const std::string& name, const matrix& m) { if (m.size()) views.push_back({name, {m.rows(), m.cols()}, m.data()}); },
+      w, [&](const std::string& name, const matrix& m) { if (m.size()) views.push_back({name, {m.rows(), m.cols()}, m.data(), stored}); },
       [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data()}); });
   return views;
 }

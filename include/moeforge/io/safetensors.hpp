@@ -455,6 +455,7 @@ struct tensor_view {
   std::string name;
   std::vector<std::int64_t> shape;
   const float* data = nullptr;
+  dtype stored = dtype::f32;  ///< the type written (BF16 rounded to nearest even)
 };
 
 namespace detail {
@@ -642,13 +643,13 @@ inline void write_safetensors(const std::string& path, const std::vector<tensor_
   std::vector<tensor_info> infos;
   for (const auto& t : tensors) {
     if (!t.data) detail::checked_numel(path, t.name, t.shape, false, false);  // refuses a tensor with values but no data
-    infos.push_back({t.name, dtype::f32, t.shape, 0, 0});
+    infos.push_back({t.name, t.stored, t.shape, 0, 0});
   }
   detail::assign_offsets(path, infos);
   const std::string tmp = cat(path, ".tmp.", ::getpid());
   try {
     safetensors_writer out(tmp, detail::header_text(infos, metadata).size(), metadata);
-    for (const auto& t : tensors) out.add(t.name, t.shape, t.data);
+    for (const auto& t : tensors) out.add(t.name, t.shape, t.data, t.stored);
     out.finish();
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
