@@ -284,8 +284,8 @@ TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, 
 
 TEST_CASE("sparsify and prune stream a sharded Hugging Face checkpoint to the model --in-memory writes, and refuse --scope global") {
   const temp_dir scratch;
-  // Mixtral in F32 (streamed output keeps the source's dtype, so both paths write F32), with the tokenizer's vocabulary.
-  const std::string src = sharded_hf(scratch, "mixtral", moeforge::dtype::f32, 3, {}, true, 512);
+  // Mixtral in BF16 (both paths store the conversion in the source's dtype), with the tokenizer's vocabulary.
+  const std::string src = sharded_hf(scratch, "mixtral", moeforge::dtype::bf16, 3, {}, true, 512);
   const std::vector<std::vector<std::string>> commands{
       {"sparsify", "dualsparse", "--partition", "2", "--metric", "b", "--policy", "2t", "--drop-rate", "0.2", "--scope", "layer"},
       {"prune", "mone", "--count", "1"}};
@@ -306,6 +306,7 @@ TEST_CASE("sparsify and prune stream a sharded Hugging Face checkpoint to the mo
     INFO(m.err);
     REQUIRE(m.code == 0);
     const auto got = moeforge::io::load_model(scratch / "streamed"), want = moeforge::io::load_model(scratch / "in-memory");
+    CHECK(want.weight_dtype == moeforge::dtype::bf16);
     for (std::size_t l = 0; l < 3; ++l) CHECK(moeforge::io::detail::layer_json(got.layers[l]) == moeforge::io::detail::layer_json(want.layers[l]));
     const auto a = named_tensors(got), b = named_tensors(want);
     REQUIRE(a.size() == b.size());

@@ -99,6 +99,11 @@ TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the
 
   check_stream_tensors(io::load_model(dir / "out"), want, stored);
   CHECK(stream_listing(dir.path()) == std::vector<std::string>{"out", "src", "src.single"});
+  // The in-memory conversion saved in the source's type stores the same values.
+  io::native_save_options as_source;
+  as_source.stored = stored;
+  io::save_native(want, dir / "in-memory", {}, as_source);
+  check_stream_tensors(io::load_model(dir / "in-memory"), want, stored);
 }
 
 TEST_CASE("a conversion stopped after a layer and resumed writes the identical model; other options or tokens are refused", "[stream]") {

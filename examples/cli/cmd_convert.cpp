@@ -136,6 +136,7 @@ int convert_cmoe(int argc, char** argv) {
                             [&](const auto& windows, const auto& so) { return convert::cmoe_stream(a.get("model"), windows, a.get("out"), o, so); });
 
   model::weights w = load_model(a, "model-config");
+  const dtype source = w.weight_dtype;
   const auto dense_layers = std::count_if(w.layers.begin(), w.layers.end(), [](const model::layer& l) { return std::holds_alternative<ffn>(l.ffn); });
   if (dense_layers == 0)
     throw config_error("moeforge convert cmoe: every FFN of '" + a.get("model") + "' is already an MoE: there is nothing to convert");
@@ -154,7 +155,7 @@ int convert_cmoe(int argc, char** argv) {
 
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& r : reports) layers.push_back(convert::to_json(r));
-  save_conversion(a, w, {{"conversion", conversion_step(o, recipe)}, {"calibration", cal.description}, {"layers", layers}});
+  save_conversion(a, w, source, {{"conversion", conversion_step(o, recipe)}, {"calibration", cal.description}, {"layers", layers}});
   if (!a.flag_set("json"))
     std::cout << "wrote " << a.get("out") << " (" << convert::to_string(o.config) << ", recipe " << recipe << ": router "
               << convert::router_fit_name(o.fit.router) << ", compensate " << convert::compensation_name(o.fit.compensate) << ", refit "

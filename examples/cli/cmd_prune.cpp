@@ -75,6 +75,7 @@ int prune_mone(int argc, char** argv) {
   }
 
   model::weights w = load_model(a, "model-config");
+  const dtype source = w.weight_dtype;
   convert::validate(o, w);  // a dense model, or a count no layer can give
   const calibration cal = load_calibration(a, w);
   progress_bar bar(a.flag_set("quiet"));
@@ -84,7 +85,7 @@ int prune_mone(int argc, char** argv) {
       std::cerr << "moeforge prune mone: layer " << l.layer << " has " << l.top_k_after << " expert slot(s) left, fewer than its top_k of "
                 << l.top_k_before << ": top_k is now " << l.top_k_after << "\n";
   step["report"] = convert::to_json(report);
-  save_conversion(a, w, {{"pruning", step}, {"calibration", cal.description}});
+  save_conversion(a, w, source, {{"pruning", step}, {"calibration", cal.description}});
   if (!a.flag_set("json"))
     std::cout << "wrote " << a.get("out") << " (" << report.method << ", " << report.replacement << ": " << report.experts_pruned
               << " experts pruned in " << report.layers.size() << " MoE layers, " << report.params_freed << " parameters = "

@@ -85,12 +85,13 @@ int sparsify_dualsparse(int argc, char** argv) {
   }
 
   model::weights w = load_model(a, "model-config");
+  const dtype source = w.weight_dtype;
   const calibration cal = load_calibration(a, w);
   progress_bar bar(a.flag_set("quiet"));
   o.progress = std::ref(bar);
   const auto report = convert::dualsparse_model(w, cal.inputs(), o);
   step["report"] = convert::to_json(report);
-  save_conversion(a, w, {{"sparsification", step}, {"calibration", cal.description}});
+  save_conversion(a, w, source, {{"sparsification", step}, {"calibration", cal.description}});
   if (!a.flag_set("json")) {
     std::cout << "wrote " << a.get("out") << " (policy " << a.get("policy");
     if (!report.layers.empty() && o.policy.active()) std::cout << ", threshold " << report.layers.front().policy.threshold;

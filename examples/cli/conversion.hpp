@@ -56,10 +56,12 @@ inline calibration load_calibration(const args& a, const model::weights& w, inde
   return load_calibration(a, w.config, tokens);
 }
 
-/// Writes `w` to --out as a native model carrying its tokenizer; the
-/// provenance records `step` (what this command did) after the source
-/// model's own history when the source is a native model.
-inline void save_conversion(const args& a, const model::weights& w, nlohmann::json step) {
+/// Writes `w` to --out as a native model carrying its tokenizer, every tensor
+/// in `source`, the type the model was loaded from (weights::weight_dtype
+/// before the conversion: a BF16 model's conversion is BF16, as a streamed
+/// one writes it); the provenance records `step` (what this command did)
+/// after the source model's own history when the source is a native model.
+inline void save_conversion(const args& a, const model::weights& w, dtype source, nlohmann::json step) {
   nlohmann::json provenance{{"source", a.get("model")}};
   if (io::is_native_dir(a.get("model"))) {
     const auto parent = io::read_native_manifest(a.get("model"));
@@ -69,6 +71,7 @@ inline void save_conversion(const args& a, const model::weights& w, nlohmann::js
   io::native_save_options save;
   save.overwrite = a.flag_set("force");
   save.attachments.push_back({tokenizer_path(a), "tokenizer.bin"});
+  save.stored = source;
   io::save_native(w, a.get("out"), provenance, save);
   if (a.flag_set("json")) std::cout << provenance.dump() << "\n";
 }

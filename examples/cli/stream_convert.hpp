@@ -4,9 +4,8 @@
 // directory (convert/stream.hpp), so a 7B model converts on a machine that
 // cannot hold it in FP32. It is taken for every Hugging Face directory or
 // index — it computes bit for bit what the in-memory path computes, and
-// writes it in the source's dtype where that path writes FP32 — and
-// `--in-memory` forces the old path (everything loaded in FP32, one
-// model.safetensors in FP32).
+// both write it in the source's dtype — and `--in-memory` forces the old
+// path (everything loaded in FP32, one model.safetensors).
 #pragma once
 
 #include <functional>

@@ -73,6 +73,12 @@ struct native_save_options {
   bool overwrite = false;
   /// Files copied into the directory as (source path, name inside it), e.g. the tokenizer.
   std::vector<std::pair<std::string, std::string>> attachments;
+  /// The type every tensor is stored in, rounded to nearest even: what a
+  /// conversion of a BF16 model writes (its new values computed in F32,
+  /// stored as its source was, as a streamed conversion stores them). By
+  /// default nothing is rounded: matrices in detail::stored_matrix_dtype(w),
+  /// vectors in F32.
+  std::optional<dtype> stored;
 };
 
 /// True when `dir` looks like a native model directory.
@@ -207,13 +213,14 @@ inline dtype stored_matrix_dtype(const model::weights& w) {
   return exact ? dtype::bf16 : dtype::f32;
 }
 
-/// Every tensor of `w` to write: matrices in stored_matrix_dtype(w), vectors in F32.
-inline std::vector<tensor_view> tensor_views(const model::weights& w) {
+/// Every tensor of `w` to write, in `stored` (see native_save_options::stored)
+/// or by default matrices in stored_matrix_dtype(w), vectors in F32.
+inline std::vector<tensor_view> tensor_views(const model::weights& w, std::optional<dtype> stored = std::nullopt) {
   std::vector<tensor_view> views;
-  const dtype stored = stored_matrix_dtype(w);
+  const dtype matrices = stored ? *stored : stored_matrix_dtype(w), vectors = stored.value_or(dtype::f32);
   for_each_tensor(
-      w, [&](const std::string& name, const matrix& m) { if (m.size()) views.push_back({name, {m.rows(), m.cols()}, m.data(), stored}); },
-      [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data()}); });
+      w, [&](const std::string& name, const matrix& m) { if (m.size()) views.push_back({name, {m.rows(), m.cols()}, m.data(), matrices}); },
+      [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data(), vectors}); });
   return views;
 }
 
@@ -614,7 +621,7 @@ inline void save_native(const model::weights& w, const std::string& dir, const n
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : w.layers) layers.push_back(detail::layer_json(l));
 
-  const std::vector<tensor_view> views = detail::tensor_views(w);
+  const std::vector<tensor_view> views = detail::tensor_views(w, opt.stored);
 
   detail::staging_dir stage(out);
   write_safetensors((stage.path() / native_tensors).string(), views, {{"format", "pt"}, {"producer", "moeforge"}});
