@@ -172,7 +172,7 @@ int bench_ffn(int argc, char** argv) {
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
       .option("shape", "LIST",
-              "more MoE layers beside E8A2, S1A1E8, S3A3E8 (the dense I = 5632 split): qwen3-30b-a3b (128 experts of 768,\n"
+              "more MoE layers beside E8A2, S1A1E8, S3A3E8 (the dense I = 5632 split): qwen3-30b-a3b (128 experts of 768, "
               "top 8), dsv2-lite (64 of 1408, top 6, a shared expert of 2816), or HxExI/k[+S]")
       .option("dtype", "LIST", "weight types of the prepared layers, comma-separated (f32, bf16)", "f32,bf16")
       .option("json", "FILE", "also write one JSON object per row to FILE")

@@ -157,7 +157,7 @@ class args {
     out << left;
     std::size_t at = left.size(), begin = 0;
     while (begin < help.size()) {
-      const std::size_t end = std::min(help.find(' ', begin), help.size());
+      const std::size_t end = std::min(help.find_first_of(" \n", begin), help.size());  // a line break in the help is a space: it is rewrapped
       const std::size_t word = end - begin;
       if (at + 1 + word > width && at > column) {
         out << '\n' << std::string(column, ' ');

@@ -27,13 +27,19 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+// The AVX-512 paths use AVX512BW's 16-bit unpacks and packs beside
+// AVX512F's arithmetic (every AVX-512 CPU since Skylake-SP has both); a
+// target with AVX512F alone runs the AVX2 paths.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define MOEFORGE_GEMM_AVX512 1
+#endif
 
 namespace moeforge::runtime::detail {
 
 // Micro-tile: MR tokens × NR weight rows (output columns). With AVX-512, 8×32
 // (16 zmm accumulators, two weight vectors per broadcast) reaches 95% of one
 // Zen 5 core's FMA peak in L1, where 12×16 (one load per FMA) stops at 80%.
-#if defined(__AVX512F__)
+#if defined(MOEFORGE_GEMM_AVX512)
 constexpr index_t gemm_mr = 8;
 constexpr index_t gemm_nr = 32;
 #else
@@ -78,7 +84,7 @@ inline float widen(bfloat16 v) { return bf16_to_f32(v.bits); }
 inline float panel_value(const float* row, index_t q) { return row[q]; }
 inline float panel_value(const bfloat16* row, index_t q) { return widen(row[bf16_slot(q)]); }
 
-#if defined(__AVX512F__)
+#if defined(MOEFORGE_GEMM_AVX512)
 /// Rows [0, 16) and [16, 32) of a panel row as F32 vectors.
 inline void load_panel_row(const float* p, __m512& lo, __m512& hi) { lo = _mm512_loadu_ps(p), hi = _mm512_loadu_ps(p + 16); }
 inline void load_panel_row(const bfloat16* p, __m512& lo, __m512& hi) {
@@ -114,7 +120,7 @@ inline void prefetch_panel_row(const W* pf, index_t k) {
 /// one. W is the panel's value type (float or bfloat16).
 template <int M, int P, class Tokens, class W>
 inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c, bool first, const W* pf) {
-#if defined(__AVX512F__)
+#if defined(MOEFORGE_GEMM_AVX512)
   __m512 lo[M][P], hi[M][P];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r)
@@ -371,7 +377,7 @@ struct weight_rows {
     if (type == dtype::bf16) {
       // In vectors: GCC leaves the scalar loop scalar at -O2, and it was most
       // of a BF16 model's loading time.
-#if defined(__AVX512F__)
+#if defined(MOEFORGE_GEMM_AVX512)
       for (; k + 16 <= count; k += 16)
         _mm512_storeu_si512(out + k, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * k))), 16));
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -530,7 +536,7 @@ class panel_matrix {
   /// interleaves four rows of each half per 128-bit lane: bf16_slot's order.
   static void round_panel(const float* src, index_t depth, bfloat16* dst) {
     for (index_t k = 0; k < depth; ++k, src += gemm_nr, dst += gemm_nr) {
-#if defined(__AVX512F__)
+#if defined(MOEFORGE_GEMM_AVX512)
       const auto round = [](const float* x) {
         const __m512 v = _mm512_loadu_ps(x);
         const __m512i bits = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
