@@ -229,9 +229,10 @@ namespace detail {
 inline std::string tensor_label(const std::string& name) { return "hf: tensor '" + name + "'"; }
 
 // Reads tensors of one checkpoint against the shapes the config implies,
-// rejects NaN/Inf (in a matrix recorded unread, when it is packed), and remembers which names were used. With `shapes_only` it
-// reads no data: it checks names and shapes against the headers and returns
-// empty tensors (how streaming conversion vets a whole model up front).
+// rejects NaN/Inf (in a matrix recorded unread, when it is packed), and
+// remembers which names were used. With `shapes_only` it reads no data: it
+// checks names and shapes against the headers and returns empty tensors (how
+// streaming conversion vets a whole model up front).
 class tensor_reader {
  public:
   /// Matrices are read into storage from `pool` when given. With `unread`,
@@ -625,8 +626,9 @@ inline std::optional<model::weights> with_complete_transformations(const model::
 
 /// Writes `w` as a Hugging Face directory (config.json + model.safetensors,
 /// per-expert 2-D tensors; matrices in BF16 where save_native would store
-/// them so, see detail::stored_matrix_dtype), atomically. A DualSparse-partitioned layer is
-/// written as its complete transformation (E·P plain experts, same output). Dense models become "llama" (or
+/// them so, see detail::stored_matrix_dtype), atomically. A
+/// DualSparse-partitioned layer is written as its complete transformation
+/// (E·P plain experts, same output). Dense models become "llama" (or
 /// "qwen2" with attention biases); MoE models "mixtral" or "qwen2_moe". Models
 /// those layouts cannot express (CMoE routers, novices, ...) are refused with
 /// the reason; use save_native for them.

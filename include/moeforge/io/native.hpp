@@ -198,8 +198,6 @@ void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
   for (std::size_t i = 0; i < w.layers.size(); ++i) for_each_layer_tensor(i, w.layers[i], on_matrix, on_vector);
 }
 
-/// Every tensor of `w` that holds values, as safetensors views (an owning
-/// transformer's structure has empty matrices where its panels are).
 /// The type `w`'s matrices are written in: its weight_dtype when every value
 /// is exact in it, so a BF16 model stays BF16 (half the bytes, and it reloads
 /// to run as BF16 again) and nothing is ever rounded; else F32 (a model edited
@@ -213,8 +211,10 @@ inline dtype stored_matrix_dtype(const model::weights& w) {
   return exact ? dtype::bf16 : dtype::f32;
 }
 
-/// Every tensor of `w` to write, in `stored` (see native_save_options::stored)
-/// or by default matrices in stored_matrix_dtype(w), vectors in F32.
+/// Every tensor of `w` that holds values, as safetensors views (an owning
+/// transformer's structure has empty matrices where its panels are), stored
+/// as `stored` (see native_save_options::stored) or by default matrices in
+/// stored_matrix_dtype(w), vectors in F32.
 inline std::vector<tensor_view> tensor_views(const model::weights& w, std::optional<dtype> stored = std::nullopt) {
   std::vector<tensor_view> views;
   const dtype matrices = stored ? *stored : stored_matrix_dtype(w), vectors = stored.value_or(dtype::f32);

@@ -110,7 +110,7 @@ inline void save_packed(const model::transformer& t, const std::string& dir, con
   auto panels = detail::global_panels(p, p.embedding.rows() != 0);
   detail::for_each_layer_panel(s, p, [&](const std::string& name, const runtime::detail::panel_matrix& m) { panels.emplace_back(name, &m); });
   // Everything else (norms, biases, routers, novices, compensation) as F32 tensors.
-  const std::vector<tensor_view> plain = detail::tensor_views(s);
+  const std::vector<tensor_view> plain = detail::tensor_views(s, dtype::f32);
 
   nlohmann::json index = nlohmann::json::object();
   std::vector<tensor_info> infos;
@@ -118,7 +118,7 @@ inline void save_packed(const model::transformer& t, const std::string& dir, con
     index[name] = {m->rows(), m->depth(), m->cuts()};
     infos.push_back({name, m->type(), {std::int64_t(m->panels()), m->depth(), runtime::detail::gemm_nr}, 0, 0});
   }
-  for (const auto& v : plain) infos.push_back({v.name, dtype::f32, v.shape, 0, 0});
+  for (const auto& v : plain) infos.push_back({v.name, v.stored, v.shape, 0, 0});
   detail::assign_offsets((out / native_tensors).string(), infos);
   const std::map<std::string, std::string> metadata{{"format", "pt"}, {"producer", "moeforge"}};
   // The data section starts 64-byte aligned in the file, so in its mapping.
@@ -129,7 +129,7 @@ inline void save_packed(const model::transformer& t, const std::string& dir, con
   detail::staging_dir stage(out);
   safetensors_writer w((stage.path() / native_tensors).string(), reserve, metadata);
   for (std::size_t i = 0; i < panels.size(); ++i) w.add_stored(infos[i].name, infos[i].shape, panels[i].second->storage(), infos[i].dtype);
-  for (const auto& v : plain) w.add(v.name, v.shape, v.data);
+  for (const auto& v : plain) w.add(v.name, v.shape, v.data, v.stored);
   w.finish();
   const nlohmann::json extra{{"panels",
                               {{"nr", runtime::detail::gemm_nr},
