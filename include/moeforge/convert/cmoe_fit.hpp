@@ -12,8 +12,10 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <random>
 #include <string>
 #include <vector>
@@ -150,24 +152,42 @@ namespace detail {
 using dmatrix = Eigen::MatrixXd;
 
 /// Eigen's GEMM and factorisations pick their blocking from the thread count
-/// and split work across OpenMP threads, so their rounding would depend on
-/// OMP_NUM_THREADS; while this guard lives they run on one thread (callers
-/// parallelise over independent blocks themselves). Guards nest; the
-/// outermost one puts Eigen back to following OpenMP (-1). Conversions run
-/// from one thread, so the depth needs no lock.
-struct eigen_single_thread {
-  static int& depth() {
-    static int d = 0;
-    return d;
+/// and from the cache sizes they detect, and split work across OpenMP
+/// threads, so their rounding would depend on OMP_NUM_THREADS and on the
+/// machine (stories260K's best preset wrote other bytes on a host reporting a
+/// 508 MiB L3). While this guard lives they run on one thread (callers
+/// parallelise over independent blocks themselves) with fixed cache sizes.
+/// Guards nest; the outermost one puts Eigen back to following OpenMP (-1)
+/// and to the sizes it had. Conversions run from one thread, so the depth
+/// needs no lock; Eigen's settings are process-wide, so Eigen products that
+/// other threads run meanwhile are blocked for these caches too.
+struct eigen_reproducible {
+  // A Zen core's caches (L3 of one 8-core complex): blocks that suit any current x86 machine.
+  static constexpr std::ptrdiff_t l1 = 32 << 10, l2 = 1 << 20, l3 = 32 << 20;
+  eigen_reproducible() {
+    if (state().depth++ > 0) return;
+    state().sizes = {Eigen::l1CacheSize(), Eigen::l2CacheSize(), Eigen::l3CacheSize()};
+    Eigen::setNbThreads(1);
+    Eigen::setCpuCacheSizes(l1, l2, l3);
   }
-  eigen_single_thread() {
-    if (depth()++ == 0) Eigen::setNbThreads(1);
+  ~eigen_reproducible() {
+    if (--state().depth > 0) return;
+    Eigen::setNbThreads(-1);
+    const auto& s = state().sizes;
+    Eigen::setCpuCacheSizes(s[0], s[1], s[2]);
   }
-  ~eigen_single_thread() {
-    if (--depth() == 0) Eigen::setNbThreads(-1);
+  eigen_reproducible(const eigen_reproducible&) = delete;
+  eigen_reproducible& operator=(const eigen_reproducible&) = delete;
+
+ private:
+  struct saved {
+    int depth = 0;
+    std::array<std::ptrdiff_t, 3> sizes{};
+  };
+  static saved& state() {
+    static saved s;
+    return s;
   }
-  eigen_single_thread(const eigen_single_thread&) = delete;
-  eigen_single_thread& operator=(const eigen_single_thread&) = delete;
 };
 
 using runtime::neuron_activations;
@@ -495,7 +515,7 @@ inline void fit_router(router& r, const_matrix_ref x, const matrix& scores, cons
   if (o.router == router_fit::quadratic && (o.rank < 1 || o.rank > x.cols()))
     throw config_error(moeforge::detail::cat("cmoe: rank = ", o.rank, ", expected 1..", x.cols(), " (the hidden size)"));
   using detail::dmatrix;
-  detail::eigen_single_thread guard;
+  detail::eigen_reproducible guard;
   const index_t h = x.cols(), t = x.rows();
   matrix quad;
   if (o.router == router_fit::quadratic) {
@@ -531,7 +551,7 @@ inline fit_report fit_layer(const ffn& dense, moe_layer& m, const_matrix_ref x, 
                                              "' and refit '", refit_name(o.refit), "' need calibration inputs, got none"));
   fit_report rep;
   if (!o.fits()) return rep;
-  detail::eigen_single_thread guard;
+  detail::eigen_reproducible guard;
   rep.tokens = fit_tokens(o, dense.hidden(), dense.intermediate(), x.rows());
   const_matrix_ref xf = x.topRows(rep.tokens);
   index_t shared_width = 0;
