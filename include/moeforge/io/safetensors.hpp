@@ -203,30 +203,16 @@ class safetensors_file {
     if (first + count > std::size_t(t.numel()))
       throw shape_error(detail::cat("safetensors: '", path_, "': tensor '", name, "': elements [", first, ", ", first + count,
                                     ") exceed its ", t.numel()));
-    const char* p = data_ + t.begin + first * dtype_size(t.dtype);
+    const std::size_t size = dtype_size(t.dtype);
+    const char* p = data_ + t.begin + first * size;
     // Big tensors in blocks across the team: loading a model reads gigabytes.
     constexpr std::ptrdiff_t block = 1 << 16;
     const std::ptrdiff_t blocks = std::ptrdiff_t((count + block - 1) / block);
-    const auto each_block = [&](auto convert) {
 #pragma omp parallel for schedule(static) if (blocks > 4)
-      for (std::ptrdiff_t b = 0; b < blocks; ++b) convert(std::size_t(b * block), std::min(count, std::size_t((b + 1) * block)));
-    };
-    if (t.dtype == dtype::f32) return each_block([&](std::size_t i0, std::size_t i1) { std::memcpy(out + i0, p + 4 * i0, (i1 - i0) * 4); });
-    // memcpy per element: foreign files need not align tensors. One loop per
-    // dtype, so the BF16 one vectorises.
-    const auto widen = [&](auto to_f32) {
-      each_block([&](std::size_t i0, std::size_t i1) {
-        for (std::size_t i = i0; i < i1; ++i) {
-          std::uint16_t h;
-          std::memcpy(&h, p + 2 * i, 2);
-          out[i] = to_f32(h);
-        }
-      });
-    };
-    if (t.dtype == dtype::bf16)
-      widen([](std::uint16_t h) { return bf16_to_f32(h); });
-    else
-      widen([](std::uint16_t h) { return f16_to_f32(h); });
+    for (std::ptrdiff_t b = 0; b < blocks; ++b) {
+      const std::size_t i0 = std::size_t(b * block), i1 = std::min(count, i0 + std::size_t(block));
+      widen_to_f32(p + size * i0, t.dtype, i1 - i0, out + i0);
+    }
   }
 
   /// The tensor as a rows × cols matrix, in storage from `pool` when given.

@@ -371,26 +371,7 @@ struct weight_rows {
 
   /// Values [k0, k0 + count) of row `row` as F32 into out.
   void widen(index_t row, index_t k0, index_t count, float* out) const {
-    const char* p = static_cast<const char*>(data) + std::size_t(row * ld + k0) * dtype_size(type);
-    if (type == dtype::f32) return void(std::memcpy(out, p, std::size_t(count) * sizeof(float)));
-    index_t k = 0;
-    if (type == dtype::bf16) {
-      // In vectors: GCC leaves the scalar loop scalar at -O2, and it was most
-      // of a BF16 model's loading time.
-#if defined(MOEFORGE_GEMM_AVX512)
-      for (; k + 16 <= count; k += 16)
-        _mm512_storeu_si512(out + k, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * k))), 16));
-#elif defined(__AVX2__) && defined(__FMA__)
-      for (; k + 8 <= count; k += 8)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
-                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * k))), 16));
-#endif
-    }
-    for (; k < count; ++k) {
-      std::uint16_t h;
-      std::memcpy(&h, p + 2 * k, 2);
-      out[k] = type == dtype::bf16 ? bf16_to_f32(h) : f16_to_f32(h);
-    }
+    widen_to_f32(static_cast<const char*>(data) + std::size_t(row * ld + k0) * dtype_size(type), type, std::size_t(count), out);
   }
   /// The error for the first non-finite value of rows × depth (one must be there).
   value_error first_non_finite(index_t rows, index_t depth) const {
