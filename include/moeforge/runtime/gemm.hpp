@@ -99,27 +99,40 @@ inline void load_panel_row(const bfloat16* p, __m256& lo, __m256& hi) {
   lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
 }
 #endif
+/// Part of the next panel slice to bring into L2 while a micro-kernel call
+/// reads its own: from `from`, `pace` 256ths of a byte further at every
+/// depth step. One call reading a slice fetches a whole slice row a step;
+/// when n token panels read it in turn, each fetches its n-th of the next
+/// slice, so the weight stream keeps flowing through all of them, not only
+/// the first.
+struct fetch_share {
+  const char* from = nullptr;
+  std::size_t pace = 0;
+};
+
+/// Fetches the share's lines for depth step k into L2 (none if it is empty).
+inline void fetch_ahead(const fetch_share& f, index_t k) {
 #if defined(__AVX2__) && defined(__FMA__)
-/// Fetches panel row k of `pf` into L2: one or two cache lines, by weight size.
-template <class W>
-inline void prefetch_panel_row(const W* pf, index_t k) {
-  const char* p = reinterpret_cast<const char*>(pf + k * gemm_nr);
+  if (!f.from) return;
+  const char* p = f.from + ((std::size_t(k) * f.pace) >> 8);
   _mm_prefetch(p, _MM_HINT_T1);
-  if constexpr (sizeof(W) * gemm_nr > 64) _mm_prefetch(p + 64, _MM_HINT_T1);
-}
+  if (f.pace > (std::size_t(64) << 8)) _mm_prefetch(p + 64, _MM_HINT_T1);  // (at most two lines: a row is ≤ 128 bytes)
+#else
+  (void)f, (void)k;
 #endif
+}
 
 /// c[M×NR] (+)= Σ_k tokens(r, k)·b-panel[k][NR] over the first M ≤ MR token
 /// rows (a last, partial panel computes only its real tokens, so the cost
 /// follows the token count, not the panel count), for each of P panels b[p]
 /// into its own tile c + p·MR·NR; a tile is contiguous, overwritten when
 /// `first`, else accumulated into. Each element's sum is the same whatever M
-/// and P are and wherever the tokens are read from. `pf`, if not null (one
-/// panel only), is a panel slice the caller reads next: it is fetched into L2
-/// at the pace this one is read, so two weight streams are in flight, not
-/// one. W is the panel's value type (float or bfloat16).
+/// and P are and wherever the tokens are read from. `pf` (one panel only) is
+/// a share of the panel slice the caller reads next, fetched into L2 at the
+/// pace this one is read, so two weight streams are in flight, not one. W is
+/// the panel's value type (float or bfloat16).
 template <int M, int P, class Tokens, class W>
-inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c, bool first, const W* pf) {
+inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c, bool first, const fetch_share& pf) {
 #if defined(MOEFORGE_GEMM_AVX512)
   __m512 lo[M][P], hi[M][P];
 #pragma GCC unroll 8
@@ -130,7 +143,7 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
       hi[r][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + p * gemm_tile + r * gemm_nr + 16);
     }
   for (index_t k = 0; k < kl; ++k) {
-    if (pf) prefetch_panel_row(pf, k);
+    fetch_ahead(pf, k);
     __m512 b0[P], b1[P];
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) load_panel_row(b[p] + k * gemm_nr, b0[p], b1[p]);
@@ -158,7 +171,7 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
       hi[r][p] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + p * gemm_tile + r * gemm_nr + 8);
     }
   for (index_t k = 0; k < kl; ++k) {
-    if (pf) prefetch_panel_row(pf, k);
+    fetch_ahead(pf, k);
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
       __m256 b0, b1;
@@ -212,15 +225,15 @@ constexpr index_t panels_together(index_t rows) { return rows == 1 ? gemm_max_to
 
 /// micro_kernel_rows for the first `rows` (1..MR) token rows of one panel, `pf` as there.
 template <class Tokens, class W>
-inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool first, index_t rows, const W* pf = nullptr) {
+inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool first, index_t rows, const fetch_share& pf = {}) {
   with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 1>(kl, a, &b, c, first, pf); });
 }
 /// micro_kernel_rows for one or two tokens read in place over `count`
 /// (2..panels_together(rows)) panels side by side.
 template <class W>
 inline void micro_kernel_side_by_side(index_t kl, token_rows a, const W* const* b, index_t count, float* c, bool first, index_t rows) {
-  if (rows == 2) return micro_kernel_rows<2, 2>(kl, a, b, c, first, static_cast<const W*>(nullptr));
-  with_rows<int(gemm_max_together)>(count, [&](auto p) { micro_kernel_rows<1, decltype(p)::value>(kl, a, b, c, first, static_cast<const W*>(nullptr)); });
+  if (rows == 2) return micro_kernel_rows<2, 2>(kl, a, b, c, first, fetch_share{});
+  with_rows<int(gemm_max_together)>(count, [&](auto p) { micro_kernel_rows<1, decltype(p)::value>(kl, a, b, c, first, fetch_share{}); });
 }
 /// The micro-kernel on a packed token panel a[k][MR].
 inline void micro_kernel(index_t kl, const float* a, const float* b, float* c, bool first, index_t rows = gemm_mr) {
@@ -585,15 +598,13 @@ inline weight_block panel_matrix::block(index_t row0, index_t rows, index_t k0) 
   return {nullptr, 0, rows, this, panel, k0, skip};
 }
 
-/// The micro-kernel on a slice of either weight type; `pf` (the next slice
-/// to prefetch, or null) is used when it has the same type.
+/// The micro-kernel on a slice of either weight type, fetching `pf` meanwhile.
 template <class Tokens>
-inline void micro_kernel_slice(index_t kl, Tokens a, panel_slice b, float* c, bool first, index_t rows, panel_slice pf) {
-  const bool fetch = pf.data && pf.type == b.type;
+inline void micro_kernel_slice(index_t kl, Tokens a, panel_slice b, float* c, bool first, index_t rows, const fetch_share& pf) {
   if (b.type == dtype::bf16)
-    micro_kernel_tokens(kl, a, static_cast<const bfloat16*>(b.data), c, first, rows, fetch ? static_cast<const bfloat16*>(pf.data) : nullptr);
+    micro_kernel_tokens(kl, a, static_cast<const bfloat16*>(b.data), c, first, rows, pf);
   else
-    micro_kernel_tokens(kl, a, static_cast<const float*>(b.data), c, first, rows, fetch ? static_cast<const float*>(pf.data) : nullptr);
+    micro_kernel_tokens(kl, a, static_cast<const float*>(b.data), c, first, rows, pf);
 }
 /// micro_kernel_side_by_side on `count` slices of one weight type, into consecutive tiles from c.
 inline void micro_kernel_slices(index_t kl, token_rows a, const panel_slice* b, index_t count, float* c, bool first, index_t rows) {
@@ -667,20 +678,31 @@ inline void add_pair_panels(const float* const* src, index_t m, index_t k, std::
   for (index_t p0 = 0; p0 < m; p0 += gemm_mr, dst += words) out.push_back({src + p0, std::min(gemm_mr, m - p0), k, dst});
 }
 
-/// Storage for `words` token pairs on the calling thread: kept between calls
-/// (its pages already mapped) up to 64 MiB, and a larger request in `own`,
-/// freed with it, so a long prefill does not leave every thread holding its
-/// size. Valid until the thread's next call; read it through the pointer
-/// (inside a parallel region a thread_local names each thread's own).
-inline std::uint32_t* pair_scratch(std::size_t words, std::vector<std::uint32_t>& own) {
-  constexpr std::size_t kept_words = (std::size_t(64) << 20) / sizeof(std::uint32_t);
-  thread_local std::vector<std::uint32_t> kept;
-  if (words > kept_words) {
-    own.resize(words);
+/// Storage for `count` values of T on the calling thread, one store per
+/// `Use` (a tag type, so that two buffers in use at once never share one):
+/// kept between calls up to 64 MiB, its pages already mapped (a fresh
+/// buffer's page faults cost more than the products they feed: 3 MB of
+/// activations allocated per call made an E8A2 layer at 512 tokens 1.6×
+/// slower), and a larger request in `own`, freed with it, so a long prefill
+/// does not leave every thread holding its size. Valid until the thread's
+/// next call for the same Use; read it through the pointer (inside a
+/// parallel region a thread_local names each thread's own).
+template <class Use, class T>
+inline T* thread_scratch(std::size_t count, std::vector<T>& own) {
+  constexpr std::size_t kept_count = (std::size_t(64) << 20) / sizeof(T);
+  thread_local std::vector<T> kept;
+  if (count > kept_count) {
+    own.resize(count);
     return own.data();
   }
-  if (kept.size() < words) kept.resize(words);
+  if (kept.size() < count) kept.resize(count);
   return kept.data();
+}
+
+/// Storage for `words` token pairs on the calling thread (see thread_scratch).
+inline std::uint32_t* pair_scratch(std::size_t words, std::vector<std::uint32_t>& own) {
+  struct token_pairs;
+  return thread_scratch<token_pairs>(words, own);
 }
 
 /// Packs the panels, one per iteration of an orphaned `omp for`: on the
@@ -698,7 +720,7 @@ inline void pack_pair_panels(const std::vector<pair_panel>& panels) {
 /// pack_token_pairs) and a BF16 panel slice: the two depths of a pair are
 /// interleaved from two panel rows in registers and taken by one vdpbf16ps.
 template <int M>
-inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, const bfloat16* pf) {
+inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, const fetch_share& pf) {
   __m512 lo[M], hi[M];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
@@ -706,7 +728,7 @@ inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bflo
     hi[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr + 16);
   }
   for (index_t k = 0; k < kl; k += 2, b += 2 * gemm_nr, a += gemm_mr) {
-    if (pf) prefetch_panel_row(pf, k), prefetch_panel_row(pf, k + 1);
+    fetch_ahead(pf, k), fetch_ahead(pf, k + 1);
     const __m512i r0 = _mm512_loadu_si512(b), r1 = k + 1 < kl ? _mm512_loadu_si512(b + gemm_nr) : _mm512_setzero_si512();
     const __m512bh p0 = (__m512bh)_mm512_unpacklo_epi16(r0, r1), p1 = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
 #pragma GCC unroll 8
@@ -719,11 +741,11 @@ inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bflo
   for (int r = 0; r < M; ++r) _mm512_storeu_ps(c + r * gemm_nr, lo[r]), _mm512_storeu_ps(c + r * gemm_nr + 16, hi[r]);
 }
 
-inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows, const bfloat16* pf) {
+inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows, const fetch_share& pf) {
   with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value>(kl, a, b, c, first, pf); });
 }
 #else
-inline void micro_kernel_dot(index_t, const std::uint32_t*, const bfloat16*, float*, bool, index_t, const bfloat16*) {}
+inline void micro_kernel_dot(index_t, const std::uint32_t*, const bfloat16*, float*, bool, index_t, const fetch_share&) {}
 #endif
 
 /// Up to this many tokens the micro-kernel reads them in place from their
@@ -808,20 +830,24 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         index_t group = 1;
         while (group < together && jp + group < npanels && slices[std::size_t(jp + group)].type == slices[std::size_t(jp)].type) ++group;
         // Prepared slices come from memory: read one at a time, the first
-        // token group fetches the next one (after the last panel, the first of
-        // the next depth block). Panels side by side are already two to four
-        // sequential streams, which the hardware prefetcher follows: fetching
-        // their successors too slowed one and two tokens by 2-6%.
+        // token block's panels fetch the next one (after the last panel, the
+        // first of the next depth block), each its share. Panels side by side
+        // are already two to four sequential streams, which the hardware
+        // prefetcher follows: fetching their successors too slowed one and
+        // two tokens by 2-6%.
         panel_slice next;
         const index_t j = jp + 1;  // from npanels on, in the next depth block
         if (together == 1 && ic == 0 && j < 2 * npanels && (j >= npanels || prepared[std::size_t(j)])) next = slices[std::size_t(j)];
+        const std::size_t next_row_bytes = std::size_t(gemm_nr) * dtype_size(next.type), sharers = std::size_t(iend - ic);
         for (index_t ip = ic; ip < iend; ++ip) {
           float* tile = tiles.data() + (ip * npanels + jp) * gemm_tile;
           const index_t rows = std::min(gemm_mr, m - ip * gemm_mr);
-          const panel_slice pf = ip == ic ? next : panel_slice{};
+          const fetch_share pf = next.data ? fetch_share{static_cast<const char*>(next.data) + std::size_t(ip - ic) * std::size_t(kl) * next_row_bytes / sharers,
+                                                         (next_row_bytes << 8) / sharers}
+                                           : fetch_share{};
           if (dot) {
             micro_kernel_dot(kl, ic_pairs + (ip - ic) * pair_stride, static_cast<const bfloat16*>(slices[std::size_t(jp)].data), tile, k0 == 0,
-                             rows, pf.data && pf.type == dtype::bf16 ? static_cast<const bfloat16*>(pf.data) : nullptr);
+                             rows, pf);
           } else if (pack_tokens) {
             micro_kernel_slice(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
           } else {

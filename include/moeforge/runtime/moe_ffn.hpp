@@ -43,8 +43,7 @@ struct job {
   std::vector<const float*> inputs;  ///< the tokens' rows of x, read in place (never gathered)
   index_t first = 0;
   index_t columns = 0;
-  matrix h;                          ///< activations [n, columns]
-  std::vector<const float*> h_rows;  ///< h's rows, the tokens of the down projection
+  std::vector<float*> h_rows;  ///< the activations' rows (columns values each; run_jobs' workspace), the down projection's tokens
   /// When the products round their tokens (rounds_tokens): the inputs and
   /// the activations as BF16 pairs, packed once per call for all the job's
   /// tasks (in run_jobs' workspace); else null.
@@ -52,6 +51,8 @@ struct job {
   std::uint32_t* h_pairs = nullptr;
 
   bool gated() const { return packed ? packed->gated() : weights->gated(); }
+  /// The tokens whose activations this process computes (all or none of them).
+  index_t computed() const { return index_t(h_rows.size()); }
   activation act() const { return packed ? packed->act : weights->act; }
   /// Neurons [n0, n0 + count) of gate or up as a panel_product operand.
   weight_block neurons(bool gate, index_t n0, index_t count) const {
@@ -92,7 +93,7 @@ inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) 
   const bool gated = j.gated();
   for (index_t p = 0; p < n; ++p) {
     const float* o = out.data() + p * width;
-    activate_row(j.act(), o, gated ? o + count : nullptr, j.h.row(p).data() + i0, count);
+    activate_row(j.act(), o, gated ? o + count : nullptr, j.h_rows[std::size_t(p)] + i0, count);
   }
 }
 
@@ -130,19 +131,24 @@ struct activation_task {
   index_t first, count;
 };
 
-/// Phase 1's tasks over the jobs `wanted(k)` selects (sizing their
-/// activations), and the multiply-adds of those jobs in `fma`.
+/// Phase 1's tasks over the jobs `wanted(k)` selects, whose activations get
+/// rows in thread_scratch (or `own`), and the multiply-adds of those jobs in
+/// `fma`.
 template <class Wanted>
-std::vector<activation_task> activation_tasks(std::vector<job>& jobs, index_t hidden, Wanted wanted, double& fma) {
+std::vector<activation_task> activation_tasks(std::vector<job>& jobs, index_t hidden, Wanted wanted, double& fma, std::vector<float>& own) {
+  const auto computes = [&](std::size_t k) { return !jobs[k].novice && !jobs[k].tokens.empty() && wanted(k); };
+  std::size_t values = 0;
+  for (std::size_t k = 0; k < jobs.size(); ++k)
+    if (computes(k)) values += jobs[k].tokens.size() * std::size_t(jobs[k].columns);
+  struct activations;
+  float* free_values = thread_scratch<activations>(values, own);
   std::vector<activation_task> tasks;
   fma = 0;
   for (std::size_t k = 0; k < jobs.size(); ++k) {
+    if (!computes(k)) continue;
     auto& j = jobs[k];
-    if (j.novice || j.tokens.empty() || !wanted(k)) continue;
     fma += double(j.tokens.size()) * double(j.columns) * double(hidden) * (j.gated() ? 3 : 2);
-    j.h.resize(index_t(j.tokens.size()), j.columns);
-    j.h_rows.clear();
-    for (index_t p = 0; p < j.h.rows(); ++p) j.h_rows.push_back(j.h.row(p).data());
+    for (std::size_t p = 0; p < j.tokens.size(); ++p, free_values += j.columns) j.h_rows.push_back(free_values);
     const index_t step = neuron_chunk(index_t(j.tokens.size()));
     for (index_t i = 0; i < j.columns;) {
       const index_t end = std::min(i + step, j.chunk_limit(i));
@@ -170,7 +176,8 @@ struct job_split {
 /// the exchange, and then the row chunks from the parts.
 inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, const job_split* split = nullptr) {
   double fma = 0;
-  const auto chunks = activation_tasks(jobs, x.cols(), [&](std::size_t k) { return !split || split->computes[k]; }, fma);
+  std::vector<float> own_activations;
+  const auto chunks = activation_tasks(jobs, x.cols(), [&](std::size_t k) { return !split || split->computes[k]; }, fma, own_activations);
   const index_t hidden = y.cols();
   const index_t rows_per_task = row_chunk(x.rows());
   const index_t row_tasks = (hidden + rows_per_task - 1) / rows_per_task;
@@ -191,16 +198,16 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
   std::vector<pair_panel> input_panels, h_panels;
   std::size_t words = 0;
   for (const auto& j : jobs)
-    if (j.h.rows() > 0 && j.rounds_tokens()) words += token_pair_count(j.h.rows(), x.cols()) + token_pair_count(j.h.rows(), j.columns);
+    if (!j.h_rows.empty() && j.rounds_tokens()) words += token_pair_count(j.computed(), x.cols()) + token_pair_count(j.computed(), j.columns);
   std::vector<std::uint32_t> own;
   std::uint32_t* free_words = pair_scratch(words, own);
   for (auto& j : jobs) {
-    if (j.h.rows() == 0 || !j.rounds_tokens()) continue;
+    if (j.h_rows.empty() || !j.rounds_tokens()) continue;
     j.input_pairs = free_words;
-    add_pair_panels(j.inputs.data(), j.h.rows(), x.cols(), j.input_pairs, input_panels);
-    j.h_pairs = j.input_pairs + token_pair_count(j.h.rows(), x.cols());
-    add_pair_panels(j.h_rows.data(), j.h.rows(), j.columns, j.h_pairs, h_panels);
-    free_words = j.h_pairs + token_pair_count(j.h.rows(), j.columns);
+    add_pair_panels(j.inputs.data(), j.computed(), x.cols(), j.input_pairs, input_panels);
+    j.h_pairs = j.input_pairs + token_pair_count(j.computed(), x.cols());
+    add_pair_panels(j.h_rows.data(), j.computed(), j.columns, j.h_pairs, h_panels);
+    free_words = j.h_pairs + token_pair_count(j.computed(), j.columns);
   }
   std::vector<std::size_t> mine;  // with split: the jobs whose down products this process computes
   if (split)
