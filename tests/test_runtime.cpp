@@ -292,8 +292,8 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
   // Shapes around every blocking edge of both instruction sets: tokens (6 or 8
   // per micro-tile and partial tiles, 96 or 128 per packed block, 32 or 48 the
   // streaming limit, 1-4 per streaming group, 3 the start of the AVX-512 tiles,
-  // 1 and 2 with panels side by side, 2-4 of them: n = 31 gives 3 with
-  // AVX-512's 32-row panels),
+  // 1 with up to four panels side by side, 2-6 (AVX-512) or 2 (AVX2) with
+  // two: n = 31 gives 3 panels with AVX-512's 32-row panels, an odd one out),
   // weight rows (16 or 32 per panel, 8 per transposed group, 6 per streaming
   // tile), depth (8 or 16 lanes, 256 per packed block, 1024 per streaming block).
   std::mt19937 rng(5);
@@ -321,13 +321,27 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
         const matrix alone = runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b.topRows(1));
         CHECK(alone.row(0) == got.row(0));
         if (m >= 2) CHECK(runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b.topRows(2)) == got.topRows(2));
-        if (k == 300 && m >= 3 && m <= runtime::detail::bf16_exact_tokens) {
-          // The same with prepared BF16 panels, whose few-token products are exact.
-          const runtime::detail::panel_matrix pg(gate.data(), gate.outerStride(), n, k, {}, dtype::bf16), pu(up.data(), up.outerStride(), n + 2, k, {}, dtype::bf16);
-          const auto product = [&](index_t tokens) { return runtime::detail::times_transpose({pg.block(0, n, 0), pu.block(0, n + 2, 0)}, b.topRows(tokens)); };
-          const matrix batch = product(m);
-          CHECK(product(1).row(0) == batch.row(0));
-          CHECK(product(2) == batch.topRows(2));
+        if (k == 300 || k == 1100) {
+          // The same with prepared panels, read in place: up to MR tokens
+          // read each panel's whole depth at once (more, in blocks of KC),
+          // up to gemm_pair_rows of them two panels side by side. Every
+          // prefix of the tokens gives the batch's rows, and F32 panels the
+          // plain weights' bits; BF16 ones through their exact few-token path,
+          // the rounded plain weights' bits.
+          for (const dtype type : {dtype::f32, dtype::bf16}) {
+            const runtime::detail::panel_matrix pg(gate.data(), gate.outerStride(), n, k, {}, type), pu(up.data(), up.outerStride(), n + 2, k, {}, type);
+            const auto product = [&](index_t tokens) { return runtime::detail::times_transpose({pg.block(0, n, 0), pu.block(0, n + 2, 0)}, b.topRows(tokens)); };
+            const index_t most = type == dtype::f32 ? m : std::min(m, runtime::detail::bf16_exact_tokens);
+            const matrix batch = product(most);
+            INFO(dtype_name(type));
+            if (type == dtype::f32) {
+              CHECK(batch == got);
+            } else {
+              const matrix rounded_gate = rounded_to_bf16(gate), rounded_up = rounded_to_bf16(up);
+              CHECK(batch == runtime::detail::times_transpose({runtime::detail::rows_of(rounded_gate), runtime::detail::rows_of(rounded_up)}, b.topRows(most)));
+            }
+            for (index_t t = 1; t <= std::min(most, runtime::detail::gemm_mr + 1); ++t) CHECK(product(t) == batch.topRows(t));
+          }
         }
       }
 }
