@@ -327,7 +327,9 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
           // up to gemm_pair_rows of them two panels side by side. Every
           // prefix of the tokens gives the batch's rows, and F32 panels the
           // plain weights' bits; BF16 ones through their exact few-token path,
-          // the rounded plain weights' bits.
+          // the rounded plain weights' bits, and past it (tokens rounded for
+          // vdpbf16ps, two panels side by side up to gemm_pair_rows) the
+          // rows of any larger batch.
           for (const dtype type : {dtype::f32, dtype::bf16}) {
             const runtime::detail::panel_matrix pg(gate.data(), gate.outerStride(), n, k, {}, type), pu(up.data(), up.outerStride(), n + 2, k, {}, type);
             const auto product = [&](index_t tokens) { return runtime::detail::times_transpose({pg.block(0, n, 0), pu.block(0, n + 2, 0)}, b.topRows(tokens)); };
@@ -341,6 +343,10 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
               CHECK(batch == runtime::detail::times_transpose({runtime::detail::rows_of(rounded_gate), runtime::detail::rows_of(rounded_up)}, b.topRows(most)));
             }
             for (index_t t = 1; t <= std::min(most, runtime::detail::gemm_mr + 1); ++t) CHECK(product(t) == batch.topRows(t));
+            if (type == dtype::bf16 && m > most) {
+              const matrix rounded_batch = product(m);
+              for (index_t t = most + 1; t <= std::min(m, runtime::detail::gemm_mr + 1); ++t) CHECK(product(t) == rounded_batch.topRows(t));
+            }
           }
         }
       }

@@ -726,38 +726,55 @@ inline void pack_pair_panels(const std::vector<pair_panel>& panels) {
   }
 }
 
+/// micro_kernel_rows with BF16 tokens (pairs from pack_token_pairs) and BF16
+/// panel slices b[p], p < P: the two depths of a pair are interleaved from two
+/// panel rows in registers and taken by one vdpbf16ps.
 #if defined(__AVX512BF16__)
-/// c[M×NR] (+)= Σ_k a(r, k)·b[k][NR] with BF16 tokens (pairs from
-/// pack_token_pairs) and a BF16 panel slice: the two depths of a pair are
-/// interleaved from two panel rows in registers and taken by one vdpbf16ps.
-template <int M>
-inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, const fetch_share& pf) {
-  __m512 lo[M], hi[M];
+template <int M, int P>
+inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bfloat16* const* b, float* c, bool first, const fetch_share& pf) {
+  __m512 lo[M][P], hi[M][P];
 #pragma GCC unroll 8
-  for (int r = 0; r < M; ++r) {
-    lo[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr);
-    hi[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * gemm_nr + 16);
-  }
-  for (index_t k = 0; k < kl; k += 2, b += 2 * gemm_nr, a += gemm_mr) {
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      lo[r][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + p * gemm_tile + r * gemm_nr);
+      hi[r][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + p * gemm_tile + r * gemm_nr + 16);
+    }
+  for (index_t k = 0; k < kl; k += 2, a += gemm_mr) {
     fetch_ahead(pf, k), fetch_ahead(pf, k + 1);
-    const __m512i r0 = _mm512_loadu_si512(b), r1 = k + 1 < kl ? _mm512_loadu_si512(b + gemm_nr) : _mm512_setzero_si512();
-    const __m512bh p0 = (__m512bh)_mm512_unpacklo_epi16(r0, r1), p1 = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+    __m512bh p0[P], p1[P];
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      const bfloat16* row = b[p] + k * gemm_nr;
+      const __m512i r0 = _mm512_loadu_si512(row), r1 = k + 1 < kl ? _mm512_loadu_si512(row + gemm_nr) : _mm512_setzero_si512();
+      p0[p] = (__m512bh)_mm512_unpacklo_epi16(r0, r1), p1[p] = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const __m512bh x = (__m512bh)_mm512_set1_epi32(int(a[r]));
-      lo[r] = _mm512_dpbf16_ps(lo[r], x, p0), hi[r] = _mm512_dpbf16_ps(hi[r], x, p1);
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) lo[r][p] = _mm512_dpbf16_ps(lo[r][p], x, p0[p]), hi[r][p] = _mm512_dpbf16_ps(hi[r][p], x, p1[p]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < M; ++r) _mm512_storeu_ps(c + r * gemm_nr, lo[r]), _mm512_storeu_ps(c + r * gemm_nr + 16, hi[r]);
-}
-
-inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows, const fetch_share& pf) {
-  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value>(kl, a, b, c, first, pf); });
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p)
+      _mm512_storeu_ps(c + p * gemm_tile + r * gemm_nr, lo[r][p]), _mm512_storeu_ps(c + p * gemm_tile + r * gemm_nr + 16, hi[r][p]);
 }
 #else
-inline void micro_kernel_dot(index_t, const std::uint32_t*, const bfloat16*, float*, bool, index_t, const fetch_share&) {}
+template <int M, int P>
+inline void micro_kernel_dot_rows(index_t, const std::uint32_t*, const bfloat16* const*, float*, bool, const fetch_share&) {}
 #endif
+
+/// micro_kernel_dot_rows for the first `rows` (1..MR) token rows of one panel, `pf` as there.
+inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows, const fetch_share& pf) {
+  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 1>(kl, a, &b, c, first, pf); });
+}
+/// micro_kernel_dot_rows for up to gemm_pair_rows tokens over two panels side by side.
+inline void micro_kernel_dot_side_by_side(index_t kl, const std::uint32_t* a, const bfloat16* const* b, float* c, bool first, index_t rows) {
+  with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 2>(kl, a, b, c, first, fetch_share{}); });
+}
 
 /// Up to this many tokens the micro-kernel reads them in place from their
 /// rows; more are packed into [k][MR] panels once per depth block, which
@@ -841,8 +858,8 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
       } else if (pack_tokens) {
         pack_panels<gemm_mr>(b + ic * gemm_mr, count, k0, kl, bpack.data());
       }
-      // Tokens read in place, one or two: panels side by side (panels_together).
-      const index_t together = dot || pack_tokens ? 1 : panels_together(m);
+      // Tokens read in place or as pairs, a few: panels side by side (panels_together).
+      const index_t together = pack_tokens ? 1 : panels_together(m);
       for (jp = 0; jp < npanels;) {
         index_t group = 1;
         while (group < together && jp + group < npanels && slices[std::size_t(jp + group)].type == slices[std::size_t(jp)].type) ++group;
@@ -862,7 +879,10 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
           const fetch_share pf = next.data ? fetch_share{static_cast<const char*>(next.data) + std::size_t(ip - ic) * std::size_t(kl) * next_row_bytes / sharers,
                                                          (next_row_bytes << 8) / sharers}
                                            : fetch_share{};
-          if (dot) {
+          if (dot && group > 1) {
+            const bfloat16* pair[2] = {static_cast<const bfloat16*>(slices[std::size_t(jp)].data), static_cast<const bfloat16*>(slices[std::size_t(jp + 1)].data)};
+            micro_kernel_dot_side_by_side(kl, ic_pairs + (ip - ic) * pair_stride, pair, tile, k0 == 0, rows);
+          } else if (dot) {
             micro_kernel_dot(kl, ic_pairs + (ip - ic) * pair_stride, static_cast<const bfloat16*>(slices[std::size_t(jp)].data), tile, k0 == 0,
                              rows, pf);
           } else if (pack_tokens) {
