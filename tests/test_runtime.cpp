@@ -317,7 +317,7 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
         const Eigen::ArrayXXd bound = product_tolerance * std::sqrt(double(k) + 1) * magnitude.array();
         CHECK((err <= bound).all());
         // A token's products are the same FMA chains alone (panels read side
-        // by side for one or two tokens) as in any batch, bit for bit.
+        // by side for a few tokens) as in any batch, bit for bit.
         const matrix alone = runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b.topRows(1));
         CHECK(alone.row(0) == got.row(0));
         if (m >= 2) CHECK(runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b.topRows(2)) == got.topRows(2));
@@ -824,6 +824,25 @@ TEST_CASE("a BF16 projection gives the same result at top level after every thre
 #pragma omp parallel
     { const matrix inner = runtime::project(other, panels); }
     return first == runtime::project(x, panels);
+  };
+  REQUIRE(with_threads(2, run));
+  REQUIRE(with_threads(3, run));
+}
+
+TEST_CASE("a MoE layer gives the same result at top level after every thread of a team has run one of its own") {
+  // The activations live in the calling thread's scratch, kept between
+  // calls; the team must write and read the caller's, not its own.
+  std::mt19937 rng(44);
+  layer_spec s;
+  s.hidden = 256, s.widths = {300, 200, 260, 310}, s.shared = 1;
+  const moe_layer m = random_layer(s, rng);
+  const runtime::prepared_moe prepared = runtime::prepare(m, dtype::bf16);
+  const matrix x = random_matrix(64, s.hidden, rng, 1.0f), other = random_matrix(24, s.hidden, rng, 1.0f);
+  const auto run = [&] {
+    const matrix first = runtime::moe_forward(prepared, x);
+#pragma omp parallel
+    { const matrix inner = runtime::moe_forward(prepared, other); }
+    return first == runtime::moe_forward(prepared, x);
   };
   REQUIRE(with_threads(2, run));
   REQUIRE(with_threads(3, run));

@@ -1,6 +1,8 @@
 // The packed GEMM (BLIS-style): weight rows in panels of NR rows laid out
 // [k][NR], which the MR×NR register-blocked micro-kernel reads sequentially,
-// KC deep so a weight micro-panel stays in L1. The panels are either built
+// KC deep so a weight micro-panel stays in L1 while every token panel passes
+// over it (whole, when one token panel's worth reads prepared panels and
+// nothing is reused). The panels are either built
 // once (panel_matrix, runtime::prepare) and read in place, or packed per call
 // from row-major weights. Token operands are read in place from their rows
 // for few tokens, or packed into [k][MR] panels for many. Every output element
@@ -212,7 +214,7 @@ inline void with_rows(index_t rows, Kernel&& kernel) {
   kernel(std::integral_constant<int, Max>{});
 }
 
-/// Up to this many panels are read at once for one or two tokens (see
+/// Up to this many panels are read at once for one token (see
 /// panels_together).
 constexpr index_t gemm_max_together = 4;
 /// Up to this many tokens read in place take two panels side by side: as
@@ -240,7 +242,8 @@ inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool
   with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 1>(kl, a, &b, c, first, pf); });
 }
 /// micro_kernel_rows for tokens read in place over `count`
-/// (2..panels_together(rows)) panels side by side.
+/// (2..panels_together(rows)) panels side by side: for more than one token,
+/// two (panels_together).
 template <class W>
 inline void micro_kernel_side_by_side(index_t kl, token_rows a, const W* const* b, index_t count, float* c, bool first, index_t rows) {
   if (rows > 1) return with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 2>(kl, a, b, c, first, fetch_share{}); });
@@ -579,7 +582,6 @@ class panel_matrix {
 struct panel_slice {
   const void* data = nullptr;
   dtype type = dtype::f32;
-  bool dot = false;  ///< BF16 with many tokens rounded for vdpbf16ps (see weight_format)
 };
 
 /// A block of weight rows, the `a` operand of panel_product: row-major F32
@@ -597,7 +599,7 @@ struct weight_block {
   /// when prepared, else packed into buf (kl·NR floats).
   panel_slice slice(index_t p, index_t k, index_t kl, float* buf) const {
     if (panels)
-      return panels->type() == dtype::bf16 ? panel_slice{panels->at<bfloat16>(panel0 + p, k0 + k), dtype::bf16, panels->dot()}
+      return panels->type() == dtype::bf16 ? panel_slice{panels->at<bfloat16>(panel0 + p, k0 + k), dtype::bf16}
                                            : panel_slice{panels->at<float>(panel0 + p, k0 + k), dtype::f32};
     pack_rows<gemm_nr>(data + p * gemm_nr * ld + k, ld, std::min(gemm_nr, rows - p * gemm_nr), kl, buf);
     return {buf, dtype::f32};
@@ -693,7 +695,7 @@ inline void add_pair_panels(const float* const* src, index_t m, index_t k, std::
 /// `Use` (a tag type, so that two buffers in use at once never share one):
 /// kept between calls up to 64 MiB, its pages already mapped (a fresh
 /// buffer's page faults cost more than the products they feed: 3 MB of
-/// activations allocated per call made an E8A2 layer at 512 tokens 1.6×
+/// activations allocated per call made an E8A2 layer at 512 tokens 1.45×
 /// slower), and a larger request in `own`, freed with it, so a long prefill
 /// does not leave every thread holding its size. Valid until the thread's
 /// next call for the same Use; read it through the pointer (inside a
@@ -866,9 +868,9 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         // Prepared slices come from memory: read one at a time, the first
         // token block's panels fetch the next one (after the last panel, the
         // first of the next depth block), each its share. Panels side by side
-        // are already two to four sequential streams, which the hardware
-        // prefetcher follows: fetching their successors too slowed one and
-        // two tokens by 2-6%.
+        // (up to gemm_pair_rows tokens) are already two to four sequential
+        // streams, which the hardware prefetcher follows: fetching their
+        // successors too slowed one and two tokens by 2-6%.
         panel_slice next;
         const index_t j = jp + 1;  // from npanels on, in the next depth block
         if (together == 1 && ic == 0 && j < 2 * npanels && (j >= npanels || prepared[std::size_t(j)])) next = slices[std::size_t(j)];

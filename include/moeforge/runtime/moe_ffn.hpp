@@ -148,6 +148,7 @@ std::vector<activation_task> activation_tasks(std::vector<job>& jobs, index_t hi
     if (!computes(k)) continue;
     auto& j = jobs[k];
     fma += double(j.tokens.size()) * double(j.columns) * double(hidden) * (j.gated() ? 3 : 2);
+    j.h_rows.clear();
     for (std::size_t p = 0; p < j.tokens.size(); ++p, free_values += j.columns) j.h_rows.push_back(free_values);
     const index_t step = neuron_chunk(index_t(j.tokens.size()));
     for (index_t i = 0; i < j.columns;) {
