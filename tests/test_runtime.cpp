@@ -811,6 +811,21 @@ TEST_CASE("a product reads tokens rounded once into BF16 pairs as it reads the p
   }
 }
 
+/// Requires call(x) to give the same result before and after every thread
+/// of a team (of 2, then 3) has run call(other) of its own: what a call
+/// keeps in its thread's scratch must not leak into the next top-level one.
+template <class Call>
+void require_same_after_team_calls(Call call, const matrix& x, const matrix& other) {
+  const auto run = [&] {
+    const matrix first = call(x);
+#pragma omp parallel
+    { const matrix inner = call(other); }
+    return first == call(x);
+  };
+  REQUIRE(with_threads(2, run));
+  REQUIRE(with_threads(3, run));
+}
+
 TEST_CASE("a BF16 projection gives the same result at top level after every thread of a team has run one of its own") {
   // The tokens rounded once per call live in the calling thread's scratch;
   // the team must read the caller's, not stale pairs of its own.
@@ -818,15 +833,8 @@ TEST_CASE("a BF16 projection gives the same result at top level after every thre
   std::mt19937 rng(43);
   const matrix w = random_matrix(1024, 300, rng, 1.0f);
   const panel_matrix panels(w.data(), w.outerStride(), w.rows(), w.cols(), {}, weight_format(dtype::bf16, true));
-  const matrix x = random_matrix(64, 300, rng, 1.0f), other = random_matrix(96, 300, rng, 1.0f);
-  const auto run = [&] {
-    const matrix first = runtime::project(x, panels);
-#pragma omp parallel
-    { const matrix inner = runtime::project(other, panels); }
-    return first == runtime::project(x, panels);
-  };
-  REQUIRE(with_threads(2, run));
-  REQUIRE(with_threads(3, run));
+  require_same_after_team_calls([&](const matrix& in) { return runtime::project(in, panels); }, random_matrix(64, 300, rng, 1.0f),
+                                 random_matrix(96, 300, rng, 1.0f));
 }
 
 TEST_CASE("a MoE layer gives the same result at top level after every thread of a team has run one of its own") {
@@ -837,15 +845,8 @@ TEST_CASE("a MoE layer gives the same result at top level after every thread of 
   s.hidden = 256, s.widths = {300, 200, 260, 310}, s.shared = 1;
   const moe_layer m = random_layer(s, rng);
   const runtime::prepared_moe prepared = runtime::prepare(m, dtype::bf16);
-  const matrix x = random_matrix(64, s.hidden, rng, 1.0f), other = random_matrix(24, s.hidden, rng, 1.0f);
-  const auto run = [&] {
-    const matrix first = runtime::moe_forward(prepared, x);
-#pragma omp parallel
-    { const matrix inner = runtime::moe_forward(prepared, other); }
-    return first == runtime::moe_forward(prepared, x);
-  };
-  REQUIRE(with_threads(2, run));
-  REQUIRE(with_threads(3, run));
+  require_same_after_team_calls([&](const matrix& in) { return runtime::moe_forward(prepared, in); }, random_matrix(64, s.hidden, rng, 1.0f),
+                                 random_matrix(24, s.hidden, rng, 1.0f));
 }
 
 TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same logits as one that refers to them") {
