@@ -139,9 +139,10 @@ template <int P, class W>
 inline void fetch_panels_ahead(const W* const* b, index_t k) {
 #if defined(__AVX2__) && defined(__FMA__)
   for (int p = 0; p < P; ++p) {
-    const char* row = reinterpret_cast<const char*>(b[p] + k * gemm_nr) + side_by_side_ahead;
-    _mm_prefetch(row, _MM_HINT_T0);
-    if constexpr (sizeof(W) * gemm_nr > 64) _mm_prefetch(row + 64, _MM_HINT_T0);  // (a row is at most two lines)
+    // As an address, not a pointer: near a panel's end it lies past the storage (a prefetch never faults).
+    const std::uintptr_t row = reinterpret_cast<std::uintptr_t>(b[p] + k * gemm_nr) + side_by_side_ahead;
+    _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
+    if constexpr (sizeof(W) * gemm_nr > 64) _mm_prefetch(reinterpret_cast<const char*>(row + 64), _MM_HINT_T0);  // (a row is at most two lines)
   }
 #else
   (void)b, (void)k;
