@@ -342,10 +342,12 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
               const matrix rounded_gate = rounded_to_bf16(gate), rounded_up = rounded_to_bf16(up);
               CHECK(batch == runtime::detail::times_transpose({runtime::detail::rows_of(rounded_gate), runtime::detail::rows_of(rounded_up)}, b.topRows(most)));
             }
-            for (index_t t = 1; t <= std::min(most, runtime::detail::gemm_mr + 1); ++t) CHECK(product(t) == batch.topRows(t));
+            // (Up to two panels and a short one: token counts whose last two panels share their tokens, token_panels.)
+            const index_t prefixes = 2 * runtime::detail::gemm_mr + 5;
+            for (index_t t = 1; t <= std::min(most, prefixes); ++t) CHECK(product(t) == batch.topRows(t));
             if (type == dtype::bf16 && m > most) {
               const matrix rounded_batch = product(m);
-              for (index_t t = most + 1; t <= std::min(m, runtime::detail::gemm_mr + 1); ++t) CHECK(product(t) == rounded_batch.topRows(t));
+              for (index_t t = most + 1; t <= std::min(m, prefixes); ++t) CHECK(product(t) == rounded_batch.topRows(t));
             }
           }
         }
@@ -757,6 +759,34 @@ TEST_CASE("panels packed from a file's F32, BF16 or F16 bytes at any alignment e
       put(gemm_nr + 2, 3, 1.0f);
       CHECK_NOTHROW(panel_matrix(file, rows, depth, {}, dtype::f32));
     }
+}
+
+TEST_CASE("token panels cover a product's tokens once, in order, at most MR each, a short tail shared by two") {
+  using runtime::detail::gemm_mr;
+  using runtime::detail::gemm_pair_rows;
+  for (index_t m = 1; m <= 4 * gemm_mr + 3; ++m) {
+    const runtime::detail::token_panels tp{m};
+    INFO("m " << m);
+    REQUIRE(tp.count() == (m + gemm_mr - 1) / gemm_mr);
+    index_t next = 0;
+    for (index_t ip = 0; ip < tp.count(); ++ip) {
+      REQUIRE(tp.start(ip) == next);
+      REQUIRE(tp.rows(ip) >= 1);
+      REQUIRE(tp.rows(ip) <= gemm_mr);
+      for (index_t t = next; t < next + tp.rows(ip); ++t) REQUIRE(tp.panel_of(t) == ip);
+      next += tp.rows(ip);
+    }
+    REQUIRE(next == m);
+    // Where the last two panels hold at most 2·gemm_pair_rows tokens and not
+    // whole ones, they share them evenly; otherwise only the last is short.
+    const index_t tail = m - (tp.count() - 2) * gemm_mr;
+    if (m > gemm_mr && m % gemm_mr != 0 && tail <= 2 * gemm_pair_rows) {
+      CHECK(tp.rows(tp.count() - 2) == (tail + 1) / 2);
+      CHECK(tp.rows(tp.count() - 1) == tail / 2);
+    } else {
+      for (index_t ip = 0; ip + 1 < tp.count(); ++ip) CHECK(tp.rows(ip) == gemm_mr);
+    }
+  }
 }
 
 TEST_CASE("BF16 token pairs round every token alike, in whole and partial panels, subnormals flushed") {

@@ -263,16 +263,44 @@ constexpr index_t gemm_pair_rows = 2;
 /// 35.5 and 38.6 ms where one panel at a time took 39.0 and 41.0.
 constexpr index_t panels_together(index_t rows) { return rows == 1 ? gemm_max_together : rows <= gemm_pair_rows ? 2 : 1; }
 
+/// How a product cuts its m tokens into panels of at most MR: whole panels
+/// of MR in order, except that where the last would be short and it and the
+/// one before fit two panels of at most gemm_pair_rows, those last MR + r
+/// tokens are shared evenly by two (9 → 5 + 4 with AVX-512). A short panel
+/// alone leaves the FMA or vdpbf16ps pipes waiting on too few chains (in L1,
+/// one core, BF16: 1, 2, 3 tokens at 17, 34, 51% of 8; side by side over two
+/// weight panels, 5 and 4 tokens reach 98-100%), and a job's tokens rarely
+/// fill whole panels. A product of 256 prepared rows × 2048 on one core ran
+/// 9-12 and 17-20 tokens 1.3-1.55× faster so (BF16; F32 1.1-1.3×). The cut
+/// changes no result: each element's sum is the same whatever panel its
+/// token is in.
+struct token_panels {
+  index_t m;
+
+  index_t count() const { return (m + gemm_mr - 1) / gemm_mr; }
+  /// The tokens of panel ip: [start(ip), start(ip) + rows(ip)).
+  index_t start(index_t ip) const { return ip == count() - 1 && shared_tail() ? m - tail() / 2 : ip * gemm_mr; }
+  index_t rows(index_t ip) const {
+    if (shared_tail() && ip >= count() - 2) return ip == count() - 2 ? (tail() + 1) / 2 : tail() / 2;
+    return std::min(gemm_mr, m - ip * gemm_mr);
+  }
+  /// Token t's panel.
+  index_t panel_of(index_t t) const { return shared_tail() && t >= start(count() - 1) ? count() - 1 : t / gemm_mr; }
+
+ private:
+  index_t tail() const { return m - (count() - 2) * gemm_mr; }  // the last two panels' tokens
+  bool shared_tail() const { return m > gemm_mr && m % gemm_mr != 0 && tail() <= 2 * gemm_pair_rows; }
+};
+
 /// micro_kernel_rows for the first `rows` (1..MR) token rows of one panel, `pf` as there.
 template <class Tokens, class W>
 inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool first, index_t rows, const fetch_share& pf = {}) {
   with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 1>(kl, a, &b, c, first, pf); });
 }
-/// micro_kernel_rows for tokens read in place over `count`
-/// (2..panels_together(rows)) panels side by side: for more than one token,
-/// two (panels_together).
-template <class W>
-inline void micro_kernel_side_by_side(index_t kl, token_rows a, const W* const* b, index_t count, float* c, bool first, index_t rows) {
+/// micro_kernel_rows over `count` (2..panels_together(rows)) panels side by
+/// side: for more than one token, two (panels_together).
+template <class Tokens, class W>
+inline void micro_kernel_side_by_side(index_t kl, Tokens a, const W* const* b, index_t count, float* c, bool first, index_t rows) {
   if (rows > 1) return with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 2>(kl, a, b, c, first, fetch_share{}); });
   with_rows<int(gemm_max_together)>(count, [&](auto p) { micro_kernel_rows<1, decltype(p)::value>(kl, a, b, c, first, fetch_share{}); });
 }
@@ -638,21 +666,25 @@ inline weight_block panel_matrix::block(index_t row0, index_t rows, index_t k0) 
   return {nullptr, 0, rows, this, panel, k0, skip};
 }
 
-/// The micro-kernel on a slice of either weight type, fetching `pf` meanwhile.
+/// The values of `count` (≤ gemm_max_together) slices of weight type W.
+template <class W>
+struct typed_slices {
+  const W* p[gemm_max_together];
+  typed_slices(const panel_slice* b, index_t count) {
+    for (index_t q = 0; q < count; ++q) p[q] = static_cast<const W*>(b[q].data);
+  }
+};
+
+/// The micro-kernel on `count` slices of one weight type side by side (one:
+/// fetching `pf` meanwhile), into consecutive tiles from c.
 template <class Tokens>
-inline void micro_kernel_slice(index_t kl, Tokens a, panel_slice b, float* c, bool first, index_t rows, const fetch_share& pf) {
-  if (b.type == dtype::bf16)
-    micro_kernel_tokens(kl, a, static_cast<const bfloat16*>(b.data), c, first, rows, pf);
-  else
-    micro_kernel_tokens(kl, a, static_cast<const float*>(b.data), c, first, rows, pf);
-}
-/// micro_kernel_side_by_side on `count` slices of one weight type, into consecutive tiles from c.
-inline void micro_kernel_slices(index_t kl, token_rows a, const panel_slice* b, index_t count, float* c, bool first, index_t rows) {
+inline void micro_kernel_slices(index_t kl, Tokens a, const panel_slice* b, index_t count, float* c, bool first, index_t rows, const fetch_share& pf) {
   const auto run = [&](auto typed) {
-    using W = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
-    const W* in[gemm_max_together];
-    for (index_t p = 0; p < count; ++p) in[p] = static_cast<const W*>(b[p].data);
-    micro_kernel_side_by_side(kl, a, in, count, c, first, rows);
+    const typed_slices<std::remove_const_t<std::remove_pointer_t<decltype(typed)>>> in(b, count);
+    if (count == 1)
+      micro_kernel_tokens(kl, a, in.p[0], c, first, rows, pf);
+    else
+      micro_kernel_side_by_side(kl, a, in.p, count, c, first, rows);
   };
   if (b[0].type == dtype::bf16)
     run(static_cast<const bfloat16*>(nullptr));
@@ -712,10 +744,12 @@ struct pair_panel {
 };
 
 /// Appends the panels that pack m tokens (rows src[t]) of depth k into dst
-/// (token_pair_count(m, k) words) in the layout panel_product takes as `pairs`.
+/// (token_pair_count(m, k) words) in the layout panel_product takes as
+/// `pairs`: one per token panel (token_panels).
 inline void add_pair_panels(const float* const* src, index_t m, index_t k, std::uint32_t* dst, std::vector<pair_panel>& out) {
   const index_t words = (k + 1) / 2 * gemm_mr;
-  for (index_t p0 = 0; p0 < m; p0 += gemm_mr, dst += words) out.push_back({src + p0, std::min(gemm_mr, m - p0), k, dst});
+  const token_panels tp{m};
+  for (index_t ip = 0; ip < tp.count(); ++ip, dst += words) out.push_back({src + tp.start(ip), tp.rows(ip), k, dst});
 }
 
 /// Storage for `count` values of T on the calling thread, one store per
@@ -804,6 +838,15 @@ inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16*
 inline void micro_kernel_dot_side_by_side(index_t kl, const std::uint32_t* a, const bfloat16* const* b, float* c, bool first, index_t rows) {
   with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 2>(kl, a, b, c, first, fetch_share{}); });
 }
+/// micro_kernel_slices with tokens as BF16 pairs: `count` (1 or 2) BF16 slices.
+inline void micro_kernel_dot_slices(index_t kl, const std::uint32_t* a, const panel_slice* b, index_t count, float* c, bool first, index_t rows,
+                                    const fetch_share& pf) {
+  const typed_slices<bfloat16> in(b, count);
+  if (count == 1)
+    micro_kernel_dot(kl, a, in.p[0], c, first, rows, pf);
+  else
+    micro_kernel_dot_side_by_side(kl, a, in.p, c, first, rows);
+}
 
 /// Up to this many tokens the micro-kernel reads them in place from their
 /// rows; more are packed into [k][MR] panels once per depth block, which
@@ -842,7 +885,8 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   thread_local std::vector<std::uint32_t> bpairs;
   thread_local std::vector<panel_slice> slices;
   thread_local std::vector<char> prepared;
-  const index_t mpanels = (m + gemm_mr - 1) / gemm_mr;
+  const token_panels tp{m};
+  const index_t mpanels = tp.count();
   const bool pack_tokens = m > gemm_tokens_in_place;
   // BF16 tokens when every block asks for them (see weight_format); the
   // tokens are then packed as pairs instead of F32 panels.
@@ -875,56 +919,60 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
       }
     for (index_t ic = 0; ic < mpanels; ic += gemm_mc) {
       const index_t iend = std::min(mpanels, ic + gemm_mc);
-      const index_t count = std::min(m - ic * gemm_mr, (iend - ic) * gemm_mr);
       // Token panel ip's pairs for this depth block: at ic_pairs + (ip - ic)·pair_stride.
       const std::uint32_t* ic_pairs = bpairs.data();
       index_t pair_stride = (kl + 1) / 2 * gemm_mr;
       if (dot && pairs) {
         pair_stride = (k + 1) / 2 * gemm_mr;
         ic_pairs = pairs + ic * pair_stride + k0 / 2 * gemm_mr;
-      } else if (dot) {
-        pack_token_pairs(b + ic * gemm_mr, count, k0, kl, bpairs.data());
-      } else if (pack_tokens) {
-        pack_panels<gemm_mr>(b + ic * gemm_mr, count, k0, kl, bpack.data());
       }
-      // Tokens read in place or as pairs, a few: panels side by side (panels_together).
-      const index_t together = pack_tokens ? 1 : panels_together(m);
+      index_t together = 1;  // weight panels side by side that the block's shortest token panel takes
+      for (index_t ip = ic; ip < iend; ++ip) {
+        together = std::max(together, panels_together(tp.rows(ip)));
+        if (dot && !pairs)
+          pack_token_pairs(b + tp.start(ip), tp.rows(ip), k0, kl, bpairs.data() + (ip - ic) * pair_stride);
+        else if (pack_tokens && !dot)
+          pack_panels<gemm_mr>(b + tp.start(ip), tp.rows(ip), k0, kl, bpack.data() + (ip - ic) * kl * gemm_mr);
+      }
+      if (dot) together = std::min<index_t>(together, 2);
       for (jp = 0; jp < npanels;) {
         index_t group = 1;
         while (group < together && jp + group < npanels && slices[std::size_t(jp + group)].type == slices[std::size_t(jp)].type) ++group;
-        // Prepared slices come from memory: read one at a time, the first
-        // token block's panels fetch the next one (after the last panel, the
-        // first of the next depth block), each its share. Panels side by side
-        // (up to gemm_pair_rows tokens) are already two to four sequential
+        // Each token panel reads the group's weight panels as many side by
+        // side as its tokens take (panels_together): whole panels one at a
+        // time. Prepared slices come from memory: the first token block's
+        // panels that read one at a time fetch the slices after the group
+        // (after the last, the first of the next depth block), each its
+        // share. Panels side by side are already two to four sequential
         // streams, which the hardware prefetcher follows (one token's call
         // also fetches its own rows a little ahead, fetch_panels_ahead):
         // fetching their successors too slowed one and two tokens by 2-6%.
-        panel_slice next;
-        const index_t j = jp + 1;  // from npanels on, in the next depth block
-        if (together == 1 && ic == 0 && j < 2 * npanels && (j >= npanels || prepared[std::size_t(j)])) next = slices[std::size_t(j)];
-        const std::size_t next_row_bytes = std::size_t(gemm_nr) * dtype_size(next.type), sharers = std::size_t(iend - ic);
+        const auto side = [&](index_t ip) { return std::min({group, panels_together(tp.rows(ip)), dot ? index_t(2) : gemm_max_together}); };
+        std::size_t sharers = 0, sharer = 0;
+        for (index_t ip = ic; ip < iend; ++ip) sharers += side(ip) == 1;
         for (index_t ip = ic; ip < iend; ++ip) {
-          float* tile = tiles.data() + (ip * npanels + jp) * gemm_tile;
-          const index_t rows = std::min(gemm_mr, m - ip * gemm_mr);
-          const fetch_share pf = next.data ? fetch_share{static_cast<const char*>(next.data) + std::size_t(ip - ic) * std::size_t(kl) * next_row_bytes / sharers,
-                                                         (next_row_bytes << 8) / sharers}
-                                           : fetch_share{};
-          if (dot && group > 1) {
-            const bfloat16* pair[2] = {static_cast<const bfloat16*>(slices[std::size_t(jp)].data), static_cast<const bfloat16*>(slices[std::size_t(jp + 1)].data)};
-            micro_kernel_dot_side_by_side(kl, ic_pairs + (ip - ic) * pair_stride, pair, tile, k0 == 0, rows);
-          } else if (dot) {
-            micro_kernel_dot(kl, ic_pairs + (ip - ic) * pair_stride, static_cast<const bfloat16*>(slices[std::size_t(jp)].data), tile, k0 == 0,
-                             rows, pf);
-          } else if (pack_tokens) {
-            micro_kernel_slice(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
-          } else {
-            const float* row[gemm_mr];
-            for (index_t r = 0; r < rows; ++r) row[r] = b[ip * gemm_mr + r] + k0;
-            if (group > 1)
-              micro_kernel_slices(kl, token_rows{row}, &slices[std::size_t(jp)], group, tile, k0 == 0, rows);
+          const index_t rows = tp.rows(ip), each = side(ip);
+          const float* row[gemm_mr];
+          if (!dot && !pack_tokens)
+            for (index_t r = 0; r < rows; ++r) row[r] = b[tp.start(ip) + r] + k0;
+          for (index_t g = 0; g < group; g += each) {
+            const index_t count = std::min(each, group - g);
+            float* tile = tiles.data() + (ip * npanels + jp + g) * gemm_tile;
+            const panel_slice* in = &slices[std::size_t(jp + g)];
+            fetch_share pf;
+            const index_t j = jp + group + g;  // from npanels on, in the next depth block
+            if (each == 1 && ic == 0 && j < 2 * npanels && (j >= npanels || prepared[std::size_t(j)]) && slices[std::size_t(j)].data) {
+              const std::size_t next_row_bytes = std::size_t(gemm_nr) * dtype_size(slices[std::size_t(j)].type);
+              pf = {static_cast<const char*>(slices[std::size_t(j)].data) + sharer * std::size_t(kl) * next_row_bytes / sharers, (next_row_bytes << 8) / sharers};
+            }
+            if (dot)
+              micro_kernel_dot_slices(kl, ic_pairs + (ip - ic) * pair_stride, in, count, tile, k0 == 0, rows, pf);
+            else if (pack_tokens)
+              micro_kernel_slices(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, in, count, tile, k0 == 0, rows, pf);
             else
-              micro_kernel_slice(kl, token_rows{row}, slices[std::size_t(jp)], tile, k0 == 0, rows, pf);
+              micro_kernel_slices(kl, token_rows{row}, in, count, tile, k0 == 0, rows, pf);
           }
+          sharer += each == 1;
         }
         jp += group;
       }
@@ -933,7 +981,8 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   index_t panel0 = 0, col0 = 0;
   for (const auto& blk : a) {
     for (index_t t = 0; t < m; ++t) {
-      const float* tile_row = tiles.data() + ((t / gemm_mr) * npanels + panel0) * gemm_tile + (t % gemm_mr) * gemm_nr;
+      const index_t ip = tp.panel_of(t);
+      const float* tile_row = tiles.data() + (ip * npanels + panel0) * gemm_tile + (t - tp.start(ip)) * gemm_nr;
       for (index_t c = 0; c < blk.rows;) {
         const index_t q = blk.skip + c, run = std::min(gemm_nr - q % gemm_nr, blk.rows - c);
         std::copy_n(tile_row + q / gemm_nr * gemm_tile + q % gemm_nr, run, out + t * ldo + col0 + c);
