@@ -101,24 +101,25 @@ inline void load_panel_row(const bfloat16* p, __m256& lo, __m256& hi) {
   lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
 }
 #endif
-/// Part of the next panel slice to bring into L2 while a micro-kernel call
-/// reads its own: from `from`, `pace` 256ths of a byte further at every
-/// depth step. One call reading a slice fetches a whole slice row a step;
-/// when n token panels read it in turn, each fetches its n-th of the next
-/// slice, so the weight stream keeps flowing through all of them, not only
-/// the first.
+/// Part of the next panel slices to bring into L2 while a micro-kernel call
+/// reads its own (one per panel it reads, at most two): from `from[i]`,
+/// `pace[i]` 256ths of a byte further at every depth step. One call reading
+/// a slice fetches a whole slice row a step; when n token panels read it in
+/// turn, each fetches its n-th of the next slice, so the weight stream keeps
+/// flowing through all of them, not only the first.
 struct fetch_share {
-  const char* from = nullptr;
-  std::size_t pace = 0;
+  const char* from[2] = {nullptr, nullptr};  ///< the first null ends the list
+  std::size_t pace[2] = {0, 0};
 };
 
 /// Fetches the share's lines for depth step k into L2 (none if it is empty).
 inline void fetch_ahead(const fetch_share& f, index_t k) {
 #if defined(__AVX2__) && defined(__FMA__)
-  if (!f.from) return;
-  const char* p = f.from + ((std::size_t(k) * f.pace) >> 8);
-  _mm_prefetch(p, _MM_HINT_T1);
-  if (f.pace > (std::size_t(64) << 8)) _mm_prefetch(p + 64, _MM_HINT_T1);  // (at most two lines: a row is ≤ 128 bytes)
+  for (int i = 0; i < 2 && f.from[i]; ++i) {
+    const char* p = f.from[i] + ((std::size_t(k) * f.pace[i]) >> 8);
+    _mm_prefetch(p, _MM_HINT_T1);
+    if (f.pace[i] > (std::size_t(64) << 8)) _mm_prefetch(p + 64, _MM_HINT_T1);  // (at most two lines: a row is ≤ 128 bytes)
+  }
 #else
   (void)f, (void)k;
 #endif
@@ -154,10 +155,10 @@ inline void fetch_panels_ahead(const W* const* b, index_t k) {
 /// follows the token count, not the panel count), for each of P panels b[p]
 /// into its own tile c + p·MR·NR; a tile is contiguous, overwritten when
 /// `first`, else accumulated into. Each element's sum is the same whatever M
-/// and P are and wherever the tokens are read from. `pf` (one panel only) is
-/// a share of the panel slice the caller reads next, fetched into L2 at the
-/// pace this one is read, so two weight streams are in flight, not one. W is
-/// the panel's value type (float or bfloat16).
+/// and P are and wherever the tokens are read from. `pf` is a share of the
+/// panel slices the caller reads next, fetched into L2 at the pace these
+/// are read, so the next weights stream in beside the ones in use. W is the
+/// panel's value type (float or bfloat16).
 template <int M, int P, class Tokens, class W>
 inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c, bool first, const fetch_share& pf) {
 #if defined(MOEFORGE_GEMM_AVX512)
@@ -298,11 +299,11 @@ inline void micro_kernel_tokens(index_t kl, Tokens a, const W* b, float* c, bool
   with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 1>(kl, a, &b, c, first, pf); });
 }
 /// micro_kernel_rows over `count` (2..panels_together(rows)) panels side by
-/// side: for more than one token, two (panels_together).
+/// side: for more than one token, two (panels_together); `pf` as there.
 template <class Tokens, class W>
-inline void micro_kernel_side_by_side(index_t kl, Tokens a, const W* const* b, index_t count, float* c, bool first, index_t rows) {
-  if (rows > 1) return with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 2>(kl, a, b, c, first, fetch_share{}); });
-  with_rows<int(gemm_max_together)>(count, [&](auto p) { micro_kernel_rows<1, decltype(p)::value>(kl, a, b, c, first, fetch_share{}); });
+inline void micro_kernel_side_by_side(index_t kl, Tokens a, const W* const* b, index_t count, float* c, bool first, index_t rows, const fetch_share& pf) {
+  if (rows > 1) return with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_rows<decltype(m)::value, 2>(kl, a, b, c, first, pf); });
+  with_rows<int(gemm_max_together)>(count, [&](auto p) { micro_kernel_rows<1, decltype(p)::value>(kl, a, b, c, first, pf); });
 }
 /// The micro-kernel on a packed token panel a[k][MR].
 inline void micro_kernel(index_t kl, const float* a, const float* b, float* c, bool first, index_t rows = gemm_mr) {
@@ -684,7 +685,7 @@ inline void micro_kernel_slices(index_t kl, Tokens a, const panel_slice* b, inde
     if (count == 1)
       micro_kernel_tokens(kl, a, in.p[0], c, first, rows, pf);
     else
-      micro_kernel_side_by_side(kl, a, in.p, count, c, first, rows);
+      micro_kernel_side_by_side(kl, a, in.p, count, c, first, rows, pf);
   };
   if (b[0].type == dtype::bf16)
     run(static_cast<const bfloat16*>(nullptr));
@@ -835,8 +836,9 @@ inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16*
   with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 1>(kl, a, &b, c, first, pf); });
 }
 /// micro_kernel_dot_rows for up to gemm_pair_rows tokens over two panels side by side.
-inline void micro_kernel_dot_side_by_side(index_t kl, const std::uint32_t* a, const bfloat16* const* b, float* c, bool first, index_t rows) {
-  with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 2>(kl, a, b, c, first, fetch_share{}); });
+inline void micro_kernel_dot_side_by_side(index_t kl, const std::uint32_t* a, const bfloat16* const* b, float* c, bool first, index_t rows,
+                                          const fetch_share& pf) {
+  with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 2>(kl, a, b, c, first, pf); });
 }
 /// micro_kernel_slices with tokens as BF16 pairs: `count` (1 or 2) BF16 slices.
 inline void micro_kernel_dot_slices(index_t kl, const std::uint32_t* a, const panel_slice* b, index_t count, float* c, bool first, index_t rows,
@@ -845,8 +847,19 @@ inline void micro_kernel_dot_slices(index_t kl, const std::uint32_t* a, const pa
   if (count == 1)
     micro_kernel_dot(kl, a, in.p[0], c, first, rows, pf);
   else
-    micro_kernel_dot_side_by_side(kl, a, in.p, c, first, rows);
+    micro_kernel_dot_side_by_side(kl, a, in.p, c, first, rows, pf);
 }
+
+/// Token panels of this many tokens or more fetch the next weight slices
+/// while they read theirs (panel_product). Fewer are bound by the weights'
+/// bytes, and read panels side by side: two to four sequential streams,
+/// which the hardware prefetcher follows (one token's call also fetches its
+/// own rows a little ahead, fetch_panels_ahead). Fetching their successors
+/// too slowed one and two tokens by 2-6%, and 4 (Qwen3-30B-A3B's experts at
+/// T = 64, BF16) by 5%; two panels of 5 and 4 tokens side by side with the
+/// 5 fetching (S1A1E8's routed experts at T = 64, BF16) ran 4-6% faster than
+/// without, and than the same tokens cut 8 + 1 (best of 6, alternated).
+constexpr index_t gemm_fetching_rows = 5;
 
 /// Up to this many tokens the micro-kernel reads them in place from their
 /// rows; more are packed into [k][MR] panels once per depth block, which
@@ -940,16 +953,13 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         while (group < together && jp + group < npanels && slices[std::size_t(jp + group)].type == slices[std::size_t(jp)].type) ++group;
         // Each token panel reads the group's weight panels as many side by
         // side as its tokens take (panels_together): whole panels one at a
-        // time. Prepared slices come from memory: the first token block's
-        // panels that read one at a time fetch the slices after the group
-        // (after the last, the first of the next depth block), each its
-        // share. Panels side by side are already two to four sequential
-        // streams, which the hardware prefetcher follows (one token's call
-        // also fetches its own rows a little ahead, fetch_panels_ahead):
-        // fetching their successors too slowed one and two tokens by 2-6%.
+        // time. Prepared slices come from memory: in the first token block
+        // the panels of gemm_fetching_rows tokens or more fetch the slices
+        // after the group (after the last, the first of the next depth
+        // block), each its share, while they read theirs.
         const auto side = [&](index_t ip) { return std::min({group, panels_together(tp.rows(ip)), dot ? index_t(2) : gemm_max_together}); };
         std::size_t sharers = 0, sharer = 0;
-        for (index_t ip = ic; ip < iend; ++ip) sharers += side(ip) == 1;
+        for (index_t ip = ic; ip < iend; ++ip) sharers += tp.rows(ip) >= gemm_fetching_rows;
         for (index_t ip = ic; ip < iend; ++ip) {
           const index_t rows = tp.rows(ip), each = side(ip);
           const float* row[gemm_mr];
@@ -960,11 +970,14 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
             float* tile = tiles.data() + (ip * npanels + jp + g) * gemm_tile;
             const panel_slice* in = &slices[std::size_t(jp + g)];
             fetch_share pf;
-            const index_t j = jp + group + g;  // from npanels on, in the next depth block
-            if (each == 1 && ic == 0 && j < 2 * npanels && (j >= npanels || prepared[std::size_t(j)]) && slices[std::size_t(j)].data) {
-              const std::size_t next_row_bytes = std::size_t(gemm_nr) * dtype_size(slices[std::size_t(j)].type);
-              pf = {static_cast<const char*>(slices[std::size_t(j)].data) + sharer * std::size_t(kl) * next_row_bytes / sharers, (next_row_bytes << 8) / sharers};
-            }
+            if (ic == 0 && rows >= gemm_fetching_rows)
+              for (index_t q = 0; q < count; ++q) {
+                const auto j = std::size_t(jp + group + g + q);  // from npanels on, in the next depth block
+                if (j >= std::size_t(2 * npanels) || (j < std::size_t(npanels) && !prepared[j]) || !slices[j].data) break;
+                const std::size_t row_bytes = std::size_t(gemm_nr) * dtype_size(slices[j].type);
+                pf.from[q] = static_cast<const char*>(slices[j].data) + sharer * std::size_t(kl) * row_bytes / sharers;
+                pf.pace[q] = (row_bytes << 8) / sharers;
+              }
             if (dot)
               micro_kernel_dot_slices(kl, ic_pairs + (ip - ic) * pair_stride, in, count, tile, k0 == 0, rows, pf);
             else if (pack_tokens)
@@ -972,7 +985,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
             else
               micro_kernel_slices(kl, token_rows{row}, in, count, tile, k0 == 0, rows, pf);
           }
-          sharer += each == 1;
+          sharer += rows >= gemm_fetching_rows;
         }
         jp += group;
       }
