@@ -1,5 +1,5 @@
 // Options every model-running subcommand shares: --model, --config,
-// --tokenizer (default: tok512.bin beside the model), --threads.
+// --tokenizer (commands that read text; default: tok512.bin beside the model), --threads.
 #pragma once
 
 #include <cstdio>
@@ -28,7 +28,7 @@ inline void add_model_options(args& a, bool needs_tokenizer, const char* config_
              std::string("a llama2.c .bin, a .safetensors file (config.json beside it, or --") + config_flag +
                  "), a Hugging Face directory or a moeforge model directory");
   a.option(config_flag, "FILE", "config.json of a .safetensors model (default: the one beside it)");
-  a.option("tokenizer", "FILE", needs_tokenizer ? "llama2.c tokenizer (default: tokenizer.bin in a model directory, else tok512.bin beside the model)" : "unused here");
+  if (needs_tokenizer) a.option("tokenizer", "FILE", "llama2.c tokenizer (default: tokenizer.bin in a model directory, else tok512.bin beside the model)");
   a.option("threads", "N", "OpenMP threads (default: all cores)");
 }
 
