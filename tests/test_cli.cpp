@@ -138,9 +138,10 @@ TEST_CASE("exit codes: 0 on success, 2 on a bad command line, 1 on a bad file") 
 
   require_usage_error(cli({"frobnicate"}, scratch), "frobnicate");
   require_usage_error(cli({"logits", "--model", stories_model(), "--tokens", "1", "--bogus", "3"}, scratch), "--bogus");
-  // Commands that take token ids, not text, have no tokenizer to be given.
-  require_usage_error(cli({"logits", "--model", stories_model(), "--tokens", "1", "--tokenizer", data_file("models/stories260K/tok512.bin")}, scratch),
+  // A command that never reads text has no tokenizer to be given.
+  require_usage_error(cli({"export", "--model", stories_model(), "--out", scratch / "exported", "--tokenizer", data_file("models/stories260K/tok512.bin")}, scratch),
                       "--tokenizer");
+  CHECK_FALSE(fs::exists(scratch / "exported"));
   require_usage_error(cli({"logits", "--tokens", "1"}, scratch), "--model");
   require_usage_error(cli({"logits", "--model", stories_model(), "--tokens"}, scratch), "--tokens");
   require_usage_error(cli({"logits", "--model", stories_model(), "--tokens", "1,x"}, scratch), "--tokens");

@@ -764,28 +764,42 @@ TEST_CASE("panels packed from a file's F32, BF16 or F16 bytes at any alignment e
 TEST_CASE("token panels cover a product's tokens once, in order, at most MR each, a short tail shared by two") {
   using runtime::detail::gemm_mr;
   using runtime::detail::gemm_pair_rows;
-  for (index_t m = 1; m <= 4 * gemm_mr + 3; ++m) {
+  const auto cut = [](index_t m) {
     const runtime::detail::token_panels tp{m};
-    INFO("m " << m);
-    REQUIRE(tp.count() == (m + gemm_mr - 1) / gemm_mr);
+    std::vector<index_t> rows;
     index_t next = 0;
     for (index_t ip = 0; ip < tp.count(); ++ip) {
       REQUIRE(tp.start(ip) == next);
-      REQUIRE(tp.rows(ip) >= 1);
-      REQUIRE(tp.rows(ip) <= gemm_mr);
       for (index_t t = next; t < next + tp.rows(ip); ++t) REQUIRE(tp.panel_of(t) == ip);
+      rows.push_back(tp.rows(ip));
       next += tp.rows(ip);
     }
     REQUIRE(next == m);
-    // Where the last two panels hold at most 2·gemm_pair_rows tokens and not
-    // whole ones, they share them evenly; otherwise only the last is short.
-    const index_t tail = m - (tp.count() - 2) * gemm_mr;
-    if (m > gemm_mr && m % gemm_mr != 0 && tail <= 2 * gemm_pair_rows) {
-      CHECK(tp.rows(tp.count() - 2) == (tail + 1) / 2);
-      CHECK(tp.rows(tp.count() - 1) == tail / 2);
-    } else {
-      for (index_t ip = 0; ip + 1 < tp.count(); ++ip) CHECK(tp.rows(ip) == gemm_mr);
+    return rows;
+  };
+  for (index_t m = 1; m <= 4 * gemm_mr + 3; ++m) {
+    INFO("m " << m);
+    const std::vector<index_t> rows = cut(m);
+    REQUIRE(index_t(rows.size()) == (m + gemm_mr - 1) / gemm_mr);  // as many panels as whole ones would take
+    for (std::size_t ip = 0; ip + 2 < rows.size(); ++ip) CHECK(rows[ip] == gemm_mr);
+    for (const index_t r : rows) CHECK((r >= 1 && r <= gemm_mr));
+    // The last two: whole and short, or both short enough to read two weight panels side by side, one apart.
+    if (rows.size() >= 2 && rows[rows.size() - 2] < gemm_mr) {
+      CHECK(rows[rows.size() - 2] <= gemm_pair_rows);
+      CHECK((rows[rows.size() - 2] - rows.back() == 0 || rows[rows.size() - 2] - rows.back() == 1));
     }
+  }
+  if (gemm_mr == 8 && gemm_pair_rows == 6) {  // AVX-512
+    CHECK(cut(9) == std::vector<index_t>{5, 4});
+    CHECK(cut(12) == std::vector<index_t>{6, 6});
+    CHECK(cut(13) == std::vector<index_t>{8, 5});
+    CHECK(cut(16) == std::vector<index_t>{8, 8});
+    CHECK(cut(17) == std::vector<index_t>{8, 5, 4});
+    CHECK(cut(33) == std::vector<index_t>{8, 8, 8, 5, 4});
+  } else {  // AVX2 and plain C++: MR 6, two tokens side by side, never shared
+    CHECK(cut(7) == std::vector<index_t>{6, 1});
+    CHECK(cut(8) == std::vector<index_t>{6, 2});
+    CHECK(cut(13) == std::vector<index_t>{6, 6, 1});
   }
 }
 

@@ -35,7 +35,7 @@ std::vector<std::int32_t> parse_tokens(const std::string& list) {
 
 int run_logits(int argc, char** argv) {
   args a("moeforge logits", "Print the logits at every position of a token sequence.");
-  add_model_options(a, false);
+  add_model_options(a, true);  // (the tokenizer reads --calibration text for a balanced expert-parallel placement)
   add_dtype_option(a);
   a.required("tokens", "LIST", "comma-separated token ids, e.g. 1,403,407");
   a.flag("json", "print {\"tokens\": [...], \"logits\": [[...], ...]} (the default output is one line per position)");

@@ -1,5 +1,6 @@
 // Options every model-running subcommand shares: --model, --config,
-// --tokenizer (commands that read text; default: tok512.bin beside the model), --threads.
+// --tokenizer (where text is read; default: tok512.bin beside the model),
+// --threads.
 #pragma once
 
 #include <cstdio>

@@ -860,6 +860,7 @@ inline void micro_kernel_dot_slices(index_t kl, const std::uint32_t* a, const pa
 /// 5 fetching (S1A1E8's routed experts at T = 64, BF16) ran 4-6% faster than
 /// without, and than the same tokens cut 8 + 1 (best of 6, alternated).
 constexpr index_t gemm_fetching_rows = 5;
+static_assert(panels_together(gemm_fetching_rows) <= 2, "a fetch_share holds the slices of two panels side by side");
 
 /// Up to this many tokens the micro-kernel reads them in place from their
 /// rows; more are packed into [k][MR] panels once per depth block, which
@@ -952,41 +953,41 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         index_t group = 1;
         while (group < together && jp + group < npanels && slices[std::size_t(jp + group)].type == slices[std::size_t(jp)].type) ++group;
         // Each token panel reads the group's weight panels as many side by
-        // side as its tokens take (panels_together): whole panels one at a
-        // time. Prepared slices come from memory: in the first token block
-        // the panels of gemm_fetching_rows tokens or more fetch the slices
-        // after the group (after the last, the first of the next depth
-        // block), each its share, while they read theirs.
-        const auto side = [&](index_t ip) { return std::min({group, panels_together(tp.rows(ip)), dot ? index_t(2) : gemm_max_together}); };
-        std::size_t sharers = 0, sharer = 0;
+        // side as its tokens take (panels_together). Prepared slices come
+        // from memory: in the first token block the panels of
+        // gemm_fetching_rows tokens or more fetch the slices after the group
+        // (after the last, the first of the next depth block), each its
+        // share, while they read theirs. (Rows never grow along the panels,
+        // so the fetching ones are the block's first.)
+        std::size_t sharers = 0;
         for (index_t ip = ic; ip < iend; ++ip) sharers += tp.rows(ip) >= gemm_fetching_rows;
-        for (index_t ip = ic; ip < iend; ++ip) {
-          const index_t rows = tp.rows(ip), each = side(ip);
+        const auto side = [&](index_t ip) { return std::min(group, panels_together(tp.rows(ip))); };
+        const auto run = [&](index_t ip, index_t g, index_t count) {
+          const index_t rows = tp.rows(ip);
+          float* tile = tiles.data() + (ip * npanels + jp + g) * gemm_tile;
+          const panel_slice* in = &slices[std::size_t(jp + g)];
+          fetch_share pf;
+          if (ic == 0 && rows >= gemm_fetching_rows)
+            for (index_t q = 0; q < count; ++q) {
+              const auto j = std::size_t(jp + group + g + q);  // from npanels on, in the next depth block
+              if (j >= std::size_t(2 * npanels) || (j < std::size_t(npanels) && !prepared[j]) || !slices[j].data) break;
+              const std::size_t row_bytes = std::size_t(gemm_nr) * dtype_size(slices[j].type), sharer = std::size_t(ip - ic);
+              pf.from[q] = static_cast<const char*>(slices[j].data) + sharer * std::size_t(kl) * row_bytes / sharers;
+              pf.pace[q] = (row_bytes << 8) / sharers;
+            }
+          if (dot) return micro_kernel_dot_slices(kl, ic_pairs + (ip - ic) * pair_stride, in, count, tile, k0 == 0, rows, pf);
+          if (pack_tokens) return micro_kernel_slices(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, in, count, tile, k0 == 0, rows, pf);
           const float* row[gemm_mr];
-          if (!dot && !pack_tokens)
-            for (index_t r = 0; r < rows; ++r) row[r] = b[tp.start(ip) + r] + k0;
-          for (index_t g = 0; g < group; g += each) {
-            const index_t count = std::min(each, group - g);
-            float* tile = tiles.data() + (ip * npanels + jp + g) * gemm_tile;
-            const panel_slice* in = &slices[std::size_t(jp + g)];
-            fetch_share pf;
-            if (ic == 0 && rows >= gemm_fetching_rows)
-              for (index_t q = 0; q < count; ++q) {
-                const auto j = std::size_t(jp + group + g + q);  // from npanels on, in the next depth block
-                if (j >= std::size_t(2 * npanels) || (j < std::size_t(npanels) && !prepared[j]) || !slices[j].data) break;
-                const std::size_t row_bytes = std::size_t(gemm_nr) * dtype_size(slices[j].type);
-                pf.from[q] = static_cast<const char*>(slices[j].data) + sharer * std::size_t(kl) * row_bytes / sharers;
-                pf.pace[q] = (row_bytes << 8) / sharers;
-              }
-            if (dot)
-              micro_kernel_dot_slices(kl, ic_pairs + (ip - ic) * pair_stride, in, count, tile, k0 == 0, rows, pf);
-            else if (pack_tokens)
-              micro_kernel_slices(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, in, count, tile, k0 == 0, rows, pf);
-            else
-              micro_kernel_slices(kl, token_rows{row}, in, count, tile, k0 == 0, rows, pf);
-          }
-          sharer += rows >= gemm_fetching_rows;
-        }
+          for (index_t r = 0; r < rows; ++r) row[r] = b[tp.start(ip) + r] + k0;
+          micro_kernel_slices(kl, token_rows{row}, in, count, tile, k0 == 0, rows, pf);
+        };
+        // Whole panels one weight panel at a time, each slice staying in L1
+        // while they all pass over it; then the short ones side by side.
+        for (index_t g = 0; g < group; ++g)
+          for (index_t ip = ic; ip < iend; ++ip)
+            if (side(ip) == 1) run(ip, g, 1);
+        for (index_t ip = ic; ip < iend; ++ip)
+          for (index_t g = 0, each = side(ip); each > 1 && g < group; g += each) run(ip, g, std::min(each, group - g));
         jp += group;
       }
     }
