@@ -112,17 +112,25 @@ struct fetch_share {
   std::size_t pace[2] = {0, 0};
 };
 
-/// Fetches the share's lines for depth step k into L2 (none if it is empty).
-inline void fetch_ahead(const fetch_share& f, index_t k) {
+/// Fetches one region's lines for depth step k into L2.
+inline void fetch_region(const char* from, std::size_t pace, index_t k) {
 #if defined(__AVX2__) && defined(__FMA__)
-  for (int i = 0; i < 2 && f.from[i]; ++i) {
-    const char* p = f.from[i] + ((std::size_t(k) * f.pace[i]) >> 8);
-    _mm_prefetch(p, _MM_HINT_T1);
-    if (f.pace[i] > (std::size_t(64) << 8)) _mm_prefetch(p + 64, _MM_HINT_T1);  // (at most two lines: a row is ≤ 128 bytes)
-  }
+  const char* p = from + ((std::size_t(k) * pace) >> 8);
+  _mm_prefetch(p, _MM_HINT_T1);
+  if (pace > (std::size_t(64) << 8)) _mm_prefetch(p + 64, _MM_HINT_T1);  // (at most two lines: a row is ≤ 128 bytes)
 #else
-  (void)f, (void)k;
+  (void)from, (void)pace, (void)k;
 #endif
+}
+
+/// Fetches the share's lines for depth step k into L2 (none if it is
+/// empty), for a call over P panels (a second region only then: a loop over
+/// both in one panel's calls cost BF16 products of 16 tokens 3-7%).
+template <int P>
+inline void fetch_ahead(const fetch_share& f, index_t k) {
+  if (!f.from[0]) return;
+  fetch_region(f.from[0], f.pace[0], k);
+  if (P > 1 && f.from[1]) fetch_region(f.from[1], f.pace[1], k);
 }
 
 /// How far ahead of its reads one token's call over panels side by side
@@ -171,7 +179,7 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
       hi[r][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + p * gemm_tile + r * gemm_nr + 16);
     }
   for (index_t k = 0; k < kl; ++k) {
-    fetch_ahead(pf, k);
+    fetch_ahead<P>(pf, k);
     if constexpr (M == 1 && P > 1) fetch_panels_ahead<P>(b, k);
     __m512 b0[P], b1[P];
 #pragma GCC unroll 4
@@ -200,7 +208,7 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
       hi[r][p] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + p * gemm_tile + r * gemm_nr + 8);
     }
   for (index_t k = 0; k < kl; ++k) {
-    fetch_ahead(pf, k);
+    fetch_ahead<P>(pf, k);
     if constexpr (M == 1 && P > 1) fetch_panels_ahead<P>(b, k);
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
@@ -272,8 +280,8 @@ constexpr index_t panels_together(index_t rows) { return rows == 1 ? gemm_max_to
 /// one core, BF16: 1, 2, 3 tokens at 17, 34, 51% of 8; side by side over two
 /// weight panels, 5 and 4 tokens reach 98-100%), and a job's tokens rarely
 /// fill whole panels. A product of 256 prepared rows × 2048 on one core ran
-/// 9-12 and 17-20 tokens 1.3-1.55× faster so (BF16; F32 1.1-1.3×). The cut
-/// changes no result: each element's sum is the same whatever panel its
+/// 9-12 and 17-18 tokens 1.07-1.44× faster so (BF16; F32 up to 1.2×). The
+/// cut changes no result: each element's sum is the same whatever panel its
 /// token is in.
 struct token_panels {
   index_t m;
@@ -805,7 +813,7 @@ inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bflo
       hi[r][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + p * gemm_tile + r * gemm_nr + 16);
     }
   for (index_t k = 0; k < kl; k += 2, a += gemm_mr) {
-    fetch_ahead(pf, k), fetch_ahead(pf, k + 1);
+    fetch_ahead<P>(pf, k), fetch_ahead<P>(pf, k + 1);
     __m512bh p0[P], p1[P];
 #pragma GCC unroll 2
     for (int p = 0; p < P; ++p) {
