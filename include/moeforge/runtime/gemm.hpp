@@ -839,23 +839,13 @@ template <int M, int P>
 inline void micro_kernel_dot_rows(index_t, const std::uint32_t*, const bfloat16* const*, float*, bool, const fetch_share&) {}
 #endif
 
-/// micro_kernel_dot_rows for the first `rows` (1..MR) token rows of one panel, `pf` as there.
-inline void micro_kernel_dot(index_t kl, const std::uint32_t* a, const bfloat16* b, float* c, bool first, index_t rows, const fetch_share& pf) {
-  with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 1>(kl, a, &b, c, first, pf); });
-}
-/// micro_kernel_dot_rows for up to gemm_pair_rows tokens over two panels side by side.
-inline void micro_kernel_dot_side_by_side(index_t kl, const std::uint32_t* a, const bfloat16* const* b, float* c, bool first, index_t rows,
-                                          const fetch_share& pf) {
-  with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 2>(kl, a, b, c, first, pf); });
-}
-/// micro_kernel_slices with tokens as BF16 pairs: `count` (1 or 2) BF16 slices.
+/// micro_kernel_slices with tokens as BF16 pairs: the first `rows` (1..MR)
+/// token rows over one BF16 slice, or up to gemm_pair_rows over two side by side.
 inline void micro_kernel_dot_slices(index_t kl, const std::uint32_t* a, const panel_slice* b, index_t count, float* c, bool first, index_t rows,
                                     const fetch_share& pf) {
   const typed_slices<bfloat16> in(b, count);
-  if (count == 1)
-    micro_kernel_dot(kl, a, in.p[0], c, first, rows, pf);
-  else
-    micro_kernel_dot_side_by_side(kl, a, in.p, c, first, rows, pf);
+  if (count == 1) return with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 1>(kl, a, in.p, c, first, pf); });
+  with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 2>(kl, a, in.p, c, first, pf); });
 }
 
 /// Token panels of this many tokens or more fetch the next weight slices
@@ -949,8 +939,10 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         ic_pairs = pairs + ic * pair_stride + k0 / 2 * gemm_mr;
       }
       index_t together = 1;  // weight panels side by side that the block's shortest token panel takes
+      std::size_t sharers = 0;  // token panels that fetch the next slices (see below)
       for (index_t ip = ic; ip < iend; ++ip) {
         together = std::max(together, panels_together(tp.rows(ip)));
+        sharers += tp.rows(ip) >= gemm_fetching_rows;
         if (dot && !pairs)
           pack_token_pairs(b + tp.start(ip), tp.rows(ip), k0, kl, bpairs.data() + (ip - ic) * pair_stride);
         else if (pack_tokens && !dot)
@@ -967,8 +959,6 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         // (after the last, the first of the next depth block), each its
         // share, while they read theirs. (Rows never grow along the panels,
         // so the fetching ones are the block's first.)
-        std::size_t sharers = 0;
-        for (index_t ip = ic; ip < iend; ++ip) sharers += tp.rows(ip) >= gemm_fetching_rows;
         const auto side = [&](index_t ip) { return std::min(group, panels_together(tp.rows(ip))); };
         const auto run = [&](index_t ip, index_t g, index_t count) {
           const index_t rows = tp.rows(ip);
