@@ -1,3 +1,4 @@
-// The one translation unit that holds Catch2's main().
-#define CATCH_CONFIG_MAIN
-#include <catch2/catch.hpp>
+// The test executables' main (test_distributed.cpp has its own, which starts MPI).
+#include "support/run_catch.hpp"
+
+int main(int argc, char** argv) { return moeforge::test::run_catch(argc, argv); }

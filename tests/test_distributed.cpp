@@ -2,7 +2,6 @@
 // rank runs every case and computes the single-process reference itself, so
 // all ranks reach the same assertions with the same values (an assertion that
 // failed on one rank only would leave the others waiting in a collective).
-#define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
 
 #include <cstdlib>
@@ -18,6 +17,7 @@
 #include "support/hf_checkpoint.hpp"
 #include "support/hf_dir_builder.hpp"
 #include "support/random.hpp"
+#include "support/run_catch.hpp"
 #include "support/stories.hpp"
 #include "support/temp_dir.hpp"
 
@@ -507,5 +507,5 @@ TEST_CASE("a rank that throws ends the whole job with its reason", "[.fault]") {
 
 int main(int argc, char** argv) {
   distributed::mpi_session mpi(&argc, &argv);
-  return Catch::Session().run(argc, argv);
+  return moeforge::test::run_catch(argc, argv);
 }
