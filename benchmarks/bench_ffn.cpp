@@ -131,9 +131,15 @@ struct row_limits {
   }
 };
 
-/// Best time in ms of `run(copy)` over `reps`, rotating the layer copies so weights come from DRAM.
+/// Best time in ms of `run(copy)` over `reps`, rotating the layer copies so
+/// weights come from DRAM. Each copy runs once untimed first: on this VM a
+/// freshly built layer's first pass ran up to 2x slower than its next ones
+/// (E8A2 F32 at 512 tokens: 50 ms, then 25 ms, with no page faults), a cost
+/// of building the layer that a row of --tokens 512 alone would otherwise
+/// charge to the kernel.
 template <class F>
 double best_ms(int reps, int copies, F&& run) {
+  for (int c = 0; c < copies; ++c) run(c);
   double best = 1e300;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
