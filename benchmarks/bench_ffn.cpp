@@ -132,11 +132,12 @@ struct row_limits {
 };
 
 /// Best time in ms of `run(copy)` over `reps`, rotating the layer copies so
-/// weights come from DRAM. Each copy runs once untimed first: on this VM a
-/// freshly built layer's first pass ran up to 2x slower than its next ones
-/// (E8A2 F32 at 512 tokens: 50 ms, then 25 ms, with no page faults), a cost
-/// of building the layer that a row of --tokens 512 alone would otherwise
-/// charge to the kernel.
+/// weights come from DRAM. Each copy runs once untimed first: on this VM
+/// memory written shortly before is read at ~5 GB/s the first time and at
+/// full speed after (a plain read loop shows it too, with no page faults),
+/// so a freshly built layer's first pass ran up to 2x slower than its next
+/// ones (E8A2 F32 at 512 tokens: 50 ms, then 25 ms), which a row of
+/// --tokens 512 alone would otherwise charge to the kernel.
 template <class F>
 double best_ms(int reps, int copies, F&& run) {
   for (int c = 0; c < copies; ++c) run(c);
