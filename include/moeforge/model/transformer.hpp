@@ -585,29 +585,27 @@ class transformer {
     const auto& c = w_.config;
     const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads, stride = kc.cols();
     const double multiply_adds = 2.0 * double(n) * double(c.n_heads) * double(start + n) * double(hd);
-#pragma omp parallel if (multiply_adds >= attention_parallel_fma)
-    {
+    runtime::detail::run_on_team(multiply_adds >= attention_parallel_fma, [&] {
       // Eigen's reductions and vectorised exp start at the first aligned
       // element, so an aligned buffer (not a std::vector) keeps which values
       // go through which path, and the sums' order, a function of the shapes.
       Eigen::ArrayXf scores(start + n);
-#pragma omp for collapse(2) schedule(static)
-      for (index_t h = 0; h < c.n_heads; ++h) {
-        for (index_t r = 0; r < n; ++r) {
-          const index_t g = h / group, visible = start + r + 1;
-          const float* query = q.row(r).data() + h * hd;
-          for (index_t j = 0; j < visible; ++j) scores(j) = dot(query, kc.data() + j * stride + g * hd, hd) * scale;
-          softmax(scores.head(visible));
-          float* __restrict o = att.row(r).data() + h * hd;
-          std::fill_n(o, hd, 0.0f);
-          for (index_t j = 0; j < visible; ++j) {
-            const float pj = scores(j);
-            const float* __restrict value = vc.data() + j * stride + g * hd;
-            for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
-          }
+      const auto attend = [&](index_t task) {
+        const index_t h = task / n, r = task % n;
+        const index_t g = h / group, visible = start + r + 1;
+        const float* query = q.row(r).data() + h * hd;
+        for (index_t j = 0; j < visible; ++j) scores(j) = dot(query, kc.data() + j * stride + g * hd, hd) * scale;
+        softmax(scores.head(visible));
+        float* __restrict o = att.row(r).data() + h * hd;
+        std::fill_n(o, hd, 0.0f);
+        for (index_t j = 0; j < visible; ++j) {
+          const float pj = scores(j);
+          const float* __restrict value = vc.data() + j * stride + g * hd;
+          for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
         }
-      }
-    }
+      };
+      runtime::detail::for_each_task(c.n_heads * n, attend, runtime::detail::sharing::in_blocks);
+    });
   }
 
   /// p = exp(p − max p) / Σ, in place (p an Eigen array expression).

@@ -215,30 +215,26 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
     for (std::size_t k = 0; k < jobs.size(); ++k)
       if (split->computes[k] && split->part[k]) mine.push_back(k);
   const std::ptrdiff_t down_tasks = std::ptrdiff_t(mine.size()) * row_tasks;
-#pragma omp parallel if (fma >= min_parallel_fma)
-  {
+  run_on_team(fma >= min_parallel_fma, [&] {
     pack_pair_panels(input_panels);
-#pragma omp for schedule(dynamic, 1)
-    for (std::ptrdiff_t c = 0; c < std::ptrdiff_t(chunks.size()); ++c)
+    for_each_task(std::ptrdiff_t(chunks.size()), [&](std::ptrdiff_t c) {
       fill_activations(jobs[chunks[std::size_t(c)].job], x.cols(), chunks[std::size_t(c)].first, chunks[std::size_t(c)].count);
+    });
     pack_pair_panels(h_panels);
     if (split) {
-#pragma omp for schedule(dynamic, 1)
-      for (std::ptrdiff_t d = 0; d < down_tasks; ++d) {
+      for_each_task(down_tasks, [&](std::ptrdiff_t d) {
         const std::size_t k = mine[std::size_t(d / row_tasks)];
         const index_t r = index_t(d % row_tasks);
         down_part(jobs[k], r * rows_per_task, rows_of_task(r), split->part[k] + r * rows_per_task, hidden);
-      }
+      });
     } else {
-#pragma omp for schedule(dynamic, 1)
-      for (index_t r = 0; r < row_tasks; ++r) sum_rows(r);
+      for_each_task(row_tasks, sum_rows);
     }
-  }
+  });
   if (!split) return;
   // Outside any parallel region: only the thread that started MPI may call it.
   split->exchange();
-#pragma omp parallel for schedule(dynamic, 1) if (fma >= min_parallel_fma)
-  for (index_t r = 0; r < row_tasks; ++r) sum_rows(r);
+  run_on_team(fma >= min_parallel_fma, [&] { for_each_task(row_tasks, sum_rows); });
 }
 
 /// The jobs of routed expert `ex` (its prepared panels `packed`, or null) for

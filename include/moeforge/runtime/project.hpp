@@ -34,15 +34,13 @@ inline matrix project_rows(const_matrix_ref x, index_t rows, Blocks block_of) {
   std::vector<std::uint32_t> own;
   std::uint32_t* const pairs = rounds_tokens({block_of(0, std::min(rows, gemm_nr))}, t) ? pair_scratch(token_pair_count(t, k), own) : nullptr;
   if (pairs) add_pair_panels(tokens.data(), t, k, pairs, panels);
-#pragma omp parallel if (double(t) * double(rows) * double(k) >= min_parallel_fma && tasks > 1)
-  {
+  run_on_team(double(t) * double(rows) * double(k) >= min_parallel_fma && tasks > 1, [&] {
     pack_pair_panels(panels);
-#pragma omp for schedule(dynamic, 1)
-    for (index_t task = 0; task < tasks; ++task) {
+    for_each_task(tasks, [&](index_t task) {
       const index_t r0 = task * per_task, count = std::min(per_task, rows - r0);
       panel_product({block_of(r0, count)}, tokens.data(), t, k, out.data() + r0, out.outerStride(), pairs);
-    }
-  }
+    });
+  });
   return out;
 }
 
