@@ -270,11 +270,11 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
       fill_activations(jobs[chunks[std::size_t(c)].job], x.cols(), chunks[std::size_t(c)].first, chunks[std::size_t(c)].count);
     });
     pack_pair_panels(h_panels);
-    if (!parts) return for_each_task(row_tasks, sum_rows);
-    for_each_task(std::ptrdiff_t(down_tasks.size()), [&](std::ptrdiff_t d) {
-      const down_task& t = down_tasks[std::size_t(d)];
-      down_part(jobs[t.job], t.first, t.rows, parts->part[t.job] + t.first, hidden);
-    });
+    if (parts)
+      for_each_task(std::ptrdiff_t(down_tasks.size()), [&](std::ptrdiff_t d) {
+        const down_task& t = down_tasks[std::size_t(d)];
+        down_part(jobs[t.job], t.first, t.rows, parts->part[t.job] + t.first, hidden);
+      });
     if (!split) for_each_task(row_tasks, sum_rows);
   });
   if (!split) return;
