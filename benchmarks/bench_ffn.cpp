@@ -23,12 +23,18 @@ namespace moeforge::cli {
 namespace {
 
 constexpr index_t hidden = 2048, intermediate = 5632;
-// Layer copies rotated so each timed call reads its weights from DRAM: a dense
-// copy (138 MB) is over 3x the 32 MiB L3, but a decode step touches only a
-// quarter of a E8A2 copy, so those layers need four. A layer whose decode step
-// alone reads over 3x L3 needs one.
+// Layer copies rotated so each timed call reads its weights from DRAM: a
+// call that reads under 3x the 32 MiB L3 rotates two (dense) or four (MoE: a
+// decode step touches a quarter of an E8A2 copy). A call that reads more
+// needs one, and gets one: rotating copies of a layer that size adds
+// nothing against the caches, but on this VM memory not read for a while
+// reads slower (Qwen3-30B-A3B's BF16 layer at 64 tokens, 1.2 GB a call: 34 ms
+// rotating four copies, 22-24 ms reusing one), which the bandwidth probe,
+// reading one buffer over and over, does not pay either.
 constexpr int ncopies = 2, moe_copies = 4;
 constexpr double cold_bytes = 96e6;
+/// How many of `built` copies a call touching `bytes` of weights rotates.
+int copies_for(double bytes, int built) { return bytes >= cold_bytes ? 1 : built; }
 
 matrix random_matrix(index_t r, index_t c, float scale, std::mt19937& rng) {
   std::normal_distribution<float> n(0.0f, scale);
@@ -228,7 +234,7 @@ int bench_ffn(int argc, char** argv) {
       std::vector<runtime::prepared_moe> moe;
       const double expert_bytes = weight_bytes * 3.0 * double(hidden) * double(shape.width);
       const double decode_bytes = double(shape.k) * expert_bytes + weight_bytes * 3.0 * double(hidden) * double(shape.shared * shape.shared_width);
-      const int copies = decode_bytes >= cold_bytes ? 1 : moe_copies;
+      const int copies = copies_for(decode_bytes, moe_copies);
       for (int c = 0; c < copies; ++c) moe.push_back(runtime::prepare(random_moe(shape, rng), type));
       for (index_t tokens : token_counts) {
         const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
@@ -240,17 +246,19 @@ int bench_ffn(int argc, char** argv) {
         const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
         double dense_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0, unpacked_ms = 0;
         if (shape.split) {
-          dense_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)], x, y); });
+          const int dense_rotated = copies_for(dense_bytes, ncopies);
+          dense_ms = best_ms(reps, dense_rotated, [&](int c) { runtime::dense_forward(dense[std::size_t(c)], x, y); });
           if (f32) {
-            dense_unpacked_ms = best_ms(reps, ncopies, [&](int c) { runtime::dense_forward(dense[std::size_t(c)].weights(), x, y); });
-            eigen_ms = best_ms(reps, ncopies, [&](int c) { y = eigen_dense(dense[std::size_t(c)].weights(), x); });
+            dense_unpacked_ms = best_ms(reps, dense_rotated, [&](int c) { runtime::dense_forward(dense[std::size_t(c)].weights(), x, y); });
+            eigen_ms = best_ms(reps, dense_rotated, [&](int c) { y = eigen_dense(dense[std::size_t(c)].weights(), x); });
           }
         }
-        const double moe_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
-        if (f32) unpacked_ms = best_ms(reps, copies, [&](int c) { runtime::moe_forward(moe[std::size_t(c)].layer(), plan, x, y); });
+        const auto [bytes, flops] = active_cost(moe[0].layer(), plan, weight_bytes);
+        const int rotated = copies_for(bytes, copies);
+        const double moe_ms = best_ms(reps, rotated, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
+        if (f32) unpacked_ms = best_ms(reps, rotated, [&](int c) { runtime::moe_forward(moe[std::size_t(c)].layer(), plan, x, y); });
         limits.probe(threads, dot);
         const double gbps_limit = limits.gbps, peak = limits.peak;
-        const auto [bytes, flops] = active_cost(moe[0].layer(), plan, weight_bytes);
         const double dense_flops = 2.0 * dense_weights * double(tokens);
         const bool bandwidth_bound = flops / bytes < peak / gbps_limit;
         const double ideal = bandwidth_bound ? bytes / dense_bytes : flops / dense_flops;
