@@ -104,15 +104,19 @@ inline void load_panel_row(const bfloat16* p, __m256& lo, __m256& hi) {
   lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
 }
 #endif
-/// Part of the next panel slices to bring into L2 while a micro-kernel call
-/// reads its own (one per panel it reads, at most two): from `from[i]`,
-/// `pace[i]` 256ths of a byte further at every depth step. One call reading
-/// a slice fetches a whole slice row a step; when n token panels read it in
-/// turn, each fetches its n-th of the next slice, so the weight stream keeps
-/// flowing through all of them, not only the first.
+/// What a micro-kernel call fetches besides what it reads. Part of the next
+/// panel slices to bring into L2 while it reads its own (one per panel it
+/// reads, at most two): from `from[i]`, `pace[i]` 256ths of a byte further at
+/// every depth step. One call reading a slice fetches a whole slice row a
+/// step; when n token panels read it in turn, each fetches its n-th of the
+/// next slice, so the weight stream keeps flowing through all of them, not
+/// only the first. And, when `own_ahead`, its own slices' rows a little ahead
+/// into L1 (fetch_panels_ahead): set for the first call to read them, the
+/// one that takes them from L2 or memory.
 struct fetch_share {
   const char* from[2] = {nullptr, nullptr};  ///< the first null ends the list
   std::size_t pace[2] = {0, 0};
+  bool own_ahead = false;
 };
 
 /// Fetches one region's lines for depth step k into L2.
@@ -136,23 +140,27 @@ inline void fetch_ahead(const fetch_share& f, index_t k) {
   if (P > 1 && f.from[1]) fetch_region(f.from[1], f.pace[1], k);
 }
 
-/// How far ahead of its reads one token's call over panels side by side
-/// fetches each panel into L1. The hardware prefetcher follows those
-/// sequential streams, but not far enough ahead to keep a core's share of
-/// DRAM in flight: an E8A2 layer of BF16 experts decoded one token 5-15%
-/// faster (F32 3-5%; A/B in one process, Zen 5), near the time of a plain
-/// read of the same bytes, and 10-15% in an AVX2 build on the same CPU; 1
-/// and 4 KiB gained less. With more tokens the FMAs leave no issue slots to
-/// spare: four tokens over two panels ran 2-4% slower with it.
-constexpr std::size_t side_by_side_ahead = 2048;
+/// How far ahead of its reads the first call reading a slice fetches the
+/// slice's rows into L1 (fetch_share::own_ahead). The hardware prefetcher
+/// follows those sequential streams, but not far enough ahead to keep a
+/// core's share of DRAM in flight, nor to hide L2's latency from the calls
+/// with many tokens that are bound by their multiply-adds: an E8A2 layer of
+/// BF16 experts decoded one token 5-15% faster (F32 3-5%; A/B in one
+/// process, Zen 5), near the time of a plain read of the same bytes, and
+/// 10-15% in an AVX2 build on the same CPU; at 64 tokens (all calls that read
+/// first, against one-token calls only) E8A2 BF16 ran 10-12% faster, DeepSeek-
+/// V2-Lite 6-10%, Qwen3-30B-A3B 7% (AVX2 build 11%), F32 2-6%, a dense BF16 FFN
+/// at 8 tokens 4-6%; 1 and 512 tokens unchanged. 1 and 4 KiB gained less, and
+/// so did every call fetching (the later token panels find the slice in L1).
+constexpr std::size_t own_rows_ahead = 2048;
 
-/// Fetches row k + side_by_side_ahead bytes of each of P panels side by side into L1.
+/// Fetches row k + own_rows_ahead bytes of each of P panels into L1.
 template <int P, class W>
 inline void fetch_panels_ahead(const W* const* b, index_t k) {
 #if defined(__AVX2__) && defined(__FMA__)
   for (int p = 0; p < P; ++p) {
     // As an address, not a pointer: near a panel's end it lies past the storage (a prefetch never faults).
-    const std::uintptr_t row = reinterpret_cast<std::uintptr_t>(b[p] + k * gemm_nr) + side_by_side_ahead;
+    const std::uintptr_t row = reinterpret_cast<std::uintptr_t>(b[p] + k * gemm_nr) + own_rows_ahead;
     _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
     if constexpr (sizeof(W) * gemm_nr > 64) _mm_prefetch(reinterpret_cast<const char*>(row + 64), _MM_HINT_T0);  // (a row is at most two lines)
   }
@@ -168,7 +176,8 @@ inline void fetch_panels_ahead(const W* const* b, index_t k) {
 /// `first`, else accumulated into. Each element's sum is the same whatever M
 /// and P are and wherever the tokens are read from. `pf` is a share of the
 /// panel slices the caller reads next, fetched into L2 at the pace these
-/// are read, so the next weights stream in beside the ones in use. W is the
+/// are read, so the next weights stream in beside the ones in use, and
+/// whether to fetch these slices' own rows ahead (fetch_share). W is the
 /// panel's value type (float or bfloat16).
 template <int M, int P, class Tokens, class W>
 inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c, bool first, const fetch_share& pf) {
@@ -183,7 +192,7 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
     }
   for (index_t k = 0; k < kl; ++k) {
     fetch_ahead<P>(pf, k);
-    if constexpr (M == 1 && P > 1) fetch_panels_ahead<P>(b, k);
+    if (pf.own_ahead) fetch_panels_ahead<P>(b, k);
     __m512 b0[P], b1[P];
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) load_panel_row(b[p] + k * gemm_nr, b0[p], b1[p]);
@@ -212,7 +221,7 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
     }
   for (index_t k = 0; k < kl; ++k) {
     fetch_ahead<P>(pf, k);
-    if constexpr (M == 1 && P > 1) fetch_panels_ahead<P>(b, k);
+    if (pf.own_ahead) fetch_panels_ahead<P>(b, k);
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
       __m256 b0, b1;
@@ -877,6 +886,7 @@ inline void micro_kernel_dot_rows(index_t kl, const std::uint32_t* a, const bflo
     }
   for (index_t k = 0; k < kl; k += 2, a += gemm_mr) {
     fetch_ahead<P>(pf, k), fetch_ahead<P>(pf, k + 1);
+    if (pf.own_ahead) fetch_panels_ahead<P>(b, k), fetch_panels_ahead<P>(b, k + 1);
     __m512bh p0[P], p1[P];
 #pragma GCC unroll 2
     for (int p = 0; p < P; ++p) {
@@ -914,12 +924,13 @@ inline void micro_kernel_dot_slices(index_t kl, const std::uint32_t* a, const pa
 /// Token panels of this many tokens or more fetch the next weight slices
 /// while they read theirs (panel_product). Fewer are bound by the weights'
 /// bytes, and read panels side by side: two to four sequential streams,
-/// which the hardware prefetcher follows (one token's call also fetches its
-/// own rows a little ahead, fetch_panels_ahead). Fetching their successors
-/// too slowed one and two tokens by 2-6%, and 4 (Qwen3-30B-A3B's experts at
-/// T = 64, BF16) by 5%; two panels of 5 and 4 tokens side by side with the
-/// 5 fetching (S1A1E8's routed experts at T = 64, BF16) ran 4-6% faster than
-/// without, and than the same tokens cut 8 + 1 (best of 6, alternated).
+/// which the hardware prefetcher follows (and, as every first reader of a
+/// slice, they fetch their own rows a little ahead: own_rows_ahead).
+/// Fetching their successors too slowed one and two tokens by 2-6%, and 4
+/// (Qwen3-30B-A3B's experts at T = 64, BF16) by 5%; two panels of 5 and 4
+/// tokens side by side with the 5 fetching (S1A1E8's routed experts at
+/// T = 64, BF16) ran 4-6% faster than without, and than the same tokens cut
+/// 8 + 1 (best of 6, alternated).
 constexpr index_t gemm_fetching_rows = 5;
 static_assert(panels_together(gemm_fetching_rows) <= 2, "a fetch_share holds the slices of two panels side by side");
 
@@ -959,7 +970,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   thread_local std::vector<float> apack, bpack, tiles;
   thread_local std::vector<std::uint32_t> bpairs;
   thread_local std::vector<panel_slice> slices;
-  thread_local std::vector<char> prepared;
+  thread_local std::vector<char> prepared, read;
   const token_panels tp{m};
   const index_t mpanels = tp.count();
   const bool pack_tokens = m > gemm_tokens_in_place;
@@ -1012,6 +1023,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
           pack_panels<gemm_mr>(b + tp.start(ip), tp.rows(ip), k0, kl, bpack.data() + (ip - ic) * kl * gemm_mr);
       }
       if (dot) together = std::min<index_t>(together, 2);
+      read.assign(std::size_t(npanels), 0);  // the weight panels some token panel of this block has read
       for (jp = 0; jp < npanels;) {
         index_t group = 1;
         while (group < together && jp + group < npanels && slices[std::size_t(jp + group)].type == slices[std::size_t(jp)].type) ++group;
@@ -1028,6 +1040,8 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
           float* tile = tiles.data() + (ip * npanels + jp + g) * gemm_tile;
           const panel_slice* in = &slices[std::size_t(jp + g)];
           fetch_share pf;
+          pf.own_ahead = !read[std::size_t(jp + g)];
+          std::fill_n(read.begin() + (jp + g), count, 1);
           if (ic == 0 && rows >= gemm_fetching_rows)
             for (index_t q = 0; q < count; ++q) {
               const auto j = std::size_t(jp + group + g + q);  // from npanels on, in the next depth block
