@@ -152,7 +152,7 @@ int bench_model(int argc, char** argv) {
       const auto& times = decode.times;
       const double dec_long = model::decode_tokens_per_second(tr, steps, context);
       const double bytes = decode_bytes(tr.structure(), 1, double(dtype_size(type))), fraction = bytes * dec0 / 1e9 / row_gbs;
-      const double rss = bench::status_mb("VmRSS:");
+      const double rss = bench::status_mb("VmRSS:") - bench::probe_resident_mb();
       const std::string type_name(dtype_name(type));
       std::printf("%-10s %-5s %6.2f %7.2f %8.0f %9.1f %10.1f %10.2f %9.2f %9.1f %6.1f %7.0f%% %6.0f%% %5.0f%% %5.0f%%\n", v.name.c_str(),
                   type_name.c_str(), active, load_s, rss, pf64, pf_long, dec0, dec_long, bytes / 1e6, row_gbs, 100 * fraction,
