@@ -181,7 +181,7 @@ int bench_ffn(int argc, char** argv) {
          "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), each the better\n"
          "of two probes taken just before and just after the row; the peak is the FP32 FMA peak, or for BF16 rows over\n"
          "more than 4 tokens the BF16 dot-product peak (vdpbf16ps; BF16 tokens) where the CPU has one.\n"
-         "limit_ratio = moe_ms / limit_ms.");
+         "limit_ratio = moe_ms / limit_ms (x_lim); dx_lim is the dense layer's, dense_ms over its own limit.");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
       .option("shape", "LIST",
@@ -218,8 +218,8 @@ int bench_ffn(int argc, char** argv) {
     json.open(json_tmp);
     if (!json) throw io_error("cannot write '" + json_tmp + "'");
   }
-  std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %4s %4s\n", "shape", "type", "T", "active", "dense_ms",
-              "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "unp/p", "GB/s", "bw%", "pk%");
+  std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %6s %4s %4s\n", "shape", "type", "T", "active", "dense_ms",
+              "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "dx_lim", "unp/p", "GB/s", "bw%", "pk%");
   for (const dtype type : types) {
     const bool f32 = type == dtype::f32;  // the unpacked and Eigen columns (plain F32 weights) only once
     const double weight_bytes = double(dtype_size(type));
@@ -263,6 +263,7 @@ int bench_ffn(int argc, char** argv) {
         const bool bandwidth_bound = flops / bytes < peak / gbps_limit;
         const double ideal = bandwidth_bound ? bytes / dense_bytes : flops / dense_flops;
         const double limit_ms = std::max(bytes / gbps_limit, flops / peak) / 1e6;
+        const double dense_limit_ms = std::max(dense_bytes / gbps_limit, dense_flops / peak) / 1e6;
         const double gbps = bytes / moe_ms / 1e6, gflops = flops / moe_ms / 1e6;
         const double active = double(shape.shared * shape.shared_width + shape.k * shape.width) /
                               double(shape.shared * shape.shared_width + shape.routed * shape.width);
@@ -277,11 +278,12 @@ int bench_ffn(int argc, char** argv) {
           std::snprintf(b, sizeof b, fmt, v);
           return std::string(f32 ? b : "-");
         };
-        std::printf("%-14s %-4s %4lld %6.3f %8s %8s %8.2f %8s %8s %6s %6s %8.2f %6.2f %6s %6.1f %4.0f %4.0f\n", shape.name.c_str(),
+        std::printf("%-14s %-4s %4lld %6.3f %8s %8s %8.2f %8s %8s %6s %6s %8.2f %6.2f %6s %6s %6.1f %4.0f %4.0f\n", shape.name.c_str(),
                     std::string(dtype_name(type)).c_str(), (long long)tokens, active, cell(dense_ms, "%.2f").c_str(),
                     cell(dense_unpacked_ms, "%.2f", f32).c_str(), moe_ms, plain_cell(unpacked_ms, "%.2f").c_str(),
                     cell(eigen_ms, "%.2f", f32).c_str(), cell(moe_ms / dense_ms, "%.3f").c_str(), cell(ideal, "%.3f").c_str(), limit_ms,
-                    moe_ms / limit_ms, plain_cell(unpacked_ms / moe_ms, "%.2f").c_str(), gbps, 100 * gbps / gbps_limit, 100 * gflops / peak);
+                    moe_ms / limit_ms, cell(dense_ms / dense_limit_ms, "%.2f").c_str(), plain_cell(unpacked_ms / moe_ms, "%.2f").c_str(), gbps,
+                    100 * gbps / gbps_limit, 100 * gflops / peak);
         std::fflush(stdout);
         if (json) {
           nlohmann::json row{{"shape", shape.name}, {"dtype", dtype_name(type)}, {"tokens", tokens}, {"hidden", hidden},
@@ -296,6 +298,8 @@ int bench_ffn(int argc, char** argv) {
           if (shape.split) {
             row["intermediate"] = intermediate;
             row["dense_ms"] = dense_ms;
+            row["dense_limit_ms"] = dense_limit_ms;
+            row["dense_limit_ratio"] = dense_ms / dense_limit_ms;
             row["ratio"] = moe_ms / dense_ms;
             row["ideal_ratio"] = ideal;
             if (f32) {
