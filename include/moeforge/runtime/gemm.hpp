@@ -141,26 +141,33 @@ inline void fetch_ahead(const fetch_share& f, index_t k) {
 }
 
 /// How far ahead of its reads the first call reading a slice fetches the
-/// slice's rows into L1 (fetch_share::own_ahead). The hardware prefetcher
-/// follows those sequential streams, but not far enough ahead to keep a
-/// core's share of DRAM in flight, nor to hide L2's latency from the calls
-/// with many tokens that are bound by their multiply-adds: an E8A2 layer of
-/// BF16 experts decoded one token 5-15% faster (F32 3-5%; A/B in one
-/// process, Zen 5), near the time of a plain read of the same bytes, and
-/// 10-15% in an AVX2 build on the same CPU; at 64 tokens (all calls that read
-/// first, against one-token calls only) E8A2 BF16 ran 10-12% faster, DeepSeek-
-/// V2-Lite 6-10%, Qwen3-30B-A3B 7% (AVX2 build 11%), F32 2-6%, a dense BF16 FFN
-/// at 8 tokens 4-6%; 1 and 512 tokens unchanged. 1 and 4 KiB gained less, and
-/// so did every call fetching (the later token panels find the slice in L1).
-constexpr std::size_t own_rows_ahead = 2048;
+/// slice's rows into L1 (fetch_share::own_ahead), shared among the panels it
+/// reads side by side: 2 KiB each of four panels (one token), 4 KiB each of
+/// two (a few tokens), 8 KiB of one (a panel of 7 or 8). The hardware
+/// prefetcher follows those sequential streams, but not far enough ahead to
+/// keep a core's share of DRAM in flight, nor to hide L2's latency from the
+/// calls with many tokens that are bound by their multiply-adds: an E8A2
+/// layer of BF16 experts decoded one token 5-15% faster with 2 KiB a panel
+/// (F32 3-5%; A/B in one process, Zen 5), near the time of a plain read of
+/// the same bytes, and 10-15% in an AVX2 build on the same CPU (1 and 4 KiB
+/// gained less). Beyond one token, fetching 2 KiB a panel made E8A2 BF16 at
+/// 64 tokens 10-12% faster, DeepSeek-V2-Lite 6-10%, Qwen3-30B-A3B 7% (AVX2
+/// build 11%), F32 2-6%, a dense BF16 FFN at 8 tokens 4-6%. 8 KiB a call
+/// instead of 2 KiB a panel then made E8A2 BF16 at 64 tokens (experts of 16
+/// tokens, one panel at a time) another 10% faster, the dense BF16 FFN at 8
+/// tokens 2-5%, DeepSeek-V2-Lite 2-3%, the rest unchanged (two builds
+/// alternated); 16 and 32 KiB a panel lost again. Every call fetching, not
+/// only the first reader, gained no more (the later token panels find the
+/// slice in L1).
+constexpr std::size_t own_bytes_ahead = 8192;
 
-/// Fetches row k + own_rows_ahead bytes of each of P panels into L1.
+/// Fetches row k + own_bytes_ahead / P bytes of each of P panels into L1.
 template <int P, class W>
 inline void fetch_panels_ahead(const W* const* b, index_t k) {
 #if defined(__AVX2__) && defined(__FMA__)
   for (int p = 0; p < P; ++p) {
     // As an address, not a pointer: near a panel's end it lies past the storage (a prefetch never faults).
-    const std::uintptr_t row = reinterpret_cast<std::uintptr_t>(b[p] + k * gemm_nr) + own_rows_ahead;
+    const std::uintptr_t row = reinterpret_cast<std::uintptr_t>(b[p] + k * gemm_nr) + own_bytes_ahead / P;
     _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
     if constexpr (sizeof(W) * gemm_nr > 64) _mm_prefetch(reinterpret_cast<const char*>(row + 64), _MM_HINT_T0);  // (a row is at most two lines)
   }
@@ -925,7 +932,7 @@ inline void micro_kernel_dot_slices(index_t kl, const std::uint32_t* a, const pa
 /// while they read theirs (panel_product). Fewer are bound by the weights'
 /// bytes, and read panels side by side: two to four sequential streams,
 /// which the hardware prefetcher follows (and, as every first reader of a
-/// slice, they fetch their own rows a little ahead: own_rows_ahead).
+/// slice, they fetch their own rows a little ahead: own_bytes_ahead).
 /// Fetching their successors too slowed one and two tokens by 2-6%, and 4
 /// (Qwen3-30B-A3B's experts at T = 64, BF16) by 5%; two panels of 5 and 4
 /// tokens side by side with the 5 fetching (S1A1E8's routed experts at
