@@ -424,10 +424,11 @@ class transformer {
     }
     if (n == 0) return matrix(0, c.vocab_size);
     clock.lap(&stage_times::head);
+    layer_scratch scratch;
     for (index_t li = 0; li < c.n_layers; ++li) {
-      attention_step(li, x, cache, start);
+      attention_step(li, x, cache, start, scratch);
       clock.lap(&stage_times::attention);
-      if (!ffn_step(li, x, opt)) {
+      if (!ffn_step(li, x, opt, scratch)) {
         cache.length = start + n;
         return matrix();
       }
@@ -448,20 +449,59 @@ class transformer {
   /// into `cache` (whose length the caller advances). With ffn_step this is
   /// one layer of forward(), and of layer_step.
   void attention_step(index_t li, matrix& x, kv_cache& cache, index_t start) const {
-    reserve(cache, start + x.rows());
-    matrix xb(x.rows(), x.cols()), y;
-    const auto& l = w_.layers[std::size_t(li)];
-    rms_norm(x, l.attn_norm, xb);
-    attention(l, li, xb, cache, start, y);
-    x += y;
+    layer_scratch scratch;
+    attention_step(li, x, cache, start, scratch);
   }
 
   /// The second half of layer `li`: reports the FFN input ffn_norm(x) to
   /// opt.on_ffn_input; returns false right there when li is
   /// opt.stop_after_layer (x unchanged), else adds the FFN's output to x.
   bool ffn_step(index_t li, matrix& x, const forward_options& opt) const {
+    layer_scratch scratch;
+    return ffn_step(li, x, opt, scratch);
+  }
+
+  /// Layer li alone on hidden states x [T, H] fed from position 0 with a
+  /// fresh cache: attention_step, then ffn_step's result. How a model is run
+  /// one layer at a time over calibration windows.
+  bool layer_step(index_t li, matrix& x, const forward_options& opt) const {
+    kv_cache cache = new_cache();
+    layer_scratch scratch;
+    attention_step(li, x, cache, 0, scratch);
+    return ffn_step(li, x, opt, scratch);
+  }
+
+ private:
+  /// A layer's intermediate matrices, kept from one layer to the next of a
+  /// forward pass: allocated per layer, they were fresh memory each time,
+  /// and the page faults of writing it (this VM: 3.7 million in a run of
+  /// prefills) made a 512-token prefill of 8 llama-7b-shaped layers up to 2x
+  /// slower, depending on what the process had allocated and freed before.
+  struct layer_scratch {
+    matrix xb, y, q, k, v, att;
+  };
+  /// m as a rows × cols matrix: its storage kept when it holds as many
+  /// values, else new storage on huge pages.
+  static matrix& sized(matrix& m, index_t rows, index_t cols) {
+    if (m.size() == rows * cols)
+      m.resize(rows, cols);
+    else
+      m = moeforge::detail::huge_page_matrix(rows, cols);
+    return m;
+  }
+
+  void attention_step(index_t li, matrix& x, kv_cache& cache, index_t start, layer_scratch& s) const {
+    reserve(cache, start + x.rows());
+    const auto& l = w_.layers[std::size_t(li)];
+    rms_norm(x, l.attn_norm, sized(s.xb, x.rows(), x.cols()));
+    attention(l, li, s, cache, start);
+    x += s.y;
+  }
+
+  bool ffn_step(index_t li, matrix& x, const forward_options& opt, layer_scratch& s) const {
     const index_t n = x.rows();
-    matrix xb(n, x.cols()), y(n, x.cols());
+    matrix& xb = sized(s.xb, n, x.cols());
+    matrix& y = sized(s.y, n, x.cols());
     const auto& l = w_.layers[std::size_t(li)];
     rms_norm(x, l.ffn_norm, xb);
     if (opt.on_ffn_input) opt.on_ffn_input(li, xb);
@@ -483,16 +523,6 @@ class transformer {
     return true;
   }
 
-  /// Layer li alone on hidden states x [T, H] fed from position 0 with a
-  /// fresh cache: attention_step, then ffn_step's result. How a model is run
-  /// one layer at a time over calibration windows.
-  bool layer_step(index_t li, matrix& x, const forward_options& opt) const {
-    kv_cache cache = new_cache();
-    attention_step(li, x, cache, 0);
-    return ffn_step(li, x, opt);
-  }
-
- private:
   /// Adds the time since the previous lap to one stage; free when not timing.
   class stage_clock {
    public:
@@ -517,12 +547,19 @@ class transformer {
     }
   }
 
+  /// Grows the cache to hold `positions` (at least doubling), on huge pages:
+  /// a prefill writes all of a fresh cache, and on 4 KiB pages its faults
+  /// were most of those left in a 512-token prefill of llama-7b's shape.
   void reserve(kv_cache& cache, index_t positions) const {
     const index_t have = cache.k.front().rows();
     if (positions <= have) return;
     const index_t rows = std::min(w_.config.seq_len, std::max({positions, 2 * have, index_t(64)}));
     for (auto* side : {&cache.k, &cache.v})
-      for (auto& m : *side) m.conservativeResize(rows, Eigen::NoChange);
+      for (auto& m : *side) {
+        matrix grown = moeforge::detail::huge_page_matrix(rows, m.cols());
+        grown.topRows(have) = m;
+        m = std::move(grown);
+      }
   }
 
   /// Rotates each head of `m` ([T, heads·head_dim]) for positions start + t.
@@ -546,16 +583,22 @@ class transformer {
     }
   }
 
-  void attention(const layer& l, index_t li, const matrix& xb, kv_cache& cache, index_t start, matrix& out) const {
+  /// s.y = attention(s.xb), with s's q, k, v, att as its intermediates.
+  void attention(const layer& l, index_t li, layer_scratch& s, kv_cache& cache, index_t start) const {
     const auto& c = w_.config;
-    const index_t n = xb.rows(), hd = c.head_dim;
+    const index_t n = s.xb.rows(), hd = c.head_dim;
     const attention_panels* panels = prepared() ? &packed_.attention[std::size_t(li)] : nullptr;
-    const auto project = [&](const runtime::detail::panel_matrix attention_panels::*which, const matrix& w, const matrix& in) {
-      return panels ? runtime::project(in, panels->*which) : runtime::project(in, w);
+    const auto project = [&](const runtime::detail::panel_matrix attention_panels::*which, const matrix& w, const matrix& in, matrix& out) {
+      sized(out, n, panels ? (panels->*which).rows() : w.rows());  // (on huge pages when new)
+      if (panels)
+        runtime::project(in, panels->*which, out);
+      else
+        runtime::project(in, w, out);
     };
-    matrix q = project(&attention_panels::wq, l.wq, xb);
-    matrix k = project(&attention_panels::wk, l.wk, xb);
-    matrix v = project(&attention_panels::wv, l.wv, xb);
+    matrix &q = s.q, &k = s.k, &v = s.v;
+    project(&attention_panels::wq, l.wq, s.xb, q);
+    project(&attention_panels::wk, l.wk, s.xb, k);
+    project(&attention_panels::wv, l.wv, s.xb, v);
     if (l.bq.size()) q.rowwise() += l.bq.transpose();
     if (l.bk.size()) k.rowwise() += l.bk.transpose();
     if (l.bv.size()) v.rowwise() += l.bv.transpose();
@@ -566,12 +609,12 @@ class transformer {
     kc.middleRows(start, n) = k;
     vc.middleRows(start, n) = v;
     const float scale = 1.0f / std::sqrt(float(hd));
-    matrix att(n, c.n_heads * hd);
+    matrix& att = sized(s.att, n, c.n_heads * hd);
     if (n <= attention_rows_max)
       attend_rows(q, kc, vc, start, scale, att);
     else
       attend_blocks(q, kc, vc, start, scale, att);
-    out = project(&attention_panels::wo, l.wo, att);
+    project(&attention_panels::wo, l.wo, att, s.y);
   }
 
   /// softmax(q·Kᵀ·scale)·V for a few query rows at positions start.., each

@@ -15,14 +15,15 @@ namespace moeforge::runtime {
 
 namespace detail {
 
-/// out [T, rows] = x·Wᵀ where block_of(r0, count) gives W's rows
-/// [r0, r0 + count) as a panel_product operand. Output-row tasks of whole
+/// out = x·Wᵀ [T, rows] where block_of(r0, count) gives W's rows
+/// [r0, r0 + count) as a panel_product operand; out is resized (its storage
+/// kept when it already holds T·rows values). Output-row tasks of whole
 /// panels run on the team when the product is large enough.
 template <class Blocks>
-inline matrix project_rows(const_matrix_ref x, index_t rows, Blocks block_of) {
+inline void project_rows(const_matrix_ref x, index_t rows, Blocks block_of, matrix& out) {
   const index_t t = x.rows(), k = x.cols();
-  matrix out(t, rows);
-  if (t == 0 || rows == 0) return out;
+  out.resize(t, rows);
+  if (t == 0 || rows == 0) return;
   std::vector<const float*> tokens(static_cast<std::size_t>(t));
   for (index_t p = 0; p < t; ++p) tokens[std::size_t(p)] = x.row(p).data();
   // Few tokens: narrow tasks, so both cores stream weights; many: wide ones,
@@ -41,24 +42,39 @@ inline matrix project_rows(const_matrix_ref x, index_t rows, Blocks block_of) {
       panel_product({block_of(r0, count)}, tokens.data(), t, k, out.data() + r0, out.outerStride(), pairs);
     });
   });
-  return out;
 }
 
 }  // namespace detail
 
-/// x [T, in] · wᵀ for row-major weights w [out, in] → [T, out].
-inline matrix project(const_matrix_ref x, const matrix& w) {
+/// out = x [T, in] · wᵀ [T, out] for row-major weights w [out, in]; out's
+/// storage is reused when it holds as many values (a caller's buffer kept
+/// across layers faults no fresh pages in).
+inline void project(const_matrix_ref x, const matrix& w, matrix& out) {
   moeforge::detail::require_shape(x, x.rows(), w.cols(), "projection input");
-  return detail::project_rows(x, w.rows(), [&w](index_t r0, index_t count) { return detail::rows_of(w.middleRows(r0, count)); });
+  detail::project_rows(x, w.rows(), [&w](index_t r0, index_t count) { return detail::rows_of(w.middleRows(r0, count)); }, out);
 }
 
 /// The same for weights prepared as panels (F32 or BF16): identical results
 /// to the row-major product of the same values.
-inline matrix project(const_matrix_ref x, const detail::panel_matrix& w) {
+inline void project(const_matrix_ref x, const detail::panel_matrix& w, matrix& out) {
   moeforge::detail::require_shape(x, x.rows(), w.depth(), "projection input");
   if (w.next_cut(0) != w.rows())  // its tasks are cut every few panels, not at the cuts
     throw shape_error("projection: the panels restart at a cut (a DualSparse layer's); project takes panels without cuts");
-  return detail::project_rows(x, w.rows(), [&w](index_t r0, index_t count) { return w.block(r0, count, 0); });
+  detail::project_rows(x, w.rows(), [&w](index_t r0, index_t count) { return w.block(r0, count, 0); }, out);
+}
+
+/// x [T, in] · wᵀ → [T, out] for row-major weights w [out, in].
+inline matrix project(const_matrix_ref x, const matrix& w) {
+  matrix out;
+  project(x, w, out);
+  return out;
+}
+
+/// The same for prepared panels.
+inline matrix project(const_matrix_ref x, const detail::panel_matrix& w) {
+  matrix out;
+  project(x, w, out);
+  return out;
 }
 
 }  // namespace moeforge::runtime
