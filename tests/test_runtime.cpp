@@ -694,6 +694,24 @@ TEST_CASE("BF16 panels hold the rounded weights and project exactly as the round
   CHECK_THROWS_AS(runtime::project(random_matrix(2, 8, rng), runtime::detail::panel_matrix(cut.data(), 8, cut.rows(), 8, {gemm_nr + 3})), shape_error);
 }
 
+TEST_CASE("project writes into a caller's matrix, keeping its storage when it holds as many values, and refuses its input") {
+  std::mt19937 rng(27);
+  const matrix w = random_matrix(40, 19, rng);
+  const runtime::detail::panel_matrix p(w.data(), w.outerStride(), 40, 19, {}, dtype::bf16);
+  const matrix x = random_matrix(5, 19, rng, 1.0f);
+  matrix out = matrix::Constant(40, 5, 7.0f);  // 200 values in another shape
+  const float* storage = out.data();
+  runtime::project(x, p, out);
+  CHECK(out.data() == storage);
+  CHECK(out == runtime::project(x, p));
+  matrix small(1, 1);
+  runtime::project(x, w, small);
+  CHECK(small == runtime::project(x, w));
+  matrix square = random_matrix(19, 19, rng);
+  CHECK_THROWS_AS(runtime::project(square, square, square), config_error);
+  CHECK_THROWS_AS(runtime::project(square.bottomRows(3), p, square), config_error);
+}
+
 TEST_CASE("BF16 panels round every weight to nearest even, through ties, subnormals, overflow, infinities and NaN") {
   using runtime::detail::gemm_nr;
   std::mt19937 rng(26);

@@ -22,6 +22,9 @@ namespace detail {
 template <class Blocks>
 inline void project_rows(const_matrix_ref x, index_t rows, Blocks block_of, matrix& out) {
   const index_t t = x.rows(), k = x.cols();
+  const float* const x_end = x.data() + (t > 0 ? (t - 1) * x.outerStride() + k : 0);
+  if (out.size() > 0 && x.data() < out.data() + out.size() && out.data() < x_end)
+    throw config_error("projection: the output matrix shares storage with the input");
   out.resize(t, rows);
   if (t == 0 || rows == 0) return;
   std::vector<const float*> tokens(static_cast<std::size_t>(t));
@@ -48,7 +51,8 @@ inline void project_rows(const_matrix_ref x, index_t rows, Blocks block_of, matr
 
 /// out = x [T, in] · wᵀ [T, out] for row-major weights w [out, in]; out's
 /// storage is reused when it holds as many values (a caller's buffer kept
-/// across layers faults no fresh pages in).
+/// across layers faults no fresh pages in). Throws config_error when out
+/// shares storage with x.
 inline void project(const_matrix_ref x, const matrix& w, matrix& out) {
   moeforge::detail::require_shape(x, x.rows(), w.cols(), "projection input");
   detail::project_rows(x, w.rows(), [&w](index_t r0, index_t count) { return detail::rows_of(w.middleRows(r0, count)); }, out);
