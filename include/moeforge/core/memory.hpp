@@ -81,6 +81,17 @@ inline matrix huge_page_matrix(index_t rows, index_t cols) {
   return m;
 }
 
+/// m reshaped to rows × cols: its storage kept when it holds as many values
+/// (no allocation, no fresh pages to fault in), else new storage on huge
+/// pages. For buffers reused call after call; the values are unspecified.
+inline matrix& fit_matrix(matrix& m, index_t rows, index_t cols) {
+  if (m.size() == rows * cols)
+    m.resize(rows, cols);
+  else
+    m = huge_page_matrix(rows, cols);
+  return m;
+}
+
 /// Storage of big F32 matrices handed back for reuse. Loading a model reads
 /// each layer into fresh matrices, packs them and frees them; glibc returns
 /// blocks that big to the system at once, so every layer faulted in fresh,

@@ -480,28 +480,19 @@ class transformer {
   struct layer_scratch {
     matrix xb, y, q, k, v, att;
   };
-  /// m as a rows × cols matrix: its storage kept when it holds as many
-  /// values, else new storage on huge pages.
-  static matrix& sized(matrix& m, index_t rows, index_t cols) {
-    if (m.size() == rows * cols)
-      m.resize(rows, cols);
-    else
-      m = moeforge::detail::huge_page_matrix(rows, cols);
-    return m;
-  }
 
   void attention_step(index_t li, matrix& x, kv_cache& cache, index_t start, layer_scratch& s) const {
     reserve(cache, start + x.rows());
     const auto& l = w_.layers[std::size_t(li)];
-    rms_norm(x, l.attn_norm, sized(s.xb, x.rows(), x.cols()));
+    rms_norm(x, l.attn_norm, moeforge::detail::fit_matrix(s.xb, x.rows(), x.cols()));
     attention(l, li, s, cache, start);
     x += s.y;
   }
 
   bool ffn_step(index_t li, matrix& x, const forward_options& opt, layer_scratch& s) const {
     const index_t n = x.rows();
-    matrix& xb = sized(s.xb, n, x.cols());
-    matrix& y = sized(s.y, n, x.cols());
+    matrix& xb = moeforge::detail::fit_matrix(s.xb, n, x.cols());
+    matrix& y = moeforge::detail::fit_matrix(s.y, n, x.cols());
     const auto& l = w_.layers[std::size_t(li)];
     rms_norm(x, l.ffn_norm, xb);
     if (opt.on_ffn_input) opt.on_ffn_input(li, xb);
@@ -589,7 +580,6 @@ class transformer {
     const index_t n = s.xb.rows(), hd = c.head_dim;
     const attention_panels* panels = prepared() ? &packed_.attention[std::size_t(li)] : nullptr;
     const auto project = [&](const runtime::detail::panel_matrix attention_panels::*which, const matrix& w, const matrix& in, matrix& out) {
-      sized(out, n, panels ? (panels->*which).rows() : w.rows());  // (on huge pages when new)
       if (panels)
         runtime::project(in, panels->*which, out);
       else
@@ -609,7 +599,7 @@ class transformer {
     kc.middleRows(start, n) = k;
     vc.middleRows(start, n) = v;
     const float scale = 1.0f / std::sqrt(float(hd));
-    matrix& att = sized(s.att, n, c.n_heads * hd);
+    matrix& att = moeforge::detail::fit_matrix(s.att, n, c.n_heads * hd);
     if (n <= attention_rows_max)
       attend_rows(q, kc, vc, start, scale, att);
     else

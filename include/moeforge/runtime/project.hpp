@@ -16,16 +16,16 @@ namespace moeforge::runtime {
 namespace detail {
 
 /// out = x·Wᵀ [T, rows] where block_of(r0, count) gives W's rows
-/// [r0, r0 + count) as a panel_product operand; out is resized (its storage
-/// kept when it already holds T·rows values). Output-row tasks of whole
-/// panels run on the team when the product is large enough.
+/// [r0, r0 + count) as a panel_product operand; out is reshaped by
+/// fit_matrix (its storage kept when it holds T·rows values). Output-row
+/// tasks of whole panels run on the team when the product is large enough.
 template <class Blocks>
 inline void project_rows(const_matrix_ref x, index_t rows, Blocks block_of, matrix& out) {
   const index_t t = x.rows(), k = x.cols();
   const float* const x_end = x.data() + (t > 0 ? (t - 1) * x.outerStride() + k : 0);
   if (out.size() > 0 && x.data() < out.data() + out.size() && out.data() < x_end)
     throw config_error("projection: the output matrix shares storage with the input");
-  out.resize(t, rows);
+  moeforge::detail::fit_matrix(out, t, rows);
   if (t == 0 || rows == 0) return;
   std::vector<const float*> tokens(static_cast<std::size_t>(t));
   for (index_t p = 0; p < t; ++p) tokens[std::size_t(p)] = x.row(p).data();
