@@ -4,9 +4,11 @@
 // bandwidth that reaches — for a model moeforge loads or a synthetic one of a
 // published shape, dense beside CMoE layouts.
 #include <cstdio>
+#include <iomanip>
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -62,21 +64,39 @@ struct variant {
 /// bandwidth, each the best of `rounds` measured in turn. On a shared machine
 /// the bandwidth on offer drifts by a third or more within a minute (seen
 /// here between 30 and 57 GB/s), so one probe before all the rows would judge
-/// a row against another machine than the one that ran it.
+/// a row against another machine than the one that ran it. With a
+/// `reference` (the dense model), each round decodes it too, first in every
+/// other round, so that the ratio of the two bests compares the same phases
+/// of the machine rather than rows measured minutes apart.
 struct decode_measure {
-  double tok_s = 0, gbs = 0;
+  double tok_s = 0, gbs = 0, reference_tok_s = 0;  ///< reference_tok_s: 0 without a reference
   model::stage_times times;
 };
-decode_measure measure_decode(const model::transformer& tr, index_t steps, int threads, long long rounds) {
+decode_measure measure_decode(const model::transformer& tr, const model::transformer* reference, index_t steps, int threads,
+                              long long rounds) {
   decode_measure best;
-  for (long long r = 0; r < rounds; ++r) {
-    best.gbs = std::max(best.gbs, bench::probe_read_gbps(threads));
+  const auto own = [&] {
     model::stage_times times;
     const double tok_s = model::decode_tokens_per_second(tr, steps, 0, &times);
     if (tok_s > best.tok_s) best.tok_s = tok_s, best.times = times;
+  };
+  const auto other = [&] {
+    if (reference) best.reference_tok_s = std::max(best.reference_tok_s, model::decode_tokens_per_second(*reference, steps));
+  };
+  for (long long r = 0; r < rounds; ++r) {
+    best.gbs = std::max(best.gbs, bench::probe_read_gbps(threads));
+    if (r % 2) own(), other();
+    else other(), own();
   }
   return best;
 }
+
+/// Whether the dense model (`rss_mb` resident, weights `size` bytes wide)
+/// can stay resident while a CMoE layout of it is built beside it: that needs
+/// its plain F32 weights and their packed copy, each about the dense model's
+/// size, with a quarter to spare. llama-7b's 8 layers qualify in BF16 on 24 GB,
+/// not in F32.
+bool room_to_keep(double rss_mb, std::size_t size) { return bench::available_mb() > 1.25 * rss_mb * (1.0 + 4.0 / double(size)); }
 
 }  // namespace
 
@@ -91,7 +111,8 @@ int bench_model(int argc, char** argv) {
          "5632, top 2, 32 heads, 8 KV heads, vocab 32000), tiny. For a dense shape --moe adds CMoE layouts of it\n"
          "(random partition: s shared + top-a of e-s routed experts of I/e neurons) beside the dense row. \"load s\" is the\n"
          "time to load the model (for --shape: to generate its weights) and pack it for the kernels; the resident memory\n"
-         "holds the packed weights only (the plain ones are released once packed).");
+         "holds the packed weights only (the plain ones are released once packed). \"x dense\" is a CMoE row's decode over\n"
+         "the dense model's, the two decoded in the same rounds (where memory allows keeping the dense model).");
   a.option("model", "PATH", "a model moeforge loads (native, llama2.c .bin, Hugging Face directory) instead of --shape")
       .option("shape", "NAME", "synthetic model shape", "llama-7b")
       .option("layers", "L", "layers of the synthetic model", "8")
@@ -124,15 +145,20 @@ int bench_model(int argc, char** argv) {
   const std::string label = synthetic ? shape->name : a.get("model");
   std::printf("%s, %s layers, %d threads; each row's decode and DRAM read bandwidth (GB/s) the best of %lld rounds measured in turn\n",
               label.c_str(), synthetic ? a.get("layers").c_str() : "all", threads, rounds);
-  std::printf("%-10s %-5s %6s %7s %8s %9s %10s %10s %9s %9s %6s %8s %7s %6s %6s\n", "layout", "dtype", "active", "load s", "RSS MB", "pf64 t/s",
-              "pf512 t/s", "dec0 t/s", "dec512", "MB/token", "GB/s", "of BW", "attn", "ffn", "head");
+  std::printf("%-10s %-5s %6s %7s %8s %9s %10s %10s %8s %9s %9s %6s %8s %7s %6s %6s\n", "layout", "dtype", "active", "load s", "RSS MB",
+              "pf64 t/s", "pf512 t/s", "dec0 t/s", "x dense", "dec512", "MB/token", "GB/s", "of BW", "attn", "ffn", "head");
   nlohmann::json rows = nlohmann::json::array();
-  for (const auto& v : variants) {
-    for (const dtype type : types) {
+  for (const dtype type : types) {
+    // The dense row's model, kept (memory allowing) to decode beside each CMoE layout of the same type.
+    std::optional<model::transformer> dense;
+    // What the dense model adds to the resident memory, left out of the later rows' figures.
+    double dense_mb = 0;
+    const double before_mb = bench::status_mb("VmRSS:") - bench::probe_resident_mb();
+    for (const auto& v : variants) {
       // Made afresh per row, so the resident memory is this row's alone.
       const auto t0 = std::chrono::steady_clock::now();
       // Owning: every weight on prepared layouts of this type (a model file read layer by layer).
-      const model::transformer tr =
+      model::transformer tr =
           synthetic ? model::transformer(bench::synthetic_model(*shape, layers, v.moe, std::uint64_t(a.get_int("seed")), 2 * context + 64), type)
                     : io::load_transformer(a.get("model"), {}, type);
       const double load_s = bench::seconds_since(t0);
@@ -147,38 +173,43 @@ int bench_model(int argc, char** argv) {
       if (c.seq_len < context + 3) throw config_error(detail::cat("model: its context of ", c.seq_len, " is shorter than --context ", context, " + 3"));
       const double pf64 = model::prefill_tokens_per_second(tr, 64);
       const double pf_long = model::prefill_tokens_per_second(tr, context);
-      const auto decode = measure_decode(tr, steps, threads, rounds);
+      const auto decode = measure_decode(tr, dense ? &*dense : nullptr, steps, threads, rounds);
       const double dec0 = decode.tok_s, row_gbs = decode.gbs;
       const auto& times = decode.times;
       const double dec_long = model::decode_tokens_per_second(tr, steps, context);
       const double bytes = decode_bytes(tr.structure(), 1, double(dtype_size(type))), fraction = bytes * dec0 / 1e9 / row_gbs;
-      const double rss = bench::status_mb("VmRSS:") - bench::probe_resident_mb();
+      const double rss = bench::status_mb("VmRSS:") - bench::probe_resident_mb() - dense_mb;
+      const double vs_dense = dense ? dec0 / decode.reference_tok_s : 0;
       const std::string type_name(dtype_name(type));
-      std::printf("%-10s %-5s %6.2f %7.2f %8.0f %9.1f %10.1f %10.2f %9.2f %9.1f %6.1f %7.0f%% %6.0f%% %5.0f%% %5.0f%%\n", v.name.c_str(),
-                  type_name.c_str(), active, load_s, rss, pf64, pf_long, dec0, dec_long, bytes / 1e6, row_gbs, 100 * fraction,
-                  100 * times.attention / times.total(), 100 * times.ffn / times.total(), 100 * times.head / times.total());
+      std::printf("%-10s %-5s %6.2f %7.2f %8.0f %9.1f %10.1f %10.2f %8s %9.2f %9.1f %6.1f %7.0f%% %6.0f%% %5.0f%% %5.0f%%\n", v.name.c_str(),
+                  type_name.c_str(), active, load_s, rss, pf64, pf_long, dec0, dense ? detail::cat(std::fixed, std::setprecision(2), vs_dense).c_str() : "-",
+                  dec_long, bytes / 1e6, row_gbs, 100 * fraction, 100 * times.attention / times.total(), 100 * times.ffn / times.total(),
+                  100 * times.head / times.total());
       std::fflush(stdout);
-      rows.push_back({{"shape", label},
-                      {"layers", c.n_layers},
-                      {"dtype", type_name},
-                      {"moe", v.moe.empty() ? (synthetic && shape->experts ? "native" : "none") : v.moe},
-                      {"active_fraction", active},
-                      {"threads", threads},
-                      {"load_s", load_s},
-                      {"rss_mb", rss},
-                      {"prefill64_tok_s", pf64},
-                      {"prefill512_tok_s", pf_long},
-                      {"prefill_long_tokens", context},
-                      {"decode_tok_s", dec0},
-                      {"decode_ctx512_tok_s", dec_long},
-                      {"decode_long_context", context},
-                      {"bytes_per_token", bytes},
-                      {"machine_gbs", row_gbs},
-                      {"rounds", rounds},
-                      {"decode_bandwidth_fraction", fraction},
-                      {"decode_share_attention", times.attention / times.total()},
-                      {"decode_share_ffn", times.ffn / times.total()},
-                      {"decode_share_head", times.head / times.total()}});
+      nlohmann::json row{{"shape", label},
+                         {"layers", c.n_layers},
+                         {"dtype", type_name},
+                         {"moe", v.moe.empty() ? (synthetic && shape->experts ? "native" : "none") : v.moe},
+                         {"active_fraction", active},
+                         {"threads", threads},
+                         {"load_s", load_s},
+                         {"rss_mb", rss},
+                         {"prefill64_tok_s", pf64},
+                         {"prefill512_tok_s", pf_long},
+                         {"prefill_long_tokens", context},
+                         {"decode_tok_s", dec0},
+                         {"decode_ctx512_tok_s", dec_long},
+                         {"decode_long_context", context},
+                         {"bytes_per_token", bytes},
+                         {"machine_gbs", row_gbs},
+                         {"rounds", rounds},
+                         {"decode_bandwidth_fraction", fraction},
+                         {"decode_share_attention", times.attention / times.total()},
+                         {"decode_share_ffn", times.ffn / times.total()},
+                         {"decode_share_head", times.head / times.total()}};
+      if (dense) row["decode_vs_dense"] = vs_dense, row["dense_decode_tok_s"] = decode.reference_tok_s;
+      rows.push_back(std::move(row));
+      if (v.moe.empty() && variants.size() > 1 && room_to_keep(rss, dtype_size(type))) dense.emplace(std::move(tr)), dense_mb = rss - before_mb;
     }
   }
   if (a.has("json")) bench::write_json(a.get("json"), rows);

@@ -371,7 +371,7 @@ TEST_CASE("export --format packed writes a directory that logits and eval run as
   REQUIRE_FALSE(fs::exists(scratch / "n"));
 }
 
-TEST_CASE("moeforge-bench model writes a row per layout and type, its decode judged against the bandwidth measured beside it") {
+TEST_CASE("moeforge-bench model writes a row per layout and type, its decode judged against the bandwidth and the dense model measured beside it") {
   const temp_dir scratch;
   const std::string json = scratch / "rows.json";
   const auto o = run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--layers", "1", "--moe", "S1A1E4", "--dtype", "f32", "--context", "64",
@@ -390,5 +390,10 @@ TEST_CASE("moeforge-bench model writes a row per layout and type, its decode jud
     CHECK(r["decode_bandwidth_fraction"].get<double>() == Approx(fraction).epsilon(1e-9));
     CHECK(r["rounds"] == 2);
   }
+  // The tiny dense model stays resident, so the CMoE row's decode is compared with it in the same rounds.
+  CHECK_FALSE(rows[0].contains("decode_vs_dense"));
+  REQUIRE(rows[1].contains("decode_vs_dense"));
+  CHECK(rows[1]["dense_decode_tok_s"].get<double>() > 0);
+  CHECK(rows[1]["decode_vs_dense"].get<double>() == Approx(rows[1]["decode_tok_s"].get<double>() / rows[1]["dense_decode_tok_s"].get<double>()));
   require_usage_error(run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--rounds", "0"}, scratch), "--rounds");
 }
