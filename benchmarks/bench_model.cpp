@@ -98,6 +98,9 @@ decode_measure measure_decode(const model::transformer& tr, const model::transfo
 /// not in F32.
 bool room_to_keep(double rss_mb, std::size_t size) { return bench::available_mb() > 1.25 * rss_mb * (1.0 + 4.0 / double(size)); }
 
+/// This process's resident memory but the bandwidth probe's buffer, in MB.
+double resident_mb() { return bench::status_mb("VmRSS:") - bench::probe_resident_mb(); }
+
 }  // namespace
 
 int bench_model(int argc, char** argv) {
@@ -153,7 +156,7 @@ int bench_model(int argc, char** argv) {
     std::optional<model::transformer> dense;
     // What the dense model adds to the resident memory, left out of the later rows' figures.
     double dense_mb = 0;
-    const double before_mb = bench::status_mb("VmRSS:") - bench::probe_resident_mb();
+    const double before_mb = resident_mb();
     for (const auto& v : variants) {
       // Made afresh per row, so the resident memory is this row's alone.
       const auto t0 = std::chrono::steady_clock::now();
@@ -178,7 +181,7 @@ int bench_model(int argc, char** argv) {
       const auto& times = decode.times;
       const double dec_long = model::decode_tokens_per_second(tr, steps, context);
       const double bytes = decode_bytes(tr.structure(), 1, double(dtype_size(type))), fraction = bytes * dec0 / 1e9 / row_gbs;
-      const double rss = bench::status_mb("VmRSS:") - bench::probe_resident_mb() - dense_mb;
+      const double rss = resident_mb() - dense_mb;
       const double vs_dense = dense ? dec0 / decode.reference_tok_s : 0;
       const std::string type_name(dtype_name(type));
       std::printf("%-10s %-5s %6.2f %7.2f %8.0f %9.1f %10.1f %10.2f %8s %9.2f %9.1f %6.1f %7.0f%% %6.0f%% %5.0f%% %5.0f%%\n", v.name.c_str(),
