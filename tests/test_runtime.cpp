@@ -712,6 +712,37 @@ TEST_CASE("project writes into a caller's matrix, keeping its storage when it ho
   CHECK_THROWS_AS(runtime::project(square.bottomRows(3), p, square), config_error);
 }
 
+TEST_CASE("project over several weights of one input gives each product its own result, bit for bit, and refuses an output given twice") {
+  using runtime::detail::gemm_nr;
+  std::mt19937 rng(29);
+  const index_t depth = 301;
+  // Q, K, V shaped: a BF16 product wider than a task, a narrower F32 one,
+  // and row-major weights packed per call; empty products too.
+  const matrix wq = random_matrix(5 * gemm_nr + 3, depth, rng), wk = random_matrix(gemm_nr - 1, depth, rng), wv = random_matrix(9, depth, rng);
+  const runtime::detail::panel_matrix q_panels(wq.data(), wq.outerStride(), wq.rows(), depth, {}, dtype::bf16),
+      k_panels(wk.data(), wk.outerStride(), wk.rows(), depth, {}, dtype::f32);
+  const matrix none(0, depth);
+  for (index_t t : {0, 1, 5, 33, 100}) {
+    INFO("tokens " << t);
+    const matrix x = random_matrix(t, depth, rng, 1.0f);
+    const auto got = for_each_thread_count([&] {
+      matrix q, k, v, e = matrix::Constant(2, 2, 1.0f);
+      runtime::project(x, {runtime::projection(q_panels, q), runtime::projection(k_panels, k), runtime::projection(none, e), runtime::projection(wv, v)});
+      REQUIRE((e.rows() == t && e.cols() == 0));
+      matrix all(t, q.cols() + k.cols() + v.cols());
+      all << q, k, v;
+      return all;
+    });
+    matrix want(t, wq.rows() + wk.rows() + wv.rows());
+    want << runtime::project(x, q_panels), runtime::project(x, k_panels), runtime::project(x, wv);
+    for (const matrix& g : got) REQUIRE(g == want);
+  }
+  const matrix x = random_matrix(3, depth, rng, 1.0f);
+  matrix out;
+  CHECK_THROWS_AS(runtime::project(x, {runtime::projection(wv, out), runtime::projection(wk, out)}), config_error);
+  CHECK_THROWS_AS(runtime::project(x, {runtime::projection(wv, out), runtime::projection(random_matrix(4, depth + 1, rng), out)}), shape_error);
+}
+
 TEST_CASE("BF16 panels round every weight to nearest even, through ties, subnormals, overflow, infinities and NaN") {
   using runtime::detail::gemm_nr;
   std::mt19937 rng(26);

@@ -579,16 +579,11 @@ class transformer {
     const auto& c = w_.config;
     const index_t n = s.xb.rows(), hd = c.head_dim;
     const attention_panels* panels = prepared() ? &packed_.attention[std::size_t(li)] : nullptr;
-    const auto project = [&](const runtime::detail::panel_matrix attention_panels::*which, const matrix& w, const matrix& in, matrix& out) {
-      if (panels)
-        runtime::project(in, panels->*which, out);
-      else
-        runtime::project(in, w, out);
+    const auto product = [&](const runtime::detail::panel_matrix attention_panels::*which, const matrix& w, matrix& out) {
+      return panels ? runtime::projection(panels->*which, out) : runtime::projection(w, out);
     };
     matrix &q = s.q, &k = s.k, &v = s.v;
-    project(&attention_panels::wq, l.wq, s.xb, q);
-    project(&attention_panels::wk, l.wk, s.xb, k);
-    project(&attention_panels::wv, l.wv, s.xb, v);
+    runtime::project(s.xb, {product(&attention_panels::wq, l.wq, q), product(&attention_panels::wk, l.wk, k), product(&attention_panels::wv, l.wv, v)});
     if (l.bq.size()) q.rowwise() += l.bq.transpose();
     if (l.bk.size()) k.rowwise() += l.bk.transpose();
     if (l.bv.size()) v.rowwise() += l.bv.transpose();
@@ -604,7 +599,7 @@ class transformer {
       attend_rows(q, kc, vc, start, scale, att);
     else
       attend_blocks(q, kc, vc, start, scale, att);
-    project(&attention_panels::wo, l.wo, att, s.y);
+    runtime::project(att, {product(&attention_panels::wo, l.wo, s.y)});
   }
 
   /// softmax(q·Kᵀ·scale)·V for a few query rows at positions start.., each
