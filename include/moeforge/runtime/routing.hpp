@@ -87,7 +87,13 @@ inline matrix router_probs(const router& r, const_matrix_ref x) {
   moeforge::detail::require_shape(x, x.rows(), r.weight.cols(), "router input");
   if (r.kind == router_kind::oracle)
     throw config_error("router_probs: an oracle router scores with the layer's experts (runtime::select(layer, x))");
-  matrix s = r.fitted() ? fitted_scores(r, x) : project(x, r.weight);
+  matrix s, u;
+  if (r.fitted())
+    s = fitted_scores(r, x);
+  else if (r.kind == router_kind::cmoe_analytic)
+    project(x, {projection(r.weight, s), projection(r.weight_up, u)});
+  else
+    project(x, r.weight, s);
   if (r.kind == router_kind::centroid_topk) {
     for (index_t t = 0; t < s.rows(); ++t) {
       const float n = x.row(t).norm();
@@ -95,7 +101,6 @@ inline matrix router_probs(const router& r, const_matrix_ref x) {
     }
   }
   if (r.kind == router_kind::cmoe_analytic) {
-    const matrix u = project(x, r.weight_up);
     for (index_t t = 0; t < s.rows(); ++t)
       for (index_t e = 0; e < s.cols(); ++e) s(t, e) = std::abs(activate(activation::silu, s(t, e)) * u(t, e));
   }
