@@ -23,7 +23,12 @@ namespace moeforge::model {
 
 /// Keys and values of every layer for positions [0, length).
 struct kv_cache {
-  std::vector<matrix> k;  ///< per layer [capacity, n_kv_heads·head_dim]; grows as positions arrive
+  /// Per layer [n_kv_heads, capacity·head_dim]: each kv head's keys
+  /// (values) for positions 0, 1, … one after another, so decoding reads a
+  /// head's cache as one sequential stream (position-major rows, one head's
+  /// 512 bytes every 16 KiB on llama-7b, ran a 1024-token context at a
+  /// quarter of the bandwidth); the capacity grows as positions arrive.
+  std::vector<matrix> k;
   std::vector<matrix> v;
   index_t length = 0;
 };
@@ -394,7 +399,7 @@ class transformer {
   kv_cache new_cache() const {
     const auto& c = w_.config;
     kv_cache cache;
-    cache.k.assign(std::size_t(c.n_layers), matrix(0, c.n_kv_heads * c.head_dim));
+    cache.k.assign(std::size_t(c.n_layers), matrix(c.n_kv_heads, 0));
     cache.v = cache.k;
     return cache;
   }
@@ -542,13 +547,13 @@ class transformer {
   /// a prefill writes all of a fresh cache, and on 4 KiB pages its faults
   /// were most of those left in a 512-token prefill of llama-7b's shape.
   void reserve(kv_cache& cache, index_t positions) const {
-    const index_t have = cache.k.front().rows();
+    const index_t hd = w_.config.head_dim, have = cache.k.front().cols() / hd;
     if (positions <= have) return;
-    const index_t rows = std::min(w_.config.seq_len, std::max({positions, 2 * have, index_t(64)}));
+    const index_t capacity = std::min(w_.config.seq_len, std::max({positions, 2 * have, index_t(64)}));
     for (auto* side : {&cache.k, &cache.v})
       for (auto& m : *side) {
-        matrix grown = moeforge::detail::huge_page_matrix(rows, m.cols());
-        grown.topRows(have) = m;
+        matrix grown = moeforge::detail::huge_page_matrix(m.rows(), capacity * hd);
+        grown.leftCols(have * hd) = m;
         m = std::move(grown);
       }
   }
@@ -591,8 +596,10 @@ class transformer {
     rope(k, c.n_kv_heads, start);
     matrix& kc = cache.k[std::size_t(li)];
     matrix& vc = cache.v[std::size_t(li)];
-    kc.middleRows(start, n) = k;
-    vc.middleRows(start, n) = v;
+    for (index_t g = 0; g < c.n_kv_heads; ++g) {
+      Eigen::Map<matrix>(kc.row(g).data() + start * hd, n, hd) = k.middleCols(g * hd, hd);
+      Eigen::Map<matrix>(vc.row(g).data() + start * hd, n, hd) = v.middleCols(g * hd, hd);
+    }
     const float scale = 1.0f / std::sqrt(float(hd));
     matrix& att = moeforge::detail::fit_matrix(s.att, n, c.n_heads * hd);
     if (n <= attention_rows_max)
@@ -611,7 +618,7 @@ class transformer {
   /// are never read.
   void attend_rows(const matrix& q, const matrix& kc, const matrix& vc, index_t start, float scale, matrix& att) const {
     const auto& c = w_.config;
-    const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads, stride = kc.cols();
+    const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
     const double multiply_adds = 2.0 * double(n) * double(c.n_heads) * double(start + n) * double(hd);
     runtime::detail::run_on_team(multiply_adds >= attention_parallel_fma, [&] {
       // Eigen's reductions and vectorised exp start at the first aligned
@@ -622,13 +629,14 @@ class transformer {
         const index_t h = task / n, r = task % n;
         const index_t g = h / group, visible = start + r + 1;
         const float* query = q.row(r).data() + h * hd;
-        for (index_t j = 0; j < visible; ++j) scores(j) = dot(query, kc.data() + j * stride + g * hd, hd) * scale;
+        const float* keys = kc.row(g).data();
+        for (index_t j = 0; j < visible; ++j) scores(j) = dot(query, keys + j * hd, hd) * scale;
         softmax(scores.head(visible));
         float* __restrict o = att.row(r).data() + h * hd;
         std::fill_n(o, hd, 0.0f);
         for (index_t j = 0; j < visible; ++j) {
           const float pj = scores(j);
-          const float* __restrict value = vc.data() + j * stride + g * hd;
+          const float* __restrict value = vc.row(g).data() + j * hd;
           for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
         }
       };
@@ -660,7 +668,7 @@ class transformer {
   /// The same for many query rows (prefill), as blocked products.
   void attend_blocks(const matrix& q, const matrix& kc, const matrix& vc, index_t start, float scale, matrix& att) const {
     const auto& c = w_.config;
-    const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads, kv_stride = kc.cols();
+    const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
     // Each kv head's values transposed ([head_dim, keys]), so both attention
     // products are the kernel's x·Wᵀ (see runtime/project.hpp on why not Eigen's GEMM).
     const index_t all_keys = start + n;
@@ -676,7 +684,7 @@ class transformer {
     };
     std::vector<std::vector<entry>> non_finite(vt.size());  // per kv head
     for (index_t g = 0; g < c.n_kv_heads; ++g) {
-      matrix& values = vt[std::size_t(g)] = vc.block(0, g * hd, all_keys, hd).transpose();
+      matrix& values = vt[std::size_t(g)] = Eigen::Map<const matrix>(vc.row(g).data(), all_keys, hd).transpose();
       if (values.allFinite()) continue;
       for (index_t key = 0; key < all_keys; ++key)
         for (index_t d = 0; d < hd; ++d)
@@ -694,7 +702,7 @@ class transformer {
       for (index_t b = 0; b < blocks; ++b) {
         const index_t t0 = b * block, rows = std::min(block, n - t0);
         const index_t g = h / group, keys = start + t0 + rows;
-        matrix sc = runtime::detail::times_transpose({{kc.data() + g * hd, kv_stride, keys}}, q.block(t0, h * hd, rows, hd)) * scale;
+        matrix sc = runtime::detail::times_transpose({{kc.row(g).data(), hd, keys}}, q.block(t0, h * hd, rows, hd)) * scale;
         for (index_t r = 0; r < rows; ++r) {
           const index_t visible = start + t0 + r + 1;
           softmax(sc.row(r).head(visible).array());
@@ -704,7 +712,7 @@ class transformer {
         att.block(t0, h * hd, rows, hd) = runtime::detail::times_transpose({{v.data(), v.cols(), hd}}, sc);
         for (const entry& e : non_finite[std::size_t(g)])
           for (index_t r = std::max<index_t>(0, e.key - start - t0); r < rows; ++r)
-            att(t0 + r, h * hd + e.column) += sc(r, e.key) * vc(e.key, g * hd + e.column);
+            att(t0 + r, h * hd + e.column) += sc(r, e.key) * vc(g, e.key * hd + e.column);
       }
     }
   }
