@@ -148,8 +148,9 @@ int bench_model(int argc, char** argv) {
   const std::string label = synthetic ? shape->name : a.get("model");
   std::printf("%s, %s layers, %d threads; each row's decode and DRAM read bandwidth (GB/s) the best of %lld rounds measured in turn\n",
               label.c_str(), synthetic ? a.get("layers").c_str() : "all", threads, rounds);
+  const std::string prefill_long = detail::cat("pf", context, " t/s"), decode_long = detail::cat("dec", context);
   std::printf("%-10s %-5s %6s %7s %8s %9s %10s %10s %8s %9s %9s %6s %8s %7s %6s %6s\n", "layout", "dtype", "active", "load s", "RSS MB",
-              "pf64 t/s", "pf512 t/s", "dec0 t/s", "x dense", "dec512", "MB/token", "GB/s", "of BW", "attn", "ffn", "head");
+              "pf64 t/s", prefill_long.c_str(), "dec0 t/s", "x dense", decode_long.c_str(), "MB/token", "GB/s", "of BW", "attn", "ffn", "head");
   nlohmann::json rows = nlohmann::json::array();
   for (const dtype type : types) {
     // The dense row's model, kept (memory allowing) to decode beside each CMoE layout of the same type.
