@@ -105,9 +105,9 @@ double resident_mb() { return bench::status_mb("VmRSS:") - bench::probe_resident
 
 int bench_model(int argc, char** argv) {
   args a("moeforge-bench model",
-         "Whole-model speed, one stream, on this machine: prefill tokens/s of 64 and 512 tokens fed to an empty cache in\n"
-         "one forward pass (best of 3 after a warm-up), decode tokens/s of one-token steps after a prefill of 0 and of\n"
-         "512 tokens (two warm-up steps, then --decode-steps timed), the share of a decoded token's time in attention,\n"
+         "Whole-model speed, one stream, on this machine: prefill tokens/s of 64 and --context (512) tokens fed to an empty\n"
+         "cache in one forward pass (best of 3 after a warm-up), decode tokens/s of one-token steps after a prefill of 0\n"
+         "and of --context tokens (two warm-up steps, then --decode-steps timed), the share of a decoded token's time in attention,\n"
          "FFN/MoE and the embedding/classifier, resident memory, and the bytes each decoded token reads (weights it\n"
          "uses + KV cache) against the DRAM read bandwidth measured beside it (--rounds). --shape builds seeded random weights\n"
          "in memory (no files; only speed is meaningful): llama-7b, mistral-7b, mixtral-mini (hidden 2048, 8 experts of\n"

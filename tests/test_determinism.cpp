@@ -151,6 +151,26 @@ TEST_CASE("decoding at a long context splits attention across the team: bit-iden
   REQUIRE((decoded[0] - prefill).cwiseAbs().maxCoeff() <= 1e-4f * (1.0f + prefill.cwiseAbs().maxCoeff()));
 }
 
+TEST_CASE("a kv cache of another model's layout, or positions past the context, are refused before anything is written") {
+  const model::transformer tr(wide_model(40));
+  const auto& c = tr.config();
+  // As many layers, laid out position by position: [positions, kv heads·head_dim].
+  auto other = tr.new_cache();
+  for (auto* side : {&other.k, &other.v})
+    for (auto& m : *side) m = matrix::Zero(3, c.n_kv_heads * c.head_dim);
+  other.length = 3;
+  REQUIRE_THROWS_AS(tr.forward({4}, other), shape_error);
+  REQUIRE_THROWS_WITH(tr.forward({4}, other), Catch::Contains("kv cache was made for another model"));
+  auto cache = tr.new_cache();
+  tr.forward({1, 2, 3}, cache);
+  const matrix before = cache.k[0];
+  matrix x = matrix::Ones(2, c.dim);
+  REQUIRE_THROWS_AS(tr.attention_step(0, x, cache, 39), config_error);  // positions 39 and 40 of 40
+  REQUIRE_THROWS_AS(tr.attention_step(0, x, other, 3), shape_error);
+  REQUIRE(cache.k[0] == before);
+  REQUIRE(x == matrix::Ones(2, c.dim));
+}
+
 TEST_CASE("decoding and generation are bit-identical for 1-4 threads on a model whose every token splits") {
   // One token of either FFN crosses min_parallel_fma (checked), so every
   // decode step runs the streaming path on the whole team; the prompt's

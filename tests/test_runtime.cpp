@@ -718,7 +718,8 @@ TEST_CASE("project over several weights of one input gives each product its own 
   const index_t depth = 301;
   // Q, K, V shaped: a BF16 product wider than a task, a narrower F32 one,
   // and row-major weights packed per call; empty products too.
-  const matrix wq = random_matrix(5 * gemm_nr + 3, depth, rng), wk = random_matrix(gemm_nr - 1, depth, rng), wv = random_matrix(9, depth, rng);
+  // (V wider than a task: its later tasks start past its first row.)
+  const matrix wq = random_matrix(5 * gemm_nr + 3, depth, rng), wk = random_matrix(gemm_nr - 1, depth, rng), wv = random_matrix(9 * gemm_nr + 7, depth, rng);
   const runtime::detail::panel_matrix q_panels(wq.data(), wq.outerStride(), wq.rows(), depth, {}, dtype::bf16),
       k_panels(wk.data(), wk.outerStride(), wk.rows(), depth, {}, dtype::f32);
   const matrix none(0, depth);
@@ -737,10 +738,16 @@ TEST_CASE("project over several weights of one input gives each product its own 
     want << runtime::project(x, q_panels), runtime::project(x, k_panels), runtime::project(x, wv);
     for (const matrix& g : got) REQUIRE(g == want);
   }
+  // Refused before any output is touched.
   const matrix x = random_matrix(3, depth, rng, 1.0f);
-  matrix out;
-  CHECK_THROWS_AS(runtime::project(x, {runtime::projection(wv, out), runtime::projection(wk, out)}), config_error);
-  CHECK_THROWS_AS(runtime::project(x, {runtime::projection(wv, out), runtime::projection(random_matrix(4, depth + 1, rng), out)}), shape_error);
+  matrix out = matrix::Constant(2, 2, 5.0f), other = out, w = wk;
+  const matrix kept = out;
+  CHECK_THROWS_AS(runtime::project(x, {runtime::projection(wv, other), runtime::projection(wk, out), runtime::projection(wq, out)}), config_error);
+  CHECK_THROWS_AS(runtime::project(x, {runtime::projection(wv, other), runtime::projection(random_matrix(4, depth + 1, rng), out)}), shape_error);
+  CHECK_THROWS_AS(runtime::project(x, {runtime::projection(w, out), runtime::projection(wv, w)}), config_error);
+  matrix square = random_matrix(depth, depth, rng);
+  CHECK_THROWS_AS(runtime::project(square, {runtime::projection(wv, other), runtime::projection(wk, square)}), config_error);
+  CHECK((out == kept && other == kept && w == wk));
 }
 
 TEST_CASE("BF16 panels round every weight to nearest even, through ties, subnormals, overflow, infinities and NaN") {

@@ -412,10 +412,7 @@ class transformer {
     const auto& c = w_.config;
     const index_t n = index_t(tokens.size());
     const index_t start = cache.length;
-    if (start + n > c.seq_len)
-      throw config_error(cat("forward: positions ", start, "..", start + n, " exceed the model's context of ", c.seq_len));
-    if (index_t(cache.k.size()) != c.n_layers || index_t(cache.v.size()) != c.n_layers)
-      throw shape_error("forward: the kv cache was made for another model");
+    check_cache(cache, start, n, "forward");
     reserve(cache, start + n);
     stage_clock clock(opt.times);
     matrix x(n, c.dim);
@@ -454,6 +451,7 @@ class transformer {
   /// into `cache` (whose length the caller advances). With ffn_step this is
   /// one layer of forward(), and of layer_step.
   void attention_step(index_t li, matrix& x, kv_cache& cache, index_t start) const {
+    check_cache(cache, start, x.rows(), "attention_step");
     layer_scratch scratch;
     attention_step(li, x, cache, start, scratch);
   }
@@ -546,6 +544,24 @@ class transformer {
   /// Grows the cache to hold `positions` (at least doubling), on huge pages:
   /// a prefill writes all of a fresh cache, and on 4 KiB pages its faults
   /// were most of those left in a 512-token prefill of llama-7b's shape.
+  /// Throws config_error unless positions [start, start + n) fit the model's
+  /// context, and shape_error unless `cache` is laid out for this model
+  /// (new_cache): writing past a head's capacity would overwrite the next
+  /// head's keys.
+  void check_cache(const kv_cache& cache, index_t start, index_t n, const char* what) const {
+    using moeforge::detail::cat;
+    const auto& c = w_.config;
+    if (start < 0 || start + n > c.seq_len)
+      throw config_error(cat(what, ": positions ", start, "..", start + n, " exceed the model's context of ", c.seq_len));
+    const auto fits = [&](const std::vector<matrix>& side) {
+      return index_t(side.size()) == c.n_layers && std::all_of(side.begin(), side.end(), [&](const matrix& m) {
+               return m.rows() == c.n_kv_heads && m.cols() % c.head_dim == 0 && m.cols() == side.front().cols();
+             });
+    };
+    if (!fits(cache.k) || !fits(cache.v) || cache.k.front().cols() != cache.v.front().cols())
+      throw shape_error(cat(what, ": the kv cache was made for another model"));
+  }
+
   void reserve(kv_cache& cache, index_t positions) const {
     const index_t hd = w_.config.head_dim, have = cache.k.front().cols() / hd;
     if (positions <= have) return;
@@ -631,7 +647,7 @@ class transformer {
         const float* query = q.row(r).data() + h * hd;
         const float* keys = kc.row(g).data();
         for (index_t j = 0; j < visible; ++j) {
-          fetch_ahead(keys + j * hd, hd);
+          fetch_cache_ahead(keys + j * hd, hd);
           scores(j) = dot(query, keys + j * hd, hd) * scale;
         }
         softmax(scores.head(visible));
@@ -640,7 +656,7 @@ class transformer {
         for (index_t j = 0; j < visible; ++j) {
           const float pj = scores(j);
           const float* __restrict value = vc.row(g).data() + j * hd;
-          fetch_ahead(value, hd);
+          fetch_cache_ahead(value, hd);
           for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
         }
       };
@@ -652,7 +668,7 @@ class transformer {
   /// key's or value's) in the same head's stream. The hardware prefetcher
   /// alone left the loops at a 1024-token context 20-25% slower (llama-7b
   /// shape, 4 and 16 keys ahead alike).
-  static void fetch_ahead([[maybe_unused]] const float* row, [[maybe_unused]] index_t count) {
+  static void fetch_cache_ahead([[maybe_unused]] const float* row, [[maybe_unused]] index_t count) {
 #if defined(__GNUC__)
     constexpr std::uintptr_t cache_bytes_ahead = 2048, line = 64;
     // As an address, not a pointer: past a head's last position it lies beyond the storage (a prefetch never faults).

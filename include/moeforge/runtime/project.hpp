@@ -28,6 +28,8 @@ class projection {
       throw shape_error("projection: the panels restart at a cut (a DualSparse layer's); project takes panels without cuts");
   }
   index_t outputs() const { return panels_ ? panels_->rows() : rows_->rows(); }
+  /// Whether `m` holds these weights (row-major ones; panels are never a matrix).
+  bool reads(const matrix& m) const { return rows_ == &m; }
   index_t depth() const { return panels_ ? panels_->depth() : rows_->cols(); }
   matrix& out() const { return *out_; }
   /// Weight rows [r0, r0 + count) as a panel_product operand.
@@ -42,14 +44,15 @@ class projection {
 };
 
 /// out_i = x·W_iᵀ [T, rows_i] for each product of one input (attention's Q,
-/// K and V): the tokens are read, and rounded to BF16 pairs where the
-/// products take them so, once for all, and every product's output-row tasks
-/// share one parallel region (a region per product cost decode a start and
-/// a ragged end each). Each out is reshaped by fit_matrix (its storage kept
-/// when it holds as many values: a caller's buffer kept across layers faults
-/// no fresh pages in). Results are those of one product at a time, bit for
-/// bit. Throws shape_error when x's width is not a product's depth, and
-/// config_error when an output shares storage with x or is given twice.
+/// K and V): the tokens are rounded to BF16 pairs once for all the products
+/// that take them so, and every product's output-row tasks share one
+/// parallel region (a region per product cost decode a start and a ragged
+/// end each). Each out is reshaped by fit_matrix (its storage kept when it
+/// holds as many values: a caller's buffer kept across layers faults no
+/// fresh pages in). Results are those of one product at a time, bit for
+/// bit. Throws, before any output is touched, shape_error when x's width is
+/// not a product's depth, and config_error when an output shares storage
+/// with x, is given twice or is a product's weights.
 inline void project(const_matrix_ref x, std::initializer_list<projection> products) {
   const index_t t = x.rows(), k = x.cols();
   const float* const x_end = x.data() + (t > 0 ? (t - 1) * x.outerStride() + k : 0);
@@ -60,6 +63,8 @@ inline void project(const_matrix_ref x, std::initializer_list<projection> produc
       throw config_error("projection: the output matrix shares storage with the input");
     if (std::any_of(products.begin(), p, [&](const projection& q) { return &q.out() == &out; }))
       throw config_error("projection: one output matrix is given for two products");
+    if (std::any_of(products.begin(), products.end(), [&](const projection& q) { return q.reads(out); }))
+      throw config_error("projection: an output matrix is a product's weights");
   }
   // Few tokens: narrow tasks, so both cores stream weights; many: wide ones,
   // which pass over the packed tokens fewer times.
