@@ -32,15 +32,16 @@ void require_all_equal(const std::vector<T>& r) {
 }
 
 /// One layer of a decoder wide enough that a single token's FFN crosses
-/// min_parallel_fma: 512 features, a dense layer then an MoE layer.
-model::weights wide_model(index_t context = 64) {
+/// min_parallel_fma: 512 features, a dense layer then an MoE layer; 8 query
+/// heads over `kv_heads` kv heads.
+model::weights wide_model(index_t context = 64, index_t kv_heads = 4) {
   std::mt19937 rng(31);
   model::weights w;
   auto& c = w.config;
   c.dim = 512;
   c.n_layers = 2;
   c.n_heads = 8;
-  c.n_kv_heads = 4;
+  c.n_kv_heads = kv_heads;
   c.head_dim = 64;
   c.vocab_size = 96;
   c.seq_len = context;
@@ -131,7 +132,12 @@ TEST_CASE("the dense kernel is bit-identical for 1-4 threads when both phases sp
 }
 
 TEST_CASE("decoding at a long context splits attention across the team: bit-identical for 1-4 threads, equal to the prefill within rounding") {
-  const model::weights w = wide_model(200);
+  // With 4 kv heads each task takes both query heads of its kv head; with
+  // one, a task takes all 8 on one thread and fewer as the team grows
+  // (transformer::heads_per_task: 8, 4, 2, 2 for 1-4 threads).
+  const index_t kv_heads = GENERATE(4, 1);
+  INFO("kv heads " << kv_heads);
+  const model::weights w = wide_model(200, kv_heads);
   const auto& c = w.config;
   const index_t context = 150, steps = 10;
   REQUIRE(2.0 * double(c.n_heads) * double(context) * double(c.head_dim) >= model::transformer::attention_parallel_fma);

@@ -626,42 +626,65 @@ class transformer {
   }
 
   /// softmax(q·Kᵀ·scale)·V for a few query rows at positions start.., each
-  /// (head, row) reading its kv head's visible keys and values straight from
-  /// the cache, once. (The block path would transpose the values and pack both
-  /// for a product with one row, several passes over the cache: llama-7b-shaped
-  /// decode ran at half its context-0 speed at a 512-token context.) A
-  /// non-finite value at a visible key reaches the row as it must; later keys
-  /// are never read.
+  /// row's query heads that share a kv head (grouped-query attention) reading
+  /// its visible keys and values straight from the cache, once for all of
+  /// them. (The block path would transpose the values and pack both for a
+  /// product with one row, several passes over the cache: llama-7b-shaped
+  /// decode ran at half its context-0 speed at a 512-token context.) Each
+  /// head's scores, softmax and sums are its own, in key order, so how many
+  /// heads a task takes changes no result. A non-finite value at a visible
+  /// key reaches the row as it must; later keys are never read.
   void attend_rows(const matrix& q, const matrix& kc, const matrix& vc, index_t start, float scale, matrix& att) const {
     const auto& c = w_.config;
     const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
     const double multiply_adds = 2.0 * double(n) * double(c.n_heads) * double(start + n) * double(hd);
-    runtime::detail::run_on_team(multiply_adds >= attention_parallel_fma, [&] {
+    const bool parallel = multiply_adds >= attention_parallel_fma;
+    const index_t per_task = heads_per_task(group, c.n_kv_heads * n, parallel);
+    const index_t splits = group / per_task;
+    runtime::detail::run_on_team(parallel, [&] {
       // Eigen's reductions and vectorised exp start at the first aligned
-      // element, so an aligned buffer (not a std::vector) keeps which values
+      // element, so aligned buffers (not a std::vector) keep which values
       // go through which path, and the sums' order, a function of the shapes.
-      Eigen::ArrayXf scores(start + n);
+      std::vector<Eigen::ArrayXf> scores(static_cast<std::size_t>(per_task), Eigen::ArrayXf(start + n));
       const auto attend = [&](index_t task) {
-        const index_t h = task / n, r = task % n;
-        const index_t g = h / group, visible = start + r + 1;
-        const float* query = q.row(r).data() + h * hd;
+        const index_t r = task % n, g = task / n / splits, h0 = g * group + task / n % splits * per_task;
+        const index_t visible = start + r + 1;
         const float* keys = kc.row(g).data();
         for (index_t j = 0; j < visible; ++j) {
           fetch_cache_ahead(keys + j * hd, hd);
-          scores(j) = dot(query, keys + j * hd, hd) * scale;
+          for (index_t i = 0; i < per_task; ++i) scores[std::size_t(i)](j) = dot(q.row(r).data() + (h0 + i) * hd, keys + j * hd, hd) * scale;
         }
-        softmax(scores.head(visible));
-        float* __restrict o = att.row(r).data() + h * hd;
-        std::fill_n(o, hd, 0.0f);
+        for (auto& p : scores) softmax(p.head(visible));
+        float* __restrict out = att.row(r).data() + h0 * hd;  // the task's heads, one after another
+        std::fill_n(out, per_task * hd, 0.0f);
         for (index_t j = 0; j < visible; ++j) {
-          const float pj = scores(j);
           const float* __restrict value = vc.row(g).data() + j * hd;
           fetch_cache_ahead(value, hd);
-          for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
+          for (index_t i = 0; i < per_task; ++i) {
+            const float pj = scores[std::size_t(i)](j);
+            float* __restrict o = out + i * hd;
+            for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
+          }
         }
       };
-      runtime::detail::for_each_task(c.n_heads * n, attend, runtime::detail::sharing::in_blocks);
+      runtime::detail::for_each_task(c.n_kv_heads * splits * n, attend, runtime::detail::sharing::in_blocks);
     });
+  }
+
+  /// How many of a kv head's `group` query heads one task of attend_rows
+  /// takes, with `tasks` (kv head, row) pairs to share: all of them, so the
+  /// keys and values are read once, unless that leaves threads of the team
+  /// without a task; then halved while it does and the group divides.
+  static index_t heads_per_task(index_t group, index_t tasks, bool parallel) {
+    index_t per = group;
+#if defined(_OPENMP)
+    // (Inside a region that allows no more nesting, the team is this thread.)
+    const index_t threads = parallel && omp_get_level() < omp_get_max_active_levels() ? index_t(omp_get_max_threads()) : 1;
+    while (per % 2 == 0 && tasks * (group / per) < threads) per /= 2;
+#else
+    (void)tasks, (void)parallel;
+#endif
+    return per;
   }
 
   /// Fetches into L1 the `count` values cache_bytes_ahead past `row` (a
