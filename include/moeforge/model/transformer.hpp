@@ -627,8 +627,8 @@ class transformer {
 
   /// softmax(q·Kᵀ·scale)·V for a few query rows at positions start.., each
   /// row's query heads that share a kv head (grouped-query attention) reading
-  /// its visible keys and values straight from the cache, once for all of
-  /// them. (The block path would transpose the values and pack both for a
+  /// its visible keys and values straight from the cache, once per task (for
+  /// the whole group unless heads_per_task splits it). (The block path would transpose the values and pack both for a
   /// product with one row, several passes over the cache: llama-7b-shaped
   /// decode ran at half its context-0 speed at a 512-token context.) Each
   /// head's scores, softmax and sums are its own, in key order, so how many
@@ -643,9 +643,10 @@ class transformer {
     const index_t splits = group / per_task;
     runtime::detail::run_on_team(parallel, [&] {
       // Eigen's reductions and vectorised exp start at the first aligned
-      // element, so aligned buffers (not a std::vector) keep which values
+      // element, so aligned buffers (Eigen arrays, not std::vector<float>) keep which values
       // go through which path, and the sums' order, a function of the shapes.
-      std::vector<Eigen::ArrayXf> scores(static_cast<std::size_t>(per_task), Eigen::ArrayXf(start + n));
+      std::vector<Eigen::ArrayXf> scores(static_cast<std::size_t>(per_task));
+      for (auto& p : scores) p.resize(start + n);
       const auto attend = [&](index_t task) {
         const index_t r = task % n, g = task / n / splits, h0 = g * group + task / n % splits * per_task;
         const index_t visible = start + r + 1;
@@ -655,7 +656,8 @@ class transformer {
           for (index_t i = 0; i < per_task; ++i) scores[std::size_t(i)](j) = dot(q.row(r).data() + (h0 + i) * hd, keys + j * hd, hd) * scale;
         }
         for (auto& p : scores) softmax(p.head(visible));
-        float* __restrict out = att.row(r).data() + h0 * hd;  // the task's heads, one after another
+        // A group's query heads are adjacent in q and att: its outputs are one run.
+        float* __restrict out = att.row(r).data() + h0 * hd;
         std::fill_n(out, per_task * hd, 0.0f);
         for (index_t j = 0; j < visible; ++j) {
           const float* __restrict value = vc.row(g).data() + j * hd;
@@ -674,12 +676,13 @@ class transformer {
   /// How many of a kv head's `group` query heads one task of attend_rows
   /// takes, with `tasks` (kv head, row) pairs to share: all of them, so the
   /// keys and values are read once, unless that leaves threads of the team
-  /// without a task; then halved while it does and the group divides.
+  /// without a task; then halved while it does and the count stays even.
   static index_t heads_per_task(index_t group, index_t tasks, bool parallel) {
     index_t per = group;
 #if defined(_OPENMP)
-    // (Inside a region that allows no more nesting, the team is this thread.)
-    const index_t threads = parallel && omp_get_level() < omp_get_max_active_levels() ? index_t(omp_get_max_threads()) : 1;
+    // Inside an active region that allows no more nesting the team is this
+    // thread; inside an inactive one (if(false)) the nested region is the first active one.
+    const index_t threads = parallel && omp_get_active_level() < omp_get_max_active_levels() ? index_t(omp_get_max_threads()) : 1;
     while (per % 2 == 0 && tasks * (group / per) < threads) per /= 2;
 #else
     (void)tasks, (void)parallel;
