@@ -12,6 +12,7 @@
 #include <optional>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moeforge/model/weights.hpp"
@@ -541,9 +542,6 @@ class transformer {
     }
   }
 
-  /// Grows the cache to hold `positions` (at least doubling), on huge pages:
-  /// a prefill writes all of a fresh cache, and on 4 KiB pages its faults
-  /// were most of those left in a 512-token prefill of llama-7b's shape.
   /// Throws config_error unless positions [start, start + n) fit the model's
   /// context, and shape_error unless `cache` is laid out for this model
   /// (new_cache): writing past a head's capacity would overwrite the next
@@ -562,6 +560,9 @@ class transformer {
       throw shape_error(cat(what, ": the kv cache was made for another model"));
   }
 
+  /// Grows the cache to hold `positions` (at least doubling), on huge pages:
+  /// a prefill writes all of a fresh cache, and on 4 KiB pages its faults
+  /// were most of those left in a 512-token prefill of llama-7b's shape.
   void reserve(kv_cache& cache, index_t positions) const {
     const index_t hd = w_.config.head_dim, have = cache.k.front().cols() / hd;
     if (positions <= have) return;
@@ -572,6 +573,15 @@ class transformer {
         grown.leftCols(have * hd) = m;
         m = std::move(grown);
       }
+  }
+
+  /// Positions [start, start + count) of kv head g in one layer's keys or
+  /// values (kv_cache's layout), as rows of head_dim values.
+  template <class Side>
+  auto head_positions(Side& side, index_t g, index_t start, index_t count) const {
+    using map = std::conditional_t<std::is_const_v<Side>, Eigen::Map<const matrix>, Eigen::Map<matrix>>;
+    const index_t hd = w_.config.head_dim;
+    return map(side.row(g).data() + start * hd, count, hd);
   }
 
   /// Rotates each head of `m` ([T, heads·head_dim]) for positions start + t.
@@ -613,8 +623,8 @@ class transformer {
     matrix& kc = cache.k[std::size_t(li)];
     matrix& vc = cache.v[std::size_t(li)];
     for (index_t g = 0; g < c.n_kv_heads; ++g) {
-      Eigen::Map<matrix>(kc.row(g).data() + start * hd, n, hd) = k.middleCols(g * hd, hd);
-      Eigen::Map<matrix>(vc.row(g).data() + start * hd, n, hd) = v.middleCols(g * hd, hd);
+      head_positions(kc, g, start, n) = k.middleCols(g * hd, hd);
+      head_positions(vc, g, start, n) = v.middleCols(g * hd, hd);
     }
     const float scale = 1.0f / std::sqrt(float(hd));
     matrix& att = moeforge::detail::fit_matrix(s.att, n, c.n_heads * hd);
@@ -650,10 +660,10 @@ class transformer {
       const auto attend = [&](index_t task) {
         const index_t r = task % n, g = task / n / splits, h0 = g * group + task / n % splits * per_task;
         const index_t visible = start + r + 1;
-        const float* keys = kc.row(g).data();
+        const float *keys = kc.row(g).data(), *queries = q.row(r).data() + h0 * hd;
         for (index_t j = 0; j < visible; ++j) {
           fetch_cache_ahead(keys + j * hd, hd);
-          for (index_t i = 0; i < per_task; ++i) scores[std::size_t(i)](j) = dot(q.row(r).data() + (h0 + i) * hd, keys + j * hd, hd) * scale;
+          for (index_t i = 0; i < per_task; ++i) scores[std::size_t(i)](j) = dot(queries + i * hd, keys + j * hd, hd) * scale;
         }
         for (auto& p : scores) softmax(p.head(visible));
         // A group's query heads are adjacent in q and att: its outputs are one run.
@@ -743,7 +753,7 @@ class transformer {
     };
     std::vector<std::vector<entry>> non_finite(vt.size());  // per kv head
     for (index_t g = 0; g < c.n_kv_heads; ++g) {
-      matrix& values = vt[std::size_t(g)] = Eigen::Map<const matrix>(vc.row(g).data(), all_keys, hd).transpose();
+      matrix& values = vt[std::size_t(g)] = head_positions(vc, g, 0, all_keys).transpose();
       if (values.allFinite()) continue;
       for (index_t key = 0; key < all_keys; ++key)
         for (index_t d = 0; d < hd; ++d)
