@@ -909,6 +909,62 @@ TEST_CASE("a product reads tokens rounded once into BF16 pairs as it reads the p
   }
 }
 
+TEST_CASE("an expert's activations rounded once into BF16 pairs for its down product are the pairs the product rounds itself, across cuts") {
+  // One expert of 231 neurons takes every token with weight 1, so the layer's
+  // output is the expert's down product alone: what panel_product gives from
+  // the expert's panels, rounding its own tokens, over activations computed
+  // in the same way. A cut at 101 (the major width, where the panels
+  // restart) makes the minor part's phase-1 tasks start at an odd neuron,
+  // inside a pair of the down product's depth.
+  using namespace runtime::detail;
+  std::mt19937 rng(61);
+  layer_spec s;
+  s.hidden = 333;
+  s.widths = {231};
+  for (const index_t cut : {index_t(0), index_t(101)}) {
+    moe_layer m = random_layer(s, rng);
+    m.router.top_k = 1;
+    m.experts[0].major = cut;
+    const runtime::prepared_moe prepared = runtime::prepare(m, dtype::bf16);
+    const packed_ffn& panels = prepared.packed().experts[0];
+    const index_t width = m.experts[0].width();
+    for (const index_t t : {bf16_exact_tokens + 3, index_t(64), index_t(300)}) {
+      INFO("cut " << cut << " tokens " << t);
+      const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
+      std::vector<const float*> rows;
+      for (index_t r = 0; r < t; ++r) rows.push_back(x.row(r).data());
+      matrix h(t, width), want(t, s.hidden);
+      for (const auto& [first, count] : {std::pair{index_t(0), cut > 0 ? cut : width}, std::pair{cut, cut > 0 ? width - cut : index_t(0)}}) {
+        if (count == 0) continue;
+        matrix gate_up(t, 2 * count);
+        panel_product({panels.gate.block(first, count, 0), panels.up.block(first, count, 0)}, rows.data(), t, s.hidden, gate_up.data(),
+                      gate_up.outerStride());
+        for (index_t r = 0; r < t; ++r) activate_row(panels.act, gate_up.row(r).data(), gate_up.row(r).data() + count, h.row(r).data() + first, count);
+      }
+      std::vector<const float*> h_rows;
+      for (index_t r = 0; r < t; ++r) h_rows.push_back(h.row(r).data());
+      panel_product({panels.down.block(0, s.hidden, 0)}, h_rows.data(), t, width, want.data(), want.outerStride());
+      runtime::selection sel;
+      sel.tokens = t;
+      sel.k = 1;
+      sel.expert.assign(std::size_t(t), 0);
+      sel.prob.assign(std::size_t(t), 1.0f);
+      sel.weight.assign(std::size_t(t), 1.0f);
+      sel.work.assign(std::size_t(t), runtime::pair_work::full);
+      const auto plan = runtime::make_plan(m, sel, x);
+      const auto got = for_each_thread_count([&] {
+        matrix y(t, s.hidden);
+        runtime::moe_forward(prepared, plan, x, y);
+        return y;
+      });
+      for (std::size_t i = 0; i < got.size(); ++i) {
+        INFO("threads " << i + 1);
+        REQUIRE(got[i] == want);
+      }
+    }
+  }
+}
+
 /// Requires call(x) to give the same result before and after every thread
 /// of a team (of 2, then 3) has run call(other) of its own: what a call
 /// keeps in its thread's scratch must not leak into the next top-level one.

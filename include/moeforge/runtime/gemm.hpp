@@ -866,8 +866,9 @@ inline std::uint32_t* pair_scratch(std::size_t words, std::vector<std::uint32_t>
 }
 
 /// Packs the panels, one per task of for_each_task: on the team inside
-/// run_on_team's region, serially outside one.
+/// run_on_team's region, serially outside one. None: no pass, no barrier.
 inline void pack_pair_panels(const std::vector<pair_panel>& panels) {
+  if (panels.empty()) return;
   for_each_task(
       std::ptrdiff_t(panels.size()),
       [&](std::ptrdiff_t i) {
