@@ -910,13 +910,13 @@ TEST_CASE("a product reads tokens rounded once into BF16 pairs as it reads the p
 }
 
 TEST_CASE("an expert's activations rounded once into BF16 pairs for its down product are the pairs the product rounds itself, across cuts") {
-  // One expert of 231 neurons takes every token with weight 1, so the layer's
-  // output is the expert's down product alone: what panel_product gives from
-  // the expert's panels, rounding its own tokens, over activations computed
-  // in the same way. A cut at 101 (the major width, where the panels
-  // restart) makes the minor part's phase-1 tasks start at an odd neuron,
-  // inside a pair of the down product's depth. (Without vdpbf16ps nothing
-  // is rounded: the same equality on the exact path.)
+  // The router's one expert, of 231 neurons, takes every token with weight
+  // 1, so the layer's output is the expert's down product alone: what
+  // panel_product gives from the expert's panels, rounding its own tokens,
+  // over activations computed in the same way. A cut at 101 (the major width,
+  // where the panels restart) makes the minor part's phase-1 tasks start at
+  // an odd neuron, inside a pair of the down product's depth. (Without
+  // vdpbf16ps nothing is rounded: the same equality on the exact path.)
   using namespace runtime::detail;
   std::mt19937 rng(61);
   layer_spec s;
@@ -947,14 +947,7 @@ TEST_CASE("an expert's activations rounded once into BF16 pairs for its down pro
       std::vector<const float*> h_rows;
       for (index_t r = 0; r < t; ++r) h_rows.push_back(h.row(r).data());
       panel_product({panels.down.block(0, s.hidden, 0)}, h_rows.data(), t, width, want.data(), want.outerStride());
-      runtime::selection sel;
-      sel.tokens = t;
-      sel.k = 1;
-      sel.expert.assign(std::size_t(t), 0);
-      sel.prob.assign(std::size_t(t), 1.0f);
-      sel.weight.assign(std::size_t(t), 1.0f);
-      sel.work.assign(std::size_t(t), runtime::pair_work::full);
-      const auto plan = runtime::make_plan(m, sel, x);
+      const auto plan = runtime::route(m, x);  // the softmax of one expert: weight 1 for every token
       const auto got = for_each_thread_count([&] {
         matrix y(t, s.hidden);
         runtime::moe_forward(prepared, plan, x, y);

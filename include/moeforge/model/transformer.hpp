@@ -638,11 +638,11 @@ class transformer {
   /// softmax(q·Kᵀ·scale)·V for a few query rows at positions start.., each
   /// row's query heads that share a kv head (grouped-query attention) reading
   /// its visible keys and values straight from the cache, once per task (for
-  /// the whole group unless heads_per_task splits it). (The block path would transpose the values and pack both for a
-  /// product with one row, several passes over the cache: llama-7b-shaped
-  /// decode ran at half its context-0 speed at a 512-token context.) Each
-  /// head's scores, softmax and sums are its own, in key order, so how many
-  /// heads a task takes changes no result. A non-finite value at a visible
+  /// the whole group unless heads_per_task splits it). (The block path would
+  /// transpose the values and pack both for a product with one row, several
+  /// passes over the cache: llama-7b-shaped decode ran at half its context-0
+  /// speed at a 512-token context.) Each head's scores, softmax and sums are
+  /// its own, in key order, so how many heads a task takes changes no result. A non-finite value at a visible
   /// key reaches the row as it must; later keys are never read.
   void attend_rows(const matrix& q, const matrix& kc, const matrix& vc, index_t start, float scale, matrix& att) const {
     const auto& c = w_.config;
@@ -653,8 +653,9 @@ class transformer {
     const index_t splits = group / per_task;
     runtime::detail::run_on_team(parallel, [&] {
       // Eigen's reductions and vectorised exp start at the first aligned
-      // element, so aligned buffers (Eigen arrays, not std::vector<float>) keep which values
-      // go through which path, and the sums' order, a function of the shapes.
+      // element, so aligned buffers (Eigen arrays, not std::vector<float>)
+      // keep which values go through which path, and the sums' order, a
+      // function of the shapes.
       std::vector<Eigen::ArrayXf> scores(static_cast<std::size_t>(per_task));
       for (auto& p : scores) p.resize(start + n);
       const auto attend = [&](index_t task) {
