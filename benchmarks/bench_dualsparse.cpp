@@ -14,6 +14,7 @@
 
 #include "args.hpp"
 #include "dualsparse_quality.hpp"
+#include "json_out.hpp"
 #include "machine.hpp"
 #include "moeforge/convert/dualsparse.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
@@ -210,7 +211,7 @@ int bench_dualsparse(int argc, char** argv) {
       .option("policies", "LIST", "speed: drop policies (1t, 2t, naee, top-p)", "1t,2t")
       .option("reps", "N", "speed: timed samples of full and of dropped per row (medians)", "15")
       .option("sigma", "S", "speed: spread of the generated router logits", "2")
-      .option("json", "FILE", "also write one JSON object per row to FILE")
+      .option("json", "FILE", "also write the rows as a JSON array to FILE")
       .option("data", "DIR", "quality: the shared data directory", data_root())
       .option("model", "DIR", "quality: an MoE model to use instead of CMoE conversions of stories260K (stories260K's vocabulary)")
       .option("configs", "LIST", "quality: CMoE configurations of stories260K", "S1A3E8,S0A2E8")
@@ -239,14 +240,6 @@ int bench_dualsparse(int argc, char** argv) {
   if (a.flag_set("quick")) o.reps = 5, o.tokens = {1, 64};
   o.unpacked = a.flag_set("unpacked");
 
-  const bool write_json = a.has("json");
-  std::ofstream json;
-  std::string json_tmp;
-  if (write_json) {
-    json_tmp = a.get("json") + ".tmp";
-    json.open(json_tmp);
-    if (!json) throw io_error("cannot write '" + json_tmp + "'");
-  }
   o.gbps = bench::probe_read_gbps(o.threads);
   std::printf("machine: %.1f GB/s DRAM read (%d threads); load average %s\n", o.gbps, o.threads, ds::load_average().c_str());
   std::vector<nlohmann::json> rows;
@@ -264,11 +257,7 @@ int bench_dualsparse(int argc, char** argv) {
     for (auto& r : ds::quality(q)) rows.push_back(std::move(r));
   }
   std::printf("load average after: %s\n", ds::load_average().c_str());
-  if (write_json) {
-    for (const auto& r : rows) json << r.dump() << "\n";
-    json.close();
-    if (!json || std::rename(json_tmp.c_str(), a.get("json").c_str()) != 0) throw io_error("cannot write '" + a.get("json") + "'");
-  }
+  if (a.has("json")) bench::write_json(a.get("json"), rows);
   return 0;
 }
 

@@ -4,15 +4,17 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
+#include <functional>
 #include <random>
-#include <sstream>
+#include <numeric>
 
 #include <nlohmann/json.hpp>
 
 #include "args.hpp"
+#include "json_out.hpp"
 #include "machine.hpp"
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
@@ -24,17 +26,23 @@ namespace {
 
 constexpr index_t hidden = 2048, intermediate = 5632;
 // Layer copies rotated so each timed call reads its weights from DRAM: a
-// call that reads under 3x the 32 MiB L3 rotates two (dense) or four (MoE: a
-// decode step touches a quarter of an E8A2 copy). A call that reads more
-// needs one, and gets one: rotating copies of a layer that size adds
-// nothing against the caches, but on this VM memory not read for a while
-// reads slower (Qwen3-30B-A3B's BF16 layer at 64 tokens, 1.2 GB a call: 34 ms
-// rotating four copies, 22-24 ms reusing one), which the bandwidth probe,
-// reading one buffer over and over, does not pay either.
+// call that reads under 3x the 32 MiB L3 rotates enough copies that each is
+// read again only after that much of the others' weights (at most two of the
+// dense layer, four of a MoE one: a decode step touches a quarter of an
+// E8A2 copy). A call that reads more needs one, and gets one: rotating
+// copies of a layer that size adds nothing against the caches, but on this
+// VM memory not read for a while reads slower (Qwen3-30B-A3B's BF16 layer at
+// 64 tokens, 1.2 GB a call: 34 ms rotating four copies, 22-24 ms reusing
+// one), which the bandwidth probe, reading one buffer over and over, does
+// not pay either. Building no more copies than the rotation needs also keeps
+// Qwen3-30B-A3B's layer at both types in memory at once: one F32 copy and
+// three BF16 ones, each with its plain F32 weights, 16 GB.
 constexpr int ncopies = 2, moe_copies = 4;
 constexpr double cold_bytes = 96e6;
 /// How many of `built` copies a call touching `bytes` of weights rotates.
-int copies_for(double bytes, int built) { return bytes >= cold_bytes ? 1 : built; }
+int copies_for(double bytes, int built) {
+  return bytes >= cold_bytes ? 1 : std::min(built, 1 + int(std::ceil(cold_bytes / bytes)));
+}
 
 matrix random_matrix(index_t r, index_t c, float scale, std::mt19937& rng) {
   std::normal_distribution<float> n(0.0f, scale);
@@ -106,8 +114,8 @@ runtime::routing_plan balanced_plan(const moe_layer& m, const matrix& x, std::mt
   return runtime::make_plan(m, sel, x);
 }
 
-/// Weight bytes the plan touches (`weight_bytes` per weight) and the FLOPs it does.
-std::pair<double, double> active_cost(const moe_layer& m, const runtime::routing_plan& plan, double weight_bytes) {
+/// Weights the plan touches and the FLOPs it does.
+std::pair<double, double> active_cost(const moe_layer& m, const runtime::routing_plan& plan) {
   double weights = 0, flops = 0;
   for (const auto& s : m.shared) {
     weights += ffn_weights(s.weights);
@@ -120,7 +128,7 @@ std::pair<double, double> active_cost(const moe_layer& m, const runtime::routing
     weights += ffn_weights(f);
     flops += 2.0 * ffn_weights(f) * double(n);
   }
-  return {weights * weight_bytes, flops};
+  return {weights, flops};
 }
 
 /// The machine's limits beside one row: DRAM read bandwidth and the row's
@@ -130,30 +138,49 @@ std::pair<double, double> active_cost(const moe_layer& m, const runtime::routing
 /// run, its FMA peak halved for minutes), and one probe at the start of a run
 /// judged later rows against another machine (kernels read 113-118% of it).
 struct row_limits {
-  double gbps = 0, peak = 0;
-  void probe(int threads, bool dot) {
+  double gbps = 0, fp32 = 0, dot = 0;
+  void probe(int threads, bool with_dot) {
     gbps = std::max(gbps, bench::probe_read_gbps(threads));
-    peak = std::max(peak, dot ? bench::probe_bf16_dot_gflops(threads) : bench::probe_fma_gflops(threads));
+    fp32 = std::max(fp32, bench::probe_fma_gflops(threads));
+    if (with_dot) dot = std::max(dot, bench::probe_bf16_dot_gflops(threads));
   }
+  double peak(bool uses_dot) const { return uses_dot ? dot : fp32; }
 };
 
-/// Best time in ms of `run(copy)` over `reps`, rotating the layer copies so
-/// weights come from DRAM. Each copy runs once untimed first: on this VM
-/// memory written shortly before is read at ~5 GB/s the first time and at
-/// full speed after (a plain read loop shows it too, with no page faults),
-/// so a freshly built layer's first pass ran up to 2x slower than its next
-/// ones (E8A2 F32 at 512 tokens: 50 ms, then 25 ms), which a row of
-/// --tokens 512 alone would otherwise charge to the kernel.
-template <class F>
-double best_ms(int reps, int copies, F&& run) {
-  for (int c = 0; c < copies; ++c) run(c);
-  double best = 1e300;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    run(r % copies);
-    best = std::min(best, bench::seconds_since(t0) * 1e3);
-  }
-  return best;
+/// A kernel call of a row, `run(copy)` on one of `copies` copies of its
+/// layer, and its best time.
+struct timed_call {
+  int copies;
+  std::function<void(int)> run;
+  double best_ms = 1e300;
+};
+
+/// Times `calls` side by side over `reps` rounds, rotating each call's layer
+/// copies so weights come from DRAM: every round runs each call once, in an
+/// order reversed every other round, so calls compared with each other (a
+/// type against another) meet the same phases of a shared machine, whose
+/// speed drifts by tens of percent within minutes. Each copy runs once
+/// untimed first: on this VM memory written shortly before is read at
+/// ~5 GB/s the first time and at full speed after (a plain read loop shows it
+/// too, with no page faults), so a freshly built layer's first pass ran up to
+/// 2x slower than its next ones (E8A2 F32 at 512 tokens: 50 ms, then 25 ms),
+/// which a row of --tokens 512 alone would otherwise charge to the kernel.
+void time_side_by_side(int reps, std::vector<timed_call>& calls) {
+  for (auto& call : calls)
+    for (int c = 0; c < call.copies; ++c) call.run(c);
+  for (int r = 0; r < reps; ++r)
+    for (std::size_t i = 0; i < calls.size(); ++i) {
+      auto& call = calls[r % 2 ? calls.size() - 1 - i : i];
+      const auto t0 = std::chrono::steady_clock::now();
+      call.run(r % call.copies);
+      call.best_ms = std::min(call.best_ms, bench::seconds_since(t0) * 1e3);
+    }
+}
+
+double best_ms(int reps, int copies, std::function<void(int)> run) {
+  std::vector<timed_call> one{{copies, std::move(run)}};
+  time_side_by_side(reps, one);
+  return one[0].best_ms;
 }
 
 matrix eigen_dense(const ffn& f, const matrix& x) {
@@ -161,6 +188,77 @@ matrix eigen_dense(const ffn& f, const matrix& x) {
   const matrix u = x * f.up.transpose();
   const matrix h = (g.array() / (1.0f + (-g.array()).exp()) * u.array()).matrix();
   return h * f.down.transpose();
+}
+
+/// One row of the table: a layer shape at one weight type and token count,
+/// its times and the machine's limits measured beside them.
+struct ffn_row {
+  const moe_shape& shape;
+  dtype type;
+  index_t tokens;
+  int threads;
+  double weights, flops;                   ///< the MoE layer's touched weights and FLOPs
+  double gbps_limit, peak;                 ///< the row's limits (its type's peak)
+  double moe_ms, dense_ms;                 ///< prepared layers; dense for the split shapes
+  double moe_unpacked_ms, dense_unpacked_ms, eigen_ms;  ///< plain F32 weights: F32 rows only
+  double moe_over_f32, dense_over_f32;     ///< against the F32 layers' times of the same rounds; 0: none
+};
+
+double dense_weights() { return 3.0 * double(hidden) * double(intermediate); }
+
+void report(const ffn_row& r, double fp32_peak, double bf16_peak, nlohmann::json& rows) {
+  const moe_shape& shape = r.shape;
+  const bool f32 = r.type == dtype::f32;
+  const double weight_bytes = double(dtype_size(r.type)), bytes = weight_bytes * r.weights;
+  const double dense_bytes = weight_bytes * dense_weights(), dense_flops = 2.0 * dense_weights() * double(r.tokens);
+  const bool bandwidth_bound = r.flops / bytes < r.peak / r.gbps_limit;
+  const double ideal = bandwidth_bound ? bytes / dense_bytes : r.flops / dense_flops;
+  const double limit_ms = std::max(bytes / r.gbps_limit, r.flops / r.peak) / 1e6;
+  const double dense_limit_ms = std::max(dense_bytes / r.gbps_limit, dense_flops / r.peak) / 1e6;
+  const double gbps = bytes / r.moe_ms / 1e6, gflops = r.flops / r.moe_ms / 1e6;
+  const double active = double(shape.shared * shape.shared_width + shape.k * shape.width) /
+                        double(shape.shared * shape.shared_width + shape.routed * shape.width);
+  // Dense columns only for the shapes that split the dense layer, plain-weight
+  // columns only for F32, type ratios only where F32 ran beside.
+  const auto cell = [](double v, const char* fmt, bool shown) {
+    char b[32];
+    std::snprintf(b, sizeof b, fmt, v);
+    return std::string(shown ? b : "-");
+  };
+  const bool split = shape.split, vs_f32 = r.moe_over_f32 > 0;
+  std::printf("%-14s %-4s %4lld %6.3f %8s %8s %8.2f %8s %8s %6s %6s %8.2f %6.2f %6s %6s %6.1f %4.0f %4.0f %6s %6s\n",
+              shape.name.c_str(), std::string(dtype_name(r.type)).c_str(), (long long)r.tokens, active,
+              cell(r.dense_ms, "%.2f", split).c_str(), cell(r.dense_unpacked_ms, "%.2f", split && f32).c_str(), r.moe_ms,
+              cell(r.moe_unpacked_ms, "%.2f", f32).c_str(), cell(r.eigen_ms, "%.2f", split && f32).c_str(),
+              cell(r.moe_ms / r.dense_ms, "%.3f", split).c_str(), cell(ideal, "%.3f", split).c_str(), limit_ms, r.moe_ms / limit_ms,
+              cell(r.dense_ms / dense_limit_ms, "%.2f", split).c_str(), cell(r.moe_unpacked_ms / r.moe_ms, "%.2f", f32).c_str(),
+              gbps, 100 * gbps / r.gbps_limit, 100 * gflops / r.peak, cell(r.moe_over_f32, "%.3f", vs_f32).c_str(),
+              cell(r.dense_over_f32, "%.3f", vs_f32 && split).c_str());
+  std::fflush(stdout);
+  nlohmann::json row{{"shape", shape.name}, {"dtype", dtype_name(r.type)}, {"tokens", r.tokens}, {"hidden", hidden},
+                     {"experts", shape.shared + shape.routed}, {"routed", shape.routed}, {"expert_width", shape.width},
+                     {"top_k", shape.k}, {"shared", shape.shared}, {"shared_width", shape.shared_width},
+                     {"active_fraction", active}, {"threads", r.threads}, {"moe_ms", r.moe_ms}, {"limit_ms", limit_ms},
+                     {"limit_ratio", r.moe_ms / limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
+                     {"gflops", gflops}, {"bandwidth_fraction", gbps / r.gbps_limit}, {"peak_fraction", gflops / r.peak},
+                     {"machine_gbps", r.gbps_limit}, {"machine_gflops", r.peak}, {"machine_fp32_gflops", fp32_peak},
+                     {"machine_bf16_gflops", bf16_peak}};
+  if (f32) row["moe_unpacked_ms"] = r.moe_unpacked_ms;
+  if (vs_f32) row["moe_ms_over_f32"] = r.moe_over_f32;
+  if (split) {
+    row["intermediate"] = intermediate;
+    row["dense_ms"] = r.dense_ms;
+    row["dense_limit_ms"] = dense_limit_ms;
+    row["dense_limit_ratio"] = r.dense_ms / dense_limit_ms;
+    row["ratio"] = r.moe_ms / r.dense_ms;
+    row["ideal_ratio"] = ideal;
+    if (f32) {
+      row["dense_unpacked_ms"] = r.dense_unpacked_ms;
+      row["eigen_dense_ms"] = r.eigen_ms;
+    }
+    if (vs_f32) row["dense_ms_over_f32"] = r.dense_over_f32;
+  }
+  rows.push_back(std::move(row));
 }
 
 /// A token count of --tokens: a positive integer.
@@ -181,14 +279,16 @@ int bench_ffn(int argc, char** argv) {
          "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), each the better\n"
          "of two probes taken just before and just after the row; the peak is the FP32 FMA peak, or for BF16 rows over\n"
          "more than 4 tokens the BF16 dot-product peak (vdpbf16ps; BF16 tokens) where the CPU has one.\n"
-         "limit_ratio = moe_ms / limit_ms (x_lim); dx_lim is the dense layer's, dense_ms over its own limit.");
+         "limit_ratio = moe_ms / limit_ms (x_lim); dx_lim is the dense layer's, dense_ms over its own limit.\n"
+         "Every type's layers hold the same weights and a row's types are timed in the same rounds, alternating:\n"
+         "m/f32 and d/f32 are a row's MoE and dense times over the F32 layers', measured side by side.");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
       .option("shape", "LIST",
               "more MoE layers beside E8A2, S1A1E8, S3A3E8 (the dense I = 5632 split): qwen3-30b-a3b (128 experts of 768, "
               "top 8), dsv2-lite (64 of 1408, top 6, a shared expert of 2816), or HxExI/k[+S]")
       .option("dtype", "LIST", "weight types of the prepared layers, comma-separated (f32, bf16)", "f32,bf16")
-      .option("json", "FILE", "also write one JSON object per row to FILE")
+      .option("json", "FILE", "also write the rows as a JSON array to FILE")
       .flag("only-shapes", "run only the --shape layers (no dense, E8A2, S1A1E8, S3A3E8)")
       .flag("quick", "fewer repetitions, T = 1 and 64 only");
   if (!a.parse(argc, argv)) return 0;
@@ -211,111 +311,96 @@ int bench_ffn(int argc, char** argv) {
               run_gbps, fp32_peak, bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
 
 
-  std::ofstream json;
-  std::string json_tmp;
-  if (a.has("json")) {
-    json_tmp = a.get("json") + ".tmp";
-    json.open(json_tmp);
-    if (!json) throw io_error("cannot write '" + json_tmp + "'");
-  }
-  std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %6s %4s %4s\n", "shape", "type", "T", "active", "dense_ms",
-              "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "dx_lim", "unp/p", "GB/s", "bw%", "pk%");
-  for (const dtype type : types) {
-    const bool f32 = type == dtype::f32;  // the unpacked and Eigen columns (plain F32 weights) only once
-    const double weight_bytes = double(dtype_size(type));
-    // BF16 layers multiply many tokens with vdpbf16ps where the CPU has it (weight_format), few at the FP32 peak.
-    const auto uses_dot = [&](index_t tokens) { return !f32 && tokens > runtime::detail::bf16_exact_tokens && runtime::detail::bf16_dot_available; };
-    std::mt19937 rng(1234);  // the same weights for every type
+  nlohmann::json rows = nlohmann::json::array();
+  std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %6s %4s %4s %6s %6s\n", "shape", "type", "T", "active",
+              "dense_ms", "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "dx_lim", "unp/p", "GB/s", "bw%",
+              "pk%", "m/f32", "d/f32");
+  // BF16 layers multiply many tokens with vdpbf16ps where the CPU has it (weight_format), few at the FP32 peak.
+  const auto uses_dot = [](dtype type, index_t tokens) {
+    return type == dtype::bf16 && tokens > runtime::detail::bf16_exact_tokens && runtime::detail::bf16_dot_available;
+  };
+  // Each type's layers are prepared from the same plain weights, and every
+  // row's types are timed in the same rounds: a BF16 row's m/f32 and d/f32
+  // are its time over the F32 layer's, both taken in one phase of the machine.
+  struct typed_layers {
+    dtype type;
     std::vector<runtime::prepared_ffn> dense;
-    const bool with_dense = std::any_of(shapes.begin(), shapes.end(), [](const moe_shape& s) { return s.split; });
-    for (int c = 0; with_dense && c < ncopies; ++c) dense.push_back(runtime::prepare(random_ffn(intermediate, rng), type));
-    const double dense_weights = 3.0 * double(hidden) * double(intermediate), dense_bytes = weight_bytes * dense_weights;
-    for (const auto& shape : shapes) {
-      std::vector<runtime::prepared_moe> moe;
-      const double expert_bytes = weight_bytes * 3.0 * double(hidden) * double(shape.width);
-      const double decode_bytes = double(shape.k) * expert_bytes + weight_bytes * 3.0 * double(hidden) * double(shape.shared * shape.shared_width);
-      const int copies = copies_for(decode_bytes, moe_copies);
-      for (int c = 0; c < copies; ++c) moe.push_back(runtime::prepare(random_moe(shape, rng), type));
-      for (index_t tokens : token_counts) {
-        const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
-        const auto plan = balanced_plan(moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
-        matrix y(tokens, hidden);
-        const bool dot = uses_dot(tokens);
-        row_limits limits;
-        limits.probe(threads, dot);
-        const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
-        double dense_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0, unpacked_ms = 0;
+    std::vector<runtime::prepared_moe> moe;
+  };
+  std::vector<typed_layers> layers;
+  for (const dtype type : types) layers.push_back({type, {}, {}});
+  const auto f32_layers = std::find_if(layers.begin(), layers.end(), [](const typed_layers& l) { return l.type == dtype::f32; });
+  std::mt19937 rng(1234);
+  const auto weight_size = [](dtype type) { return double(dtype_size(type)); };
+  // Builds the copies of a layer (`random()` makes one) that each type's rotation needs (`copies(type)`), into
+  // `member` of its layers; a copy wanted by several types is prepared from one plain layer, moved into the last.
+  const auto build_copies = [&](auto&& random, auto&& copies, auto member) {
+    int most = 0;
+    for (const auto& l : layers) most = std::max(most, copies(l.type));
+    for (int c = 0; c < most; ++c) {
+      auto plain = random();
+      std::vector<typed_layers*> wanting;
+      for (auto& l : layers)
+        if (copies(l.type) > c) wanting.push_back(&l);
+      for (std::size_t i = 0; i < wanting.size(); ++i)
+        (wanting[i]->*member).push_back(runtime::prepare(i + 1 < wanting.size() ? plain : std::move(plain), wanting[i]->type));
+    }
+  };
+  if (std::any_of(shapes.begin(), shapes.end(), [](const moe_shape& s) { return s.split; }))
+    build_copies([&] { return random_ffn(intermediate, rng); },
+                 [&](dtype t) { return copies_for(weight_size(t) * dense_weights(), ncopies); }, &typed_layers::dense);
+  for (const auto& shape : shapes) {
+    const double decode_weights = 3.0 * double(hidden) * double(shape.k * shape.width + shape.shared * shape.shared_width);
+    for (auto& l : layers) l.moe.clear();
+    build_copies([&] { return random_moe(shape, rng); },
+                 [&](dtype t) { return copies_for(weight_size(t) * decode_weights, moe_copies); }, &typed_layers::moe);
+    for (index_t tokens : token_counts) {
+      const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
+      const auto plan = balanced_plan(layers[0].moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
+      const auto [weights, flops] = active_cost(layers[0].moe[0].layer(), plan);
+      const bool any_dot = std::any_of(types.begin(), types.end(), [&](dtype t) { return uses_dot(t, tokens); });
+      matrix y(tokens, hidden);
+      row_limits limits;
+      limits.probe(threads, any_dot);
+      const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
+      std::vector<timed_call> calls;  // per type: the dense layer (split shapes), then the MoE layer
+      for (auto& l : layers) {
+        if (shape.split)
+          calls.push_back({copies_for(weight_size(l.type) * dense_weights(), int(l.dense.size())),
+                           [&](int c) { runtime::dense_forward(l.dense[std::size_t(c)], x, y); }});
+        calls.push_back({copies_for(weight_size(l.type) * weights, int(l.moe.size())),
+                         [&](int c) { runtime::moe_forward(l.moe[std::size_t(c)], plan, x, y); }});
+      }
+      time_side_by_side(reps, calls);
+      // The same F32 layers from their plain weights (panels packed per call), and Eigen's dense product.
+      double moe_unpacked_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0;
+      if (f32_layers != layers.end()) {
+        const auto& l = *f32_layers;
+        moe_unpacked_ms = best_ms(reps, copies_for(weight_size(dtype::f32) * weights, int(l.moe.size())),
+                                  [&](int c) { runtime::moe_forward(l.moe[std::size_t(c)].layer(), plan, x, y); });
         if (shape.split) {
-          const int dense_rotated = copies_for(dense_bytes, ncopies);
-          dense_ms = best_ms(reps, dense_rotated, [&](int c) { runtime::dense_forward(dense[std::size_t(c)], x, y); });
-          if (f32) {
-            dense_unpacked_ms = best_ms(reps, dense_rotated, [&](int c) { runtime::dense_forward(dense[std::size_t(c)].weights(), x, y); });
-            eigen_ms = best_ms(reps, dense_rotated, [&](int c) { y = eigen_dense(dense[std::size_t(c)].weights(), x); });
-          }
+          const int rotated = copies_for(weight_size(dtype::f32) * dense_weights(), int(l.dense.size()));
+          dense_unpacked_ms = best_ms(reps, rotated, [&](int c) { runtime::dense_forward(l.dense[std::size_t(c)].weights(), x, y); });
+          eigen_ms = best_ms(reps, rotated, [&](int c) { y = eigen_dense(l.dense[std::size_t(c)].weights(), x); });
         }
-        const auto [bytes, flops] = active_cost(moe[0].layer(), plan, weight_bytes);
-        const int rotated = copies_for(bytes, copies);
-        const double moe_ms = best_ms(reps, rotated, [&](int c) { runtime::moe_forward(moe[std::size_t(c)], plan, x, y); });
-        if (f32) unpacked_ms = best_ms(reps, rotated, [&](int c) { runtime::moe_forward(moe[std::size_t(c)].layer(), plan, x, y); });
-        limits.probe(threads, dot);
-        const double gbps_limit = limits.gbps, peak = limits.peak;
-        const double dense_flops = 2.0 * dense_weights * double(tokens);
-        const bool bandwidth_bound = flops / bytes < peak / gbps_limit;
-        const double ideal = bandwidth_bound ? bytes / dense_bytes : flops / dense_flops;
-        const double limit_ms = std::max(bytes / gbps_limit, flops / peak) / 1e6;
-        const double dense_limit_ms = std::max(dense_bytes / gbps_limit, dense_flops / peak) / 1e6;
-        const double gbps = bytes / moe_ms / 1e6, gflops = flops / moe_ms / 1e6;
-        const double active = double(shape.shared * shape.shared_width + shape.k * shape.width) /
-                              double(shape.shared * shape.shared_width + shape.routed * shape.width);
-        // Dense columns only for the shapes that split the dense layer; plain-weight columns only for F32.
-        const auto cell = [&](double v, const char* fmt, bool shown = true) {
-          char b[32];
-          std::snprintf(b, sizeof b, fmt, v);
-          return std::string(shape.split && shown ? b : "-");
-        };
-        const auto plain_cell = [&](double v, const char* fmt) {
-          char b[32];
-          std::snprintf(b, sizeof b, fmt, v);
-          return std::string(f32 ? b : "-");
-        };
-        std::printf("%-14s %-4s %4lld %6.3f %8s %8s %8.2f %8s %8s %6s %6s %8.2f %6.2f %6s %6s %6.1f %4.0f %4.0f\n", shape.name.c_str(),
-                    std::string(dtype_name(type)).c_str(), (long long)tokens, active, cell(dense_ms, "%.2f").c_str(),
-                    cell(dense_unpacked_ms, "%.2f", f32).c_str(), moe_ms, plain_cell(unpacked_ms, "%.2f").c_str(),
-                    cell(eigen_ms, "%.2f", f32).c_str(), cell(moe_ms / dense_ms, "%.3f").c_str(), cell(ideal, "%.3f").c_str(), limit_ms,
-                    moe_ms / limit_ms, cell(dense_ms / dense_limit_ms, "%.2f").c_str(), plain_cell(unpacked_ms / moe_ms, "%.2f").c_str(), gbps,
-                    100 * gbps / gbps_limit, 100 * gflops / peak);
-        std::fflush(stdout);
-        if (json) {
-          nlohmann::json row{{"shape", shape.name}, {"dtype", dtype_name(type)}, {"tokens", tokens}, {"hidden", hidden},
-                             {"experts", shape.shared + shape.routed}, {"routed", shape.routed}, {"expert_width", shape.width},
-                             {"top_k", shape.k}, {"shared", shape.shared}, {"shared_width", shape.shared_width},
-                             {"active_fraction", active}, {"threads", threads}, {"moe_ms", moe_ms}, {"limit_ms", limit_ms},
-                             {"limit_ratio", moe_ms / limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
-                             {"gflops", gflops}, {"bandwidth_fraction", gbps / gbps_limit}, {"peak_fraction", gflops / peak},
-                             {"machine_gbps", gbps_limit}, {"machine_gflops", peak}, {"machine_fp32_gflops", fp32_peak},
-                             {"machine_bf16_gflops", bf16_peak}};
-          if (f32) row["moe_unpacked_ms"] = unpacked_ms;
-          if (shape.split) {
-            row["intermediate"] = intermediate;
-            row["dense_ms"] = dense_ms;
-            row["dense_limit_ms"] = dense_limit_ms;
-            row["dense_limit_ratio"] = dense_ms / dense_limit_ms;
-            row["ratio"] = moe_ms / dense_ms;
-            row["ideal_ratio"] = ideal;
-            if (f32) {
-              row["dense_unpacked_ms"] = dense_unpacked_ms;
-              row["eigen_dense_ms"] = eigen_ms;
-            }
-          }
-          json << row << "\n";
-        }
+      }
+      limits.probe(threads, any_dot);
+      const std::size_t per_type = shape.split ? 2 : 1;
+      const auto time_of = [&](std::size_t layer, bool dense) { return calls[layer * per_type + (dense ? 0 : per_type - 1)].best_ms; };
+      const std::size_t f32_index = std::size_t(f32_layers - layers.begin());
+      for (std::size_t i = 0; i < layers.size(); ++i) {
+        const dtype type = layers[i].type;
+        const bool f32 = type == dtype::f32, beside_f32 = !f32 && f32_layers != layers.end();
+        const double moe_ms = time_of(i, false), dense_ms = shape.split ? time_of(i, true) : 0;
+        report({shape, type, tokens, threads, weights, flops, limits.gbps, limits.peak(uses_dot(type, tokens)), moe_ms, dense_ms,
+                f32 ? moe_unpacked_ms : 0, f32 ? dense_unpacked_ms : 0, f32 ? eigen_ms : 0,
+                beside_f32 ? moe_ms / time_of(f32_index, false) : 0,
+                beside_f32 && shape.split ? dense_ms / time_of(f32_index, true) : 0},
+               fp32_peak, bf16_peak, rows);
       }
     }
   }
-  if (json) {
-    json.close();
-    if (!json || std::rename(json_tmp.c_str(), a.get("json").c_str()) != 0) throw io_error("cannot write '" + a.get("json") + "'");
-  }
+  if (a.has("json")) bench::write_json(a.get("json"), rows);
   return 0;
 }
 

@@ -371,6 +371,26 @@ TEST_CASE("export --format packed writes a directory that logits and eval run as
   REQUIRE_FALSE(fs::exists(scratch / "n"));
 }
 
+TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row carries its time over the F32 row's") {
+  const temp_dir scratch;
+  const std::string json = scratch / "rows.json";
+  const auto o = run(MOEFORGE_BENCH, {"ffn", "--only-shapes", "--shape", "2048x8x64/2", "--tokens", "1", "--dtype", "f32,bf16", "--json", json},
+                     scratch);
+  INFO(o.err);
+  REQUIRE(o.code == 0);
+  const auto rows = read_json(json);
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0]["dtype"] == "F32");
+  CHECK(rows[1]["dtype"] == "BF16");
+  CHECK_FALSE(rows[0].contains("moe_ms_over_f32"));
+  REQUIRE(rows[1].contains("moe_ms_over_f32"));
+  CHECK(rows[1]["moe_ms_over_f32"].get<double>() == Approx(rows[1]["moe_ms"].get<double>() / rows[0]["moe_ms"].get<double>()));
+  for (const auto& r : rows) {
+    CHECK(r["limit_ratio"].get<double>() == Approx(r["moe_ms"].get<double>() / r["limit_ms"].get<double>()));
+    CHECK_FALSE(r.contains("dense_ms"));  // a layer that does not split the dense one has no dense columns
+  }
+}
+
 TEST_CASE("moeforge-bench model writes a row per layout and type, its decode judged against the bandwidth and the dense model measured beside it") {
   const temp_dir scratch;
   const std::string json = scratch / "rows.json";
