@@ -8,8 +8,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <random>
 #include <numeric>
+#include <random>
 
 #include <nlohmann/json.hpp>
 

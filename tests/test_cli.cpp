@@ -87,6 +87,16 @@ void require_keys(const nlohmann::json& j, const std::map<std::string, nlohmann:
 
 using jt = nlohmann::json::value_t;
 
+/// The rows a successful moeforge-bench run with `args` writes with --json.
+nlohmann::json bench_rows(std::vector<std::string> args, const temp_dir& scratch) {
+  const std::string json = scratch / "rows.json";
+  args.insert(args.end(), {"--json", json});
+  const auto o = run(MOEFORGE_BENCH, args, scratch);
+  INFO(o.err);
+  REQUIRE(o.code == 0);
+  return read_json(json);
+}
+
 }  // namespace
 
 TEST_CASE("moeforge and moeforge-bench --version print the project version") {
@@ -373,12 +383,7 @@ TEST_CASE("export --format packed writes a directory that logits and eval run as
 
 TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row carries its time over the F32 row's") {
   const temp_dir scratch;
-  const std::string json = scratch / "rows.json";
-  const auto o = run(MOEFORGE_BENCH, {"ffn", "--only-shapes", "--shape", "2048x8x64/2", "--tokens", "1", "--dtype", "f32,bf16", "--json", json},
-                     scratch);
-  INFO(o.err);
-  REQUIRE(o.code == 0);
-  const auto rows = read_json(json);
+  const auto rows = bench_rows({"ffn", "--only-shapes", "--shape", "2048x8x64/2", "--tokens", "1", "--dtype", "f32,bf16"}, scratch);
   REQUIRE(rows.size() == 2);
   CHECK(rows[0]["dtype"] == "F32");
   CHECK(rows[1]["dtype"] == "BF16");
@@ -393,13 +398,9 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
 
 TEST_CASE("moeforge-bench model writes a row per layout and type, its decode judged against the bandwidth and the dense model measured beside it") {
   const temp_dir scratch;
-  const std::string json = scratch / "rows.json";
-  const auto o = run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--layers", "1", "--moe", "S1A1E4", "--dtype", "f32", "--context", "64",
-                                      "--decode-steps", "2", "--rounds", "2", "--json", json},
-                     scratch);
-  INFO(o.err);
-  REQUIRE(o.code == 0);
-  const auto rows = read_json(json);
+  const auto rows = bench_rows({"model", "--shape", "tiny", "--layers", "1", "--moe", "S1A1E4", "--dtype", "f32", "--context", "64",
+                                "--decode-steps", "2", "--rounds", "2"},
+                               scratch);
   REQUIRE(rows.size() == 2);
   CHECK(rows[0]["moe"] == "none");
   CHECK(rows[1]["moe"] == "S1A1E4");
