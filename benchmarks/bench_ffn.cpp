@@ -26,10 +26,10 @@ namespace {
 
 constexpr index_t hidden = 2048, intermediate = 5632;
 // Layer copies rotated so each timed call reads its weights from DRAM: a
-// call that reads under 3x the 32 MiB L3 rotates enough copies that each is
-// read again only after that much of the others' weights (at most two of the
-// dense layer, four of a MoE one: a decode step touches a quarter of an
-// E8A2 copy). A call that reads more needs one, and gets one: rotating
+// call that reads under 3x the 32 MiB L3 rotates as many copies as it takes
+// to read that much of the others' weights before one is read again, up to
+// two of the dense layer and four of a MoE one (a decode step touches a
+// quarter of an E8A2 copy; at most 52 MB in between there). A call that reads more needs one, and gets one: rotating
 // copies of a layer that size adds nothing against the caches, but on this
 // VM memory not read for a while reads slower (Qwen3-30B-A3B's BF16 layer at
 // 64 tokens, 1.2 GB a call: 34 ms rotating four copies, 22-24 ms reusing
@@ -39,8 +39,9 @@ constexpr index_t hidden = 2048, intermediate = 5632;
 // three BF16 ones, each with its plain F32 weights, 16 GB.
 constexpr int ncopies = 2, moe_copies = 4;
 constexpr double cold_bytes = 96e6;
-/// How many of `built` copies a call touching `bytes` of weights rotates.
-int copies_for(double bytes, int built) {
+/// How many of `built` copies a call touching `weights` weights of `type` rotates.
+int copies_for(dtype type, double weights, int built) {
+  const double bytes = double(dtype_size(type)) * weights;
   return bytes >= cold_bytes ? 1 : std::min(built, 1 + int(std::ceil(cold_bytes / bytes)));
 }
 
@@ -72,16 +73,24 @@ moe_shape split_shape(const char* name, index_t shared, index_t routed, index_t 
   return {name, routed, w, k, shared, w, true};
 }
 
-/// `qwen3-30b-a3b`, `dsv2-lite`, or the form HxExI/k[+S] (H must be 2048; S a
-/// shared expert's width), e.g. 2048x64x1408/6+2816.
+/// The layers run by default: the dense I = 5632 split into 8 experts, top 2
+/// (E8A2), or shared and routed ones (S1A1E8: 1 shared, 1 of 7 routed).
+std::vector<moe_shape> split_shapes() {
+  return {split_shape("E8A2", 0, 8, 2), split_shape("S1A1E8", 1, 7, 1), split_shape("S3A3E8", 3, 5, 3)};
+}
+
+/// A split shape by name, `qwen3-30b-a3b`, `dsv2-lite`, or the form
+/// HxExI/k[+S] (H must be 2048; S a shared expert's width), e.g. 2048x64x1408/6+2816.
 moe_shape parse_shape(const std::string& text) {
+  for (auto& split : split_shapes())
+    if (text == split.name) return split;
   if (text == "qwen3-30b-a3b") return {text, 128, 768, 8};
   if (text == "dsv2-lite") return {text, 64, 1408, 6, 1, 2816};
   long long h = 0, e = 0, i = 0, k = 0, s = 0;
   char tail = 0;
   const int got = std::sscanf(text.c_str(), "%lldx%lldx%lld/%lld+%lld%c", &h, &e, &i, &k, &s, &tail);
   if ((got != 4 && got != 5) || h != hidden || e < 1 || i < 1 || k < 1 || k > e || s < 0)
-    throw config_error("'" + text + "': expected qwen3-30b-a3b, dsv2-lite or HxExI/k[+S] with H = " + std::to_string(hidden) +
+    throw config_error("'" + text + "': expected E8A2, S1A1E8, S3A3E8, qwen3-30b-a3b, dsv2-lite or HxExI/k[+S] with H = " + std::to_string(hidden) +
                        ", 1 <= k <= E");
   return {text, e, i, k, s > 0 ? 1 : 0, s};
 }
@@ -281,12 +290,13 @@ int bench_ffn(int argc, char** argv) {
          "more than 4 tokens the BF16 dot-product peak (vdpbf16ps; BF16 tokens) where the CPU has one.\n"
          "limit_ratio = moe_ms / limit_ms (x_lim); dx_lim is the dense layer's, dense_ms over its own limit.\n"
          "Every type's layers hold the same weights and a row's types are timed in the same rounds, alternating:\n"
-         "m/f32 and d/f32 are a row's MoE and dense times over the F32 layers', measured side by side.");
+         "m/f32 and d/f32 are a BF16 row's MoE and dense times over the F32 layers', measured side by side (with f32\n"
+         "in --dtype; d/f32 for the split shapes, which are compared with the dense layer).");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
       .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
       .option("shape", "LIST",
-              "more MoE layers beside E8A2, S1A1E8, S3A3E8 (the dense I = 5632 split): qwen3-30b-a3b (128 experts of 768, "
-              "top 8), dsv2-lite (64 of 1408, top 6, a shared expert of 2816), or HxExI/k[+S]")
+              "more MoE layers beside E8A2, S1A1E8, S3A3E8 (the dense I = 5632 split, also by name with --only-shapes): "
+              "qwen3-30b-a3b (128 experts of 768, top 8), dsv2-lite (64 of 1408, top 6, a shared expert of 2816), or HxExI/k[+S]")
       .option("dtype", "LIST", "weight types of the prepared layers, comma-separated (f32, bf16)", "f32,bf16")
       .option("json", "FILE", "also write the rows as a JSON array to FILE")
       .flag("only-shapes", "run only the --shape layers (no dense, E8A2, S1A1E8, S3A3E8)")
@@ -298,12 +308,15 @@ int bench_ffn(int argc, char** argv) {
   Eigen::setNbThreads(threads);
   const auto token_counts = quick ? std::vector<index_t>{1, 64} : a.get_list("tokens", parse_token_count, "a positive token count");
   std::vector<moe_shape> shapes;
-  if (!a.flag_set("only-shapes"))
-    shapes = {split_shape("E8A2", 0, 8, 2), split_shape("S1A1E8", 1, 7, 1), split_shape("S3A3E8", 3, 5, 3)};
+  if (!a.flag_set("only-shapes")) shapes = split_shapes();
   if (a.has("shape"))
-    for (auto& shape : a.get_list("shape", parse_shape, "qwen3-30b-a3b, dsv2-lite, HxExI/k[+S]")) shapes.push_back(std::move(shape));
-  const double run_gbps = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
+    for (auto& shape : a.get_list("shape", parse_shape, "E8A2, S1A1E8, S3A3E8, qwen3-30b-a3b, dsv2-lite, HxExI/k[+S]"))
+      shapes.push_back(std::move(shape));
+  if (shapes.empty()) throw usage_error("moeforge-bench ffn: --only-shapes needs --shape");
   const std::vector<dtype> types = a.get_list("dtype", parse_weight_dtype, "f32, bf16");
+  for (auto t = types.begin(); t != types.end(); ++t)
+    if (std::find(types.begin(), t, *t) != t) throw usage_error("moeforge-bench ffn: --dtype lists " + std::string(dtype_name(*t)) + " twice");
+  const double run_gbps = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
   const bool any_bf16 = std::find(types.begin(), types.end(), dtype::bf16) != types.end();
   const double bf16_peak = any_bf16 && runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;
   std::printf("machine at the start: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads);\n"
@@ -331,7 +344,6 @@ int bench_ffn(int argc, char** argv) {
   for (const dtype type : types) layers.push_back({type, {}, {}});
   const auto f32_layers = std::find_if(layers.begin(), layers.end(), [](const typed_layers& l) { return l.type == dtype::f32; });
   std::mt19937 rng(1234);
-  const auto weight_size = [](dtype type) { return double(dtype_size(type)); };
   // Builds the copies of a layer (`random()` makes one) that each type's rotation needs (`copies(type)`), into
   // `member` of its layers; a copy wanted by several types is prepared from one plain layer, moved into the last.
   const auto build_copies = [&](auto&& random, auto&& copies, auto member) {
@@ -348,12 +360,12 @@ int bench_ffn(int argc, char** argv) {
   };
   if (std::any_of(shapes.begin(), shapes.end(), [](const moe_shape& s) { return s.split; }))
     build_copies([&] { return random_ffn(intermediate, rng); },
-                 [&](dtype t) { return copies_for(weight_size(t) * dense_weights(), ncopies); }, &typed_layers::dense);
+                 [&](dtype t) { return copies_for(t, dense_weights(), ncopies); }, &typed_layers::dense);
   for (const auto& shape : shapes) {
     const double decode_weights = 3.0 * double(hidden) * double(shape.k * shape.width + shape.shared * shape.shared_width);
     for (auto& l : layers) l.moe.clear();
     build_copies([&] { return random_moe(shape, rng); },
-                 [&](dtype t) { return copies_for(weight_size(t) * decode_weights, moe_copies); }, &typed_layers::moe);
+                 [&](dtype t) { return copies_for(t, decode_weights, moe_copies); }, &typed_layers::moe);
     for (index_t tokens : token_counts) {
       const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
       const auto plan = balanced_plan(layers[0].moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
@@ -363,39 +375,41 @@ int bench_ffn(int argc, char** argv) {
       row_limits limits;
       limits.probe(threads, any_dot);
       const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
-      std::vector<timed_call> calls;  // per type: the dense layer (split shapes), then the MoE layer
+      std::vector<timed_call> calls;
+      std::vector<std::pair<std::size_t, std::size_t>> at;  // each type's dense (split shapes) and MoE call in `calls`
       for (auto& l : layers) {
-        if (shape.split)
-          calls.push_back({copies_for(weight_size(l.type) * dense_weights(), int(l.dense.size())),
+        at.emplace_back(calls.size(), calls.size());
+        if (shape.split) {
+          calls.push_back({copies_for(l.type, dense_weights(), int(l.dense.size())),
                            [&](int c) { runtime::dense_forward(l.dense[std::size_t(c)], x, y); }});
-        calls.push_back({copies_for(weight_size(l.type) * weights, int(l.moe.size())),
-                         [&](int c) { runtime::moe_forward(l.moe[std::size_t(c)], plan, x, y); }});
+          at.back().second = calls.size();
+        }
+        calls.push_back({copies_for(l.type, weights, int(l.moe.size())), [&](int c) { runtime::moe_forward(l.moe[std::size_t(c)], plan, x, y); }});
       }
       time_side_by_side(reps, calls);
+      const auto moe_ms_of = [&](std::size_t i) { return calls[at[i].second].best_ms; };
+      const auto dense_ms_of = [&](std::size_t i) { return shape.split ? calls[at[i].first].best_ms : 0.0; };
       // The same F32 layers from their plain weights (panels packed per call), and Eigen's dense product.
       double moe_unpacked_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0;
       if (f32_layers != layers.end()) {
         const auto& l = *f32_layers;
-        moe_unpacked_ms = best_ms(reps, copies_for(weight_size(dtype::f32) * weights, int(l.moe.size())),
+        moe_unpacked_ms = best_ms(reps, copies_for(dtype::f32, weights, int(l.moe.size())),
                                   [&](int c) { runtime::moe_forward(l.moe[std::size_t(c)].layer(), plan, x, y); });
         if (shape.split) {
-          const int rotated = copies_for(weight_size(dtype::f32) * dense_weights(), int(l.dense.size()));
+          const int rotated = copies_for(dtype::f32, dense_weights(), int(l.dense.size()));
           dense_unpacked_ms = best_ms(reps, rotated, [&](int c) { runtime::dense_forward(l.dense[std::size_t(c)].weights(), x, y); });
           eigen_ms = best_ms(reps, rotated, [&](int c) { y = eigen_dense(l.dense[std::size_t(c)].weights(), x); });
         }
       }
       limits.probe(threads, any_dot);
-      const std::size_t per_type = shape.split ? 2 : 1;
-      const auto time_of = [&](std::size_t layer, bool dense) { return calls[layer * per_type + (dense ? 0 : per_type - 1)].best_ms; };
       const std::size_t f32_index = std::size_t(f32_layers - layers.begin());
       for (std::size_t i = 0; i < layers.size(); ++i) {
         const dtype type = layers[i].type;
         const bool f32 = type == dtype::f32, beside_f32 = !f32 && f32_layers != layers.end();
-        const double moe_ms = time_of(i, false), dense_ms = shape.split ? time_of(i, true) : 0;
+        const double moe_ms = moe_ms_of(i), dense_ms = dense_ms_of(i);
         report({shape, type, tokens, threads, weights, flops, limits.gbps, limits.peak(uses_dot(type, tokens)), moe_ms, dense_ms,
                 f32 ? moe_unpacked_ms : 0, f32 ? dense_unpacked_ms : 0, f32 ? eigen_ms : 0,
-                beside_f32 ? moe_ms / time_of(f32_index, false) : 0,
-                beside_f32 && shape.split ? dense_ms / time_of(f32_index, true) : 0},
+                beside_f32 ? moe_ms / moe_ms_of(f32_index) : 0, beside_f32 && shape.split ? dense_ms / dense_ms_of(f32_index) : 0},
                fp32_peak, bf16_peak, rows);
       }
     }

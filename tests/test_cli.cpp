@@ -381,19 +381,28 @@ TEST_CASE("export --format packed writes a directory that logits and eval run as
   REQUIRE_FALSE(fs::exists(scratch / "n"));
 }
 
-TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row carries its time over the F32 row's") {
+TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row carries its times over the F32 row's") {
   const temp_dir scratch;
-  const auto rows = bench_rows({"ffn", "--only-shapes", "--shape", "2048x8x64/2", "--tokens", "1", "--dtype", "f32,bf16"}, scratch);
-  REQUIRE(rows.size() == 2);
-  CHECK(rows[0]["dtype"] == "F32");
-  CHECK(rows[1]["dtype"] == "BF16");
-  CHECK_FALSE(rows[0].contains("moe_ms_over_f32"));
-  REQUIRE(rows[1].contains("moe_ms_over_f32"));
-  CHECK(rows[1]["moe_ms_over_f32"].get<double>() == Approx(rows[1]["moe_ms"].get<double>() / rows[0]["moe_ms"].get<double>()));
-  for (const auto& r : rows) {
-    CHECK(r["limit_ratio"].get<double>() == Approx(r["moe_ms"].get<double>() / r["limit_ms"].get<double>()));
-    CHECK_FALSE(r.contains("dense_ms"));  // a layer that does not split the dense one has no dense columns
+  const auto rows = bench_rows({"ffn", "--only-shapes", "--shape", "2048x8x64/2,E8A2", "--tokens", "1", "--dtype", "f32,bf16"}, scratch);
+  REQUIRE(rows.size() == 4);
+  const auto ms = [](const nlohmann::json& r, const char* key) { return r[key].get<double>(); };
+  for (std::size_t shape = 0; shape < 2; ++shape) {
+    const auto &f32 = rows[2 * shape], &bf16 = rows[2 * shape + 1];
+    const bool split = shape == 1;  // E8A2 splits the dense layer and is compared with it
+    INFO(f32["shape"]);
+    CHECK(f32["dtype"] == "F32");
+    CHECK(bf16["dtype"] == "BF16");
+    CHECK_FALSE(f32.contains("moe_ms_over_f32"));
+    REQUIRE(bf16.contains("moe_ms_over_f32"));
+    CHECK(ms(bf16, "moe_ms_over_f32") == Approx(ms(bf16, "moe_ms") / ms(f32, "moe_ms")));
+    CHECK(bf16.contains("dense_ms_over_f32") == split);
+    if (split) CHECK(ms(bf16, "dense_ms_over_f32") == Approx(ms(bf16, "dense_ms") / ms(f32, "dense_ms")));
+    for (const auto& r : {f32, bf16}) {
+      CHECK(ms(r, "limit_ratio") == Approx(ms(r, "moe_ms") / ms(r, "limit_ms")));
+      CHECK(r.contains("dense_ms") == split);
+    }
   }
+  require_usage_error(run(MOEFORGE_BENCH, {"ffn", "--dtype", "bf16,f32,bf16"}, scratch), "--dtype");
 }
 
 TEST_CASE("moeforge-bench model writes a row per layout and type, its decode judged against the bandwidth and the dense model measured beside it") {

@@ -400,3 +400,22 @@ TEST_CASE("above the exact width the quadratic router's projection is the top pr
     CHECK((top.transpose() * p.row(r).transpose().cast<double>()).norm() >= 0.999);
   }
 }
+
+TEST_CASE("subspace iteration's basis: orthonormal columns spanning the independent ones, a dependent one a new direction") {
+  std::mt19937 rng(21);
+  std::normal_distribution<double> n(0.0, 1.0);
+  convert::detail::dmatrix v(600, 12);
+  for (index_t i = 0; i < v.size(); ++i) v.data()[i] = n(rng);
+  v.col(3) *= 1e6;                                 // columns of very different lengths
+  v.col(5) = 2.0 * v.col(1) - 1e-3 * v.col(3);     // dependent on earlier columns
+  v.col(8) = v.col(7) + 1e-9 * v.col(8);           // nearly dependent
+  const convert::detail::dmatrix original = v;
+  convert::detail::orthonormalize_columns(v);
+  CHECK((v.transpose() * v - Eigen::MatrixXd::Identity(12, 12)).cwiseAbs().maxCoeff() < 1e-12);
+  for (index_t j = 0; j < 12; ++j) {
+    if (j == 5) continue;
+    INFO("column " << j);
+    const Eigen::VectorXd o = original.col(j), rest = o - v.leftCols(j + 1) * (v.leftCols(j + 1).transpose() * o);
+    CHECK(rest.norm() <= 1e-12 * o.norm());
+  }
+}

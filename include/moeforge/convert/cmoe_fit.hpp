@@ -262,16 +262,21 @@ inline dmatrix ridge(const matrix& f, const matrix& y, double ridge_factor) {
 /// longer than the rest of a LLaMA-7B layer's conversion.
 constexpr index_t exact_pca_max_hidden = 512;
 
-/// Makes v's columns orthonormal, spanning what they spanned: Gram–Schmidt,
-/// run twice so the result is orthonormal to working precision however close
-/// to dependent the columns are. Subspace iteration needs only some
-/// orthonormal basis of the span; HouseholderQR's Q would give one too, but
-/// its templates cost every translation unit that includes this header ~7 s
-/// of compile time, and this costs under 1% of the iteration's products.
+/// Makes v's columns orthonormal, spanning what they spanned where they are
+/// numerically independent (a dependent column becomes some direction
+/// orthogonal to the ones before it, or stays zero if it is exactly zero):
+/// Gram–Schmidt run twice over each column, which is orthonormal to working
+/// precision however close to dependent the columns are. Subspace iteration
+/// needs only some orthonormal basis of the span. HouseholderQR's Q gives
+/// one too, but its templates cost every translation unit that includes this
+/// header ~7 s of g++ -O3, and this is faster at H = 4096 (0.8 against
+/// 7.7 ms at k = 32, 61 against 93 at k = 272); either costs ~k/T of the
+/// iteration's products, under 1% at the default rank and a few thousand tokens.
 inline void orthonormalize_columns(dmatrix& v) {
-  for (int pass = 0; pass < 2; ++pass)
-    for (index_t j = 0; j < v.cols(); ++j) {
-      for (index_t i = 0; i < j; ++i) v.col(j) -= v.col(i).dot(v.col(j)) * v.col(i);
+  for (index_t j = 0; j < v.cols(); ++j)
+    for (int pass = 0; pass < 2; ++pass) {  // normalised between passes: a dependent column's remainder is rounding noise
+      const Eigen::VectorXd along = v.leftCols(j).transpose() * v.col(j);
+      v.col(j) -= v.leftCols(j) * along;
       v.col(j).normalize();
     }
 }
