@@ -96,6 +96,7 @@ int bench_cmoe(int argc, char** argv) {
   bench::add_stories_options(a);
   a.option("part", "all|paper|recipes", "the paper's rows and baselines, moeforge's recipes and the oracle bound, or both", "all");
   if (!a.parse(argc, argv)) return 0;
+  const bench::json_output json = bench::json_option(a);
   const std::string part = a.get("part");
   if (part != "all" && part != "paper" && part != "recipes")
     throw usage_error("moeforge-bench cmoe: --part must be all, paper or recipes, got '" + part + "'");
@@ -168,7 +169,7 @@ int bench_cmoe(int argc, char** argv) {
     std::fflush(stdout);
   }
   if (part != "paper") recipe_rows(data, dense_ppl, windows, out);
-  if (a.has("json")) bench::write_json(a.get("json"), out);
+  json.write(out);
   return 0;
 }
 

@@ -222,6 +222,7 @@ int bench_dualsparse(int argc, char** argv) {
       .flag("quality-only", "run only the quality part")
       .flag("quick", "speed: 5 samples, T = 1 and 64 only");
   if (!a.parse(argc, argv)) return 0;
+  const bench::json_output json = bench::json_option(a);
   ds::speed_options o;
   o.threads = a.get_int("threads") > 0 ? int(a.get_int("threads")) : omp_get_max_threads();
   omp_set_num_threads(o.threads);
@@ -257,7 +258,7 @@ int bench_dualsparse(int argc, char** argv) {
     for (auto& r : ds::quality(q)) rows.push_back(std::move(r));
   }
   std::printf("load average after: %s\n", ds::load_average().c_str());
-  if (a.has("json")) bench::write_json(a.get("json"), rows);
+  json.write(rows);
   return 0;
 }
 

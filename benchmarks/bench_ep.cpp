@@ -98,6 +98,7 @@ int bench_ep(int argc, char** argv) {
     const char* shared_name = shared == distributed::shared_experts::once ? "once" : "replicated";  // what auto resolved to
     const index_t steps = a.get_int("decode-steps", 1), tokens = a.get_int("prefill", 1), layers = a.get_int("layers", 1);
     const int rank = mpi.rank(), ranks = mpi.size(), threads = omp_get_max_threads();
+    const bench::json_output json = rank == 0 ? bench::json_option(a) : bench::json_output();
     const double threshold = a.get_double("threshold", [](double t) { return t >= 0 && t <= 1; }, "in [0, 1]");
     const bool from_file = a.has("model");
     if (from_file && (threshold > 0 || a.has("moe"))) throw usage_error("moeforge-bench ep: --threshold and --moe apply to synthetic models, not --model");
@@ -183,7 +184,7 @@ int bench_ep(int argc, char** argv) {
                     {"prefill_tok_s", s.prefill},
                     {"decode_tok_s", s.decode}, {"decode_bytes_sent_per_token", per_token}, {"decode_comm_share", comm},
                     {"shared_experts", shared_name}, {"rss_mb_max", rss_max}, {"peak_rss_mb_max", peak_max}, {"per_rank", per_rank}});
-    if (a.has("json")) bench::write_json(a.get("json"), rows);
+    json.write(rows);
     return 0;
   });
 #else

@@ -302,6 +302,7 @@ int bench_ffn(int argc, char** argv) {
       .flag("only-shapes", "run only the --shape layers (no dense, E8A2, S1A1E8, S3A3E8)")
       .flag("quick", "fewer repetitions, T = 1 and 64 only");
   if (!a.parse(argc, argv)) return 0;
+  const bench::json_output json = bench::json_option(a);
   const bool quick = a.flag_set("quick");
   const int threads = a.get_int("threads") > 0 ? int(a.get_int("threads")) : omp_get_max_threads();
   omp_set_num_threads(threads);
@@ -414,7 +415,7 @@ int bench_ffn(int argc, char** argv) {
       }
     }
   }
-  if (a.has("json")) bench::write_json(a.get("json"), rows);
+  json.write(rows);
   return 0;
 }
 

@@ -128,6 +128,7 @@ int bench_model(int argc, char** argv) {
       .option("seed", "N", "seed of the synthetic weights", "1")
       .option("json", "FILE", "also write the rows as a JSON array to FILE");
   if (!a.parse(argc, argv)) return 0;
+  const bench::json_output json = bench::json_option(a);
   const std::vector<dtype> types = a.get_list("dtype", parse_weight_dtype, "f32, bf16");
   const index_t steps = a.get_int("decode-steps"), context = a.get_int("context"), layers = a.get_int("layers");
   const long long rounds = a.get_int("rounds", 1);
@@ -216,7 +217,7 @@ int bench_model(int argc, char** argv) {
       if (v.moe.empty() && variants.size() > 1 && room_to_keep(rss, dtype_size(type))) dense.emplace(std::move(tr)), dense_mb = rss - before_mb;
     }
   }
-  if (a.has("json")) bench::write_json(a.get("json"), rows);
+  json.write(rows);
   return 0;
 }
 

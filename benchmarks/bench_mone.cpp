@@ -49,6 +49,7 @@ int bench_mone(int argc, char** argv) {
               "(e.g. default,novice,remove separates a method's choice of experts from what replaces them)",
               "default");
   if (!a.parse(argc, argv)) return 0;
+  const bench::json_output json = bench::json_option(a);
   std::vector<std::optional<convert::prune_replacement>> replacements;
   for (const auto& r : split(a.get("replacements")))
     replacements.push_back(r == "default" ? std::nullopt : std::optional(convert::parse_replacement(r)));
@@ -100,7 +101,7 @@ int bench_mone(int argc, char** argv) {
       }
     }
   }
-  if (a.has("json")) bench::write_json(a.get("json"), rows);
+  json.write(rows);
   return 0;
 }
 

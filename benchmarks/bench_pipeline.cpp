@@ -29,6 +29,7 @@ int bench_pipeline(int argc, char** argv) {
       .option("drop-rate", "D", "DualSparse target drop rate", "0.2")
       .option("prune-ratio", "R", "MoNE pruning ratio", "0.25");
   if (!a.parse(argc, argv)) return 0;
+  const bench::json_output json = bench::json_option(a);
   const bench::stories data = bench::load_stories(a.get("data"), a.get_int("calib-tokens"));
   const index_t windows = a.get_int("eval-windows"), steps = a.get_int("decode-steps");
 
@@ -78,7 +79,7 @@ int bench_pipeline(int argc, char** argv) {
     measure("CMoE " + config + mone, prune(cmoe));
     measure("CMoE " + config + drop + mone, prune(dropped));
   }
-  if (a.has("json")) bench::write_json(a.get("json"), rows);
+  json.write(rows);
   return 0;
 }
 

@@ -102,6 +102,7 @@ int bench_convert_model(int argc, char** argv) {
       .option("out", "DIR", "internal (--child)")
       .option("report", "FILE", "internal (--child)");
   if (!a.parse(argc, argv)) return 0;
+  const bench::json_output json = bench::json_option(a);
   const index_t tokens = index_t(a.get_int("calib-tokens", 1)), ctx = index_t(a.get_int("ctx", 1));
   convert::cmoe_options o;
   o.config = a.get_parsed("config", convert::parse_cmoe_config);
@@ -202,7 +203,7 @@ int bench_convert_model(int argc, char** argv) {
               report["seconds"].get<double>(), report["seconds"].get<double>() / double(layers), cpu, load_average_1min(), peak_mb,
               double(bytes) / 1e9);
   std::printf("stages (s): %s\n", report["times"].dump().c_str());
-  if (a.has("json")) bench::write_json(a.get("json"), nlohmann::json::array({row}));
+  json.write(nlohmann::json::array({row}));
   return 0;
 }
 

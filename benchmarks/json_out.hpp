@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "args.hpp"
 #include "moeforge/core/error.hpp"
 
 namespace moeforge::bench {
@@ -21,5 +22,28 @@ inline void write_json(const std::string& path, const nlohmann::json& rows) {
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) throw io_error("cannot rename '" + tmp + "' to '" + path + "'");
 }
+
+/// A benchmark's --json destination (none when the option is absent),
+/// checked when the run starts: a path it cannot write fails before minutes
+/// of measuring, not after them.
+class json_output {
+ public:
+  explicit json_output(std::string path = {}) : path_(std::move(path)) {
+    if (path_.empty()) return;
+    const std::string tmp = path_ + ".tmp";
+    if (!std::ofstream(tmp)) throw io_error("cannot write '" + tmp + "'");
+    std::remove(tmp.c_str());
+  }
+  /// Writes `rows` whole (write_json), if there is a destination.
+  void write(const nlohmann::json& rows) const {
+    if (!path_.empty()) write_json(path_, rows);
+  }
+
+ private:
+  std::string path_;
+};
+
+/// The destination `a`'s --json option names, if given.
+inline json_output json_option(const cli::args& a) { return json_output(a.has("json") ? a.get("json") : std::string()); }
 
 }  // namespace moeforge::bench

@@ -403,6 +403,12 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
     }
   }
   require_usage_error(run(MOEFORGE_BENCH, {"ffn", "--dtype", "bf16,f32,bf16"}, scratch), "--dtype");
+  // A --json path it cannot write fails before anything is measured, not after.
+  const auto unwritable = run(MOEFORGE_BENCH, {"ffn", "--only-shapes", "--shape", "2048x8x64/2", "--tokens", "1", "--json", scratch / "no/rows.json"},
+                              scratch);
+  CHECK(unwritable.code == 1);
+  CHECK_THAT(unwritable.err, Catch::Contains("cannot write") && Catch::Contains("rows.json.tmp"));
+  CHECK(unwritable.out.empty());
 }
 
 TEST_CASE("moeforge-bench model writes a row per layout and type, its decode judged against the bandwidth and the dense model measured beside it") {
