@@ -400,6 +400,7 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
     for (const auto& r : {f32, bf16}) {
       CHECK(ms(r, "limit_ratio") == Approx(ms(r, "moe_ms") / ms(r, "limit_ms")));
       CHECK(r.contains("dense_ms") == split);
+      if (split) CHECK(ms(r, "ideal_ratio") == Approx(ms(r, "limit_ms") / ms(r, "dense_limit_ms")));
     }
   }
   require_usage_error(run(MOEFORGE_BENCH, {"ffn", "--dtype", "bf16,f32,bf16"}, scratch), "--dtype");
