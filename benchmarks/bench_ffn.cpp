@@ -29,12 +29,13 @@ constexpr index_t hidden = 2048, intermediate = 5632;
 // call that reads under 3x the 32 MiB L3 rotates as many copies as it takes
 // to read that much of the others' weights before one is read again, up to
 // two of the dense layer and four of a MoE one (a decode step touches a
-// quarter of an E8A2 copy; at most 52 MB in between there). A call that reads more needs one, and gets one: rotating
-// copies of a layer that size adds nothing against the caches, but on this
-// VM memory not read for a while reads slower (Qwen3-30B-A3B's BF16 layer at
-// 64 tokens, 1.2 GB a call: 34 ms rotating four copies, 22-24 ms reusing
-// one), which the bandwidth probe, reading one buffer over and over, does
-// not pay either. Building no more copies than the rotation needs also keeps
+// quarter of an E8A2 copy; at most 52 MB in between there). A call that
+// reads more needs one, and gets one: rotating copies of a layer that size
+// adds nothing against the caches, but on this VM memory not read for a
+// while reads slower (Qwen3-30B-A3B's BF16 layer at 64 tokens, 1.2 GB a
+// call: 34 ms rotating four copies, 22-24 ms reusing one), which the
+// bandwidth probe, reading one buffer over and over, does not pay either.
+// Building no more copies than the rotation needs also keeps
 // Qwen3-30B-A3B's layer at both types in memory at once: one F32 copy and
 // three BF16 ones, each with its plain F32 weights, 16 GB.
 constexpr int ncopies = 2, moe_copies = 4;
@@ -90,8 +91,8 @@ moe_shape parse_shape(const std::string& text) {
   char tail = 0;
   const int got = std::sscanf(text.c_str(), "%lldx%lldx%lld/%lld+%lld%c", &h, &e, &i, &k, &s, &tail);
   if ((got != 4 && got != 5) || h != hidden || e < 1 || i < 1 || k < 1 || k > e || s < 0)
-    throw config_error("'" + text + "': expected E8A2, S1A1E8, S3A3E8, qwen3-30b-a3b, dsv2-lite or HxExI/k[+S] with H = " + std::to_string(hidden) +
-                       ", 1 <= k <= E");
+    throw config_error("'" + text + "': expected E8A2, S1A1E8, S3A3E8, qwen3-30b-a3b, dsv2-lite or HxExI/k[+S] with H = " +
+                       std::to_string(hidden) + ", 1 <= k <= E");
   return {text, e, i, k, s > 0 ? 1 : 0, s};
 }
 
@@ -319,14 +320,14 @@ int bench_ffn(int argc, char** argv) {
   if (shapes.empty()) throw usage_error("moeforge-bench ffn: --only-shapes needs --shape");
   const std::vector<dtype> types = a.get_list("dtype", parse_weight_dtype, "f32, bf16");
   for (auto t = types.begin(); t != types.end(); ++t)
-    if (std::find(types.begin(), t, *t) != t) throw usage_error("moeforge-bench ffn: --dtype lists " + std::string(dtype_name(*t)) + " twice");
+    if (std::find(types.begin(), t, *t) != t)
+      throw usage_error("moeforge-bench ffn: --dtype lists " + std::string(dtype_name(*t)) + " twice");
   const double run_gbps = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
   const bool any_bf16 = std::find(types.begin(), types.end(), dtype::bf16) != types.end();
   const double bf16_peak = any_bf16 && runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;
   std::printf("machine at the start: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads);\n"
               "each row's limit_ms from probes taken beside it (machine_gbps, machine_gflops in --json)\n",
               run_gbps, fp32_peak, bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
-
 
   nlohmann::json rows = nlohmann::json::array();
   std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %6s %4s %4s %6s %6s\n", "shape", "type", "T", "active",
@@ -348,8 +349,9 @@ int bench_ffn(int argc, char** argv) {
   for (const dtype type : types) layers.push_back({type, {}, {}});
   const auto f32_layers = std::find_if(layers.begin(), layers.end(), [](const typed_layers& l) { return l.type == dtype::f32; });
   std::mt19937 rng(1234);
-  // Builds the copies of a layer (`random()` makes one) that each type's rotation needs (`copies(type)`), into
-  // `member` of its layers; a copy wanted by several types is prepared from one plain layer, moved into the last.
+  // Builds the copies of a layer (`random()` makes one) that each type's rotation needs (`copies(type)`),
+  // into `member` of its layers; a copy wanted by several types is prepared from one plain layer, moved into
+  // the last.
   const auto build_copies = [&](auto&& random, auto&& copies, auto member) {
     int most = 0;
     for (const auto& l : layers) most = std::max(most, copies(l.type));
@@ -379,20 +381,18 @@ int bench_ffn(int argc, char** argv) {
       row_limits limits;
       limits.probe(threads, any_dot);
       const int reps = quick ? 4 : tokens >= 512 ? 4 : 12;
-      std::vector<timed_call> calls;
-      std::vector<std::pair<std::size_t, std::size_t>> at;  // each type's dense (split shapes) and MoE call in `calls`
+      std::vector<timed_call> calls;  // per type: its MoE layer, then (split shapes) its dense layer
       for (auto& l : layers) {
-        at.emplace_back(calls.size(), calls.size());
-        if (shape.split) {
+        calls.push_back(
+            {copies_for(l.type, weights, int(l.moe.size())), [&](int c) { runtime::moe_forward(l.moe[std::size_t(c)], plan, x, y); }});
+        if (shape.split)
           calls.push_back({copies_for(l.type, dense_weights(), int(l.dense.size())),
                            [&](int c) { runtime::dense_forward(l.dense[std::size_t(c)], x, y); }});
-          at.back().second = calls.size();
-        }
-        calls.push_back({copies_for(l.type, weights, int(l.moe.size())), [&](int c) { runtime::moe_forward(l.moe[std::size_t(c)], plan, x, y); }});
       }
       time_side_by_side(reps, calls);
-      const auto moe_ms_of = [&](std::size_t i) { return calls[at[i].second].best_ms; };
-      const auto dense_ms_of = [&](std::size_t i) { return shape.split ? calls[at[i].first].best_ms : 0.0; };
+      const std::size_t per_type = shape.split ? 2 : 1;
+      const auto moe_ms_of = [&](std::size_t i) { return calls[i * per_type].best_ms; };
+      const auto dense_ms_of = [&](std::size_t i) { return shape.split ? calls[i * per_type + 1].best_ms : 0.0; };
       // The same F32 layers from their plain weights (panels packed per call), and Eigen's dense product.
       double moe_unpacked_ms = 0, dense_unpacked_ms = 0, eigen_ms = 0;
       if (f32_layers != layers.end()) {

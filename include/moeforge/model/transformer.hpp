@@ -642,8 +642,9 @@ class transformer {
   /// transpose the values and pack both for a product with one row, several
   /// passes over the cache: llama-7b-shaped decode ran at half its context-0
   /// speed at a 512-token context.) Each head's scores, softmax and sums are
-  /// its own, in key order, so how many heads a task takes changes no result. A non-finite value at a visible
-  /// key reaches the row as it must; later keys are never read.
+  /// its own, in key order, so how many heads a task takes changes no result.
+  /// A non-finite value at a visible key reaches the row as it must; later
+  /// keys are never read.
   void attend_rows(const matrix& q, const matrix& kc, const matrix& vc, index_t start, float scale, matrix& att) const {
     const auto& c = w_.config;
     const index_t n = q.rows(), hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
