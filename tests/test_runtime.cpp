@@ -878,87 +878,98 @@ TEST_CASE("BF16 token pairs round every token alike, in whole and partial panels
     }
 }
 
-TEST_CASE("a product reads tokens rounded once into BF16 pairs as it reads the pairs it rounds itself, bit for bit") {
-  // Where the CPU has no vdpbf16ps the products never round their tokens and
-  // must ignore the pairs: the same equality.
+TEST_CASE("a product reads tokens packed once (F32 panels or BF16 pairs) as it reads the tokens it packs itself, bit for bit") {
+  // BF16 weights round their tokens into pairs where the CPU has vdpbf16ps
+  // (without it, the exact path: F32 panels past gemm_tokens_in_place, else
+  // in place, ignoring nothing it was given); F32 weights pack F32 panels
+  // past gemm_tokens_in_place. The packing runs on two threads, as run_jobs does.
   using namespace runtime::detail;
   std::mt19937 rng(42);
-  for (index_t depth : {index_t(301), gemm_kc * 2}) {  // odd and across depth blocks, and whole blocks
-    const matrix w = random_matrix(2 * gemm_nr + 13, depth, rng, 1.0f);
-    const panel_matrix panels(w.data(), w.outerStride(), w.rows(), depth, {}, weight_format(dtype::bf16, true));
-    for (index_t m : {bf16_exact_tokens + 1, gemm_mr + 1, gemm_mc * gemm_mr + 3}) {  // one panel, two, and past a token block
-      const matrix x = random_matrix(m, depth, rng, 1.0f);
-      std::vector<const float*> rows;
-      for (index_t t = 0; t < m; ++t) rows.push_back(x.row(t).data());
-      const auto blocks = {panels.block(0, 20, 0), panels.block(20, w.rows() - 20, 0)};
-      CHECK(rounds_tokens(blocks, m) == bf16_dot_available);
-      matrix own(m, w.rows()), given(m, w.rows());
-      panel_product(blocks, rows.data(), m, depth, own.data(), own.outerStride());
-      std::vector<std::uint32_t> pairs(token_pair_count(m, depth));
-      std::vector<pair_panel> todo;
-      add_pair_panels(rows.data(), m, depth, pairs.data(), todo);
-      with_threads(2, [&] {
+  for (const dtype type : {dtype::bf16, dtype::f32})
+    for (index_t depth : {index_t(301), gemm_kc * 2}) {  // odd and across depth blocks, and whole blocks
+      const matrix w = random_matrix(2 * gemm_nr + 13, depth, rng, 1.0f);
+      const panel_matrix panels(w.data(), w.outerStride(), w.rows(), depth, {}, weight_format(type, true));
+      // One panel, two, many (past gemm_tokens_in_place) and past a token block.
+      for (index_t m : {bf16_exact_tokens + 1, gemm_mr + 1, gemm_tokens_in_place + 5, gemm_mc * gemm_mr + 3}) {
+        const matrix x = random_matrix(m, depth, rng, 1.0f);
+        std::vector<const float*> rows;
+        for (index_t t = 0; t < m; ++t) rows.push_back(x.row(t).data());
+        const auto blocks = {panels.block(0, 20, 0), panels.block(20, w.rows() - 20, 0)};
+        const token_form form = token_form_of(blocks, m);
+        CHECK(form == (type == dtype::bf16 && bf16_dot_available ? token_form::pairs
+                       : m > gemm_tokens_in_place                 ? token_form::values
+                                                                  : token_form::in_place));
+        matrix own(m, w.rows()), given(m, w.rows());
+        panel_product(blocks, rows.data(), m, depth, own.data(), own.outerStride());
+        token_storage storage;
+        storage.need(form, m, depth);
+        prepacked_tokens packed;
+        std::vector<token_pack> todo;
+        storage.add(rows.data(), m, depth, form, packed, todo);
+        with_threads(2, [&] {
 #pragma omp parallel
-        pack_pair_panels(todo);
-        return 0;
-      });
-      panel_product(blocks, rows.data(), m, depth, given.data(), given.outerStride(), pairs.data());
-      INFO("depth " << depth << " tokens " << m);
-      REQUIRE(own == given);
+          pack_token_panels(todo);
+          return 0;
+        });
+        panel_product(blocks, rows.data(), m, depth, given.data(), given.outerStride(), packed);
+        INFO(dtype_name(type) << " depth " << depth << " tokens " << m);
+        REQUIRE(own == given);
+      }
     }
-  }
 }
 
-TEST_CASE("an expert's activations rounded once into BF16 pairs for its down product are the pairs the product rounds itself, across cuts") {
+TEST_CASE("an expert's activations packed once for its down product (BF16 pairs, F32 panels) are what the product packs itself, across cuts") {
   // The router's one expert, of 231 neurons, takes every token with weight
   // 1, so the layer's output is the expert's down product alone: what
-  // panel_product gives from the expert's panels, rounding its own tokens,
+  // panel_product gives from the expert's panels, packing its own tokens,
   // over activations computed in the same way. A cut at 101 (the major width,
   // where the panels restart) makes the minor part's phase-1 tasks start at
   // an odd neuron, inside a pair of the down product's depth. (Without
   // vdpbf16ps nothing is rounded: the same equality on the exact path.)
+  // F32 weights pack F32 panels past gemm_tokens_in_place tokens.
   using namespace runtime::detail;
   std::mt19937 rng(61);
   layer_spec s;
   s.hidden = 333;
   s.widths = {231};
-  for (const index_t cut : {index_t(0), index_t(101)}) {
-    moe_layer m = random_layer(s, rng);
-    m.router.top_k = 1;
-    m.experts[0].major = cut;
-    const runtime::prepared_moe prepared = runtime::prepare(m, dtype::bf16);
-    const packed_ffn& panels = prepared.packed().experts[0];
-    const index_t width = m.experts[0].width();
-    for (const index_t t : {bf16_exact_tokens + 3, index_t(64), index_t(300)}) {
-      INFO("cut " << cut << " tokens " << t);
-      const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
-      std::vector<const float*> rows;
-      for (index_t r = 0; r < t; ++r) rows.push_back(x.row(r).data());
-      matrix h(t, width), want(t, s.hidden);
-      // Gate and up part by part: a product's blocks never cross the panels' restart.
-      const std::vector<index_t> bounds = cut > 0 ? std::vector<index_t>{0, cut, width} : std::vector<index_t>{0, width};
-      for (std::size_t part = 0; part + 1 < bounds.size(); ++part) {
-        const index_t first = bounds[part], count = bounds[part + 1] - first;
-        matrix gate_up(t, 2 * count);
-        panel_product({panels.gate.block(first, count, 0), panels.up.block(first, count, 0)}, rows.data(), t, s.hidden, gate_up.data(),
-                      gate_up.outerStride());
-        for (index_t r = 0; r < t; ++r) activate_row(panels.act, gate_up.row(r).data(), gate_up.row(r).data() + count, h.row(r).data() + first, count);
-      }
-      std::vector<const float*> h_rows;
-      for (index_t r = 0; r < t; ++r) h_rows.push_back(h.row(r).data());
-      panel_product({panels.down.block(0, s.hidden, 0)}, h_rows.data(), t, width, want.data(), want.outerStride());
-      const auto plan = runtime::route(m, x);  // the softmax of one expert: weight 1 for every token
-      const auto got = for_each_thread_count([&] {
-        matrix y(t, s.hidden);
-        runtime::moe_forward(prepared, plan, x, y);
-        return y;
-      });
-      for (std::size_t i = 0; i < got.size(); ++i) {
-        INFO("threads " << i + 1);
-        REQUIRE(got[i] == want);
+  for (const dtype type : {dtype::bf16, dtype::f32})
+    for (const index_t cut : {index_t(0), index_t(101)}) {
+      moe_layer m = random_layer(s, rng);
+      m.router.top_k = 1;
+      m.experts[0].major = cut;
+      const runtime::prepared_moe prepared = runtime::prepare(m, type);
+      const packed_ffn& panels = prepared.packed().experts[0];
+      const index_t width = m.experts[0].width();
+      for (const index_t t : {bf16_exact_tokens + 3, index_t(64), index_t(300)}) {
+        INFO(dtype_name(type) << " cut " << cut << " tokens " << t);
+        const matrix x = random_matrix(t, s.hidden, rng, 1.0f);
+        std::vector<const float*> rows;
+        for (index_t r = 0; r < t; ++r) rows.push_back(x.row(r).data());
+        matrix h(t, width), want(t, s.hidden);
+        // Gate and up part by part: a product's blocks never cross the panels' restart.
+        const std::vector<index_t> bounds = cut > 0 ? std::vector<index_t>{0, cut, width} : std::vector<index_t>{0, width};
+        for (std::size_t part = 0; part + 1 < bounds.size(); ++part) {
+          const index_t first = bounds[part], count = bounds[part + 1] - first;
+          matrix gate_up(t, 2 * count);
+          panel_product({panels.gate.block(first, count, 0), panels.up.block(first, count, 0)}, rows.data(), t, s.hidden, gate_up.data(),
+                        gate_up.outerStride());
+          for (index_t r = 0; r < t; ++r) activate_row(panels.act, gate_up.row(r).data(), gate_up.row(r).data() + count, h.row(r).data() + first, count);
+        }
+        std::vector<const float*> h_rows;
+        for (index_t r = 0; r < t; ++r) h_rows.push_back(h.row(r).data());
+        panel_product({panels.down.block(0, s.hidden, 0)}, h_rows.data(), t, width, want.data(), want.outerStride());
+        const auto plan = runtime::route(m, x);  // the softmax of one expert: weight 1 for every token
+        const auto got = for_each_thread_count([&] {
+          matrix y(t, s.hidden);
+          runtime::moe_forward(prepared, plan, x, y);
+          return y;
+        });
+        for (std::size_t i = 0; i < got.size(); ++i) {
+          INFO("threads " << i + 1);
+          REQUIRE(got[i] == want);
+        }
       }
     }
-  }
 }
 
 /// Requires call(x) to give the same result before and after every thread

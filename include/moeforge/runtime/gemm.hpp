@@ -769,27 +769,6 @@ inline void pack_token_pairs(const float* const* src, index_t count, index_t k0,
   }
 }
 
-/// The uint32 pairs pack_token_pairs writes for m tokens of depth k (whole panels of MR tokens).
-inline std::size_t token_pair_count(index_t m, index_t k) {
-  return std::size_t((m + gemm_mr - 1) / gemm_mr * gemm_mr) * std::size_t((k + 1) / 2);
-}
-
-/// One panel of up to MR tokens to round into BF16 pairs over their whole depth.
-struct pair_panel {
-  const float* const* src;
-  index_t count, depth;
-  std::uint32_t* dst;
-};
-
-/// Appends the panels that pack m tokens (rows src[t]) of depth k into dst
-/// (token_pair_count(m, k) words) in the layout panel_product takes as
-/// `pairs`: one per token panel (token_panels).
-inline void add_pair_panels(const float* const* src, index_t m, index_t k, std::uint32_t* dst, std::vector<pair_panel>& out) {
-  const index_t words = (k + 1) / 2 * gemm_mr;
-  const token_panels tp{m};
-  for (index_t ip = 0; ip < tp.count(); ++ip, dst += words) out.push_back({src + tp.start(ip), tp.rows(ip), k, dst});
-}
-
 /// Runs body() on the team when `parallel`, else on the calling thread alone.
 /// body shares its work out with for_each_task. Serial outside any parallel
 /// region, body is called directly: a one-thread region costs 2.3 µs to set up
@@ -857,25 +836,6 @@ inline T* thread_scratch(std::size_t count, std::vector<T>& own) {
   }
   if (kept.size() < count) kept.resize(count);
   return kept.data();
-}
-
-/// Storage for `words` token pairs on the calling thread (see thread_scratch).
-inline std::uint32_t* pair_scratch(std::size_t words, std::vector<std::uint32_t>& own) {
-  struct token_pairs;
-  return thread_scratch<token_pairs>(words, own);
-}
-
-/// Packs the panels, one per task of for_each_task: on the team inside
-/// run_on_team's region, serially outside one. None: no pass, no barrier.
-inline void pack_pair_panels(const std::vector<pair_panel>& panels) {
-  if (panels.empty()) return;
-  for_each_task(
-      std::ptrdiff_t(panels.size()),
-      [&](std::ptrdiff_t i) {
-        const pair_panel& p = panels[std::size_t(i)];
-        pack_token_pairs(p.src, p.count, 0, p.depth, p.dst);
-      },
-      sharing::in_blocks);
 }
 
 /// micro_kernel_rows with BF16 tokens (pairs from pack_token_pairs) and BF16
@@ -956,16 +916,121 @@ inline bool rounds_tokens(std::initializer_list<weight_block> a, index_t m) {
   return std::all_of(a.begin(), a.end(), [m](const weight_block& blk) { return rounds_tokens(blk.panels, m); });
 }
 
+/// How panel_product reads m tokens against weight blocks: in place from
+/// their rows (up to gemm_tokens_in_place), packed into F32 panels [k][MR]
+/// (more), or rounded into BF16 pairs (rounds_tokens, however many).
+enum class token_form { in_place, values, pairs };
+inline token_form token_form_of(bool rounds, index_t m) {
+  return rounds ? token_form::pairs : m > gemm_tokens_in_place ? token_form::values : token_form::in_place;
+}
+inline token_form token_form_of(std::initializer_list<weight_block> a, index_t m) { return token_form_of(rounds_tokens(a, m), m); }
+
+/// A product's tokens packed beforehand in its token_form, as the product
+/// packs a block of them itself, for all of them: depth blocks of gemm_kc
+/// in order, each holding every token_panels panel's [kl][MR] values (or
+/// [(kl+1)/2][MR] pairs) in turn, so a block of panels at one depth is
+/// contiguous as in the product's own buffer. (Panels laid out over the
+/// whole depth, 64 KiB apart at H = 2048, met in the same L2 sets: the
+/// products then ran 2-4% slower than packing their own.) A product reads
+/// the one of its form and packs its own tokens where that is null.
+/// Products that share their tokens (a job's tasks, a projection's row
+/// blocks) read one packing instead of each packing them again at every
+/// depth block: a dense FFN at 512 tokens spent 8% of its F32 samples
+/// packing tokens so, 1% once per job. It ran only 1% faster (its
+/// micro-kernel now meets the tokens in L3, where they had just been
+/// packed into L2), BF16 2-4%, DeepSeek-V2-Lite- and Qwen3-30B-A3B-shaped
+/// layers at 512 tokens 4% (A/B in one process, identical results).
+struct prepacked_tokens {
+  const float* values = nullptr;
+  const std::uint32_t* pairs = nullptr;
+};
+
+/// Where panel ip's block at depth k0 (kl deep) starts in a prepacked_tokens
+/// operand of `panels` token panels: for values, or for pairs (`pairs`).
+inline std::size_t prepacked_offset(index_t panels, index_t ip, index_t k0, index_t kl, bool pairs) {
+  return pairs ? std::size_t((k0 / 2 * panels + ip * ((kl + 1) / 2)) * gemm_mr) : std::size_t((k0 * panels + ip * kl) * gemm_mr);
+}
+
+/// One token panel (panel ip of `panels`) to pack over its whole depth into
+/// values or pairs (the other null), in prepacked_tokens' layout.
+struct token_pack {
+  const float* const* src;
+  index_t count, depth, panels, ip;
+  float* values;
+  std::uint32_t* pairs;
+};
+
+/// Packs the panels, one per task of for_each_task: on the team inside
+/// run_on_team's region, serially outside one. None: no pass, no barrier.
+inline void pack_token_panels(const std::vector<token_pack>& panels) {
+  if (panels.empty()) return;
+  for_each_task(
+      std::ptrdiff_t(panels.size()),
+      [&](std::ptrdiff_t i) {
+        const token_pack& p = panels[std::size_t(i)];
+        for (index_t k0 = 0; k0 < p.depth; k0 += gemm_kc) {
+          const index_t kl = std::min(gemm_kc, p.depth - k0);
+          const std::size_t at = prepacked_offset(p.panels, p.ip, k0, kl, p.pairs != nullptr);
+          if (p.pairs)
+            pack_token_pairs(p.src, p.count, k0, kl, p.pairs + at);
+          else
+            pack_panels<gemm_mr>(p.src, p.count, k0, kl, p.values + at);
+        }
+      },
+      sharing::in_blocks);
+}
+
+/// Storage on the calling thread (thread_scratch) for tokens packed once,
+/// and the panels that fill it: need() every operand, then add() each.
+class token_storage {
+ public:
+  void need(token_form form, index_t m, index_t k) {
+    if (form == token_form::values) values_ += size(m, k);
+    if (form == token_form::pairs) words_ += size(m, (k + 1) / 2);
+  }
+  /// Room for m tokens (rows src[t]) of depth k packed in `form`, set as
+  /// that form's place in `into`, and the panels that fill it appended to
+  /// `todo`; nothing for in_place.
+  void add(const float* const* src, index_t m, index_t k, token_form form, prepacked_tokens& into, std::vector<token_pack>& todo) {
+    if (form == token_form::in_place) return;
+    if (!allocated_) {
+      struct token_values;
+      struct token_pairs;
+      next_value_ = thread_scratch<token_values>(values_, own_values_);
+      next_word_ = thread_scratch<token_pairs>(words_, own_words_);
+      allocated_ = true;
+    }
+    const bool pairs = form == token_form::pairs;
+    const index_t step = (pairs ? (k + 1) / 2 : k) * gemm_mr;  // one panel's values or pairs
+    const token_panels tp{m};
+    for (index_t ip = 0; ip < tp.count(); ++ip)
+      todo.push_back({src + tp.start(ip), tp.rows(ip), k, tp.count(), ip, pairs ? nullptr : next_value_, pairs ? next_word_ : nullptr});
+    if (pairs)
+      into.pairs = next_word_, next_word_ += tp.count() * step;
+    else
+      into.values = next_value_, next_value_ += tp.count() * step;
+  }
+
+ private:
+  static std::size_t size(index_t m, index_t depth) { return std::size_t(token_panels{m}.count() * gemm_mr) * std::size_t(depth); }
+  std::size_t values_ = 0, words_ = 0;
+  std::vector<float> own_values_;
+  std::vector<std::uint32_t> own_words_;
+  float* next_value_ = nullptr;
+  std::uint32_t* next_word_ = nullptr;
+  bool allocated_ = false;
+};
+
 /// out[t, c] = Σ_k b[t][k]·a[c, k] for t < m tokens, where the columns c run
 /// over the rows of every block of `a` in turn (so gate and up rows give
 /// [x·gateᵀ | x·upᵀ] with the tokens read once). Token t's k values are at
 /// b[t]; out is row-major with leading dimension ldo; k is every block's
-/// depth. When the product rounds its tokens (rounds_tokens), `pairs`, if
-/// not null, holds them already rounded (add_pair_panels of b): tasks
-/// that share their tokens pack them once, not each. Single-threaded:
-/// callers run it inside their own parallel tasks.
+/// depth. `given` may hold the tokens already packed in the product's
+/// token_form (token_storage): products that share their tokens pack them
+/// once, not each. Single-threaded: callers run it inside their own
+/// parallel tasks.
 inline void panel_product(std::initializer_list<weight_block> a, const float* const* b, index_t m, index_t k, float* out, index_t ldo,
-                          const std::uint32_t* pairs = nullptr) {
+                          const prepacked_tokens& given = {}) {
   index_t npanels = 0, packed_panels = 0, n = 0;
   for (const auto& blk : a) {
     npanels += blk.panel_count(), n += blk.rows;
@@ -981,18 +1046,21 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   thread_local std::vector<char> prepared, read;
   const token_panels tp{m};
   const index_t mpanels = tp.count();
-  const bool pack_tokens = m > gemm_tokens_in_place;
   // BF16 tokens when every block asks for them (see weight_format); the
   // tokens are then packed as pairs instead of F32 panels.
-  const bool dot = rounds_tokens(a, m);
+  const token_form form = token_form_of(a, m);
+  const bool dot = form == token_form::pairs, pack_tokens = form == token_form::values;
+  const std::uint32_t* const pairs = dot ? given.pairs : nullptr;
+  const float* const values = pack_tokens ? given.values : nullptr;
   // Depth blocks keep a weight slice in L1 while every token panel passes
   // over it. One token panel's worth read in place from prepared panels
   // reuses nothing, so its panels are read whole, each one long sequential
   // stream the prefetchers follow (F32 experts of 64 × 1408 at 6 tokens
-  // each: 5-8% faster than in blocks of KC). (Even: vdpbf16ps takes pairs.)
+  // each: 5-8% faster than in blocks of KC). (Even: vdpbf16ps takes pairs.
+  // Prepacked tokens come in blocks of KC, which one panel reads in order.)
   const index_t kc = m <= gemm_mr && packed_panels == 0 ? (k + 1) / 2 * 2 : gemm_kc;
   apack.resize(std::size_t(packed_panels * gemm_nr * kc));
-  if (pack_tokens && !dot) bpack.resize(std::size_t(gemm_mc * gemm_mr * kc));
+  if (pack_tokens && !values) bpack.resize(std::size_t(gemm_mc * gemm_mr * kc));
   if (dot && !pairs) bpairs.resize(std::size_t(std::min(mpanels, gemm_mc) * gemm_mr * (kc / 2)));
   tiles.resize(std::size_t(mpanels * npanels * gemm_tile));
   // This depth block's slices, then the next block's prepared ones (empty
@@ -1015,11 +1083,11 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
       const index_t iend = std::min(mpanels, ic + gemm_mc);
       // Token panel ip's pairs for this depth block: at ic_pairs + (ip - ic)·pair_stride.
       const std::uint32_t* ic_pairs = bpairs.data();
-      index_t pair_stride = (kl + 1) / 2 * gemm_mr;
-      if (dot && pairs) {
-        pair_stride = (k + 1) / 2 * gemm_mr;
-        ic_pairs = pairs + ic * pair_stride + k0 / 2 * gemm_mr;
-      }
+      const index_t pair_stride = (kl + 1) / 2 * gemm_mr;
+      if (pairs) ic_pairs = pairs + prepacked_offset(mpanels, ic, k0, kl, true);
+      // ... and its F32 panel.
+      const float* ic_values = values ? values + prepacked_offset(mpanels, ic, k0, kl, false) : bpack.data();
+      const index_t value_stride = kl * gemm_mr;
       index_t together = 1;  // weight panels side by side that the block's shortest token panel takes
       std::size_t sharers = 0;  // token panels that fetch the next slices (see below)
       for (index_t ip = ic; ip < iend; ++ip) {
@@ -1027,7 +1095,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         sharers += tp.rows(ip) >= gemm_fetching_rows;
         if (dot && !pairs)
           pack_token_pairs(b + tp.start(ip), tp.rows(ip), k0, kl, bpairs.data() + (ip - ic) * pair_stride);
-        else if (pack_tokens && !dot)
+        else if (pack_tokens && !values)
           pack_panels<gemm_mr>(b + tp.start(ip), tp.rows(ip), k0, kl, bpack.data() + (ip - ic) * kl * gemm_mr);
       }
       if (dot) together = std::min<index_t>(together, 2);
@@ -1064,7 +1132,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
               pf.pace[q] = (row_bytes << 8) / sharers;
             }
           if (dot) return micro_kernel_dot_slices(kl, ic_pairs + (ip - ic) * pair_stride, in, count, tile, k0 == 0, rows, pf);
-          if (pack_tokens) return micro_kernel_slices(kl, packed_tokens{bpack.data() + (ip - ic) * kl * gemm_mr}, in, count, tile, k0 == 0, rows, pf);
+          if (pack_tokens) return micro_kernel_slices(kl, packed_tokens{ic_values + (ip - ic) * value_stride}, in, count, tile, k0 == 0, rows, pf);
           const float* row[gemm_mr];
           for (index_t r = 0; r < rows; ++r) row[r] = b[tp.start(ip) + r] + k0;
           micro_kernel_slices(kl, token_rows{row}, in, count, tile, k0 == 0, rows, pf);

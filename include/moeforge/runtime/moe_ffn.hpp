@@ -46,11 +46,10 @@ struct job {
   index_t first = 0;
   index_t columns = 0;
   std::vector<float*> h_rows;  ///< the activations' rows (columns values each; run_jobs' workspace), the down projection's tokens
-  /// When the products round their tokens (rounds_tokens): the inputs and
-  /// the activations as BF16 pairs, packed once per call for all the job's
-  /// tasks (in run_jobs' workspace); else null.
-  std::uint32_t* input_pairs = nullptr;
-  std::uint32_t* h_pairs = nullptr;
+  /// When the products pack their tokens (token_form): the inputs and the
+  /// activations packed once per call for all the job's tasks (in run_jobs'
+  /// workspace); else none.
+  prepacked_tokens input_packed, h_packed;
 
   bool gated() const { return packed ? packed->gated() : weights->gated(); }
   /// The tokens whose activations this process computes (all or none of them).
@@ -66,8 +65,11 @@ struct job {
     if (packed) return packed->down.block(r0, rows, first);
     return rows_of(weights->down.block(r0, first, rows, columns));
   }
-  /// Whether its products round the tokens to BF16 (gate, up and down share a format).
-  bool rounds_tokens() const { return detail::rounds_tokens(packed ? &packed->up : nullptr, index_t(tokens.size())); }
+  /// How its products read their tokens (gate, up and down share a format).
+  token_form tokens_form() const {
+    const auto m = index_t(tokens.size());
+    return token_form_of(rounds_tokens(packed ? &packed->up : nullptr, m), m);
+  }
   /// Where the job's neurons from `i0` (relative to first) must end a chunk:
   /// a cut of the prepared panels, or the job's end.
   index_t chunk_limit(index_t i0) const { return packed ? std::min(columns, packed->up.next_cut(first + i0) - first) : columns; }
@@ -89,9 +91,9 @@ inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) 
   const index_t width = j.gated() ? 2 * count : count;
   out.resize(std::size_t(n * width));
   if (j.gated())
-    panel_product({j.neurons(true, n0, count), j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width, j.input_pairs);
+    panel_product({j.neurons(true, n0, count), j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width, j.input_packed);
   else
-    panel_product({j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width, j.input_pairs);
+    panel_product({j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width, j.input_packed);
   const bool gated = j.gated();
   for (index_t p = 0; p < n; ++p) {
     const float* o = out.data() + p * width;
@@ -102,7 +104,7 @@ inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) 
 /// Row p of `part` (leading dimension `stride`): the down products of the
 /// job's token p over output rows [r0, r0 + rows).
 inline void down_part(const job& j, index_t r0, index_t rows, float* part, index_t stride) {
-  panel_product({j.down(r0, rows)}, j.h_rows.data(), index_t(j.tokens.size()), j.columns, part, stride, j.h_pairs);
+  panel_product({j.down(r0, rows)}, j.h_rows.data(), index_t(j.tokens.size()), j.columns, part, stride, j.h_packed);
 }
 
 /// y's rows [r0, r0 + rows) of the job's tokens += scale · down_part (a
@@ -229,21 +231,16 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
         add_part(jobs[k], r0, rows, parts->part[k] ? parts->part[k] + r0 : nullptr, hidden, y);
     }
   };
-  // The jobs whose products round their tokens to BF16 pairs: their inputs
-  // and activations are packed once, on the team, not by each task.
-  std::vector<pair_panel> input_panels, h_panels;
-  std::size_t words = 0;
+  // The jobs whose products pack their tokens (F32 panels or BF16 pairs):
+  // their inputs and activations are packed once, on the team, not by each task.
+  std::vector<token_pack> input_panels, h_panels;
+  token_storage packs;
   for (const auto& j : jobs)
-    if (!j.h_rows.empty() && j.rounds_tokens()) words += token_pair_count(j.computed(), x.cols()) + token_pair_count(j.computed(), j.columns);
-  std::vector<std::uint32_t> own;
-  std::uint32_t* free_words = pair_scratch(words, own);
+    if (!j.h_rows.empty()) packs.need(j.tokens_form(), j.computed(), x.cols()), packs.need(j.tokens_form(), j.computed(), j.columns);
   for (auto& j : jobs) {
-    if (j.h_rows.empty() || !j.rounds_tokens()) continue;
-    j.input_pairs = free_words;
-    add_pair_panels(j.inputs.data(), j.computed(), x.cols(), j.input_pairs, input_panels);
-    j.h_pairs = j.input_pairs + token_pair_count(j.computed(), x.cols());
-    add_pair_panels(j.h_rows.data(), j.computed(), j.columns, j.h_pairs, h_panels);
-    free_words = j.h_pairs + token_pair_count(j.computed(), j.columns);
+    if (j.h_rows.empty()) continue;
+    packs.add(j.inputs.data(), j.computed(), x.cols(), j.tokens_form(), j.input_packed, input_panels);
+    packs.add(j.h_rows.data(), j.computed(), j.columns, j.tokens_form(), j.h_packed, h_panels);
   }
   // The down products that go into parts here: a job's whole output when
   // there are many jobs and it has at most a token panel of tokens (more
@@ -265,11 +262,11 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
     }
   }
   run_on_team(fma >= min_parallel_fma, [&] {
-    pack_pair_panels(input_panels);
+    pack_token_panels(input_panels);
     for_each_task(std::ptrdiff_t(chunks.size()), [&](std::ptrdiff_t c) {
       fill_activations(jobs[chunks[std::size_t(c)].job], x.cols(), chunks[std::size_t(c)].first, chunks[std::size_t(c)].count);
     });
-    pack_pair_panels(h_panels);
+    pack_token_panels(h_panels);
     if (parts)
       for_each_task(std::ptrdiff_t(down_tasks.size()), [&](std::ptrdiff_t d) {
         const down_task& t = down_tasks[std::size_t(d)];

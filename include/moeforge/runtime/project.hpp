@@ -71,31 +71,33 @@ inline void project(const_matrix_ref x, std::initializer_list<projection> produc
   const index_t per_task = (t <= detail::gemm_tokens_in_place ? 4 : 8) * detail::gemm_nr;
   std::vector<index_t> first_task{0};  // product i's tasks: [first_task[i], first_task[i + 1])
   double fma = 0;
-  bool rounds = false;
+  std::vector<detail::token_form> forms;  // the forms the products read packed tokens in
   for (const auto& p : products) {
     const index_t rows = p.outputs();
     moeforge::detail::fit_matrix(p.out(), t, rows);
     first_task.push_back(first_task.back() + (t == 0 ? 0 : (rows + per_task - 1) / per_task));
     fma += double(t) * double(rows) * double(k);
-    rounds = rounds || (rows > 0 && detail::rounds_tokens({p.block(0, std::min(rows, detail::gemm_nr))}, t));
+    const auto form = rows > 0 ? detail::token_form_of({p.block(0, std::min(rows, detail::gemm_nr))}, t) : detail::token_form::in_place;
+    if (form != detail::token_form::in_place && std::find(forms.begin(), forms.end(), form) == forms.end()) forms.push_back(form);
   }
   const index_t tasks = first_task.back();
   if (tasks == 0) return;
   std::vector<const float*> tokens(static_cast<std::size_t>(t));
   for (index_t r = 0; r < t; ++r) tokens[std::size_t(r)] = x.row(r).data();
-  // Tokens the tasks round to BF16 pairs are rounded once, on the team.
-  std::vector<detail::pair_panel> panels;
-  std::vector<std::uint32_t> own;
-  std::uint32_t* const pairs = rounds ? detail::pair_scratch(detail::token_pair_count(t, k), own) : nullptr;
-  if (pairs) detail::add_pair_panels(tokens.data(), t, k, pairs, panels);
+  // Tokens the tasks pack (as F32 panels or BF16 pairs) are packed once, on the team.
+  std::vector<detail::token_pack> panels;
+  detail::token_storage storage;
+  for (const auto form : forms) storage.need(form, t, k);
+  detail::prepacked_tokens packed;
+  for (const auto form : forms) storage.add(tokens.data(), t, k, form, packed, panels);
   detail::run_on_team(fma >= detail::min_parallel_fma && tasks > 1, [&] {
-    detail::pack_pair_panels(panels);
+    detail::pack_token_panels(panels);
     detail::for_each_task(tasks, [&](index_t task) {
       const std::size_t i = std::size_t(std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin()) - 1;
       const projection& p = products.begin()[i];
       const index_t r0 = (task - first_task[i]) * per_task, count = std::min(per_task, p.outputs() - r0);
       matrix& out = p.out();
-      detail::panel_product({p.block(r0, count)}, tokens.data(), t, k, out.data() + r0, out.outerStride(), pairs);
+      detail::panel_product({p.block(r0, count)}, tokens.data(), t, k, out.data() + r0, out.outerStride(), packed);
     });
   });
 }
