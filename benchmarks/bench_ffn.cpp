@@ -216,7 +216,13 @@ struct ffn_row {
 
 double dense_weights() { return 3.0 * double(hidden) * double(intermediate); }
 
-void report(const ffn_row& r, double fp32_peak, double bf16_peak, nlohmann::json& rows) {
+/// The machine as probed when the run starts.
+struct run_probes {
+  double fp32_peak, bf16_peak;
+  bench::ridge_probe ridge, bf16_ridge;  ///< the balance point's product, F32; BF16 (vdpbf16ps; none without)
+};
+
+void report(const ffn_row& r, const run_probes& start, nlohmann::json& rows) {
   const moe_shape& shape = r.shape;
   const bool f32 = r.type == dtype::f32;
   const double weight_bytes = double(dtype_size(r.type)), bytes = weight_bytes * r.weights;
@@ -254,8 +260,13 @@ void report(const ffn_row& r, double fp32_peak, double bf16_peak, nlohmann::json
                      {"active_fraction", active}, {"threads", r.threads}, {"moe_ms", r.moe_ms}, {"limit_ms", limit_ms},
                      {"limit_ratio", r.moe_ms / limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
                      {"gflops", gflops}, {"bandwidth_fraction", gbps / r.gbps_limit}, {"peak_fraction", gflops / r.peak},
-                     {"machine_gbps", r.gbps_limit}, {"machine_gflops", r.peak}, {"machine_fp32_gflops", fp32_peak},
-                     {"machine_bf16_gflops", bf16_peak}};
+                     {"machine_gbps", r.gbps_limit}, {"machine_gflops", r.peak}, {"machine_fp32_gflops", start.fp32_peak},
+                     {"machine_bf16_gflops", start.bf16_peak}};
+  const bench::ridge_probe& ridge = f32 ? start.ridge : start.bf16_ridge;
+  if (ridge.tokens > 0) {
+    row["machine_ridge_tokens"] = ridge.tokens;
+    row["machine_ridge_ratio"] = ridge.ratio;
+  }
   if (f32) row["moe_unpacked_ms"] = r.moe_unpacked_ms;
   if (vs_f32) row["moe_ms_over_f32"] = r.moe_over_f32;
   if (split) {
@@ -292,7 +303,10 @@ int bench_ffn(int argc, char** argv) {
          "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), each the better\n"
          "of two probes taken just before and just after the row; the peak is the FP32 FMA peak, or for BF16 rows over\n"
          "more than 4 tokens the BF16 dot-product peak (vdpbf16ps; BF16 tokens) where the CPU has one.\n"
-         "limit_ratio = moe_ms / limit_ms (x_lim); dx_lim is the dense layer's, dense_ms over its own limit.\n"
+         "limit_ratio = moe_ms / limit_ms (x_lim); dx_lim is the dense layer's, dense_ms over its own limit. Where the two\n"
+         "limits meet, a kernel must stream and multiply at once: the run starts by timing the micro-kernel alone there\n"
+         "(weights streamed once to as many tokens as balance them), whose own limit_ratio (machine_ridge_ratio) is the\n"
+         "least such rows can be expected to reach (E8A2 and S1A1E8 at 64 tokens sit there).\n"
          "Every type's layers hold the same weights and a row's types are timed in the same rounds, alternating:\n"
          "m/f32 and d/f32 are a BF16 row's MoE and dense times over the F32 layers', measured side by side (with f32\n"
          "in --dtype; d/f32 for the split shapes, which are compared with the dense layer).");
@@ -325,9 +339,16 @@ int bench_ffn(int argc, char** argv) {
   const double run_gbps = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
   const bool any_bf16 = std::find(types.begin(), types.end(), dtype::bf16) != types.end();
   const double bf16_peak = any_bf16 && runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;
-  std::printf("machine at the start: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads);\n"
-              "each row's limit_ms from probes taken beside it (machine_gbps, machine_gflops in --json)\n",
+  run_probes start{fp32_peak, bf16_peak, bench::probe_ridge(threads, run_gbps, fp32_peak), {}};
+  if (any_bf16 && runtime::detail::bf16_dot_available) start.bf16_ridge = bench::probe_ridge(threads, run_gbps, bf16_peak, true);
+  std::printf("machine at the start: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads);\n",
               run_gbps, fp32_peak, bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
+  std::printf("at the balance point streaming and multiply-adds must overlap: the micro-kernel alone, streaming weights to %d tokens,\n"
+              "runs at %.2fx its limit (F32)",
+              start.ridge.tokens, start.ridge.ratio);
+  if (start.bf16_ridge.tokens > 0) std::printf(", %.2fx (BF16, %d tokens)", start.bf16_ridge.ratio, start.bf16_ridge.tokens);
+  std::printf(", the least rows near that balance can be expected to reach;\n"
+              "each row's limit_ms from probes taken beside it (machine_gbps, machine_gflops, machine_ridge_ratio in --json)\n");
 
   nlohmann::json rows = nlohmann::json::array();
   std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %6s %4s %4s %6s %6s\n", "shape", "type", "T", "active",
@@ -414,7 +435,7 @@ int bench_ffn(int argc, char** argv) {
         report({shape, type, tokens, threads, weights, flops, limits.gbps, limits.peak(uses_dot(type, tokens)), moe_ms, dense_ms,
                 f32 ? moe_unpacked_ms : 0, f32 ? dense_unpacked_ms : 0, f32 ? eigen_ms : 0,
                 beside_f32 ? moe_ms / moe_ms_of(f32_index) : 0, beside_f32 && shape.split ? dense_ms / dense_ms_of(f32_index) : 0},
-               fp32_peak, bf16_peak, rows);
+               start, rows);
       }
     }
   }

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moeforge/io/load.hpp"
+#include "moeforge/runtime/gemm.hpp"
 #include "support/data.hpp"
 #include "support/hf_checkpoint.hpp"
 #include "support/temp_dir.hpp"
@@ -401,6 +402,14 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
       CHECK(ms(r, "limit_ratio") == Approx(ms(r, "moe_ms") / ms(r, "limit_ms")));
       CHECK(r.contains("dense_ms") == split);
       if (split) CHECK(ms(r, "ideal_ratio") == Approx(ms(r, "limit_ms") / ms(r, "dense_limit_ms")));
+      // The balance point's product, timed at the start against its own limit (a bound it cannot beat by
+      // much); BF16's needs vdpbf16ps.
+      const bool ridge = r["dtype"] == "F32" || moeforge::runtime::detail::bf16_dot_available;
+      REQUIRE(r.contains("machine_ridge_ratio") == ridge);
+      if (ridge) {
+        CHECK(ms(r, "machine_ridge_ratio") > 0.8);
+        CHECK(r["machine_ridge_tokens"].get<int>() % moeforge::runtime::detail::gemm_mr == 0);
+      }
     }
   }
   require_usage_error(run(MOEFORGE_BENCH, {"ffn", "--dtype", "bf16,f32,bf16"}, scratch), "--dtype");
