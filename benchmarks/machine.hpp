@@ -197,8 +197,9 @@ inline double probe_bf16_dot_gflops(int threads) {
 /// panel_product does). F32 weights, or BF16 ones meeting BF16 tokens in
 /// `vdpbf16ps` (`bf16`, where the build has it). `ratio` is its best time
 /// over max(bytes / gbps, FLOPs / gflops), the limit_ratio of a product with
-/// nothing else to do: the least a layer whose experts sit at that balance
-/// (E8A2 at 64 tokens) can be expected to reach.
+/// nothing else to do at that balance: a reference for layers whose experts
+/// sit near it (E8A2 at 64 tokens). No tokens and no ratio for BF16 where
+/// the build lacks vdpbf16ps.
 struct ridge_probe {
   int tokens = 0;
   double ratio = 0;
@@ -207,7 +208,7 @@ struct ridge_probe {
 inline ridge_probe probe_ridge(int threads, double gbps, double gflops, bool bf16 = false) {
   namespace rt = runtime::detail;
   constexpr index_t slice = rt::gemm_kc * rt::gemm_nr;
-  bf16 = bf16 && rt::bf16_dot_available;
+  if (bf16 && !rt::bf16_dot_available) return {};
   const std::size_t value_bytes = bf16 ? 2 : 4;
   const int panels = std::max(1, int(std::lround(gflops / gbps * double(value_bytes) / 2 / double(rt::gemm_mr))));
   const std::vector<float> tokens(std::size_t(panels * rt::gemm_kc * rt::gemm_mr), 0.5f);
@@ -215,13 +216,15 @@ inline ridge_probe probe_ridge(int threads, double gbps, double gflops, bool bf1
   const std::vector<float>& buf = detail::probe_buffer(threads);
   const char* const bytes = reinterpret_cast<const char*>(buf.data());
   const std::size_t slice_bytes = std::size_t(slice) * value_bytes;
-  const std::size_t slices = buf.size() * sizeof(float) / slice_bytes / std::size_t(threads);  // a thread's
-  double best = 1e300, sink = 0;
+  double best = 1e300, sink = 0, values = 0;
   for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     double total = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : total)
     {
+      const std::size_t slices = buf.size() * sizeof(float) / slice_bytes / std::size_t(omp_get_num_threads());  // this thread's
+#pragma omp single
+      values = double(slices) * double(slice) * omp_get_num_threads();
       std::vector<float> tiles(std::size_t(panels * rt::gemm_tile));
       const char* base = bytes + slices * slice_bytes * std::size_t(omp_get_thread_num());
       for (std::size_t s = 0; s < slices; ++s) {
@@ -249,7 +252,6 @@ inline ridge_probe probe_ridge(int threads, double gbps, double gflops, bool bf1
     sink += total;
     best = std::min(best, seconds_since(t0));
   }
-  const double values = double(slices) * double(slice) * threads;
   const double limit = std::max(values * double(value_bytes) / (gbps * 1e9), 2.0 * values * panels * double(rt::gemm_mr) / (gflops * 1e9));
   return {panels * int(rt::gemm_mr), sink < 0 ? 0 : best / limit};
 }

@@ -408,7 +408,7 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
       REQUIRE(r.contains("machine_ridge_ratio") == ridge);
       if (ridge) {
         CHECK(ms(r, "machine_ridge_ratio") > 0.8);
-        CHECK(r["machine_ridge_tokens"].get<int>() % moeforge::runtime::detail::gemm_mr == 0);
+        CHECK(r["machine_ridge_tokens"].get<int>() >= moeforge::runtime::detail::gemm_mr);
       }
     }
   }

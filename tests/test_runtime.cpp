@@ -881,39 +881,54 @@ TEST_CASE("BF16 token pairs round every token alike, in whole and partial panels
 TEST_CASE("a product reads tokens packed once (F32 panels or BF16 pairs) as it reads the tokens it packs itself, bit for bit") {
   // BF16 weights round their tokens into pairs where the CPU has vdpbf16ps
   // (without it, the exact path: F32 panels past gemm_tokens_in_place, else
-  // in place, ignoring nothing it was given); F32 weights pack F32 panels
-  // past gemm_tokens_in_place. The packing runs on two threads, as run_jobs does.
+  // in place); F32 weights pack F32 panels past gemm_tokens_in_place. The
+  // packing handed over holds another matrix's tokens than the rows beside
+  // it, so the result shows which were read; it runs on two threads, as
+  // run_jobs does.
   using namespace runtime::detail;
   std::mt19937 rng(42);
+  const auto rows_of = [](const matrix& x) {
+    std::vector<const float*> rows;
+    for (index_t t = 0; t < x.rows(); ++t) rows.push_back(x.row(t).data());
+    return rows;
+  };
   for (const dtype type : {dtype::bf16, dtype::f32})
     for (index_t depth : {index_t(301), gemm_kc * 2}) {  // odd and across depth blocks, and whole blocks
       const matrix w = random_matrix(2 * gemm_nr + 13, depth, rng, 1.0f);
       const panel_matrix panels(w.data(), w.outerStride(), w.rows(), depth, {}, weight_format(type, true));
       // One panel, two, many (past gemm_tokens_in_place) and past a token block.
       for (index_t m : {bf16_exact_tokens + 1, gemm_mr + 1, gemm_tokens_in_place + 5, gemm_mc * gemm_mr + 3}) {
-        const matrix x = random_matrix(m, depth, rng, 1.0f);
-        std::vector<const float*> rows;
-        for (index_t t = 0; t < m; ++t) rows.push_back(x.row(t).data());
+        INFO(dtype_name(type) << " depth " << depth << " tokens " << m);
+        const matrix x = random_matrix(m, depth, rng, 1.0f), other = random_matrix(m, depth, rng, 1.0f);
         const auto blocks = {panels.block(0, 20, 0), panels.block(20, w.rows() - 20, 0)};
         const token_form form = token_form_of(blocks, m);
         CHECK(form == (type == dtype::bf16 && bf16_dot_available ? token_form::pairs
                        : m > gemm_tokens_in_place                 ? token_form::values
                                                                   : token_form::in_place));
-        matrix own(m, w.rows()), given(m, w.rows());
-        panel_product(blocks, rows.data(), m, depth, own.data(), own.outerStride());
+        const auto product = [&](const matrix& tokens, const prepacked_tokens& given) {
+          matrix out(m, w.rows());
+          panel_product(blocks, rows_of(tokens).data(), m, depth, out.data(), out.outerStride(), given);
+          return out;
+        };
         token_storage storage;
-        storage.need(form, m, depth);
+        storage.need(form, m, depth, true);
         prepacked_tokens packed;
-        std::vector<token_pack> todo;
-        storage.add(rows.data(), m, depth, form, packed, todo);
+        std::vector<token_panel_fill> todo;
+        const auto other_rows = rows_of(other);
+        storage.add(other_rows.data(), m, depth, form, true, packed, todo);
         with_threads(2, [&] {
 #pragma omp parallel
           pack_token_panels(todo);
           return 0;
         });
-        panel_product(blocks, rows.data(), m, depth, given.data(), given.outerStride(), packed);
-        INFO(dtype_name(type) << " depth " << depth << " tokens " << m);
-        REQUIRE(own == given);
+        REQUIRE(product(x, packed) == product(form == token_form::in_place ? x : other, {}));
+        // A packing made for another token count or depth is not read.
+        prepacked_tokens stale = packed;
+        stale.m = m + 1;
+        CHECK(product(x, stale) == product(x, {}));
+        stale = packed;
+        stale.k = depth - 1;
+        CHECK(product(x, stale) == product(x, {}));
       }
     }
 }

@@ -826,16 +826,22 @@ inline void for_each_task(std::ptrdiff_t n, Task&& task, sharing how = sharing::
 /// does not leave every thread holding its size. Valid until the thread's
 /// next call for the same Use; read it through the pointer (inside a
 /// parallel region a thread_local names each thread's own).
+template <class T>
+constexpr std::size_t kept_count() {
+  return (std::size_t(64) << 20) / sizeof(T);
+}
+/// The kept store alone, for count ≤ kept_count<T>().
 template <class Use, class T>
-inline T* thread_scratch(std::size_t count, std::vector<T>& own) {
-  constexpr std::size_t kept_count = (std::size_t(64) << 20) / sizeof(T);
+inline T* thread_kept(std::size_t count) {
   thread_local std::vector<T> kept;
-  if (count > kept_count) {
-    own.resize(count);
-    return own.data();
-  }
   if (kept.size() < count) kept.resize(count);
   return kept.data();
+}
+template <class Use, class T>
+inline T* thread_scratch(std::size_t count, std::vector<T>& own) {
+  if (count <= kept_count<T>()) return thread_kept<Use, T>(count);
+  own.resize(count);
+  return own.data();
 }
 
 /// micro_kernel_rows with BF16 tokens (pairs from pack_token_pairs) and BF16
@@ -903,9 +909,10 @@ constexpr index_t gemm_fetching_rows = 5;
 static_assert(panels_together(gemm_fetching_rows) <= 2, "a fetch_share holds the slices of two panels side by side");
 
 /// Up to this many tokens the micro-kernel reads them in place from their
-/// rows; more are packed into [k][MR] panels once per depth block, which
-/// keeps a block of MC panels contiguous in L2 while every weight panel
-/// passes over it. (The choice changes no result.)
+/// rows; more are packed into [k][MR] panels in depth blocks (by each
+/// product, or once for the products that share them: prepacked_tokens),
+/// which keeps a block of MC panels contiguous in L2 while every weight
+/// panel passes over it. (The choice changes no result.)
 constexpr index_t gemm_tokens_in_place = 32;
 
 /// Whether panel_product rounds m tokens to BF16 pairs for vdpbf16ps with
@@ -940,10 +947,14 @@ inline token_form token_form_of(std::initializer_list<weight_block> a, index_t m
 /// micro-kernel now meets the tokens in L3, where they had just been
 /// packed into L2), BF16 2-4%, DeepSeek-V2-Lite- and Qwen3-30B-A3B-shaped
 /// layers at 512 tokens 4% (A/B in one process, identical results).
+/// A packing made for other tokens counts or depths than a product's is
+/// not read.
 struct prepacked_tokens {
   const float* values = nullptr;
   const std::uint32_t* pairs = nullptr;
+  index_t m = 0, k = 0;  ///< the tokens and depth packed
 };
+static_assert(gemm_kc % 2 == 0, "a depth block holds whole pairs");
 
 /// Where panel ip's block at depth k0 (kl deep) starts in a prepacked_tokens
 /// operand of `panels` token panels: for values, or for pairs (`pairs`).
@@ -951,55 +962,71 @@ inline std::size_t prepacked_offset(index_t panels, index_t ip, index_t k0, inde
   return pairs ? std::size_t((k0 / 2 * panels + ip * ((kl + 1) / 2)) * gemm_mr) : std::size_t((k0 * panels + ip * kl) * gemm_mr);
 }
 
-/// One token panel (panel ip of `panels`) to pack over its whole depth into
-/// values or pairs (the other null), in prepacked_tokens' layout.
-struct token_pack {
+/// One token panel's depth block [k0, k0 + kl) of `count` tokens (rows
+/// src[t]) packed as the micro-kernel reads it: into pairs when given, else
+/// into F32 values [kl][MR].
+inline void pack_token_block(const float* const* src, index_t count, index_t k0, index_t kl, float* values, std::uint32_t* pairs) {
+  if (pairs)
+    pack_token_pairs(src, count, k0, kl, pairs);
+  else
+    pack_panels<gemm_mr>(src, count, k0, kl, values);
+}
+
+/// One token panel (panel ip of `panel_count`) to pack over its whole
+/// depth into values or pairs (the other null), in prepacked_tokens' layout.
+struct token_panel_fill {
   const float* const* src;
-  index_t count, depth, panels, ip;
+  index_t count, depth, panel_count, ip;
   float* values;
   std::uint32_t* pairs;
 };
 
 /// Packs the panels, one per task of for_each_task: on the team inside
 /// run_on_team's region, serially outside one. None: no pass, no barrier.
-inline void pack_token_panels(const std::vector<token_pack>& panels) {
-  if (panels.empty()) return;
+inline void pack_token_panels(const std::vector<token_panel_fill>& fills) {
+  if (fills.empty()) return;
   for_each_task(
-      std::ptrdiff_t(panels.size()),
+      std::ptrdiff_t(fills.size()),
       [&](std::ptrdiff_t i) {
-        const token_pack& p = panels[std::size_t(i)];
-        for (index_t k0 = 0; k0 < p.depth; k0 += gemm_kc) {
-          const index_t kl = std::min(gemm_kc, p.depth - k0);
-          const std::size_t at = prepacked_offset(p.panels, p.ip, k0, kl, p.pairs != nullptr);
-          if (p.pairs)
-            pack_token_pairs(p.src, p.count, k0, kl, p.pairs + at);
-          else
-            pack_panels<gemm_mr>(p.src, p.count, k0, kl, p.values + at);
+        const token_panel_fill& f = fills[std::size_t(i)];
+        for (index_t k0 = 0; k0 < f.depth; k0 += gemm_kc) {
+          const index_t kl = std::min(gemm_kc, f.depth - k0);
+          const std::size_t at = prepacked_offset(f.panel_count, f.ip, k0, kl, f.pairs != nullptr);
+          pack_token_block(f.src, f.count, k0, kl, f.pairs ? nullptr : f.values + at, f.pairs ? f.pairs + at : nullptr);
         }
       },
       sharing::in_blocks);
 }
 
-/// Storage on the calling thread (thread_scratch) for tokens packed once,
-/// and the panels that fill it: need() every operand, then add() each.
+/// Storage on the calling thread for tokens packed once, and the panels
+/// that fill it: need() every operand, then add() each with the same
+/// arguments. Only tokens that several products read are worth it
+/// (`shared`), and only while they fit the buffers kept between calls
+/// (thread_scratch's 64 MiB of each form): past that, each product packs
+/// its own depth blocks rather than the call faulting in fresh pages for a
+/// copy of every token (a long prefill's activations). One token_storage
+/// per thread at a time: they share the kept buffers.
 class token_storage {
  public:
-  void need(token_form form, index_t m, index_t k) {
+  void need(token_form form, index_t m, index_t k, bool shared) {
+    if (!shared) return;
     if (form == token_form::values) values_ += size(m, k);
     if (form == token_form::pairs) words_ += size(m, (k + 1) / 2);
   }
   /// Room for m tokens (rows src[t]) of depth k packed in `form`, set as
   /// that form's place in `into`, and the panels that fill it appended to
-  /// `todo`; nothing for in_place.
-  void add(const float* const* src, index_t m, index_t k, token_form form, prepacked_tokens& into, std::vector<token_pack>& todo) {
-    if (form == token_form::in_place) return;
+  /// `todo`; nothing for in_place, tokens not `shared`, or past the kept size.
+  void add(const float* const* src, index_t m, index_t k, token_form form, bool shared, prepacked_tokens& into,
+           std::vector<token_panel_fill>& todo) {
+    if (form == token_form::in_place || !shared) return;
     if (!allocated_) {
       struct token_values;
       struct token_pairs;
-      next_value_ = thread_scratch<token_values>(values_, own_values_);
-      next_word_ = thread_scratch<token_pairs>(words_, own_words_);
+      fits_ = values_ <= kept_count<float>() && words_ <= kept_count<std::uint32_t>();
+      if (fits_) next_value_ = thread_kept<token_values, float>(values_), next_word_ = thread_kept<token_pairs, std::uint32_t>(words_);
       allocated_ = true;
     }
+    if (!fits_) return;
     const bool pairs = form == token_form::pairs;
     const index_t step = (pairs ? (k + 1) / 2 : k) * gemm_mr;  // one panel's values or pairs
     const token_panels tp{m};
@@ -1009,16 +1036,15 @@ class token_storage {
       into.pairs = next_word_, next_word_ += tp.count() * step;
     else
       into.values = next_value_, next_value_ += tp.count() * step;
+    into.m = m, into.k = k;
   }
 
  private:
   static std::size_t size(index_t m, index_t depth) { return std::size_t(token_panels{m}.count() * gemm_mr) * std::size_t(depth); }
   std::size_t values_ = 0, words_ = 0;
-  std::vector<float> own_values_;
-  std::vector<std::uint32_t> own_words_;
   float* next_value_ = nullptr;
   std::uint32_t* next_word_ = nullptr;
-  bool allocated_ = false;
+  bool allocated_ = false, fits_ = false;
 };
 
 /// out[t, c] = Σ_k b[t][k]·a[c, k] for t < m tokens, where the columns c run
@@ -1049,9 +1075,10 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   // BF16 tokens when every block asks for them (see weight_format); the
   // tokens are then packed as pairs instead of F32 panels.
   const token_form form = token_form_of(a, m);
-  const bool dot = form == token_form::pairs, pack_tokens = form == token_form::values;
-  const std::uint32_t* const pairs = dot ? given.pairs : nullptr;
-  const float* const values = pack_tokens ? given.values : nullptr;
+  const bool dot = form == token_form::pairs, f32_panels = form == token_form::values;
+  const bool fits = given.m == m && given.k == k;
+  const std::uint32_t* const pairs = dot && fits ? given.pairs : nullptr;
+  const float* const values = f32_panels && fits ? given.values : nullptr;
   // Depth blocks keep a weight slice in L1 while every token panel passes
   // over it. One token panel's worth read in place from prepared panels
   // reuses nothing, so its panels are read whole, each one long sequential
@@ -1060,7 +1087,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   // Prepacked tokens come in blocks of KC, which one panel reads in order.)
   const index_t kc = m <= gemm_mr && packed_panels == 0 ? (k + 1) / 2 * 2 : gemm_kc;
   apack.resize(std::size_t(packed_panels * gemm_nr * kc));
-  if (pack_tokens && !values) bpack.resize(std::size_t(gemm_mc * gemm_mr * kc));
+  if (f32_panels && !values) bpack.resize(std::size_t(gemm_mc * gemm_mr * kc));
   if (dot && !pairs) bpairs.resize(std::size_t(std::min(mpanels, gemm_mc) * gemm_mr * (kc / 2)));
   tiles.resize(std::size_t(mpanels * npanels * gemm_tile));
   // This depth block's slices, then the next block's prepared ones (empty
@@ -1081,22 +1108,19 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
       }
     for (index_t ic = 0; ic < mpanels; ic += gemm_mc) {
       const index_t iend = std::min(mpanels, ic + gemm_mc);
-      // Token panel ip's pairs for this depth block: at ic_pairs + (ip - ic)·pair_stride.
-      const std::uint32_t* ic_pairs = bpairs.data();
-      const index_t pair_stride = (kl + 1) / 2 * gemm_mr;
-      if (pairs) ic_pairs = pairs + prepacked_offset(mpanels, ic, k0, kl, true);
-      // ... and its F32 panel.
+      // Token panel ip's pairs for this depth block, packed here or before,
+      // at ic_pairs + (ip - ic)·pair_stride; its F32 panel likewise.
+      const std::uint32_t* ic_pairs = pairs ? pairs + prepacked_offset(mpanels, ic, k0, kl, true) : bpairs.data();
       const float* ic_values = values ? values + prepacked_offset(mpanels, ic, k0, kl, false) : bpack.data();
-      const index_t value_stride = kl * gemm_mr;
+      const index_t pair_stride = (kl + 1) / 2 * gemm_mr, value_stride = kl * gemm_mr;
       index_t together = 1;  // weight panels side by side that the block's shortest token panel takes
       std::size_t sharers = 0;  // token panels that fetch the next slices (see below)
       for (index_t ip = ic; ip < iend; ++ip) {
         together = std::max(together, panels_together(tp.rows(ip)));
         sharers += tp.rows(ip) >= gemm_fetching_rows;
-        if (dot && !pairs)
-          pack_token_pairs(b + tp.start(ip), tp.rows(ip), k0, kl, bpairs.data() + (ip - ic) * pair_stride);
-        else if (pack_tokens && !values)
-          pack_panels<gemm_mr>(b + tp.start(ip), tp.rows(ip), k0, kl, bpack.data() + (ip - ic) * kl * gemm_mr);
+        if ((dot && !pairs) || (f32_panels && !values))
+          pack_token_block(b + tp.start(ip), tp.rows(ip), k0, kl, dot ? nullptr : bpack.data() + (ip - ic) * value_stride,
+                           dot ? bpairs.data() + (ip - ic) * pair_stride : nullptr);
       }
       if (dot) together = std::min<index_t>(together, 2);
       read.assign(std::size_t(npanels), 0);  // the weight panels some token panel of this block has read
@@ -1132,7 +1156,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
               pf.pace[q] = (row_bytes << 8) / sharers;
             }
           if (dot) return micro_kernel_dot_slices(kl, ic_pairs + (ip - ic) * pair_stride, in, count, tile, k0 == 0, rows, pf);
-          if (pack_tokens) return micro_kernel_slices(kl, packed_tokens{ic_values + (ip - ic) * value_stride}, in, count, tile, k0 == 0, rows, pf);
+          if (f32_panels) return micro_kernel_slices(kl, packed_tokens{ic_values + (ip - ic) * value_stride}, in, count, tile, k0 == 0, rows, pf);
           const float* row[gemm_mr];
           for (index_t r = 0; r < rows; ++r) row[r] = b[tp.start(ip) + r] + k0;
           micro_kernel_slices(kl, token_rows{row}, in, count, tile, k0 == 0, rows, pf);

@@ -231,17 +231,6 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
         add_part(jobs[k], r0, rows, parts->part[k] ? parts->part[k] + r0 : nullptr, hidden, y);
     }
   };
-  // The jobs whose products pack their tokens (F32 panels or BF16 pairs):
-  // their inputs and activations are packed once, on the team, not by each task.
-  std::vector<token_pack> input_panels, h_panels;
-  token_storage packs;
-  for (const auto& j : jobs)
-    if (!j.h_rows.empty()) packs.need(j.tokens_form(), j.computed(), x.cols()), packs.need(j.tokens_form(), j.computed(), j.columns);
-  for (auto& j : jobs) {
-    if (j.h_rows.empty()) continue;
-    packs.add(j.inputs.data(), j.computed(), x.cols(), j.tokens_form(), j.input_packed, input_panels);
-    packs.add(j.h_rows.data(), j.computed(), j.columns, j.tokens_form(), j.h_packed, h_panels);
-  }
   // The down products that go into parts here: a job's whole output when
   // there are many jobs and it has at most a token panel of tokens (more
   // would accumulate tiles for every output row at once, past L2: DeepSeek-
@@ -261,12 +250,33 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
       for (index_t r0 = 0; r0 < hidden; r0 += step) down_tasks.push_back({k, r0, std::min(step, hidden - r0)});
     }
   }
+  // Tokens that several of a job's products read, packed (F32 panels or
+  // BF16 pairs) once, on the team, not by each: its inputs, read by its
+  // phase-1 tasks, and its activations, read by its down products (one per
+  // row chunk, or its down tasks when it has a part).
+  std::vector<index_t> input_readers(jobs.size(), 0), h_readers(jobs.size(), parts ? 0 : row_tasks);
+  for (const auto& c : chunks) ++input_readers[c.job];
+  for (const auto& t : down_tasks) ++h_readers[t.job];
+  std::vector<token_panel_fill> input_fills, h_fills;
+  token_storage packs;
+  for (std::size_t k = 0; k < jobs.size(); ++k)
+    if (!jobs[k].h_rows.empty()) {
+      const job& j = jobs[k];
+      packs.need(j.tokens_form(), j.computed(), x.cols(), input_readers[k] > 1);
+      packs.need(j.tokens_form(), j.computed(), j.columns, h_readers[k] > 1);
+    }
+  for (std::size_t k = 0; k < jobs.size(); ++k)
+    if (!jobs[k].h_rows.empty()) {
+      job& j = jobs[k];
+      packs.add(j.inputs.data(), j.computed(), x.cols(), j.tokens_form(), input_readers[k] > 1, j.input_packed, input_fills);
+      packs.add(j.h_rows.data(), j.computed(), j.columns, j.tokens_form(), h_readers[k] > 1, j.h_packed, h_fills);
+    }
   run_on_team(fma >= min_parallel_fma, [&] {
-    pack_token_panels(input_panels);
+    pack_token_panels(input_fills);
     for_each_task(std::ptrdiff_t(chunks.size()), [&](std::ptrdiff_t c) {
       fill_activations(jobs[chunks[std::size_t(c)].job], x.cols(), chunks[std::size_t(c)].first, chunks[std::size_t(c)].count);
     });
-    pack_token_panels(h_panels);
+    pack_token_panels(h_fills);
     if (parts)
       for_each_task(std::ptrdiff_t(down_tasks.size()), [&](std::ptrdiff_t d) {
         const down_task& t = down_tasks[std::size_t(d)];

@@ -44,8 +44,8 @@ class projection {
 };
 
 /// out_i = x·W_iᵀ [T, rows_i] for each product of one input (attention's Q,
-/// K and V): the tokens are rounded to BF16 pairs once for all the products
-/// that take them so, and every product's output-row tasks share one
+/// K and V): tokens its tasks pack (F32 panels or BF16 pairs) are packed
+/// once for all of them, and every product's output-row tasks share one
 /// parallel region (a region per product cost decode a start and a ragged
 /// end each). Each out is reshaped by fit_matrix (its storage kept when it
 /// holds as many values: a caller's buffer kept across layers faults no
@@ -84,14 +84,14 @@ inline void project(const_matrix_ref x, std::initializer_list<projection> produc
   if (tasks == 0) return;
   std::vector<const float*> tokens(static_cast<std::size_t>(t));
   for (index_t r = 0; r < t; ++r) tokens[std::size_t(r)] = x.row(r).data();
-  // Tokens the tasks pack (as F32 panels or BF16 pairs) are packed once, on the team.
-  std::vector<detail::token_pack> panels;
+  // Tokens that several tasks pack (as F32 panels or BF16 pairs) are packed once, on the team.
+  std::vector<detail::token_panel_fill> fills;
   detail::token_storage storage;
-  for (const auto form : forms) storage.need(form, t, k);
+  for (const auto form : forms) storage.need(form, t, k, tasks > 1);
   detail::prepacked_tokens packed;
-  for (const auto form : forms) storage.add(tokens.data(), t, k, form, packed, panels);
+  for (const auto form : forms) storage.add(tokens.data(), t, k, form, tasks > 1, packed, fills);
   detail::run_on_team(fma >= detail::min_parallel_fma && tasks > 1, [&] {
-    detail::pack_token_panels(panels);
+    detail::pack_token_panels(fills);
     detail::for_each_task(tasks, [&](index_t task) {
       const std::size_t i = std::size_t(std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin()) - 1;
       const projection& p = products.begin()[i];
