@@ -911,11 +911,11 @@ TEST_CASE("a product reads tokens packed once (F32 panels or BF16 pairs) as it r
           return out;
         };
         token_storage storage;
-        storage.need(form, m, depth, true);
         prepacked_tokens packed;
         std::vector<token_panel_fill> todo;
         const auto other_rows = rows_of(other);
         storage.add(other_rows.data(), m, depth, form, true, packed, todo);
+        storage.place();
         with_threads(2, [&] {
 #pragma omp parallel
           pack_token_panels(todo);

@@ -174,11 +174,13 @@ constexpr std::size_t own_bf16_token_bytes_ahead = own_bytes_ahead / 2;
 constexpr std::size_t own_bf16_token_bytes_ahead = own_bytes_ahead;
 #endif
 
-/// Fetches each of P panels of W own_bytes_ahead / P bytes (or own_bf16_token_bytes_ahead / P) past row k into L1.
+/// Fetches each of P panels of W, own_bytes_ahead / P bytes past row k
+/// (one token's BF16 panels: own_bf16_token_bytes_ahead / P), into L1.
 template <int P, class W>
 inline void fetch_panels_ahead(const W* const* b, index_t k) {
 #if defined(__AVX2__) && defined(__FMA__)
-  constexpr std::size_t lead = (P == gemm_max_together && std::is_same_v<W, bfloat16> ? own_bf16_token_bytes_ahead : own_bytes_ahead) / P;
+  constexpr bool bf16_token = P == gemm_max_together && std::is_same_v<W, bfloat16>;
+  constexpr std::size_t lead = (bf16_token ? own_bf16_token_bytes_ahead : own_bytes_ahead) / P;
   for (int p = 0; p < P; ++p) {
     // As an address, not a pointer: near a panel's end it lies past the storage (a prefetch never faults).
     const std::uintptr_t row = reinterpret_cast<std::uintptr_t>(b[p] + k * gemm_nr) + lead;
@@ -828,15 +830,7 @@ inline void for_each_task(std::ptrdiff_t n, Task&& task, sharing how = sharing::
   for (std::ptrdiff_t i = 0; i < n; ++i) task(i);
 }
 
-/// Storage for `count` values of T on the calling thread, one store per
-/// `Use` (a tag type, so that two buffers in use at once never share one):
-/// kept between calls up to 64 MiB, its pages already mapped (a fresh
-/// buffer's page faults cost more than the products they feed: 3 MB of
-/// activations allocated per call made an E8A2 layer at 512 tokens 1.45×
-/// slower), and a larger request in `own`, freed with it, so a long prefill
-/// does not leave every thread holding its size. Valid until the thread's
-/// next call for the same Use; read it through the pointer (inside a
-/// parallel region a thread_local names each thread's own).
+/// How many values of T the buffers kept between calls hold (64 MiB).
 template <class T>
 constexpr std::size_t kept_count() {
   return (std::size_t(64) << 20) / sizeof(T);
@@ -848,6 +842,15 @@ inline T* thread_kept(std::size_t count) {
   if (kept.size() < count) kept.resize(count);
   return kept.data();
 }
+/// Storage for `count` values of T on the calling thread, one store per
+/// `Use` (a tag type, so that two buffers in use at once never share one):
+/// kept between calls up to 64 MiB, its pages already mapped (a fresh
+/// buffer's page faults cost more than the products they feed: 3 MB of
+/// activations allocated per call made an E8A2 layer at 512 tokens 1.45×
+/// slower), and a larger request in `own`, freed with it, so a long prefill
+/// does not leave every thread holding its size. Valid until the thread's
+/// next call for the same Use; read it through the pointer (inside a
+/// parallel region a thread_local names each thread's own).
 template <class Use, class T>
 inline T* thread_scratch(std::size_t count, std::vector<T>& own) {
   if (count <= kept_count<T>()) return thread_kept<Use, T>(count);
@@ -1010,52 +1013,58 @@ inline void pack_token_panels(const std::vector<token_panel_fill>& fills) {
 }
 
 /// Storage on the calling thread for tokens packed once, and the panels
-/// that fill it: need() every operand, then add() each with the same
-/// arguments. Only tokens that several products read are worth it
-/// (`shared`), and only while they fit the buffers kept between calls
-/// (thread_scratch's 64 MiB of each form): past that, each product packs
-/// its own depth blocks rather than the call faulting in fresh pages for a
-/// copy of every token (a long prefill's activations). One token_storage
-/// per thread at a time: they share the kept buffers.
+/// that fill it: add() every operand, then place() them. Only tokens that
+/// several products read are worth it (`shared`), and only while they fit
+/// the buffers kept between calls (thread_scratch's 64 MiB of each form):
+/// past that, each product packs its own depth blocks rather than the call
+/// faulting in fresh pages for a copy of every token (a long prefill's
+/// activations). One token_storage per thread at a time: they share the
+/// kept buffers.
 class token_storage {
  public:
-  void need(token_form form, index_t m, index_t k, bool shared) {
-    if (!shared) return;
-    if (form == token_form::values) values_ += size(m, k);
-    if (form == token_form::pairs) words_ += size(m, (k + 1) / 2);
-  }
-  /// Room for m tokens (rows src[t]) of depth k packed in `form`, set as
-  /// that form's place in `into`, and the panels that fill it appended to
-  /// `todo`; nothing for in_place, tokens not `shared`, or past the kept size.
+  /// Asks for m tokens (rows src[t]) of depth k packed in `form`, if it is
+  /// not in_place and they are `shared`: place() sets where in `into` and
+  /// appends the panels that fill it to `todo`.
   void add(const float* const* src, index_t m, index_t k, token_form form, bool shared, prepacked_tokens& into,
            std::vector<token_panel_fill>& todo) {
     if (form == token_form::in_place || !shared) return;
-    if (!allocated_) {
-      struct token_values;
-      struct token_pairs;
-      fits_ = values_ <= kept_count<float>() && words_ <= kept_count<std::uint32_t>();
-      if (fits_) next_value_ = thread_kept<token_values, float>(values_), next_word_ = thread_kept<token_pairs, std::uint32_t>(words_);
-      allocated_ = true;
-    }
-    if (!fits_) return;
     const bool pairs = form == token_form::pairs;
-    const index_t step = (pairs ? (k + 1) / 2 : k) * gemm_mr;  // one panel's values or pairs
-    const token_panels tp{m};
-    for (index_t ip = 0; ip < tp.count(); ++ip)
-      todo.push_back({src + tp.start(ip), tp.rows(ip), k, tp.count(), ip, pairs ? nullptr : next_value_, pairs ? next_word_ : nullptr});
-    if (pairs)
-      into.pairs = next_word_, next_word_ += tp.count() * step;
-    else
-      into.values = next_value_, next_value_ += tp.count() * step;
-    into.m = m, into.k = k;
+    (pairs ? words_ : values_) += std::size_t(token_panels{m}.count()) * std::size_t(panel_size(k, pairs));
+    asked_.push_back({src, m, k, pairs, &into, &todo});
+  }
+  /// Places every operand asked for in the kept buffers, or none if they
+  /// do not fit (each product then packs its own).
+  void place() {
+    struct token_values;
+    struct token_pairs;
+    if (values_ > kept_count<float>() || words_ > kept_count<std::uint32_t>()) return;
+    float* value = thread_kept<token_values, float>(values_);
+    std::uint32_t* word = thread_kept<token_pairs, std::uint32_t>(words_);
+    for (const request& r : asked_) {
+      const token_panels tp{r.m};
+      for (index_t ip = 0; ip < tp.count(); ++ip)
+        r.todo->push_back({r.src + tp.start(ip), tp.rows(ip), r.k, tp.count(), ip, r.pairs ? nullptr : value, r.pairs ? word : nullptr});
+      const index_t size = tp.count() * panel_size(r.k, r.pairs);
+      if (r.pairs)
+        r.into->pairs = word, word += size;
+      else
+        r.into->values = value, value += size;
+      r.into->m = r.m, r.into->k = r.k;
+    }
   }
 
  private:
-  static std::size_t size(index_t m, index_t depth) { return std::size_t(token_panels{m}.count() * gemm_mr) * std::size_t(depth); }
+  struct request {
+    const float* const* src;
+    index_t m, k;
+    bool pairs;
+    prepacked_tokens* into;
+    std::vector<token_panel_fill>* todo;
+  };
+  /// One token panel's values or pairs over depth k.
+  static index_t panel_size(index_t k, bool pairs) { return (pairs ? (k + 1) / 2 : k) * gemm_mr; }
+  std::vector<request> asked_;
   std::size_t values_ = 0, words_ = 0;
-  float* next_value_ = nullptr;
-  std::uint32_t* next_word_ = nullptr;
-  bool allocated_ = false, fits_ = false;
 };
 
 /// out[t, c] = Σ_k b[t][k]·a[c, k] for t < m tokens, where the columns c run

@@ -261,16 +261,11 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
   token_storage packs;
   for (std::size_t k = 0; k < jobs.size(); ++k)
     if (!jobs[k].h_rows.empty()) {
-      const job& j = jobs[k];
-      packs.need(j.tokens_form(), j.computed(), x.cols(), input_readers[k] > 1);
-      packs.need(j.tokens_form(), j.computed(), j.columns, h_readers[k] > 1);
-    }
-  for (std::size_t k = 0; k < jobs.size(); ++k)
-    if (!jobs[k].h_rows.empty()) {
       job& j = jobs[k];
       packs.add(j.inputs.data(), j.computed(), x.cols(), j.tokens_form(), input_readers[k] > 1, j.input_packed, input_fills);
       packs.add(j.h_rows.data(), j.computed(), j.columns, j.tokens_form(), h_readers[k] > 1, j.h_packed, h_fills);
     }
+  packs.place();
   run_on_team(fma >= min_parallel_fma, [&] {
     pack_token_panels(input_fills);
     for_each_task(std::ptrdiff_t(chunks.size()), [&](std::ptrdiff_t c) {

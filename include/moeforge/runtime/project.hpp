@@ -87,9 +87,9 @@ inline void project(const_matrix_ref x, std::initializer_list<projection> produc
   // Tokens that several tasks pack (as F32 panels or BF16 pairs) are packed once, on the team.
   std::vector<detail::token_panel_fill> fills;
   detail::token_storage storage;
-  for (const auto form : forms) storage.need(form, t, k, tasks > 1);
   detail::prepacked_tokens packed;
   for (const auto form : forms) storage.add(tokens.data(), t, k, form, tasks > 1, packed, fills);
+  storage.place();
   detail::run_on_team(fma >= detail::min_parallel_fma && tasks > 1, [&] {
     detail::pack_token_panels(fills);
     detail::for_each_task(tasks, [&](index_t task) {
