@@ -887,7 +887,7 @@ TEST_CASE("a product reads tokens packed once (F32 panels or BF16 pairs) as it r
   // run_jobs does.
   using namespace runtime::detail;
   std::mt19937 rng(42);
-  const auto rows_of = [](const matrix& x) {
+  const auto row_pointers = [](const matrix& x) {
     std::vector<const float*> rows;
     for (index_t t = 0; t < x.rows(); ++t) rows.push_back(x.row(t).data());
     return rows;
@@ -907,13 +907,13 @@ TEST_CASE("a product reads tokens packed once (F32 panels or BF16 pairs) as it r
                                                                   : token_form::in_place));
         const auto product = [&](const matrix& tokens, const prepacked_tokens& given) {
           matrix out(m, w.rows());
-          panel_product(blocks, rows_of(tokens).data(), m, depth, out.data(), out.outerStride(), given);
+          panel_product(blocks, row_pointers(tokens).data(), m, depth, out.data(), out.outerStride(), given);
           return out;
         };
         token_storage storage;
         prepacked_tokens packed;
         std::vector<token_panel_fill> todo;
-        const auto other_rows = rows_of(other);
+        const auto other_rows = row_pointers(other);
         storage.add(other_rows.data(), m, depth, form, true, packed, todo);
         storage.place();
         with_threads(2, [&] {
