@@ -295,11 +295,11 @@ TEST_CASE("the weight-streaming and packed products equal a plain double-precisi
   // 1 with up to four panels side by side, 2-6 (AVX-512) or 2 (AVX2) with
   // two: n = 31 gives 3 panels with AVX-512's 32-row panels, an odd one out),
   // weight rows (16 or 32 per panel, 8 per transposed group, 6 per streaming
-  // tile), depth (8 or 16 lanes, 256 per packed block, 1024 per streaming block).
+  // tile), depth (8 or 16 lanes, 256 or 1024 per depth block).
   std::mt19937 rng(5);
   for (index_t m : {1, 2, 3, 4, 5, 7, 9, 13, 32, 33, 48, 49, 97, 129, 193})
     for (index_t n : {1, 7, 15, 31, 33})
-      for (index_t k : {0, 7, 17, 256, 300, 1100}) {
+      for (index_t k : {0, 7, 17, 256, 300, 1024, 1100}) {
         const matrix b = random_matrix(m, k, rng), gate = random_matrix(n, k, rng), up = random_matrix(n + 2, k, rng);
         const matrix got = runtime::detail::times_transpose({runtime::detail::rows_of(gate), runtime::detail::rows_of(up)}, b);
         Eigen::MatrixXd want(m, 2 * n + 2), magnitude(m, 2 * n + 2);
@@ -893,7 +893,7 @@ TEST_CASE("a product reads tokens packed once (F32 panels or BF16 pairs) as it r
     return rows;
   };
   for (const dtype type : {dtype::bf16, dtype::f32})
-    for (index_t depth : {index_t(301), gemm_kc * 2}) {  // odd and across depth blocks, and whole blocks
+    for (index_t depth : {gemm_kc + 45, gemm_kc * 2}) {  // odd and across depth blocks, and whole blocks
       const matrix w = random_matrix(2 * gemm_nr + 13, depth, rng, 1.0f);
       const panel_matrix panels(w.data(), w.outerStride(), w.rows(), depth, {}, weight_format(type, true));
       // One panel, two, many (past gemm_tokens_in_place) and past a token block.

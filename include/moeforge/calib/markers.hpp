@@ -61,7 +61,7 @@ namespace detail {
 constexpr index_t marker_mr = runtime::detail::gemm_mr;  // tokens per micro-tile
 constexpr index_t marker_nr = runtime::detail::gemm_nr;  // NP gate + NP up columns
 constexpr index_t marker_np = marker_nr / 2;               // neurons per weight panel
-constexpr index_t marker_kc = runtime::detail::gemm_kc;
+constexpr index_t marker_kc = runtime::detail::pack_kc;    // (as tuned; the FFN's products block deeper with AVX-512)
 constexpr index_t marker_nc = 128;                         // neurons per B block (256 KiB, L2)
 constexpr index_t marker_mc = runtime::detail::gemm_mc;
 static_assert(marker_np % 8 == 0 && marker_nc % marker_np == 0, "panels hold whole groups of 8 neurons");

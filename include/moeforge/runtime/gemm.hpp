@@ -1,8 +1,8 @@
 // The packed GEMM (BLIS-style): weight rows in panels of NR rows laid out
 // [k][NR], which the MR×NR register-blocked micro-kernel reads sequentially,
-// KC deep so a weight micro-panel stays in L1 while every token panel passes
-// over it (whole, when one token panel's worth reads prepared panels and
-// nothing is reused). The panels are either built
+// KC deep, a weight micro-panel staying in L1 or L2 while every token panel of
+// a block passes over it (whole, when one token panel's worth reads prepared
+// panels and nothing is reused). The panels are either built
 // once (panel_matrix, runtime::prepare) and read in place, or packed per call
 // from row-major weights. Token operands are read in place from their rows
 // for few tokens, or packed into [k][MR] panels for many. Every output element
@@ -51,8 +51,31 @@ constexpr index_t gemm_nr = 32;
 constexpr index_t gemm_mr = 6;  // 12 ymm accumulators
 constexpr index_t gemm_nr = 16;
 #endif
-constexpr index_t gemm_kc = 256;  // depth of a packed block (weight micro-panel: 16 or 32 KiB, L1)
-constexpr index_t gemm_mc = 16;   // token panels per packed token block (96 or 128 tokens × KC, L2)
+/// Depth of a product's blocks: each token panel's call to the micro-kernel
+/// runs KC steps over one weight slice (F32: KC × NR × 4 bytes). With
+/// AVX-512, 1024 (slices of 128 KiB F32, 64 KiB BF16: L2, not L1): a call's
+/// work beside its loop (its tile's loads and stores, the next slices'
+/// fetch shares, picking its micro-kernel) comes a quarter as often as in
+/// 256-deep blocks, and L2 keeps the FMA pipes fed as well. Two builds alternated in one process (both orders, identical
+/// outputs): 1024 against 256 made a dense H 2048 × I 5632 FFN at 512
+/// tokens 5-7% faster (F32) and 9% (BF16), at 128 tokens 5% and 12%; E8A2
+/// at 512 tokens 2-4% (F32) and 5-7% (BF16), S1A1E8 and S3A3E8 (BF16)
+/// 3-6%, DeepSeek-V2-Lite (BF16) 9%; at 64 tokens S1A1E8 and S3A3E8 3-5%,
+/// Qwen3-30B-A3B unchanged, DeepSeek-V2-Lite (F32) 3% slower; 512 gained
+/// 2-4% less, the whole depth (2048) no more. (AVX2 keeps 256: it targets
+/// CPUs with half these caches, where it has not been measured; an AVX2
+/// build on this Zen 5 gained as much or more from 1024.) Few-token products
+/// over prepared panels read each panel's whole depth at once instead.
+#if defined(MOEFORGE_GEMM_AVX512)
+constexpr index_t gemm_kc = 1024;
+#else
+constexpr index_t gemm_kc = 256;
+#endif
+constexpr index_t gemm_mc = 16;  // token panels per packed token block (96 or 128 tokens × KC, L2; 8 gained nothing with KC 1024)
+/// Depth of the blocks panel_matrix packs weights in (through a buffer on
+/// the stack) and the CMoE markers multiply in (calib/markers.hpp).
+constexpr index_t pack_kc = 256;
+static_assert(pack_kc <= gemm_kc, "zero_row() serves both");
 constexpr index_t gemm_tile = gemm_mr * gemm_nr;
 /// Up to this many panels are read at once for one token (see
 /// panels_together).
@@ -543,15 +566,15 @@ class panel_matrix {
     auto owned = std::make_shared<std::vector<unsigned char, moeforge::detail::huge_page_allocator<unsigned char>>>(storage_bytes());
     unsigned char* out = owned->data();
     const bool in_place = src.type == dtype::f32 && reinterpret_cast<std::uintptr_t>(src.data) % alignof(float) == 0;
-    float widened[gemm_nr * gemm_kc];  // a depth block of a panel's rows, [row][k], when not read in place
-    float scratch[gemm_kc * gemm_nr];  // a BF16 panel's F32 values, one depth block
+    float widened[gemm_nr * pack_kc];  // a depth block of a panel's rows, [row][k], when not read in place
+    float scratch[pack_kc * gemm_nr];  // a BF16 panel's F32 values, one depth block
     bool finite = true;
     for (std::size_t s = 0; s < starts_.size(); ++s)
       for (index_t r = starts_[s]; r < segment_end(s); r += gemm_nr) {
         const std::size_t offset = std::size_t((first_panel_[s] + (r - starts_[s]) / gemm_nr) * depth * gemm_nr);
         const index_t count = std::min(gemm_nr, segment_end(s) - r);
-        for (index_t k0 = 0; k0 < depth; k0 += gemm_kc) {
-          const index_t kl = std::min(gemm_kc, depth - k0);
+        for (index_t k0 = 0; k0 < depth; k0 += pack_kc) {
+          const index_t kl = std::min(pack_kc, depth - k0);
           if (!in_place)
             for (index_t q = 0; q < count; ++q) src.widen(r + q, k0, kl, widened + q * kl);
           float* dst = type_ == dtype::f32 ? reinterpret_cast<float*>(out) + offset + std::size_t(k0 * gemm_nr) : scratch;
@@ -1099,8 +1122,8 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   const bool fits = given.m == m && given.k == k;
   const std::uint32_t* const pairs = dot && fits ? given.pairs : nullptr;
   const float* const values = f32_panels && fits ? given.values : nullptr;
-  // Depth blocks keep a weight slice in L1 while every token panel passes
-  // over it. One token panel's worth read in place from prepared panels
+  // Depth blocks keep a weight slice in L1 or L2 while every token panel
+  // passes over it. One token panel's worth read in place from prepared panels
   // reuses nothing, so its panels are read whole, each one long sequential
   // stream the prefetchers follow (F32 experts of 64 × 1408 at 6 tokens
   // each: 5-8% faster than in blocks of KC). (Even: vdpbf16ps takes pairs.
@@ -1182,7 +1205,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
           micro_kernel_slices(kl, token_rows{row}, in, count, tile, k0 == 0, rows, pf);
         };
         // Whole panels one weight panel at a time, each slice staying in L1
-        // while they all pass over it; then the short ones side by side.
+        // or L2 while they all pass over it; then the short ones side by side.
         for (index_t g = 0; g < group; ++g)
           for (index_t ip = ic; ip < iend; ++ip)
             if (side(ip) == 1) run(ip, g, 1);
