@@ -56,16 +56,17 @@ constexpr index_t gemm_nr = 16;
 /// AVX-512, 1024 (slices of 128 KiB F32, 64 KiB BF16: L2, not L1): a call's
 /// work beside its loop (its tile's loads and stores, the next slices'
 /// fetch shares, picking its micro-kernel) comes a quarter as often as in
-/// 256-deep blocks, and L2 keeps the FMA pipes fed as well. Two builds alternated in one process (both orders, identical
-/// outputs): 1024 against 256 made a dense H 2048 × I 5632 FFN at 512
-/// tokens 5-7% faster (F32) and 9% (BF16), at 128 tokens 5% and 12%; E8A2
-/// at 512 tokens 2-4% (F32) and 5-7% (BF16), S1A1E8 and S3A3E8 (BF16)
-/// 3-6%, DeepSeek-V2-Lite (BF16) 9%; at 64 tokens S1A1E8 and S3A3E8 3-5%,
-/// Qwen3-30B-A3B unchanged, DeepSeek-V2-Lite (F32) 3% slower; 512 gained
-/// 2-4% less, the whole depth (2048) no more. (AVX2 keeps 256: it targets
-/// CPUs with half these caches, where it has not been measured; an AVX2
-/// build on this Zen 5 gained as much or more from 1024.) Few-token products
-/// over prepared panels read each panel's whole depth at once instead.
+/// 256-deep blocks, and L2 keeps the FMA pipes fed as well. Two builds
+/// alternated in one process (both orders, identical outputs): 1024 against
+/// 256 made a dense H 2048 × I 5632 FFN at 512 tokens 5-7% faster (F32)
+/// and 9% (BF16), at 128 tokens 5% and 12%; E8A2 at 512 tokens 2-4% (F32)
+/// and 5-7% (BF16), S1A1E8 and S3A3E8 (BF16) 3-6%, DeepSeek-V2-Lite (BF16)
+/// 9%; at 64 tokens S1A1E8 and S3A3E8 3-5%, Qwen3-30B-A3B unchanged,
+/// DeepSeek-V2-Lite (F32) 3% slower. 512 gained 2-4% less than 1024, the
+/// whole depth (2048) no more. (AVX2 keeps 256: it targets CPUs with half
+/// these caches, where it has not been measured; an AVX2 build on this Zen 5
+/// gained as much or more from 1024.) Few-token products over prepared
+/// panels read each panel's whole depth at once instead.
 #if defined(MOEFORGE_GEMM_AVX512)
 constexpr index_t gemm_kc = 1024;
 #else
