@@ -1177,12 +1177,16 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
         // gemm_fetching_rows tokens or more fetch the slices after the group
         // (after the last, the first of the next depth block), each its
         // share, while they read theirs. (Rows never grow along the panels,
-        // so the fetching ones are the block's first.) Not a call reading
-        // one panel over the whole depth: its own rows fetched ahead
-        // (own_bytes_ahead) run on into the next panel, next in memory and
-        // next to be read, and fetching that panel too made a dense FFN at 8
-        // tokens 15-19% slower (BF16; F32 21-28%), S3A3E8's layer at 8 tokens
-        // 5-14%.
+        // so the fetching ones are the block's first.) Not the one token
+        // panel of a product reading one weight panel over the whole depth:
+        // its own rows fetched ahead (own_bytes_ahead) run on into the next
+        // panel, next in memory and next to be read, and fetching that panel
+        // too made a dense FFN at 8 tokens 15-19% slower (BF16; F32 21-28%),
+        // S3A3E8's layer at 8 tokens 5-14%. Several token panels over a
+        // depth of one block (the down products of experts up to gemm_kc
+        // wide) do fetch: Qwen3-30B-A3B's layer at 512 tokens (32 an expert)
+        // ran 4-5% faster so, E8A2 at 64 tokens 3-7% (A/B in one process,
+        // both orders, identical results).
         const auto side = [&](index_t ip) { return std::min(group, panels_together(tp.rows(ip))); };
         const auto run = [&](index_t ip, index_t g, index_t count) {
           const index_t rows = tp.rows(ip);
@@ -1191,7 +1195,7 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
           fetch_share pf;
           pf.own_ahead = !read[std::size_t(jp + g)];
           std::fill_n(read.begin() + (jp + g), count, 1);
-          if (ic == 0 && rows >= gemm_fetching_rows && (kl < k || count > 1))
+          if (ic == 0 && rows >= gemm_fetching_rows && (kl < k || count > 1 || mpanels > 1))
             for (index_t q = 0; q < count; ++q) {
               const auto j = std::size_t(jp + group + g + q);  // from npanels on, in the next depth block
               if (j >= std::size_t(2 * npanels) || (j < std::size_t(npanels) && !prepared[j]) || !slices[j].data) break;
