@@ -55,6 +55,26 @@ router fit_router_of(index_t experts, index_t top_k) {
   return r;
 }
 
+// A random layer of four routed experts of 8 neurons on h features.
+moe_layer fit_four_expert_layer(index_t h, std::mt19937& rng) {
+  test::layer_spec spec;
+  spec.hidden = h;
+  spec.widths = {8, 8, 8, 8};
+  return test::random_layer(spec, rng);
+}
+
+// What a fit stores beside the experts: the router's every tensor and the compensation.
+void require_same_fit(const moe_layer& a, const moe_layer& b) {
+  REQUIRE(b.router.kind == a.router.kind);
+  REQUIRE(b.router.weight == a.router.weight);
+  REQUIRE(b.router.bias == a.router.bias);
+  REQUIRE(b.router.projection == a.router.projection);
+  REQUIRE(b.router.projection_bias == a.router.projection_bias);
+  REQUIRE(b.router.weight_quad == a.router.weight_quad);
+  REQUIRE(b.compensation.bias == a.compensation.bias);
+  REQUIRE(b.compensation.means == a.compensation.means);
+}
+
 convert::cmoe_options fit_stories_options(const std::string& config, convert::cmoe_preset preset) {
   convert::cmoe_options o;
   o.config = convert::parse_cmoe_config(config);
@@ -122,10 +142,7 @@ TEST_CASE("a fitted quadratic scorer recovers a quadratic routing that a linear 
 TEST_CASE("novice compensation adds exactly zero at full activation and the unselected means otherwise") {
   std::mt19937 rng(13);
   const index_t h = 16, e = 4;
-  test::layer_spec spec;
-  spec.hidden = h;
-  spec.widths = {8, 8, 8, 8};
-  moe_layer m = test::random_layer(spec, rng);
+  moe_layer m = fit_four_expert_layer(h, rng);
   m.router.top_k = e;
   const matrix x = test::gaussian(40, h, rng);
   const matrix plain = runtime::moe_forward(m, x);
@@ -205,10 +222,7 @@ TEST_CASE("fitted routers and compensation round-trip the native format and do n
     for (std::size_t l = 0; l < w.layers.size(); ++l) {
       const auto& a = std::get<moe_layer>(w.layers[l].ffn);
       const auto& b = std::get<moe_layer>(converted[i].layers[l].ffn);
-      REQUIRE(a.router.weight == b.router.weight);
-      REQUIRE(a.router.weight_quad == b.router.weight_quad);
-      REQUIRE(a.router.projection == b.router.projection);
-      REQUIRE(a.compensation.means == b.compensation.means);
+      require_same_fit(a, b);
       REQUIRE(a.shared[0].weights.down == b.shared[0].weights.down);
     }
   }
@@ -226,16 +240,8 @@ TEST_CASE("fitted routers and compensation round-trip the native format and do n
   io::save_native(w, dir / "m");
   const model::weights back = io::load_native(dir / "m");
   for (std::size_t l = 0; l < w.layers.size(); ++l) {
-    const auto& a = std::get<moe_layer>(w.layers[l].ffn);
-    const auto& b = std::get<moe_layer>(back.layers[l].ffn);
-    REQUIRE(b.router.kind == a.router.kind);
-    REQUIRE(b.router.weight == a.router.weight);
-    REQUIRE(b.router.bias == a.router.bias);
-    REQUIRE(b.router.projection == a.router.projection);
-    REQUIRE(b.router.projection_bias == a.router.projection_bias);
-    REQUIRE(b.router.weight_quad == a.router.weight_quad);
-    REQUIRE(b.compensation.bias == a.compensation.bias);
-    REQUIRE(b.compensation.means == a.compensation.means);
+    INFO("layer " << l);
+    require_same_fit(std::get<moe_layer>(w.layers[l].ffn), std::get<moe_layer>(back.layers[l].ffn));
   }
   REQUIRE(runtime::moe_forward(std::get<moe_layer>(back.layers[1].ffn), x) == outputs[0]);
 
@@ -248,8 +254,7 @@ TEST_CASE("fitted routers and compensation round-trip the native format and do n
   const auto& ml = std::get<moe_layer>(bl.layers[0].ffn);
   REQUIRE(ml.router.kind == router_kind::linear_topk);
   REQUIRE_FALSE(ml.compensation.active());
-  REQUIRE(ml.router.weight == std::get<moe_layer>(wl.layers[0].ffn).router.weight);
-  REQUIRE(ml.router.bias == std::get<moe_layer>(wl.layers[0].ffn).router.bias);
+  require_same_fit(std::get<moe_layer>(wl.layers[0].ffn), ml);
 
   // Hugging Face has neither: the export says why.
   REQUIRE_THROWS_WITH(io::save_hf(wl, dir / "hf"), Catch::Contains("linear_topk"));
@@ -282,10 +287,7 @@ TEST_CASE("a fitted conversion gives the same bits whatever cache sizes Eigen de
 TEST_CASE("a fitted router's multiply-adds count in the active fraction") {
   std::mt19937 rng(16);
   const index_t h = 16, e = 4;
-  test::layer_spec spec;
-  spec.hidden = h;
-  spec.widths = {8, 8, 8, 8};
-  moe_layer m = test::random_layer(spec, rng);
+  moe_layer m = fit_four_expert_layer(h, rng);
   const matrix x = test::gaussian(10, h, rng);
   const auto before = runtime::count_work(m, runtime::select(m, x));
   CHECK(before.router == 0);
