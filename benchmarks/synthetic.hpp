@@ -205,7 +205,7 @@ inline nlohmann::json hf_config_json(const model_shape& s, index_t layers, index
                    {"rope_theta", 10000.0},
                    {"tie_word_embeddings", false},
                    {"hidden_act", "silu"},
-                   {"torch_dtype", stored == dtype::bf16 ? "bfloat16" : "float32"}};
+                   {"torch_dtype", std::string(torch_dtype_name(stored))}};
   if (s.experts) {
     j["num_local_experts"] = s.experts;
     j["num_experts_per_tok"] = s.top_k;
@@ -224,7 +224,6 @@ inline std::uint64_t write_synthetic_hf(const model_shape& s, index_t layers, dt
   namespace fs = std::filesystem;
   using moeforge::detail::cat;
   if (layers < 1 || shards < 1 || context < 1) throw config_error("make-model: layers, shards and context must be positive");
-  if (stored != dtype::f32 && stored != dtype::bf16) throw config_error("make-model: the dtype must be F32 or BF16");
   const fs::path dir = io::output_path(out);
   io::check_output_dir(dir.string(), false);
   const auto plan = hf_tensor_plan(s, layers);

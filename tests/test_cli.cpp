@@ -299,14 +299,16 @@ TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, 
 
 TEST_CASE("sparsify and prune stream a sharded Hugging Face checkpoint to the model --in-memory writes, and refuse --scope global") {
   const temp_dir scratch;
-  // Mixtral in BF16 (both paths store the conversion in the source's dtype), with the tokenizer's vocabulary.
-  const std::string src = sharded_hf(scratch, "mixtral", moeforge::dtype::bf16, 3, {}, true, 512);
-  const std::vector<std::vector<std::string>> commands{
-      {"sparsify", "dualsparse", "--partition", "2", "--metric", "b", "--policy", "2t", "--drop-rate", "0.2", "--scope", "layer"},
-      {"prune", "mone", "--count", "1"}};
-  for (const auto& command : commands) {
+  // Mixtral with the tokenizer's vocabulary, in BF16 for one command and F16
+  // for the other: both paths store the conversion in the source's dtype.
+  const std::vector<std::pair<std::vector<std::string>, moeforge::dtype>> commands{
+      {{"sparsify", "dualsparse", "--partition", "2", "--metric", "b", "--policy", "2t", "--drop-rate", "0.2", "--scope", "layer"},
+       moeforge::dtype::bf16},
+      {{"prune", "mone", "--count", "1"}, moeforge::dtype::f16}};
+  for (const auto& [command, type] : commands) {
     const std::string what = command.front() == "prune" ? "pruning" : "sparsification";
     CAPTURE(command[1]);
+    const std::string src = sharded_hf(scratch, std::string("mixtral-") + std::string(moeforge::dtype_name(type)), type, 3, {}, true, 512);
     auto args = command;
     args.insert(args.end(), {"--model", src, "--tokenizer", data_file("models/stories260K/tok512.bin"), "--calib", text("tinystories_calib.txt"),
                              "--calib-tokens", "256", "--quiet"});
@@ -321,7 +323,8 @@ TEST_CASE("sparsify and prune stream a sharded Hugging Face checkpoint to the mo
     INFO(m.err);
     REQUIRE(m.code == 0);
     const auto got = moeforge::io::load_model(scratch / "streamed"), want = moeforge::io::load_model(scratch / "in-memory");
-    CHECK(want.weight_dtype == moeforge::dtype::bf16);
+    CHECK(want.stored_dtype() == type);
+    for (const char* dir : {"streamed", "in-memory"}) CHECK(moeforge::io::safetensors_checkpoint(scratch / dir).matrix_dtype() == type);
     for (std::size_t l = 0; l < 3; ++l) CHECK(moeforge::io::detail::layer_json(got.layers[l]) == moeforge::io::detail::layer_json(want.layers[l]));
     const auto a = named_tensors(got), b = named_tensors(want);
     REQUIRE(a.size() == b.size());

@@ -70,7 +70,7 @@ std::set<std::string> stored_types(const std::string& file, std::size_t rank) {
 
 }  // namespace
 
-TEST_CASE("native and Hugging Face exports keep a BF16 model's matrices in BF16, never rounding a value") {
+TEST_CASE("native and Hugging Face exports keep a BF16 or F16 model's matrices in their type, never rounding a value") {
   temp_dir tmp;
   const std::vector<std::int32_t> tokens{1, 5, 9, 33, 2, 17, 39, 0};
   // Every layer kind, as a BF16 model holds it: matrices exact in BF16.
@@ -92,20 +92,34 @@ TEST_CASE("native and Hugging Face exports keep a BF16 model's matrices in BF16,
   CHECK(stored_types(tmp / "edited/model.safetensors", 2) == std::set<std::string>{"F32"});
   CHECK(io::load_native(tmp / "edited").layers[0].wq == edited.layers[0].wq);
 
-  // A BF16 Hugging Face checkpoint exported both ways stays BF16 and reloads to the same logits.
-  bench::write_synthetic_hf(bench::find_shape("tiny"), 2, dtype::bf16, 1, 5, tmp / "hf", 64);
-  const model::weights hf = io::load_model(tmp / "hf");
-  REQUIRE(hf.weight_dtype == dtype::bf16);
-  io::save_hf(hf, tmp / "hf2");
-  io::save_native(hf, tmp / "native");
-  CHECK(stored_types(tmp / "hf2/model.safetensors", 2) == std::set<std::string>{"BF16"});
-  CHECK(nlohmann::json::parse(std::ifstream(tmp / "hf2/config.json"))["torch_dtype"] == "bfloat16");
-  for (const char* dir : {"hf2", "native"}) {
-    CAPTURE(dir);
-    const model::weights again = io::load_model(tmp / dir);
-    CHECK(again.weight_dtype == dtype::bf16);
-    CHECK(logits(again, tokens).cwiseEqual(logits(hf, tokens)).all());
+  // A BF16 or F16 Hugging Face checkpoint exported both ways stays in its
+  // type and reloads to the same logits (F16 weights run as F32).
+  for (const dtype type : {dtype::bf16, dtype::f16}) {
+    const std::string name(dtype_name(type));
+    CAPTURE(name);
+    const std::string dir = tmp / name;
+    bench::write_synthetic_hf(bench::find_shape("tiny"), 2, type, 1, 5, dir + "/hf", 64);
+    const model::weights hf = io::load_model(dir + "/hf");
+    const dtype runs_as = type == dtype::f16 ? dtype::f32 : type;
+    REQUIRE(hf.weight_dtype == runs_as);
+    REQUIRE(hf.file_dtype == type);
+    io::save_hf(hf, dir + "/hf2");
+    io::save_native(hf, dir + "/native");
+    CHECK(nlohmann::json::parse(std::ifstream(dir + "/hf2/config.json"))["torch_dtype"] == std::string(torch_dtype_name(type)));
+    for (const char* out : {"hf2", "native"}) {
+      CAPTURE(out);
+      CHECK(stored_types(dir + "/" + out + "/model.safetensors", 2) == std::set<std::string>{name});
+      const model::weights again = io::load_model(dir + "/" + out);
+      CHECK(again.weight_dtype == runs_as);
+      CHECK(again.file_dtype == type);
+      CHECK(logits(again, tokens).cwiseEqual(logits(hf, tokens)).all());
+    }
   }
+  // An F16 model edited in F32 (a value F16 cannot hold) is written in F32.
+  model::weights f16 = io::load_model(tmp / "F16/hf");
+  f16.layers[0].wq(1, 2) = std::nextafter(f16.layers[0].wq(1, 2), 1.0f);
+  io::save_native(f16, tmp / "f16-edited");
+  CHECK(stored_types(tmp / "f16-edited/model.safetensors", 2) == std::set<std::string>{"F32"});
 }
 
 TEST_CASE("native: a CMoE-converted stories260K reloads to bit-identical logits") {

@@ -53,15 +53,15 @@ convert::cmoe_options stream_cmoe() {
   return o;
 }
 
-/// `got` has every tensor of `want`, in order, bit for bit, or (BF16 stored)
-/// rounded to nearest even from want's FP32.
+/// `got` has every tensor of `want`, in order, bit for bit, or (BF16 or F16
+/// stored) rounded to nearest even from want's FP32.
 void check_stream_tensors(const model::weights& got, const model::weights& want, dtype stored) {
   const auto a = named_tensors(got), b = named_tensors(want);
   REQUIRE(a.size() == b.size());
   for (std::size_t i = 0; i < a.size(); ++i) {
     CAPTURE(a[i].first);
     REQUIRE(a[i].first == b[i].first);
-    CHECK(a[i].second == (stored == dtype::bf16 ? rounded_to_bf16(b[i].second) : b[i].second));
+    CHECK(a[i].second == rounded_to(stored, b[i].second));
   }
 }
 
@@ -76,13 +76,15 @@ std::vector<std::string> stream_listing(const fs::path& dir) {
 
 TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the in-memory conversion", "[stream]") {
   temp_dir dir;
-  const auto stored = GENERATE(dtype::f32, dtype::bf16);
+  const auto stored = GENERATE(dtype::f32, dtype::bf16, dtype::f16);
   CAPTURE(dtype_name(stored));
   const std::string src = sharded_hf(dir, "src", stored, 3);
   const auto win = stream_windows();
 
   model::weights want = io::load_model(src);
-  CHECK(want.weight_dtype == stored);
+  CHECK(want.weight_dtype == (stored == dtype::f16 ? dtype::f32 : stored));  // F16 runs as F32
+  const dtype source = want.stored_dtype();
+  CHECK(source == stored);
   convert::cmoe_model(want, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, win); }, stream_cmoe());
   CHECK(want.weight_dtype == dtype::f32);  // the converted layers are F32 values, whatever the source stored
 
@@ -99,9 +101,10 @@ TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the
 
   check_stream_tensors(io::load_model(dir / "out"), want, stored);
   CHECK(stream_listing(dir.path()) == std::vector<std::string>{"out", "src", "src.single"});
-  // The in-memory conversion saved in the source's type stores the same values.
+  // The in-memory conversion saved in the source's type (as the command
+  // line's in-memory path saves it) stores the same values.
   io::native_save_options as_source;
-  as_source.stored = stored;
+  as_source.stored = source;
   io::save_native(want, dir / "in-memory", {}, as_source);
   check_stream_tensors(io::load_model(dir / "in-memory"), want, stored);
 }

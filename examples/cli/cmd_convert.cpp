@@ -136,7 +136,7 @@ int convert_cmoe(int argc, char** argv) {
                             [&](const auto& windows, const auto& so) { return convert::cmoe_stream(a.get("model"), windows, a.get("out"), o, so); });
 
   model::weights w = load_model(a, "model-config");
-  const dtype source = w.weight_dtype;
+  const dtype source = w.stored_dtype();
   const auto dense_layers = std::count_if(w.layers.begin(), w.layers.end(), [](const model::layer& l) { return std::holds_alternative<ffn>(l.ffn); });
   if (dense_layers == 0)
     throw config_error("moeforge convert cmoe: every FFN of '" + a.get("model") + "' is already an MoE: there is nothing to convert");

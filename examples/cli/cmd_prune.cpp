@@ -75,7 +75,7 @@ int prune_mone(int argc, char** argv) {
   }
 
   model::weights w = load_model(a, "model-config");
-  const dtype source = w.weight_dtype;
+  const dtype source = w.stored_dtype();
   convert::validate(o, w);  // a dense model, or a count no layer can give
   const calibration cal = load_calibration(a, w);
   progress_bar bar(a.flag_set("quiet"));

@@ -85,7 +85,7 @@ int sparsify_dualsparse(int argc, char** argv) {
   }
 
   model::weights w = load_model(a, "model-config");
-  const dtype source = w.weight_dtype;
+  const dtype source = w.stored_dtype();
   const calibration cal = load_calibration(a, w);
   progress_bar bar(a.flag_set("quiet"));
   o.progress = std::ref(bar);

@@ -21,6 +21,13 @@ inline matrix rounded_to_bf16(const matrix& m) {
   return m.unaryExpr([](float v) { return bf16_to_f32(f32_to_bf16(v)); });
 }
 
+/// m as a file storing it in `type` holds it (rounded to nearest even).
+inline matrix rounded_to(dtype type, const matrix& m) {
+  if (type == dtype::bf16) return rounded_to_bf16(m);
+  if (type == dtype::f16) return m.unaryExpr([](float v) { return f16_to_f32(f32_to_f16(v)); });
+  return m;
+}
+
 inline void round_to_bf16(ffn& f) {
   for (matrix* w : {&f.gate, &f.up, &f.down}) *w = rounded_to_bf16(*w);
 }

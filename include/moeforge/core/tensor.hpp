@@ -41,6 +41,16 @@ inline std::string_view dtype_name(dtype t) {
   return "?";
 }
 
+/// The type's name in PyTorch, as Hugging Face's config.json gives it (torch_dtype).
+inline std::string_view torch_dtype_name(dtype t) {
+  switch (t) {
+    case dtype::f32: return "float32";
+    case dtype::f16: return "float16";
+    case dtype::bf16: return "bfloat16";
+  }
+  return "?";
+}
+
 /// A BF16 value as stored: the upper 16 bits of an IEEE float (weights kept
 /// in BF16 are arrays of these; the kernels widen them in registers).
 struct bfloat16 {
@@ -154,6 +164,16 @@ inline std::uint16_t f32_to_f16(float f) {
   std::uint32_t v = abs - 0x38000000u;  // rebias exponent 127 -> 15
   v += 0xfff + ((v >> 13) & 1);
   return std::uint16_t(sign | (v >> 13));
+}
+
+/// Whether every value is exact in `type`, so storing them in it loses
+/// nothing (always, for F32).
+inline bool exact_in(dtype type, const float* x, std::size_t n) {
+  if (type == dtype::bf16) return exact_in_bf16(x, n);
+  if (type == dtype::f32) return true;
+  for (std::size_t i = 0; i < n; ++i)
+    if (!(f16_to_f32(f32_to_f16(x[i])) == x[i])) return false;
+  return true;
 }
 
 namespace detail {

@@ -480,6 +480,7 @@ inline model::weights load_hf(const std::string& weights, const std::string& con
   detail::tensor_reader t(ck);
   model::weights w = detail::read_model(t, h, cat("hf model '", weights, "' (config '", config_path, "')"));
   w.weight_dtype = ck.weight_dtype();
+  w.file_dtype = ck.matrix_dtype();
   try {
     model::validate(w);
   } catch (const error& e) {
@@ -510,6 +511,7 @@ class hf_layers {
     detail::tensor_reader t(ck_);
     model::weights w = detail::read_globals(t, h_);
     w.weight_dtype = ck_.weight_dtype();
+    w.file_dtype = ck_.matrix_dtype();
     return w;
   }
 
@@ -625,8 +627,8 @@ inline std::optional<model::weights> with_complete_transformations(const model::
 }  // namespace detail
 
 /// Writes `w` as a Hugging Face directory (config.json + model.safetensors,
-/// per-expert 2-D tensors; matrices in BF16 where save_native would store
-/// them so, see detail::stored_matrix_dtype), atomically. A
+/// per-expert 2-D tensors; matrices in BF16 or F16 where save_native would
+/// store them so, see detail::stored_matrix_dtype), atomically. A
 /// DualSparse-partitioned layer is written as its complete transformation
 /// (E·P plain experts, same output). Dense models become "llama" (or
 /// "qwen2" with attention biases); MoE models "mixtral" or "qwen2_moe". Models
@@ -686,7 +688,7 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
                    {"bos_token_id", c.bos_token},
                    {"eos_token_id", c.eos_token},
                    {"hidden_act", "silu"},
-                   {"torch_dtype", stored == dtype::bf16 ? "bfloat16" : "float32"}};
+                   {"torch_dtype", std::string(torch_dtype_name(stored))}};
   static const std::map<std::string, std::string> architecture{
       {"llama", "LlamaForCausalLM"}, {"qwen2", "Qwen2ForCausalLM"}, {"mixtral", "MixtralForCausalLM"}, {"qwen2_moe", "Qwen2MoeForCausalLM"}};
   j["architectures"] = {architecture.at(type)};

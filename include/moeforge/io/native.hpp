@@ -1,7 +1,7 @@
 // moeforge's native model format: a directory holding the tensors and
 // `moeforge.json` (the config, what each layer is, and where the model came
 // from). The tensors are one `model.safetensors` (save_native: matrices in
-// the model's weight_dtype where that loses nothing, else F32), or
+// the model's stored_dtype() where that loses nothing, else F32), or
 // shards `model-0000k-of-0000N.safetensors` listed by
 // `model.safetensors.index.json` as Hugging Face shards them (a streamed
 // conversion, native_shard_writer: each tensor in its source's dtype, F32,
@@ -198,17 +198,19 @@ void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
   for (std::size_t i = 0; i < w.layers.size(); ++i) for_each_layer_tensor(i, w.layers[i], on_matrix, on_vector);
 }
 
-/// The type `w`'s matrices are written in: its weight_dtype when every value
-/// is exact in it, so a BF16 model stays BF16 (half the bytes, and it reloads
-/// to run as BF16 again) and nothing is ever rounded; else F32 (a model edited
-/// in F32 after loading whose weight_dtype was not reset).
+/// The type `w`'s matrices are written in: its stored_dtype() when every
+/// value is exact in it, so a BF16 model stays BF16 (half the bytes, and it
+/// reloads to run as BF16 again), an F16 one F16, and nothing is ever
+/// rounded; else F32 (a model edited in F32 after loading, such as a
+/// conversion's output).
 inline dtype stored_matrix_dtype(const model::weights& w) {
-  if (w.weight_dtype != dtype::bf16) return dtype::f32;
+  const dtype type = w.stored_dtype();
+  if (type == dtype::f32) return type;
   bool exact = true;
   for_each_tensor(
-      w, [&](const std::string&, const matrix& m) { exact = exact && exact_in_bf16(m.data(), std::size_t(m.size())); },
+      w, [&](const std::string&, const matrix& m) { exact = exact && exact_in(type, m.data(), std::size_t(m.size())); },
       [](const std::string&, const vector&) {});
-  return exact ? dtype::bf16 : dtype::f32;
+  return exact ? type : dtype::f32;
 }
 
 /// Every tensor of `w` that holds values, as safetensors views (an owning
@@ -779,6 +781,7 @@ class native_layers {
       r.fail(cat("describes ", layers.size(), " layers, config.n_layers is ", w.config.n_layers));
     for (std::size_t i = 0; i < layers.size(); ++i) w.layers.push_back(detail::layer_skeleton(r, layers[i], cat("layers[", i, "]")));
     w.weight_dtype = st_.weight_dtype();
+    w.file_dtype = st_.matrix_dtype();
     if (j.contains("panels")) read_panel_index(r, r.at(j, "panels", "manifest"));
     // Attention biases are optional; the file says whether they exist.
     for (std::size_t i = 0; i < w.layers.size(); ++i) {
@@ -819,6 +822,7 @@ class native_layers {
     w.config = skeleton_.config;
     w.weight_dtype = skeleton_.weight_dtype;
     w.panel_dtype = skeleton_.panel_dtype;
+    w.file_dtype = skeleton_.file_dtype;
     const auto read_tensor = [this](const std::string& name, auto& t) { read(name, t); };
     detail::for_each_global_tensor(w, read_tensor, read_tensor);
     try {

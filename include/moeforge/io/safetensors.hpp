@@ -17,6 +17,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -370,18 +371,21 @@ class safetensors_checkpoint {
     for (const auto& s : shards_) s.release();
   }
   const std::vector<safetensors_file>& shards() const { return shards_; }
-  /// BF16 when every matrix (2-D tensor) is stored in BF16, else F32: the
-  /// weight type a model read from here keeps by default.
-  io::dtype weight_dtype() const {
-    bool any = false;
+  /// The type every matrix (2-D tensor) is stored in (F32 when they differ
+  /// or there are none): what a model read from here is saved in again.
+  io::dtype matrix_dtype() const {
+    std::optional<io::dtype> common;
     for (const auto& f : shards_)
       for (const auto& t : f.tensors())
         if (t.shape.size() == 2) {
-          if (t.dtype != dtype::bf16) return dtype::f32;
-          any = true;
+          if (common && *common != t.dtype) return dtype::f32;
+          common = t.dtype;
         }
-    return any ? dtype::bf16 : dtype::f32;
+    return common.value_or(dtype::f32);
   }
+  /// BF16 when every matrix is stored in BF16, else F32: the weight type a
+  /// model read from here keeps by default (F16 is widened).
+  io::dtype weight_dtype() const { return matrix_dtype() == dtype::bf16 ? dtype::bf16 : dtype::f32; }
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& [name, shard] : where_) out.push_back(name);

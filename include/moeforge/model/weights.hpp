@@ -61,9 +61,16 @@ struct weights {
   /// run as by default even where its weights are read back plain; empty
   /// otherwise. See run_dtype().
   std::optional<dtype> panel_dtype;
+  /// The type the source file stored the matrices in (F32, F16 or BF16),
+  /// which a save keeps where it loses nothing (stored_dtype): F16 weights
+  /// run as F32 (weight_dtype), and are written back as F16.
+  dtype file_dtype = dtype::f32;
 
   /// What an owning transformer runs the weights as unless told otherwise.
   dtype run_dtype() const { return panel_dtype.value_or(weight_dtype); }
+  /// The type a save writes the matrices in when every value is exact in it
+  /// (else F32): BF16 weights' own, else the source file's.
+  dtype stored_dtype() const { return weight_dtype == dtype::bf16 ? dtype::bf16 : file_dtype; }
   const matrix& classifier() const { return config.tied_embeddings ? tok_emb : lm_head; }
 };
 
@@ -113,6 +120,7 @@ inline weights take_globals(weights& w) {
   g.lm_head = std::move(w.lm_head);
   g.weight_dtype = w.weight_dtype;
   g.panel_dtype = w.panel_dtype;
+  g.file_dtype = w.file_dtype;
   return g;
 }
 
