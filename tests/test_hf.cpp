@@ -180,6 +180,22 @@ TEST_CASE("hf: a Qwen2-MoE model (dense layers, shared expert, biases) round-tri
   CHECK(std::holds_alternative<ffn>(back.layers[0].ffn));
   CHECK((logits(back, probe_tokens) - logits(w, probe_tokens)).cwiseAbs().maxCoeff() == 0.0f);
 
+  // In BF16 the shared expert's gate, a [1, H] matrix in the file, is BF16
+  // like the other matrices, so the reloaded model still has one file type.
+  auto bf16 = w;
+  io::detail::for_each_tensor(
+      bf16, [](const std::string&, matrix& x) { x = rounded_to_bf16(x); }, [](const std::string&, vector&) {});
+  auto& gate = std::get<moe_layer>(bf16.layers[1].ffn).shared.front().gate;
+  gate = rounded_to_bf16(gate);
+  bf16.weight_dtype = dtype::bf16;
+  io::save_hf(bf16, tmp / "qwen-bf16");
+  const io::safetensors_checkpoint saved(tmp / "qwen-bf16");
+  CHECK(saved.info("model.layers.1.mlp.shared_expert_gate.weight").dtype == dtype::bf16);
+  const auto back16 = io::load_model(tmp / "qwen-bf16");
+  CHECK(back16.file_dtype == dtype::bf16);
+  CHECK(back16.weight_dtype == dtype::bf16);
+  CHECK(logits(back16, probe_tokens) == logits(bf16, probe_tokens));
+
   SECTION("decoder_sparse_step decides which layers are MoE") {
     auto c2 = cfg;
     c2["mlp_only_layers"] = nlohmann::json::array();

@@ -77,7 +77,10 @@ inline index_t visit_layers(model::weights& w, const ffn_inputs_fn& inputs, cons
     const matrix x = inputs(original ? *original : w, l);
     layer_visit v{l, f, x, [&, l](const std::string& stage) { tell(l, stage); }};
     method(v, now() - t0);
-    w.weight_dtype = dtype::f32;  // the method computed the new layer in F32: its values need not be exact in the stored type
+    // The method computed the new layer in F32: its values need not be exact
+    // in BF16, so the model runs as F32 unless told otherwise (a save still
+    // keeps the file's type where every value is exact in it: stored_dtype).
+    w.weight_dtype = dtype::f32;
     w.panel_dtype.reset();        // nor is a packed directory's run type the new model's
     tell(l, "done");
     ++visited;

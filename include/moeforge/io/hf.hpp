@@ -767,8 +767,11 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
     }
     if (!m.shared.empty()) {
       add_ffn(b + "shared_expert.", m.shared.front().weights, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+      // A [1, H] matrix in the file: in the matrices' type where that loses
+      // nothing, so the reloaded model's matrices still share one (file_dtype).
       const vector& g = m.shared.front().gate;
-      views.push_back({b + "shared_expert_gate.weight", {1, g.size()}, g.data()});
+      const dtype gate_type = exact_in(stored, g.data(), std::size_t(g.size())) ? stored : dtype::f32;
+      views.push_back({b + "shared_expert_gate.weight", {1, g.size()}, g.data(), gate_type});
     }
   }
   add_v("model.norm.weight", w.final_norm);

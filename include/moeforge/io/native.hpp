@@ -74,8 +74,8 @@ struct native_save_options {
   /// Files copied into the directory as (source path, name inside it), e.g. the tokenizer.
   std::vector<std::pair<std::string, std::string>> attachments;
   /// The type every tensor is stored in, rounded to nearest even: what a
-  /// conversion of a BF16 model writes (its new values computed in F32,
-  /// stored as its source was, as a streamed conversion stores them). By
+  /// conversion of a BF16 or F16 model writes (its new values computed in
+  /// F32, stored as its source was, as a streamed conversion stores them). By
   /// default nothing is rounded: matrices in detail::stored_matrix_dtype(w),
   /// vectors in F32.
   std::optional<dtype> stored;
@@ -201,8 +201,9 @@ void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
 /// The type `w`'s matrices are written in: its stored_dtype() when every
 /// value is exact in it, so a BF16 model stays BF16 (half the bytes, and it
 /// reloads to run as BF16 again), an F16 one F16, and nothing is ever
-/// rounded; else F32 (a model edited in F32 after loading, such as a
-/// conversion's output).
+/// rounded; else F32 (a model edited in F32 after loading, such as a CMoE
+/// conversion's new routers; a conversion that only moves values, such as
+/// DualSparse's partition, stays in the file's type).
 inline dtype stored_matrix_dtype(const model::weights& w) {
   const dtype type = w.stored_dtype();
   if (type == dtype::f32) return type;

@@ -445,7 +445,7 @@ struct tensor_view {
   std::string name;
   std::vector<std::int64_t> shape;
   const float* data = nullptr;
-  dtype stored = dtype::f32;  ///< the type written (BF16 rounded to nearest even)
+  dtype stored = dtype::f32;  ///< the type written (F16 and BF16 rounded to nearest even)
 };
 
 namespace detail {
