@@ -1,8 +1,10 @@
 // Core types: dtype conversion, FFN and MoE-layer validation, matrix reuse.
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <limits>
 #include <set>
+#include <vector>
 
 #include "moeforge/core/memory.hpp"
 #include "moeforge/core/moe.hpp"
@@ -32,6 +34,21 @@ TEST_CASE("f16 conversion rounds to nearest even and saturates to infinity") {
   CHECK(f16_to_f32(f32_to_f16(65504.0f)) == 65504.0f);
   CHECK(f16_to_f32(f32_to_f16(5.96046448e-8f)) == 5.96046448e-8f);  // smallest subnormal
   CHECK(bf16_to_f32(f32_to_bf16(1.00390625f)) == 1.0f);             // tie to even
+}
+
+TEST_CASE("exact_in tells whether a type holds every value, which is when saving in it loses nothing") {
+  const auto exact = [](dtype type, std::vector<float> v) { return exact_in(type, v.data(), v.size()); };
+  // F16: 10 mantissa bits, 65504 the largest, 2^-24 the smallest subnormal, 2^-14 the smallest normal.
+  CHECK(exact(dtype::f16, {0.0f, -0.0f, 1.0f + 1.0f / 1024, -65504.0f, 5.96046448e-8f, 6.103515625e-5f}));
+  CHECK_FALSE(exact(dtype::f16, {1.0f, 1.0f + 1.0f / 2048}));  // rounds to 1
+  CHECK_FALSE(exact(dtype::f16, {65520.0f}));                   // overflows to infinity
+  CHECK_FALSE(exact(dtype::f16, {2.98023224e-8f}));             // 2^-25: below the smallest subnormal
+  CHECK_FALSE(exact(dtype::f16, {std::numeric_limits<float>::quiet_NaN()}));
+  // BF16: 7 mantissa bits, F32's range.
+  CHECK(exact(dtype::bf16, {0.0f, -0.0f, 1.0f + 1.0f / 128, -3.0f, std::ldexp(1.0f, 100)}));
+  CHECK_FALSE(exact(dtype::bf16, {1.0f + 1.0f / 256}));
+  CHECK_FALSE(exact(dtype::bf16, {65505.0f}));
+  CHECK(exact(dtype::f32, {1.0f + 1.0f / (1 << 23), std::numeric_limits<float>::denorm_min()}));
 }
 
 namespace {
