@@ -102,7 +102,7 @@ TEST_CASE("F16 and BF16 checkpoints run exactly as F32 checkpoints of the same r
     INFO(dtype_name(type));
     auto rounded = hf.tensors;
     for (auto& t : rounded)
-      for (float& v : t.values) v = type == dtype::f16 ? f16_to_f32(f32_to_f16(v)) : bf16_to_f32(f32_to_bf16(v));
+      for (float& v : t.values) v = stored_value(type, v);
     const std::string half = hf.empty_copy("half-" + std::string(dtype_name(type)));
     const std::string full = hf.empty_copy("full-" + std::string(dtype_name(type)));
     write_tensors(half + "/model.safetensors", hf.tensors, type);

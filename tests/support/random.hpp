@@ -16,17 +16,13 @@ inline matrix random_matrix(index_t r, index_t c, std::mt19937& rng, float scale
   return m;
 }
 
-/// m with every value rounded to the nearest BF16: what BF16 panels hold.
-inline matrix rounded_to_bf16(const matrix& m) {
-  return m.unaryExpr([](float v) { return bf16_to_f32(f32_to_bf16(v)); });
-}
-
 /// m as a file storing it in `type` holds it (rounded to nearest even).
 inline matrix rounded_to(dtype type, const matrix& m) {
-  if (type == dtype::bf16) return rounded_to_bf16(m);
-  if (type == dtype::f16) return m.unaryExpr([](float v) { return f16_to_f32(f32_to_f16(v)); });
-  return m;
+  return m.unaryExpr([type](float v) { return stored_value(type, v); });
 }
+
+/// m with every value rounded to the nearest BF16: what BF16 panels hold.
+inline matrix rounded_to_bf16(const matrix& m) { return rounded_to(dtype::bf16, m); }
 
 inline void round_to_bf16(ffn& f) {
   for (matrix* w : {&f.gate, &f.up, &f.down}) *w = rounded_to_bf16(*w);
