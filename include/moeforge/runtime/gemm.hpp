@@ -859,12 +859,20 @@ template <class T>
 constexpr std::size_t kept_count() {
   return (std::size_t(64) << 20) / sizeof(T);
 }
+/// `v`'s storage for at least `count` values. A thread's scratch vector only
+/// grows: resizing one that had shrunk value-initialises all it regrows, and
+/// the sizes asked for alternate from call to call (attention's blocks, an
+/// expert's tokens), so a plain resize zeroed megabytes per product.
+template <class T>
+inline T* at_least(std::vector<T>& v, std::size_t count) {
+  if (v.size() < count) v.resize(count);
+  return v.data();
+}
 /// The kept store alone, for count ≤ kept_count<T>().
 template <class Use, class T>
 inline T* thread_kept(std::size_t count) {
   thread_local std::vector<T> kept;
-  if (kept.size() < count) kept.resize(count);
-  return kept.data();
+  return at_least(kept, count);
 }
 /// Storage for `count` values of T on the calling thread, one store per
 /// `Use` (a tag type, so that two buffers in use at once never share one):
@@ -1130,13 +1138,13 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   // each: 5-8% faster than in blocks of KC). (Even: vdpbf16ps takes pairs.
   // Prepacked tokens come in blocks of KC, which one panel reads in order.)
   const index_t kc = m <= gemm_mr && packed_panels == 0 ? (k + 1) / 2 * 2 : gemm_kc;
-  apack.resize(std::size_t(packed_panels * gemm_nr * kc));
-  if (f32_panels && !values) bpack.resize(std::size_t(gemm_mc * gemm_mr * kc));
-  if (dot && !pairs) bpairs.resize(std::size_t(std::min(mpanels, gemm_mc) * gemm_mr * (kc / 2)));
-  tiles.resize(std::size_t(mpanels * npanels * gemm_tile));
+  at_least(apack, std::size_t(packed_panels * gemm_nr * kc));
+  if (f32_panels && !values) at_least(bpack, std::size_t(gemm_mc * gemm_mr * kc));
+  if (dot && !pairs) at_least(bpairs, std::size_t(std::min(mpanels, gemm_mc) * gemm_mr * (kc / 2)));
+  at_least(tiles, std::size_t(mpanels * npanels * gemm_tile));
   // This depth block's slices, then the next block's prepared ones (empty
   // where packed per call), which the last panels of this block prefetch.
-  slices.resize(std::size_t(2 * npanels));
+  at_least(slices, std::size_t(2 * npanels));
   prepared.clear();
   for (const auto& blk : a) prepared.insert(prepared.end(), std::size_t(blk.panel_count()), blk.panels != nullptr);
   for (index_t k0 = 0; k0 < k; k0 += kc) {

@@ -97,7 +97,7 @@ inline void fill_activations(job& j, index_t hidden, index_t i0, index_t count) 
   const index_t n0 = j.first + i0, n = index_t(j.inputs.size());
   thread_local std::vector<float> out;
   const index_t width = j.gated() ? 2 * count : count;
-  out.resize(std::size_t(n * width));
+  at_least(out, std::size_t(n * width));
   if (j.gated())
     panel_product({j.neurons(true, n0, count), j.neurons(false, n0, count)}, j.inputs.data(), n, hidden, out.data(), width, j.input_packed);
   else
@@ -131,7 +131,7 @@ inline void add_part(const job& j, index_t r0, index_t rows, const float* part, 
 inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
   thread_local std::vector<float> part;
   if (!j.novice) {
-    part.resize(j.tokens.size() * std::size_t(rows));
+    at_least(part, j.tokens.size() * std::size_t(rows));
     down_part(j, r0, rows, part.data(), rows);
   }
   add_part(j, r0, rows, part.data(), rows, y);
