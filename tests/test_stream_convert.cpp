@@ -105,8 +105,39 @@ TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the
   // line's in-memory path saves it) stores the same values.
   io::native_save_options as_source;
   as_source.stored = source;
+  as_source.as_source = true;
   io::save_native(want, dir / "in-memory", {}, as_source);
   check_stream_tensors(io::load_model(dir / "in-memory"), want, stored);
+}
+
+TEST_CASE("a checkpoint mixing types (F32 norms and head, BF16 weights) keeps each tensor's through both conversions", "[stream]") {
+  temp_dir dir;
+  const std::string src = sharded_hf(dir, "src", dtype::bf16, 2, {}, false, 64, kept_in_f32);
+  const auto win = stream_windows();
+  const model::weights source = io::load_model(src);
+  // Values BF16 cannot hold: a conversion that rounded the norms would show.
+  REQUIRE_FALSE(exact_in(dtype::bf16, source.layers[0].attn_norm.data(), std::size_t(source.layers[0].attn_norm.size())));
+  model::weights want = source;
+  convert::cmoe_model(want, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, win); }, stream_cmoe());
+  io::native_save_options as_source;
+  as_source.stored = source.stored_dtype();
+  as_source.as_source = true;
+  io::save_native(want, dir / "in-memory", {}, as_source);
+  CHECK(convert::cmoe_stream(src, win, dir / "streamed", stream_cmoe(), {}).complete);
+
+  // The tensors the file held keep its types; the new ones (experts, routers) take their layer's weights' type.
+  for (const char* out : {"in-memory", "streamed"}) check_stored_types(dir / out, dtype::bf16, norm_or_head);
+  const auto a = named_tensors(io::load_model(dir / "streamed")), b = named_tensors(io::load_model(dir / "in-memory"));
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    CAPTURE(a[i].first);
+    REQUIRE(a[i].first == b[i].first);
+    CHECK(a[i].second == b[i].second);
+  }
+  const auto got = io::load_model(dir / "in-memory");
+  CHECK(got.layers[0].attn_norm == source.layers[0].attn_norm);
+  CHECK(got.final_norm == source.final_norm);
+  CHECK(got.lm_head == source.lm_head);
 }
 
 TEST_CASE("a conversion stopped after a layer and resumed writes the identical model; other options or tokens are refused", "[stream]") {

@@ -4,12 +4,14 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
 #include "moeforge/io/hf.hpp"
@@ -30,9 +32,10 @@ struct hf_damage {
 /// A small random LLaMA model (`moe`: Mixtral, 4 experts of 24 neurons, top 2;
 /// 3 layers, 32 wide, context 64, `vocab` tokens)
 /// written as a Hugging Face directory of `shards` shards, tensors dealt
-/// round-robin so every layer is spread over all of them.
+/// round-robin so every layer is spread over all of them, in `stored` but
+/// for the tensors `in_f32` names (a checkpoint mixing types).
 inline std::string sharded_hf(const temp_dir& dir, const std::string& name, dtype stored, int shards, const hf_damage& d = {}, bool moe = false,
-                              index_t vocab = 64) {
+                              index_t vocab = 64, const std::function<bool(const std::string&)>& in_f32 = {}) {
   std::mt19937 rng(11);
   model::weights w;
   auto& c = w.config;
@@ -86,12 +89,38 @@ inline std::string sharded_hf(const temp_dir& dir, const std::string& name, dtyp
     if (!files[k]) files[k].emplace(out + "/" + file, 1 << 16);
     auto shape = t.shape;
     if (t.name == d.misshape) std::swap(shape.front(), shape.back());
-    files[k]->add(t.name, shape, src.read(t.name).data(), stored);
+    files[k]->add(t.name, shape, src.read(t.name).data(), in_f32 && in_f32(t.name) ? dtype::f32 : stored);
     map[t.name] = file;
   }
   for (auto& f : files) f->finish();
   write_json(out + "/model.safetensors.index.json", {{"weight_map", map}});
   return out;
+}
+
+inline bool ends_with(const std::string& s, const std::string& end) {
+  return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+}
+
+/// Norms, Mixtral's routers and the classifier: the tensors some checkpoints
+/// keep in F32 beside BF16 weights.
+inline bool kept_in_f32(const std::string& hf_name) {
+  return ends_with(hf_name, "norm.weight") || ends_with(hf_name, ".gate.weight") || hf_name == "lm_head.weight";
+}
+
+/// The native names of the norms and the classifier, which a source written
+/// with kept_in_f32 stores in F32 (its routers too, where a conversion keeps them).
+inline bool norm_or_head(const std::string& native_name) {
+  return ends_with(native_name, "_norm") || native_name == "lm_head";
+}
+
+/// Every tensor of the native directory `dir` is stored in `stored`, but
+/// those `in_f32` names (native names), in F32.
+inline void check_stored_types(const std::string& dir, dtype stored, const std::function<bool(const std::string&)>& in_f32) {
+  const io::safetensors_checkpoint ck(dir);
+  for (const auto& name : ck.names()) {
+    CAPTURE(dir, name);
+    CHECK(dtype_name(ck.info(name).dtype) == dtype_name(in_f32(name) ? dtype::f32 : stored));
+  }
 }
 
 /// Every tensor of a model, by native name, in the walk's order.

@@ -327,10 +327,11 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
 
     t0 = clock::now();
     tell(l, "write");
+    const auto type = [&](const std::string& name) { return io::detail::as_source_type(one.layers.front().file_dtypes, io::detail::name_in_layer(name), stored); };
     io::detail::for_each_layer_tensor(
         std::size_t(l), one.layers.front(),
-        [&](const std::string& name, const matrix& m) { writer->add(name, {m.rows(), m.cols()}, m.data(), stored); },
-        [&](const std::string& name, const vector& v) { writer->add(name, {v.size()}, v.data(), stored); });
+        [&](const std::string& name, const matrix& m) { writer->add(name, {m.rows(), m.cols()}, m.data(), type(name)); },
+        [&](const std::string& name, const vector& v) { writer->add(name, {v.size()}, v.data(), type(name)); });
     layer_manifests.push_back(io::detail::layer_json(one.layers.front()));
     io::detail::for_each_layer_tensor(
         std::size_t(l), one.layers.front(), [&](const std::string&, matrix& m) { hand_back(m, pool.sink()); }, [](const std::string&, vector&) {});

@@ -276,7 +276,7 @@ class tensor_reader {
     matrix m = moeforge::detail::new_matrix(pool_, rows, c);
     ck_.read_rows(name, first, std::size_t(rows * c), m.data());
     moeforge::detail::require_finite(m, what);
-    used_.insert(name);
+    read_as(m.data(), name);
     return m;
   }
   // An FFN whose tensors are only checked against the headers, never read: released, with their shape.
@@ -287,6 +287,20 @@ class tensor_reader {
     return f;
   }
   void skip(const std::string& name) { used_.insert(name); }
+
+  /// Records in `l` (layer `li`) the type the file stored each tensor in that
+  /// this reader read into it (see model::layer::file_dtypes); a tensor the
+  /// loader made from another (Qwen2-MoE's shared-expert gate, a row copied
+  /// out) is not recorded.
+  void record_file_dtypes(model::layer& l, index_t li) const {
+    const auto note = [&](const std::string& name, const auto& t) { note_type(l.file_dtypes, name_in_layer(name), t.data()); };
+    for_each_layer_tensor(std::size_t(li), l, note, note);
+  }
+  /// The same for the tensors outside the layers.
+  void record_file_dtypes(model::weights& w) const {
+    const auto note = [&](const std::string& name, const auto& t) { note_type(w.file_dtypes, name, t.data()); };
+    for_each_global_tensor(w, note, note);
+  }
 
   // Every tensor of the checkpoint must have been used.
   void require_all_used(const std::string& what) const {
@@ -299,15 +313,23 @@ class tensor_reader {
   template <class M>
   M checked(M m, const std::string& name) {
     moeforge::detail::require_finite(m, tensor_label(name));
-    used_.insert(name);
+    read_as(m.data(), name);
     return m;
+  }
+  // The tensor whose values are (or will be) at `data` was read from `name`.
+  void read_as(const float* data, const std::string& name) {
+    used_.insert(name);
+    types_[data] = ck_.info(name).dtype;
+  }
+  void note_type(std::map<std::string, dtype>& into, const std::string& key, const float* data) const {
+    if (const auto it = types_.find(data); data && it != types_.end()) into[key] = it->second;
   }
   // rows × cols values of tensor `name` from element `first` on, recorded unread; errors name `what`.
   matrix unread(const std::string& name, std::size_t first, index_t rows, index_t cols, std::string what) {
     const auto type = ck_.info(name).dtype;
     matrix m = moeforge::detail::new_matrix(pool_, rows, cols);
     unread_->add(m, {ck_.stored_bytes(name) + first * dtype_size(type), type, cols, std::move(what)}, name);
-    used_.insert(name);
+    read_as(m.data(), name);
     return m;
   }
   template <class M>
@@ -321,6 +343,7 @@ class tensor_reader {
   unread_matrices* unread_;
   bool shapes_only_ = false;
   std::set<std::string> used_;
+  std::map<const float*, dtype> types_;  ///< the file's type of each tensor read, by where its values are
 };
 
 inline ffn read_ffn(tensor_reader& t, const std::string& gate, const std::string& up, const std::string& down, index_t h, index_t i) {
@@ -411,6 +434,7 @@ inline model::layer read_layer(tensor_reader& t, const hf_config& h, index_t li,
   } else {
     l.ffn = read_ffn(t, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight", dim, h.intermediate);
   }
+  t.record_file_dtypes(l, li);
   return l;
 }
 
@@ -448,6 +472,7 @@ inline model::weights read_globals(tensor_reader& t, const hf_config& h) {
     w.lm_head = t.mat("lm_head.weight", c.vocab_size, c.dim);
   else if (t.has("lm_head.weight"))
     t.skip("lm_head.weight");  // some exporters store the tied copy too
+  t.record_file_dtypes(w);
   return w;
 }
 

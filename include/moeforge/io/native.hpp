@@ -79,6 +79,14 @@ struct native_save_options {
   /// default nothing is rounded: matrices in detail::stored_matrix_dtype(w),
   /// vectors in F32.
   std::optional<dtype> stored;
+  /// Store each tensor as the file the model was loaded from stored it, where
+  /// the loader recorded that (model::layer::file_dtypes): a tensor the
+  /// conversion made (a router, a split FFN's experts, a novice) in the type
+  /// of its layer's query projection, and a model without a record as
+  /// `stored` says. What a conversion writes, as a streamed one writes it, so
+  /// a checkpoint mixing types (F32 norms or routers beside BF16 matrices)
+  /// keeps each tensor's, and a value the file held is never rounded.
+  bool as_source = false;
 };
 
 /// True when `dir` looks like a native model directory.
@@ -191,6 +199,19 @@ void for_each_global_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vect
   if (!w.config.tied_embeddings) on_matrix("lm_head", w.lm_head);
 }
 
+/// A layer tensor's name without its "layers.N." prefix: how
+/// model::layer::file_dtypes keys it.
+inline std::string name_in_layer(const std::string& name) { return name.substr(name.find('.', 7) + 1); }
+
+/// The type a conversion stores a tensor in (native_save_options::as_source):
+/// the one `recorded` (a layer's or the globals' file_dtypes) holds for
+/// `name`, else its layer's query projection's, else `otherwise`.
+inline dtype as_source_type(const std::map<std::string, dtype>& recorded, const std::string& name, dtype otherwise) {
+  for (const std::string& key : {name, std::string("wq")})
+    if (const auto it = recorded.find(key); it != recorded.end()) return it->second;
+  return otherwise;
+}
+
 /// Every tensor slot of `w`: the global ones, then each layer's.
 template <class Weights, class OnMatrix, class OnVector>
 void for_each_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vector) {
@@ -216,14 +237,27 @@ inline dtype stored_matrix_dtype(const model::weights& w) {
 
 /// Every tensor of `w` that holds values, as safetensors views (an owning
 /// transformer's structure has empty matrices where its panels are), stored
-/// as `stored` (see native_save_options::stored) or by default matrices in
-/// stored_matrix_dtype(w), vectors in F32.
-inline std::vector<tensor_view> tensor_views(const model::weights& w, std::optional<dtype> stored = std::nullopt) {
+/// as `stored` and `as_source` say (see native_save_options) or by default
+/// matrices in stored_matrix_dtype(w), vectors in F32.
+inline std::vector<tensor_view> tensor_views(const model::weights& w, std::optional<dtype> stored = std::nullopt, bool as_source = false) {
   std::vector<tensor_view> views;
   const dtype matrices = stored ? *stored : stored_matrix_dtype(w), vectors = stored.value_or(dtype::f32);
-  for_each_tensor(
-      w, [&](const std::string& name, const matrix& m) { if (m.size()) views.push_back({name, {m.rows(), m.cols()}, m.data(), matrices}); },
-      [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data(), vectors}); });
+  // Adds tensor `name`'s view, its type under `key` in `recorded` when as_source.
+  const auto add = [&](const std::map<std::string, dtype>& recorded, const std::string& key, const std::string& name, const auto& t) {
+    constexpr bool is_vector = std::is_same_v<std::decay_t<decltype(t)>, vector>;
+    const dtype otherwise = is_vector ? vectors : matrices;
+    const dtype type = as_source ? as_source_type(recorded, key, otherwise) : otherwise;
+    if constexpr (is_vector)
+      views.push_back({name, {t.size()}, t.data(), type});
+    else if (t.size())
+      views.push_back({name, {t.rows(), t.cols()}, t.data(), type});
+  };
+  const auto global = [&](const std::string& name, const auto& t) { add(w.file_dtypes, name, name, t); };
+  for_each_global_tensor(w, global, global);
+  for (std::size_t i = 0; i < w.layers.size(); ++i) {
+    const auto in_layer = [&](const std::string& name, const auto& t) { add(w.layers[i].file_dtypes, name_in_layer(name), name, t); };
+    for_each_layer_tensor(i, w.layers[i], in_layer, in_layer);
+  }
   return views;
 }
 
@@ -624,7 +658,7 @@ inline void save_native(const model::weights& w, const std::string& dir, const n
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : w.layers) layers.push_back(detail::layer_json(l));
 
-  const std::vector<tensor_view> views = detail::tensor_views(w, opt.stored);
+  const std::vector<tensor_view> views = detail::tensor_views(w, opt.stored, opt.as_source);
 
   detail::staging_dir stage(out);
   write_safetensors((stage.path() / native_tensors).string(), views, {{"format", "pt"}, {"producer", "moeforge"}});
@@ -824,7 +858,10 @@ class native_layers {
     w.weight_dtype = skeleton_.weight_dtype;
     w.panel_dtype = skeleton_.panel_dtype;
     w.file_dtype = skeleton_.file_dtype;
-    const auto read_tensor = [this](const std::string& name, auto& t) { read(name, t); };
+    const auto read_tensor = [this, &w](const std::string& name, auto& t) {
+      if (!panels(name)) w.file_dtypes[name] = st_.info(name).dtype;
+      read(name, t);
+    };
     detail::for_each_global_tensor(w, read_tensor, read_tensor);
     try {
       model::validate_globals(w);
@@ -863,6 +900,7 @@ class native_layers {
     const auto read_tensor = [&](const std::string& name, auto& t) {
       for (const auto& skip : skipped)
         if (name.compare(0, skip.second.size(), skip.second) == 0) return;
+      if (!panels(name)) l.file_dtypes[detail::name_in_layer(name)] = st_.info(name).dtype;
       if constexpr (std::is_same_v<std::decay_t<decltype(t)>, matrix>)
         if (packed.count(&t) && !panels(name)) {
           const auto& info = st_.info(name);

@@ -3,6 +3,7 @@
 // forward pass (model/transformer.hpp) reads it.
 #pragma once
 
+#include <map>
 #include <optional>
 #include <string>
 #include <variant>
@@ -44,6 +45,12 @@ struct layer {
   matrix wo;         ///< [H, n_heads·head_dim]
   vector bq, bk, bv; ///< optional attention biases (Qwen2); empty when absent
   layer_ffn ffn;
+  /// The type the file stored each of this layer's tensors in, by its native
+  /// name within the layer ("attn_norm", "wq", "moe.router.weight"; see
+  /// io::detail::for_each_layer_tensor), where the loader recorded it: what a
+  /// conversion writes the tensor back in (io::native_save_options::as_source).
+  /// Empty for a layer built in memory.
+  std::map<std::string, dtype> file_dtypes;
 };
 
 struct weights {
@@ -65,6 +72,9 @@ struct weights {
   /// which a save keeps where it loses nothing (stored_dtype): F16 weights
   /// run as F32 (weight_dtype), and are written back as F16.
   dtype file_dtype = dtype::f32;
+  /// The type the file stored each tensor outside the layers in ("tok_emb",
+  /// "final_norm", "lm_head"), as layer::file_dtypes records a layer's.
+  std::map<std::string, dtype> file_dtypes;
 
   /// What an owning transformer runs the weights as unless told otherwise.
   dtype run_dtype() const { return panel_dtype.value_or(weight_dtype); }
@@ -121,6 +131,7 @@ inline weights take_globals(weights& w) {
   g.weight_dtype = w.weight_dtype;
   g.panel_dtype = w.panel_dtype;
   g.file_dtype = w.file_dtype;
+  g.file_dtypes = w.file_dtypes;
   return g;
 }
 
