@@ -10,6 +10,7 @@
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
+#include "support/hf_checkpoint.hpp"
 #include "support/hf_dir_builder.hpp"
 #include "support/random.hpp"
 #include "support/stories.hpp"
@@ -195,6 +196,20 @@ TEST_CASE("hf: a Qwen2-MoE model (dense layers, shared expert, biases) round-tri
   CHECK(back16.file_dtype == dtype::bf16);
   CHECK(back16.weight_dtype == dtype::bf16);
   CHECK(logits(back16, probe_tokens) == logits(bf16, probe_tokens));
+
+  // A checkpoint keeping that gate in F32 beside BF16 weights: the model
+  // loaded from it and saved as its source (as conversions save) keeps it so.
+  reshard(tmp / "qwen", tmp / "qwen-mixed", 1,
+          [](const std::string& name) { return ends_with(name, "shared_expert_gate.weight") ? dtype::f32 : dtype::bf16; });
+  const vector& gate32 = std::get<moe_layer>(w.layers[1].ffn).shared.front().gate;
+  REQUIRE_FALSE(exact_in(dtype::bf16, gate32.data(), std::size_t(gate32.size())));
+  const auto mixed = io::load_model(tmp / "qwen-mixed");
+  io::native_save_options as_source;
+  as_source.stored = mixed.stored_dtype();
+  as_source.as_source = true;
+  io::save_native(mixed, tmp / "qwen-native", {}, as_source);
+  check_stored_types(tmp / "qwen-native", dtype::bf16, [](const std::string& name) { return ends_with(name, ".sigmoid_gate"); });
+  CHECK(std::get<moe_layer>(io::load_model(tmp / "qwen-native").layers[1].ffn).shared.front().gate == gate32);
 
   SECTION("decoder_sparse_step decides which layers are MoE") {
     auto c2 = cfg;

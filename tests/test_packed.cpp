@@ -15,6 +15,7 @@
 #include "moeforge/io/load.hpp"
 #include "moeforge/io/packed.hpp"
 #include "support/everything_model.hpp"
+#include "support/hf_checkpoint.hpp"
 #include "support/random.hpp"
 #include "support/temp_dir.hpp"
 #include "support/util.hpp"
@@ -91,6 +92,23 @@ TEST_CASE("packed: a packed directory runs what its transformer ran, bit for bit
                 .cwiseEqual(run_tokens(model::transformer(model::weights(plain), other), tokens))
                 .all());
     }
+}
+
+TEST_CASE("packed: a BF16 model read from a packed directory is saved as its source in BF16, not in the directory's F32") {
+  // A packed directory stores what is not panels in F32, whatever the model's type: that is not the source's type.
+  model::weights w = packed_test_model(false);
+  io::detail::for_each_tensor(
+      w, [](const std::string&, matrix& m) { m = rounded_to_bf16(m); }, [](const std::string&, vector& v) { v = rounded_to_bf16(v); });
+  w.weight_dtype = dtype::bf16;
+  temp_dir tmp;
+  io::save_packed(model::transformer(std::move(w), dtype::bf16), tmp / "p", {});
+  const model::weights plain = io::load_model(tmp / "p");
+  REQUIRE(plain.stored_dtype() == dtype::bf16);
+  io::native_save_options as_source;
+  as_source.stored = plain.stored_dtype();
+  as_source.as_source = true;
+  io::save_native(plain, tmp / "n", {}, as_source);
+  check_stored_types(tmp / "n", dtype::bf16, [](const std::string&) { return false; });
 }
 
 TEST_CASE("packed: panels of any width unpack to the rows they were packed from") {

@@ -110,13 +110,17 @@ TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the
   check_stream_tensors(io::load_model(dir / "in-memory"), want, stored);
 }
 
-TEST_CASE("a checkpoint mixing types (F32 norms and head, BF16 weights) keeps each tensor's through both conversions", "[stream]") {
+TEST_CASE("a checkpoint mixing types keeps each tensor's through both conversions and a native reload", "[stream]") {
+  // F32 norms, head and FFN beside BF16 attention and embedding: CMoE's experts and routers come from the F32 FFN.
   temp_dir dir;
-  const std::string src = sharded_hf(dir, "src", dtype::bf16, 2, {}, false, 64, kept_in_f32);
+  const std::string src =
+      sharded_hf(dir, "src", dtype::bf16, 2, {}, false, 64, [](const std::string& name) { return kept_in_f32(name) || name.find(".mlp.") != std::string::npos; });
+  const auto in_f32 = [](const std::string& name) { return norm_or_head(name) || name.find(".moe.") != std::string::npos; };
   const auto win = stream_windows();
   const model::weights source = io::load_model(src);
-  // Values BF16 cannot hold: a conversion that rounded the norms would show.
-  REQUIRE_FALSE(exact_in(dtype::bf16, source.layers[0].attn_norm.data(), std::size_t(source.layers[0].attn_norm.size())));
+  // Values BF16 cannot hold: a conversion that rounded them would show.
+  for (const vector& v : {source.layers[0].attn_norm, vector(source.lm_head.row(0).transpose())})
+    REQUIRE_FALSE(exact_in(dtype::bf16, v.data(), std::size_t(v.size())));
   model::weights want = source;
   convert::cmoe_model(want, [&](const model::weights& m, index_t l) { return calib::ffn_inputs(m, l, win); }, stream_cmoe());
   io::native_save_options as_source;
@@ -124,19 +128,21 @@ TEST_CASE("a checkpoint mixing types (F32 norms and head, BF16 weights) keeps ea
   as_source.as_source = true;
   io::save_native(want, dir / "in-memory", {}, as_source);
   CHECK(convert::cmoe_stream(src, win, dir / "streamed", stream_cmoe(), {}).complete);
+  // The native reader records types too: the conversion saved again keeps them.
+  io::save_native(io::load_model(dir / "in-memory"), dir / "again", {}, as_source);
 
-  // The tensors the file held keep its types; the new ones (experts, routers) take their layer's weights' type.
-  for (const char* out : {"in-memory", "streamed"}) check_stored_types(dir / out, dtype::bf16, norm_or_head);
-  const auto a = named_tensors(io::load_model(dir / "streamed")), b = named_tensors(io::load_model(dir / "in-memory"));
-  REQUIRE(a.size() == b.size());
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    CAPTURE(a[i].first);
-    REQUIRE(a[i].first == b[i].first);
-    CHECK(a[i].second == b[i].second);
-  }
+  for (const char* out : {"in-memory", "streamed", "again"}) check_stored_types(dir / out, dtype::bf16, in_f32);
   const auto got = io::load_model(dir / "in-memory");
+  for (const char* out : {"streamed", "again"}) {
+    const auto a = named_tensors(io::load_model(dir / out)), b = named_tensors(got);
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      CAPTURE(out, a[i].first);
+      REQUIRE(a[i].first == b[i].first);
+      CHECK(a[i].second == b[i].second);
+    }
+  }
   CHECK(got.layers[0].attn_norm == source.layers[0].attn_norm);
-  CHECK(got.final_norm == source.final_norm);
   CHECK(got.lm_head == source.lm_head);
 }
 

@@ -57,10 +57,11 @@ inline calibration load_calibration(const args& a, const model::weights& w, inde
 }
 
 /// Writes `w` to --out as a native model carrying its tokenizer, every tensor
-/// in the type its file stored it in (native_save_options::as_source), or in
+/// in the type its file stored it in, a new one in its FFN's (see
+/// native_save_options::as_source), or, where the loader recorded none, in
 /// `source`, the type the model was loaded from (weights::stored_dtype()
-/// before the conversion), where the loader recorded none: a BF16 model's
-/// conversion is BF16, an F16 one's F16, as a streamed one writes it; the provenance records `step` (what
+/// before the conversion): a BF16 model's conversion is BF16, an F16 one's
+/// F16, as a streamed one writes it; the provenance records `step` (what
 /// this command did) after the source model's own history when the source is
 /// a native model.
 inline void save_conversion(const args& a, const model::weights& w, dtype source, nlohmann::json step) {

@@ -29,11 +29,36 @@ struct hf_damage {
   std::string misshape;   ///< a tensor written with its dimensions swapped
 };
 
+/// The Hugging Face directory `single` (one model.safetensors) written again
+/// as `out` in `shards` shards, tensors dealt round-robin so every layer is
+/// spread over all of them, each in the type `type_of` names, with `d`'s damage.
+inline std::string reshard(const std::string& single, const std::string& out, int shards, const std::function<dtype(const std::string&)>& type_of,
+                           const hf_damage& d = {}) {
+  const io::safetensors_file src(single + "/model.safetensors");
+  std::filesystem::create_directories(out);
+  std::filesystem::copy_file(single + "/config.json", out + "/config.json");
+  std::vector<std::optional<io::safetensors_writer>> files(static_cast<std::size_t>(shards));
+  nlohmann::json map = nlohmann::json::object();
+  std::size_t i = 0;
+  for (const auto& t : src.tensors()) {
+    if (t.name == d.drop) continue;
+    const std::size_t k = i++ % std::size_t(shards);
+    const std::string file = "model-0000" + std::to_string(k + 1) + "-of-0000" + std::to_string(shards) + ".safetensors";
+    if (!files[k]) files[k].emplace(out + "/" + file, 1 << 16);
+    auto shape = t.shape;
+    if (t.name == d.misshape) std::swap(shape.front(), shape.back());
+    files[k]->add(t.name, shape, src.read(t.name).data(), type_of(t.name));
+    map[t.name] = file;
+  }
+  for (auto& f : files) f->finish();
+  write_json(out + "/model.safetensors.index.json", {{"weight_map", map}});
+  return out;
+}
+
 /// A small random LLaMA model (`moe`: Mixtral, 4 experts of 24 neurons, top 2;
-/// 3 layers, 32 wide, context 64, `vocab` tokens)
-/// written as a Hugging Face directory of `shards` shards, tensors dealt
-/// round-robin so every layer is spread over all of them, in `stored` but
-/// for the tensors `in_f32` names (a checkpoint mixing types).
+/// 3 layers, 32 wide, context 64, `vocab` tokens) written as a Hugging Face
+/// directory of `shards` shards (see reshard), in `stored` but for the
+/// tensors `in_f32` names (a checkpoint mixing types).
 inline std::string sharded_hf(const temp_dir& dir, const std::string& name, dtype stored, int shards, const hf_damage& d = {}, bool moe = false,
                               index_t vocab = 64, const std::function<bool(const std::string&)>& in_f32 = {}) {
   std::mt19937 rng(11);
@@ -75,26 +100,7 @@ inline std::string sharded_hf(const temp_dir& dir, const std::string& name, dtyp
   }
   const std::string single = dir / (name + ".single");
   io::save_hf(w, single);
-  const io::safetensors_file src(single + "/model.safetensors");
-  const std::string out = dir / name;
-  std::filesystem::create_directories(out);
-  std::filesystem::copy_file(single + "/config.json", out + "/config.json");
-  std::vector<std::optional<io::safetensors_writer>> files(static_cast<std::size_t>(shards));
-  nlohmann::json map = nlohmann::json::object();
-  std::size_t i = 0;
-  for (const auto& t : src.tensors()) {
-    if (t.name == d.drop) continue;
-    const std::size_t k = i++ % std::size_t(shards);
-    const std::string file = "model-0000" + std::to_string(k + 1) + "-of-0000" + std::to_string(shards) + ".safetensors";
-    if (!files[k]) files[k].emplace(out + "/" + file, 1 << 16);
-    auto shape = t.shape;
-    if (t.name == d.misshape) std::swap(shape.front(), shape.back());
-    files[k]->add(t.name, shape, src.read(t.name).data(), in_f32 && in_f32(t.name) ? dtype::f32 : stored);
-    map[t.name] = file;
-  }
-  for (auto& f : files) f->finish();
-  write_json(out + "/model.safetensors.index.json", {{"weight_map", map}});
-  return out;
+  return reshard(single, dir / name, shards, [&](const std::string& t) { return in_f32 && in_f32(t) ? dtype::f32 : stored; }, d);
 }
 
 inline bool ends_with(const std::string& s, const std::string& end) {

@@ -286,7 +286,6 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     model::weights one = model::layer_model(c, src.layer(l, {}, &pool));
     pool.clear();
     src.release();  // the layer is in memory now, in FP32
-    const io::dtype stored = src.stored(cat("model.layers.", l, ".self_attn.q_proj.weight"));
     const model::transformer tr(one);
     rep.times.read += since(t0);
 
@@ -327,7 +326,10 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
 
     t0 = clock::now();
     tell(l, "write");
-    const auto type = [&](const std::string& name) { return io::detail::as_source_type(one.layers.front().file_dtypes, io::detail::name_in_layer(name), stored); };
+    // As the in-memory conversion stores it (native_save_options::as_source); every tensor the reader read is recorded.
+    const auto type = [&](const std::string& name) {
+      return io::detail::as_source_type(one.layers.front(), io::detail::name_in_layer(name), io::dtype::f32);
+    };
     io::detail::for_each_layer_tensor(
         std::size_t(l), one.layers.front(),
         [&](const std::string& name, const matrix& m) { writer->add(name, {m.rows(), m.cols()}, m.data(), type(name)); },

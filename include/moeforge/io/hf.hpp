@@ -288,18 +288,22 @@ class tensor_reader {
   }
   void skip(const std::string& name) { used_.insert(name); }
 
+  /// `v` holds values copied out of tensor `name` (Qwen2-MoE's shared-expert
+  /// gate, a [1, H] matrix in the file): it was stored as that tensor was.
+  void copied_from(const vector& v, const std::string& name) { types_[v.data()] = ck_.info(name).dtype; }
   /// Records in `l` (layer `li`) the type the file stored each tensor in that
-  /// this reader read into it (see model::layer::file_dtypes); a tensor the
-  /// loader made from another (Qwen2-MoE's shared-expert gate, a row copied
-  /// out) is not recorded.
-  void record_file_dtypes(model::layer& l, index_t li) const {
+  /// this reader read into it (see model::layer::file_dtypes), then forgets
+  /// where they were (storage freed later may be reused for other tensors).
+  void record_file_dtypes(model::layer& l, index_t li) {
     const auto note = [&](const std::string& name, const auto& t) { note_type(l.file_dtypes, name_in_layer(name), t.data()); };
     for_each_layer_tensor(std::size_t(li), l, note, note);
+    types_.clear();
   }
   /// The same for the tensors outside the layers.
-  void record_file_dtypes(model::weights& w) const {
+  void record_file_dtypes(model::weights& w) {
     const auto note = [&](const std::string& name, const auto& t) { note_type(w.file_dtypes, name, t.data()); };
     for_each_global_tensor(w, note, note);
+    types_.clear();
   }
 
   // Every tensor of the checkpoint must have been used.
@@ -398,7 +402,10 @@ inline moe_layer read_moe_block(tensor_reader& t, const std::string& p, const hf
     const std::string q = p + ".shared_expert.";
     shared_expert sh{read_ffn(t, q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight", h, s.shared_intermediate), vector()};
     const matrix gate = t.mat(p + ".shared_expert_gate.weight", 1, h);  // 0×0 when only checking shapes
-    if (gate.rows() == 1) sh.gate = gate.row(0).transpose();
+    if (gate.rows() == 1) {
+      sh.gate = gate.row(0).transpose();
+      t.copied_from(sh.gate, p + ".shared_expert_gate.weight");
+    }
     m.shared.push_back(std::move(sh));
   }
   return m;

@@ -47,6 +47,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <map>
 #include <optional>
 #include <set>
@@ -81,10 +82,11 @@ struct native_save_options {
   std::optional<dtype> stored;
   /// Store each tensor as the file the model was loaded from stored it, where
   /// the loader recorded that (model::layer::file_dtypes): a tensor the
-  /// conversion made (a router, a split FFN's experts, a novice) in the type
-  /// of its layer's query projection, and a model without a record as
-  /// `stored` says. What a conversion writes, as a streamed one writes it, so
-  /// a checkpoint mixing types (F32 norms or routers beside BF16 matrices)
+  /// conversion made (a split FFN's experts, a router, a novice) in the type
+  /// of the FFN it came from (detail::as_source_type), and a model without a
+  /// record (built in memory, or read from a packed directory) as `stored`
+  /// says. What a conversion writes, as a streamed one writes it, so a
+  /// checkpoint mixing types (F32 norms or routers beside BF16 matrices)
   /// keeps each tensor's, and a value the file held is never rounded.
   bool as_source = false;
 };
@@ -203,13 +205,19 @@ void for_each_global_tensor(Weights& w, OnMatrix&& on_matrix, OnVector&& on_vect
 /// model::layer::file_dtypes keys it.
 inline std::string name_in_layer(const std::string& name) { return name.substr(name.find('.', 7) + 1); }
 
-/// The type a conversion stores a tensor in (native_save_options::as_source):
-/// the one `recorded` (a layer's or the globals' file_dtypes) holds for
-/// `name`, else its layer's query projection's, else `otherwise`.
-inline dtype as_source_type(const std::map<std::string, dtype>& recorded, const std::string& name, dtype otherwise) {
-  for (const std::string& key : {name, std::string("wq")})
+/// The type `recorded` (a file_dtypes) holds for the first of `keys` it has, else `otherwise`.
+inline dtype recorded_type(const std::map<std::string, dtype>& recorded, std::initializer_list<std::string> keys, dtype otherwise) {
+  for (const auto& key : keys)
     if (const auto it = recorded.find(key); it != recorded.end()) return it->second;
   return otherwise;
+}
+
+/// The type a conversion stores tensor `name` (its name within the layer) of
+/// layer `l` in (native_save_options::as_source): the type its file stored it
+/// in, else, for a tensor the conversion made (experts of a split FFN,
+/// routers, novices), that of the FFN it came from, else the layer's.
+inline dtype as_source_type(const model::layer& l, const std::string& name, dtype otherwise) {
+  return recorded_type(l.file_dtypes, {name, "ffn.up", "moe.experts.0.up", "moe.shared.0.up", "wq"}, otherwise);
 }
 
 /// Every tensor slot of `w`: the global ones, then each layer's.
@@ -242,20 +250,24 @@ inline dtype stored_matrix_dtype(const model::weights& w) {
 inline std::vector<tensor_view> tensor_views(const model::weights& w, std::optional<dtype> stored = std::nullopt, bool as_source = false) {
   std::vector<tensor_view> views;
   const dtype matrices = stored ? *stored : stored_matrix_dtype(w), vectors = stored.value_or(dtype::f32);
-  // Adds tensor `name`'s view, its type under `key` in `recorded` when as_source.
-  const auto add = [&](const std::map<std::string, dtype>& recorded, const std::string& key, const std::string& name, const auto& t) {
+  // Adds tensor `name`'s view, in the type `source_type(otherwise)` gives when as_source.
+  const auto add = [&](const std::string& name, const auto& t, const auto& source_type) {
     constexpr bool is_vector = std::is_same_v<std::decay_t<decltype(t)>, vector>;
     const dtype otherwise = is_vector ? vectors : matrices;
-    const dtype type = as_source ? as_source_type(recorded, key, otherwise) : otherwise;
+    const dtype type = as_source ? source_type(otherwise) : otherwise;
     if constexpr (is_vector)
       views.push_back({name, {t.size()}, t.data(), type});
     else if (t.size())
       views.push_back({name, {t.rows(), t.cols()}, t.data(), type});
   };
-  const auto global = [&](const std::string& name, const auto& t) { add(w.file_dtypes, name, name, t); };
+  const auto global = [&](const std::string& name, const auto& t) {
+    add(name, t, [&](dtype otherwise) { return recorded_type(w.file_dtypes, {name}, otherwise); });
+  };
   for_each_global_tensor(w, global, global);
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
-    const auto in_layer = [&](const std::string& name, const auto& t) { add(w.layers[i].file_dtypes, name_in_layer(name), name, t); };
+    const auto in_layer = [&](const std::string& name, const auto& t) {
+      add(name, t, [&](dtype otherwise) { return as_source_type(w.layers[i], name_in_layer(name), otherwise); });
+    };
     for_each_layer_tensor(i, w.layers[i], in_layer, in_layer);
   }
   return views;
@@ -859,7 +871,7 @@ class native_layers {
     w.panel_dtype = skeleton_.panel_dtype;
     w.file_dtype = skeleton_.file_dtype;
     const auto read_tensor = [this, &w](const std::string& name, auto& t) {
-      if (!panels(name)) w.file_dtypes[name] = st_.info(name).dtype;
+      note_type(w.file_dtypes, name, name);
       read(name, t);
     };
     detail::for_each_global_tensor(w, read_tensor, read_tensor);
@@ -900,7 +912,7 @@ class native_layers {
     const auto read_tensor = [&](const std::string& name, auto& t) {
       for (const auto& skip : skipped)
         if (name.compare(0, skip.second.size(), skip.second) == 0) return;
-      if (!panels(name)) l.file_dtypes[detail::name_in_layer(name)] = st_.info(name).dtype;
+      note_type(l.file_dtypes, detail::name_in_layer(name), name);
       if constexpr (std::is_same_v<std::decay_t<decltype(t)>, matrix>)
         if (packed.count(&t) && !panels(name)) {
           const auto& info = st_.info(name);
@@ -1003,6 +1015,12 @@ class native_layers {
       if (!kernel_matrices.count(name)) r.fail(cat("panels.tensors lists '", name, "', which is not a weight matrix the kernels read"));
     for (const auto& name : kernel_matrices)
       if (!panels_.count(name)) r.fail(cat("panels.tensors: '", name, "' must be stored as panels in a packed directory"));
+  }
+  /// Records under `key` the type tensor `name` is stored in (see
+  /// model::layer::file_dtypes), but not in a packed directory: it stores
+  /// what is not panels in F32 whatever the model's type.
+  void note_type(std::map<std::string, dtype>& into, const std::string& key, const std::string& name) const {
+    if (!panel_nr_) into[key] = st_.info(name).dtype;
   }
   /// A matrix tensor's [rows, cols] (a panel tensor's by its layout); ranks
   /// were checked when the directory was opened.
