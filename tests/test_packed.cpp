@@ -111,6 +111,25 @@ TEST_CASE("packed: a BF16 model read from a packed directory is saved as its sou
   check_stored_types(tmp / "n", dtype::bf16, [](const std::string&) { return false; });
 }
 
+TEST_CASE("packed: a packed directory remembers an F16 source, whose exports and conversions are F16") {
+  model::weights w = packed_test_model(false);
+  io::detail::for_each_tensor(
+      w, [](const std::string&, matrix& m) { m = rounded_to(dtype::f16, m); }, [](const std::string&, vector& v) { v = rounded_to(dtype::f16, v); });
+  w.file_dtype = dtype::f16;  // as the loaders set it for an F16 file; F16 runs as F32
+  temp_dir tmp;
+  io::save_packed(model::transformer(std::move(w), dtype::f32), tmp / "p", {});
+  const model::weights plain = io::load_model(tmp / "p");
+  CHECK(plain.file_dtype == dtype::f16);
+  CHECK(plain.stored_dtype() == dtype::f16);
+  io::save_native(plain, tmp / "n");
+  CHECK(io::safetensors_checkpoint(tmp / "n").matrix_dtype() == dtype::f16);
+  // A directory written before the source type was recorded reads as before: its own tensors' type.
+  auto j = read_json(tmp / "p/moeforge.json");
+  j["panels"].erase("file_dtype");
+  write_json(tmp / "p/moeforge.json", j);
+  CHECK(io::load_model(tmp / "p").file_dtype == dtype::f32);
+}
+
 TEST_CASE("packed: panels of any width unpack to the rows they were packed from") {
   std::mt19937 rng(3);
   const matrix m = random_matrix(45, 7, rng);
@@ -220,6 +239,10 @@ TEST_CASE("packed: damaged packed directories fail with a typed error naming the
   SECTION("a missing field") {
     edit_manifest([](auto& j) { j["panels"].erase("weight_dtype"); });
     CHECK_THAT(message(), Contains("missing key 'weight_dtype'"));
+  }
+  SECTION("a source type moeforge does not know") {
+    edit_manifest([](auto& j) { j["panels"]["file_dtype"] = "F8_E4M3"; });
+    CHECK_THAT(message(), Contains("panels.file_dtype = 'F8_E4M3', expected F32, F16 or BF16"));
   }
 }
 

@@ -974,7 +974,7 @@ class native_layers {
   }
 
  private:
-  /// The manifest's "panels": {"nr", "type", "weight_dtype", "tensors": {name:
+  /// The manifest's "panels": {"nr", "type", "weight_dtype", "file_dtype", "tensors": {name:
   /// [rows, depth, [cuts]]}}, listing exactly the matrices the kernels read.
   void read_panel_index(const detail::manifest_reader& r, const nlohmann::json& j) {
     using detail::cat;
@@ -987,6 +987,14 @@ class native_layers {
     };
     skeleton_.panel_dtype = kernel_type("type");
     skeleton_.weight_dtype = kernel_type("weight_dtype");
+    // The source's type, which the directory's own F32 tensors do not tell (absent before it was recorded).
+    if (j.contains("file_dtype")) {
+      const auto name = r.get<std::string>(j, "file_dtype", "panels");
+      const auto known = {dtype::f32, dtype::f16, dtype::bf16};
+      const auto it = std::find_if(known.begin(), known.end(), [&](dtype t) { return name == dtype_name(t); });
+      if (it == known.end()) r.fail(cat("panels.file_dtype = '", name, "', expected F32, F16 or BF16"));
+      skeleton_.file_dtype = *it;
+    }
     const auto& tensors = r.at(j, "tensors", "panels");
     if (!tensors.is_object()) r.fail("panels.tensors must be an object");
     for (const auto& [name, v] : tensors.items()) {

@@ -8,11 +8,13 @@
 // load_model, conversions and builds of another panel width unpack the panels.
 //
 // The manifest gains
-//   "panels": {"nr": 32, "type": "BF16", "weight_dtype": "F32",
+//   "panels": {"nr": 32, "type": "BF16", "weight_dtype": "F32", "file_dtype": "F16",
 //              "tensors": {"layers.0.wq": [rows, depth, [cuts]], ...}}
 // (the panel width, the type the panels hold and the model is run as, the
-// type the weights were stored in, and every matrix the kernels read: no
-// more, no fewer), and each listed tensor holds [panels, depth, nr] values
+// type the weights were stored in, the type the model's source file stored
+// them in — which exports and conversions write, the rest of the directory
+// being F32 — absent in directories written before it, and every matrix the
+// kernels read: no more, no fewer), and each listed tensor holds [panels, depth, nr] values
 // in bf16_slot order under the matrix's native name. The classifier is
 // `lm_head` and the embedding `tok_emb` (in the stored type) when the
 // transformer keeps them apart (untied, or tied but run in another type);
@@ -135,6 +137,7 @@ inline void save_packed(const model::transformer& t, const std::string& dir, con
                               {{"nr", runtime::detail::gemm_nr},
                                {"type", std::string(dtype_name(p.classifier.type()))},
                                {"weight_dtype", std::string(dtype_name(s.weight_dtype))},
+                               {"file_dtype", std::string(dtype_name(s.file_dtype))},
                                {"tensors", std::move(index)}}}};
   detail::write_manifest(stage.path(), s.config, std::move(layers), provenance, opt.attachments, extra);
   stage.commit(out);
