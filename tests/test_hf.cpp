@@ -133,6 +133,29 @@ TEST_CASE("hf: load_transformer packs weights straight from the files, as if it 
     }
 }
 
+TEST_CASE("hf: BF16 weights beside F32 routers, norms and classifier run as BF16, from Hugging Face and native files") {
+  temp_dir tmp;
+  const std::string src = sharded_hf(tmp, "mixed", dtype::bf16, 2, {}, true, 64, kept_in_f32);
+  const model::weights w = io::load_model(src);
+  CHECK(w.weight_dtype == dtype::f32);  // not every matrix is BF16
+  CHECK(w.run_dtype() == dtype::bf16);
+  const auto tr = io::load_transformer(src);
+  CHECK(tr.packed().classifier.type() == dtype::bf16);
+  CHECK(logits(tr, probe_tokens) == logits(model::transformer(model::weights(w), dtype::bf16), probe_tokens));
+  // Saved as its source (BF16 weights, F32 routers, norms and head), a native directory runs so too.
+  io::native_save_options as_source;
+  as_source.as_source = true;
+  io::save_native(w, tmp / "native", {}, as_source);
+  CHECK(io::load_model(tmp / "native").run_dtype() == dtype::bf16);
+  CHECK(logits(io::load_transformer(tmp / "native"), probe_tokens) == logits(tr, probe_tokens));
+  // One F32 weight matrix the kernels read, and the file runs in F32 as before.
+  const std::string one = sharded_hf(tmp, "one", dtype::bf16, 1, {}, true, 64,
+                                     [](const std::string& name) { return kept_in_f32(name) || name == "model.layers.1.self_attn.o_proj.weight"; });
+  CHECK(io::load_model(one).run_dtype() == dtype::f32);
+  io::save_native(io::load_model(one), tmp / "native-one", {}, as_source);
+  CHECK(io::load_model(tmp / "native-one").run_dtype() == dtype::f32);
+}
+
 TEST_CASE("hf: stories260K exported to the LLaMA layout runs exactly as the llama2.c checkpoint") {
   const auto& ref = stories_weights();
   temp_dir tmp;

@@ -492,6 +492,30 @@ inline model::weights read_model(tensor_reader& t, const hf_config& h, const std
   return w;
 }
 
+// Whether every weight matrix the kernels read (attention projections, FFN
+// and expert weights: the layers' 2-D and 3-D tensors but the routers and
+// Qwen2-MoE's shared-expert gate) is stored in BF16.
+inline bool kernel_weights_bf16(const safetensors_checkpoint& ck) {
+  const auto ends = [](const std::string& s, const std::string& end) {
+    return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+  };
+  bool any = false;
+  for (const auto& name : ck.names()) {
+    const auto& info = ck.info(name);
+    if (name.rfind("model.layers.", 0) != 0 || info.shape.size() < 2 || ends(name, ".gate.weight") || ends(name, ".shared_expert_gate.weight")) continue;
+    if (info.dtype != dtype::bf16) return false;
+    any = true;
+  }
+  return any;
+}
+
+// The types a model read from `ck` was stored in and runs as (see model::weights).
+inline void set_stored_types(model::weights& w, const safetensors_checkpoint& ck) {
+  w.weight_dtype = ck.weight_dtype();
+  w.file_dtype = ck.matrix_dtype();
+  if (w.weight_dtype != dtype::bf16 && kernel_weights_bf16(ck)) w.panel_dtype = dtype::bf16;
+}
+
 inline std::string config_beside(const std::string& weights, const std::string& config) {
   const std::string path = config.empty() ? sibling_config(weights) : config;
   if (!std::filesystem::exists(path))
@@ -511,8 +535,7 @@ inline model::weights load_hf(const std::string& weights, const std::string& con
   const safetensors_checkpoint ck(weights);
   detail::tensor_reader t(ck);
   model::weights w = detail::read_model(t, h, cat("hf model '", weights, "' (config '", config_path, "')"));
-  w.weight_dtype = ck.weight_dtype();
-  w.file_dtype = ck.matrix_dtype();
+  detail::set_stored_types(w, ck);
   try {
     model::validate(w);
   } catch (const error& e) {
@@ -542,8 +565,7 @@ class hf_layers {
   model::weights globals() const {
     detail::tensor_reader t(ck_);
     model::weights w = detail::read_globals(t, h_);
-    w.weight_dtype = ck_.weight_dtype();
-    w.file_dtype = ck_.matrix_dtype();
+    detail::set_stored_types(w, ck_);
     return w;
   }
 

@@ -805,6 +805,16 @@ inline model::packed_weights panel_slots(const model::weights& structure) {
   return p;
 }
 
+/// Whether every weight matrix the kernels read in `structure` (attention
+/// projections, FFN and expert weights, by native name) is BF16 by `type_of`.
+template <class TypeOf>
+bool kernel_matrices_bf16(const model::weights& structure, TypeOf&& type_of) {
+  auto slots = panel_slots(structure);
+  bool all = !structure.layers.empty();
+  for_each_layer_panel(structure, slots, [&](const std::string& name, const auto&) { all = all && type_of(name) == dtype::bf16; });
+  return all;
+}
+
 }  // namespace detail
 
 /// A native model directory opened for reading one layer at a time from its
@@ -829,7 +839,10 @@ class native_layers {
     for (std::size_t i = 0; i < layers.size(); ++i) w.layers.push_back(detail::layer_skeleton(r, layers[i], cat("layers[", i, "]")));
     w.weight_dtype = st_.weight_dtype();
     w.file_dtype = st_.matrix_dtype();
-    if (j.contains("panels")) read_panel_index(r, r.at(j, "panels", "manifest"));
+    if (j.contains("panels"))
+      read_panel_index(r, r.at(j, "panels", "manifest"));
+    else if (w.weight_dtype != dtype::bf16 && detail::kernel_matrices_bf16(w, [&](const std::string& name) { return st_.info(name).dtype; }))
+      w.panel_dtype = dtype::bf16;  // see model::weights::panel_dtype
     // Attention biases are optional; the file says whether they exist.
     for (std::size_t i = 0; i < w.layers.size(); ++i) {
       auto& l = w.layers[i];

@@ -64,9 +64,13 @@ struct weights {
   /// an owning transformer runs them as unless told otherwise (run_dtype),
   /// and keeps the embedding in.
   dtype weight_dtype = dtype::f32;
-  /// The type a packed directory's panels hold (io/packed.hpp), which it is
-  /// run as by default even where its weights are read back plain; empty
-  /// otherwise. See run_dtype().
+  /// The type the weights are run as by default when it is not weight_dtype:
+  /// a packed directory's panels' (io/packed.hpp), even where its weights are
+  /// read back plain; BF16 for a file whose weight matrices the kernels read
+  /// (attention projections, FFN and expert weights) are BF16 beside F32
+  /// routers, classifier or embedding, which runs as a BF16 file does rather
+  /// than in F32 at twice the memory (its F32 classifier rounded in its
+  /// panels, its routers and embedding kept exact); empty otherwise. See run_dtype().
   std::optional<dtype> panel_dtype;
   /// The type the source file stored the matrices in (F32, F16 or BF16),
   /// which a save keeps where it loses nothing (stored_dtype): F16 weights
