@@ -141,6 +141,7 @@ TEST_CASE("hf: BF16 weights beside F32 routers, norms and classifier run as BF16
   CHECK(w.run_dtype() == dtype::bf16);
   const auto tr = io::load_transformer(src);
   CHECK(tr.packed().classifier.type() == dtype::bf16);
+  CHECK(tr.packed().embedding.type() == dtype::f32);  // kept exact, apart from the classifier
   CHECK(logits(tr, probe_tokens) == logits(model::transformer(model::weights(w), dtype::bf16), probe_tokens));
   // Saved as its source (BF16 weights, F32 routers, norms and head), a native directory runs so too.
   io::native_save_options as_source;
@@ -154,6 +155,8 @@ TEST_CASE("hf: BF16 weights beside F32 routers, norms and classifier run as BF16
   CHECK(io::load_model(one).run_dtype() == dtype::f32);
   io::save_native(io::load_model(one), tmp / "native-one", {}, as_source);
   CHECK(io::load_model(tmp / "native-one").run_dtype() == dtype::f32);
+  // A dense model alike.
+  CHECK(io::load_model(sharded_hf(tmp, "dense", dtype::bf16, 1, {}, false, 64, kept_in_f32)).run_dtype() == dtype::bf16);
 }
 
 TEST_CASE("hf: stories260K exported to the LLaMA layout runs exactly as the llama2.c checkpoint") {

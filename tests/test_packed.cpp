@@ -242,7 +242,7 @@ TEST_CASE("packed: damaged packed directories fail with a typed error naming the
   }
   SECTION("a source type moeforge does not know") {
     edit_manifest([](auto& j) { j["panels"]["file_dtype"] = "F8_E4M3"; });
-    CHECK_THAT(message(), Contains("panels.file_dtype = 'F8_E4M3', expected F32, F16 or BF16"));
+    CHECK_THAT(message(), Contains("moeforge.json: panels.file_dtype: unsupported dtype F8_E4M3"));
   }
 }
 

@@ -22,7 +22,7 @@ int run_export(int argc, char** argv) {
   add_model_options(a, false);
   a.required("out", "DIR", "output directory (must not exist unless --force)");
   a.option("format", "hf|native|packed", "output format", "hf");
-  a.option("dtype", "auto|f32|bf16", "with --format packed: the weight type of the panels (auto = the type the model runs in by default: its file's)", "auto");
+  a.option("dtype", "auto|f32|bf16", "with --format packed: the weight type of the panels (auto = the type the model runs in by default)", "auto");
   a.flag("force", "replace --out if it exists (only after the new model is complete)");
   if (!a.parse(argc, argv)) return 0;
   const std::string format = a.get("format");
@@ -32,6 +32,7 @@ int run_export(int argc, char** argv) {
   io::check_output_dir(a.get("out"), a.flag_set("force"));
   io::native_save_options o;
   o.overwrite = a.flag_set("force");
+  o.as_source = true;  // a checkpoint mixing types keeps each tensor's, so its export runs as it does
   const nlohmann::json provenance{{"exported_from", a.get("model")}};
   index_t layers = 0;
   if (format == "packed") {
@@ -43,7 +44,7 @@ int run_export(int argc, char** argv) {
     if (format == "hf")
       io::save_hf(w, a.get("out"), a.flag_set("force"));
     else
-      io::save_native(w, a.get("out"), provenance, o);
+      io::save_native(w, a.get("out"), provenance, o);  // each tensor in the type its file stored it in (as_source)
     layers = w.config.n_layers;
   }
   std::cout << "wrote " << a.get("out") << " (" << format << ", " << layers << " layers)\n";

@@ -46,7 +46,7 @@ inline model::weights load_model(const args& a, const char* config_flag = "confi
 /// --dtype for the commands that run a model: the type its weights are kept
 /// in for the kernels; and --expert-parallel, which load_transformer honours.
 inline void add_dtype_option(args& a) {
-  a.option("dtype", "auto|f32|bf16", "weight type the kernels read: auto = the type the file stores (F16 runs as F32; BF16 halves the bytes per token)", "auto");
+  a.option("dtype", "auto|f32|bf16", "weight type the kernels read: auto = the model's default: the type the file stores its weight matrices in (F16 runs as F32; BF16 halves the bytes per token)", "auto");
   a.flag("expert-parallel",
          "under `mpirun -np N`: split the routed experts over the N processes (one thread each), each reading only its own "
          "experts and the replicated rest from the file; rank 0 prints");

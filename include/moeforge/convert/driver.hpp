@@ -81,7 +81,7 @@ inline index_t visit_layers(model::weights& w, const ffn_inputs_fn& inputs, cons
     // in BF16, so the model runs as F32 unless told otherwise (a save still
     // keeps the file's type where every value is exact in it: stored_dtype).
     w.weight_dtype = dtype::f32;
-    w.panel_dtype.reset();        // nor is the source's default run type (a packed directory's, a mixed file's BF16) the new model's
+    w.default_run_dtype.reset();  // nor is the source's (a packed directory's, a mixed file's BF16) the new model's
     tell(l, "done");
     ++visited;
   }

@@ -255,9 +255,9 @@ class tensor_reader {
   /// A weight matrix the kernels read (attention projection, FFN or expert
   /// weight): mat(), or recorded unread (see tensor_reader()).
   matrix weight(const std::string& name, index_t rows, index_t cols) {
-    if (shapes_only_ || !unread_) return mat(name, rows, cols);
+    if (shapes_only_ || !unread_) return kernel_read(name, mat(name, rows, cols));
     ck_.require_shape(name, {rows, cols});
-    return unread(name, 0, rows, cols, tensor_label(name));
+    return kernel_read(name, unread(name, 0, rows, cols, tensor_label(name)));
   }
   vector vec(const std::string& name, index_t n) {
     if (shapes_only_) return shape_checked<vector>(name, {n});
@@ -267,17 +267,17 @@ class tensor_reader {
   // tensor [a, b, c] (all of it by default) as a matrix; empty when only
   // checking shapes.
   matrix cube_slice(const std::string& name, index_t a, index_t b, index_t c, index_t x, index_t row0 = 0, index_t rows = -1) {
-    if (shapes_only_) return shape_checked<matrix>(name, {a, b, c});
+    if (shapes_only_) return kernel_read(name, shape_checked<matrix>(name, {a, b, c}));
     ck_.require_shape(name, {a, b, c});
     if (rows < 0) rows = b;
     const std::size_t first = std::size_t(x * b + row0) * std::size_t(c);
     const std::string what = cat("safetensors: '", ck_.file(name), "': tensor '", name, "' expert ", x);
-    if (unread_) return unread(name, first, rows, c, what);
+    if (unread_) return kernel_read(name, unread(name, first, rows, c, what));
     matrix m = moeforge::detail::new_matrix(pool_, rows, c);
     ck_.read_rows(name, first, std::size_t(rows * c), m.data());
     moeforge::detail::require_finite(m, what);
     read_as(m.data(), name);
-    return m;
+    return kernel_read(name, std::move(m));
   }
   // An FFN whose tensors are only checked against the headers, never read: released, with their shape.
   ffn released_ffn(const std::vector<std::pair<std::string, std::vector<std::int64_t>>>& tensors, index_t h, index_t i) {
@@ -306,6 +306,11 @@ class tensor_reader {
     types_.clear();
   }
 
+  /// Whether every weight matrix the kernels read (weight(), cube_slice():
+  /// attention projections, FFN and expert weights) that this reader met is
+  /// stored in BF16, routers and the rest aside.
+  bool kernel_weights_bf16() const { return kernel_types_ == std::set<dtype>{dtype::bf16}; }
+
   // Every tensor of the checkpoint must have been used.
   void require_all_used(const std::string& what) const {
     for (const auto& name : ck_.names())
@@ -324,6 +329,11 @@ class tensor_reader {
   void read_as(const float* data, const std::string& name) {
     used_.insert(name);
     types_[data] = ck_.info(name).dtype;
+  }
+  // `m`, read from `name` as a weight matrix the kernels read (see kernel_weights_bf16).
+  matrix kernel_read(const std::string& name, matrix m) {
+    kernel_types_.insert(ck_.info(name).dtype);
+    return m;
   }
   void note_type(std::map<std::string, dtype>& into, const std::string& key, const float* data) const {
     if (const auto it = types_.find(data); data && it != types_.end()) into[key] = it->second;
@@ -348,6 +358,7 @@ class tensor_reader {
   bool shapes_only_ = false;
   std::set<std::string> used_;
   std::map<const float*, dtype> types_;  ///< the file's type of each tensor read, by where its values are
+  std::set<dtype> kernel_types_;         ///< the types of the weight matrices the kernels read
 };
 
 inline ffn read_ffn(tensor_reader& t, const std::string& gate, const std::string& up, const std::string& down, index_t h, index_t i) {
@@ -492,28 +503,12 @@ inline model::weights read_model(tensor_reader& t, const hf_config& h, const std
   return w;
 }
 
-// Whether every weight matrix the kernels read (attention projections, FFN
-// and expert weights: the layers' 2-D and 3-D tensors but the routers and
-// Qwen2-MoE's shared-expert gate) is stored in BF16.
-inline bool kernel_weights_bf16(const safetensors_checkpoint& ck) {
-  const auto ends = [](const std::string& s, const std::string& end) {
-    return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
-  };
-  bool any = false;
-  for (const auto& name : ck.names()) {
-    const auto& info = ck.info(name);
-    if (name.rfind("model.layers.", 0) != 0 || info.shape.size() < 2 || ends(name, ".gate.weight") || ends(name, ".shared_expert_gate.weight")) continue;
-    if (info.dtype != dtype::bf16) return false;
-    any = true;
-  }
-  return any;
-}
-
-// The types a model read from `ck` was stored in and runs as (see model::weights).
-inline void set_stored_types(model::weights& w, const safetensors_checkpoint& ck) {
+// The types a model read from `ck` was stored in and runs as (see
+// model::weights); `kernel_bf16`: a reader's kernel_weights_bf16() over all of it.
+inline void set_stored_types(model::weights& w, const safetensors_checkpoint& ck, bool kernel_bf16) {
   w.weight_dtype = ck.weight_dtype();
   w.file_dtype = ck.matrix_dtype();
-  if (w.weight_dtype != dtype::bf16 && kernel_weights_bf16(ck)) w.panel_dtype = dtype::bf16;
+  if (w.weight_dtype != dtype::bf16 && kernel_bf16) w.default_run_dtype = dtype::bf16;
 }
 
 inline std::string config_beside(const std::string& weights, const std::string& config) {
@@ -535,7 +530,7 @@ inline model::weights load_hf(const std::string& weights, const std::string& con
   const safetensors_checkpoint ck(weights);
   detail::tensor_reader t(ck);
   model::weights w = detail::read_model(t, h, cat("hf model '", weights, "' (config '", config_path, "')"));
-  detail::set_stored_types(w, ck);
+  detail::set_stored_types(w, ck, t.kernel_weights_bf16());
   try {
     model::validate(w);
   } catch (const error& e) {
@@ -554,6 +549,7 @@ class hf_layers {
       : config_path_(detail::config_beside(weights, config)), h_(read_hf_config(config_path_)), ck_(weights) {
     auto t = detail::tensor_reader::headers_only(ck_);
     detail::read_model(t, h_, detail::cat("hf model '", weights, "' (config '", config_path_, "')"));
+    kernel_bf16_ = t.kernel_weights_bf16();
   }
 
   const hf_config& config() const { return h_; }
@@ -565,7 +561,7 @@ class hf_layers {
   model::weights globals() const {
     detail::tensor_reader t(ck_);
     model::weights w = detail::read_globals(t, h_);
-    detail::set_stored_types(w, ck_);
+    detail::set_stored_types(w, ck_, kernel_bf16_);
     return w;
   }
 
@@ -608,6 +604,7 @@ class hf_layers {
   std::string config_path_;
   hf_config h_;
   safetensors_checkpoint ck_;
+  bool kernel_bf16_ = false;  ///< see tensor_reader::kernel_weights_bf16
 };
 
 /// Whether `dir` looks like a Hugging Face model directory.

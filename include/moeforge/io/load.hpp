@@ -142,8 +142,8 @@ inline model::weights load_model(const std::string& path, const load_options& op
 }
 
 /// Loads any model load_model reads straight into an owning transformer that
-/// runs its weights as `format` (default: the type the file stores; F32 or
-/// BF16). Hugging Face and native models are read one layer at a time from
+/// runs its weights as `format` (default: weights::run_dtype(), the type the
+/// file stores its weight matrices in; F32 or BF16). Hugging Face and native models are read one layer at a time from
 /// their memory-mapped tensors: each layer's weight matrices are packed
 /// straight from the file's bytes (F32, BF16 or F16), its other tensors read
 /// in F32, and its mapped pages released, so loading needs the packed model

@@ -352,6 +352,7 @@ class manifest_reader {
     return v;
   }
   [[noreturn]] void fail(const std::string& message) const { throw format_error(cat(file_, ": ", message)); }
+  const std::string& file() const { return file_; }
 
  private:
   std::string file_;
@@ -842,7 +843,7 @@ class native_layers {
     if (j.contains("panels"))
       read_panel_index(r, r.at(j, "panels", "manifest"));
     else if (w.weight_dtype != dtype::bf16 && detail::kernel_matrices_bf16(w, [&](const std::string& name) { return st_.info(name).dtype; }))
-      w.panel_dtype = dtype::bf16;  // see model::weights::panel_dtype
+      w.default_run_dtype = dtype::bf16;  // see model::weights::default_run_dtype
     // Attention biases are optional; the file says whether they exist.
     for (std::size_t i = 0; i < w.layers.size(); ++i) {
       auto& l = w.layers[i];
@@ -881,7 +882,7 @@ class native_layers {
     model::weights w;
     w.config = skeleton_.config;
     w.weight_dtype = skeleton_.weight_dtype;
-    w.panel_dtype = skeleton_.panel_dtype;
+    w.default_run_dtype = skeleton_.default_run_dtype;
     w.file_dtype = skeleton_.file_dtype;
     const auto read_tensor = [this, &w](const std::string& name, auto& t) {
       note_type(w.file_dtypes, name, name);
@@ -987,8 +988,9 @@ class native_layers {
   }
 
  private:
-  /// The manifest's "panels": {"nr", "type", "weight_dtype", "file_dtype", "tensors": {name:
-  /// [rows, depth, [cuts]]}}, listing exactly the matrices the kernels read.
+  /// The manifest's "panels": {"nr", "type", "weight_dtype", "file_dtype",
+  /// "tensors": {name: [rows, depth, [cuts]]}}, listing exactly the matrices
+  /// the kernels read.
   void read_panel_index(const detail::manifest_reader& r, const nlohmann::json& j) {
     using detail::cat;
     panel_nr_ = r.get<index_t>(j, "nr", "panels");
@@ -998,16 +1000,11 @@ class native_layers {
       if (name != dtype_name(dtype::f32) && name != dtype_name(dtype::bf16)) r.fail(cat("panels.", key, " = '", name, "', expected F32 or BF16"));
       return name == dtype_name(dtype::f32) ? dtype::f32 : dtype::bf16;
     };
-    skeleton_.panel_dtype = kernel_type("type");
+    skeleton_.default_run_dtype = kernel_type("type");
     skeleton_.weight_dtype = kernel_type("weight_dtype");
     // The source's type, which the directory's own F32 tensors do not tell (absent before it was recorded).
-    if (j.contains("file_dtype")) {
-      const auto name = r.get<std::string>(j, "file_dtype", "panels");
-      const auto known = {dtype::f32, dtype::f16, dtype::bf16};
-      const auto it = std::find_if(known.begin(), known.end(), [&](dtype t) { return name == dtype_name(t); });
-      if (it == known.end()) r.fail(cat("panels.file_dtype = '", name, "', expected F32, F16 or BF16"));
-      skeleton_.file_dtype = *it;
-    }
+    if (j.contains("file_dtype"))
+      skeleton_.file_dtype = detail::parse_dtype(r.get<std::string>(j, "file_dtype", "panels"), cat(r.file(), ": panels.file_dtype"));
     const auto& tensors = r.at(j, "tensors", "panels");
     if (!tensors.is_object()) r.fail("panels.tensors must be an object");
     for (const auto& [name, v] : tensors.items()) {

@@ -191,8 +191,8 @@ inline void validate(const weights& structure, const packed_weights& p) {
   const dtype run = p.classifier.type();
   moeforge::detail::require_shape(structure.final_norm, c.dim, 1, "model.final_norm");
   if (structure.tok_emb.size() || structure.lm_head.size()) throw config_error("packed model: the structure must not hold the embedding or classifier");
-  if (structure.panel_dtype && *structure.panel_dtype != run)
-    throw config_error(cat("packed model: the structure says ", dtype_name(*structure.panel_dtype), " panels, the classifier's are ", dtype_name(run)));
+  if (structure.default_run_dtype && *structure.default_run_dtype != run)
+    throw config_error(cat("packed model: the structure says ", dtype_name(*structure.default_run_dtype), " panels (its default run type), the classifier's are ", dtype_name(run)));
   require_panels(p.classifier, c.vocab_size, c.dim, run, "model.classifier");
   if (classifier_embeds(c, run, structure.weight_dtype) != (p.embedding.rows() == 0))
     throw config_error(cat("packed model: a ", c.tied_embeddings ? "tied" : "untied", " model run as ", dtype_name(run), " from ",
@@ -251,7 +251,7 @@ void for_each_packed_ffn(Layer& l, F&& f) {
 /// layer_source) it owns the weights, which nobody can edit any more, and so
 /// runs every FFN, attention projection, the classifier and the embedding
 /// prepared (weights packed once into the kernel's panels, in `format`: by
-/// default the type the weights were stored in) without any risk of stale
+/// default weights::run_dtype()) without any risk of stale
 /// panels. In F32 the results are bit-identical to the lvalue form's; in BF16
 /// they are those of the weights rounded to BF16 (exactly so when they were
 /// stored in BF16), with the tokens of many-token products rounded too unless
@@ -316,7 +316,7 @@ class transformer {
     using moeforge::detail::cat;
     weights& w = *owned_;
     const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(w.run_dtype()));
-    w.panel_dtype = t.type;
+    w.default_run_dtype = t.type;
     if (t.type != dtype::f32 && t.type != dtype::bf16)  // checked here: no exception may leave the parallel loop
       throw config_error(cat("transformer: weights as ", dtype_name(t.type), " are not supported (F32 or BF16)"));
     if (!w.layers.empty()) throw config_error("transformer: the layers come from the layer source; the globals must hold none");
@@ -359,7 +359,7 @@ class transformer {
   transformer(weights&& structure, packed_weights&& panels)
       : owned_(std::make_unique<weights>(std::move(structure))), w_(*owned_), packed_(std::move(panels)) {
     validate(*owned_, packed_);
-    owned_->panel_dtype = packed_.classifier.type();
+    owned_->default_run_dtype = packed_.classifier.type();
     make_rope_tables();
   }
 

@@ -71,7 +71,7 @@ struct weights {
   /// routers, classifier or embedding, which runs as a BF16 file does rather
   /// than in F32 at twice the memory (its F32 classifier rounded in its
   /// panels, its routers and embedding kept exact); empty otherwise. See run_dtype().
-  std::optional<dtype> panel_dtype;
+  std::optional<dtype> default_run_dtype;
   /// The type the source file stored the matrices in (F32, F16 or BF16),
   /// which a save keeps where it loses nothing (stored_dtype): F16 weights
   /// run as F32 (weight_dtype), and are written back as F16.
@@ -81,7 +81,7 @@ struct weights {
   std::map<std::string, dtype> file_dtypes;
 
   /// What an owning transformer runs the weights as unless told otherwise.
-  dtype run_dtype() const { return panel_dtype.value_or(weight_dtype); }
+  dtype run_dtype() const { return default_run_dtype.value_or(weight_dtype); }
   /// The type a save writes the matrices in when every value is exact in it
   /// (else F32): BF16 weights' own, else the source file's.
   dtype stored_dtype() const { return weight_dtype == dtype::bf16 ? dtype::bf16 : file_dtype; }
@@ -133,7 +133,7 @@ inline weights take_globals(weights& w) {
   g.final_norm = std::move(w.final_norm);
   g.lm_head = std::move(w.lm_head);
   g.weight_dtype = w.weight_dtype;
-  g.panel_dtype = w.panel_dtype;
+  g.default_run_dtype = w.default_run_dtype;
   g.file_dtype = w.file_dtype;
   g.file_dtypes = w.file_dtypes;
   return g;
