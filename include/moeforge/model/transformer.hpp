@@ -192,7 +192,8 @@ inline void validate(const weights& structure, const packed_weights& p) {
   moeforge::detail::require_shape(structure.final_norm, c.dim, 1, "model.final_norm");
   if (structure.tok_emb.size() || structure.lm_head.size()) throw config_error("packed model: the structure must not hold the embedding or classifier");
   if (structure.default_run_dtype && *structure.default_run_dtype != run)
-    throw config_error(cat("packed model: the structure says ", dtype_name(*structure.default_run_dtype), " panels (its default run type), the classifier's are ", dtype_name(run)));
+    throw config_error(cat("packed model: the structure says ", dtype_name(*structure.default_run_dtype),
+                           " panels (its default run type), the classifier's are ", dtype_name(run)));
   require_panels(p.classifier, c.vocab_size, c.dim, run, "model.classifier");
   if (classifier_embeds(c, run, structure.weight_dtype) != (p.embedding.rows() == 0))
     throw config_error(cat("packed model: a ", c.tied_embeddings ? "tied" : "untied", " model run as ", dtype_name(run), " from ",
