@@ -32,7 +32,6 @@ int run_export(int argc, char** argv) {
   io::check_output_dir(a.get("out"), a.flag_set("force"));
   io::native_save_options o;
   o.overwrite = a.flag_set("force");
-  o.as_source = true;  // a checkpoint mixing types keeps each tensor's, so its export runs as it does
   const nlohmann::json provenance{{"exported_from", a.get("model")}};
   index_t layers = 0;
   if (format == "packed") {
@@ -43,8 +42,10 @@ int run_export(int argc, char** argv) {
     const auto w = load_model(a);
     if (format == "hf")
       io::save_hf(w, a.get("out"), a.flag_set("force"));
-    else
-      io::save_native(w, a.get("out"), provenance, o);  // each tensor in the type its file stored it in (as_source)
+    else {
+      o.as_source = true;  // a checkpoint mixing types keeps each tensor's, so its export runs as it does
+      io::save_native(w, a.get("out"), provenance, o);
+    }
     layers = w.config.n_layers;
   }
   std::cout << "wrote " << a.get("out") << " (" << format << ", " << layers << " layers)\n";

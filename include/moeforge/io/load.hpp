@@ -143,22 +143,21 @@ inline model::weights load_model(const std::string& path, const load_options& op
 
 /// Loads any model load_model reads straight into an owning transformer that
 /// runs its weights as `format` (default: weights::run_dtype(), the type the
-/// file stores its weight matrices in; F32 or BF16). Hugging Face and native models are read one layer at a time from
-/// their memory-mapped tensors: each layer's weight matrices are packed
-/// straight from the file's bytes (F32, BF16 or F16), its other tensors read
-/// in F32, and its mapped pages released, so loading needs the packed model
-/// plus a few pages of each layer (about one layer in F32 with opt.on_layer,
-/// which is handed every value; two for a moment where a layer of another kind
-/// follows), a BF16 model about its file size, and never the whole model in
-/// F32. A llama2.c
-/// checkpoint (F32 only) is read whole first. The result is the same, bit for
-/// bit, as model::transformer(load_model(path, opt), format). A packed
-/// directory (io/packed.hpp) of this build's panel width, run in the type its
-/// panels hold and without opt.on_layer, is not read at all: its panels are
-/// mapped in place (load_packed) and it runs what the transformer that wrote
-/// it ran; read plain, it runs the same (weights::run_dtype: by default in
-/// its panels' type). Safe to call from several processes on one file (it
-/// only reads).
+/// file stores its weight matrices in; F32 or BF16). Hugging Face and native
+/// models are read one layer at a time from their memory-mapped tensors: each
+/// layer's weight matrices are packed straight from the file's bytes (F32, BF16
+/// or F16), its other tensors read in F32, and its mapped pages released, so
+/// loading needs the packed model plus a few pages of each layer (about one
+/// layer in F32 with opt.on_layer, which is handed every value; two for a
+/// moment where a layer of another kind follows), a BF16 model about its file
+/// size, and never the whole model in F32. A llama2.c checkpoint (F32 only) is
+/// read whole first. The result is the same, bit for bit, as
+/// model::transformer(load_model(path, opt), format). A packed directory
+/// (io/packed.hpp) of this build's panel width, run in the type its panels hold
+/// and without opt.on_layer, is not read at all: its panels are mapped in place
+/// (load_packed) and it runs what the transformer that wrote it ran; read
+/// plain, it runs the same (weights::run_dtype: by default in its panels'
+/// type). Safe to call from several processes on one file (it only reads).
 inline model::transformer load_transformer(const std::string& path, const load_options& opt = {},
                                            std::optional<runtime::detail::weight_format> format = std::nullopt) {
   return with_layer_reader(path, opt, [&](auto&& src) { return detail::transformer_from(src, opt, format); });

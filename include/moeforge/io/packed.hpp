@@ -10,11 +10,11 @@
 // The manifest gains
 //   "panels": {"nr": 32, "type": "BF16", "weight_dtype": "F32", "file_dtype": "F16",
 //              "tensors": {"layers.0.wq": [rows, depth, [cuts]], ...}}
-// (the panel width, the type the panels hold and the model is run as, the
-// type the weights were stored in, the type the model's source file stored
-// them in — which exports and conversions write, the rest of the directory
-// being F32 — absent in directories written before it, and every matrix the
-// kernels read: no more, no fewer), and each listed tensor holds [panels, depth, nr] values
+// (the panel width, the type the panels hold and the model is run as, the type
+// the weights were stored in, the type the model's source file stored them in —
+// which exports and conversions write, the rest of the directory being F32 —
+// absent in directories written before it, and every matrix the kernels read:
+// no more, no fewer), and each listed tensor holds [panels, depth, nr] values
 // in bf16_slot order under the matrix's native name. The classifier is
 // `lm_head` and the embedding `tok_emb` (in the stored type) when the
 // transformer keeps them apart (untied, or tied but run in another type);

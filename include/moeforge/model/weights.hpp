@@ -70,7 +70,8 @@ struct weights {
   /// (attention projections, FFN and expert weights) are BF16 beside F32
   /// routers, classifier or embedding, which runs as a BF16 file does rather
   /// than in F32 at twice the memory (its F32 classifier rounded in its
-  /// panels, its routers and embedding kept exact); empty otherwise. See run_dtype().
+  /// panels, its routers and embedding kept exact); empty otherwise. See
+  /// run_dtype().
   std::optional<dtype> default_run_dtype;
   /// The type the source file stored the matrices in (F32, F16 or BF16),
   /// which a save keeps where it loses nothing (stored_dtype): F16 weights
