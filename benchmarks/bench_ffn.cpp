@@ -10,6 +10,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -302,7 +303,8 @@ int bench_ffn(int argc, char** argv) {
          "times the same MoE layer from its plain F32 weights (panels packed per call; F32 rows only), with bit-identical\n"
          "results. limit_ms = max(weight bytes touched at the row's dtype / DRAM bandwidth, FLOPs / peak), each the better\n"
          "of two probes taken just before and just after the row; the peak is the FP32 FMA peak, or for BF16 rows over\n"
-         "more than 4 tokens the BF16 dot-product peak (vdpbf16ps; BF16 tokens) where the CPU has one.\n"
+         "more than " + std::to_string(runtime::detail::bf16_exact_tokens) +
+             " tokens the BF16 dot-product peak (vdpbf16ps; BF16 tokens) where the CPU has one.\n"
          "limit_ratio = moe_ms / limit_ms (x_lim); dx_lim is the dense layer's, dense_ms over its own limit. Where the two\n"
          "limits meet, a kernel must stream and multiply at once: the run starts by timing the micro-kernel alone there\n"
          "(weights streamed once to as many tokens as balance them), whose own limit_ratio (machine_ridge_ratio) is a\n"

@@ -674,9 +674,10 @@ TEST_CASE("BF16 panels hold the rounded weights and project exactly as the round
         p.row_values(r, 0, depth, row.data());
         REQUIRE(Eigen::Map<const Eigen::RowVectorXf>(row.data(), depth) == rounded.row(r));
       }
-      // 4 and 5: either side of bf16_exact_tokens; 20: BF16 tokens, though
-      // the F32 path would read them in place.
-      for (index_t t : {1, 4, 5, 7, 20, 33, 100}) {
+      // 8 and 9: either side of bf16_exact_tokens (5 and 7: one token panel
+      // over two weight panels side by side, and over one); 20: BF16
+      // tokens, though the F32 path would read them in place.
+      for (index_t t : {1, 5, 7, 8, 9, 20, 33, 100}) {
         const matrix x = random_matrix(t, depth, rng, 1.0f);
         const auto got = for_each_thread_count([&] { return runtime::project(x, p); });
         const auto got_dot = for_each_thread_count([&] { return runtime::project(x, dot); });
@@ -898,8 +899,9 @@ TEST_CASE("a product reads tokens packed once (F32 panels or BF16 pairs) as it r
     for (index_t depth : {gemm_kc + 45, gemm_kc * 2}) {  // odd and across depth blocks, and whole blocks
       const matrix w = random_matrix(2 * gemm_nr + 13, depth, rng, 1.0f);
       const panel_matrix panels(w.data(), w.outerStride(), w.rows(), depth, {}, weight_format(type, true));
-      // One panel, two, many (past gemm_tokens_in_place) and past a token block.
-      for (index_t m : {bf16_exact_tokens + 1, gemm_mr + 1, gemm_tokens_in_place + 5, gemm_mc * gemm_mr + 3}) {
+      // The fewest that round (two panels), three (a shared tail), many (past
+      // gemm_tokens_in_place) and past a token block.
+      for (index_t m : {bf16_exact_tokens + 1, 2 * gemm_mr + 3, gemm_tokens_in_place + 5, gemm_mc * gemm_mr + 3}) {
         INFO(dtype_name(type) << " depth " << depth << " tokens " << m);
         const matrix x = random_matrix(m, depth, rng, 1.0f), other = random_matrix(m, depth, rng, 1.0f);
         const auto blocks = {panels.block(0, 20, 0), panels.block(20, w.rows() - 20, 0)};

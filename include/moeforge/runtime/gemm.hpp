@@ -491,15 +491,21 @@ constexpr bool bf16_dot_available = false;
 /// weight_format). Widening BF16 weights costs one FMA per weight and token,
 /// so the exact path runs out of arithmetic when a product does more FLOPs
 /// per weight byte (its token count) than FP32 peak / bandwidth, about 7 on
-/// the Zen 5 this was measured on, and it already slows well before: a dense
-/// H 2048 × I 5632 FFN on one thread took 4.1 ms at 1 token, 4.8-5.3 ms at 5
-/// and 6.5 ms at 8 widened, 3.8-4.5 and 4.2 ms with `vdpbf16ps`, which halves
-/// the instructions. Up to 4 tokens both paths stream the weights at the same
-/// speed and the exact one costs nothing, so a single stream's decode (and
-/// a batch of up to 4 decoded tokens) stays exact. An expert's share of a
-/// 64-token batch is 4-32 tokens on the usual layers (6 on DeepSeek-V2-Lite),
-/// so the rule is per product, not per batch.
-constexpr index_t bf16_exact_tokens = 4;
+/// the Zen 5 this was measured on: on one thread, a dense H 2048 × I 5632
+/// FFN took 4.1 ms at 1 token, 4.8-5.3 ms at 5 and 6.5 ms at 8 widened,
+/// 3.8-4.5 and 4.2 ms with `vdpbf16ps`, which halves the instructions. With
+/// every core streaming, though, a core's share of DRAM is the limit up to a
+/// token panel (8 with AVX-512), and there `vdpbf16ps`, reading one weight
+/// panel at a time for 7 or 8 tokens, streamed worse than widening: the
+/// dense BF16 FFN at 8 tokens ran 11-18% faster exact (best and median, 2
+/// threads, A/B in one process, both link orders), S3A3E8's layer at 8
+/// tokens 2-5%, S1A1E8's at 8 and 64 tokens, Qwen3-30B-A3B's at 64 and the
+/// dense one at 6 within 4%; DeepSeek-V2-Lite's at 64 tokens (6 an expert)
+/// 2-5% slower. So a
+/// single stream's decode and a decoded batch of up to a token panel stay
+/// exact. An expert's share of a 64-token batch is 4-32 tokens on the usual
+/// layers, so the rule is per product, not per batch.
+constexpr index_t bf16_exact_tokens = 8;  // (AVX-512's gemm_mr: only AVX-512 builds have vdpbf16ps)
 
 /// How prepared weights are stored and multiplied: F32, or BF16. With BF16,
 /// products over more than bf16_exact_tokens tokens round the tokens to BF16
