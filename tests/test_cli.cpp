@@ -344,6 +344,19 @@ TEST_CASE("sparsify and prune stream a sharded Hugging Face checkpoint to the mo
     CHECK(pm.contains("report"));
     fs::remove_all(scratch / "streamed");
     fs::remove_all(scratch / "in-memory");
+    if (mixed) {  // export keeps each tensor's type too, in either format
+      const auto source = moeforge::io::load_model(src);
+      for (const char* format : {"hf", "native"}) {
+        CAPTURE(format);
+        const auto e = cli({"export", "--model", src, "--format", format, "--out", scratch / "exported"}, scratch);
+        INFO(e.err);
+        REQUIRE(e.code == 0);
+        const auto back = moeforge::io::load_model(scratch / "exported");
+        CHECK(back.file_dtypes == source.file_dtypes);
+        for (std::size_t l = 0; l < 3; ++l) CHECK(back.layers[l].file_dtypes == source.layers[l].file_dtypes);
+        fs::remove_all(scratch / "exported");
+      }
+    }
 
     // The global choice needs every layer at once: a usage error naming --scope, before anything is written.
     auto global = args;

@@ -149,6 +149,18 @@ TEST_CASE("hf: BF16 weights beside F32 routers, norms and classifier run as BF16
   io::save_native(w, tmp / "native", {}, as_source);
   CHECK(io::load_model(tmp / "native").run_dtype() == dtype::bf16);
   CHECK(logits(io::load_transformer(tmp / "native"), probe_tokens) == logits(tr, probe_tokens));
+  // Exported to Hugging Face as its source, every tensor keeps the file's
+  // type (the reload records the same ones) and the export runs the same;
+  // by default its matrices share one type, F32 where they mix.
+  REQUIRE(w.layers[0].file_dtypes.at("attn_norm") == dtype::f32);
+  REQUIRE(w.layers[0].file_dtypes.at("wq") == dtype::bf16);
+  io::save_hf(w, tmp / "hf", {false, true});
+  const model::weights back = io::load_model(tmp / "hf");
+  CHECK(back.file_dtypes == w.file_dtypes);
+  for (std::size_t i = 0; i < w.layers.size(); ++i) CHECK(back.layers[i].file_dtypes == w.layers[i].file_dtypes);
+  CHECK(logits(io::load_transformer(tmp / "hf"), probe_tokens) == logits(tr, probe_tokens));
+  io::save_hf(w, tmp / "hf-one");
+  CHECK(io::load_model(tmp / "hf-one").run_dtype() == dtype::f32);
   // One F32 weight matrix the kernels read, and the file runs in F32 as before.
   const std::string one = sharded_hf(tmp, "one", dtype::bf16, 1, {}, true, 64,
                                      [](const std::string& name) { return kept_in_f32(name) || name == "model.layers.1.self_attn.o_proj.weight"; });
@@ -236,6 +248,10 @@ TEST_CASE("hf: a Qwen2-MoE model (dense layers, shared expert, biases) round-tri
   io::save_native(mixed, tmp / "qwen-native", {}, as_source);
   check_stored_types(tmp / "qwen-native", dtype::bf16, [](const std::string& name) { return ends_with(name, ".sigmoid_gate"); });
   CHECK(std::get<moe_layer>(io::load_model(tmp / "qwen-native").layers[1].ffn).shared.front().gate == gate32);
+  io::save_hf(mixed, tmp / "qwen-hf", {false, true});  // and so does its Hugging Face export
+  CHECK(io::safetensors_checkpoint(tmp / "qwen-hf").info("model.layers.1.mlp.shared_expert_gate.weight").dtype == dtype::f32);
+  CHECK(io::safetensors_checkpoint(tmp / "qwen-hf").info("model.layers.1.self_attn.q_proj.bias").dtype == dtype::bf16);
+  CHECK(std::get<moe_layer>(io::load_model(tmp / "qwen-hf").layers[1].ffn).shared.front().gate == gate32);
 
   SECTION("decoder_sparse_step decides which layers are MoE") {
     auto c2 = cfg;
@@ -347,14 +363,14 @@ TEST_CASE("hf: save_hf refuses what Hugging Face cannot express and never clobbe
   auto cmoe_like = w;
   std::get<moe_layer>(cmoe_like.layers[0].ffn).router.kind = router_kind::cmoe_analytic;
   std::get<moe_layer>(cmoe_like.layers[0].ffn).router.weight_up = random_matrix(4, w.config.dim, rng);
-  CHECK_THROWS_AS(io::save_hf(cmoe_like, tmp / "out", true), config_error);
-  CHECK_THROWS_WITH(io::save_hf(cmoe_like, tmp / "out", true), Contains("layer 0") && Contains("cmoe_analytic") && Contains("native"));
+  CHECK_THROWS_AS(io::save_hf(cmoe_like, tmp / "out", {true}), config_error);
+  CHECK_THROWS_WITH(io::save_hf(cmoe_like, tmp / "out", {true}), Contains("layer 0") && Contains("cmoe_analytic") && Contains("native"));
 
   auto novice = w;
   auto& e = std::get<moe_layer>(novice.layers[1].ffn).experts[2];
   e.weights = ffn{};
   e.novice = random_matrix(w.config.dim, 1, rng);
-  CHECK_THROWS_WITH(io::save_hf(novice, tmp / "out", true), Contains("layer 1") && Contains("novice"));
+  CHECK_THROWS_WITH(io::save_hf(novice, tmp / "out", {true}), Contains("layer 1") && Contains("novice"));
 
   CHECK_THROWS_AS(io::save_hf(w, tmp / "out"), io_error);  // exists, no overwrite
   CHECK(file_bytes(tmp / "out/model.safetensors") == before);

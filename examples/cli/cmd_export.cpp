@@ -40,10 +40,11 @@ int run_export(int argc, char** argv) {
     layers = tr.config().n_layers;
   } else {
     const auto w = load_model(a);
+    // A checkpoint mixing types keeps each tensor's, so its export runs as it does.
     if (format == "hf")
-      io::save_hf(w, a.get("out"), a.flag_set("force"));
+      io::save_hf(w, a.get("out"), {o.overwrite, true});
     else {
-      o.as_source = true;  // a checkpoint mixing types keeps each tensor's, so its export runs as it does
+      o.as_source = true;
       io::save_native(w, a.get("out"), provenance, o);
     }
     layers = w.config.n_layers;

@@ -677,22 +677,33 @@ inline std::optional<model::weights> with_complete_transformations(const model::
 
 }  // namespace detail
 
+/// How save_hf writes.
+struct hf_save_options {
+  /// Replace an existing directory (only once the new one is complete).
+  bool overwrite = false;
+  /// Store each tensor as the file the model was loaded from stored it
+  /// (native_save_options::as_source, the same rule), so a checkpoint mixing
+  /// types keeps each tensor's and reloads to run as it did.
+  bool as_source = false;
+};
+
 /// Writes `w` as a Hugging Face directory (config.json + model.safetensors,
 /// per-expert 2-D tensors; matrices in BF16 or F16 where save_native would
-/// store them so, see detail::stored_matrix_dtype), atomically. A
+/// store them so, see detail::stored_matrix_dtype, or each as its source
+/// stored it: hf_save_options), atomically. A
 /// DualSparse-partitioned layer is written as its complete transformation
 /// (E·P plain experts, same output). Dense models become "llama" (or
 /// "qwen2" with attention biases); MoE models "mixtral" or "qwen2_moe". Models
 /// those layouts cannot express (CMoE routers, novices, ...) are refused with
 /// the reason; use save_native for them.
-inline void save_hf(const model::weights& w, const std::string& dir, bool overwrite = false) {
+inline void save_hf(const model::weights& w, const std::string& dir, const hf_save_options& opt = {}) {
   namespace fs = std::filesystem;
   using detail::cat;
   model::validate(w);
-  if (const auto flat = detail::with_complete_transformations(w)) return save_hf(*flat, dir, overwrite);
+  if (const auto flat = detail::with_complete_transformations(w)) return save_hf(*flat, dir, opt);
   const auto& c = w.config;
   const fs::path out = output_path(dir);
-  check_output_dir(out.string(), overwrite);
+  check_output_dir(out.string(), opt.overwrite);
 
   const bool bias = w.layers.front().bq.size() != 0;
   const moe_layer* moe = nullptr;
@@ -724,7 +735,12 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
   if (type == "qwen2_moe" && moe->shared.empty())
     throw config_error("save_hf: an MoE model without a shared expert and with dense layers or attention biases has no Hugging Face form");
 
-  const dtype stored = detail::stored_matrix_dtype(w);
+  // Each tensor's type as save_native would store it, found by where its
+  // values are (a tensor whose layout differs is looked up by its original).
+  std::map<const void*, dtype> types;
+  for (const auto& v : detail::tensor_views(w, std::nullopt, opt.as_source)) types.emplace(v.data, v.stored);
+  const auto type_of = [&](const auto& t) { return types.at(t.data()); };
+  const dtype stored = type_of(w.layers.front().wq);
   nlohmann::json j{{"model_type", type},
                    {"hidden_size", c.dim},
                    {"num_hidden_layers", c.n_layers},
@@ -768,8 +784,13 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
   const bool qwen = type == "qwen2" || type == "qwen2_moe";
   const bool permute = c.rope == model::rope_style::interleaved;
   std::vector<tensor_view> views;
-  auto add_m = [&](const std::string& name, const matrix& m) { views.push_back({name, {m.rows(), m.cols()}, m.data(), stored}); };
-  auto add_v = [&](const std::string& name, const vector& v) { views.push_back({name, {v.size()}, v.data()}); };
+  auto add_m = [&](const std::string& name, const matrix& m, const matrix* original = nullptr) {
+    views.push_back({name, {m.rows(), m.cols()}, m.data(), type_of(original ? *original : m)});
+  };
+  // (A zero bias standing in for an absent one is F32.)
+  auto add_v = [&](const std::string& name, const vector& v, const vector* original = nullptr) {
+    views.push_back({name, {v.size()}, v.data(), original && original->size() == 0 ? dtype::f32 : type_of(original ? *original : v)});
+  };
   auto add_ffn = [&](const std::string& p, const ffn& f, const char* g, const char* u, const char* d) {
     add_m(p + g, f.gate);
     add_m(p + u, f.up);
@@ -787,8 +808,8 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
       wq = &owned_m.emplace_back(detail::to_half_split(l.wq, c.n_heads, c.head_dim));
       wk = &owned_m.emplace_back(detail::to_half_split(l.wk, c.n_kv_heads, c.head_dim));
     }
-    add_m(p + "self_attn.q_proj.weight", *wq);
-    add_m(p + "self_attn.k_proj.weight", *wk);
+    add_m(p + "self_attn.q_proj.weight", *wq, &l.wq);
+    add_m(p + "self_attn.k_proj.weight", *wk, &l.wk);
     add_m(p + "self_attn.v_proj.weight", l.wv);
     add_m(p + "self_attn.o_proj.weight", l.wo);
     if (qwen) {  // the Qwen2 family always has q/k/v biases: zeros stand in for absent ones
@@ -796,9 +817,9 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
         if (b.size() == 0) return owned_v.emplace_back(vector::Zero(heads * c.head_dim));
         return permute && rotated ? owned_v.emplace_back(detail::to_half_split(b, heads, c.head_dim)) : b;
       };
-      add_v(p + "self_attn.q_proj.bias", bias_of(l.bq, c.n_heads, true));
-      add_v(p + "self_attn.k_proj.bias", bias_of(l.bk, c.n_kv_heads, true));
-      add_v(p + "self_attn.v_proj.bias", bias_of(l.bv, c.n_kv_heads, false));
+      add_v(p + "self_attn.q_proj.bias", bias_of(l.bq, c.n_heads, true), &l.bq);
+      add_v(p + "self_attn.k_proj.bias", bias_of(l.bk, c.n_kv_heads, true), &l.bk);
+      add_v(p + "self_attn.v_proj.bias", bias_of(l.bv, c.n_kv_heads, false), &l.bv);
     }
     if (const auto* f = std::get_if<ffn>(&l.ffn)) {
       add_ffn(p + "mlp.", *f, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
@@ -818,10 +839,13 @@ inline void save_hf(const model::weights& w, const std::string& dir, bool overwr
     }
     if (!m.shared.empty()) {
       add_ffn(b + "shared_expert.", m.shared.front().weights, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
-      // A [1, H] matrix in the file: in the matrices' type where that loses
-      // nothing, so the reloaded model's matrices still share one (file_dtype).
+      // A [1, H] matrix in the file: as its source stored it, else in the
+      // matrices' type where that loses nothing, so the reloaded model's
+      // matrices still share one (file_dtype).
       const vector& g = m.shared.front().gate;
-      const dtype gate_type = exact_in(stored, g.data(), std::size_t(g.size())) ? stored : dtype::f32;
+      const dtype gate_type = opt.as_source                                  ? type_of(g)
+                              : exact_in(stored, g.data(), std::size_t(g.size())) ? stored
+                                                                                  : dtype::f32;
       views.push_back({b + "shared_expert_gate.weight", {1, g.size()}, g.data(), gate_type});
     }
   }
