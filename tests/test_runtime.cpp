@@ -818,11 +818,11 @@ TEST_CASE("panels packed from a file's F32, BF16 or F16 bytes at any alignment e
     }
 }
 
-TEST_CASE("token panels cover a product's tokens once, in order, at most MR each, a short tail shared by two") {
+TEST_CASE("token panels cover a product's tokens once, in order, at most MR each, a short tail shared by two; BF16 pairs evenly") {
   using runtime::detail::gemm_mr;
   using runtime::detail::gemm_pair_rows;
-  const auto cut = [](index_t m) {
-    const runtime::detail::token_panels tp{m};
+  const auto cut = [](index_t m, bool pairs = false) {
+    const runtime::detail::token_panels tp{m, pairs};
     std::vector<index_t> rows;
     index_t next = 0;
     for (index_t ip = 0; ip < tp.count(); ++ip) {
@@ -845,6 +845,12 @@ TEST_CASE("token panels cover a product's tokens once, in order, at most MR each
       CHECK(rows[rows.size() - 2] <= gemm_pair_rows);
       CHECK((rows[rows.size() - 2] - rows.back() == 0 || rows[rows.size() - 2] - rows.back() == 1));
     }
+    // BF16 pairs: as few panels of at most gemm_pair_rows as hold them, longer ones first, one token apart.
+    const std::vector<index_t> pairs = cut(m, true);
+    REQUIRE(index_t(pairs.size()) == (m + gemm_pair_rows - 1) / gemm_pair_rows);
+    CHECK(pairs.front() <= gemm_pair_rows);
+    CHECK(pairs.front() - pairs.back() <= 1);
+    CHECK(std::is_sorted(pairs.rbegin(), pairs.rend()));
   }
   if (gemm_mr == 8 && gemm_pair_rows == 6) {  // AVX-512
     CHECK(cut(9) == std::vector<index_t>{5, 4});
@@ -853,6 +859,9 @@ TEST_CASE("token panels cover a product's tokens once, in order, at most MR each
     CHECK(cut(16) == std::vector<index_t>{8, 8});
     CHECK(cut(17) == std::vector<index_t>{8, 5, 4});
     CHECK(cut(33) == std::vector<index_t>{8, 8, 8, 5, 4});
+    CHECK(cut(9, true) == std::vector<index_t>{5, 4});
+    CHECK(cut(16, true) == std::vector<index_t>{6, 5, 5});
+    CHECK(cut(33, true) == std::vector<index_t>{6, 6, 6, 5, 5, 5});
   } else {  // AVX2 and plain C++: MR 6, two tokens side by side, never shared
     CHECK(cut(7) == std::vector<index_t>{6, 1});
     CHECK(cut(8) == std::vector<index_t>{6, 2});

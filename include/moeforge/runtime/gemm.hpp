@@ -336,23 +336,46 @@ constexpr index_t panels_together(index_t rows) { return rows == 1 ? gemm_max_to
 /// one core, BF16: 1, 2, 3 tokens at 17, 34, 51% of 8; side by side over two
 /// weight panels, 5 and 4 tokens reach 98-100%), and a job's tokens rarely
 /// fill whole panels. A product of 256 prepared rows × 2048 on one core ran
-/// 9-12 and 17-18 tokens 1.07-1.44× faster so (BF16; F32 up to 1.2×). The
-/// cut changes no result: each element's sum is the same whatever panel its
-/// token is in.
+/// 9-12 and 17-18 tokens 1.07-1.44× faster so (BF16; F32 up to 1.2×).
+/// Tokens as BF16 pairs (`pairs`, for vdpbf16ps) go into as few panels of at
+/// most gemm_pair_rows as hold them, of sizes one apart (16 → 6 + 5 + 5),
+/// every one read over two weight panels side by side: per pair of depths,
+/// one broadcast token feeds four dot products instead of two, and the first
+/// token panel streams two weight panels where a panel of 8 streams one.
+/// Against panels of 8 that made a dense BF16 FFN at 16 tokens 3-4% faster,
+/// at 512 tokens 5%, E8A2's layer at 512 tokens 7-10%, at 64 (16 an expert)
+/// 1-3%, S1A1E8's at 64 1-4% (A/B in one process, both link orders,
+/// identical results); F32 panels cut so gained 3-5% at 512 tokens and lost
+/// 1-3% at 64, and stay as they were. The cut changes no result: each
+/// element's sum is the same whatever panel its token is in.
 struct token_panels {
   index_t m;
+  bool pairs = false;  ///< the tokens are packed as BF16 pairs (token_form::pairs)
 
-  index_t count() const { return (m + gemm_mr - 1) / gemm_mr; }
+  index_t count() const { return (m + most() - 1) / most(); }
   /// The tokens of panel ip: [start(ip), start(ip) + rows(ip)).
-  index_t start(index_t ip) const { return ip == count() - 1 && shared_tail() ? m - tail() / 2 : ip * gemm_mr; }
+  index_t start(index_t ip) const {
+    if (pairs) return ip * shorter() + std::min(ip, longer());
+    return ip == count() - 1 && shared_tail() ? m - tail() / 2 : ip * gemm_mr;
+  }
   index_t rows(index_t ip) const {
+    if (pairs) return shorter() + (ip < longer() ? 1 : 0);
     if (shared_tail() && ip >= count() - 2) return ip == count() - 2 ? (tail() + 1) / 2 : tail() / 2;
     return std::min(gemm_mr, m - ip * gemm_mr);
   }
   /// Token t's panel.
-  index_t panel_of(index_t t) const { return shared_tail() && t >= start(count() - 1) ? count() - 1 : t / gemm_mr; }
+  index_t panel_of(index_t t) const {
+    if (pairs) {
+      const index_t in_longer = longer() * (shorter() + 1);
+      return t < in_longer ? t / (shorter() + 1) : longer() + (t - in_longer) / shorter();
+    }
+    return shared_tail() && t >= start(count() - 1) ? count() - 1 : t / gemm_mr;
+  }
 
  private:
+  index_t most() const { return pairs ? gemm_pair_rows : gemm_mr; }
+  index_t shorter() const { return m / count(); }  // pairs: the tokens of the shorter panels
+  index_t longer() const { return m % count(); }   // pairs: how many panels take one more
   index_t tail() const { return m - (count() - 2) * gemm_mr; }  // the last two panels' tokens
   bool shared_tail() const { return m > gemm_mr && m % gemm_mr != 0 && tail() <= 2 * gemm_pair_rows; }
 };
@@ -1067,7 +1090,7 @@ class token_storage {
            std::vector<token_panel_fill>& todo) {
     if (form == token_form::in_place || !shared) return;
     const bool pairs = form == token_form::pairs;
-    (pairs ? words_ : values_) += std::size_t(token_panels{m}.count()) * std::size_t(panel_size(k, pairs));
+    (pairs ? words_ : values_) += std::size_t(token_panels{m, pairs}.count()) * std::size_t(panel_size(k, pairs));
     asked_.push_back({src, m, k, pairs, &into, &todo});
   }
   /// Places every operand asked for in the kept buffers, or none if they
@@ -1079,7 +1102,7 @@ class token_storage {
     float* value = thread_kept<token_values, float>(values_);
     std::uint32_t* word = thread_kept<token_pairs, std::uint32_t>(words_);
     for (const request& r : asked_) {
-      const token_panels tp{r.m};
+      const token_panels tp{r.m, r.pairs};
       for (index_t ip = 0; ip < tp.count(); ++ip)
         r.todo->push_back({r.src + tp.start(ip), tp.rows(ip), r.k, tp.count(), ip, r.pairs ? nullptr : value, r.pairs ? word : nullptr});
       const index_t size = tp.count() * panel_size(r.k, r.pairs);
@@ -1128,12 +1151,12 @@ inline void panel_product(std::initializer_list<weight_block> a, const float* co
   thread_local std::vector<std::uint32_t> bpairs;
   thread_local std::vector<panel_slice> slices;
   thread_local std::vector<char> prepared, read;
-  const token_panels tp{m};
-  const index_t mpanels = tp.count();
   // BF16 tokens when every block asks for them (see weight_format); the
   // tokens are then packed as pairs instead of F32 panels.
   const token_form form = token_form_of(a, m);
   const bool dot = form == token_form::pairs, f32_panels = form == token_form::values;
+  const token_panels tp{m, dot};
+  const index_t mpanels = tp.count();
   const bool fits = given.m == m && given.k == k;
   const std::uint32_t* const pairs = dot && fits ? given.pairs : nullptr;
   const float* const values = f32_panels && fits ? given.values : nullptr;
