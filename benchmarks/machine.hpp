@@ -190,12 +190,14 @@ inline double probe_bf16_dot_gflops(int threads) {
 /// The simplest product at the machine's balance point, where streaming and
 /// arithmetic must overlap completely for a kernel to reach its limit: the
 /// kernel's own micro-kernel over weight slices (KC × NR) read once from
-/// DRAM by `tokens` tokens (token panels of MR, as many as bring the FLOPs a
-/// weight byte, 2·tokens / its size, nearest to peak / bandwidth: 16 F32 or
-/// BF16 tokens on a 430 GFLOP/s FP32, 860 BF16, 55 GB/s machine), each panel
-/// fetching its share of the next slice into L2 while it reads (as
-/// panel_product does). F32 weights, or BF16 ones meeting BF16 tokens in
-/// `vdpbf16ps` (`bf16`, where the build has it). `ratio` is its best time
+/// DRAM by `tokens` tokens (token panels as panel_product cuts them, as many
+/// as bring the FLOPs a weight byte, 2·tokens / its size, nearest to peak /
+/// bandwidth: 16 F32 tokens (two panels of MR) or 18 BF16 ones (three of
+/// gemm_pair_rows) on a 430 GFLOP/s FP32, 860 BF16, 55 GB/s machine), each
+/// panel fetching its share of the next slices into L2 while it reads (as
+/// panel_product does). F32 weights one slice at a time, or BF16 ones two
+/// side by side meeting BF16 tokens in `vdpbf16ps` (`bf16`, where the build
+/// has it). `ratio` is its best time
 /// over max(bytes / gbps, FLOPs / gflops), the limit_ratio of a product with
 /// nothing else to do at that balance: a reference for layers whose experts
 /// sit near it (E8A2 at 64 tokens). No tokens and no ratio for BF16 where
@@ -207,15 +209,17 @@ struct ridge_probe {
 
 inline ridge_probe probe_ridge(int threads, double gbps, double gflops, bool bf16 = false) {
   namespace rt = runtime::detail;
-  constexpr index_t slice = rt::gemm_kc * rt::gemm_nr;
   if (bf16 && !rt::bf16_dot_available) return {};
   const std::size_t value_bytes = bf16 ? 2 : 4;
-  const int panels = std::max(1, int(std::lround(gflops / gbps * double(value_bytes) / 2 / double(rt::gemm_mr))));
+  const index_t rows = bf16 ? rt::gemm_pair_rows : rt::gemm_mr;  // a token panel's tokens
+  const int side = bf16 ? 2 : 1;                                   // weight slices a token panel reads side by side
+  const index_t slice = rt::gemm_kc * rt::gemm_nr * side;          // what one step reads (values)
+  const int panels = std::max(1, int(std::lround(gflops / gbps * double(value_bytes) / 2 / double(rows))));
   const std::vector<float> tokens(std::size_t(panels * rt::gemm_kc * rt::gemm_mr), 0.5f);
   const std::vector<std::uint32_t> pairs(std::size_t(panels * rt::gemm_kc / 2 * rt::gemm_mr), 0x3f003f00u);  // 0.5 twice
   const std::vector<float>& buf = detail::probe_buffer(threads);
   const char* const bytes = reinterpret_cast<const char*>(buf.data());
-  const std::size_t slice_bytes = std::size_t(slice) * value_bytes;
+  const std::size_t slice_bytes = std::size_t(slice) * value_bytes, one_bytes = slice_bytes / std::size_t(side);
   double best = 1e300, sink = 0, values = 0;
   for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -225,21 +229,22 @@ inline ridge_probe probe_ridge(int threads, double gbps, double gflops, bool bf1
       const std::size_t slices = buf.size() * sizeof(float) / slice_bytes / std::size_t(omp_get_num_threads());  // this thread's
 #pragma omp single
       values = double(slices) * double(slice) * omp_get_num_threads();
-      std::vector<float> tiles(std::size_t(panels * rt::gemm_tile));
+      std::vector<float> tiles(std::size_t(panels * side * rt::gemm_tile));
       const char* base = bytes + slices * slice_bytes * std::size_t(omp_get_thread_num());
       for (std::size_t s = 0; s < slices; ++s) {
         const char* b = base + s * slice_bytes;
         for (int ip = 0; ip < panels; ++ip) {
           rt::fetch_share pf;
           pf.own_ahead = ip == 0;
-          if (s + 1 < slices) {
-            pf.from[0] = b + slice_bytes + std::size_t(ip) * slice_bytes / std::size_t(panels);
-            pf.pace[0] = (value_bytes * rt::gemm_nr << 8) / std::size_t(panels);
-          }
-          float* tile = tiles.data() + ip * rt::gemm_tile;
+          if (s + 1 < slices)
+            for (int q = 0; q < side; ++q) {
+              pf.from[q] = b + slice_bytes + std::size_t(q) * one_bytes + std::size_t(ip) * one_bytes / std::size_t(panels);
+              pf.pace[q] = (value_bytes * rt::gemm_nr << 8) / std::size_t(panels);
+            }
+          float* tile = tiles.data() + ip * side * rt::gemm_tile;
           if (bf16) {
-            const auto* w = reinterpret_cast<const bfloat16*>(b);
-            rt::micro_kernel_dot_rows<int(rt::gemm_mr), 1>(rt::gemm_kc, pairs.data() + ip * rt::gemm_kc / 2 * rt::gemm_mr, &w, tile, true, pf);
+            const bfloat16* w[2] = {reinterpret_cast<const bfloat16*>(b), reinterpret_cast<const bfloat16*>(b + one_bytes)};
+            rt::micro_kernel_dot_rows<int(rt::gemm_pair_rows), 2>(rt::gemm_kc, pairs.data() + ip * rt::gemm_kc / 2 * rt::gemm_mr, w, tile, true, pf);
           } else {
             const auto* w = reinterpret_cast<const float*>(b);
             rt::micro_kernel_rows<int(rt::gemm_mr), 1>(rt::gemm_kc, rt::packed_tokens{tokens.data() + ip * rt::gemm_kc * rt::gemm_mr}, &w, tile,
@@ -252,7 +257,7 @@ inline ridge_probe probe_ridge(int threads, double gbps, double gflops, bool bf1
     sink += total;
     best = std::min(best, seconds_since(t0));
   }
-  const double limit = std::max(values * double(value_bytes) / (gbps * 1e9), 2.0 * values * panels * double(rt::gemm_mr) / (gflops * 1e9));
-  return {panels * int(rt::gemm_mr), sink < 0 ? 0 : best / limit};
+  const double limit = std::max(values * double(value_bytes) / (gbps * 1e9), 2.0 * values * panels * double(rows) / (gflops * 1e9));
+  return {panels * int(rows), sink < 0 ? 0 : best / limit};
 }
 }  // namespace moeforge::bench

@@ -524,10 +524,9 @@ constexpr bool bf16_dot_available = false;
 /// threads, A/B in one process, both link orders), S3A3E8's layer at 8
 /// tokens 2-5%, S1A1E8's at 8 and 64 tokens, Qwen3-30B-A3B's at 64 and the
 /// dense one at 6 within 4%; DeepSeek-V2-Lite's at 64 tokens (6 an expert)
-/// 2-5% slower. So a
-/// single stream's decode and a decoded batch of up to a token panel stay
-/// exact. An expert's share of a 64-token batch is 4-32 tokens on the usual
-/// layers, so the rule is per product, not per batch.
+/// 2-5% slower. So a single stream's decode and a decoded batch of up to a
+/// token panel stay exact. An expert's share of a 64-token batch is 4-32
+/// tokens on the usual layers, so the rule is per product, not per batch.
 constexpr index_t bf16_exact_tokens = 8;  // (AVX-512's gemm_mr: only AVX-512 builds have vdpbf16ps)
 
 /// How prepared weights are stored and multiplied: F32, or BF16. With BF16,
@@ -961,12 +960,13 @@ template <int M, int P>
 inline void micro_kernel_dot_rows(index_t, const std::uint32_t*, const bfloat16* const*, float*, bool, const fetch_share&) {}
 #endif
 
-/// micro_kernel_slices with tokens as BF16 pairs: the first `rows` (1..MR)
-/// token rows over one BF16 slice, or up to gemm_pair_rows over two side by side.
+/// micro_kernel_slices with tokens as BF16 pairs: the first `rows` (up to
+/// gemm_pair_rows, as token_panels cuts pairs) over one BF16 slice or two
+/// side by side.
 inline void micro_kernel_dot_slices(index_t kl, const std::uint32_t* a, const panel_slice* b, index_t count, float* c, bool first, index_t rows,
                                     const fetch_share& pf) {
   const typed_slices<bfloat16> in(b, count);
-  if (count == 1) return with_rows<int(gemm_mr)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 1>(kl, a, in.p, c, first, pf); });
+  if (count == 1) return with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 1>(kl, a, in.p, c, first, pf); });
   with_rows<int(gemm_pair_rows)>(rows, [&](auto m) { micro_kernel_dot_rows<decltype(m)::value, 2>(kl, a, in.p, c, first, pf); });
 }
 
