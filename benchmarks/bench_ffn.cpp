@@ -230,6 +230,8 @@ void report(const ffn_row& r, const run_probes& start, nlohmann::json& rows) {
   const double dense_bytes = weight_bytes * dense_weights(), dense_flops = 2.0 * dense_weights() * double(r.tokens);
   const bool bandwidth_bound = r.flops / bytes < r.peak / r.gbps_limit;
   const double limit_ms = std::max(bytes / r.gbps_limit, r.flops / r.peak) / 1e6;
+  // Where a core cannot stream and multiply at once (machine_ridge_overlap near 0), the limit is their sum.
+  const double serial_limit_ms = (bytes / r.gbps_limit + r.flops / r.peak) / 1e6;
   const double dense_limit_ms = std::max(dense_bytes / r.gbps_limit, dense_flops / r.peak) / 1e6;
   // The ratio the limits allow. Not the MoE's own bound alone: E8A2 at 64 tokens reads every expert (the
   // dense layer's bytes) and is just bandwidth-bound while the dense layer is compute-bound at 4x its FLOPs,
@@ -246,11 +248,11 @@ void report(const ffn_row& r, const run_probes& start, nlohmann::json& rows) {
     return std::string(shown ? b : "-");
   };
   const bool split = shape.split, vs_f32 = r.moe_over_f32 > 0;
-  std::printf("%-14s %-4s %4lld %6.3f %8s %8s %8.2f %8s %8s %6s %6s %8.2f %6.2f %6s %6s %6.1f %4.0f %4.0f %6s %6s\n",
+  std::printf("%-14s %-4s %4lld %6.3f %8s %8s %8.2f %8s %8s %6s %6s %8.2f %6.2f %6.2f %6s %6s %6.1f %4.0f %4.0f %6s %6s\n",
               shape.name.c_str(), std::string(dtype_name(r.type)).c_str(), (long long)r.tokens, active,
               cell(r.dense_ms, "%.2f", split).c_str(), cell(r.dense_unpacked_ms, "%.2f", split && f32).c_str(), r.moe_ms,
               cell(r.moe_unpacked_ms, "%.2f", f32).c_str(), cell(r.eigen_ms, "%.2f", split && f32).c_str(),
-              cell(r.moe_ms / r.dense_ms, "%.3f", split).c_str(), cell(ideal, "%.3f", split).c_str(), limit_ms, r.moe_ms / limit_ms,
+              cell(r.moe_ms / r.dense_ms, "%.3f", split).c_str(), cell(ideal, "%.3f", split).c_str(), limit_ms, r.moe_ms / limit_ms, r.moe_ms / serial_limit_ms,
               cell(r.dense_ms / dense_limit_ms, "%.2f", split).c_str(), cell(r.moe_unpacked_ms / r.moe_ms, "%.2f", f32).c_str(),
               gbps, 100 * gbps / r.gbps_limit, 100 * gflops / r.peak, cell(r.moe_over_f32, "%.3f", vs_f32).c_str(),
               cell(r.dense_over_f32, "%.3f", vs_f32 && split).c_str());
@@ -259,7 +261,8 @@ void report(const ffn_row& r, const run_probes& start, nlohmann::json& rows) {
                      {"experts", shape.shared + shape.routed}, {"routed", shape.routed}, {"expert_width", shape.width},
                      {"top_k", shape.k}, {"shared", shape.shared}, {"shared_width", shape.shared_width},
                      {"active_fraction", active}, {"threads", r.threads}, {"moe_ms", r.moe_ms}, {"limit_ms", limit_ms},
-                     {"limit_ratio", r.moe_ms / limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
+                     {"limit_ratio", r.moe_ms / limit_ms}, {"serial_limit_ms", serial_limit_ms},
+                     {"serial_ratio", r.moe_ms / serial_limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
                      {"gflops", gflops}, {"bandwidth_fraction", gbps / r.gbps_limit}, {"peak_fraction", gflops / r.peak},
                      {"machine_gbps", r.gbps_limit}, {"machine_gflops", r.peak}, {"machine_fp32_gflops", start.fp32_peak},
                      {"machine_bf16_gflops", start.bf16_peak}};
@@ -267,6 +270,7 @@ void report(const ffn_row& r, const run_probes& start, nlohmann::json& rows) {
   if (ridge.tokens > 0) {
     row["machine_ridge_tokens"] = ridge.tokens;
     row["machine_ridge_ratio"] = ridge.ratio;
+    row["machine_ridge_overlap"] = ridge.overlap;
   }
   if (f32) row["moe_unpacked_ms"] = r.moe_unpacked_ms;
   if (vs_f32) row["moe_ms_over_f32"] = r.moe_over_f32;
@@ -308,7 +312,10 @@ int bench_ffn(int argc, char** argv) {
          "limit_ratio = moe_ms / limit_ms (x_lim); dx_lim is the dense layer's, dense_ms over its own limit. Where the two\n"
          "limits meet, a kernel must stream and multiply at once: the run starts by timing the micro-kernel alone there\n"
          "(weights streamed once to as many tokens as balance them), whose own limit_ratio (machine_ridge_ratio) is a\n"
-         "reference for such rows (E8A2 at 64 tokens, 16 an expert on average, on a 430 GFLOP/s, 55 GB/s machine).\n"
+         "reference for such rows (E8A2 at 64 tokens, 16 an expert on average, on a 430 GFLOP/s, 55 GB/s machine), and\n"
+         "the same calls over weights held in L2 tell how much of its streaming a core hides under its arithmetic\n"
+         "(machine_ridge_overlap: 1 all of the shorter, 0 none). x_ser (serial_ratio) is moe_ms over their sum,\n"
+         "bytes / bandwidth + FLOPs / peak (serial_limit_ms): the limit of a core that cannot do both at once.\n"
          "Every type's layers hold the same weights and a row's types are timed in the same rounds, alternating:\n"
          "m/f32 and d/f32 are a BF16 row's MoE and dense times over the F32 layers', measured side by side (with f32\n"
          "in --dtype; d/f32 for the split shapes, which are compared with the dense layer).");
@@ -346,15 +353,16 @@ int bench_ffn(int argc, char** argv) {
   std::printf("machine at the start: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads);\n",
               run_gbps, fp32_peak, bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
   std::printf("at the balance point streaming and multiply-adds must overlap: the micro-kernel alone, streaming weights to %d tokens,\n"
-              "runs at %.2fx its limit (F32)",
-              start.ridge.tokens, start.ridge.ratio);
-  if (start.bf16_ridge.tokens > 0) std::printf(", %.2fx (BF16, %d tokens)", start.bf16_ridge.ratio, start.bf16_ridge.tokens);
+              "runs at %.2fx its limit, hiding %.0f%% of its streaming or arithmetic under the other (F32)",
+              start.ridge.tokens, start.ridge.ratio, 100 * start.ridge.overlap);
+  if (start.bf16_ridge.tokens > 0)
+    std::printf(", %.2fx, %.0f%% (BF16, %d tokens)", start.bf16_ridge.ratio, 100 * start.bf16_ridge.overlap, start.bf16_ridge.tokens);
   std::printf(", a reference for rows near that balance;\n"
               "each row's limit_ms from probes taken beside it (machine_gbps, machine_gflops, machine_ridge_ratio in --json)\n");
 
   nlohmann::json rows = nlohmann::json::array();
-  std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %6s %4s %4s %6s %6s\n", "shape", "type", "T", "active",
-              "dense_ms", "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "dx_lim", "unp/p", "GB/s", "bw%",
+  std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %6s %6s %4s %4s %6s %6s\n", "shape", "type", "T", "active",
+              "dense_ms", "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "x_ser", "dx_lim", "unp/p", "GB/s", "bw%",
               "pk%", "m/f32", "d/f32");
   // BF16 layers multiply many tokens with vdpbf16ps where the CPU has it (weight_format), few at the FP32 peak.
   const auto uses_dot = [](dtype type, index_t tokens) {

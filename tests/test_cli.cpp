@@ -420,6 +420,10 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
     if (split) CHECK(ms(bf16, "dense_ms_over_f32") == Approx(ms(bf16, "dense_ms") / ms(f32, "dense_ms")));
     for (const auto& r : {f32, bf16}) {
       CHECK(ms(r, "limit_ratio") == Approx(ms(r, "moe_ms") / ms(r, "limit_ms")));
+      // Streaming and arithmetic one after the other: the sum of the two times whose larger is limit_ms.
+      CHECK(ms(r, "serial_limit_ms") > ms(r, "limit_ms"));
+      CHECK(ms(r, "serial_limit_ms") <= Approx(2 * ms(r, "limit_ms")));
+      CHECK(ms(r, "serial_ratio") == Approx(ms(r, "moe_ms") / ms(r, "serial_limit_ms")));
       CHECK(r.contains("dense_ms") == split);
       if (split) CHECK(ms(r, "ideal_ratio") == Approx(ms(r, "limit_ms") / ms(r, "dense_limit_ms")));
       // The balance point's product, timed at the start against its own limit; BF16's needs vdpbf16ps. Its
@@ -430,6 +434,8 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
       if (ridge) {
         CHECK(ms(r, "machine_ridge_ratio") > 0.2);
         CHECK(r["machine_ridge_tokens"].get<int>() >= moeforge::runtime::detail::gemm_mr);
+        CHECK(ms(r, "machine_ridge_overlap") >= 0);
+        CHECK(ms(r, "machine_ridge_overlap") <= 1);
       }
     }
   }
