@@ -252,7 +252,8 @@ void report(const ffn_row& r, const run_probes& start, nlohmann::json& rows) {
               shape.name.c_str(), std::string(dtype_name(r.type)).c_str(), (long long)r.tokens, active,
               cell(r.dense_ms, "%.2f", split).c_str(), cell(r.dense_unpacked_ms, "%.2f", split && f32).c_str(), r.moe_ms,
               cell(r.moe_unpacked_ms, "%.2f", f32).c_str(), cell(r.eigen_ms, "%.2f", split && f32).c_str(),
-              cell(r.moe_ms / r.dense_ms, "%.3f", split).c_str(), cell(ideal, "%.3f", split).c_str(), limit_ms, r.moe_ms / limit_ms, r.moe_ms / serial_limit_ms,
+              cell(r.moe_ms / r.dense_ms, "%.3f", split).c_str(), cell(ideal, "%.3f", split).c_str(), limit_ms, r.moe_ms / limit_ms,
+              r.moe_ms / serial_limit_ms,
               cell(r.dense_ms / dense_limit_ms, "%.2f", split).c_str(), cell(r.moe_unpacked_ms / r.moe_ms, "%.2f", f32).c_str(),
               gbps, 100 * gbps / r.gbps_limit, 100 * gflops / r.peak, cell(r.moe_over_f32, "%.3f", vs_f32).c_str(),
               cell(r.dense_over_f32, "%.3f", vs_f32 && split).c_str());
@@ -362,8 +363,8 @@ int bench_ffn(int argc, char** argv) {
 
   nlohmann::json rows = nlohmann::json::array();
   std::printf("%-14s %-4s %4s %6s %8s %8s %8s %8s %8s %6s %6s %8s %6s %6s %6s %6s %6s %4s %4s %6s %6s\n", "shape", "type", "T", "active",
-              "dense_ms", "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "x_ser", "dx_lim", "unp/p", "GB/s", "bw%",
-              "pk%", "m/f32", "d/f32");
+              "dense_ms", "dns_unp", "moe_ms", "moe_unp", "eigen_ms", "ratio", "ideal", "limit_ms", "x_lim", "x_ser", "dx_lim", "unp/p", "GB/s",
+              "bw%", "pk%", "m/f32", "d/f32");
   // BF16 layers multiply many tokens with vdpbf16ps where the CPU has it (weight_format), few at the FP32 peak.
   const auto uses_dot = [](dtype type, index_t tokens) {
     return type == dtype::bf16 && tokens > runtime::detail::bf16_exact_tokens && runtime::detail::bf16_dot_available;
