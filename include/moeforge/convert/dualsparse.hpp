@@ -223,6 +223,15 @@ inline float calibrate_threshold(const std::vector<routing_sample>& samples, dro
   return std::abs(r_lo - target) <= std::abs(r_hi - target) ? lo : hi;
 }
 
+/// Whether NAEE's β comes from calibration (no threshold or drop rate given):
+/// it compares each token's second expert with its first, so a layer that
+/// calibrates it needs top_k >= 2 (scope layer: every MoE layer; global: one).
+inline bool naee_calibrates_beta(const dualsparse_options& o) { return o.policy.kind == drop_kind::naee && !o.threshold && !o.drop_rate; }
+inline config_error naee_needs_two(const std::string& where) {
+  return config_error(moeforge::detail::cat("dualsparse: naee needs top_k >= 2 in ", where,
+                                            " (β compares the second expert with the first); give a threshold instead"));
+}
+
 /// NAEE's β: the median over calibration tokens of p₂/p₁ (top-2 router probabilities).
 inline float naee_beta(const std::vector<routing_sample>& samples) {
   std::vector<float> ratio;
@@ -234,7 +243,7 @@ inline float naee_beta(const std::vector<routing_sample>& samples) {
       ratio.push_back(p1 > 0 ? sel.prob[std::size_t(t * sel.k + 1)] / p1 : 0.0f);
     }
   }
-  if (ratio.empty()) throw config_error("dualsparse: naee needs top_k >= 2 in some MoE layer (β compares the second expert with the first)");
+  if (ratio.empty()) throw naee_needs_two("some MoE layer");
   std::nth_element(ratio.begin(), ratio.begin() + std::ptrdiff_t(ratio.size() / 2), ratio.end());
   return ratio[ratio.size() / 2];
 }
@@ -244,9 +253,14 @@ using runtime::contiguous_placement;
 
 /// Load-imbalance-aware thresholds (DualSparse §3.4): with r_d = routed
 /// load of group d / the mean group load, groups with r_d ≥ 1 keep the base
-/// threshold and the others use T·r_d, so under-loaded groups drop less while
-/// no group's work exceeds the most loaded one's. Sets the policy's
-/// expert_factor and returns the loads before and after.
+/// threshold T and the others use T·r_d, so under-loaded groups drop less;
+/// where T·r_d would have a group keep more work than the most loaded group
+/// keeps with T (r_d just under 1 and a skewed share of the dropped pairs),
+/// its factor is raised to the lowest that keeps it within that, found by
+/// bisection on the calibration tokens (a group's kept work falls as its
+/// factor rises, and at 1 it is within), so no group's work exceeds the most
+/// loaded one's. Sets the policy's expert_factor and returns the loads
+/// before and after.
 inline group_loads load_aware_thresholds(const moe_layer& m, const runtime::selection& sel, drop_policy& policy,
                                          const std::vector<index_t>& placement) {
   const index_t e_count = m.num_experts();
@@ -268,12 +282,33 @@ inline group_loads load_aware_thresholds(const moe_layer& m, const runtime::sele
     return runtime::group_work(m, s, placement, groups, false);
   };
   out.before = kept(out.drop_rate_before);
-  const double mean = detail::mean_of(out.routed);
+  const double mean = detail::mean_of(out.routed), most = detail::max_of(out.before);
   out.factor.assign(std::size_t(groups), 1.0f);
-  for (index_t g = 0; g < groups; ++g)
-    if (mean > 0 && out.routed[std::size_t(g)] < mean) out.factor[std::size_t(g)] = float(out.routed[std::size_t(g)] / mean);
-  policy.expert_factor.resize(std::size_t(e_count));
-  for (index_t e = 0; e < e_count; ++e) policy.expert_factor[std::size_t(e)] = out.factor[std::size_t(placement[std::size_t(e)])];
+  policy.expert_factor.assign(std::size_t(e_count), 1.0f);
+  // A group's kept work depends on its own experts' thresholds only.
+  const auto set_factor = [&](index_t g, float f) {
+    out.factor[std::size_t(g)] = f;
+    for (index_t e = 0; e < e_count; ++e)
+      if (placement[std::size_t(e)] == g) policy.expert_factor[std::size_t(e)] = f;
+  };
+  const auto too_much = [&](index_t g, float f) {
+    set_factor(g, f);
+    double rate = 0;
+    return kept(rate)[std::size_t(g)] > most;
+  };
+  for (index_t g = 0; g < groups; ++g) {
+    if (!(mean > 0 && out.routed[std::size_t(g)] < mean)) continue;
+    float low = float(out.routed[std::size_t(g)] / mean), high = 1.0f;
+    if (too_much(g, low))
+      while (true) {  // too_much(low), not too_much(high)
+        const float mid = low + (high - low) / 2;
+        if (mid <= low || mid >= high) break;
+        (too_much(g, mid) ? low : high) = mid;
+      }
+    else
+      high = low;
+    set_factor(g, high);
+  }
   out.after = kept(out.drop_rate_after);
   return out;
 }
@@ -304,8 +339,9 @@ inline void validate(const dualsparse_options& o) {
     throw config_error(cat("dualsparse: threshold ", *o.threshold, ", expected a value in [0, 1]"));
   if (o.drop_rate && !(*o.drop_rate >= 0.0 && *o.drop_rate < 1.0))
     throw config_error(cat("dualsparse: drop rate ", *o.drop_rate, ", expected a value in [0, 1)"));
-  if (o.policy.kind == drop_kind::two_t && !(o.policy.margin >= 0.0f))
-    throw config_error(cat("dualsparse: margin ", o.policy.margin, ", expected >= 0 (T_major = T - margin must not exceed T_minor = T + margin)"));
+  if (o.policy.kind == drop_kind::two_t && !(o.policy.margin >= 0.0f && std::isfinite(o.policy.margin)))
+    throw config_error(cat("dualsparse: margin ", o.policy.margin,
+                           ", expected a finite value >= 0 (T_major = T - margin must not exceed T_minor = T + margin)"));
   if (o.policy.active() && !o.threshold && !o.drop_rate && o.policy.kind != drop_kind::naee)
     throw config_error(cat("dualsparse: the ", drop_kind_name(o.policy.kind), " policy needs a threshold or a target drop rate"));
   if (!o.policy.active() && (o.threshold || o.drop_rate)) throw config_error("dualsparse: a threshold or drop rate needs a drop policy (1t, 2t, naee or top-p)");
@@ -315,13 +351,31 @@ inline void validate(const dualsparse_options& o) {
 }
 
 /// Throws config_error unless a layer of `experts` routed experts can take
-/// the options' load-aware groups and placement.
+/// the options' load-aware groups and placement: a placement puts every
+/// expert on one of the groups 0..D-1 (D = groups when given, else its
+/// highest group + 1) and leaves none of them empty, which would count in
+/// the mean load (the same experts on groups 0 and 3 of four would not be
+/// balanced as on groups 0 and 1 of two).
 inline void check_groups(const dualsparse_options& o, index_t experts, const std::string& where) {
   using moeforge::detail::cat;
   if (o.groups > experts) throw config_error(cat("dualsparse: groups = ", o.groups, " but ", where, " has only ", experts, " experts"));
-  if (!o.placement.empty() && index_t(o.placement.size()) != experts)
+  if (o.placement.empty()) return;
+  if (index_t(o.placement.size()) != experts)
     throw config_error(cat("dualsparse: placement lists ", o.placement.size(), " experts, ", where, " has ", experts));
+  const index_t highest = *std::max_element(o.placement.begin(), o.placement.end());
+  const index_t groups = o.groups > 0 ? o.groups : std::max<index_t>(highest, 0) + 1;
+  std::vector<char> used(std::size_t(groups), 0);
+  for (std::size_t e = 0; e < o.placement.size(); ++e) {
+    const index_t g = o.placement[e];
+    if (g < 0 || g >= groups)
+      throw config_error(cat("dualsparse: placement puts expert ", e, " on group ", g, ", expected 0..", groups - 1,
+                             o.groups > 0 ? cat(" (groups = ", o.groups, ")") : std::string()));
+    used[std::size_t(g)] = 1;
+  }
+  for (index_t g = 0; g < groups; ++g)
+    if (!used[std::size_t(g)]) throw config_error(cat("dualsparse: placement leaves group ", g, " of ", groups, " without an expert"));
 }
+
 
 /// One MoE layer between the exact part and its drop policy: its report so
 /// far and its calibration routing.
@@ -400,14 +454,21 @@ inline dualsparse_layer_result dualsparse_layer(layer_visit& v, const dualsparse
 inline dualsparse_report dualsparse_model(model::weights& w, const ffn_inputs_fn& inputs, const dualsparse_options& opt) {
   using moeforge::detail::cat;
   validate(opt);
-  index_t moe_layers = 0;
+  index_t moe_layers = 0, top2_layers = 0;
   for (std::size_t l = 0; l < w.layers.size(); ++l)
     if (const auto* m = std::get_if<moe_layer>(&w.layers[l].ffn)) {
       ++moe_layers;
       check_partition(*m, opt.partition, cat("dualsparse: layer ", l));
       check_groups(opt, m->num_experts(), cat("layer ", l));
+      if (m->router.top_k >= 2) ++top2_layers;
+      else if (naee_calibrates_beta(opt) && opt.scope == drop_scope::layer) throw naee_needs_two(cat("layer ", l));
     }
   if (moe_layers == 0) throw detail::dualsparse_no_moe_layer();
+  if (naee_calibrates_beta(opt) && top2_layers == 0) throw naee_needs_two("some MoE layer");
+  // The method sets every layer's policy anew, calibrated on routing without
+  // the model's old ones (a sparsified model sparsified again).
+  for (auto& layer : w.layers)
+    if (auto* m = std::get_if<moe_layer>(&layer.ffn)) m->router.drop = {};
 
   std::vector<dualsparse_layer_result> layers;
   layers.reserve(std::size_t(moe_layers));

@@ -427,6 +427,7 @@ inline stream_report dualsparse_stream(const std::string& model, const std::vect
     for (index_t l : detail::moe_layers_of(h, convert::detail::dualsparse_no_moe_layer())) {
       check_partition(h.expert_intermediate, opt.partition, cat("dualsparse: layer ", l), "the experts'");
       check_groups(opt, h.experts, cat("layer ", l));
+      if (naee_calibrates_beta(opt) && h.top_k < 2) throw naee_needs_two(cat("layer ", l));
     }
   };
   return stream_convert(model, windows, out,
