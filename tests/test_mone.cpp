@@ -301,6 +301,47 @@ TEST_CASE("frequency pruning removes the expert and its router row, and the soft
     for (const auto& p : r.report.pruned) freed += parameter_count(a.experts[std::size_t(p.expert)].weights);
     REQUIRE(r.report.params_freed == freed);
   }
+  SECTION("a fitted router's bias and quadratic rows and the compensation's means go with their experts") {
+    // (The pruned layer was refused by validation, leaving the model's layer emptied, before they did.)
+    std::mt19937 rng(106);
+    test::layer_spec spec;
+    spec.shared = 1;
+    moe_layer a = test::random_layer(spec, rng);
+    const index_t e_count = a.num_experts(), h = spec.hidden, rank = 3;
+    a.router.kind = router_kind::quadratic_topk;
+    a.router.top_k = 2;
+    a.router.bias = test::random_matrix(e_count, 1, rng, 0.3f);
+    a.router.projection = test::random_matrix(rank, h, rng, 0.3f);
+    a.router.projection_bias = test::random_matrix(rank, 1, rng, 0.3f);
+    a.router.weight_quad = test::random_matrix(e_count, rank * (rank + 1) / 2, rng, 0.3f);
+    a.compensation.means = test::random_matrix(e_count, h, rng, 0.5f);
+    a.compensation.bias = a.compensation.means.colwise().sum().transpose();
+    const matrix xa = test::random_matrix(200, h, rng, 1.0f);
+    const auto r = convert::mone(a, mone_stats(a, xa), mone_opts(convert::mone_method::frequency, 2));
+    const auto& kept = r.report.kept;
+    REQUIRE(kept.size() == 3);
+    // The same layer as if the pruned experts had never been there, built by hand.
+    moe_layer never = a;
+    never.experts.clear();
+    for (matrix* t : {&never.router.weight, &never.router.weight_quad, &never.compensation.means}) t->resize(3, t->cols());
+    never.router.bias.resize(3);
+    for (std::size_t j = 0; j < 3; ++j) {
+      const index_t e = kept[j];
+      never.experts.push_back(a.experts[std::size_t(e)]);
+      never.router.weight.row(index_t(j)) = a.router.weight.row(e);
+      never.router.weight_quad.row(index_t(j)) = a.router.weight_quad.row(e);
+      never.router.bias[index_t(j)] = a.router.bias[e];
+      never.compensation.means.row(index_t(j)) = a.compensation.means.row(e);
+    }
+    never.compensation.bias = never.compensation.means.colwise().sum().transpose();
+    REQUIRE(r.layer.router.weight == never.router.weight);
+    REQUIRE(r.layer.router.weight_quad == never.router.weight_quad);
+    REQUIRE(r.layer.router.bias == never.router.bias);
+    REQUIRE(r.layer.compensation.means == never.compensation.means);
+    REQUIRE(r.layer.compensation.bias.isApprox(never.compensation.bias, 1e-5f));
+    const matrix got = runtime::moe_forward(r.layer, xa), want = runtime::moe_forward(never, xa);
+    REQUIRE((got - want).cwiseAbs().maxCoeff() < 1e-4f);
+  }
 }
 
 TEST_CASE("REAP scores are the mean over routed tokens of gate weight times output norm, and the lowest are pruned") {

@@ -19,7 +19,11 @@
 // - Statistics use the router's top-k without its DualSparse drop policy:
 //   what each expert is asked to compute, whichever pairs dropping skips.
 // - Frequency pruning (and any method with replacement `remove`) deletes the
-//   slot and its router row(s); the softmax then covers the experts left. If
+//   slot and its rows of every per-expert router tensor (a fitted router's
+//   bias and quadratic weights too) and of the novice compensation, whose
+//   bias then leaves out the deleted experts' means (bias = Σ means stays
+//   true): the layer computes as if they had never been there. The softmax
+//   then covers the experts left. If
 //   fewer slots remain than the router's top_k, top_k is clamped to them and
 //   the report says so (top_k before/after): refusing would make high ratios
 //   impossible for the one method that changes the routing.
@@ -71,7 +75,7 @@ enum class freq_form {
 enum class prune_replacement {
   novice,  ///< constant mean output μ_i, times the slot's gate weight; router unchanged
   zero,    ///< constant zero: routed tokens get nothing from the slot; router unchanged
-  remove,  ///< no slot: the expert and its router row are deleted
+  remove,  ///< no slot: the expert, its router rows and its compensation mean are deleted
 };
 
 inline constexpr mone_method all_mone_methods[] = {mone_method::mone, mone_method::zero, mone_method::frequency,
@@ -432,8 +436,23 @@ inline prune_plan plan_layer(const moe_layer& m, const calib::layer_stats& st, c
   return p;
 }
 
-// Replaces or removes the planned experts of `m` and writes the report.
-inline mone_layer_result apply_plan(moe_layer m, const calib::layer_stats& st, const prune_plan& p, const mone_options& o) {
+/// The rows `kept` of m (an empty m stays empty: a tensor the router kind does not use).
+inline matrix kept_rows(const matrix& m, const std::vector<index_t>& kept) {
+  if (m.size() == 0) return m;
+  matrix out(index_t(kept.size()), m.cols());
+  for (std::size_t j = 0; j < kept.size(); ++j) out.row(index_t(j)) = m.row(kept[j]);
+  return out;
+}
+inline vector kept_rows(const vector& v, const std::vector<index_t>& kept) {
+  if (v.size() == 0) return v;
+  vector out(index_t(kept.size()));
+  for (std::size_t j = 0; j < kept.size(); ++j) out[index_t(j)] = v[kept[j]];
+  return out;
+}
+
+/// Replaces or removes the planned experts of `m` and writes the report. `m`
+/// is moved from only once nothing can fail: a layer refused is left as it was.
+inline mone_layer_result apply_plan(moe_layer&& m, const calib::layer_stats& st, const prune_plan& p, const mone_options& o) {
   using moeforge::detail::cat;
   const prune_replacement rep = replacement_of(o);
   std::vector<char> pruned(m.experts.size(), 0);
@@ -470,23 +489,32 @@ inline mone_layer_result apply_plan(moe_layer m, const calib::layer_stats& st, c
   const index_t before = moeforge::parameter_count(m);
   const index_t h = m.hidden();
   if (rep == prune_replacement::remove) {
-    moe_layer k;
-    k.router = m.router;
-    k.shared = std::move(m.shared);
     for (index_t e = 0; e < m.num_experts(); ++e)
       if (!pruned[std::size_t(e)]) r.kept.push_back(e);
     const index_t n = index_t(r.kept.size());
-    k.router.weight.resize(n, h);
-    if (m.router.weight_up.size()) k.router.weight_up.resize(n, h);
+    moe_layer k;
+    k.router = m.router;
+    for (matrix* t : {&k.router.weight, &k.router.weight_up, &k.router.weight_quad}) *t = kept_rows(*t, r.kept);
+    k.router.bias = kept_rows(m.router.bias, r.kept);
     k.router.drop.expert_factor.clear();
-    for (index_t j = 0; j < n; ++j) {
-      const index_t e = r.kept[std::size_t(j)];
-      k.router.weight.row(j) = m.router.weight.row(e);
-      if (m.router.weight_up.size()) k.router.weight_up.row(j) = m.router.weight_up.row(e);
-      if (!m.router.drop.expert_factor.empty()) k.router.drop.expert_factor.push_back(m.router.drop.factor(e));
-      k.experts.push_back(std::move(m.experts[std::size_t(e)]));
-    }
+    if (!m.router.drop.expert_factor.empty())
+      for (const index_t e : r.kept) k.router.drop.expert_factor.push_back(m.router.drop.factor(e));
     k.router.top_k = std::min(k.router.top_k, n);
+    if (m.compensation.active()) {
+      k.compensation.means = kept_rows(m.compensation.means, r.kept);
+      k.compensation.bias = m.compensation.bias;
+      for (const index_t e : p.chosen) k.compensation.bias -= m.compensation.means.row(e).transpose();
+    }
+    // The experts move last, and back if the layer is refused.
+    k.shared = std::move(m.shared);
+    for (const index_t e : r.kept) k.experts.push_back(std::move(m.experts[std::size_t(e)]));
+    try {
+      validate(k, "mone: pruned layer");
+    } catch (...) {
+      m.shared = std::move(k.shared);
+      for (std::size_t j = 0; j < r.kept.size(); ++j) m.experts[std::size_t(r.kept[j])] = std::move(k.experts[j]);
+      throw;
+    }
     r.top_k_after = k.router.top_k;
     m = std::move(k);
   } else {
@@ -498,10 +526,10 @@ inline mone_layer_result apply_plan(moe_layer m, const calib::layer_stats& st, c
       // An expert never routed has no mean: its running mean stayed 0.
       x.novice = rep == prune_replacement::novice ? vector(st.experts[std::size_t(e)].output.mean.cast<float>()) : vector(vector::Zero(h));
     }
+    validate(m, "mone: pruned layer");
   }
   r.params_freed = before - moeforge::parameter_count(m);
   r.bytes_freed = std::int64_t(r.params_freed) * native_weight_bytes;
-  validate(m, "mone: pruned layer");
   out.layer = std::move(m);
   return out;
 }
