@@ -376,7 +376,6 @@ inline void check_groups(const dualsparse_options& o, index_t experts, const std
     if (!used[std::size_t(g)]) throw config_error(cat("dualsparse: placement leaves group ", g, " of ", groups, " without an expert"));
 }
 
-
 /// One MoE layer between the exact part and its drop policy: its report so
 /// far and its calibration routing.
 struct dualsparse_layer_result {

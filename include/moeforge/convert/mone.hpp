@@ -23,10 +23,10 @@
 //   bias and quadratic weights too) and of the novice compensation, whose
 //   bias then leaves out the deleted experts' means (bias = Σ means stays
 //   true): the layer computes as if they had never been there. The softmax
-//   then covers the experts left. If
-//   fewer slots remain than the router's top_k, top_k is clamped to them and
-//   the report says so (top_k before/after): refusing would make high ratios
-//   impossible for the one method that changes the routing.
+//   then covers the experts left. If fewer slots remain than the router's
+//   top_k, top_k is clamped to them and the report says so (top_k
+//   before/after): refusing would make high ratios impossible for the one
+//   method that changes the routing.
 #pragma once
 
 #include <algorithm>
@@ -450,8 +450,9 @@ inline vector kept_rows(const vector& v, const std::vector<index_t>& kept) {
   return out;
 }
 
-/// Replaces or removes the planned experts of `m` and writes the report. `m`
-/// is moved from only once nothing can fail: a layer refused is left as it was.
+/// Replaces or removes the planned experts of `m` and writes the report.
+/// Removing, the experts move into the new layer only to be validated, and
+/// back if it is refused: m (the model's layer) is never left emptied.
 inline mone_layer_result apply_plan(moe_layer&& m, const calib::layer_stats& st, const prune_plan& p, const mone_options& o) {
   using moeforge::detail::cat;
   const prune_replacement rep = replacement_of(o);
