@@ -436,17 +436,13 @@ inline prune_plan plan_layer(const moe_layer& m, const calib::layer_stats& st, c
   return p;
 }
 
-/// The rows `kept` of m (an empty m stays empty: a tensor the router kind does not use).
-inline matrix kept_rows(const matrix& m, const std::vector<index_t>& kept) {
-  if (m.size() == 0) return m;
-  matrix out(index_t(kept.size()), m.cols());
-  for (std::size_t j = 0; j < kept.size(); ++j) out.row(index_t(j)) = m.row(kept[j]);
-  return out;
-}
-inline vector kept_rows(const vector& v, const std::vector<index_t>& kept) {
-  if (v.size() == 0) return v;
-  vector out(index_t(kept.size()));
-  for (std::size_t j = 0; j < kept.size(); ++j) out[index_t(j)] = v[kept[j]];
+/// The rows `kept` of t, a matrix or vector (an empty one stays empty: a
+/// tensor the router kind does not use).
+template <class Tensor>
+Tensor kept_rows(const Tensor& t, const std::vector<index_t>& kept) {
+  if (t.size() == 0) return t;
+  Tensor out(index_t(kept.size()), t.cols());
+  for (std::size_t j = 0; j < kept.size(); ++j) out.row(index_t(j)) = t.row(kept[j]);
   return out;
 }
 
@@ -496,7 +492,7 @@ inline mone_layer_result apply_plan(moe_layer&& m, const calib::layer_stats& st,
     moe_layer k;
     k.router = m.router;
     for (matrix* t : {&k.router.weight, &k.router.weight_up, &k.router.weight_quad}) *t = kept_rows(*t, r.kept);
-    k.router.bias = kept_rows(m.router.bias, r.kept);
+    k.router.bias = kept_rows(k.router.bias, r.kept);
     k.router.drop.expert_factor.clear();
     if (!m.router.drop.expert_factor.empty())
       for (const index_t e : r.kept) k.router.drop.expert_factor.push_back(m.router.drop.factor(e));
