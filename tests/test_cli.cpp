@@ -166,6 +166,13 @@ TEST_CASE("exit codes: 0 on success, 2 on a bad command line, 1 on a bad file") 
   const auto bad_text = cli({"eval", "--model", stories_model(), "--text", missing}, scratch);
   REQUIRE(bad_text.code == 1);
   REQUIRE(bad_text.err.find("no-such-model.bin") != std::string::npos);
+  // A directory where a file belongs (it opens as a stream, then fails its reads).
+  const auto dir_text = cli({"eval", "--model", stories_model(), "--text", scratch.path().string()}, scratch);
+  REQUIRE(dir_text.code == 1);
+  REQUIRE(dir_text.err.find("is a directory") != std::string::npos);
+  const auto dir_tokenizer = cli({"generate", "--model", stories_model(), "--tokenizer", scratch.path().string()}, scratch);
+  REQUIRE(dir_tokenizer.code == 1);
+  REQUIRE(dir_tokenizer.err.find("is a directory") != std::string::npos);
   const auto bad_token = cli({"logits", "--model", stories_model(), "--tokens", "1,600"}, scratch);
   REQUIRE(bad_token.code == 1);
   REQUIRE(bad_token.out.empty());
@@ -227,7 +234,8 @@ TEST_CASE("a bad option value is a usage error naming the option: exit 2, nothin
   const std::vector<std::string> generate{"generate", "--model", stories_model()};
   const std::vector<std::pair<std::string, std::string>> bad_generate{
       {"--steps", "-5"}, {"--steps", "0"},  {"--steps", "abc"},    {"--temperature", "-1"}, {"--temperature", "nan"},
-      {"--top-p", "0"},  {"--top-p", "1.5"}, {"--seed", "-1"},     {"--threads", "0"},      {"--steps", "12x"}};
+      {"--top-p", "0"},  {"--top-p", "1.5"}, {"--seed", "-1"},     {"--threads", "0"},      {"--steps", "12x"},
+      {"--threads", "4294967297"}};
   for (const auto& [option, value] : bad_generate) {
     INFO(option << " " << value);
     auto args = generate;
@@ -246,6 +254,26 @@ TEST_CASE("a bad option value is a usage error naming the option: exit 2, nothin
   auto policy = eval;
   policy.insert(policy.end(), {"--policy", "bogus"});
   require_usage_error(cli(policy, scratch), "--policy");
+  // Checked before the model loads: with a model that does not exist, each is
+  // still a usage error naming its option.
+  const std::vector<std::vector<std::string>> bad_eval{{"--ctx", "1"},
+                                                       {"--decode-steps", "0"},
+                                                       {"--threshold", "0.1"},
+                                                       {"--margin", "0.1"},
+                                                       {"--policy", "1t", "--threshold", "2"},
+                                                       {"--policy", "2t", "--threshold", "nan"},
+                                                       {"--policy", "2t", "--margin", "-0.5"}};
+  for (const auto& extra : bad_eval) {
+    const std::string option = extra[extra.size() - 2];
+    INFO(extra.front() << " ... " << extra.back());
+    std::vector<std::string> args{"eval", "--model", scratch / "no-such-model.bin", "--text", text("tinystories_eval.txt")};
+    args.insert(args.end(), extra.begin(), extra.end());
+    require_usage_error(cli(args, scratch), option);
+  }
+  auto long_ctx = eval;
+  long_ctx.insert(long_ctx.end(), {"--ctx", "100000"});
+  require_usage_error(cli(long_ctx, scratch), "--ctx");
+  require_usage_error(cli({"logits", "--model", stories_model(), "--tokens", "1,4294967297"}, scratch), "--tokens");
   auto type = eval;
   type.insert(type.end(), {"--dtype", "f16"});
   require_usage_error(cli(type, scratch), "--dtype");

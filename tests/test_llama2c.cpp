@@ -98,6 +98,21 @@ TEST_CASE("the tokenizer round-trips text and encodes as run.c does") {
   CHECK(z[z.size() - 2] == 0xc3 + model::tokenizer::byte_offset);
   CHECK(z.back() == 0xbc + model::tokenizer::byte_offset);
   CHECK(tok.encode("", true) == std::vector<std::int32_t>{1});
+  // run.c's character is a byte and the continuation bytes after it (at most
+  // 4 in all): a stray continuation byte falls back to bytes with the
+  // character before it, whatever that character's own piece.
+  const auto b = [](int byte) { return byte + model::tokenizer::byte_offset; };
+  const auto stray = tok.encode("h\x80", false);
+  REQUIRE(stray.size() == 3);
+  CHECK(tok.piece(stray[0]) == " ");
+  CHECK(stray[1] == b('h'));
+  CHECK(stray[2] == b(0x80));
+}
+
+TEST_CASE("a directory given as a tokenizer or text file is an I/O error naming it") {
+  const std::string dir = data_file("models/stories260K");
+  CHECK_THROWS_WITH(model::load_tokenizer(dir, 512), Catch::Contains("is a directory"));
+  CHECK_THROWS_AS(detail::read_whole_file(dir, "text file"), io_error);
 }
 
 TEST_CASE("a tokenizer file of the wrong size is a format error") {

@@ -141,6 +141,67 @@ TEST_CASE("forward rejects tokens outside the vocabulary and positions past the 
   CHECK_THROWS_WITH(tr.forward(too_long, cache2), Catch::Contains("exceed the model's context of 512"));
 }
 
+TEST_CASE("the one-layer steps refuse a layer that does not exist, hidden states of another width and positions past the context") {
+  model::transformer tr(stories_weights());
+  const auto& c = tr.config();
+  const model::forward_options opt;
+  matrix x = matrix::Zero(4, c.dim);
+  CHECK_THROWS_WITH(tr.layer_step(c.n_layers, x, opt), Catch::Contains("layer 5 does not exist"));
+  CHECK_THROWS_AS(tr.ffn_step(-1, x, opt), config_error);
+  auto cache = tr.new_cache();
+  CHECK_THROWS_AS(tr.attention_step(c.n_layers, x, cache, 0), config_error);
+  matrix narrow = matrix::Zero(4, c.dim - 1);
+  CHECK_THROWS_AS(tr.layer_step(0, narrow, opt), shape_error);
+  CHECK_THROWS_AS(tr.ffn_step(0, narrow, opt), shape_error);
+  matrix too_long = matrix::Zero(c.seq_len + 1, c.dim);
+  CHECK_THROWS_WITH(tr.layer_step(0, too_long, opt), Catch::Contains("exceed the model's context"));
+}
+
+TEST_CASE("a forward pass stopped after a layer leaves the cache as it was, so the next pass computes what a fresh cache does") {
+  model::transformer tr(stories_weights());
+  const std::vector<std::int32_t> window{1, 403, 407, 261, 378};
+  auto fresh = tr.new_cache();
+  const matrix expected = tr.forward(window, fresh);
+  auto cache = tr.new_cache();
+  model::forward_options stop;
+  stop.stop_after_layer = 1;
+  CHECK(tr.forward(window, cache, stop).rows() == 0);
+  CHECK(cache.length == 0);
+  CHECK(tr.forward(window, cache) == expected);
+}
+
+TEST_CASE("a model config whose RoPE theta or norm epsilon computes nonsense is refused") {
+  model::config c = stories_weights().config;
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (const float theta : {0.0f, -10000.0f, inf, nan}) {
+    INFO(theta);
+    model::config bad = c;
+    bad.rope_theta = theta;
+    CHECK_THROWS_WITH(model::validate(bad), Catch::Contains("rope_theta"));
+  }
+  for (const float eps : {-1e-5f, inf, nan}) {
+    INFO(eps);
+    model::config bad = c;
+    bad.norm_eps = eps;
+    CHECK_THROWS_WITH(model::validate(bad), Catch::Contains("norm_eps"));
+  }
+  c.norm_eps = 0;
+  CHECK_NOTHROW(model::validate(c));
+}
+
+TEST_CASE("perplexity counts the stream's tokens whether or not a window limit was given, and the scored windows' when it cut") {
+  model::transformer tr(stories_weights());
+  const auto all = eval_stream();
+  const std::vector<std::int32_t> stream(all.begin(), all.begin() + 201);  // windows of 100: 100, 100, and 1 token that predicts nothing
+  const auto whole = model::perplexity(tr, stream, 100);
+  CHECK(whole.windows == 2);
+  CHECK(whole.tokens == 201);
+  CHECK(model::perplexity(tr, stream, 100, 5).tokens == 201);
+  const auto first = model::perplexity(tr, stream, 100, 1);
+  CHECK(first.tokens == 100);
+  CHECK(first.predicted == 99);
+}
+
 TEST_CASE("perplexity and the FFN work it reports are bit-identical for 1, 2, 3 and 4 threads") {
   // Several windows, so that with 2+ threads each window runs inside the
   // window-parallel loop, where a product whose blocking depends on the

@@ -497,6 +497,19 @@ TEST_CASE("bad input is rejected before any work with a typed error") {
     matrix y(4, s.hidden);
     CHECK_THROWS_AS(runtime::moe_forward(m, plan, x4, y), shape_error);
   }
+  SECTION("a selection made for other tokens or another layer") {
+    const matrix x = random_matrix(3, s.hidden, rng);
+    runtime::selection sel = runtime::select(m, x);
+    CHECK_THROWS_WITH(runtime::make_plan(m, sel, random_matrix(4, s.hidden, rng)), Catch::Contains("selection is for 3 tokens"));
+    sel.expert[4] = std::int32_t(m.num_experts());
+    CHECK_THROWS_WITH(runtime::make_plan(m, sel, x), Catch::Contains("names expert 5"));
+    CHECK_THROWS_AS(runtime::count_work(m, sel), shape_error);
+    sel.expert[4] = -1;
+    CHECK_THROWS_AS(runtime::make_plan(m, sel, x), shape_error);
+    sel = runtime::select(m, x);
+    sel.weight.pop_back();
+    CHECK_THROWS_WITH(runtime::make_plan(m, sel, x), Catch::Contains("k = 2 pairs for each of its 3 tokens"));
+  }
   SECTION("an empty batch gives an empty result") {
     const matrix x(0, s.hidden);
     CHECK(runtime::moe_forward(m, x).rows() == 0);

@@ -1,6 +1,8 @@
 // moeforge eval: perplexity of a text (the CMoE paper's protocol) and speed.
+#include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -13,11 +15,16 @@ namespace moeforge::cli {
 namespace {
 
 /// --policy/--threshold/--margin: the drop policy that replaces every MoE layer's (load-aware factors included).
-drop_policy requested_policy(const args& a) {
+std::optional<drop_policy> requested_policy(const args& a) {
+  if (!a.has("policy")) {
+    for (const char* option : {"threshold", "margin"})
+      if (a.given(option)) throw usage_error(std::string("moeforge eval: --") + option + " needs --policy");
+    return std::nullopt;
+  }
   drop_policy p;
   p.kind = a.get_parsed("policy", [](const std::string& v) { return parse_drop_kind(v); });
-  p.threshold = float(a.get_double("threshold"));
-  p.margin = float(a.get_double("margin"));
+  p.threshold = float(a.get_double("threshold", [](double v) { return v >= 0 && v <= 1; }, "in [0, 1]"));
+  p.margin = float(a.get_double("margin", [](double v) { return std::isfinite(v) && v >= 0; }, "finite and at least 0"));
   return p;
 }
 
@@ -43,7 +50,12 @@ int run_eval(int argc, char** argv) {
   a.flag("json", "print one JSON object instead of text");
   if (!a.parse(argc, argv)) return 0;
   const auto type = requested_dtype(a);
-  const std::optional<drop_policy> policy = a.has("policy") ? std::optional<drop_policy>(requested_policy(a)) : std::nullopt;
+  const std::optional<drop_policy> policy = requested_policy(a);
+  // Every option checked before the model loads; those bounded by the
+  // model's context again once it has.
+  const index_t ctx = a.has("ctx") ? a.get_int("ctx", 2) : 0, windows = a.has("windows") ? a.get_int("windows", 1) : 0;
+  const index_t decode_steps = a.get_int("decode-steps", 1);
+  const std::optional<index_t> wanted_prefill = a.has("prefill-tokens") ? std::optional<index_t>(a.get_int("prefill-tokens", 1)) : std::nullopt;
   bool any_moe = false;
   const auto set_policy = [&](index_t li, model::layer& l) {
     auto* m = std::get_if<moe_layer>(&l.ffn);
@@ -58,14 +70,15 @@ int run_eval(int argc, char** argv) {
   if (policy && !any_moe) throw config_error("eval: --policy needs a model with MoE layers (convert it first with `moeforge convert cmoe`)");
   const auto& c = tr.config();
   const auto tok = load_tokenizer(a, c);
-  const index_t prefill_tokens = a.has("prefill-tokens") ? a.get_int("prefill-tokens") : std::min<index_t>(512, c.seq_len);
-  if (prefill_tokens < 1 || prefill_tokens > c.seq_len)
+  const index_t prefill_tokens = wanted_prefill.value_or(std::min<index_t>(512, c.seq_len));
+  if (prefill_tokens > c.seq_len)
     throw usage_error(detail::cat("moeforge eval: --prefill-tokens must be in 1..", c.seq_len, " (the model's context), got ", prefill_tokens));
+  if (ctx > c.seq_len) throw usage_error(detail::cat("moeforge eval: --ctx must be in 2..", c.seq_len, " (the model's context), got ", ctx));
   const double nominal_active = model::active_ffn_fraction(tr.structure());
   const dtype weights_as = type.value_or(tr.structure().run_dtype());
   const auto stream = tok.encode(read_text_file(a.get("text")));
-  const auto r = model::perplexity(tr, stream, a.has("ctx") ? a.get_int("ctx", 1) : 0, a.has("windows") ? a.get_int("windows", 1) : 0);
-  const double decode = model::decode_tokens_per_second(tr, a.get_int("decode-steps", 1));
+  const auto r = model::perplexity(tr, stream, ctx, windows);
+  const double decode = model::decode_tokens_per_second(tr, decode_steps);
   const double prefill = model::prefill_tokens_per_second(tr, prefill_tokens);
   if (a.flag_set("json")) {
     nlohmann::json j{{"ppl", r.ppl},

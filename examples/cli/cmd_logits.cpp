@@ -1,6 +1,7 @@
 // moeforge logits: the logits at every position of a token sequence, for
 // cross-checking against other implementations.
 #include <iostream>
+#include <limits>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -21,7 +22,8 @@ std::vector<std::int32_t> parse_tokens(const std::string& list) {
     try {
       std::size_t end = 0;
       const long v = std::stol(item, &end);
-      if (end != item.size()) throw std::invalid_argument(item);
+      if (end != item.size() || v < std::numeric_limits<std::int32_t>::min() || v > std::numeric_limits<std::int32_t>::max())
+        throw std::invalid_argument(item);
       out.push_back(std::int32_t(v));
     } catch (const std::exception&) {
       throw usage_error("moeforge logits: --tokens expects comma-separated integers, got '" + item + "'");

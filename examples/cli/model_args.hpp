@@ -33,8 +33,15 @@ inline void add_model_options(args& a, bool needs_tokenizer, const char* config_
   a.option("threads", "N", "OpenMP threads (default: all cores)");
 }
 
+/// Applies --threads when given. More threads than this are a typo, and
+/// OpenMP cannot start them.
+inline void apply_threads(const args& a) {
+  constexpr long long most_threads = 4096;
+  if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads", 1, most_threads)));
+}
+
 inline io::load_options load_options(const args& a, const char* config_flag = "config") {
-  if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads", 1)));
+  apply_threads(a);
   io::load_options o;
   if (a.has(config_flag)) o.config = a.get(config_flag);
   return o;
@@ -134,9 +141,8 @@ inline std::string tokenizer_path(const args& a) {
 inline model::tokenizer load_tokenizer(const args& a, const model::config& c) { return model::load_tokenizer(tokenizer_path(a), c.vocab_size); }
 
 inline std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw io_error("cannot open text file '" + path + "'");
-  return std::string(std::istreambuf_iterator<char>(in), {});
+  const std::vector<char> bytes = moeforge::detail::read_whole_file(path, "text file");
+  return std::string(bytes.begin(), bytes.end());
 }
 
 }  // namespace moeforge::cli

@@ -53,7 +53,7 @@ using stream_run = std::function<convert::stream_report(const std::vector<std::v
 /// the method (beside the calibration and each layer's report), `what` names
 /// it in the summary.
 inline int convert_streamed(const args& a, index_t tokens, const nlohmann::json& step, const std::string& what, const stream_run& run) {
-  if (a.has("threads")) omp_set_num_threads(int(a.get_int("threads", 1)));
+  apply_threads(a);
   const std::string config = a.has("model-config") ? a.get("model-config") : io::detail::sibling_config(a.get("model"));
   const model::config c = io::read_hf_config(config).model;
   const calibration cal = load_calibration(a, c, tokens);

@@ -76,7 +76,9 @@ class args {
   }
 
   bool has(const std::string& name) const { return values_.count(name) || (find(name) && find(name)->fallback); }
-  bool flag_set(const std::string& name) const { return values_.count(name) != 0; }
+  bool flag_set(const std::string& name) const { return given(name); }
+  /// Whether the command line gave the option (its default aside).
+  bool given(const std::string& name) const { return values_.count(name) != 0; }
 
   std::string get(const std::string& name) const {
     if (auto it = values_.find(name); it != values_.end()) return it->second;
@@ -90,6 +92,12 @@ class args {
   long long get_int(const std::string& name, long long min) const {
     const long long v = get_int(name);
     if (v < min) throw usage_error(command_ + ": --" + name + " must be at least " + std::to_string(min) + ", got " + get(name));
+    return v;
+  }
+  /// ... and at most `max` (a value that must fit a narrower type).
+  long long get_int(const std::string& name, long long min, long long max) const {
+    const long long v = get_int(name, min);
+    if (v > max) throw usage_error(command_ + ": --" + name + " must be at most " + std::to_string(max) + ", got " + get(name));
     return v;
   }
   /// An option parsed by one of the library's parsers (parse_drop_kind,

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -13,9 +14,13 @@
 namespace moeforge::detail {
 
 inline std::vector<char> read_whole_file(const std::string& path, const std::string& what) {
+  // A directory opens as a stream on Linux, and then fails its reads or its size.
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw io_error(cat(what, ": '", path, "' is a directory, expected a file"));
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw io_error(cat(what, ": cannot open '", path, "'"));
   const std::streamoff size = in.tellg();
+  if (size < 0) throw io_error(cat(what, ": cannot tell the size of '", path, "' (not a regular file?)"));
   std::vector<char> bytes(static_cast<std::size_t>(size));
   in.seekg(0);
   if (size > 0 && !in.read(bytes.data(), size)) throw io_error(cat(what, ": cannot read '", path, "'"));

@@ -27,7 +27,7 @@ inline std::vector<std::vector<std::int32_t>> make_windows(const std::vector<std
 struct perplexity_result {
   double ppl = 0.0;
   double nll = 0.0;         ///< total negative log-likelihood (nats)
-  index_t tokens = 0;       ///< tokens in the stream, BOS included
+  index_t tokens = 0;       ///< tokens in the stream, BOS included (in the windows scored, when max_windows cut it short)
   index_t predicted = 0;    ///< tokens scored: each window's 1..len-1
   index_t windows = 0;
   double seconds = 0.0;
@@ -66,7 +66,8 @@ inline perplexity_result perplexity(const transformer& tr, const std::vector<std
   if (ctx > tr.config().seq_len)
     throw config_error(detail::cat("perplexity: ctx = ", ctx, " exceeds the model's context of ", tr.config().seq_len));
   auto windows = make_windows(stream, ctx);
-  if (max_windows > 0 && index_t(windows.size()) > max_windows) windows.resize(std::size_t(max_windows));
+  const bool cut = max_windows > 0 && index_t(windows.size()) > max_windows;
+  if (cut) windows.resize(std::size_t(max_windows));
   if (windows.empty()) throw config_error("perplexity: the text has fewer than 2 tokens");
   std::vector<double> nll(windows.size());
   const std::size_t layers = std::size_t(tr.config().n_layers);
@@ -87,7 +88,7 @@ inline perplexity_result perplexity(const transformer& tr, const std::vector<std
     r.tokens += index_t(windows[i].size());
     r.predicted += index_t(windows[i].size()) - 1;
   }
-  if (max_windows <= 0) r.tokens = index_t(stream.size());
+  if (!cut) r.tokens = index_t(stream.size());  // with a last token no window predicts from
   for (const auto& l : r.layer_work) r.work += l;
   r.windows = index_t(windows.size());
   r.ppl = std::exp(r.nll / double(r.predicted));

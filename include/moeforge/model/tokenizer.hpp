@@ -37,17 +37,13 @@ class tokenizer {
     const std::size_t first = out.size();  // BOS never merges
     // run.c prepends a space token (the sentencepiece dummy prefix) to non-empty text.
     if (auto it = lookup_.find(" "); it != lookup_.end()) out.push_back(it->second);
+    const auto continues = [&](std::size_t at) { return (static_cast<unsigned char>(text[at]) & 0xc0) == 0x80; };
     for (std::size_t i = 0; i < text.size();) {
+      // run.c's code point: any byte and the continuation bytes after it, at
+      // most 4 in all, whatever the first byte announces (stray continuation
+      // bytes join the character before them, and fall back to bytes with it).
       std::size_t len = 1;
-      const auto c = static_cast<unsigned char>(text[i]);
-      if (c >= 0xc0) len = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : 2;
-      // A code point may not run past the text or into a non-continuation byte.
-      len = std::min(len, text.size() - i);
-      for (std::size_t j = 1; j < len; ++j)
-        if ((static_cast<unsigned char>(text[i + j]) & 0xc0) != 0x80) {
-          len = j;
-          break;
-        }
+      while (len < 4 && i + len < text.size() && continues(i + len)) ++len;
       if (auto it = lookup_.find(text.substr(i, len)); it != lookup_.end()) {
         out.push_back(it->second);
       } else {

@@ -67,6 +67,12 @@ inline void validate(const config& c) {
   if (c.n_heads % c.n_kv_heads != 0)
     throw config_error(cat("model config: n_heads ", c.n_heads, " is not a multiple of n_kv_heads ", c.n_kv_heads));
   if (c.head_dim % 2 != 0) throw config_error(cat("model config: head_dim ", c.head_dim, " must be even for RoPE"));
+  // A theta of 0 or below makes NaN rotations, and one that overflows a float
+  // (inf) silently stops rotating every pair but the first.
+  if (!(std::isfinite(c.rope_theta) && c.rope_theta > 0))
+    throw config_error(cat("model config: rope_theta is ", c.rope_theta, ", expected a finite value above 0"));
+  if (!(std::isfinite(c.norm_eps) && c.norm_eps >= 0))
+    throw config_error(cat("model config: norm_eps is ", c.norm_eps, ", expected a finite value of 0 or more"));
 }
 
 /// A layer's attention projections as panels.
@@ -408,7 +414,7 @@ class transformer {
 
   /// Feeds `tokens` at positions cache.length.. and returns their logits
   /// ([T, V], or [1, V] for the last token when !all_logits; empty when the
-  /// run stopped early).
+  /// run stopped early, which leaves cache.length as it was).
   matrix forward(const std::vector<std::int32_t>& tokens, kv_cache& cache, const forward_options& opt = {}) const {
     using moeforge::detail::cat;
     const auto& c = w_.config;
@@ -432,10 +438,9 @@ class transformer {
     for (index_t li = 0; li < c.n_layers; ++li) {
       attention_step(li, x, cache, start, scratch);
       clock.lap(&stage_times::attention);
-      if (!ffn_step(li, x, opt, scratch)) {
-        cache.length = start + n;
-        return matrix();
-      }
+      // Stopped: the later layers stored no keys for these positions, so
+      // the cache keeps its length and the next pass writes them again.
+      if (!ffn_step(li, x, opt, scratch)) return matrix();
       clock.lap(&stage_times::ffn);
     }
     cache.length = start + n;
@@ -453,6 +458,7 @@ class transformer {
   /// into `cache` (whose length the caller advances). With ffn_step this is
   /// one layer of forward(), and of layer_step.
   void attention_step(index_t li, matrix& x, kv_cache& cache, index_t start) const {
+    check_step(li, x, "attention_step");
     check_cache(cache, start, x.rows(), "attention_step");
     layer_scratch scratch;
     attention_step(li, x, cache, start, scratch);
@@ -462,6 +468,7 @@ class transformer {
   /// opt.on_ffn_input; returns false right there when li is
   /// opt.stop_after_layer (x unchanged), else adds the FFN's output to x.
   bool ffn_step(index_t li, matrix& x, const forward_options& opt) const {
+    check_step(li, x, "ffn_step");
     layer_scratch scratch;
     return ffn_step(li, x, opt, scratch);
   }
@@ -470,7 +477,9 @@ class transformer {
   /// fresh cache: attention_step, then ffn_step's result. How a model is run
   /// one layer at a time over calibration windows.
   bool layer_step(index_t li, matrix& x, const forward_options& opt) const {
+    check_step(li, x, "layer_step");
     kv_cache cache = new_cache();
+    check_cache(cache, 0, x.rows(), "layer_step");
     layer_scratch scratch;
     attention_step(li, x, cache, 0, scratch);
     return ffn_step(li, x, opt, scratch);
@@ -541,6 +550,15 @@ class transformer {
       const float ms = x.row(t).squaredNorm() / float(x.cols());
       out.row(t) = (x.row(t).array() * weight.transpose().array()) * (1.0f / std::sqrt(ms + eps));
     }
+  }
+
+  /// Throws config_error unless layer li exists, and shape_error unless x
+  /// holds hidden states of this model's width.
+  void check_step(index_t li, const matrix& x, const char* what) const {
+    using moeforge::detail::cat;
+    const auto& c = w_.config;
+    if (li < 0 || li >= c.n_layers) throw config_error(cat(what, ": layer ", li, " does not exist (the model has ", c.n_layers, ")"));
+    if (x.cols() != c.dim) throw shape_error(cat(what, ": hidden states have ", x.cols(), " features, the model ", c.dim));
   }
 
   /// Throws config_error unless positions [start, start + n) fit the model's

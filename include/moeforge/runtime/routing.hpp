@@ -144,9 +144,26 @@ inline selection select_topk(const router& r, const matrix& probs) {
   return sel;
 }
 
+/// Throws shape_error unless `sel` is a selection for layer m: k pairs per
+/// token in each of its arrays, every expert index one of m's.
+inline void check_selection(const moe_layer& m, const selection& sel, const char* what) {
+  using moeforge::detail::cat;
+  const auto pairs = std::size_t(std::max<index_t>(sel.tokens, 0)) * std::size_t(std::max<index_t>(sel.k, 0));
+  if (sel.tokens < 0 || sel.k < 0 || sel.expert.size() != pairs || sel.prob.size() != pairs || sel.weight.size() != pairs || sel.work.size() != pairs)
+    throw shape_error(cat(what, ": the selection's arrays do not hold k = ", sel.k, " pairs for each of its ", sel.tokens, " tokens"));
+  for (std::size_t i = 0; i < pairs; ++i)
+    if (sel.expert[i] < 0 || sel.expert[i] >= m.num_experts())
+      throw shape_error(cat(what, ": pair ", i, " of the selection names expert ", sel.expert[i], ", the layer has ", m.num_experts()));
+}
+
 /// Groups the selected pairs by expert; dropped pairs cost nothing because
-/// they are not in the plan. Shared-expert multipliers come from `x`.
+/// they are not in the plan. Shared-expert multipliers come from `x`, the
+/// selection's tokens. Throws shape_error for a selection made for other
+/// tokens or another layer.
 inline routing_plan make_plan(const moe_layer& m, const selection& sel, const_matrix_ref x) {
+  check_selection(m, sel, "make_plan");
+  if (sel.tokens != x.rows())
+    throw shape_error(moeforge::detail::cat("make_plan: the selection is for ", sel.tokens, " tokens, the input has ", x.rows()));
   const index_t e = m.num_experts();
   routing_plan plan;
   plan.tokens = sel.tokens;
@@ -254,6 +271,7 @@ inline std::vector<index_t> contiguous_placement(index_t experts, index_t groups
 /// `routed`, else as the drop policy left it (full, major-only or dropped).
 inline std::vector<double> group_work(const moe_layer& m, const selection& sel, const std::vector<index_t>& placement, index_t groups,
                                       bool routed) {
+  check_selection(m, sel, "group_work");
   std::vector<double> load(static_cast<std::size_t>(groups), 0.0);
   for (std::size_t i = 0; i < sel.expert.size(); ++i) {
     const auto& e = m.experts[std::size_t(sel.expert[i])];
@@ -276,6 +294,7 @@ inline route_stats dense_stats(const ffn& f, index_t tokens) {
 
 /// The work a selection asks of layer `m`. Novices cost nothing.
 inline route_stats count_work(const moe_layer& m, const selection& sel) {
+  check_selection(m, sel, "count_work");
   route_stats r;
   r.tokens = sel.tokens;
   double shared = 0, all = 0;
