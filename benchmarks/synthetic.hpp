@@ -279,12 +279,12 @@ inline std::uint64_t write_synthetic_hf(const model_shape& s, index_t layers, dt
     if (w) w->finish();
   auto put = [&](const std::string& name, const nlohmann::json& j) {
     std::ofstream f(stage.path() / name);
-    f << j.dump(2) << "\n";
+    f << moeforge::detail::json_text(j, 2) << "\n";
     if (!f.flush()) throw io_error(cat("make-model: cannot write '", (stage.path() / name).string(), "'"));
   };
   put("config.json", hf_config_json(s, layers, context, stored));
   put("model.safetensors.index.json", {{"metadata", {{"total_size", total}}}, {"weight_map", map}});
-  stage.commit(dir);
+  stage.commit(dir, false);
   return total;
 }
 

@@ -288,6 +288,25 @@ TEST_CASE("a bad option value is a usage error naming the option: exit 2, nothin
   }
 }
 
+TEST_CASE("convert cmoe: --iterations sets param_cluster's k-means passes; --leftover drop warns only where neurons are left over") {
+  const temp_dir scratch;
+  const auto convert = [&](const std::string& name, std::vector<std::string> extra, const std::string& config) {
+    auto args = convert_args(scratch / name, config);
+    args.insert(args.end(), {"--preset", "paper"});
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto o = cli(args, scratch);
+    INFO(o.err);
+    REQUIRE(o.code == 0);
+    return o;
+  };
+  convert("pc", {"--method", "param_cluster", "--iterations", "3"}, "S1A3E4");
+  const auto step = read_json(scratch / "pc/moeforge.json")["provenance"]["conversion"];
+  CHECK(step["cluster_iterations"] == 3);
+  // stories260K's FFNs have 172 neurons: 8 experts leave 4 over, 4 experts none.
+  CHECK(convert("e8", {"--leftover", "drop"}, "S1A3E8").err.find("no longer exact") != std::string::npos);
+  CHECK(convert("e4", {"--leftover", "drop"}, "S1A3E4").err.find("no longer exact") == std::string::npos);
+}
+
 TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, and replaces it with --force") {
   const temp_dir scratch;
   const std::string out = scratch / "cmoe";

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <limits>
 #include <random>
 #include <set>
 
@@ -393,6 +394,21 @@ TEST_CASE("cmoe rejects each kind of bad input with a typed error") {
     REQUIRE_THROWS_AS(convert::parse_cmoe_method("moefication"), config_error);
     REQUIRE(convert::to_string(convert::parse_cmoe_config("S12A3E40")) == "S12A3E40");
   }
+  SECTION("a negative shared count (a library caller's; the parser takes digits only)") {
+    convert::cmoe_config c{-1, 1, 4};
+    REQUIRE_THROWS_WITH(convert::validate(c, 16), Catch::Contains("-1 shared experts"));
+  }
+  SECTION("NaN or Inf in the calibration inputs or the weights") {
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      matrix noisy = x;
+      noisy(7, 3) = bad;
+      REQUIRE_THROWS_WITH(convert::cmoe(f, noisy, options("S1A1E4")), Catch::Contains("calibration token 7"));
+      REQUIRE_THROWS_AS(calib::compute_markers(f, noisy, 2), value_error);
+      ffn broken = f;
+      broken.gate(5, 2) = bad;
+      REQUIRE_THROWS_WITH(convert::cmoe(broken, x, options("S1A1E4")), Catch::Contains("gate"));
+    }
+  }
   SECTION("ungated FFN, mismatched markers") {
     ffn plain = f;
     plain.gate.resize(0, 0);
@@ -489,6 +505,24 @@ TEST_CASE("param_cluster: balanced groups of normalised gate rows, a centroid_to
   }
   // Seeded: the same seed gives the same layer.
   REQUIRE(convert::cmoe(f, x, o).report.experts == rep.experts);
+}
+
+TEST_CASE("param_cluster fills every expert exactly when gate rows coincide (dead neurons, duplicates): the assignment's costs are integers") {
+  // Equal rows make exchange cycles of zero cost; rounded floating-point
+  // differences made some look negative, and one neuron moved twice.
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 60; ++trial) {
+    INFO("trial " << trial);
+    ffn f = gaussian_ffn(16, 64, rng);
+    for (index_t i = 0; i < 64; ++i)
+      if (rng() % 4 == 0) f.gate.row(i).setZero();
+    for (index_t i = 1; i < 64; i += 7) f.gate.row(i) = f.gate.row(i - 1);
+    auto o = options("S0A2E8");
+    o.method = convert::cmoe_method::param_cluster;
+    o.seed = std::uint64_t(trial);
+    const auto res = convert::cmoe(f, gaussian(64, 16, rng), o);
+    for (const auto& e : res.report.experts) REQUIRE(e.size() == 8);
+  }
 }
 
 TEST_CASE("cmoe at partial activation: representatives by the paper's rule, their rows as the router, top-A routing by analytic score") {

@@ -289,6 +289,12 @@ TEST_CASE("hf: malformed configs and checkpoints fail with typed errors naming w
     c = good;
     c["num_experts_per_tok"] = 5;
     CHECK_THROWS_WITH(io::load_model(with("topk", c, all)), Contains("num_experts_per_tok") && Contains("4 experts"));
+    // A token id past int32 was narrowed to another id.
+    for (const std::int64_t id : {std::int64_t(4294967298), std::int64_t(2147483648)}) {
+      c = good;
+      c["eos_token_id"] = id;
+      CHECK_THROWS_WITH(io::load_model(with(std::to_string(id), c, all)), Contains("eos_token_id") && Contains("token id"));
+    }
     c = good;
     c["num_attention_heads"] = "four";
     CHECK_THROWS_AS(io::load_model(with("heads", c, all)), format_error);

@@ -163,6 +163,9 @@ TEST_CASE("native: an existing directory is never clobbered unless asked, and on
 
   io::save_native(w, out, {{"version", "second"}}, overwrite);
   CHECK(io::read_native_manifest(out)["provenance"]["version"] == "second");
+  // A provenance string that is not UTF-8 (a Linux path may hold any byte) is written, not thrown on.
+  io::save_native(w, out, {{"version", "third"}, {"source", "/data/model-\xff.bin"}}, overwrite);
+  CHECK(io::read_native_manifest(out)["provenance"]["source"] == "/data/model-\xef\xbf\xbd.bin");
   CHECK(std::distance(std::filesystem::directory_iterator(tmp.path()), {}) == 1);
 
   // Missing parents are created; a path through a regular file is refused before any work.
@@ -179,6 +182,33 @@ TEST_CASE("native: an existing directory is never clobbered unless asked, and on
   std::filesystem::create_symlink(tmp / "nowhere", tmp / "dangling");
   CHECK_THROWS_AS(io::check_output_dir(tmp / "dangling/model", false), io_error);
   CHECK_THROWS_AS(io::check_output_dir(tmp / "dangling", true), io_error);
+}
+
+TEST_CASE("native: a directory that appears while a model is written is left alone unless overwriting; overwriting swaps it whole") {
+  namespace fs = std::filesystem;
+  temp_dir tmp;
+  const auto staged = [&](const std::string& name, const std::string& text) {
+    fs::create_directories(tmp / name);
+    std::ofstream(tmp / name + "/file") << text;
+    return fs::path(tmp / name);
+  };
+  const auto text_in = [&](const std::string& dir) {
+    std::ifstream in(tmp / dir + "/file");
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  // The output was checked to be free before writing began; then another run made it.
+  staged("out", "another run's model");
+  const auto ours = staged(".out.tmp", "this run's model");
+  CHECK_THROWS_WITH(io::detail::move_into_place(ours, tmp / "out", false), Catch::Contains("appeared while it was being written"));
+  CHECK(text_in("out") == "another run's model");
+  CHECK(fs::exists(ours));
+  io::detail::move_into_place(ours, tmp / "out", true);
+  CHECK(text_in("out") == "this run's model");
+  CHECK_FALSE(fs::exists(ours));
+  // Nothing else is left beside it (the old directory is removed).
+  CHECK(std::distance(fs::directory_iterator(tmp.path()), {}) == 1);
+  io::detail::move_into_place(staged(".new.tmp", "new"), tmp / "new", false);
+  CHECK(text_in("new") == "new");
 }
 
 TEST_CASE("native: damaged directories fail with a typed error naming what is wrong") {
@@ -232,6 +262,17 @@ TEST_CASE("native: damaged directories fail with a typed error naming what is wr
   SECTION("a tensor the description does not mention") {
     edit_manifest([](auto& j) { j["layers"][0]["gated"] = false; });
     CHECK_THAT(message(), Contains("unexpected tensor 'layers.0.ffn.gate'"));
+  }
+  SECTION("a number that is not exactly of its field's type") {
+    // nlohmann's get<int> takes 64.9 as 64 and 4294967298 as 2: each would load as another model.
+    for (const auto& [field, value] : std::vector<std::pair<std::string, nlohmann::json>>{
+             {"dim", 64.9}, {"n_layers", true}, {"eos_token", std::int64_t(4294967298)}, {"bos_token", -2147483649.0}}) {
+      INFO(field << " = " << value.dump());
+      edit_manifest([&](auto& j) { j["config"][field] = value; });
+      CHECK_THAT(message(), Contains("config." + field) && Contains("wrong type"));
+    }
+    edit_manifest([](auto& j) { j["version"] = 1.9; });
+    CHECK_THAT(message(), Contains("version") && Contains("wrong type"));
   }
   SECTION("shapes that contradict the config") {
     edit_manifest([](auto& j) { j["config"]["dim"] = 25; });

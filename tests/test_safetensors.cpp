@@ -267,6 +267,23 @@ TEST_CASE("safetensors: a failed write leaves the existing file untouched and no
   CHECK(listing(dir) == std::vector<std::string>{"model.safetensors"});
 }
 
+TEST_CASE("safetensors: the streaming writer accepts a tensor only when the header its end offset makes still fits the reserve") {
+  temp_dir tmp;
+  io::safetensors_writer w(tmp / "model.safetensors", 512);
+  const std::vector<float> one(1, 1.0f), big(100000, 1.0f);
+  // Fill the header to within a tensor entry of its reserve with one-element tensors (offsets of 1-3 digits)...
+  int i = 0;
+  for (; w.fits("t" + std::to_string(i) + std::string(40, 'x'), {1}, dtype::f32); ++i) w.add("t" + std::to_string(i), {1}, one.data());
+  // ...then take the longest name that fits beside a tensor whose end has more digits than its start.
+  std::string last;
+  for (std::size_t length = 1; w.fits(std::string(length, 'y'), {100000}, dtype::f32); ++length) last.assign(length, 'y');
+  REQUIRE_FALSE(last.empty());
+  w.add(last, {100000}, big.data());
+  CHECK_NOTHROW(w.finish());
+  const io::safetensors_file read(tmp / "model.safetensors");
+  CHECK(read.tensors().size() == std::size_t(i + 1));
+}
+
 TEST_CASE("safetensors: damaged framing is a format error naming the file") {
   temp_dir dir;
   const auto path = dir / "bad.safetensors";

@@ -20,7 +20,7 @@ void set_ka(convert::cmoe_options& o, const args& a) {
   const double v = a.get_double("ka");
   if (v > 0 && v < 1)
     o.ka_fraction = v;
-  else if (v >= 1 && v == double(index_t(v)))
+  else if (v >= 1 && v < 0x1p62 && v == double(index_t(v)))  // (a cast of a double past index_t's range is undefined)
     o.ka = index_t(v);
   else
     throw usage_error("moeforge convert cmoe: --ka must be a count >= 1 or a fraction in (0, 1), got '" + a.get("ka") + "'");
@@ -89,7 +89,7 @@ int convert_cmoe(int argc, char** argv) {
            "grouping: CMoE marker clustering; baselines: a seeded random equal split with the same router, or "
            "MoEfication-style balanced k-means on normalised gate rows with a centroid router",
            "cmoe");
-  a.option("iterations", "N", "balanced-assignment passes (the reference does 1)", "1");
+  a.option("iterations", "N", "balanced-assignment passes (the reference does 1); with --method param_cluster, its k-means passes (default 20)", "1");
   a.option("seed", "N", "seed of the random split and of param_cluster's k-means++ start", "0");
   a.option("preset", "paper|best",
            "paper: the published method exactly; best: quadratic router (rank 16) + novice compensation + refit of "
@@ -123,7 +123,10 @@ int convert_cmoe(int argc, char** argv) {
   set_ka(o, a);
   o.leftover = choice(a, "leftover", convert::parse_leftover_policy);
   o.method = choice(a, "method", convert::parse_cmoe_method);
-  o.iterations = a.get_int("iterations", 1);
+  if (o.method != convert::cmoe_method::param_cluster)
+    o.iterations = a.get_int("iterations", 1);
+  else if (a.given("iterations"))
+    o.cluster_iterations = a.get_int("iterations", 1);
   o.seed = std::uint64_t(a.get_int("seed"));
   o.fit = fit_recipe(a);
   convert::validate(o);
@@ -146,7 +149,11 @@ int convert_cmoe(int argc, char** argv) {
     throw usage_error("moeforge convert cmoe: --rank must be at most the hidden size " + std::to_string(w.config.dim) + ", got " +
                       std::to_string(o.fit.rank));
   const calibration cal = load_calibration(a, w, tokens);
-  if (o.leftover == convert::leftover_policy::drop)
+  const bool leaves_over = std::any_of(w.layers.begin(), w.layers.end(), [&](const model::layer& l) {
+    const auto* f = std::get_if<ffn>(&l.ffn);
+    return f && f->intermediate() % o.config.experts != 0;
+  });
+  if (o.leftover == convert::leftover_policy::drop && leaves_over)
     std::cerr << "moeforge convert: --leftover drop removes the I mod " << o.config.experts
               << " neurons no expert takes (the reference's behaviour); the model is no longer exact at full activation\n";
 
@@ -159,7 +166,7 @@ int convert_cmoe(int argc, char** argv) {
   if (!a.flag_set("json"))
     std::cout << "wrote " << a.get("out") << " (" << convert::to_string(o.config) << ", recipe " << recipe << ": router "
               << convert::router_fit_name(o.fit.router) << ", compensate " << convert::compensation_name(o.fit.compensate) << ", refit "
-              << convert::refit_name(o.fit.refit) << ", distill " << o.fit.distill_steps << " steps; converted " << reports.size() << " of "
+              << convert::refit_name(o.fit.refit) << ", distill " << o.fit.distill_steps << " steps; converted " << dense_layers << " of "
               << w.layers.size() << " layers)\n";
   return 0;
 }

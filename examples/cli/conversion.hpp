@@ -77,7 +77,7 @@ inline void save_conversion(const args& a, const model::weights& w, dtype source
   save.stored = source;
   save.as_source = true;
   io::save_native(w, a.get("out"), provenance, save);
-  if (a.flag_set("json")) std::cout << provenance.dump() << "\n";
+  if (a.flag_set("json")) std::cout << detail::json_text(provenance) << "\n";
 }
 
 }  // namespace moeforge::cli

@@ -73,7 +73,7 @@ inline int convert_streamed(const args& a, index_t tokens, const nlohmann::json&
                                {"seconds", rep.seconds},
                                {"stage_seconds", convert::to_json(rep.times)}};
   if (a.flag_set("json")) {
-    std::cout << summary.dump() << "\n";
+    std::cout << detail::json_text(summary) << "\n";
   } else {
     const auto& t = rep.times;
     std::cout << "wrote " << a.get("out") << " (" << what << ", streamed " << c.n_layers - rep.resumed_at << " of " << c.n_layers

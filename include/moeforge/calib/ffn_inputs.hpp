@@ -48,7 +48,7 @@ inline matrix ffn_inputs(const model::weights& w, index_t layer, const std::vect
       };
       tr.forward(windows[std::size_t(i)], cache, opt);
     } catch (const std::exception& e) {
-      failure[std::size_t(i)] = e.what();
+      failure[std::size_t(i)] = moeforge::detail::reason(e);
     }
   }
   for (const auto& f : failure)

@@ -95,6 +95,9 @@ inline markers compute_markers(const ffn& f, const_matrix_ref x, index_t ka, ind
   const index_t h = f.hidden();
   if (t_count == 0) throw config_error("cmoe markers: zero calibration tokens");
   if (ka < 1 || ka > n) throw config_error(moeforge::detail::cat("cmoe markers: K_a = ", ka, ", expected 1..", n, " (the FFN's neurons)"));
+  // A NaN magnitude breaks the top-K_a heap's order: the markers would be arbitrary.
+  moeforge::detail::require_finite_rows(x, "cmoe markers: calibration token");
+  require_finite(f, "cmoe markers: ffn");
   block = std::max<index_t>(64, (block + 63) / 64 * 64);
   using detail::marker_kc;
   using detail::marker_mc;

@@ -6,6 +6,7 @@
 #include <functional>
 #include <limits>
 #include <queue>
+#include <type_traits>
 #include <vector>
 
 #include "moeforge/core/tensor.hpp"
@@ -121,10 +122,14 @@ class balanced_solver {
 
 /// Minimum total cost assignment of items 0..n-1 to clusters 0..k-1 with at
 /// most capacity[j] items in cluster j (sum of capacities >= n). `cost(i, j)`
-/// must be cheap (it is called O(n·k) times plus once per move). Exact.
+/// must be cheap (it is called O(n·k) times plus once per move). Exact, for
+/// integer costs: rounded differences of floating costs can make a cycle of
+/// exchanges that costs nothing look negative, and the search then moves
+/// one item twice, overfilling a cluster (scale such costs to integers).
 template <class Cost>
 assignment_result<Cost> balanced_assignment(index_t n, const std::vector<index_t>& capacity,
                                             std::function<Cost(index_t, index_t)> cost) {
+  static_assert(std::is_integral_v<Cost>, "balanced_assignment is exact for integer costs only");
   const index_t k = index_t(capacity.size());
   if (k == 0) throw config_error("balanced assignment: no clusters");
   index_t total = 0;

@@ -260,6 +260,7 @@ inline index_t resolve_ka(const cmoe_options& o, index_t neurons) {
 inline void validate(const cmoe_config& c, index_t neurons) {
   const std::string name = to_string(c);
   if (c.experts < 1) throw config_error(moeforge::detail::cat("cmoe config ", name, ": needs at least one expert"));
+  if (c.shared < 0) throw config_error(moeforge::detail::cat("cmoe config ", name, ": ", c.shared, " shared experts, expected 0 or more"));
   if (c.experts > neurons)
     throw config_error(moeforge::detail::cat("cmoe config ", name, ": ", c.experts, " experts but the FFN has only ", neurons, " neurons"));
   if (c.shared >= c.experts)
@@ -461,10 +462,16 @@ inline grouping param_cluster(const ffn& dense, const std::vector<index_t>& pool
   }
   grouping g;
   std::vector<index_t> previous;
+  // The assignment takes exact integer costs: squared distances (at most 4
+  // between unit-length rows and their means) in units of 2^-40.
+  constexpr double unit = 0x1p40;
+  std::vector<std::int64_t> q;
   for (index_t it = 0; it < iterations; ++it) {
     sqdist(c, d);
-    const auto res = assign_with_sink<double>(n, k, m, d);
-    g.pass_costs.push_back(res.total);
+    q.resize(d.size());
+    std::transform(d.begin(), d.end(), q.begin(), [&](double v) { return std::int64_t(std::llround(v * unit)); });
+    const auto res = assign_with_sink<std::int64_t>(n, k, m, q);
+    g.pass_costs.push_back(double(res.total) / unit);
     collect(pool, k, res, g);
     // Centroids of this assignment (also after the last pass: they are the router).
     c.setZero();

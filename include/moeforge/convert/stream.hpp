@@ -135,7 +135,7 @@ inline void write_json_atomically(const std::filesystem::path& path, const nlohm
   const auto tmp = path.string() + ".tmp";
   {
     std::ofstream f(tmp);
-    f << j.dump() << "\n";
+    f << moeforge::detail::json_text(j) << "\n";
     if (!f.flush()) throw io_error(cat("stream: cannot write '", tmp, "'"));
   }
   std::error_code ec;
@@ -232,7 +232,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
       writer.emplace(io::native_shard_writer::resume(stage, opt.shard_bytes, saved.at("shards")));
       x = detail::load_hidden(stage / saved.at("hidden").get<std::string>(), windows, c.dim);
     } catch (const nlohmann::json::exception& e) {
-      throw format_error(cat("stream: '", progress_file.string(), "' is damaged (", e.what(), ")"));
+      throw format_error(cat("stream: '", progress_file.string(), "' is damaged (", moeforge::detail::reason(e), ")"));
     }
   } else {
     std::error_code ec;
@@ -355,7 +355,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   // The output may have appeared while converting: it is replaced only when allowed.
   if (!opt.overwrite && fs::exists(fs::symlink_status(out_dir)))
     throw io_error(cat("output '", out, "' appeared during the conversion; the finished model stays in '", stage.string(), "'"));
-  io::detail::move_into_place(stage, out_dir);
+  io::detail::move_into_place(stage, out_dir, opt.overwrite);
   rep.complete = true;
   rep.seconds = since(start);
   return rep;

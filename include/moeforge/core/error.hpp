@@ -56,5 +56,12 @@ std::string cat(Args&&... args) {
   return out.str();
 }
 
+/// What `e` says without the "moeforge: " our errors start with, for a
+/// message that wraps it (naming the file it came from).
+inline std::string reason(const std::exception& e) {
+  const std::string what = e.what(), prefix = "moeforge: ";
+  return what.compare(0, prefix.size(), prefix) == 0 ? what.substr(prefix.size()) : what;
+}
+
 }  // namespace detail
 }  // namespace moeforge

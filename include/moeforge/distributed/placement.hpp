@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moeforge/detail/json_text.hpp"
 #include "moeforge/model/eval.hpp"
 #include "moeforge/model/transformer.hpp"
 #include "moeforge/runtime/routing.hpp"
@@ -237,7 +238,7 @@ inline void save_placement(const placement& p, const std::string& path) {
   const std::string staged = moeforge::detail::cat(path, ".partial-", std::random_device{}(), std::random_device{}());
   {
     std::ofstream out(staged, std::ios::binary | std::ios::trunc);
-    out << to_json(p).dump(1) << "\n";
+    out << moeforge::detail::json_text(to_json(p), 1) << "\n";
     if (!out.flush()) throw io_error(moeforge::detail::cat("placement: cannot write '", staged, "'"));
   }
   std::error_code ec;
@@ -257,7 +258,7 @@ inline placement load_placement(const std::string& path) {
     // Files from before shared_owner existed replicate every layer's shared experts.
     return {j.at("ranks").get<int>(), j.at("owner").get<std::vector<std::vector<int>>>(), j.value("shared_owner", std::vector<int>())};
   } catch (const nlohmann::json::exception& e) {
-    throw format_error(cat(path, ": not a valid placement file (", e.what(), ")"));
+    throw format_error(cat(path, ": not a valid placement file (", moeforge::detail::reason(e), ")"));
   }
 }
 

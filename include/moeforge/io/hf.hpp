@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -100,7 +101,8 @@ class config_reader {
     if (!has(key)) return fallback;
     const auto& v = j_.at(key);
     const auto& first = v.is_array() && !v.empty() ? v.front() : v;
-    if (!first.is_number_integer() || first.get<std::int64_t>() < 0) fail(key, cat("= ", v.dump(), ", expected a token id"));
+    if (!first.is_number_integer() || first.get<std::int64_t>() < 0 || first.get<std::int64_t>() > std::numeric_limits<std::int32_t>::max())
+      fail(key, cat("= ", v.dump(), ", expected a token id"));
     return first.get<std::int32_t>();
   }
   std::vector<index_t> indices(const std::string& key) const {
@@ -209,7 +211,7 @@ inline hf_config read_hf_config(const std::string& path) {
   try {
     j = nlohmann::json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    throw format_error(detail::cat("hf config '", path, "' is not valid JSON (", e.what(), ")"));
+    throw format_error(detail::cat("hf config '", path, "' is not valid JSON (", moeforge::detail::reason(e), ")"));
   }
   return parse_hf_config(j, path);
 }
@@ -534,7 +536,7 @@ inline model::weights load_hf(const std::string& weights, const std::string& con
   try {
     model::validate(w);
   } catch (const error& e) {
-    throw format_error(cat("hf model '", weights, "': ", e.what()));
+    throw format_error(cat("hf model '", weights, "': ", moeforge::detail::reason(e)));
   }
   return w;
 }
@@ -856,10 +858,10 @@ inline void save_hf(const model::weights& w, const std::string& dir, const hf_sa
   write_safetensors((stage.path() / "model.safetensors").string(), views);
   {
     std::ofstream f(stage.path() / "config.json");
-    f << j.dump(2) << "\n";
+    f << moeforge::detail::json_text(j, 2) << "\n";
     if (!f.flush()) throw io_error(cat("save_hf: cannot write '", (stage.path() / "config.json").string(), "'"));
   }
-  stage.commit(out);
+  stage.commit(out, opt.overwrite);
 }
 
 }  // namespace moeforge::io

@@ -40,14 +40,17 @@
 //               layers.L.moe.shared.S.{gate, up, down, sigmoid_gate}
 #pragma once
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -328,6 +331,42 @@ inline nlohmann::json layer_json(const model::layer& l) {
           {"compensation", m.compensation.active()}};
 }
 
+template <class T>
+struct is_vector : std::false_type {};
+template <class T>
+struct is_vector<std::vector<T>> : std::true_type {};
+
+/// Sets `out` to `v` when v holds a T exactly: nlohmann's get<T> would take
+/// a fraction, a boolean or an integer past T's range and convert it.
+template <class T>
+bool exact_json_value(const nlohmann::json& v, T& out) {
+  if constexpr (std::is_same_v<T, bool>) {
+    if (!v.is_boolean()) return false;
+  } else if constexpr (std::is_integral_v<T>) {
+    if (v.is_number_unsigned()) {
+      if (v.get<std::uint64_t>() > std::uint64_t(std::numeric_limits<T>::max())) return false;
+    } else {
+      if (!v.is_number_integer()) return false;
+      const auto i = v.get<std::int64_t>();
+      if constexpr (std::is_signed_v<T>) {
+        if (i < std::int64_t(std::numeric_limits<T>::min()) || i > std::int64_t(std::numeric_limits<T>::max())) return false;
+      } else if (i < 0) {
+        return false;
+      }
+    }
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (!v.is_number()) return false;
+  } else if constexpr (is_vector<T>::value) {
+    if (!v.is_array()) return false;
+    out.resize(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i)
+      if (!exact_json_value(v[i], out[i])) return false;
+    return true;
+  }
+  out = v.get<T>();
+  return true;
+}
+
 /// Reads one field of moeforge.json with a message naming it and the expected type.
 class manifest_reader {
  public:
@@ -340,11 +379,12 @@ class manifest_reader {
   template <class T>
   T get(const nlohmann::json& obj, const std::string& key, const std::string& where) const {
     const auto& v = at(obj, key, where);
+    T out{};
     try {
-      return v.get<T>();
+      if (exact_json_value(v, out)) return out;
     } catch (const nlohmann::json::exception&) {
-      throw format_error(cat(file_, ": ", where, ".", key, " = ", v.dump(), " has the wrong type"));
     }
+    throw format_error(cat(file_, ": ", where, ".", key, " = ", v.dump(), " has the wrong type"));
   }
   const nlohmann::json& array(const nlohmann::json& obj, const std::string& key, const std::string& where) const {
     const auto& v = at(obj, key, where);
@@ -387,7 +427,7 @@ inline ffn ffn_skeleton(const manifest_reader& r, const nlohmann::json& j, const
   try {
     f.act = parse_activation(r.get<std::string>(j, "act", where));
   } catch (const config_error& e) {
-    r.fail(cat(where, ": ", e.what()));
+    r.fail(cat(where, ": ", moeforge::detail::reason(e)));
   }
   // A non-empty placeholder marks the gate slot; the loader replaces it.
   if (r.get<bool>(j, "gated", where)) f.gate.resize(1, 1);
@@ -421,7 +461,7 @@ inline model::layer layer_skeleton(const manifest_reader& r, const nlohmann::jso
     try {
       m.router.drop.kind = parse_drop_kind(r.get<std::string>(dj, "policy", dw));
     } catch (const config_error& e) {
-      r.fail(cat(dw, ": ", e.what()));
+      r.fail(cat(dw, ": ", moeforge::detail::reason(e)));
     }
     m.router.drop.threshold = r.get<float>(dj, "threshold", dw);
     m.router.drop.margin = r.get<float>(dj, "margin", dw);
@@ -454,23 +494,42 @@ inline model::layer layer_skeleton(const manifest_reader& r, const nlohmann::jso
   return l;
 }
 
-/// Renames the complete directory `staged` to `dir`; an existing `dir` is
-/// replaced only then, and survives if the rename fails.
-inline void move_into_place(const std::filesystem::path& staged, const std::filesystem::path& dir) {
+/// Renames the complete directory `staged` to `dir`. Without `overwrite`, a
+/// `dir` that appeared since the caller checked is an io_error and stays as
+/// it is (rename does not replace a directory that holds anything). With it,
+/// an existing `dir` is replaced only then, and survives if the rename
+/// fails: swapped with the staged one in one step where the kernel can
+/// (renameat2), so no crash leaves the path empty.
+inline void move_into_place(const std::filesystem::path& staged, const std::filesystem::path& dir, bool overwrite) {
   std::error_code ec;
-  const auto old = dir.parent_path() / cat(".", dir.filename().string(), ".old.", ::getpid());
-  const bool replacing = std::filesystem::exists(dir);
-  if (replacing) {
-    std::filesystem::rename(dir, old, ec);
-    if (ec) throw io_error(cat("native: cannot move '", dir.string(), "' aside: ", ec.message()));
+  const auto failed = [&](const std::error_code& why) {
+    return io_error(cat("native: cannot rename '", staged.string(), "' to '", dir.string(), "': ", why.message()));
+  };
+  if (!overwrite || !std::filesystem::exists(std::filesystem::symlink_status(dir))) {
+    std::filesystem::rename(staged, dir, ec);
+    if (ec && !overwrite && std::filesystem::exists(std::filesystem::symlink_status(dir)))
+      throw io_error(cat("native: output '", dir.string(), "' appeared while it was being written; it was left as it was"));
+    if (ec) throw failed(ec);
+    return;
   }
+#if defined(RENAME_EXCHANGE)
+  if (::renameat2(AT_FDCWD, staged.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
+    std::filesystem::remove_all(staged, ec);  // now the old directory
+    return;
+  }
+  if (errno != EINVAL && errno != ENOSYS) throw failed(std::error_code(errno, std::generic_category()));
+#endif
+  // No exchange on this file system: move the old one aside first.
+  const auto old = dir.parent_path() / cat(".", dir.filename().string(), ".old.", ::getpid());
+  std::filesystem::rename(dir, old, ec);
+  if (ec) throw io_error(cat("native: cannot move '", dir.string(), "' aside: ", ec.message()));
   std::filesystem::rename(staged, dir, ec);
   if (ec) {
     std::error_code ignored;
-    if (replacing) std::filesystem::rename(old, dir, ignored);
-    throw io_error(cat("native: cannot rename '", staged.string(), "' to '", dir.string(), "': ", ec.message()));
+    std::filesystem::rename(old, dir, ignored);
+    throw failed(ec);
   }
-  if (replacing) std::filesystem::remove_all(old, ec);
+  std::filesystem::remove_all(old, ec);
 }
 
 /// A new sibling of `dir` for building the output in; removed unless committed.
@@ -494,8 +553,8 @@ class staging_dir {
   const std::filesystem::path& path() const { return path_; }
 
   /// Moves the staged directory to `dir` (see move_into_place).
-  void commit(const std::filesystem::path& dir) {
-    move_into_place(path_, dir);
+  void commit(const std::filesystem::path& dir, bool overwrite) {
+    move_into_place(path_, dir, overwrite);
     committed_ = true;
   }
 
@@ -517,7 +576,7 @@ inline void write_manifest(const std::filesystem::path& dir, const model::config
   manifest.update(extra);
   {
     std::ofstream f(dir / native_manifest);
-    f << manifest.dump(2) << "\n";
+    f << moeforge::detail::json_text(manifest, 2) << "\n";
     if (!f.flush()) throw io_error(cat("native: cannot write '", (dir / native_manifest).string(), "'"));
   }
   for (const auto& [source, name] : attachments) {
@@ -553,7 +612,7 @@ class native_shard_writer {
         w.open_.emplace(safetensors_writer::resume(w.part(w.closed_.size()).string(), w.reserve(), tensors_of(state.at("open")), metadata()));
       }
     } catch (const nlohmann::json::exception& e) {
-      throw format_error(detail::cat("native: the recorded shard state in '", w.dir_.string(), "' is damaged (", e.what(), ")"));
+      throw format_error(detail::cat("native: the recorded shard state in '", w.dir_.string(), "' is damaged (", moeforge::detail::reason(e), ")"));
     }
     return w;
   }
@@ -603,7 +662,7 @@ class native_shard_writer {
     }
     if (n > 1) {
       std::ofstream f(dir_ / native_index);
-      f << nlohmann::json{{"metadata", {{"total_size", total}}}, {"weight_map", map}}.dump(2) << "\n";
+      f << moeforge::detail::json_text({{"metadata", {{"total_size", total}}}, {"weight_map", map}}, 2) << "\n";
       if (!f.flush()) throw io_error(cat("native: cannot write '", (dir_ / native_index).string(), "'"));
     }
   }
@@ -676,7 +735,7 @@ inline void save_native(const model::weights& w, const std::string& dir, const n
   detail::staging_dir stage(out);
   write_safetensors((stage.path() / native_tensors).string(), views, {{"format", "pt"}, {"producer", "moeforge"}});
   detail::write_manifest(stage.path(), w.config, std::move(layers), provenance, opt.attachments);
-  stage.commit(out);
+  stage.commit(out, opt.overwrite);
 }
 
 /// A JSON file, parsed: io_error when it cannot be opened, format_error when
@@ -687,7 +746,7 @@ inline nlohmann::json read_json_file(const std::string& file, const std::string&
   try {
     return nlohmann::json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    throw format_error(detail::cat(who, ": '", file, "' is not valid JSON (", e.what(), ")"));
+    throw format_error(detail::cat(who, ": '", file, "' is not valid JSON (", moeforge::detail::reason(e), ")"));
   }
 }
 
@@ -892,7 +951,7 @@ class native_layers {
     try {
       model::validate_globals(w);
     } catch (const error& e) {
-      throw format_error(detail::cat(dir_, ": ", e.what()));
+      throw format_error(detail::cat(dir_, ": ", moeforge::detail::reason(e)));
     }
     return w;
   }
@@ -947,7 +1006,7 @@ class native_layers {
     try {
       model::validate(skeleton_.config, l, std::size_t(li), bool(keep));
     } catch (const error& e) {
-      throw format_error(detail::cat(dir_, ": ", e.what()));
+      throw format_error(detail::cat(dir_, ": ", moeforge::detail::reason(e)));
     }
     return l;
   }
@@ -1087,7 +1146,7 @@ inline model::weights load_native(const std::string& dir) {
   try {
     model::validate(w);
   } catch (const error& e) {
-    throw format_error(detail::cat(dir, ": ", e.what()));
+    throw format_error(detail::cat(dir, ": ", moeforge::detail::reason(e)));
   }
   return w;
 }

@@ -140,7 +140,7 @@ inline void save_packed(const model::transformer& t, const std::string& dir, con
                                {"file_dtype", std::string(dtype_name(s.file_dtype))},
                                {"tensors", std::move(index)}}}};
   detail::write_manifest(stage.path(), s.config, std::move(layers), provenance, opt.attachments, extra);
-  stage.commit(out);
+  stage.commit(out, opt.overwrite);
 }
 
 /// Whether load_transformer maps `src`'s panels as they are: a packed
@@ -188,7 +188,7 @@ inline model::transformer load_packed(const native_layers& src, const std::optio
   try {
     model::validate(s, p);
   } catch (const error& e) {
-    throw format_error(cat(st.file(views.front().first), ": ", e.what()));
+    throw format_error(cat(st.file(views.front().first), ": ", moeforge::detail::reason(e)));
   }
   for (const auto& [name, m] : views) detail::require_finite_panels(*m, cat(st.file(name), ": tensor '", name, "'"));
   if (s.config.tied_embeddings && p.embedding.rows()) detail::require_tied(p.classifier, p.embedding, st.file("lm_head"));

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -26,6 +27,7 @@
 
 #include "moeforge/core/memory.hpp"
 #include "moeforge/core/tensor.hpp"
+#include "moeforge/detail/json_text.hpp"
 
 namespace moeforge::io {
 
@@ -150,7 +152,7 @@ inline nlohmann::json parse_header(const char* text, std::size_t n, const std::s
   try {
     header = nlohmann::json::parse(text, text + n, on_event);
   } catch (const nlohmann::json::exception& e) {
-    throw format_error(cat("safetensors: '", file, "': header is not valid JSON (", e.what(), ")"));
+    throw format_error(cat("safetensors: '", file, "': header is not valid JSON (", moeforge::detail::reason(e), ")"));
   }
   if (!duplicate.empty()) throw format_error(cat("safetensors: '", file, "': tensor '", duplicate, "' appears twice in the header"));
   if (!duplicate_field.empty()) throw format_error(cat("safetensors: '", file, "': ", duplicate_field));
@@ -401,7 +403,7 @@ class safetensors_checkpoint {
     try {
       j = nlohmann::json::parse(in);
     } catch (const nlohmann::json::exception& e) {
-      throw format_error(cat("safetensors: index '", index.string(), "' is not valid JSON (", e.what(), ")"));
+      throw format_error(cat("safetensors: index '", index.string(), "' is not valid JSON (", moeforge::detail::reason(e), ")"));
     }
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       throw format_error(cat("safetensors: index '", index.string(), "': missing object 'weight_map'"));
@@ -456,7 +458,7 @@ inline std::string header_text(const std::vector<tensor_info>& tensors, const st
   if (!metadata.empty()) header["__metadata__"] = metadata;
   for (const auto& t : tensors)
     header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
-  return header.dump();
+  return moeforge::detail::json_text(header);
 }
 
 /// Refuses a tensor no safetensors file can hold; returns its element count.
@@ -537,8 +539,16 @@ class safetensors_writer {
 
   /// Whether the header still fits its reserve with one more tensor of this name and shape.
   bool fits(const std::string& name, const std::vector<std::int64_t>& shape, io::dtype stored) const {
+    // The header records the tensor's end: one with more digits than its
+    // start can outgrow a reserve that fitted the start.
+    std::uint64_t end = std::numeric_limits<std::size_t>::max();  // a shape add() refuses: judged by the widest end
+    std::uint64_t numel = 1;
+    bool valid = true;
+    for (const auto d : shape) valid = valid && d >= 0 && !__builtin_mul_overflow(numel, std::uint64_t(d), &numel);
+    std::uint64_t bytes = 0;
+    if (valid && !__builtin_mul_overflow(numel, std::uint64_t(dtype_size(stored)), &bytes) && bytes <= end - data_bytes_) end = data_bytes_ + bytes;
     auto more = tensors_;
-    more.push_back({name, stored, shape, data_bytes_, data_bytes_});
+    more.push_back({name, stored, shape, std::size_t(data_bytes_), std::size_t(end)});
     return detail::header_text(more, metadata_).size() <= reserve_;
   }
 
