@@ -46,6 +46,9 @@ struct job {
   index_t first = 0;
   index_t columns = 0;
   std::vector<float*> h_rows;  ///< the activations' rows (columns values each; run_jobs' workspace), the down projection's tokens
+  /// Per token: this job's term is the first of the token's sum, so it
+  /// writes y's row instead of adding to it (open_sums).
+  std::vector<char> opens;
   /// When the products pack their tokens (token_form): the inputs and the
   /// activations packed once per call for all the job's tasks (in run_jobs'
   /// workspace); else none.
@@ -116,16 +119,38 @@ inline void down_part(const job& j, index_t r0, index_t rows, float* part, index
 }
 
 /// y's rows [r0, r0 + rows) of the job's tokens += scale · down_part (a
-/// novice adds its vector; `part` unused): the one place a job's terms join
-/// the sum.
+/// novice adds its vector; `part` unused), or = where the job opens the
+/// token's sum: the one place a job's terms join the sum.
 inline void add_part(const job& j, index_t r0, index_t rows, const float* part, index_t stride, matrix_ref y) {
-  for (std::size_t p = 0; p < j.tokens.size(); ++p) {
+  const auto join = [&](std::size_t p, const auto& term) {
     auto out = y.row(j.tokens[p]).segment(r0, rows);
-    if (j.novice)
-      out += j.scale[p] * j.novice->segment(r0, rows).transpose();
+    if (j.opens[p])
+      out = j.scale[p] * term;
     else
-      out += j.scale[p] * Eigen::Map<const Eigen::RowVectorXf>(part + index_t(p) * stride, rows);
+      out += j.scale[p] * term;
+  };
+  for (std::size_t p = 0; p < j.tokens.size(); ++p) {
+    if (j.novice)
+      join(p, j.novice->segment(r0, rows).transpose());
+    else
+      join(p, Eigen::Map<const Eigen::RowVectorXf>(part + index_t(p) * stride, rows));
   }
+}
+
+/// Marks each token's first term in job order (job::opens) and returns the
+/// tokens no job adds to, whose rows of y are zero. Writing the first term
+/// rather than adding it to a zeroed row saves a pass over y per row chunk.
+inline std::vector<index_t> open_sums(std::vector<job>& jobs, index_t tokens) {
+  std::vector<char> seen(std::size_t(tokens), 0);
+  for (auto& j : jobs) {
+    j.opens.assign(j.tokens.size(), 0);
+    for (std::size_t p = 0; p < j.tokens.size(); ++p)
+      if (!seen[std::size_t(j.tokens[p])]) seen[std::size_t(j.tokens[p])] = j.opens[p] = 1;
+  }
+  std::vector<index_t> idle;
+  for (index_t t = 0; t < tokens; ++t)
+    if (!seen[std::size_t(t)]) idle.push_back(t);
+  return idle;
 }
 
 inline void add_rows(const job& j, index_t r0, index_t rows, matrix_ref y) {
@@ -228,9 +253,10 @@ inline void run_jobs(std::vector<job>& jobs, const_matrix_ref x, matrix_ref y, c
       parts = &local;
     }
   }
+  const std::vector<index_t> idle = open_sums(jobs, x.rows());
   const auto sum_rows = [&](index_t r) {
     const index_t r0 = r * rows_per_task, rows = rows_of_task(r);
-    y.middleCols(r0, rows).setZero();
+    for (const index_t t : idle) y.row(t).segment(r0, rows).setZero();
     for (std::size_t k = 0; k < jobs.size(); ++k) {
       if (jobs[k].tokens.empty()) continue;
       if (!parts)
