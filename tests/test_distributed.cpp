@@ -259,7 +259,23 @@ TEST_CASE("a placement survives a file round trip; a bad placement is refused by
   wrong.shared_owner[1] = 3;
   REQUIRE_THROWS_WITH(distributed::validate(wrong, w), Catch::Contains("layer 1 computes its shared experts on rank 3, expected -1 (every rank) or 0..2"));
   test::write_json(file, {{"format", "moeforge-placement"}, {"ranks", "two"}});
-  REQUIRE_THROWS_WITH(distributed::load_placement(file), Catch::Contains(file) && Catch::Contains("not a valid placement file"));
+  REQUIRE_THROWS_WITH(distributed::load_placement(file), Catch::Contains(file) && Catch::Contains("ranks"));
+  // Numbers that are not exactly ints were truncated or wrapped into other ranks.
+  for (const nlohmann::json& bad : {nlohmann::json(2.9), nlohmann::json(std::int64_t(4294967298)), nlohmann::json(true)}) {
+    INFO(bad.dump());
+    test::write_json(file, {{"format", "moeforge-placement"}, {"ranks", bad}, {"owner", p.owner}});
+    REQUIRE_THROWS_WITH(distributed::load_placement(file), Catch::Contains("ranks") && Catch::Contains("wrong type"));
+    auto owners = nlohmann::json(p.owner);
+    owners[0][1] = bad;
+    test::write_json(file, {{"format", "moeforge-placement"}, {"ranks", 3}, {"owner", owners}});
+    REQUIRE_THROWS_WITH(distributed::load_placement(file), Catch::Contains("owner") && Catch::Contains("wrong type"));
+  }
+  // A save that fails leaves no temporary file beside its target.
+  const std::string blocked = dir / ("blocked-" + std::to_string(distributed::comm_rank(MPI_COMM_WORLD)));
+  std::filesystem::create_directories(blocked + "/inside");
+  REQUIRE_THROWS_AS(distributed::save_placement(p, blocked), io_error);
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path()))
+    REQUIRE(entry.path().filename().string().find(".partial-") == std::string::npos);
 }
 
 TEST_CASE("balanced placement evens the ranks' calibration loads") {
@@ -428,6 +444,37 @@ TEST_CASE("a rank with a different model is refused at start-up with a clear mes
   }
   REQUIRE_THROWS_WITH(distributed::expert_parallel(std::move(w), p, MPI_COMM_WORLD),
                       Catch::Contains(moeforge::detail::cat("rank ", world_size() - 1, "'s model or placement differs from rank 0's")));
+}
+
+TEST_CASE("the fingerprint covers every config field and the kernels' token rounding") {
+  std::mt19937 rng(18);
+  const auto w = tiny_model(spec_layer(router_kind::softmax_topk, rng), rng);
+  const auto p = distributed::contiguous_placement(w, world_size());
+  const std::uint64_t fp = distributed::fingerprint(w, p, dtype::f32);
+  const auto differs = [&](auto&& change) {
+    auto other = w;
+    change(other.config);
+    return distributed::fingerprint(other, p, dtype::f32) != fp;
+  };
+  CHECK(differs([](model::config& c) { c.rope = c.rope == model::rope_style::interleaved ? model::rope_style::half_split : model::rope_style::interleaved; }));
+  CHECK(differs([](model::config& c) { c.bos_token += 1; }));
+  CHECK(differs([](model::config& c) { c.eos_token += 1; }));
+  CHECK(distributed::fingerprint(w, p, runtime::detail::weight_format(dtype::bf16, false)) !=
+        distributed::fingerprint(w, p, runtime::detail::weight_format(dtype::bf16, true)));
+}
+
+TEST_CASE("ranks fed different tokens are refused on every rank with a typed error, not an MPI failure") {
+  std::mt19937 rng(19);
+  const auto w = tiny_model(spec_layer(router_kind::softmax_topk, rng), rng);
+  distributed::expert_parallel ep{model::weights(w), distributed::contiguous_placement(w, world_size()), MPI_COMM_WORLD};
+  auto cache = ep.model().new_cache();
+  // The last rank reads another text (or the same text from another path).
+  const auto tokens = some_tokens(40, world_size() > 1 && distributed::comm_rank(MPI_COMM_WORLD) == world_size() - 1 ? 8 : 7);
+  if (world_size() == 1) {
+    CHECK_NOTHROW(ep.model().forward(tokens, cache));
+    return;
+  }
+  REQUIRE_THROWS_WITH(ep.model().forward(tokens, cache), Catch::Contains("the ranks routed different tokens"));
 }
 
 TEST_CASE("the fingerprint covers each routed expert's activation, not its weights (which a rank may not hold)") {

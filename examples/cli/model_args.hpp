@@ -98,6 +98,8 @@ inline model::transformer load_expert_parallel(const args& a, const io::load_opt
     if (how == "balanced") {
       if (!a.has("calibration")) throw usage_error("--placement balanced needs --calibration FILE (a text whose routing loads balance the ranks)");
       p.calibration = [&](const model::config& c) { return model::load_tokenizer(tokenizer_path(a), c.vocab_size).encode(read_text_file(a.get("calibration"))); };
+    } else if (a.has("calibration")) {
+      throw usage_error("--calibration applies only to --placement balanced");
     } else if (how != "contiguous") {
       p.given = distributed::load_placement(how);
       p.source = how;

@@ -200,7 +200,7 @@ class expert_layers {
       throw config_error(cat(what, ": shared_owner lists ", how.given->shared_owner.size(), " layers, the model has ", c.n_layers));
     const runtime::detail::weight_format t = format.value_or(runtime::detail::weight_format(globals.run_dtype()));
     fingerprint_builder fp;
-    fp.globals(globals, t.type);
+    fp.globals(globals, t);
     std::optional<layer_loads> loads;
     if (!how.given && how.calibration) loads.emplace(globals, how.calibration(c));
     placement p{self.ranks_, {}, {}};
@@ -327,6 +327,7 @@ class expert_layers {
       displs[std::size_t(r)] = int(total);
       total += count[std::size_t(r)];
     }
+    require_same_routing(li, x.rows(), count);
     blocks_.resize(total);
     shared_blocks_.resize(shared_size);
     rd::job_split split;
@@ -351,6 +352,25 @@ class expert_layers {
     runtime::add_compensation(m, plan, y);
     stats.combine += since(t2);
     ++stats.layer_calls;
+  }
+
+  /// Throws config_error on every rank unless all of them routed the same
+  /// tokens to the same ranks' experts in this layer call: inputs that
+  /// differ between ranks (each read its own --text) would make MPI's
+  /// exchange fail or, with sizes that happen to agree, sum wrong blocks.
+  /// One collective: the maximum of the hash and of its complement gives
+  /// every rank the largest and the smallest hash.
+  void require_same_routing(index_t li, index_t tokens, const std::vector<std::size_t>& count) const {
+    detail::fingerprint_hash h;
+    h.value(std::int64_t(li));
+    h.value(std::int64_t(tokens));
+    for (const std::size_t c : count) h.value(std::uint64_t(c));
+    const std::uint64_t mine[2] = {h.get(), ~h.get()};
+    std::uint64_t most[2];
+    MPI_Allreduce(mine, most, 2, MPI_UINT64_T, MPI_MAX, comm_);
+    if (most[0] != h.get() || ~most[1] != h.get())
+      throw config_error(moeforge::detail::cat("expert parallel: layer ", li, ": the ranks routed different tokens (each must run the same "
+                                               "inputs through the same calls: the same text, prompt and options)"));
   }
 
   const placement& layout() const { return placement_; }

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moeforge/detail/json_text.hpp"
+#include "moeforge/io/native.hpp"
 #include "moeforge/model/eval.hpp"
 #include "moeforge/model/transformer.hpp"
 #include "moeforge/runtime/routing.hpp"
@@ -236,14 +237,19 @@ inline nlohmann::json to_json(const placement& p) {
 /// place; its name is unique, so ranks saving the same path do not mix bytes).
 inline void save_placement(const placement& p, const std::string& path) {
   const std::string staged = moeforge::detail::cat(path, ".partial-", std::random_device{}(), std::random_device{}());
+  std::error_code ec;
+  const auto fail = [&](const std::string& why) {
+    std::filesystem::remove(staged, ec);
+    throw io_error(why);
+  };
   {
     std::ofstream out(staged, std::ios::binary | std::ios::trunc);
     out << moeforge::detail::json_text(to_json(p), 1) << "\n";
-    if (!out.flush()) throw io_error(moeforge::detail::cat("placement: cannot write '", staged, "'"));
+    out.close();
+    if (!out) fail(moeforge::detail::cat("placement: cannot write '", staged, "'"));
   }
-  std::error_code ec;
   std::filesystem::rename(staged, path, ec);
-  if (ec) throw io_error(moeforge::detail::cat("placement: cannot rename '", staged, "' to '", path, "': ", ec.message()));
+  if (ec) fail(moeforge::detail::cat("placement: cannot rename '", staged, "' to '", path, "': ", ec.message()));
 }
 
 /// Reads a placement file; throws io_error / format_error naming the file.
@@ -256,7 +262,9 @@ inline placement load_placement(const std::string& path) {
     if (j.value("format", "") != "moeforge-placement")
       throw format_error(cat(path, ": not a placement file (expected \"format\": \"moeforge-placement\")"));
     // Files from before shared_owner existed replicate every layer's shared experts.
-    return {j.at("ranks").get<int>(), j.at("owner").get<std::vector<std::vector<int>>>(), j.value("shared_owner", std::vector<int>())};
+    const io::detail::manifest_reader r(path);
+    return {r.get<int>(j, "ranks", "placement"), r.get<std::vector<std::vector<int>>>(j, "owner", "placement"),
+            j.contains("shared_owner") ? r.get<std::vector<int>>(j, "shared_owner", "placement") : std::vector<int>()};
   } catch (const nlohmann::json::exception& e) {
     throw format_error(cat(path, ": not a valid placement file (", moeforge::detail::reason(e), ")"));
   }
@@ -294,8 +302,8 @@ class fingerprint_hash {
 
 }  // namespace detail
 
-/// A hash of what every rank must agree on: the config, the type the
-/// kernels run in (`run_dtype`), every replicated tensor (embedding,
+/// A hash of what every rank must agree on: the config, the format the
+/// kernels run in (type and token rounding), every replicated tensor (embedding,
 /// classifier, norms, attention, dense FFNs, routers and their drop
 /// policies, shared experts, novices, compensation), the routed experts'
 /// shapes and activations, and the placement. Ranks compare it at start-up:
@@ -306,15 +314,19 @@ class fingerprint_hash {
 class fingerprint_builder {
  public:
   /// The config, the weight types and the tensors outside the layers.
-  void globals(const model::weights& w, dtype run_dtype) {
+  void globals(const model::weights& w, const runtime::detail::weight_format& run) {
     const auto& c = w.config;
     h_.text(c.arch);
     for (const index_t v : {c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.seq_len}) h_.value(std::int64_t(v));
     h_.value(c.norm_eps);
     h_.value(c.rope_theta);
+    h_.value(c.rope);
     h_.value(c.tied_embeddings);
+    h_.value(c.bos_token);
+    h_.value(c.eos_token);
     h_.value(int(w.weight_dtype));
-    h_.value(int(run_dtype));
+    h_.value(int(run.type));
+    h_.value(run.round_tokens);
     h_.values(w.tok_emb);
     h_.values(w.lm_head);
     h_.values(w.final_norm);
@@ -378,9 +390,9 @@ class fingerprint_builder {
 };
 
 /// The fingerprint of a model in memory (see fingerprint_builder).
-inline std::uint64_t fingerprint(const model::weights& w, const placement& p, dtype run_dtype) {
+inline std::uint64_t fingerprint(const model::weights& w, const placement& p, const runtime::detail::weight_format& run) {
   fingerprint_builder f;
-  f.globals(w, run_dtype);
+  f.globals(w, run);
   for (const auto& l : w.layers) f.layer(l);
   return f.finish(p);
 }
