@@ -510,10 +510,48 @@ TEST_CASE("bad input is rejected before any work with a typed error") {
     sel.weight.pop_back();
     CHECK_THROWS_WITH(runtime::make_plan(m, sel, x), Catch::Contains("k = 2 pairs for each of its 3 tokens"));
   }
+  SECTION("a hand-made plan that does not hold together") {
+    const matrix x = random_matrix(3, s.hidden, rng);
+    matrix y(3, s.hidden);
+    const auto good = runtime::route(m, x);
+    auto plan = good;
+    plan.token[1] = 3;
+    CHECK_THROWS_WITH(runtime::moe_forward(m, plan, x, y), Catch::Contains("names token 3"));
+    plan = good;
+    plan.width.pop_back();
+    CHECK_THROWS_AS(runtime::moe_forward(m, plan, x, y), shape_error);
+    plan = good;
+    std::swap(plan.offsets[1], plan.offsets[2]);
+    if (plan.offsets[1] != plan.offsets[2]) CHECK_THROWS_WITH(runtime::moe_forward(m, plan, x, y), Catch::Contains("offsets"));
+    plan = good;
+    plan.offsets.back() += 1;
+    CHECK_THROWS_WITH(runtime::moe_forward(m, plan, x, y), Catch::Contains("offsets"));
+  }
   SECTION("an empty batch gives an empty result") {
     const matrix x(0, s.hidden);
     CHECK(runtime::moe_forward(m, x).rows() == 0);
     CHECK(runtime::dense_forward(m.experts[0].weights, x).rows() == 0);
+  }
+}
+
+TEST_CASE("a token's output sums its terms from +0: a pair of gate weight 0 gives +0, never -0") {
+  std::mt19937 rng(8);
+  layer_spec s;
+  s.novices = {1};
+  const moe_layer m = random_layer(s, rng);
+  const matrix x = random_matrix(1, s.hidden, rng);
+  for (const index_t e : {index_t(0), index_t(1)}) {  // an expert computed, a novice's vector
+    INFO("expert " << e);
+    runtime::routing_plan plan;
+    plan.tokens = 1;
+    plan.offsets.assign(std::size_t(m.num_experts() + 1), 0);
+    for (index_t i = e + 1; i <= m.num_experts(); ++i) plan.offsets[std::size_t(i)] = 1;
+    plan.token = {0};
+    plan.weight = {0.0f};
+    plan.width = {std::int32_t(m.experts[std::size_t(e)].width())};
+    matrix y(1, s.hidden);
+    runtime::moe_forward(m, plan, x, y);
+    for (index_t d = 0; d < s.hidden; ++d) REQUIRE_FALSE(std::signbit(y(0, d)));
   }
 }
 

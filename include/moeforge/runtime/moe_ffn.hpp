@@ -125,7 +125,7 @@ inline void add_part(const job& j, index_t r0, index_t rows, const float* part, 
   const auto join = [&](std::size_t p, const auto& term) {
     auto out = y.row(j.tokens[p]).segment(r0, rows);
     if (j.opens[p])
-      out = j.scale[p] * term;
+      out = ((j.scale[p] * term).array() + 0.0f).matrix();  // + 0: a -0 term gives +0, as adding it to a zeroed row did
     else
       out += j.scale[p] * term;
   };
@@ -431,11 +431,23 @@ inline std::vector<job> make_jobs(const moe_layer& m, const packed_layer* packed
   return jobs;
 }
 
-/// Throws shape_error unless `plan` was made for x and layer m.
+/// Throws shape_error unless `plan` was made for x and layer m and holds
+/// together (a caller may build one by hand): offsets that run from 0 up to
+/// its pairs, each pair's token, weight and width, tokens of the batch.
 inline void check_plan(const moe_layer& m, const routing_plan& plan, const_matrix_ref x) {
-  if (plan.tokens != x.rows() || plan.experts() != m.num_experts() || plan.shared_weight.size() != m.shared.size() * std::size_t(x.rows()))
-    throw shape_error(moeforge::detail::cat("moe: the routing plan was made for ", plan.tokens, " tokens and ", plan.experts(),
-                                            " experts, not ", x.rows(), " and ", m.num_experts()));
+  using moeforge::detail::cat;
+  if (plan.tokens != x.rows() || plan.offsets.empty() || plan.experts() != m.num_experts() ||
+      plan.shared_weight.size() != m.shared.size() * std::size_t(x.rows()))
+    throw shape_error(cat("moe: the routing plan was made for ", plan.tokens, " tokens and ", plan.experts(), " experts, not ", x.rows(), " and ",
+                          m.num_experts()));
+  const auto pairs = std::size_t(plan.pairs());
+  if (plan.weight.size() != pairs || plan.width.size() != pairs)
+    throw shape_error(cat("moe: the routing plan has ", pairs, " pairs' tokens but ", plan.weight.size(), " weights and ", plan.width.size(), " widths"));
+  if (plan.offsets.front() != 0 || std::size_t(plan.offsets.back()) != pairs || !std::is_sorted(plan.offsets.begin(), plan.offsets.end()))
+    throw shape_error(cat("moe: the routing plan's offsets must rise from 0 to its ", pairs, " pairs"));
+  for (std::size_t p = 0; p < pairs; ++p)
+    if (plan.token[p] < 0 || plan.token[p] >= x.rows())
+      throw shape_error(cat("moe: routing plan pair ", p, " names token ", plan.token[p], ", the batch has ", x.rows()));
 }
 
 /// moe_forward reading each expert's weights from m's panels (`packed`), or
