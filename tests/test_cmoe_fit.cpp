@@ -187,6 +187,40 @@ TEST_CASE("the refit is exact when the routed experts cover the whole FFN") {
   }
 }
 
+TEST_CASE("distillation keeps the best weights it saw: an exact layer stays exact, and inputs that overflow its steps leave finite weights") {
+  std::mt19937 rng(14);
+  ffn f = test::gaussian_ffn(24, 48, rng);
+  f.down *= 0.1f;
+  const matrix x = test::gaussian(400, 24, rng);
+  const matrix dense = runtime::dense_forward(f, x);
+  for (const char* config : {"S1A3E4", "S0A4E4"}) {
+    INFO(config);
+    convert::cmoe_options o;
+    o.config = convert::parse_cmoe_config(config);
+    o.ka = 4;
+    const double paper = (runtime::moe_forward(convert::cmoe(f, x, o).layer, x) - dense).cwiseAbs().maxCoeff();
+    o.fit = convert::preset_fit(convert::cmoe_preset::best);
+    const auto best = convert::cmoe(f, x, o);
+    // Adam's steps from the exact layer had moved it 9e-3 away (outputs up to 100).
+    CHECK((runtime::moe_forward(best.layer, x) - dense).cwiseAbs().maxCoeff() <= 2 * paper + 1e-5);
+    o.fit = {};
+    o.fit.distill_steps = 100;
+    CHECK((runtime::moe_forward(convert::cmoe(f, x, o).layer, x) - dense).cwiseAbs().maxCoeff() <= 2 * paper + 1e-5);
+  }
+  // Inputs of 1e6: the squared gradients overflow float in Adam's moments.
+  const matrix big = x * 1e6f;
+  convert::cmoe_options o;
+  o.config = convert::parse_cmoe_config("S1A1E4");
+  o.ka = 4;
+  o.fit.distill_steps = 5;
+  const auto res = convert::cmoe(f, big, o);
+  for (const auto& e : res.layer.experts) {
+    CHECK(e.weights.gate.allFinite());
+    CHECK(e.weights.up.allFinite());
+    CHECK(e.weights.down.allFinite());
+  }
+}
+
 TEST_CASE("every fitting step is measured; the refit and the distillation lower every layer's calibration error on stories260K", "[slow]") {
   std::vector<convert::cmoe_report> reports;
   for (const char* config : {"S3A3E8", "S1A1E8"}) {

@@ -26,23 +26,13 @@ void set_ka(convert::cmoe_options& o, const args& a) {
     throw usage_error("moeforge convert cmoe: --ka must be a count >= 1 or a fraction in (0, 1), got '" + a.get("ka") + "'");
 }
 
-/// A named choice parsed by the library, refused as a usage error naming the option.
-template <class Parse>
-auto choice(const args& a, const std::string& name, Parse parse) {
-  try {
-    return parse(a.get(name));
-  } catch (const config_error& e) {
-    throw usage_error("moeforge convert cmoe: --" + name + ": " + e.what());
-  }
-}
-
 /// The fitting recipe: --preset, then any of --router/--rank/--compensate/--refit/--rounds given explicitly.
 convert::fit_options fit_recipe(const args& a) {
-  convert::fit_options f = convert::preset_fit(choice(a, "preset", convert::parse_cmoe_preset));
-  if (a.has("router")) f.router = choice(a, "router", convert::parse_router_fit);
+  convert::fit_options f = convert::preset_fit(a.get_parsed("preset", convert::parse_cmoe_preset));
+  if (a.has("router")) f.router = a.get_parsed("router", convert::parse_router_fit);
   if (a.has("rank")) f.rank = a.get_int("rank", 1);
-  if (a.has("compensate")) f.compensate = choice(a, "compensate", convert::parse_compensation);
-  if (a.has("refit")) f.refit = choice(a, "refit", convert::parse_refit);
+  if (a.has("compensate")) f.compensate = a.get_parsed("compensate", convert::parse_compensation);
+  if (a.has("refit")) f.refit = a.get_parsed("refit", convert::parse_refit);
   if (a.has("rounds")) f.rounds = a.get_int("rounds", 1);
   if (a.has("distill")) f.distill_steps = a.get_int("distill", 0);
   // Asked for by name: the size rule does not take them away.
@@ -55,7 +45,7 @@ std::string recipe_name(const args& a, const convert::fit_options& f) {
   const auto preset = convert::preset_fit(convert::parse_cmoe_preset(a.get("preset")));
   const bool same = f.router == preset.router && (f.router != convert::router_fit::quadratic || f.rank == preset.rank) &&
                     f.compensate == preset.compensate && f.refit == preset.refit && f.rounds == preset.rounds &&
-                    f.distill_steps == preset.distill_steps;
+                    f.distill_steps == preset.distill_steps && f.distill_lr == preset.distill_lr && f.size_rule == preset.size_rule;
   return same ? a.get("preset") : "custom";
 }
 
@@ -119,10 +109,10 @@ int convert_cmoe(int argc, char** argv) {
   // Refuse a bad output path before spending minutes converting.
   io::check_output_dir(a.get("out"), a.flag_set("force"));
   convert::cmoe_options o;
-  o.config = choice(a, "config", convert::parse_cmoe_config);
+  o.config = a.get_parsed("config", convert::parse_cmoe_config);
   set_ka(o, a);
-  o.leftover = choice(a, "leftover", convert::parse_leftover_policy);
-  o.method = choice(a, "method", convert::parse_cmoe_method);
+  o.leftover = a.get_parsed("leftover", convert::parse_leftover_policy);
+  o.method = a.get_parsed("method", convert::parse_cmoe_method);
   if (o.method != convert::cmoe_method::param_cluster)
     o.iterations = a.get_int("iterations", 1);
   else if (a.given("iterations"))
@@ -144,7 +134,7 @@ int convert_cmoe(int argc, char** argv) {
   if (dense_layers == 0)
     throw config_error("moeforge convert cmoe: every FFN of '" + a.get("model") + "' is already an MoE: there is nothing to convert");
   for (const auto& l : w.layers)
-    if (const auto* f = std::get_if<ffn>(&l.ffn)) choice(a, "config", [&](const std::string&) { convert::validate(o.config, f->intermediate()); return 0; });
+    if (const auto* f = std::get_if<ffn>(&l.ffn)) a.get_parsed("config", [&](const std::string&) { convert::validate(o.config, f->intermediate()); return 0; });
   if (o.fit.router == convert::router_fit::quadratic && o.fit.rank > w.config.dim)
     throw usage_error("moeforge convert cmoe: --rank must be at most the hidden size " + std::to_string(w.config.dim) + ", got " +
                       std::to_string(o.fit.rank));

@@ -15,6 +15,7 @@
 #include <array>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <cstddef>
 #include <random>
 #include <string>
@@ -463,8 +464,13 @@ struct adam_slot {
 /// Layer-local distillation (fit_options::distill_steps): full-batch Adam on
 /// every block's gate, up and down projections (SiLU-gated experts), routing
 /// and compensation fixed, loss ‖Σ_blocks out_b − (target − comp)‖² / T.
-/// Blocks run in parallel, each single-threaded, and their outputs are summed
-/// in block order, so the result does not depend on the thread count.
+/// The weights of the lowest loss seen are kept, the starting ones included:
+/// Adam moves every weight by about its step size even when the residual is
+/// rounding noise, so a layer that was exact (full activation after the
+/// refit) would leave exactness, and a step that overflows (a NaN loss) is
+/// never kept. Blocks run in parallel, each single-threaded, and their
+/// outputs are summed in block order, so the result does not depend on the
+/// thread count.
 inline void distill(moe_layer& m, const_matrix_ref x, const matrix& target, index_t steps, double lr) {
   const runtime::routing_plan plan = runtime::route(m, x);
   std::vector<refit_block> blocks = blocks_of(m, plan);
@@ -477,7 +483,10 @@ inline void distill(moe_layer& m, const_matrix_ref x, const matrix& target, inde
   std::vector<adam_slot> state(3 * blocks.size());
   for (index_t i = 0; i < nb; ++i) xs[std::size_t(i)] = gather_rows(x, blocks[std::size_t(i)].tokens);
   const float grad_scale = 2.0f / float(std::max<index_t>(t, 1));
-  for (index_t step = 1; step <= steps; ++step) {
+  double best_loss = std::numeric_limits<double>::infinity();
+  std::vector<ffn> best(blocks.size());
+  // Pass steps + 1 only measures the last step's weights.
+  for (index_t step = 1; step <= steps + 1; ++step) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (index_t i = 0; i < nb; ++i) {
       const auto& b = blocks[std::size_t(i)];
@@ -489,6 +498,11 @@ inline void distill(moe_layer& m, const_matrix_ref x, const matrix& target, inde
     for (index_t i = 0; i < nb; ++i)
       for (std::size_t p = 0; p < blocks[std::size_t(i)].tokens.size(); ++p)
         r.row(blocks[std::size_t(i)].tokens[p]) += outs[std::size_t(i)].row(index_t(p));
+    if (const double loss = r.cast<double>().squaredNorm(); loss < best_loss) {
+      best_loss = loss;
+      for (std::size_t i = 0; i < blocks.size(); ++i) best[i] = *blocks[i].weights;
+    }
+    if (step > steps) break;
 #pragma omp parallel for schedule(dynamic, 1)
     for (index_t i = 0; i < nb; ++i) {
       auto& b = blocks[std::size_t(i)];
@@ -517,6 +531,8 @@ inline void distill(moe_layer& m, const_matrix_ref x, const matrix& target, inde
       state[std::size_t(3 * i + 2)].step(f.up, g_up, lr, step);
     }
   }
+  if (best_loss < std::numeric_limits<double>::infinity())
+    for (std::size_t i = 0; i < blocks.size(); ++i) *blocks[i].weights = std::move(best[i]);
 }
 
 }  // namespace detail
