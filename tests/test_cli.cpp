@@ -270,6 +270,29 @@ TEST_CASE("a bad option value is a usage error naming the option: exit 2, nothin
     args.insert(args.end(), extra.begin(), extra.end());
     require_usage_error(cli(args, scratch), option);
   }
+  // The MoE methods' options, each refused as a usage error naming it before the model (here missing) is read.
+  const std::vector<std::pair<std::vector<std::string>, std::vector<std::string>>> bad_methods{
+      {{"sparsify", "dualsparse"}, {"--metric", "zz"}},       {{"sparsify", "dualsparse"}, {"--policy", "bogus"}},
+      {{"sparsify", "dualsparse"}, {"--scope", "bogus"}},     {{"sparsify", "dualsparse"}, {"--threshold", "2"}},
+      {{"sparsify", "dualsparse"}, {"--margin", "1e300"}},    {{"sparsify", "dualsparse"}, {"--partition", "0"}},
+      {{"sparsify", "dualsparse"}, {"--major-fraction", "2"}}, {{"sparsify", "dualsparse"}, {"--drop-rate", "1"}},
+      {{"prune", "mone"}, {"--ratio", "1"}},                  {{"prune", "mone"}, {"--count", "-1"}},
+      {{"prune", "mone"}, {"--ratio", "0.5", "--method", "bogus"}}, {{"prune", "mone"}, {"--ratio", "0.5", "--replace", "bogus"}},
+      {{"prune", "mone"}, {"--ratio", "0.5", "--freq", "bogus"}}};
+  for (const auto& [command, extra] : bad_methods) {
+    const std::string option = extra[extra.size() - 2];
+    INFO(command[0] << " " << option << " " << extra.back());
+    std::vector<std::string> args = command;
+    args.insert(args.end(), {"--model", scratch / "no-such-model", "--calib", text("tinystories_calib.txt"), "--out", scratch / "never"});
+    args.insert(args.end(), extra.begin(), extra.end());
+    require_usage_error(cli(args, scratch), option);
+    REQUIRE_FALSE(fs::exists(scratch / "never"));
+  }
+  // A combination the library refuses is a bad command line too.
+  require_usage_error(cli({"sparsify", "dualsparse", "--model", scratch / "no-such-model", "--calib", text("tinystories_calib.txt"), "--out",
+                           scratch / "never", "--policy", "1t", "--threshold", "0.1", "--drop-rate", "0.2"},
+                          scratch),
+                      "moeforge sparsify dualsparse");
   auto long_ctx = eval;
   long_ctx.insert(long_ctx.end(), {"--ctx", "100000"});
   require_usage_error(cli(long_ctx, scratch), "--ctx");

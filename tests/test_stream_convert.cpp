@@ -195,6 +195,89 @@ TEST_CASE("a conversion stopped after a layer and resumed writes the identical m
   CHECK(mb["provenance"]["layers"].size() == 3);
 }
 
+TEST_CASE("a conversion interrupted while finishing is finished by a resume, not redone; leftovers stay out of the output", "[stream]") {
+  temp_dir dir;
+  const std::string src = sharded_hf(dir, "src", dtype::bf16, 2);
+  const auto win = stream_windows();
+  convert::stream_options so;
+  so.shard_bytes = 30'000;
+  convert::cmoe_stream(src, win, dir / "whole", stream_cmoe(), so);
+  // Another run takes the output while the last layer is written: the
+  // finished model must wait in the partial directory for a resume.
+  convert::stream_options racing = so;
+  racing.progress = [&](const convert::layer_progress& p) {
+    if (p.stage == "done" && p.layer + 1 == p.layers) fs::create_directories(dir / "out/other");
+  };
+  CHECK_THROWS_WITH(convert::cmoe_stream(src, win, dir / "out", stream_cmoe(), racing), Catch::Contains("appeared during the conversion"));
+  const fs::path stage = dir / ".out.partial";
+  REQUIRE(read_json(stage / "progress.json")["layers_done"] == 3);
+  fs::remove_all(dir / "out");
+  // As if killed between the shards' renames: the first and the last one back under their interim names.
+  const auto shards = stream_listing(stage);
+  REQUIRE(std::count_if(shards.begin(), shards.end(), [](const std::string& f) { return f.rfind("model-0", 0) == 0; }) >= 2);
+  const auto shard_names = [&] {
+    std::vector<std::string> out;
+    for (const auto& f : stream_listing(stage))
+      if (f.rfind("model-0", 0) == 0) out.push_back(f);
+    return out;
+  }();
+  fs::rename(stage / shard_names.front(), stage / "shard-1.part");
+  fs::rename(stage / shard_names.back(), stage / ("shard-" + std::to_string(shard_names.size()) + ".part"));
+  // ... and what kills between two other steps leave: an older checkpoint's hidden states, a temporary file.
+  std::ofstream(stage / "hidden-1.safetensors") << "stale";
+  std::ofstream(stage / "hidden-2.safetensors.tmp.123") << "stale";
+  convert::stream_options resume = so;
+  resume.resume = true;
+  const auto rest = convert::cmoe_stream(src, win, dir / "out", stream_cmoe(), resume);
+  CHECK(rest.complete);
+  CHECK(rest.resumed_at == 3);  // nothing converted again
+  CHECK_FALSE(fs::exists(stage));
+  REQUIRE(stream_listing(dir / "whole") == stream_listing(dir / "out"));
+  for (const auto& f : stream_listing(dir / "whole")) {
+    CAPTURE(f);
+    if (f != "moeforge.json") CHECK(file_bytes(dir / ("whole/" + f)) == file_bytes(dir / ("out/" + f)));
+  }
+  CHECK(read_json(dir / "whole/moeforge.json")["layers"] == read_json(dir / "out/moeforge.json")["layers"]);
+}
+
+TEST_CASE("a resume refuses a damaged progress file and a source whose weights changed", "[stream]") {
+  temp_dir dir;
+  const std::string src = sharded_hf(dir, "src", dtype::bf16, 2);
+  const auto win = stream_windows();
+  convert::stream_options stop;
+  stop.shard_bytes = 30'000;
+  stop.stop_after_layers = 2;
+  convert::cmoe_stream(src, win, dir / "out", stream_cmoe(), stop);
+  const fs::path progress = dir / ".out.partial/progress.json";
+  const auto saved = read_json(progress);
+  convert::stream_options resume = stop;
+  resume.stop_after_layers = -1;
+  resume.resume = true;
+  for (const int done : {9, -1, 1}) {  // past the layers, negative, or not what its reports and manifests say
+    INFO(done);
+    auto damaged = saved;
+    damaged["layers_done"] = done;
+    write_json(progress, damaged);
+    CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "out", stream_cmoe(), resume), format_error,
+                  Catch::Contains("progress.json") && Catch::Contains("damaged"));
+  }
+  write_json(progress, saved);
+  // Another checkpoint of the same architecture: the same names, shapes and sizes, other weights.
+  std::string shard;
+  for (const auto& f : stream_listing(src))
+    if (f.size() > 12 && f.compare(f.size() - 12, 12, ".safetensors") == 0) shard = src + "/" + f;
+  REQUIRE_FALSE(shard.empty());
+  {
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    std::uint64_t header = 0;
+    f.read(reinterpret_cast<char*>(&header), 8);
+    f.seekp(std::streamoff(8 + header));
+    const char other[4] = {1, 2, 3, 4};
+    f.write(other, 4);
+  }
+  CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "out", stream_cmoe(), resume), config_error, Catch::Contains("model differs"));
+}
+
 TEST_CASE("a streamed conversion never clobbers an existing output and replaces it only when asked, once complete", "[stream]") {
   temp_dir dir;
   const std::string src = sharded_hf(dir, "src", dtype::f32, 2);

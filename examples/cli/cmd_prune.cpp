@@ -17,6 +17,13 @@ namespace moeforge::cli {
 
 namespace {
 
+/// Warns when pruning left a layer fewer expert slots than its top_k (which it lowered).
+void warn_fewer_slots(index_t layer, index_t before, index_t after) {
+  if (after != before)
+    std::cerr << "moeforge prune mone: layer " << layer << " has " << after << " expert slot(s) left, fewer than its top_k of " << before
+              << ": top_k is now " << after << "\n";
+}
+
 int prune_mone(int argc, char** argv) {
   args a("moeforge prune mone",
          "MoNE (Zhang et al. 2025): replace each MoE layer's most redundant routed experts (lowest output spread x routing\n"
@@ -51,16 +58,16 @@ int prune_mone(int argc, char** argv) {
   io::check_output_dir(a.get("out"), a.flag_set("force"));
   convert::mone_options o;
   if (a.has("ratio"))
-    o.ratio = a.get_double("ratio");
+    o.ratio = a.get_double("ratio", [](double v) { return v >= 0 && v < 1; }, "in [0, 1)");
   else
-    o.count = index_t(a.get_int("count"));
-  o.scope = convert::parse_mone_scope(a.get("scope"));
-  o.method = convert::parse_mone_method(a.get("method"));
-  if (a.has("replace")) o.replacement = convert::parse_replacement(a.get("replace"));
-  o.freq = convert::parse_freq_form(a.get("freq"));
-  o.seed = std::uint64_t(a.get_int("seed"));
+    o.count = index_t(a.get_int("count", 0));
+  o.scope = a.get_parsed("scope", [](const std::string& v) { return convert::parse_mone_scope(v); });
+  o.method = a.get_parsed("method", [](const std::string& v) { return convert::parse_mone_method(v); });
+  if (a.has("replace")) o.replacement = a.get_parsed("replace", [](const std::string& v) { return convert::parse_replacement(v); });
+  o.freq = a.get_parsed("freq", [](const std::string& v) { return convert::parse_freq_form(v); });
+  o.seed = std::uint64_t(a.get_int("seed", 0));
   o.sequential = !a.flag_set("unpruned-inputs");
-  convert::validate(o);
+  refuse_as_usage("moeforge prune mone", [&] { convert::validate(o); });
   const std::string calib_file = a.get("calib");
   std::error_code ec;
   if (std::filesystem::is_regular_file(calib_file, ec) && std::filesystem::file_size(calib_file, ec) == 0 && !ec)
@@ -69,9 +76,10 @@ int prune_mone(int argc, char** argv) {
   nlohmann::json step{{"method", "mone"}, {"options", convert::to_json(o)}};
   if (streams(a)) {
     check_streamable(o, "moeforge prune mone");
-    return convert_streamed(a, default_calib_tokens, {{"pruning", step}},
-                            "mone, " + a.get("method"),
-                            [&](const auto& windows, const auto& so) { return convert::mone_stream(a.get("model"), windows, a.get("out"), o, so); });
+    return convert_streamed(
+        a, default_calib_tokens, {{"pruning", step}}, "mone, " + a.get("method"),
+        [&](const auto& windows, const auto& so) { return convert::mone_stream(a.get("model"), windows, a.get("out"), o, so); },
+        [](const nlohmann::json& l) { warn_fewer_slots(l.at("layer").get<index_t>(), l.at("top_k").at("before").get<index_t>(), l.at("top_k").at("after").get<index_t>()); });
   }
 
   model::weights w = load_model(a, "model-config");
@@ -80,10 +88,7 @@ int prune_mone(int argc, char** argv) {
   const calibration cal = load_calibration(a, w);
   progress_bar bar(a.flag_set("quiet"));
   const auto report = convert::mone_model(w, cal.inputs(), o, std::ref(bar));
-  for (const auto& l : report.layers)
-    if (l.top_k_after != l.top_k_before)
-      std::cerr << "moeforge prune mone: layer " << l.layer << " has " << l.top_k_after << " expert slot(s) left, fewer than its top_k of "
-                << l.top_k_before << ": top_k is now " << l.top_k_after << "\n";
+  for (const auto& l : report.layers) warn_fewer_slots(l.layer, l.top_k_before, l.top_k_after);
   step["report"] = convert::to_json(report);
   save_conversion(a, w, source, {{"pruning", step}, {"calibration", cal.description}});
   if (!a.flag_set("json"))

@@ -3,6 +3,7 @@
 // and a drop policy calibrated on text, saved as a native directory. A Hugging
 // Face checkpoint is streamed one layer at a time (stream_convert.hpp), which
 // needs per-layer thresholds (--scope layer).
+#include <cmath>
 #include <iostream>
 #include <sstream>
 
@@ -64,17 +65,17 @@ int sparsify_dualsparse(int argc, char** argv) {
 
   io::check_output_dir(a.get("out"), a.flag_set("force"));
   convert::dualsparse_options o;
-  o.partition = a.get_int("partition");
-  o.metric = calib::parse_importance(a.get("metric"));
-  o.major_fraction = a.get_double("major-fraction");
-  o.policy.kind = parse_drop_kind(a.get("policy"));
-  o.policy.margin = float(a.get_double("margin"));
-  if (a.has("threshold")) o.threshold = a.get_double("threshold");
-  if (a.has("drop-rate")) o.drop_rate = a.get_double("drop-rate");
-  o.scope = convert::parse_drop_scope(a.get("scope"));
-  if (a.has("groups")) o.groups = a.get_int("groups");
+  o.partition = a.get_int("partition", 1);
+  o.metric = a.get_parsed("metric", [](const std::string& v) { return calib::parse_importance(v); });
+  o.major_fraction = a.get_double("major-fraction", [](double v) { return v > 0 && v <= 1; }, "in (0, 1]");
+  o.policy.kind = a.get_parsed("policy", [](const std::string& v) { return parse_drop_kind(v); });
+  o.policy.margin = float(a.get_double("margin", [](double v) { return v >= 0 && std::isfinite(float(v)); }, "finite and at least 0"));
+  if (a.has("threshold")) o.threshold = a.get_double("threshold", [](double v) { return v >= 0 && v <= 1; }, "in [0, 1]");
+  if (a.has("drop-rate")) o.drop_rate = a.get_double("drop-rate", [](double v) { return v >= 0 && v < 1; }, "in [0, 1)");
+  o.scope = a.get_parsed("scope", [](const std::string& v) { return convert::parse_drop_scope(v); });
+  if (a.has("groups")) o.groups = a.get_int("groups", 0);
   if (a.has("placement")) o.placement = parse_placement(a.get("placement"));
-  convert::validate(o);  // before the model loads: a typo costs nothing
+  refuse_as_usage("moeforge sparsify dualsparse", [&] { convert::validate(o); });  // before the model loads: a typo costs nothing
   // What both paths record of the method; the in-memory one adds its report.
   nlohmann::json step{{"method", "dualsparse"}, {"options", convert::to_json(o)}};
   if (streams(a)) {

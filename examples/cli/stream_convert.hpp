@@ -10,6 +10,7 @@
 
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -51,14 +52,16 @@ using stream_run = std::function<convert::stream_report(const std::vector<std::v
 /// Streams --model through `run` with `tokens` calibration tokens unless
 /// --calib-tokens says otherwise; `step` is what the provenance records of
 /// the method (beside the calibration and each layer's report), `what` names
-/// it in the summary.
-inline int convert_streamed(const args& a, index_t tokens, const nlohmann::json& step, const std::string& what, const stream_run& run) {
+/// it in the summary; `on_layer_report`, when given, sees each converted
+/// layer's report (a method's warnings).
+inline int convert_streamed(const args& a, index_t tokens, const nlohmann::json& step, const std::string& what, const stream_run& run,
+                            const std::function<void(const nlohmann::json&)>& on_layer_report = {}) {
   apply_threads(a);
   const std::string config = a.has("model-config") ? a.get("model-config") : io::detail::sibling_config(a.get("model"));
   const model::config c = io::read_hf_config(config).model;
   const calibration cal = load_calibration(a, c, tokens);
   convert::stream_options so;
-  so.shard_bytes = std::uint64_t(a.get_int("shard-size", 1)) << 20;
+  so.shard_bytes = std::uint64_t(a.get_int("shard-size", 1, std::numeric_limits<std::int64_t>::max() >> 20)) << 20;
   so.resume = a.flag_set("resume");
   so.overwrite = a.flag_set("force");
   so.attachments.push_back({tokenizer_path(a), "tokenizer.bin"});
@@ -67,11 +70,17 @@ inline int convert_streamed(const args& a, index_t tokens, const nlohmann::json&
   progress_bar bar(a.flag_set("quiet"));
   so.progress = std::ref(bar);
   const auto rep = run(cal.windows, so);
-  const nlohmann::json summary{{"out", a.get("out")},
-                               {"layers", c.n_layers},
-                               {"resumed_at", rep.resumed_at},
-                               {"seconds", rep.seconds},
-                               {"stage_seconds", convert::to_json(rep.times)}};
+  if (on_layer_report)
+    for (const auto& l : rep.layers)
+      if (!l.is_null()) on_layer_report(l);
+  // What the in-memory path prints (the provenance, each layer's report in it) and the streaming's own figures.
+  nlohmann::json summary = so.provenance;
+  summary["source"] = a.get("model");
+  summary["layers"] = rep.layers;
+  summary["out"] = a.get("out");
+  summary["resumed_at"] = rep.resumed_at;
+  summary["seconds"] = rep.seconds;
+  summary["stage_seconds"] = convert::to_json(rep.times);
   if (a.flag_set("json")) {
     std::cout << detail::json_text(summary) << "\n";
   } else {

@@ -18,12 +18,25 @@
 #include <string>
 #include <vector>
 
+#include "moeforge/core/error.hpp"
+
 namespace moeforge::cli {
 
 /// Thrown for a command line that does not parse; the tool prints it with the usage.
 struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+/// Runs `check`, a library check of options the command line set: what it
+/// refuses is a bad command line (exit 2), named after `command`.
+template <class Check>
+void refuse_as_usage(const std::string& command, Check&& check) {
+  try {
+    check();
+  } catch (const std::exception& e) {
+    throw usage_error(command + ": " + moeforge::detail::reason(e));
+  }
+}
 
 class args {
  public:
@@ -109,9 +122,7 @@ class args {
     try {
       return parse(v);
     } catch (const std::exception& e) {
-      std::string why = e.what();
-      if (why.rfind("moeforge: ", 0) == 0) why.erase(0, 10);  // the tool's own name is already in front
-      throw usage_error(command_ + ": --" + name + ": " + why);
+      throw usage_error(command_ + ": --" + name + ": " + moeforge::detail::reason(e));
     }
   }
   /// A comma-separated list option, each item parsed as by get_parsed; an

@@ -106,10 +106,12 @@ inline std::uint64_t fnv1a(const void* data, std::size_t n, std::uint64_t h = 0x
 }
 inline std::string hex(std::uint64_t h) { return cat(std::hex, h); }
 
-/// The model as far as resuming cares: config.json, and every shard's size
-/// and tensor names, dtypes, shapes and offsets (reading the weights would
-/// cost as much as converting them).
+/// The model as far as resuming cares: config.json, every shard's size and
+/// tensor names, dtypes, shapes and offsets, and the first and last bytes of
+/// every tensor (reading all the weights would cost as much as converting
+/// them; a sample tells another checkpoint of the same architecture apart).
 inline std::string model_fingerprint(const io::hf_layers& src) {
+  constexpr std::size_t sample = 64;
   std::ifstream in(src.config_path(), std::ios::binary);
   const std::string config((std::istreambuf_iterator<char>(in)), {});
   std::uint64_t h = fnv1a(config.data(), config.size());
@@ -117,6 +119,11 @@ inline std::string model_fingerprint(const io::hf_layers& src) {
     const std::string head =
         cat(std::filesystem::path(f.path()).filename().string(), ":", std::filesystem::file_size(f.path()), ":", io::detail::header_text(f.tensors(), {}));
     h = fnv1a(head.data(), head.size(), h);
+    for (const auto& t : f.tensors()) {
+      const std::size_t bytes = t.end - t.begin, n = std::min(bytes, sample);
+      h = fnv1a(f.stored_bytes(t.name), n, h);
+      h = fnv1a(f.stored_bytes(t.name) + (bytes - n), n, h);
+    }
   }
   return hex(h);
 }
@@ -187,6 +194,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
 
   const fs::path out_dir = io::output_path(out);
   io::check_output_dir(out_dir.string(), opt.overwrite);
+  if (opt.shard_bytes < 1) throw config_error("stream: the shard size must be at least 1 byte");
   const io::hf_layers src(model);
   const auto& c = src.config().model;
   if (method.check) method.check(src.config());
@@ -213,6 +221,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   nlohmann::json layer_manifests = nlohmann::json::array();
   std::vector<matrix> x;  // per window: the hidden states entering the next layer
   std::optional<io::native_shard_writer> writer;
+  nlohmann::json shards;  // the writer's state at the last checkpoint
 
   if (fs::exists(progress_file)) {
     if (!opt.resume)
@@ -228,9 +237,24 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
                                  ")"));
       rep.resumed_at = saved.at("layers_done").get<index_t>();
       layer_manifests = saved.at("manifests");
-      for (index_t l = 0; l < rep.resumed_at; ++l) rep.layers[std::size_t(l)] = saved.at("reports").at(std::size_t(l));
-      writer.emplace(io::native_shard_writer::resume(stage, opt.shard_bytes, saved.at("shards")));
-      x = detail::load_hidden(stage / saved.at("hidden").get<std::string>(), windows, c.dim);
+      const auto& reports = saved.at("reports");
+      if (rep.resumed_at < 0 || rep.resumed_at > c.n_layers || !layer_manifests.is_array() || !reports.is_array() ||
+          index_t(layer_manifests.size()) != rep.resumed_at || index_t(reports.size()) != rep.resumed_at)
+        throw format_error(cat("stream: '", progress_file.string(), "' is damaged (", rep.resumed_at, " layers done of ", c.n_layers, ", with ",
+                               layer_manifests.size(), " manifests and ", reports.size(), " reports)"));
+      for (index_t l = 0; l < rep.resumed_at; ++l) rep.layers[std::size_t(l)] = reports.at(std::size_t(l));
+      shards = saved.at("shards");
+      const std::string hidden = saved.at("hidden").get<std::string>();
+      // What a kill between two steps left: an older checkpoint's hidden
+      // states, a temporary file. Only what progress.json names is kept.
+      for (const auto& entry : fs::directory_iterator(stage)) {
+        const std::string name = entry.path().filename().string();
+        if ((name.rfind("hidden-", 0) == 0 && name != hidden) || name.find(".tmp") != std::string::npos) fs::remove(entry.path());
+      }
+      if (rep.resumed_at < c.n_layers) {
+        writer.emplace(io::native_shard_writer::resume(stage, opt.shard_bytes, shards));
+        x = detail::load_hidden(stage / hidden, windows, c.dim);
+      }
     } catch (const nlohmann::json::exception& e) {
       throw format_error(cat("stream: '", progress_file.string(), "' is damaged (", moeforge::detail::reason(e), ")"));
     }
@@ -255,16 +279,19 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     rep.times.read += since(t0);
   }
 
+  // After the last layer no hidden states are needed: a resume from there
+  // only finishes the shards and the manifest.
   auto checkpoint = [&](index_t done) {
-    const std::string hidden = cat("hidden-", done, ".safetensors");
-    detail::save_hidden(stage / hidden, x);
+    const std::string hidden = done < c.n_layers ? cat("hidden-", done, ".safetensors") : std::string();
+    if (!hidden.empty()) detail::save_hidden(stage / hidden, x);
     nlohmann::json reports = nlohmann::json::array();
     for (index_t l = 0; l < done; ++l) reports.push_back(rep.layers[std::size_t(l)]);
+    shards = writer->state();
     detail::write_json_atomically(progress_file, {{"fingerprint", fingerprint},
                                                   {"layers_done", done},
                                                   {"manifests", layer_manifests},
                                                   {"reports", reports},
-                                                  {"shards", writer->state()},
+                                                  {"shards", shards},
                                                   {"hidden", hidden}});
     std::error_code ec;
     if (done > 0) fs::remove(stage / cat("hidden-", done - 1, ".safetensors"), ec);
@@ -343,10 +370,11 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     tell(l, "done");
   }
 
-  writer->finish();
-  std::error_code ec;
-  fs::remove(progress_file, ec);
-  fs::remove(stage / cat("hidden-", layers, ".safetensors"), ec);
+  // Every step from here can be repeated: progress.json (all layers done)
+  // stays until the model has moved into place, so an interruption or a
+  // failure anywhere below is finished by a resume, never redone or lost.
+  writer.reset();  // closes the open shard; complete() gives it its header
+  io::native_shard_writer::complete(stage, opt.shard_bytes, shards);
   nlohmann::json provenance = opt.provenance;
   provenance["source"] = model;
   provenance["method"] = method.name;
@@ -354,8 +382,10 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   io::detail::write_manifest(stage, c, layer_manifests, provenance, opt.attachments);
   // The output may have appeared while converting: it is replaced only when allowed.
   if (!opt.overwrite && fs::exists(fs::symlink_status(out_dir)))
-    throw io_error(cat("output '", out, "' appeared during the conversion; the finished model stays in '", stage.string(), "'"));
+    throw io_error(cat("output '", out, "' appeared during the conversion; the finished model stays in '", stage.string(), "' (--resume moves it)"));
   io::detail::move_into_place(stage, out_dir, opt.overwrite);
+  std::error_code ec;
+  fs::remove(out_dir / progress_file.filename(), ec);
   rep.complete = true;
   rep.seconds = since(start);
   return rep;

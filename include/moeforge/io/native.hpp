@@ -581,7 +581,8 @@ inline void write_manifest(const std::filesystem::path& dir, const model::config
   }
   for (const auto& [source, name] : attachments) {
     std::error_code ec;
-    std::filesystem::copy_file(source, dir / name, ec);
+    // (Over a copy an interrupted streamed conversion made: see stream.hpp.)
+    std::filesystem::copy_file(source, dir / name, std::filesystem::copy_options::overwrite_existing, ec);
     if (ec) throw io_error(cat("native: cannot copy '", source, "' into the model: ", ec.message()));
   }
 }
@@ -630,6 +631,24 @@ class native_shard_writer {
     open_->add(name, shape, data, stored);
   }
 
+  /// Finishes what an interrupted writer recorded in `state` (see finish()),
+  /// wherever it stopped: shards already renamed to their final names are
+  /// left so, the open one gets its header, the index is written again.
+  static void complete(std::filesystem::path dir, std::uint64_t shard_bytes, const nlohmann::json& state) {
+    native_shard_writer w(std::move(dir), shard_bytes);
+    try {
+      for (const auto& c : state.at("closed")) w.closed_.push_back(tensors_of(c));
+      const auto& open = state.at("open");
+      if (!open.is_null() && std::filesystem::exists(w.part(w.closed_.size())))
+        w.open_.emplace(safetensors_writer::resume(w.part(w.closed_.size()).string(), w.reserve(), tensors_of(open), metadata()));
+      else if (!open.is_null())
+        w.closed_.push_back(tensors_of(open));  // finished and renamed before the interruption
+    } catch (const nlohmann::json::exception& e) {
+      throw format_error(detail::cat("native: the recorded shard state in '", w.dir_.string(), "' is damaged (", moeforge::detail::reason(e), ")"));
+    }
+    w.finish();
+  }
+
   /// What is written so far, as JSON (see resume()).
   nlohmann::json state() const {
     nlohmann::json closed = nlohmann::json::array();
@@ -653,7 +672,8 @@ class native_shard_writer {
       std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, n);
       const std::string final_name = n == 1 ? std::string(native_tensors) : std::string(name);
       std::error_code ec;
-      std::filesystem::rename(part(k), dir_ / final_name, ec);
+      // (Unless an interrupted finish() renamed it already: see complete().)
+      if (std::filesystem::exists(part(k)) || !std::filesystem::exists(dir_ / final_name)) std::filesystem::rename(part(k), dir_ / final_name, ec);
       if (ec) throw io_error(cat("native: cannot rename '", part(k).string(), "': ", ec.message()));
       for (const auto& t : closed_[k]) {
         map[t.name] = final_name;
@@ -661,9 +681,15 @@ class native_shard_writer {
       }
     }
     if (n > 1) {
-      std::ofstream f(dir_ / native_index);
-      f << moeforge::detail::json_text({{"metadata", {{"total_size", total}}}, {"weight_map", map}}, 2) << "\n";
-      if (!f.flush()) throw io_error(cat("native: cannot write '", (dir_ / native_index).string(), "'"));
+      const auto index = dir_ / native_index, staged = dir_ / (std::string(native_index) + ".tmp");
+      {
+        std::ofstream f(staged);
+        f << moeforge::detail::json_text({{"metadata", {{"total_size", total}}}, {"weight_map", map}}, 2) << "\n";
+        if (!f.flush()) throw io_error(cat("native: cannot write '", staged.string(), "'"));
+      }
+      std::error_code ec;
+      std::filesystem::rename(staged, index, ec);
+      if (ec) throw io_error(cat("native: cannot rename '", staged.string(), "': ", ec.message()));
     }
   }
 
