@@ -72,6 +72,33 @@ std::vector<std::string> stream_listing(const fs::path& dir) {
   return out;
 }
 
+/// `b` holds the model `a` does: the same files, each but the manifest byte
+/// for byte, and the manifest's config and layers.
+void require_same_output(const fs::path& a, const fs::path& b) {
+  REQUIRE(stream_listing(a) == stream_listing(b));
+  for (const auto& f : stream_listing(a)) {
+    CAPTURE(f);
+    if (f != "moeforge.json") CHECK(file_bytes((a / f).string()) == file_bytes((b / f).string()));
+  }
+  const auto ma = read_json((a / "moeforge.json").string()), mb = read_json((b / "moeforge.json").string());
+  CHECK(ma["config"] == mb["config"]);
+  CHECK(ma["layers"] == mb["layers"]);
+}
+
+/// A BF16 checkpoint of two shards and its uninterrupted CMoE conversion in
+/// dir/whole, for the resume tests to compare with.
+struct converted_source {
+  temp_dir dir;
+  std::string src = sharded_hf(dir, "src", dtype::bf16, 2);
+  std::vector<std::vector<std::int32_t>> win = stream_windows();
+  convert::stream_options so = [] {
+    convert::stream_options o;
+    o.shard_bytes = 30'000;
+    return o;
+  }();
+  converted_source() { convert::cmoe_stream(src, win, dir / "whole", stream_cmoe(), so); }
+};
+
 }  // namespace
 
 TEST_CASE("a streamed conversion of a sharded checkpoint is bit-identical to the in-memory conversion", "[stream]") {
@@ -147,71 +174,52 @@ TEST_CASE("a checkpoint mixing types keeps each tensor's through both conversion
 }
 
 TEST_CASE("a conversion stopped after a layer and resumed writes the identical model; other options or tokens are refused", "[stream]") {
-  temp_dir dir;
-  const std::string src = sharded_hf(dir, "src", dtype::bf16, 2);
-  const auto win = stream_windows();
-  convert::stream_options so;
-  so.shard_bytes = 30'000;
-  convert::cmoe_stream(src, win, dir / "whole", stream_cmoe(), so);
-
-  convert::stream_options stop = so;
+  const converted_source c;
+  convert::stream_options stop = c.so;
   stop.stop_after_layers = 2;
-  const auto first = convert::cmoe_stream(src, win, dir / "resumed", stream_cmoe(), stop);
+  const auto first = convert::cmoe_stream(c.src, c.win, c.dir / "resumed", stream_cmoe(), stop);
   CHECK_FALSE(first.complete);
   // Only the hidden partial directory exists: never a half model at the output.
-  CHECK_FALSE(fs::exists(dir / "resumed"));
-  CHECK(fs::exists(dir / ".resumed.partial/progress.json"));
+  CHECK_FALSE(fs::exists(c.dir / "resumed"));
+  CHECK(fs::exists(c.dir / ".resumed.partial/progress.json"));
   // CMoE's method fingerprint is its options alone, as before methods were named in it: older partial directories still resume.
-  CHECK(read_json(dir / ".resumed.partial/progress.json")["fingerprint"]["method"] == convert::to_json(stream_cmoe()));
+  CHECK(read_json(c.dir / ".resumed.partial/progress.json")["fingerprint"]["method"] == convert::to_json(stream_cmoe()));
 
-  CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "resumed", stream_cmoe(), so), io_error,
+  CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "resumed", stream_cmoe(), c.so), io_error,
                 Catch::Contains("interrupted conversion") && Catch::Contains(".resumed.partial"));
-  convert::stream_options resume = so;
+  convert::stream_options resume = c.so;
   resume.resume = true;
   auto other = stream_cmoe();
   other.seed = 5;
-  CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "resumed", other, resume), config_error,
+  CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "resumed", other, resume), config_error,
                 Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("\"seed\":5"));
   auto sized = stream_cmoe();
   sized.fit.size_rule = !sized.fit.size_rule;  // changes which fitting steps run on the later layers
-  CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "resumed", sized, resume), config_error, Catch::Contains("method differs"));
-  auto fewer = win;
+  CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "resumed", sized, resume), config_error, Catch::Contains("method differs"));
+  auto fewer = c.win;
   fewer.pop_back();
-  CHECK_REJECTS(convert::cmoe_stream(src, fewer, dir / "resumed", stream_cmoe(), resume), config_error, Catch::Contains("calibration differs"));
+  CHECK_REJECTS(convert::cmoe_stream(c.src, fewer, c.dir / "resumed", stream_cmoe(), resume), config_error, Catch::Contains("calibration differs"));
 
-  const auto rest = convert::cmoe_stream(src, win, dir / "resumed", stream_cmoe(), resume);
+  const auto rest = convert::cmoe_stream(c.src, c.win, c.dir / "resumed", stream_cmoe(), resume);
   CHECK(rest.complete);
   CHECK(rest.resumed_at == 2);
-  CHECK_FALSE(fs::exists(dir / ".resumed.partial"));
-  REQUIRE(stream_listing(dir / "whole") == stream_listing(dir / "resumed"));
-  for (const auto& f : stream_listing(dir / "whole")) {
-    CAPTURE(f);
-    if (f == "moeforge.json") continue;
-    CHECK(file_bytes(dir / ("whole/" + f)) == file_bytes(dir / ("resumed/" + f)));
-  }
-  const auto ma = read_json(dir / "whole/moeforge.json"), mb = read_json(dir / "resumed/moeforge.json");
-  CHECK(ma["config"] == mb["config"]);
-  CHECK(ma["layers"] == mb["layers"]);
-  CHECK(mb["provenance"]["layers"].size() == 3);
+  CHECK_FALSE(fs::exists(c.dir / ".resumed.partial"));
+  require_same_output(c.dir / "whole", c.dir / "resumed");
+  CHECK(read_json(c.dir / "resumed/moeforge.json")["provenance"]["layers"].size() == 3);
 }
 
 TEST_CASE("a conversion interrupted while finishing is finished by a resume, not redone; leftovers stay out of the output", "[stream]") {
-  temp_dir dir;
-  const std::string src = sharded_hf(dir, "src", dtype::bf16, 2);
-  const auto win = stream_windows();
-  convert::stream_options so;
-  so.shard_bytes = 30'000;
-  convert::cmoe_stream(src, win, dir / "whole", stream_cmoe(), so);
+  const converted_source c;
   // Another run takes the output while the last layer is written: the
   // finished model must wait in the partial directory for a resume.
-  convert::stream_options racing = so;
+  convert::stream_options racing = c.so;
   racing.progress = [&](const convert::layer_progress& p) {
-    if (p.stage == "done" && p.layer + 1 == p.layers) fs::create_directories(dir / "out/other");
+    if (p.stage == "done" && p.layer + 1 == p.layers) fs::create_directories(c.dir / "out/other");
   };
-  CHECK_THROWS_WITH(convert::cmoe_stream(src, win, dir / "out", stream_cmoe(), racing), Catch::Contains("appeared during the conversion"));
-  const fs::path stage = dir / ".out.partial";
+  CHECK_THROWS_WITH(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), racing), Catch::Contains("appeared during the conversion"));
+  const fs::path stage = c.dir / ".out.partial";
   REQUIRE(read_json(stage / "progress.json")["layers_done"] == 3);
-  fs::remove_all(dir / "out");
+  fs::remove_all(c.dir / "out");
   // As if killed between the shards' renames: the first and the last one back under their interim names.
   const auto shards = stream_listing(stage);
   REQUIRE(std::count_if(shards.begin(), shards.end(), [](const std::string& f) { return f.rfind("model-0", 0) == 0; }) >= 2);
@@ -226,18 +234,13 @@ TEST_CASE("a conversion interrupted while finishing is finished by a resume, not
   // ... and what kills between two other steps leave: an older checkpoint's hidden states, a temporary file.
   std::ofstream(stage / "hidden-1.safetensors") << "stale";
   std::ofstream(stage / "hidden-2.safetensors.tmp.123") << "stale";
-  convert::stream_options resume = so;
+  convert::stream_options resume = c.so;
   resume.resume = true;
-  const auto rest = convert::cmoe_stream(src, win, dir / "out", stream_cmoe(), resume);
+  const auto rest = convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume);
   CHECK(rest.complete);
   CHECK(rest.resumed_at == 3);  // nothing converted again
   CHECK_FALSE(fs::exists(stage));
-  REQUIRE(stream_listing(dir / "whole") == stream_listing(dir / "out"));
-  for (const auto& f : stream_listing(dir / "whole")) {
-    CAPTURE(f);
-    if (f != "moeforge.json") CHECK(file_bytes(dir / ("whole/" + f)) == file_bytes(dir / ("out/" + f)));
-  }
-  CHECK(read_json(dir / "whole/moeforge.json")["layers"] == read_json(dir / "out/moeforge.json")["layers"]);
+  require_same_output(c.dir / "whole", c.dir / "out");
 }
 
 TEST_CASE("a resume refuses a damaged progress file and a source whose weights changed", "[stream]") {
