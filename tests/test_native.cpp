@@ -265,8 +265,10 @@ TEST_CASE("native: damaged directories fail with a typed error naming what is wr
   }
   SECTION("a number that is not exactly of its field's type") {
     // nlohmann's get<int> takes 64.9 as 64 and 4294967298 as 2: each would load as another model.
-    for (const auto& [field, value] : std::vector<std::pair<std::string, nlohmann::json>>{
+    for (const auto& bad : std::vector<std::pair<std::string, nlohmann::json>>{
              {"dim", 64.9}, {"n_layers", true}, {"eos_token", std::int64_t(4294967298)}, {"bos_token", -2147483649.0}}) {
+      const std::string& field = bad.first;  // (a lambda may not capture a structured binding in C++17)
+      const nlohmann::json& value = bad.second;
       INFO(field << " = " << value.dump());
       edit_manifest([&](auto& j) { j["config"][field] = value; });
       CHECK_THAT(message(), Contains("config." + field) && Contains("wrong type"));
