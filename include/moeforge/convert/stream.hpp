@@ -247,9 +247,10 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
       const std::string hidden = saved.at("hidden").get<std::string>();
       // What a kill between two steps left: an older checkpoint's hidden
       // states, a temporary file. Only what progress.json names is kept.
-      for (const auto& entry : fs::directory_iterator(stage)) {
+      std::error_code ec;
+      for (const auto& entry : fs::directory_iterator(stage, ec)) {
         const std::string name = entry.path().filename().string();
-        if ((name.rfind("hidden-", 0) == 0 && name != hidden) || name.find(".tmp") != std::string::npos) fs::remove(entry.path());
+        if ((name.rfind("hidden-", 0) == 0 && name != hidden) || name.find(".tmp") != std::string::npos) fs::remove(entry.path(), ec);
       }
       if (rep.resumed_at < c.n_layers) {
         writer.emplace(io::native_shard_writer::resume(stage, opt.shard_bytes, shards));
