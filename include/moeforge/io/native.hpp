@@ -606,16 +606,7 @@ class native_shard_writer {
 
   /// Continues from a state() an interrupted writer recorded.
   static native_shard_writer resume(std::filesystem::path dir, std::uint64_t shard_bytes, const nlohmann::json& state) {
-    native_shard_writer w(std::move(dir), shard_bytes);
-    try {
-      for (const auto& c : state.at("closed")) w.closed_.push_back(tensors_of(c));
-      if (!state.at("open").is_null()) {
-        w.open_.emplace(safetensors_writer::resume(w.part(w.closed_.size()).string(), w.reserve(), tensors_of(state.at("open")), metadata()));
-      }
-    } catch (const nlohmann::json::exception& e) {
-      throw format_error(detail::cat("native: the recorded shard state in '", w.dir_.string(), "' is damaged (", moeforge::detail::reason(e), ")"));
-    }
-    return w;
+    return restore(std::move(dir), shard_bytes, state, false);
   }
 
   /// Appends a tensor stored as `stored` (F32, or F16/BF16 rounded to nearest even).
@@ -635,18 +626,7 @@ class native_shard_writer {
   /// wherever it stopped: shards already renamed to their final names are
   /// left so, the open one gets its header, the index is written again.
   static void complete(std::filesystem::path dir, std::uint64_t shard_bytes, const nlohmann::json& state) {
-    native_shard_writer w(std::move(dir), shard_bytes);
-    try {
-      for (const auto& c : state.at("closed")) w.closed_.push_back(tensors_of(c));
-      const auto& open = state.at("open");
-      if (!open.is_null() && std::filesystem::exists(w.part(w.closed_.size())))
-        w.open_.emplace(safetensors_writer::resume(w.part(w.closed_.size()).string(), w.reserve(), tensors_of(open), metadata()));
-      else if (!open.is_null())
-        w.closed_.push_back(tensors_of(open));  // finished and renamed before the interruption
-    } catch (const nlohmann::json::exception& e) {
-      throw format_error(detail::cat("native: the recorded shard state in '", w.dir_.string(), "' is damaged (", moeforge::detail::reason(e), ")"));
-    }
-    w.finish();
+    restore(std::move(dir), shard_bytes, state, true).finish();
   }
 
   /// What is written so far, as JSON (see resume()).
@@ -694,6 +674,23 @@ class native_shard_writer {
   }
 
  private:
+  /// The writer `state` describes. With `finishing`, an open shard whose
+  /// interim file is gone was finished and renamed already: it counts as closed.
+  static native_shard_writer restore(std::filesystem::path dir, std::uint64_t shard_bytes, const nlohmann::json& state, bool finishing) {
+    native_shard_writer w(std::move(dir), shard_bytes);
+    try {
+      for (const auto& c : state.at("closed")) w.closed_.push_back(tensors_of(c));
+      const auto& open = state.at("open");
+      if (finishing && !open.is_null() && !std::filesystem::exists(w.part(w.closed_.size())))
+        w.closed_.push_back(tensors_of(open));
+      else if (!open.is_null())
+        w.open_.emplace(safetensors_writer::resume(w.part(w.closed_.size()).string(), w.reserve(), tensors_of(open), metadata()));
+    } catch (const nlohmann::json::exception& e) {
+      throw format_error(detail::cat("native: the recorded shard state in '", w.dir_.string(), "' is damaged (", moeforge::detail::reason(e), ")"));
+    }
+    return w;
+  }
+
   std::filesystem::path part(std::size_t k) const { return dir_ / detail::cat("shard-", k + 1, ".part"); }
   // Room for the header: ~100 bytes a tensor, so shards of big tensors need
   // little and small test shards do not carry a megabyte of spaces.
