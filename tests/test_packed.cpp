@@ -66,6 +66,10 @@ TEST_CASE("packed: a packed directory runs what its transformer ran, bit for bit
       // In place: the classifier's panels are the file's bytes.
       CHECK(back.packed().classifier.storage() == src.tensors().stored_bytes(src.panels("lm_head") ? "lm_head" : "tok_emb"));
       CHECK(run_tokens(back, tokens).cwiseEqual(want).all());
+      // Its routers' panels are packed again from the structure (not stored): a
+      // Mixtral-style router and a CMoE analytic one's two matrices.
+      CHECK(back.packed().ffn[1].router.weight.rows() == 4);
+      CHECK(back.packed().ffn[2].router.weight_up.rows() == 3);
       CHECK(run_tokens(io::load_transformer(tmp / "p"), tokens).cwiseEqual(want).all());
 
       // Saved again: the same bytes.

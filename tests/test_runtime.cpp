@@ -462,6 +462,49 @@ TEST_CASE("softmax top-k routing: renormalisation, scale and ties to the lower i
   (void)rng;
 }
 
+TEST_CASE("a router packed into panels scores as the router itself, bit for bit, for every learned kind") {
+  std::mt19937 rng(41);
+  const index_t experts = 5, hidden = 37, rank = 3;
+  for (const router_kind kind : {router_kind::softmax_topk, router_kind::cmoe_analytic, router_kind::centroid_topk, router_kind::linear_topk,
+                                 router_kind::quadratic_topk}) {
+    router r;
+    r.kind = kind;
+    r.weight = random_matrix(experts, hidden, rng, 0.3f);
+    if (kind == router_kind::cmoe_analytic) r.weight_up = random_matrix(experts, hidden, rng, 0.3f);
+    if (r.fitted()) r.bias = random_matrix(experts, 1, rng, 0.3f);
+    if (kind == router_kind::quadratic_topk) {
+      r.projection = random_matrix(rank, hidden, rng, 0.3f);
+      r.projection_bias = random_matrix(rank, 1, rng, 0.3f);
+      r.weight_quad = random_matrix(experts, rank * (rank + 1) / 2, rng, 0.3f);
+    }
+    const auto panels = runtime::detail::pack_router(r);
+    CHECK(panels.weight_up.rows() == r.weight_up.rows());
+    CHECK(panels.projection.rows() == r.projection.rows());
+    CHECK(panels.weight_quad.rows() == r.weight_quad.rows());
+    for (const index_t t : {1, 7, 64}) {
+      INFO(router_kind_name(kind) << ", T " << t);
+      const matrix x = random_matrix(t, hidden, rng, 1.0f);
+      const matrix want = runtime::router_probs(r, x);
+      CHECK(runtime::router_probs(r, x, &panels) == want);
+      // Every matrix counts: panels of another router's values score otherwise.
+      for (matrix router::*part : {&router::weight, &router::weight_up, &router::projection, &router::weight_quad}) {
+        if (!(r.*part).size()) continue;
+        router other = r;
+        other.*part = random_matrix((r.*part).rows(), (r.*part).cols(), rng, 0.3f);
+        const auto other_panels = runtime::detail::pack_router(other);
+        CHECK_FALSE(runtime::router_probs(r, x, &other_panels) == want);
+      }
+    }
+  }
+  // Panels of a router of another shape are refused, naming the mismatch.
+  router r;
+  r.weight = random_matrix(experts, hidden, rng, 0.3f);
+  router wider = r;
+  wider.weight = random_matrix(experts, hidden + 1, rng, 0.3f);
+  const auto wrong = runtime::detail::pack_router(wider);
+  CHECK_THROWS_AS(runtime::router_probs(r, random_matrix(2, hidden, rng, 1.0f), &wrong), shape_error);
+}
+
 TEST_CASE("bad input is rejected before any work with a typed error") {
   std::mt19937 rng(6);
   layer_spec s;
@@ -1130,6 +1173,11 @@ TEST_CASE("a transformer that owns its weights runs prepared FFNs with the same 
   rounded.lm_head = rounded_to_bf16(w.tok_emb);
   const model::transformer plain(w), plain_rounded(rounded);
   const model::transformer owning{model::weights(w)}, owning_bf16{model::weights(w), runtime::detail::weight_format{dtype::bf16, false}};
+  // The MoE layer scores tokens from its router's panels (F32 in both).
+  for (const auto* t : {&owning, &owning_bf16}) {
+    CHECK(t->packed().ffn[1].router.weight.rows() == 3);
+    CHECK(t->packed().ffn[1].router.weight.type() == dtype::f32);
+  }
   const std::vector<std::int32_t> prompt{3, 17, 42, 8, 0, 29, 11};
   for (int threads : {1, 2}) {
     with_threads(threads, [&] {

@@ -140,7 +140,8 @@ inline void validate(const weights& w) {
 /// What an owning transformer runs: every weight matrix of the model as the
 /// kernel's panels (the rest is in its structure()). A packed model directory
 /// stores exactly this (io/packed.hpp), so loading one maps it instead of
-/// packing.
+/// packing; all but the routers' panels, which are small and packed again
+/// from the structure's routers when the transformer is made.
 struct packed_weights {
   runtime::detail::panel_matrix classifier;          ///< [V, H] in the run type
   runtime::detail::panel_matrix embedding;           ///< [V, H] in the stored type; empty when the classifier's values serve
@@ -367,6 +368,8 @@ class transformer {
       : owned_(std::make_unique<weights>(std::move(structure))), w_(*owned_), packed_(std::move(panels)) {
     validate(*owned_, packed_);
     owned_->default_run_dtype = packed_.classifier.type();
+    for (std::size_t li = 0; li < packed_.ffn.size(); ++li)
+      if (const auto* m = std::get_if<moe_layer>(&owned_->layers[li].ffn)) packed_.ffn[li].router = runtime::detail::pack_router(m->router);
     make_rope_tables();
   }
 
@@ -517,7 +520,7 @@ class transformer {
       runtime::detail::dense_forward_packed(*f, packed ? &packed->shared[0] : nullptr, xb, y);
     } else {
       const auto& m = std::get<moe_layer>(l.ffn);
-      const runtime::selection sel = runtime::select(m, xb);
+      const runtime::selection sel = runtime::select(m, xb, packed ? &packed->router : nullptr);
       if (opt.on_route) opt.on_route(li, runtime::count_work(m, sel));
       if (runs_externally(li))
         external_.run(li, m, sel, xb, y);
@@ -870,13 +873,16 @@ class transformer {
     if (const auto* f = std::get_if<ffn>(&l.ffn)) {
       p.shared.resize(1);
       ffn_tasks(p.shared[0], *f);
-    } else if (!runs_externally(li)) {  // an external runner holds the layer's experts
+    } else {
       const auto& m = std::get<moe_layer>(l.ffn);
-      p.experts.resize(m.experts.size());
-      p.shared.resize(m.shared.size());
-      for (std::size_t e = 0; e < m.experts.size(); ++e)
-        tasks.push_back([&p, &m, e, t, &unread] { p.experts[e] = runtime::detail::pack_expert(m, e, t, unread); });
-      for (std::size_t s = 0; s < m.shared.size(); ++s) ffn_tasks(p.shared[s], m.shared[s].weights);
+      tasks.push_back([&p, &m] { p.router = runtime::detail::pack_router(m.router); });
+      if (!runs_externally(li)) {  // an external runner holds the layer's experts
+        p.experts.resize(m.experts.size());
+        p.shared.resize(m.shared.size());
+        for (std::size_t e = 0; e < m.experts.size(); ++e)
+          tasks.push_back([&p, &m, e, t, &unread] { p.experts[e] = runtime::detail::pack_expert(m, e, t, unread); });
+        for (std::size_t s = 0; s < m.shared.size(); ++s) ffn_tasks(p.shared[s], m.shared[s].weights);
+      }
     }
     pack_in_parallel(tasks);
   }

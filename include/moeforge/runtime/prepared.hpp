@@ -71,7 +71,7 @@ inline void moe_forward(const prepared_moe& m, const routing_plan& plan, const_m
 }
 inline matrix moe_forward(const prepared_moe& m, const_matrix_ref x) {
   matrix y(x.rows(), m.layer().hidden());
-  moe_forward(m, route(m.layer(), x), x, y);
+  moe_forward(m, route(m.layer(), x, &m.packed().router), x, y);
   return y;
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moeforge/core/moe.hpp"
+#include "moeforge/runtime/packed_ffn.hpp"
 #include "moeforge/runtime/project.hpp"
 
 namespace moeforge::runtime {
@@ -60,9 +61,26 @@ inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 namespace moeforge::runtime {
 
-/// The quadratic features q [T, r(r+1)/2] of z = P·x + c (see router_kind::quadratic_topk).
-inline matrix quadratic_features(const matrix& projection, const vector& projection_bias, const_matrix_ref x) {
-  matrix z = project(x, projection);
+namespace detail {
+/// The product of router matrix w into `out`: from its panels when given
+/// (packed_router), which must hold w's shape, else from w.
+inline projection router_product(const matrix& w, const panel_matrix* panels, matrix& out) {
+  if (!panels) return projection(w, out);
+  if (panels->rows() != w.rows() || panels->depth() != w.cols())
+    throw shape_error(moeforge::detail::cat("router panels of [", panels->rows(), ", ", panels->depth(), "] for a router matrix of [", w.rows(), ", ",
+                                            w.cols(), "]: packed from another router"));
+  return projection(*panels, out);
+}
+/// Member `part` of `panels`, or null without them.
+inline const panel_matrix* router_panels(const packed_router* panels, panel_matrix packed_router::*part) { return panels ? &(panels->*part) : nullptr; }
+}  // namespace detail
+
+/// The quadratic features q [T, r(r+1)/2] of z = P·x + c (see
+/// router_kind::quadratic_topk); P read from `panels` when given (pack_router's).
+inline matrix quadratic_features(const matrix& projection, const vector& projection_bias, const_matrix_ref x,
+                                 const detail::panel_matrix* panels = nullptr) {
+  matrix z;
+  project(x, {detail::router_product(projection, panels, z)});
   z.rowwise() += projection_bias.transpose();
   const index_t rank = z.cols();
   matrix q(z.rows(), rank * (rank + 1) / 2);
@@ -73,27 +91,37 @@ inline matrix quadratic_features(const matrix& projection, const vector& project
 }
 
 /// The fitted scorers' scores s [T, E] before the softmax.
-inline matrix fitted_scores(const router& r, const_matrix_ref x) {
-  matrix s = project(x, r.weight);
-  if (r.kind == router_kind::quadratic_topk && r.rank() > 0)
-    s += project(quadratic_features(r.projection, r.projection_bias, x), r.weight_quad);
+inline matrix fitted_scores(const router& r, const_matrix_ref x, const detail::packed_router* panels = nullptr) {
+  using detail::packed_router;
+  using detail::router_panels;
+  matrix s, quad;
+  project(x, {detail::router_product(r.weight, router_panels(panels, &packed_router::weight), s)});
+  if (r.kind == router_kind::quadratic_topk && r.rank() > 0) {
+    const matrix q = quadratic_features(r.projection, r.projection_bias, x, router_panels(panels, &packed_router::projection));
+    project(q, {detail::router_product(r.weight_quad, router_panels(panels, &packed_router::weight_quad), quad)});
+    s += quad;
+  }
   if (r.bias.size()) s.rowwise() += r.bias.transpose();
   return s;
 }
 
 /// Router probabilities p [T, E] for tokens x [T, H] (not for router_kind::oracle,
-/// which needs the layer's experts: see oracle_probs).
-inline matrix router_probs(const router& r, const_matrix_ref x) {
+/// which needs the layer's experts: see oracle_probs); with `panels`
+/// (pack_router(r)), the same values read from them.
+inline matrix router_probs(const router& r, const_matrix_ref x, const detail::packed_router* panels = nullptr) {
+  using detail::packed_router;
+  using detail::router_panels;
   moeforge::detail::require_shape(x, x.rows(), r.weight.cols(), "router input");
   if (r.kind == router_kind::oracle)
     throw config_error("router_probs: an oracle router scores with the layer's experts (runtime::select(layer, x))");
   matrix s, u;
   if (r.fitted())
-    s = fitted_scores(r, x);
+    s = fitted_scores(r, x, panels);
   else if (r.kind == router_kind::cmoe_analytic)
-    project(x, {projection(r.weight, s), projection(r.weight_up, u)});
+    project(x, {detail::router_product(r.weight, router_panels(panels, &packed_router::weight), s),
+                detail::router_product(r.weight_up, router_panels(panels, &packed_router::weight_up), u)});
   else
-    project(x, r.weight, s);
+    project(x, {detail::router_product(r.weight, router_panels(panels, &packed_router::weight), s)});
   if (r.kind == router_kind::centroid_topk) {
     for (index_t t = 0; t < s.rows(); ++t) {
       const float n = x.row(t).norm();
@@ -342,14 +370,17 @@ inline matrix oracle_probs(const moe_layer& m, const_matrix_ref x) {
   return s;
 }
 
-/// The top-k selection of the layer's router for `x`, with its drop policy applied.
-inline selection select(const moe_layer& m, const_matrix_ref x) {
-  selection sel = select_topk(m.router, m.router.kind == router_kind::oracle ? oracle_probs(m, x) : router_probs(m.router, x));
+/// The top-k selection of the layer's router for `x`, with its drop policy
+/// applied; the router read from `panels` (pack_router's) when given.
+inline selection select(const moe_layer& m, const_matrix_ref x, const detail::packed_router* panels = nullptr) {
+  selection sel = select_topk(m.router, m.router.kind == router_kind::oracle ? oracle_probs(m, x) : router_probs(m.router, x, panels));
   apply_drop(m.router.drop, sel);
   return sel;
 }
 
 /// The plan the layer's router makes for `x`: top-k, then its drop policy.
-inline routing_plan route(const moe_layer& m, const_matrix_ref x) { return make_plan(m, select(m, x), x); }
+inline routing_plan route(const moe_layer& m, const_matrix_ref x, const detail::packed_router* panels = nullptr) {
+  return make_plan(m, select(m, x, panels), x);
+}
 
 }  // namespace moeforge::runtime
