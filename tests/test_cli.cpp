@@ -341,6 +341,22 @@ TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, 
   const auto story = cli({"generate", "--model", out, "--steps", "24"}, scratch);
   REQUIRE(story.code == 0);
   REQUIRE(story.out.size() > 20);
+  // So do its native and packed exports, which carry the tokenizer along.
+  for (const char* format : {"native", "packed"}) {
+    INFO(format);
+    const std::string exported = scratch / (std::string("exported-") + format);
+    REQUIRE(cli({"export", "--model", out, "--format", format, "--out", exported}, scratch).code == 0);
+    CHECK(file_bytes(exported + "/tokenizer.bin") == file_bytes(data_file("models/stories260K/tok512.bin")));
+    CHECK(cli({"generate", "--model", exported, "--steps", "24"}, scratch).out == story.out);
+  }
+  // A model directory without a tokenizer (exported from a llama2.c file, which has none of its own): eval says
+  // where it looked.
+  const std::string plain = scratch / "plain";
+  REQUIRE(cli({"export", "--model", stories_model(), "--format", "native", "--out", plain}, scratch).code == 0);
+  const auto no_tokenizer = cli({"eval", "--model", plain, "--text", data_file("data/tinystories_eval.txt")}, scratch);
+  CHECK(no_tokenizer.code == 1);
+  CHECK(no_tokenizer.err.find("no '" + plain + "/tok512.bin'") != std::string::npos);
+  CHECK(no_tokenizer.err.find("pass --tokenizer") != std::string::npos);
 
   const std::string manifest = file_bytes(out + "/moeforge.json");
   const auto again = cli(convert_args(out, "S2A4E8"), scratch);

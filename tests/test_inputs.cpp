@@ -10,6 +10,7 @@
 #include <fstream>
 #include <limits>
 
+#include "moeforge/calib/ffn_inputs.hpp"
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/llama2c.hpp"
 #include "moeforge/io/load.hpp"
@@ -66,6 +67,17 @@ matrix layer0_ffn_inputs(const model::weights& w, const std::vector<std::int32_t
   o.on_ffn_input = [&](index_t, const_matrix_ref in) { x = in; };
   tr.forward(tokens, cache, o);
   return x;
+}
+
+/// stories260K with an Inf in token `id`'s embedding, which makes its RMSNorm
+/// output, so its query, key and value, NaN in every layer. Untied, so the
+/// classifier keeps finite logits for the other tokens.
+model::weights inf_embedding(std::int32_t id) {
+  model::weights w = stories_weights();
+  w.lm_head = w.tok_emb;
+  w.config.tied_embeddings = false;
+  w.tok_emb(id, 0) = std::numeric_limits<float>::infinity();
+  return w;
 }
 
 }  // namespace
@@ -130,9 +142,27 @@ TEST_CASE("a NaN weight in a llama2.c checkpoint loads, and the forward pass sto
   CHECK_THROWS_AS(logits(w, {1, 5, 7}), value_error);
 }
 
-TEST_CASE("decoding a few tokens at once: a NaN value at a later row leaves the earlier rows bit for bit") {
+TEST_CASE("a NaN in the classifier's row of a token never fed stops the forward pass with value_error naming the position") {
   model::weights w = stories_weights();
-  w.tok_emb(2, 0) = std::numeric_limits<float>::infinity();  // token 2's key and value are NaN (see below)
+  REQUIRE(w.config.tied_embeddings);  // the classifier is the embedding: token 3's row is never looked up below
+  w.tok_emb(3, 0) = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<std::int32_t> tokens{1, 5, 7};
+  CHECK_THROWS_WITH(logits(w, tokens), Catch::Contains("logits at position 0 are not all finite"));
+  const model::transformer owning{model::weights(w)};
+  auto cache = owning.new_cache();
+  CHECK_THROWS_AS(owning.forward(tokens, cache), value_error);
+}
+
+TEST_CASE("calibration inputs keep a failed forward pass's error type, naming what failed") {
+  model::weights w = stories_weights();
+  w.layers[0].wq(0, 0) = std::numeric_limits<float>::quiet_NaN();  // every token's layer-0 FFN input turns NaN
+  const std::vector<std::vector<std::int32_t>> windows{{1, 5, 7}, {1, 9, 4}};
+  CHECK_THROWS_AS(calib::ffn_inputs(w, 1, windows), value_error);
+  CHECK_THROWS_WITH(calib::ffn_inputs(w, 1, windows), Catch::StartsWith("moeforge: calibration forward pass failed: ") && Catch::Contains("NaN"));
+}
+
+TEST_CASE("decoding a few tokens at once: a NaN value at a later row leaves the earlier rows bit for bit") {
+  const model::weights w = inf_embedding(2);
   const auto finite = sample_tokens();
   REQUIRE(finite.size() > 13);
   REQUIRE(model::transformer::attention_rows_max >= 3);  // the chunk attends row by row
@@ -145,11 +175,9 @@ TEST_CASE("decoding a few tokens at once: a NaN value at a later row leaves the 
 }
 
 TEST_CASE("a NaN value at a later position leaves earlier positions bit for bit, and the error names that position") {
-  model::weights w = stories_weights();
-  // An Inf in token 2's embedding makes its RMSNorm output, so its query, key
-  // and value, NaN in every layer. Token 2 goes at position 20, inside the
-  // first 32-query block of attention, so earlier rows share its products.
-  w.tok_emb(2, 0) = std::numeric_limits<float>::infinity();
+  // Token 2 goes at position 20, inside the first 32-query block of
+  // attention, so earlier rows share its products.
+  const model::weights w = inf_embedding(2);
   const auto finite = sample_tokens();
   auto poisoned = finite;
   poisoned[20] = 2;

@@ -6,6 +6,7 @@
 
 #include "moeforge/model/eval.hpp"
 #include "moeforge/model/sampling.hpp"
+#include "support/random.hpp"
 #include "support/stories.hpp"
 
 using namespace moeforge;
@@ -42,6 +43,38 @@ TEST_CASE("stories260K logits at positions 0-3 match the golden logits within 1e
     for (std::size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::abs(logits(pos, index_t(i)) - want[i]));
     INFO("position " << pos);
     CHECK(worst < 1e-4f);
+  }
+}
+
+TEST_CASE("a model's active FFN fraction by configuration is what routing counts when every expert is selected") {
+  std::mt19937 rng(12);
+  const index_t hidden = 16, tokens = 4;
+  layer_spec s;
+  s.hidden = hidden;
+  s.widths = {5, 9, 7};
+  s.shared = 1;
+  s.novices = {1};
+  for (const router_kind kind : {router_kind::softmax_topk, router_kind::linear_topk, router_kind::quadratic_topk, router_kind::oracle}) {
+    INFO(router_kind_name(kind));
+    moe_layer m = test::random_layer(s, rng);
+    m.router.kind = kind;
+    m.router.top_k = 3;  // every expert: the count no longer depends on which the router picks
+    if (m.router.fitted()) m.router.bias = test::random_matrix(3, 1, rng);
+    if (kind == router_kind::quadratic_topk) {
+      m.router.projection = test::random_matrix(2, hidden, rng);
+      m.router.projection_bias = test::random_matrix(2, 1, rng);
+      m.router.weight_quad = test::random_matrix(3, 3, rng);
+    }
+    m.shared[0].weights = test::random_ffn(hidden, 6, rng, activation::gelu, false);  // ungated: its neurons cost 2, not 3
+    const ffn dense = test::random_ffn(hidden, 10, rng);
+    model::weights w;
+    w.layers.resize(2);
+    w.layers[0].ffn = dense;
+    w.layers[1].ffn = m;
+    const matrix x = test::random_matrix(tokens, hidden, rng);
+    runtime::route_stats counted = runtime::dense_stats(dense, tokens);
+    counted += runtime::count_work(m, runtime::select(m, x));
+    CHECK(model::active_ffn_fraction(w) == Approx(counted.active_fraction()).epsilon(1e-12));
   }
 }
 
@@ -138,7 +171,7 @@ TEST_CASE("forward rejects tokens outside the vocabulary and positions past the 
   CHECK_THROWS_AS(tr.forward({1, 600}, cache), config_error);
   std::vector<std::int32_t> too_long(513, 1);
   auto cache2 = tr.new_cache();
-  CHECK_THROWS_WITH(tr.forward(too_long, cache2), Catch::Contains("exceed the model's context of 512"));
+  CHECK_THROWS_WITH(tr.forward(too_long, cache2), Catch::Contains("positions 0..512 exceed the model's context of 512 (positions 0..511)"));
 }
 
 TEST_CASE("the one-layer steps refuse a layer that does not exist, hidden states of another width and positions past the context") {

@@ -23,8 +23,8 @@ std::optional<drop_policy> requested_policy(const args& a) {
   }
   drop_policy p;
   p.kind = a.get_parsed("policy", [](const std::string& v) { return parse_drop_kind(v); });
-  p.threshold = float(a.get_double("threshold", [](double v) { return v >= 0 && v <= 1; }, "in [0, 1]"));
-  p.margin = float(a.get_double("margin", [](double v) { return std::isfinite(v) && v >= 0; }, "finite and at least 0"));
+  p.threshold = a.get_float("threshold", [](float v) { return v >= 0 && v <= 1; }, "in [0, 1]");
+  p.margin = a.get_float("margin", [](float v) { return std::isfinite(v) && v >= 0; }, "finite and at least 0");
   return p;
 }
 
@@ -42,7 +42,7 @@ int run_eval(int argc, char** argv) {
   a.required("text", "FILE", "the text to evaluate");
   a.option("ctx", "N", "window length (default: the model's context)");
   a.option("windows", "N", "evaluate only the first N windows");
-  a.option("decode-steps", "N", "tokens to time one-token decode over", "256");
+  a.option("decode-steps", "N", "tokens to time one-token decode over (at most the model's context less the 2 warm-up steps)", "256");
   a.option("prefill-tokens", "N", "tokens of the timed single-stream prefill (default: min(512, the model's context))");
   a.option("policy", "none|1t|2t|naee|top-p", "override every MoE layer's stored drop policy (the model file is not changed)");
   a.option("threshold", "T", "with --policy: its threshold in [0, 1]", "0");
@@ -66,10 +66,11 @@ int run_eval(int argc, char** argv) {
   };
   // Owning: it runs on prepared layouts of --dtype weights, read layer by
   // layer (a packed directory's mapped, unless --policy edits the layers).
+  const std::string tokenizer = tokenizer_path(a);
   const model::transformer tr = load_transformer(a, policy ? std::function<void(index_t, model::layer&)>(set_policy) : nullptr);
   if (policy && !any_moe) throw config_error("eval: --policy needs a model with MoE layers (convert it first with `moeforge convert cmoe`)");
   const auto& c = tr.config();
-  const auto tok = load_tokenizer(a, c);
+  const auto tok = model::load_tokenizer(tokenizer, c.vocab_size);
   const index_t prefill_tokens = wanted_prefill.value_or(std::min<index_t>(512, c.seq_len));
   if (prefill_tokens > c.seq_len)
     throw usage_error(detail::cat("moeforge eval: --prefill-tokens must be in 1..", c.seq_len, " (the model's context), got ", prefill_tokens));
@@ -77,6 +78,8 @@ int run_eval(int argc, char** argv) {
   const double nominal_active = model::active_ffn_fraction(tr.structure());
   const dtype weights_as = type.value_or(tr.structure().run_dtype());
   const auto stream = tok.encode(read_text_file(a.get("text")));
+  if (stream.size() < 2)
+    throw config_error(detail::cat("eval: --text ", a.get("text"), " is ", stream.size(), " token(s) with BOS; a perplexity needs at least 2"));
   const auto r = model::perplexity(tr, stream, ctx, windows);
   const double decode = model::decode_tokens_per_second(tr, decode_steps);
   const double prefill = model::prefill_tokens_per_second(tr, prefill_tokens);

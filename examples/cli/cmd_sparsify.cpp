@@ -69,7 +69,7 @@ int sparsify_dualsparse(int argc, char** argv) {
   o.metric = a.get_parsed("metric", [](const std::string& v) { return calib::parse_importance(v); });
   o.major_fraction = a.get_double("major-fraction", [](double v) { return v > 0 && v <= 1; }, "in (0, 1]");
   o.policy.kind = a.get_parsed("policy", [](const std::string& v) { return parse_drop_kind(v); });
-  o.policy.margin = float(a.get_double("margin", [](double v) { return v >= 0 && std::isfinite(float(v)); }, "finite and at least 0"));
+  o.policy.margin = a.get_float("margin", [](float v) { return v >= 0 && std::isfinite(v); }, "finite and at least 0");
   if (a.has("threshold")) o.threshold = a.get_double("threshold", [](double v) { return v >= 0 && v <= 1; }, "in [0, 1]");
   if (a.has("drop-rate")) o.drop_rate = a.get_double("drop-rate", [](double v) { return v >= 0 && v < 1; }, "in [0, 1)");
   o.scope = a.get_parsed("scope", [](const std::string& v) { return convert::parse_drop_scope(v); });

@@ -1,6 +1,5 @@
 // Options every model-running subcommand shares: --model, --config,
-// --tokenizer (where text is read; default: tok512.bin beside the model),
-// --threads.
+// --tokenizer (where text is read; default: see tokenizer_path), --threads.
 #pragma once
 
 #include <cstdio>
@@ -29,7 +28,8 @@ inline void add_model_options(args& a, bool needs_tokenizer, const char* config_
              std::string("a llama2.c .bin, a .safetensors file (config.json beside it, or --") + config_flag +
                  "), a Hugging Face directory or a moeforge model directory");
   a.option(config_flag, "FILE", "config.json of a .safetensors model (default: the one beside it)");
-  if (needs_tokenizer) a.option("tokenizer", "FILE", "llama2.c tokenizer (default: tokenizer.bin in a model directory, else tok512.bin beside the model)");
+  if (needs_tokenizer)
+    a.option("tokenizer", "FILE", "llama2.c tokenizer (default: tokenizer.bin, else tok512.bin, in a model directory; tok512.bin beside a model file)");
   a.option("threads", "N", "OpenMP threads (default: all cores)");
 }
 
@@ -130,17 +130,21 @@ inline model::transformer load_transformer(const args& a, std::function<void(ind
   return io::load_transformer(a.get("model"), o, requested_dtype(a));
 }
 
-/// --tokenizer, else the tokenizer a converted model directory carries, else tok512.bin beside the model.
+/// --tokenizer, else the tokenizer a converted model directory carries
+/// (tokenizer.bin, or tok512.bin in it), else tok512.bin beside the model
+/// file. A default that does not exist beside a model that does is an
+/// io_error naming it and --tokenizer: call this before loading the model,
+/// to fail before that work.
 inline std::string tokenizer_path(const args& a) {
   namespace fs = std::filesystem;
   if (a.has("tokenizer")) return a.get("tokenizer");
   const fs::path model(a.get("model"));
-  if (!fs::is_directory(model)) return (model.parent_path() / "tok512.bin").string();
-  if (fs::exists(model / "tokenizer.bin")) return (model / "tokenizer.bin").string();
-  return (model / "tok512.bin").string();
+  fs::path found = model.parent_path() / "tok512.bin";
+  if (fs::is_directory(model)) found = fs::exists(model / "tokenizer.bin") ? model / "tokenizer.bin" : model / "tok512.bin";
+  if (!fs::exists(found) && fs::exists(model))  // (a model that does not exist is the loader's to report)
+    throw io_error("tokenizer: no '" + found.string() + "', where the tokenizer of --model " + model.string() + " is looked for; pass --tokenizer FILE");
+  return found.string();
 }
-
-inline model::tokenizer load_tokenizer(const args& a, const model::config& c) { return model::load_tokenizer(tokenizer_path(a), c.vocab_size); }
 
 inline std::string read_text_file(const std::string& path) {
   const std::vector<char> bytes = moeforge::detail::read_whole_file(path, "text file");

@@ -147,6 +147,13 @@ class args {
     if (!ok(v)) throw usage_error(command_ + ": --" + name + " must be " + expected + ", got " + get(name));
     return v;
   }
+  /// The same for a value the library takes as a float: `ok` judges it as
+  /// that float, so a number that only a double holds (1e39 is Inf as a
+  /// float, 1e-50 is 0) is refused here rather than by the library.
+  template <class Ok>
+  float get_float(const std::string& name, Ok ok, const std::string& expected) const {
+    return float(get_double(name, [&](double v) { return ok(float(v)); }, expected));
+  }
 
   void print_help(std::ostream& out) const {
     out << "usage: " << command_ << " [options]\n\n" << summary_ << "\n\noptions:\n";

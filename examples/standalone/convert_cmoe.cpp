@@ -4,11 +4,14 @@
 // Usage: convert_cmoe DATA OUT [EVAL_WINDOWS]  (DATA: the folder holding
 // models/stories260K/ and data/, e.g. ../shared; EVAL_WINDOWS: 0 = all)
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
 
 #include <moeforge/moeforge.hpp>
+
+#include "arguments.hpp"
 
 static std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -22,9 +25,11 @@ int main(int argc, char** argv) try {
     return 2;
   }
   const std::string data = argv[1], out = argv[2], models = data + "/models/stories260K/";
+  // save_native would refuse it too, but only after the conversion.
+  if (std::filesystem::exists(out)) throw moeforge::config_error("OUT '" + out + "' exists: give a new directory");
   const std::string calib_text = read_text(data + "/data/tinystories_calib.txt");
   const std::string eval_text = read_text(data + "/data/tinystories_eval.txt");
-  const moeforge::index_t eval_windows = argc > 3 ? std::stoll(argv[3]) : 0;
+  const moeforge::index_t eval_windows = argc > 3 ? number_argument<moeforge::index_t>(argv[3], "EVAL_WINDOWS", 0, 1 << 30) : 0;
 
   // README begin
   auto w = moeforge::io::load_model(models + "stories260K.bin");  // .bin, HF dir, .safetensors + config, native dir

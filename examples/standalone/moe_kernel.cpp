@@ -10,9 +10,11 @@
 // conversion and file formats too, and compiles several times slower).
 #include <moeforge/runtime/moe_ffn.hpp>
 
+#include "arguments.hpp"
+
 int main(int argc, char** argv) try {
   using namespace moeforge;
-  const index_t hidden = 256, tokens = argc > 1 ? std::stoll(argv[1]) : 16;
+  const index_t hidden = 256, tokens = argc > 1 ? number_argument<index_t>(argv[1], "TOKENS", 0, 1 << 20) : 16;
   const auto random_ffn = [&](index_t width) {
     ffn f;  // SiLU-gated, rows are neurons: gate/up [width, H], down [H, width]
     f.gate = matrix::Random(width, hidden) * 0.1f;

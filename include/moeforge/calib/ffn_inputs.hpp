@@ -2,6 +2,7 @@
 // windows, and each layer's FFN inputs from the model as converted so far.
 #pragma once
 
+#include <exception>
 #include <functional>
 #include <vector>
 
@@ -36,7 +37,7 @@ inline matrix ffn_inputs(const model::weights& w, index_t layer, const std::vect
   std::vector<index_t> offset(windows.size() + 1, 0);
   for (std::size_t i = 0; i < windows.size(); ++i) offset[i + 1] = offset[i] + index_t(windows[i].size());
   // Windows write disjoint rows, so any thread count gives the same matrix.
-  std::vector<std::string> failure(windows.size());
+  std::vector<std::exception_ptr> failure(windows.size());
 #pragma omp parallel for schedule(dynamic, 1)
   for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(windows.size()); ++i) {
     try {
@@ -47,12 +48,12 @@ inline matrix ffn_inputs(const model::weights& w, index_t layer, const std::vect
         if (l == layer) x.middleRows(offset[std::size_t(i)], in.rows()) = in;
       };
       tr.forward(windows[std::size_t(i)], cache, opt);
-    } catch (const std::exception& e) {
-      failure[std::size_t(i)] = moeforge::detail::reason(e);
+    } catch (...) {
+      failure[std::size_t(i)] = std::current_exception();
     }
   }
   for (const auto& f : failure)
-    if (!f.empty()) throw error(moeforge::detail::cat("calibration forward pass failed: ", f));
+    if (f) moeforge::detail::rethrow_in_context(f, "calibration forward pass failed: ");
   return x;
 }
 

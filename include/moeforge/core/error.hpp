@@ -2,6 +2,7 @@
 // that names the file, tensor, field or option and what was expected.
 #pragma once
 
+#include <exception>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -61,6 +62,27 @@ std::string cat(Args&&... args) {
 inline std::string reason(const std::exception& e) {
   const std::string what = e.what(), prefix = "moeforge: ";
   return what.compare(0, prefix.size(), prefix) == 0 ? what.substr(prefix.size()) : what;
+}
+
+/// Throws what `failure` holds again as the same moeforge error type, its
+/// message after `context` (any other exception becomes a moeforge::error),
+/// so a caller can still catch a wrapped failure by its type.
+[[noreturn]] inline void rethrow_in_context(const std::exception_ptr& failure, const std::string& context) {
+  try {
+    std::rethrow_exception(failure);
+  } catch (const format_error& e) {
+    throw format_error(context + reason(e));
+  } catch (const shape_error& e) {
+    throw shape_error(context + reason(e));
+  } catch (const config_error& e) {
+    throw config_error(context + reason(e));
+  } catch (const value_error& e) {
+    throw value_error(context + reason(e));
+  } catch (const io_error& e) {
+    throw io_error(context + reason(e));
+  } catch (const std::exception& e) {
+    throw error(context + reason(e));
+  }
 }
 
 }  // namespace detail

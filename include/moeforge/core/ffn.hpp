@@ -35,6 +35,10 @@ struct ffn {
   bool gated() const { return released ? released->gated : gate.size() != 0; }
   index_t hidden() const { return released ? released->hidden : up.cols(); }
   index_t intermediate() const { return released ? released->intermediate : up.rows(); }
+  /// What a neuron costs a token, the unit work is counted in (routing's
+  /// route_stats, the models' active fractions): the weight rows it reads,
+  /// 3 gated (gate, up, down), 2 not.
+  double neuron_cost() const { return gated() ? 3.0 : 2.0; }
 };
 
 /// Passes m's storage to `reuse(matrix&&)` and leaves m empty.

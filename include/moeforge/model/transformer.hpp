@@ -452,6 +452,13 @@ class transformer {
     matrix normed(last.rows(), c.dim);
     rms_norm(last, w_.final_norm, normed);
     matrix logits = prepared() ? runtime::project(normed, packed_.classifier) : runtime::project(normed, w_.classifier());
+    // Finite hidden states (the FFNs' inputs are checked) give non-finite
+    // logits only from the final norm or the classifier, whose rows for
+    // tokens never fed reach nothing else.
+    for (index_t r = 0; r < logits.rows(); ++r)
+      if (!logits.row(r).allFinite())
+        throw value_error(cat("forward: the logits at position ", start + first + r,
+                              " are not all finite (a NaN or Inf in the final norm or the classifier's weights)"));
     clock.lap(&stage_times::head);
     return logits;
   }
@@ -572,7 +579,7 @@ class transformer {
     using moeforge::detail::cat;
     const auto& c = w_.config;
     if (start < 0 || start + n > c.seq_len)
-      throw config_error(cat(what, ": positions ", start, "..", start + n, " exceed the model's context of ", c.seq_len));
+      throw config_error(cat(what, ": positions ", start, "..", start + n - 1, " exceed the model's context of ", c.seq_len, " (positions 0..", c.seq_len - 1, ")"));
     const auto fits = [&](const std::vector<matrix>& side) {
       return index_t(side.size()) == c.n_layers && std::all_of(side.begin(), side.end(), [&](const matrix& m) {
                return m.rows() == c.n_kv_heads && m.cols() % c.head_dim == 0 && m.cols() == side.front().cols();

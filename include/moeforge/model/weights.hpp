@@ -101,25 +101,32 @@ inline index_t parameter_count(const weights& w) {
   return n;
 }
 
-/// FFN neurons computed per token over FFN neurons stored, summed over the
-/// layers: 1 for a dense model; (shared + top_k routed widths) / all widths
-/// for an MoE (routed widths averaged, since experts may differ; novices count 0).
+/// The FFN work a token asks for by configuration over the work of every
+/// stored neuron, summed over the layers, counted as runtime::count_work
+/// counts what eval measures (neurons by their neuron_cost(); a fitted
+/// router's multiply-adds / H, an oracle router every expert): 1 for a dense
+/// model; for an MoE its shared experts, top_k routed widths (averaged, since
+/// experts may differ; novices count 0) and its router. What eval measures
+/// when nothing is dropped.
 inline double active_ffn_fraction(const weights& w) {
   double active = 0, total = 0;
   for (const auto& l : w.layers) {
     if (const auto* f = std::get_if<ffn>(&l.ffn)) {
-      active += double(f->intermediate());
-      total += double(f->intermediate());
+      active += double(f->intermediate()) * f->neuron_cost();
+      total += double(f->intermediate()) * f->neuron_cost();
       continue;
     }
     const auto& m = std::get<moe_layer>(l.ffn);
     double routed = 0;
-    for (const auto& e : m.experts) routed += double(e.width());
+    for (const auto& e : m.experts)
+      if (!e.is_novice()) routed += double(e.width()) * e.weights.neuron_cost();
     for (const auto& s : m.shared) {
-      active += double(s.weights.intermediate());
-      total += double(s.weights.intermediate());
+      active += double(s.weights.intermediate()) * s.weights.neuron_cost();
+      total += double(s.weights.intermediate()) * s.weights.neuron_cost();
     }
     active += routed * double(m.router.top_k) / double(m.experts.size());
+    if (m.router.kind == router_kind::oracle) active += routed;
+    if (m.hidden() > 0) active += m.router.fitted_macs() / double(m.hidden());
     total += routed;
   }
   return total > 0 ? active / total : 1.0;

@@ -470,7 +470,8 @@ inline void moe_forward(const moe_layer& m, const routing_plan& plan, const_matr
   detail::moe_forward_packed(m, nullptr, plan, x, y);
 }
 
-/// Routes x with the layer's router and runs every selected expert in full.
+/// Routes x with the layer's router and runs the work its drop policy keeps
+/// (route(): every selected expert in full when it has none).
 inline matrix moe_forward(const moe_layer& m, const_matrix_ref x) {
   matrix y(x.rows(), m.hidden());
   moe_forward(m, route(m, x), x, y);

@@ -283,10 +283,6 @@ struct route_stats {
   }
 };
 
-namespace detail {
-inline double neuron_cost(const ffn& f) { return f.gated() ? 3.0 : 2.0; }
-}  // namespace detail
-
 /// Contiguous placement of E experts on D groups (expert e on group ⌊e·D/E⌋).
 inline std::vector<index_t> contiguous_placement(index_t experts, index_t groups) {
   std::vector<index_t> g(static_cast<std::size_t>(experts));
@@ -304,7 +300,7 @@ inline std::vector<double> group_work(const moe_layer& m, const selection& sel, 
   for (std::size_t i = 0; i < sel.expert.size(); ++i) {
     const auto& e = m.experts[std::size_t(sel.expert[i])];
     if (e.is_novice()) continue;
-    const double c = detail::neuron_cost(e.weights);
+    const double c = e.weights.neuron_cost();
     const auto w = routed ? pair_work::full : sel.work[i];
     const double neurons = w == pair_work::full ? double(e.width()) : w == pair_work::major ? double(e.major_width()) : 0.0;
     load[std::size_t(placement[std::size_t(sel.expert[i])])] += neurons * c;
@@ -316,7 +312,7 @@ inline std::vector<double> group_work(const moe_layer& m, const selection& sel, 
 inline route_stats dense_stats(const ffn& f, index_t tokens) {
   route_stats r;
   r.tokens = tokens;
-  r.shared = r.stored = double(tokens) * double(f.intermediate()) * detail::neuron_cost(f);
+  r.shared = r.stored = double(tokens) * double(f.intermediate()) * f.neuron_cost();
   return r;
 }
 
@@ -326,9 +322,9 @@ inline route_stats count_work(const moe_layer& m, const selection& sel) {
   route_stats r;
   r.tokens = sel.tokens;
   double shared = 0, all = 0;
-  for (const auto& s : m.shared) shared += double(s.weights.intermediate()) * detail::neuron_cost(s.weights);
+  for (const auto& s : m.shared) shared += double(s.weights.intermediate()) * s.weights.neuron_cost();
   for (const auto& e : m.experts)
-    if (!e.is_novice()) all += double(e.width()) * detail::neuron_cost(e.weights);
+    if (!e.is_novice()) all += double(e.width()) * e.weights.neuron_cost();
   r.shared = shared * double(sel.tokens);
   r.stored = (shared + all) * double(sel.tokens);
   if (m.hidden() > 0) r.router = m.router.fitted_macs() / double(m.hidden()) * double(sel.tokens);
@@ -336,7 +332,7 @@ inline route_stats count_work(const moe_layer& m, const selection& sel) {
   for (std::size_t i = 0; i < sel.expert.size(); ++i) {
     const auto& e = m.experts[std::size_t(sel.expert[i])];
     if (e.is_novice()) continue;
-    const double c = detail::neuron_cost(e.weights);
+    const double c = e.weights.neuron_cost();
     r.selected += double(e.width()) * c;
     if (sel.work[i] == pair_work::full) r.kept += double(e.width()) * c;
     if (sel.work[i] == pair_work::major) r.kept += double(e.major_width()) * c;
