@@ -7,9 +7,11 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -96,6 +98,17 @@ nlohmann::json bench_rows(std::vector<std::string> args, const temp_dir& scratch
   INFO(o.err);
   REQUIRE(o.code == 0);
   return read_json(json);
+}
+
+void write_text(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+/// The names of the files in `dir` that start with `prefix` (a destination and any temporary beside it).
+std::vector<std::string> files_starting(const fs::path& dir, const std::string& prefix) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename().string().rfind(prefix, 0) == 0) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
 }
 
 }  // namespace
@@ -555,4 +568,38 @@ TEST_CASE("moeforge-bench model writes a row per layout and type, its decode jud
   CHECK(rows[1]["dense_decode_tok_s"].get<double>() > 0);
   CHECK(rows[1]["decode_vs_dense"].get<double>() == Approx(rows[1]["decode_tok_s"].get<double>() / rows[1]["dense_decode_tok_s"].get<double>()));
   require_usage_error(run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--rounds", "0"}, scratch), "--rounds");
+}
+
+TEST_CASE("moeforge-bench --json: a destination that is not a file is refused before the run; no file but the destination is ever touched") {
+  const temp_dir scratch;
+  const std::vector<std::string> model{"model", "--shape", "tiny", "--layers", "1", "--moe", "", "--dtype", "f32",
+                                       "--context", "64", "--decode-steps", "2", "--rounds", "1", "--json"};
+  // A directory: refused at the start (it used to fail at the rename, after the run, leaving DIR.tmp).
+  fs::create_directory(scratch / "adir");
+  auto args = model;
+  args.push_back(scratch / "adir");
+  const auto dir = run(MOEFORGE_BENCH, args, scratch);
+  CHECK(dir.code == 1);
+  CHECK_THAT(dir.err, Catch::Contains("adir") && Catch::Contains("not a regular file"));
+  CHECK(dir.out.empty());
+  CHECK(fs::is_directory(scratch / "adir"));
+  CHECK(files_starting(scratch.path(), "adir") == std::vector<std::string>{"adir"});
+
+  // A user's FILE.tmp is neither the probe's nor the writer's temporary, and
+  // a failed run leaves an existing FILE as it was.
+  const std::string rows = scratch / "r.json", theirs = scratch / "r.json.tmp";
+  write_text(theirs, "user data");
+  write_text(rows, "previous rows");
+  const auto failed = run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--rounds", "0", "--json", rows}, scratch);
+  CHECK(failed.code == 2);
+  CHECK(file_bytes(theirs) == "user data");
+  CHECK(file_bytes(rows) == "previous rows");
+  args = model;
+  args.push_back(rows);
+  const auto ok = run(MOEFORGE_BENCH, args, scratch);
+  INFO(ok.err);
+  REQUIRE(ok.code == 0);
+  CHECK(read_json(rows).size() == 1);
+  CHECK(file_bytes(theirs) == "user data");
+  CHECK(files_starting(scratch.path(), "r.json") == std::vector<std::string>{"r.json", "r.json.tmp"});
 }
