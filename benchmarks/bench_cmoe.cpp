@@ -100,10 +100,11 @@ int bench_cmoe(int argc, char** argv) {
   const std::string part = a.get("part");
   if (part != "all" && part != "paper" && part != "recipes")
     throw usage_error("moeforge-bench cmoe: --part must be all, paper or recipes, got '" + part + "'");
-  const bench::stories data = bench::load_stories(a.get("data"), a.get_int("calib-tokens"));
+  const auto counts = bench::read_stories_counts(a);
+  const index_t windows = counts.eval_windows, steps = counts.decode_steps;
+  const bench::stories data = bench::load_stories(a.get("data"), counts.calib_tokens);
   const model::weights& dense = data.dense;
   const auto& eval = data.eval;
-  const index_t windows = a.get_int("eval-windows"), steps = a.get_int("decode-steps");
   const index_t neurons = std::get<ffn>(dense.layers[0].ffn).intermediate();
 
   const double dense_ppl = model::perplexity(model::transformer(dense), eval, 512, windows).ppl;
@@ -136,7 +137,7 @@ int bench_cmoe(int argc, char** argv) {
   out.push_back({{"config", "dense"}, {"method", "dense"}, {"ka", nullptr}, {"leftover", nullptr}, {"active_fraction", 1.0},
                  {"ppl", dense_ppl}, {"dense_ppl", dense_ppl}, {"decode_tok_s", dense_tps}, {"dense_decode_tok_s", dense_tps}});
   std::printf("stories260K (I = %lld), %lld calibration tokens, tinystories eval ctx 512\n", (long long)neurons,
-              (long long)a.get_int("calib-tokens"));
+              (long long)counts.calib_tokens);
   std::printf("%-9s %-14s %-5s %-9s %-7s %-10s %-8s %s\n", "config", "method", "ka", "leftover", "active", "ppl", "ppl/dense", "decode tok/s");
   std::printf("%-9s %-14s %-5s %-9s %-7.3f %-10.4f %-8.3f %.0f\n", "dense", "dense", "-", "-", 1.0, dense_ppl, 1.0, dense_tps);
   std::fflush(stdout);

@@ -45,14 +45,16 @@ int bench_convert(int argc, char** argv) {
       .flag("no-peak", "skip the FMA-peak probe (fraction of peak not reported)")
       .flag("json", "print one JSON object instead of a table");
   if (!a.parse(argc, argv)) return 0;
-  const index_t h = a.get_int("hidden"), n = a.get_int("intermediate"), t = a.get_int("tokens");
-  if (h < 1 || n < 1 || t < 1) throw usage_error("moeforge-bench convert: --hidden, --intermediate and --tokens must be positive");
+  const index_t h = a.get_int("hidden", 1), n = a.get_int("intermediate", 1), t = a.get_int("tokens", 1);
   convert::cmoe_options opt;
-  opt.config = convert::parse_cmoe_config(a.get("config"));
-  opt.ka = a.get_int("ka");
-  opt.block = a.get_int("block");
-
-  const convert::cmoe_preset preset = convert::parse_cmoe_preset(a.get("preset"));
+  opt.config = a.get_parsed("config", [n](const std::string& text) {
+    const convert::cmoe_config c = convert::parse_cmoe_config(text);
+    convert::validate(c, n);
+    return c;
+  });
+  opt.ka = a.get_int("ka", 1);
+  opt.block = a.get_int("block", 1);
+  const convert::cmoe_preset preset = a.get_parsed("preset", convert::parse_cmoe_preset);
 
   ffn f;
   f.gate = random_matrix(n, h, 1);

@@ -5,10 +5,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <random>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -16,6 +17,8 @@
 #include "dualsparse_quality.hpp"
 #include "json_out.hpp"
 #include "machine.hpp"
+#include "options.hpp"
+#include "stories.hpp"
 #include "moeforge/convert/dualsparse.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
 #include "moeforge/runtime/prepared.hpp"
@@ -186,11 +189,11 @@ std::vector<nlohmann::json> speed(const speed_options& o) {
   return rows;
 }
 
-std::vector<double> parse_doubles(const std::string& s) {
-  std::vector<double> v;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');) v.push_back(std::stod(item));
-  return v;
+/// A policy of --policies: one with a threshold to calibrate to each drop rate (not none).
+drop_kind parse_dropping_kind(const std::string& text) {
+  for (const drop_kind k : all_drop_kinds)
+    if (k != drop_kind::none && text == drop_kind_name(k)) return k;
+  throw config_error("drop policy '" + text + "': expected 1t, 2t, naee or top-p");
 }
 
 std::string load_average() {
@@ -206,8 +209,8 @@ int bench_dualsparse(int argc, char** argv) {
   namespace ds = dualsparse_bench;
   args a("moeforge-bench dualsparse", std::string("DualSparse-MoE: measured kernel speedup at each drop rate.\n\n") + ds::speed_help);
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
-      .option("tokens", "LIST", "speed: comma-separated token counts per call", "1,64,512")
-      .option("drop-rates", "LIST", "speed: target drop rates", "0,0.1,0.2,0.3,0.4")
+      .option("tokens", "LIST", "speed: comma-separated token counts per call (1 to 65536)", "1,64,512")
+      .option("drop-rates", "LIST", "target drop rates, each in [0, 1)", "0,0.1,0.2,0.3,0.4")
       .option("policies", "LIST", "speed: drop policies (1t, 2t, naee, top-p)", "1t,2t")
       .option("reps", "N", "speed: timed samples of full and of dropped per row (medians)", "15")
       .option("sigma", "S", "speed: spread of the generated router logits", "2")
@@ -224,39 +227,30 @@ int bench_dualsparse(int argc, char** argv) {
   if (!a.parse(argc, argv)) return 0;
   const bench::json_output json = bench::json_option(a);
   ds::speed_options o;
-  o.threads = a.get_int("threads") > 0 ? int(a.get_int("threads")) : omp_get_max_threads();
-  omp_set_num_threads(o.threads);
-  o.drop_rates = ds::parse_doubles(a.get("drop-rates"));
-  for (const double d : o.drop_rates)
-    if (!(d >= 0 && d < 1)) throw usage_error("moeforge-bench dualsparse: --drop-rates: " + std::to_string(d) + " is outside [0, 1)");
-  o.tokens.clear();
-  for (const double t : ds::parse_doubles(a.get("tokens"))) o.tokens.push_back(index_t(t));
-  o.policies.clear();
-  {
-    std::stringstream in(a.get("policies"));
-    for (std::string item; std::getline(in, item, ',');) o.policies.push_back(parse_drop_kind(item));
-  }
-  o.reps = std::max(1, int(a.get_int("reps")));
-  o.sigma = float(a.get_double("sigma"));
+  const long long threads = a.get_int("threads", 0, std::numeric_limits<int>::max());
+  o.tokens = a.get_list("tokens", bench::parse_token_count, "a token count");
+  o.drop_rates = a.get_list("drop-rates", bench::parse_fraction, "a drop rate in [0, 1)");
+  o.policies = a.get_list("policies", ds::parse_dropping_kind, "1t, 2t, naee, top-p");
+  o.reps = int(a.get_int("reps", 1, std::numeric_limits<int>::max()));
+  o.sigma = float(a.get_double("sigma", [](double s) { return s > 0 && std::isfinite(float(s)); }, "positive and finite"));
   if (a.flag_set("quick")) o.reps = 5, o.tokens = {1, 64};
   o.unpacked = a.flag_set("unpacked");
+  ds::quality_options q;
+  q.data = a.get("data");
+  if (a.has("model")) q.model = a.get("model");
+  q.configs = bench::cmoe_config_list(a, "configs");
+  q.drop_rates = o.drop_rates;
+  q.calib_tokens = a.get_int("calib-tokens", 1);
+  q.eval_windows = a.get_int("eval-windows", 0);
+  o.threads = threads > 0 ? int(threads) : omp_get_max_threads();
+  omp_set_num_threads(o.threads);
 
   o.gbps = bench::probe_read_gbps(o.threads);
   std::printf("machine: %.1f GB/s DRAM read (%d threads); load average %s\n", o.gbps, o.threads, ds::load_average().c_str());
   std::vector<nlohmann::json> rows;
   if (!a.flag_set("quality-only")) rows = ds::speed(o);
-  if (!a.flag_set("speed-only")) {
-    ds::quality_options q;
-    q.data = a.get("data");
-    if (a.has("model")) q.model = a.get("model");
-    q.configs.clear();
-    std::stringstream in(a.get("configs"));
-    for (std::string item; std::getline(in, item, ',');) q.configs.push_back(item);
-    q.drop_rates = o.drop_rates;
-    q.calib_tokens = a.get_int("calib-tokens");
-    q.eval_windows = a.get_int("eval-windows");
+  if (!a.flag_set("speed-only"))
     for (auto& r : ds::quality(q)) rows.push_back(std::move(r));
-  }
   std::printf("load average after: %s\n", ds::load_average().c_str());
   json.write(rows);
   return 0;

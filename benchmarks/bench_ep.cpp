@@ -102,12 +102,13 @@ int bench_ep(int argc, char** argv) {
     const double threshold = a.get_double("threshold", [](double t) { return t >= 0 && t <= 1; }, "in [0, 1]");
     const bool from_file = a.has("model");
     if (from_file && (threshold > 0 || a.has("moe"))) throw usage_error("moeforge-bench ep: --threshold and --moe apply to synthetic models, not --model");
-    const auto& shape = bench::find_shape(a.get("shape"));
+    const bench::model_shape shape = a.get_parsed("shape", bench::find_shape);
     if (!from_file && !shape.experts && !a.has("moe"))
       throw usage_error("moeforge-bench ep: --shape must be an MoE shape (mixtral-mini), or give --moe to lay a dense one out as an MoE");
-    model::weights w = from_file ? model::weights()
-                                 : bench::synthetic_model(shape, layers, a.has("moe") ? a.get("moe") : "", std::uint64_t(a.get_int("seed")),
-                                                          tokens + steps + 8);
+    const std::string moe = a.has("moe") ? a.get("moe") : "";
+    if (!from_file && !moe.empty()) a.get_parsed("moe", [&](const std::string& m) { return bench::moe_layout(shape, m); });
+    const std::uint64_t seed = std::uint64_t(a.get_int("seed", 0));
+    model::weights w = from_file ? model::weights() : bench::synthetic_model(shape, layers, moe, seed, tokens + steps + 8);
     auto placement = from_file ? distributed::placement() : distributed::contiguous_placement(w, ranks, shared);
     std::vector<double> drop_before, drop_after;  // per MoE layer, on the prefill tokens
     if (threshold > 0) {

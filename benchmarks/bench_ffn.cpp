@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -17,6 +18,7 @@
 #include "args.hpp"
 #include "json_out.hpp"
 #include "machine.hpp"
+#include "options.hpp"
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
 #include "moeforge/runtime/prepared.hpp"
@@ -89,11 +91,19 @@ moe_shape parse_shape(const std::string& text) {
   if (text == "qwen3-30b-a3b") return {text, 128, 768, 8};
   if (text == "dsv2-lite") return {text, 64, 1408, 6, 1, 2816};
   long long h = 0, e = 0, i = 0, k = 0, s = 0;
-  char tail = 0;
-  const int got = std::sscanf(text.c_str(), "%lldx%lldx%lld/%lld+%lld%c", &h, &e, &i, &k, &s, &tail);
-  if ((got != 4 && got != 5) || h != hidden || e < 1 || i < 1 || k < 1 || k > e || s < 0)
+  // `used` ends where the last field read ended: text after the form (or
+  // signs and spaces sscanf would skip inside it) is refused, not ignored.
+  int used = -1;
+  std::sscanf(text.c_str(), "%lldx%lldx%lld/%lld%n+%lld%n", &h, &e, &i, &k, &used, &s, &used);
+  if (used != int(text.size()) || text.find_first_not_of("0123456789x/+") != std::string::npos || h != hidden || e < 1 || i < 1 || k < 1 ||
+      k > e)
     throw config_error("'" + text + "': expected E8A2, S1A1E8, S3A3E8, qwen3-30b-a3b, dsv2-lite or HxExI/k[+S] with H = " +
                        std::to_string(hidden) + ", 1 <= k <= E");
+  // A layer that cannot fit in memory would end the run in bad_alloc once built.
+  const double bytes = 3.0 * double(hidden) * (double(e) * double(i) + double(s)) * sizeof(float), memory = bench::physical_memory_bytes();
+  if (memory > 0 && bytes > memory)
+    throw config_error(moeforge::detail::cat("'", text, "': its F32 weights take ", bytes / 1e9, " GB, more than this machine's ", memory / 1e9,
+                                             " GB of memory"));
   return {text, e, i, k, s > 0 ? 1 : 0, s};
 }
 
@@ -291,14 +301,6 @@ void report(const ffn_row& r, const run_probes& start, nlohmann::json& rows) {
   rows.push_back(std::move(row));
 }
 
-/// A token count of --tokens: a positive integer.
-index_t parse_token_count(const std::string& text) {
-  char* end = nullptr;
-  const long long v = std::strtoll(text.c_str(), &end, 10);
-  if (end != text.c_str() + text.size() || v < 1) throw config_error("'" + text + "' is not a positive token count");
-  return index_t(v);
-}
-
 }  // namespace
 
 int bench_ffn(int argc, char** argv) {
@@ -321,7 +323,7 @@ int bench_ffn(int argc, char** argv) {
          "m/f32 and d/f32 are a BF16 row's MoE and dense times over the F32 layers', measured side by side (with f32\n"
          "in --dtype; d/f32 for the split shapes, which are compared with the dense layer).");
   a.option("threads", "N", "OpenMP threads (0 = all)", "0")
-      .option("tokens", "LIST", "comma-separated token counts", "1,8,64,512")
+      .option("tokens", "LIST", "comma-separated token counts (1 to 65536 each)", "1,8,64,512")
       .option("shape", "LIST",
               "more MoE layers beside E8A2, S1A1E8, S3A3E8 (the dense I = 5632 split, also by name with --only-shapes): "
               "qwen3-30b-a3b (128 experts of 768, top 8), dsv2-lite (64 of 1408, top 6, a shared expert of 2816), or HxExI/k[+S]")
@@ -332,10 +334,8 @@ int bench_ffn(int argc, char** argv) {
   if (!a.parse(argc, argv)) return 0;
   const bench::json_output json = bench::json_option(a);
   const bool quick = a.flag_set("quick");
-  const int threads = a.get_int("threads") > 0 ? int(a.get_int("threads")) : omp_get_max_threads();
-  omp_set_num_threads(threads);
-  Eigen::setNbThreads(threads);
-  const auto token_counts = quick ? std::vector<index_t>{1, 64} : a.get_list("tokens", parse_token_count, "a positive token count");
+  const long long threads_given = a.get_int("threads", 0, std::numeric_limits<int>::max());
+  const auto token_counts = quick ? std::vector<index_t>{1, 64} : a.get_list("tokens", bench::parse_token_count, "a token count");
   std::vector<moe_shape> shapes;
   if (!a.flag_set("only-shapes")) shapes = split_shapes();
   if (a.has("shape"))
@@ -346,6 +346,9 @@ int bench_ffn(int argc, char** argv) {
   for (auto t = types.begin(); t != types.end(); ++t)
     if (std::find(types.begin(), t, *t) != t)
       throw usage_error("moeforge-bench ffn: --dtype lists " + std::string(dtype_name(*t)) + " twice");
+  const int threads = threads_given > 0 ? int(threads_given) : omp_get_max_threads();
+  omp_set_num_threads(threads);
+  Eigen::setNbThreads(threads);
   const double run_gbps = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
   const bool any_bf16 = std::find(types.begin(), types.end(), dtype::bf16) != types.end();
   const double bf16_peak = any_bf16 && runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;

@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <fstream>
 #include <optional>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -27,14 +26,6 @@ double decode_speed(const model::weights& w, index_t steps) {
   return best;
 }
 
-std::vector<std::string> split(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 }  // namespace
 
 int bench_mone(int argc, char** argv) {
@@ -50,14 +41,20 @@ int bench_mone(int argc, char** argv) {
               "default");
   if (!a.parse(argc, argv)) return 0;
   const bench::json_output json = bench::json_option(a);
-  std::vector<std::optional<convert::prune_replacement>> replacements;
-  for (const auto& r : split(a.get("replacements")))
-    replacements.push_back(r == "default" ? std::nullopt : std::optional(convert::parse_replacement(r)));
-  const bench::stories data = bench::load_stories(a.get("data"), a.get_int("calib-tokens"));
-  const index_t windows = a.get_int("eval-windows"), steps = a.get_int("decode-steps");
+  const auto replacements = a.get_list(
+      "replacements",
+      [](const std::string& r) -> std::optional<convert::prune_replacement> {
+        if (r == "default") return std::nullopt;
+        return convert::parse_replacement(r);
+      },
+      "default, novice, zero, remove");
+  const auto configs = bench::cmoe_config_list(a, "configs");
+  const auto counts = bench::read_stories_counts(a);
+  const index_t windows = counts.eval_windows, steps = counts.decode_steps;
+  const bench::stories data = bench::load_stories(a.get("data"), counts.calib_tokens);
 
   std::printf("stories260K, %lld calibration tokens, tinystories eval ctx 512%s; work = FFN neuron products per token / unpruned\n",
-              (long long)a.get_int("calib-tokens"), windows > 0 ? (" (" + std::to_string(windows) + " windows)").c_str() : "");
+              (long long)counts.calib_tokens, windows > 0 ? (" (" + std::to_string(windows) + " windows)").c_str() : "");
   std::printf("%-8s %-10s %-8s %-6s %-7s %-10s %-9s %-6s %-9s %s\n", "config", "method", "replace", "ratio", "pruned", "ppl", "ppl/base",
               "work", "model KB", "decode tok/s");
   nlohmann::json rows = nlohmann::json::array();
@@ -79,7 +76,7 @@ int bench_mone(int argc, char** argv) {
     return m;
   };
 
-  for (const auto& config : split(a.get("configs"))) {
+  for (const auto& config : configs) {
     const model::weights base = bench::cmoe_model(data, config);
     const measured unpruned = emit(config, "unpruned", "-", 0.0, 0, base, nullptr);
     for (const auto method : convert::all_mone_methods) {

@@ -4,12 +4,12 @@
 // and decode and prefill speed, all measured in this run.
 #include <cstdio>
 #include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "args.hpp"
 #include "json_out.hpp"
+#include "options.hpp"
 #include "moeforge/convert/dualsparse.hpp"
 #include "moeforge/convert/mone.hpp"
 #include "stories.hpp"
@@ -25,16 +25,19 @@ int bench_pipeline(int argc, char** argv) {
          "per-call overhead, so the speed columns understate what dropping and pruning save on large layers; see\n"
          "`moeforge-bench dualsparse` for the kernel speedups on a Mixtral-shaped layer.");
   bench::add_stories_options(a);
-  a.option("configs", "LIST", "CMoE configurations", "S2A4E8,S1A3E8")
-      .option("drop-rate", "D", "DualSparse target drop rate", "0.2")
-      .option("prune-ratio", "R", "MoNE pruning ratio", "0.25");
+  a.option("configs", "LIST", "CMoE configurations ('' for the dense row alone)", "S2A4E8,S1A3E8")
+      .option("drop-rate", "D", "DualSparse target drop rate, in [0, 1)", "0.2")
+      .option("prune-ratio", "R", "MoNE pruning ratio, in [0, 1)", "0.25");
   if (!a.parse(argc, argv)) return 0;
   const bench::json_output json = bench::json_option(a);
-  const bench::stories data = bench::load_stories(a.get("data"), a.get_int("calib-tokens"));
-  const index_t windows = a.get_int("eval-windows"), steps = a.get_int("decode-steps");
+  const auto configs = a.get("configs").empty() ? std::vector<std::string>() : bench::cmoe_config_list(a, "configs");
+  const double drop_rate = a.get_parsed("drop-rate", bench::parse_fraction), prune_ratio = a.get_parsed("prune-ratio", bench::parse_fraction);
+  const auto counts = bench::read_stories_counts(a);
+  const index_t windows = counts.eval_windows, steps = counts.decode_steps;
+  const bench::stories data = bench::load_stories(a.get("data"), counts.calib_tokens);
 
   nlohmann::json rows = nlohmann::json::array();
-  std::printf("stories260K, %lld calibration tokens, tinystories eval ctx 512\n", (long long)a.get_int("calib-tokens"));
+  std::printf("stories260K, %lld calibration tokens, tinystories eval ctx 512\n", (long long)counts.calib_tokens);
   std::printf("%-40s %10s %9s %9s %10s %12s %13s\n", "model", "ppl", "ppl/dense", "FFN work", "params", "decode tok/s", "prefill tok/s");
   double dense_ppl = 0, dense_work = 0;
   auto measure = [&](const std::string& name, const model::weights& w) {
@@ -58,19 +61,18 @@ int bench_pipeline(int argc, char** argv) {
     convert::dualsparse_options o;
     o.metric = calib::importance_metric::abs_act;
     o.policy.kind = drop_kind::two_t;
-    o.drop_rate = a.get_double("drop-rate");
+    o.drop_rate = drop_rate;
     convert::dualsparse_model(w, data.inputs(), o);
     return w;
   };
   auto prune = [&](model::weights w) {
     convert::mone_options o;
-    o.ratio = a.get_double("prune-ratio");
+    o.ratio = prune_ratio;
     convert::mone_model(w, data.inputs(), o);
     return w;
   };
   measure("dense", data.dense);
-  std::stringstream configs(a.get("configs"));
-  for (std::string config; std::getline(configs, config, ',');) {
+  for (const auto& config : configs) {
     const model::weights cmoe = bench::cmoe_model(data, config);
     const std::string drop = " + 2t drop " + a.get("drop-rate"), mone = " + MoNE " + a.get("prune-ratio");
     measure("CMoE " + config, cmoe);

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -139,6 +140,11 @@ int bench_convert_model(int argc, char** argv) {
   if (method != "cmoe" && method != "dualsparse" && method != "mone") throw usage_error(method + ": --method must be cmoe, dualsparse or mone");
   if ((method == "cmoe") != (shape.experts == 0))
     throw usage_error("--method " + method + " on shape '" + shape.name + "': cmoe converts a dense shape, dualsparse and mone an MoE one");
+  const dtype stored = parse_dtype_option(a);
+  const index_t shards = index_t(a.get_int("shards", 1));
+  // Checked here, not left to the converting process: OpenMP would ignore a bad
+  // OMP_NUM_THREADS (with a warning) after the checkpoint had been written.
+  const long long threads = a.has("threads") ? a.get_int("threads", 1, std::numeric_limits<int>::max()) : 0;
   namespace fs = std::filesystem;
   const fs::path work = fs::path(a.get("tmp")) / ("moeforge-convert-model." + std::to_string(::getpid()));
   struct cleanup {
@@ -151,7 +157,7 @@ int bench_convert_model(int argc, char** argv) {
   fs::create_directories(work);
   const auto t_make = std::chrono::steady_clock::now();
   const std::uint64_t bytes =
-      bench::write_synthetic_hf(shape, layers, parse_dtype_option(a), index_t(a.get_int("shards", 1)), 1, (work / "source").string(), std::max<index_t>(ctx, 2048));
+      bench::write_synthetic_hf(shape, layers, stored, shards, 1, (work / "source").string(), std::max<index_t>(ctx, 2048));
   const double make_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_make).count();
 
   std::vector<std::string> child{"/proc/self/exe", "convert-model", "--child", "--model", (work / "source").string(), "--out", (work / "out").string(),
@@ -160,11 +166,12 @@ int bench_convert_model(int argc, char** argv) {
   std::vector<char*> cargv;
   for (auto& s : child) cargv.push_back(s.data());
   cargv.push_back(nullptr);
+  const std::string omp_threads = std::to_string(threads);  // made before fork: the child only execs
   const auto t0 = std::chrono::steady_clock::now();
   const pid_t pid = ::fork();
   if (pid < 0) throw io_error("convert-model: cannot fork");
   if (pid == 0) {
-    if (a.has("threads")) ::setenv("OMP_NUM_THREADS", a.get("threads").c_str(), 1);
+    if (threads > 0) ::setenv("OMP_NUM_THREADS", omp_threads.c_str(), 1);
     ::execv("/proc/self/exe", cargv.data());
     std::_Exit(127);
   }
@@ -196,7 +203,7 @@ int bench_convert_model(int argc, char** argv) {
                      {"peak_rss_mb", peak_mb},
                      {"model_bytes", bytes},
                      {"make_seconds", make_seconds},
-                     {"threads", a.has("threads") ? a.get_int("threads", 1) : 0}};
+                     {"threads", threads}};
   const std::string what = method == "cmoe" ? a.get("config") + " " + a.get("preset") : method;
   std::printf("%s, %lld layers, %s, %s: %.1f s (%.2f s/layer; CPU %.1f s, load average %.1f), peak RSS %.0f MB, model %.2f GB\n",
               shape.name.c_str(), (long long)layers, a.get("dtype").c_str(), what.c_str(),

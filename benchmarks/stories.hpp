@@ -5,6 +5,7 @@
 
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,28 @@ inline void add_stories_options(cli::args& a) {
       .option("eval-windows", "N", "evaluation windows of 512 tokens (0 = all)", "0")
       .option("decode-steps", "N", "greedy decode steps for tok/s", "256")
       .option("json", "FILE", "also write the rows as a JSON array to FILE");
+}
+
+/// The counts add_stories_options adds, each checked (a count at least 1,
+/// --eval-windows at least 0) before anything is loaded.
+struct stories_counts {
+  index_t calib_tokens, eval_windows, decode_steps;
+};
+inline stories_counts read_stories_counts(const cli::args& a) {
+  return {index_t(a.get_int("calib-tokens", 1)), index_t(a.get_int("eval-windows", 0)), index_t(a.get_int("decode-steps", 1))};
+}
+
+/// A list option of CMoE configurations of stories260K, each parsed and
+/// checked for what no FFN could take (S >= E, A outside 1..E-S) before the
+/// model is loaded; its width (172 neurons) is checked by each conversion.
+inline std::vector<std::string> cmoe_config_list(const cli::args& a, const std::string& name) {
+  return a.get_list(
+      name,
+      [](const std::string& text) {
+        convert::validate(convert::parse_cmoe_config(text), std::numeric_limits<index_t>::max());
+        return text;
+      },
+      "S{shared}A{active}E{experts}, e.g. S1A3E8");
 }
 
 inline stories load_stories(const std::string& root, index_t calib_tokens) {

@@ -99,6 +99,16 @@ inline moe_layer random_moe(random_tensors& rnd, index_t hidden, index_t shared,
   return m;
 }
 
+/// The CMoE layout "S{s}A{a}E{e}" of the dense shape `s`, parsed and checked
+/// against its FFN width: what synthetic_model lays each FFN out as, for a
+/// command to refuse a bad --moe before it builds anything.
+inline convert::cmoe_config moe_layout(const model_shape& s, const std::string& moe) {
+  if (s.experts) throw config_error("layout '" + moe + "': shape '" + s.name + "' is already an MoE");
+  const convert::cmoe_config layout = convert::parse_cmoe_config(moe);
+  convert::validate(layout, s.intermediate);
+  return layout;
+}
+
 /// The shape's model with `layers` layers (≤ 0: the shape's own count). `moe`
 /// empty keeps the shape's FFNs; "S{s}A{a}E{e}" lays each dense FFN out as
 /// CMoE would (s shared and e − s routed experts of I/e neurons, top-a) with a
@@ -122,12 +132,7 @@ inline model::weights synthetic_model(const model_shape& s, index_t layers, cons
   w.lm_head = rnd.make(s.vocab, s.dim);
   w.final_norm = vector::Ones(s.dim);
   const index_t q = s.heads * c.head_dim, kv = s.kv_heads * c.head_dim;
-  convert::cmoe_config layout;
-  if (!moe.empty()) {
-    if (s.experts) throw config_error("--moe " + moe + ": shape '" + s.name + "' is already an MoE");
-    layout = convert::parse_cmoe_config(moe);
-    convert::validate(layout, s.intermediate);
-  }
+  const convert::cmoe_config layout = moe.empty() ? convert::cmoe_config() : moe_layout(s, moe);
   for (index_t l = 0; l < c.n_layers; ++l) {
     model::layer L;
     L.attn_norm = vector::Ones(s.dim);

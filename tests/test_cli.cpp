@@ -568,6 +568,86 @@ TEST_CASE("moeforge-bench model writes a row per layout and type, its decode jud
   CHECK(rows[1]["dense_decode_tok_s"].get<double>() > 0);
   CHECK(rows[1]["decode_vs_dense"].get<double>() == Approx(rows[1]["decode_tok_s"].get<double>() / rows[1]["dense_decode_tok_s"].get<double>()));
   require_usage_error(run(MOEFORGE_BENCH, {"model", "--shape", "tiny", "--rounds", "0"}, scratch), "--rounds");
+  // The keys keep the default's name whatever --context is; --help says so.
+  CHECK(rows[0]["prefill_long_tokens"] == 64);
+  CHECK(rows[0]["decode_long_context"] == 64);
+  const auto help = run(MOEFORGE_BENCH, {"model", "--help"}, scratch);
+  CHECK(help.out.find("prefill512_tok_s") != std::string::npos);
+  CHECK(help.out.find("decode_ctx512_tok_s") != std::string::npos);
+}
+
+TEST_CASE("moeforge-bench checks every option before it loads, measures or writes anything: exit 2 naming the option") {
+  const temp_dir scratch;
+  // stories260K's benchmarks get a data directory that does not exist: an
+  // option checked only after loading would fail there instead (exit 1).
+  const std::string no_data = scratch / "no-data";
+  const std::vector<std::string> dualsparse{"dualsparse", "--data", no_data}, model{"model", "--shape", "tiny", "--layers", "1", "--dtype", "f32",
+                                                                                       "--context", "64", "--decode-steps", "2", "--rounds", "1"};
+  // Small sizes, so that a check that came too late would cost seconds, not minutes.
+  const std::vector<std::string> convert{"convert", "--hidden", "64", "--intermediate", "64", "--tokens", "64", "--no-peak"};
+  const std::vector<std::string> convert_model{"convert-model", "--shape", "tiny", "--layers", "1", "--config", "S1A1E4", "--calib-tokens", "64",
+                                               "--ctx", "64", "--shards", "1", "--tmp", scratch / "convert-tmp"};
+  const std::vector<std::string> ffn{"ffn", "--only-shapes", "--shape", "2048x8x64/2", "--tokens", "1", "--dtype", "f32"};
+  const auto stories = [&](const char* command) { return std::vector<std::string>{command, "--data", no_data}; };
+  const std::vector<std::pair<std::vector<std::string>, std::vector<std::string>>> bad{
+      {dualsparse, {"--tokens", "0"}},
+      {dualsparse, {"--tokens", "-1"}},
+      {dualsparse, {"--tokens", "abc"}},
+      {dualsparse, {"--tokens", "1,100000"}},
+      {dualsparse, {"--drop-rates", "abc"}},
+      {dualsparse, {"--drop-rates", "0.1x"}},
+      {dualsparse, {"--drop-rates", "0,1"}},
+      {dualsparse, {"--policies", "bogus"}},
+      {dualsparse, {"--policies", "none"}},
+      {dualsparse, {"--configs", "BAD"}},
+      {dualsparse, {"--calib-tokens", "0"}},
+      {dualsparse, {"--eval-windows", "-1"}},
+      {dualsparse, {"--reps", "0"}},
+      {dualsparse, {"--sigma", "0"}},
+      {model, {"--shape", "nosuch"}},
+      {model, {"--moe", "S1A1E4,BAD"}},
+      {model, {"--moe", "S9A1E4"}},
+      {model, {"--shape", "mixtral-mini", "--moe", "S1A1E4"}},
+      {model, {"--context", "100000000000"}},
+      {model, {"--context", "63"}},
+      {model, {"--decode-steps", "0"}},
+      {model, {"--seed", "x"}},
+      {convert, {"--config", "BAD"}},
+      {convert, {"--config", "S1A1E99"}},
+      {convert, {"--preset", "bad"}},
+      {convert, {"--ka", "0"}},
+      {convert_model, {"--threads", "abc"}},
+      {convert_model, {"--threads", "0"}},
+      {convert_model, {"--dtype", "f16"}},
+      {ffn, {"--shape", "2048x8x64/2junk"}},
+      {ffn, {"--shape", "2048x8x64/2+"}},
+      {ffn, {"--shape", "2048x1000000000000x64/1"}},
+      {ffn, {"--tokens", "0"}},
+      {ffn, {"--threads", "-1"}},
+      {stories("cmoe"), {"--calib-tokens", "0"}},
+      {stories("cmoe"), {"--eval-windows", "-3"}},
+      {stories("cmoe"), {"--decode-steps", "-4"}},
+      {stories("mone"), {"--configs", "BAD"}},
+      {stories("mone"), {"--replacements", "bogus"}},
+      {stories("mone"), {"--calib-tokens", "0"}},
+      {stories("pipeline"), {"--drop-rate", "abc"}},
+      {stories("pipeline"), {"--prune-ratio", "1"}},
+      {stories("pipeline"), {"--configs", "S1A3E8,BAD"}},
+      {stories("pipeline"), {"--calib-tokens", "0"}},
+      {stories("pipeline"), {"--eval-windows", "-3"}},
+      {stories("pipeline"), {"--decode-steps", "-4"}},
+  };
+  for (const auto& [command, extra] : bad) {
+    const std::string option = extra[extra.size() - 2];
+    INFO(command[0] << " " << option << " " << extra.back());
+    auto args = command;
+    args.insert(args.end(), extra.begin(), extra.end());
+    // convert's --json is a flag (rows on stdout): no file to leave unwritten.
+    if (command[0] != "convert") args.insert(args.end(), {"--json", scratch / "never.json"});
+    require_usage_error(run(MOEFORGE_BENCH, args, scratch), option);
+    REQUIRE(files_starting(scratch.path(), "never.json").empty());
+    REQUIRE_FALSE(fs::exists(scratch / "convert-tmp"));
+  }
 }
 
 TEST_CASE("moeforge-bench --json: a destination that is not a file is refused before the run; no file but the destination is ever touched") {
