@@ -74,7 +74,7 @@ struct moe_shape {
 
 moe_shape split_shape(const char* name, index_t shared, index_t routed, index_t k) {
   const index_t w = intermediate / (shared + routed);
-  return {name, routed, w, k, shared, w, true};
+  return {name, routed, w, k, shared, shared > 0 ? w : 0, true};
 }
 
 /// The layers run by default: the dense I = 5632 split into 8 experts, top 2
@@ -229,7 +229,7 @@ double dense_weights() { return 3.0 * double(hidden) * double(intermediate); }
 
 /// The machine as probed when the run starts.
 struct run_probes {
-  double fp32_peak, bf16_peak;
+  double fp32_peak, bf16_peak;  ///< bf16_peak: 0 when no BF16 row runs
   bench::ridge_probe ridge, bf16_ridge;  ///< the balance point's product, F32; BF16 (vdpbf16ps; none without)
 };
 
@@ -276,7 +276,7 @@ void report(const ffn_row& r, const run_probes& start, nlohmann::json& rows) {
                      {"serial_ratio", r.moe_ms / serial_limit_ms}, {"bound", bandwidth_bound ? "bandwidth" : "compute"}, {"gbps", gbps},
                      {"gflops", gflops}, {"bandwidth_fraction", gbps / r.gbps_limit}, {"peak_fraction", gflops / r.peak},
                      {"machine_gbps", r.gbps_limit}, {"machine_gflops", r.peak}, {"machine_fp32_gflops", start.fp32_peak},
-                     {"machine_bf16_gflops", start.bf16_peak}};
+                     {"machine_bf16_gflops", start.bf16_peak > 0 ? nlohmann::json(start.bf16_peak) : nlohmann::json()}};
   const bench::ridge_probe& ridge = f32 ? start.ridge : start.bf16_ridge;
   if (ridge.tokens > 0) {
     row["machine_ridge_tokens"] = ridge.tokens;
@@ -351,11 +351,13 @@ int bench_ffn(int argc, char** argv) {
   Eigen::setNbThreads(threads);
   const double run_gbps = bench::probe_read_gbps(threads), fp32_peak = bench::probe_fma_gflops(threads);
   const bool any_bf16 = std::find(types.begin(), types.end(), dtype::bf16) != types.end();
-  const double bf16_peak = any_bf16 && runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;
+  // No BF16 row, no BF16 peak: without one it would only repeat the FP32 peak under BF16's name.
+  const double bf16_peak = !any_bf16 ? 0 : runtime::detail::bf16_dot_available ? bench::probe_bf16_dot_gflops(threads) : fp32_peak;
   run_probes start{fp32_peak, bf16_peak, bench::probe_ridge(threads, run_gbps, fp32_peak), {}};
   if (any_bf16 && runtime::detail::bf16_dot_available) start.bf16_ridge = bench::probe_ridge(threads, run_gbps, bf16_peak, true);
-  std::printf("machine at the start: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak, %.1f GFLOP/s BF16 peak (%s) (%d threads);\n",
-              run_gbps, fp32_peak, bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32", threads);
+  std::printf("machine at the start: %.1f GB/s DRAM read, %.1f GFLOP/s FP32 FMA peak", run_gbps, fp32_peak);
+  if (any_bf16) std::printf(", %.1f GFLOP/s BF16 peak (%s)", bf16_peak, runtime::detail::bf16_dot_available ? "vdpbf16ps" : "widened to FP32");
+  std::printf(" (%d threads);\n", threads);
   std::printf("at the balance point streaming and multiply-adds must overlap: the micro-kernel alone, streaming weights to %d tokens,\n"
               "runs at %.2fx its limit, hiding %.0f%% of its streaming or arithmetic under the other (F32)",
               start.ridge.tokens, start.ridge.ratio, 100 * start.ridge.overlap);

@@ -538,6 +538,20 @@ TEST_CASE("moeforge-bench ffn times a row's types side by side: the BF16 row car
       }
     }
   }
+  // E8A2 has no shared expert, so no shared width either.
+  CHECK(rows[2]["shared"] == 0);
+  CHECK(rows[2]["shared_width"] == 0);
+  for (const auto& r : rows) CHECK(r["machine_bf16_gflops"].is_number());
+  // Without a BF16 row there is no BF16 peak to report (it used to repeat the FP32 peak under BF16's name).
+  const std::string f32_json = scratch / "f32.json";
+  const auto f32_only = run(MOEFORGE_BENCH, {"ffn", "--only-shapes", "--shape", "2048x8x64/2", "--tokens", "1", "--dtype", "f32", "--json", f32_json}, scratch);
+  INFO(f32_only.err);
+  REQUIRE(f32_only.code == 0);
+  CHECK(f32_only.out.find("BF16 peak") == std::string::npos);
+  const auto f32_rows = read_json(f32_json);
+  REQUIRE(f32_rows.size() == 1);
+  CHECK(f32_rows[0]["machine_bf16_gflops"].is_null());
+  CHECK(f32_rows[0]["machine_fp32_gflops"].get<double>() > 0);
   require_usage_error(run(MOEFORGE_BENCH, {"ffn", "--dtype", "bf16,f32,bf16"}, scratch), "--dtype");
   // A --json path it cannot write fails before anything is measured, not after.
   const auto unwritable = run(MOEFORGE_BENCH, {"ffn", "--only-shapes", "--shape", "2048x8x64/2", "--tokens", "1", "--json", scratch / "no/rows.json"},
