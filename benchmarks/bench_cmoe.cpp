@@ -157,7 +157,9 @@ int bench_cmoe(int argc, char** argv) {
     const model::transformer tr(w);
     const double ppl = model::perplexity(tr, eval, 512, windows).ppl;
     const double tps = model::decode_tokens_per_second(tr, steps);
-    const double active = double(o.config.shared + o.config.active) / double(o.config.experts);
+    // The converted model's own fraction, not (S + A) / E: leftover neurons kept
+    // in the shared expert make it wider than the routed ones (S3A3E8: 0.756).
+    const double active = model::active_ffn_fraction(w);
     const index_t ka = convert::resolve_ka(o, neurons);
     const std::string config = convert::to_string(o.config);
     std::string method = std::string(convert::method_name(o.method));
