@@ -4,6 +4,7 @@
 // and waiting time and resident memory; with one rank also the plain
 // single-process transformer, the baseline.
 #include <cstdio>
+#include <optional>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -108,9 +109,12 @@ int bench_ep(int argc, char** argv) {
     const std::string moe = a.has("moe") ? a.get("moe") : "";
     if (!from_file && !moe.empty()) a.get_parsed("moe", [&](const std::string& m) { return bench::moe_layout(shape, m); });
     const std::uint64_t seed = std::uint64_t(a.get_int("seed", 0));
-    model::weights w = from_file ? model::weights() : bench::synthetic_model(shape, layers, moe, seed, tokens + steps + 8);
+    const auto synthetic = [&] { return bench::synthetic_model(shape, layers, moe, seed, tokens + steps + 8); };
+    model::weights w = from_file ? model::weights() : synthetic();
     auto placement = from_file ? distributed::placement() : distributed::contiguous_placement(w, ranks, shared);
     std::vector<double> drop_before, drop_after;  // per MoE layer, on the prefill tokens
+    // The policy fitted for each layer, to put on the weights again when they are made afresh.
+    std::vector<std::optional<drop_policy>> drops(w.layers.size());
     if (threshold > 0) {
       // Every rank fits the same factors from the same tokens (no communication).
       const model::transformer plain(w);
@@ -126,6 +130,7 @@ int bench_ep(int argc, char** argv) {
         drop_after.push_back(loads.drop_rate_after);
         if (!a.flag_set("load-aware")) policy.expert_factor.clear();
         m->router.drop = policy;
+        drops[std::size_t(li)] = policy;
       };
       auto cache = plain.new_cache();
       plain.forward(model::synthetic_tokens(w.config, tokens), cache, o);
@@ -141,11 +146,19 @@ int bench_ep(int argc, char** argv) {
     if (ranks == 1) {
       double rss = 0;
       const speed s = [&] {  // the baseline's memory is returned before the expert-parallel run
-        const model::transformer tr = from_file ? io::load_transformer(a.get("model"), {}, type) : model::transformer(model::weights(w), type);
+        // Built from `w` itself, not a copy: a plain copy kept for the
+        // expert-parallel run would count in the baseline's memory (its whole
+        // F32 model beside the packed one). The run gets the weights made again.
+        const model::transformer tr = from_file ? io::load_transformer(a.get("model"), {}, type) : model::transformer(std::move(w), type);
         rss = bench::status_mb("VmRSS:");
         return measure(tr, tokens, steps, [] {});
       }();
       const double peak = bench::status_mb("VmHWM:");
+      if (!from_file) {
+        w = synthetic();
+        for (std::size_t l = 0; l < drops.size(); ++l)
+          if (drops[l]) std::get<moe_layer>(w.layers[l].ffn).router.drop = *drops[l];
+      }
       std::printf("%-16s %12.1f %11.2f %12.1f %7.1f%% %10.0f %10.0f\n", "single-process", s.prefill, s.decode, 0.0, 0.0, rss, peak);
       rows.push_back({{"run", "single-process"}, {"ranks", 1}, {"threads", threads}, {"prefill_tok_s", s.prefill}, {"decode_tok_s", s.decode},
                       {"rss_mb", rss}, {"peak_rss_mb", peak}});
