@@ -370,6 +370,10 @@ TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, 
   CHECK(no_tokenizer.code == 1);
   CHECK(no_tokenizer.err.find("no '" + plain + "/tok512.bin'") != std::string::npos);
   CHECK(no_tokenizer.err.find("pass --tokenizer") != std::string::npos);
+  // A config file for a moeforge directory (which carries its own) is refused, not ignored.
+  const auto with_config = cli({"logits", "--model", plain, "--config", scratch / "config.json", "--tokens", "1"}, scratch);
+  CHECK(with_config.code == 1);
+  CHECK(with_config.err.find("--config applies to safetensors models, not moeforge directories") != std::string::npos);
 
   const std::string manifest = file_bytes(out + "/moeforge.json");
   const auto again = cli(convert_args(out, "S2A4E8"), scratch);

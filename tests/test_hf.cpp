@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "moeforge/convert/partition.hpp"
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
@@ -377,6 +378,16 @@ TEST_CASE("hf: save_hf refuses what Hugging Face cannot express and never clobbe
   e.weights = ffn{};
   e.novice = random_matrix(w.config.dim, 1, rng);
   CHECK_THROWS_WITH(io::save_hf(novice, tmp / "out", {true}), Contains("layer 1") && Contains("novice"));
+  // ... also once its other experts are split into sub-experts (MoNE, then DualSparse's partition), whichever
+  // expert the novice is: it is the reason, not the partition.
+  for (const std::size_t which : {std::size_t(0), std::size_t(2)}) {
+    auto split = w;
+    auto& layer = std::get<moe_layer>(split.layers[1].ffn);
+    layer.experts[which].weights = ffn{};
+    layer.experts[which].novice = random_matrix(w.config.dim, 1, rng);
+    convert::partition_experts(layer, 2);
+    CHECK_THROWS_WITH(io::save_hf(split, tmp / "out", {true}), Contains("layer 1") && Contains("novice") && !Contains("even chunks"));
+  }
 
   CHECK_THROWS_AS(io::save_hf(w, tmp / "out"), io_error);  // exists, no overwrite
   CHECK(file_bytes(tmp / "out/model.safetensors") == before);

@@ -4,10 +4,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 
+#include <sys/stat.h>
+
 #include "moeforge/io/llama2c.hpp"
+#include "moeforge/io/load.hpp"
 #include "moeforge/model/tokenizer.hpp"
 #include "support/data.hpp"
 #include "support/temp_dir.hpp"
@@ -39,6 +43,17 @@ TEST_CASE("a truncated or inconsistent llama2.c checkpoint is a format error nam
   SECTION("truncated") {
     CHECK_THROWS_AS(io::parse_llama2c(good.data(), good.size() - 4, "cut.bin"), format_error);
     CHECK_THROWS_WITH(io::parse_llama2c(good.data(), 20, "cut.bin"), Catch::Contains("cut.bin") && Catch::Contains("truncated"));
+  }
+  SECTION("files often taken for one: a llama2.c export of a later version, a PyTorch zip") {
+    auto versioned = good;
+    const std::uint32_t magic = 0x616b3432, version = 2;
+    std::memcpy(versioned.data(), &magic, 4);
+    std::memcpy(versioned.data() + 4, &version, 4);
+    CHECK_THROWS_WITH(io::parse_llama2c(versioned.data(), versioned.size(), "v2.bin"),
+                      Catch::Contains("v2.bin") && Catch::Contains("version 2") && Catch::Contains("--version 0"));
+    auto zip = good;
+    std::memcpy(zip.data(), "PK\x03\x04", 4);
+    CHECK_THROWS_WITH(io::parse_llama2c(zip.data(), zip.size(), "pytorch_model.bin"), Catch::Contains("zip archive"));
   }
   SECTION("a header that does not match the size") {
     auto bad = good;
@@ -113,6 +128,28 @@ TEST_CASE("a directory given as a tokenizer or text file is an I/O error naming 
   const std::string dir = data_file("models/stories260K");
   CHECK_THROWS_WITH(model::load_tokenizer(dir, 512), Catch::Contains("is a directory"));
   CHECK_THROWS_AS(detail::read_whole_file(dir, "text file"), io_error);
+}
+
+TEST_CASE("a model, tokenizer or text path that is a FIFO or a symlink loop is an I/O error naming it, never a wait or an abort") {
+  const temp_dir tmp;
+  const std::string fifo = tmp / "fifo.bin", fifo_st = tmp / "fifo.safetensors", loop = tmp / "loop.bin";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  REQUIRE(::mkfifo(fifo_st.c_str(), 0600) == 0);
+  std::filesystem::create_symlink(loop, loop);  // points at itself
+  // Opening a FIFO with no writer would block: each must fail at once.
+  CHECK_THROWS_WITH(io::load_model(fifo), Catch::Contains(fifo) && Catch::Contains("neither a regular file nor a directory"));
+  CHECK_THROWS_AS(io::load_model(fifo_st), io_error);
+  CHECK_THROWS_WITH(model::load_tokenizer(fifo, 512), Catch::Contains("not a regular file"));
+  CHECK_THROWS_WITH(detail::read_whole_file(fifo, "text file"), Catch::Contains("text file") && Catch::Contains("not a regular file"));
+  // A Hugging Face directory whose weights file is a FIFO: the safetensors reader opens it itself.
+  const std::string hf = tmp / "hf";
+  std::filesystem::create_directory(hf);
+  std::filesystem::copy_file(data_file("fixtures/hf/mixtral_classic_config.json"), hf + "/config.json");
+  REQUIRE(::mkfifo((hf + "/model.safetensors").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(io::load_model(hf), Catch::Contains("model.safetensors") && Catch::Contains("not a readable regular file"));
+  CHECK_THROWS_AS(io::load_model(loop), io_error);
+  CHECK_THROWS_WITH(io::load_model(loop), Catch::Contains(loop));
+  CHECK_THROWS_AS(detail::read_whole_file(loop, "text file"), io_error);
 }
 
 TEST_CASE("a tokenizer file of the wrong size is a format error") {

@@ -139,9 +139,11 @@ inline std::string tokenizer_path(const args& a) {
   namespace fs = std::filesystem;
   if (a.has("tokenizer")) return a.get("tokenizer");
   const fs::path model(a.get("model"));
+  const auto exists = [](const fs::path& p) { return moeforge::detail::file_type_of(p.string(), "tokenizer") != fs::file_type::not_found; };
   fs::path found = model.parent_path() / "tok512.bin";
-  if (fs::is_directory(model)) found = fs::exists(model / "tokenizer.bin") ? model / "tokenizer.bin" : model / "tok512.bin";
-  if (!fs::exists(found) && fs::exists(model))  // (a model that does not exist is the loader's to report)
+  if (moeforge::detail::file_type_of(model.string(), "model") == fs::file_type::directory)
+    found = exists(model / "tokenizer.bin") ? model / "tokenizer.bin" : model / "tok512.bin";
+  if (!exists(found) && exists(model))  // (a model that does not exist is the loader's to report)
     throw io_error("tokenizer: no '" + found.string() + "', where the tokenizer of --model " + model.string() + " is looked for; pass --tokenizer FILE");
   return found.string();
 }

@@ -13,10 +13,24 @@
 
 namespace moeforge::detail {
 
-inline std::vector<char> read_whole_file(const std::string& path, const std::string& what) {
-  // A directory opens as a stream on Linux, and then fails its reads or its size.
+/// The type of the file `path` names, symlinks followed (file_type::not_found
+/// when there is none). Throws io_error naming `what` and the path when the
+/// file system cannot tell: a symlink loop, a name too long, no permission.
+inline std::filesystem::file_type file_type_of(const std::string& path, const std::string& what) {
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) throw io_error(cat(what, ": '", path, "' is a directory, expected a file"));
+  const auto status = std::filesystem::status(path, ec);
+  if (status.type() == std::filesystem::file_type::not_found) return status.type();
+  if (ec) throw io_error(cat(what, ": '", path, "': ", ec.message()));
+  return status.type();
+}
+
+inline std::vector<char> read_whole_file(const std::string& path, const std::string& what) {
+  // A directory opens as a stream on Linux, and then fails its reads or its
+  // size; opening a FIFO waits for a writer, maybe forever.
+  const auto type = file_type_of(path, what);
+  if (type == std::filesystem::file_type::directory) throw io_error(cat(what, ": '", path, "' is a directory, expected a file"));
+  if (type != std::filesystem::file_type::not_found && type != std::filesystem::file_type::regular)
+    throw io_error(cat(what, ": '", path, "' is not a regular file"));
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw io_error(cat(what, ": cannot open '", path, "'"));
   const std::streamoff size = in.tellg();

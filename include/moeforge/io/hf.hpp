@@ -666,9 +666,12 @@ inline std::optional<model::weights> with_complete_transformations(const model::
   for (std::size_t li = 0; li < w.layers.size(); ++li) {
     const auto* m = std::get_if<moe_layer>(&w.layers[li].ffn);
     if (!m || std::all_of(m->experts.begin(), m->experts.end(), [](const routed_expert& e) { return e.parts.empty(); })) continue;
-    const index_t parts = m->experts.front().sub_experts();
+    // Novices are never split (complete_transformation makes P of each); the
+    // layer is refused for them, saying so, once it is complete.
+    const auto split = std::find_if(m->experts.begin(), m->experts.end(), [](const routed_expert& e) { return !e.is_novice(); });
+    const index_t parts = split == m->experts.end() ? 1 : split->sub_experts();
     for (const auto& e : m->experts)
-      if (e.sub_experts() != parts || e.parts != convert::even_cuts(e.width(), parts))
+      if (!e.is_novice() && (e.sub_experts() != parts || e.parts != convert::even_cuts(e.width(), parts)))
         throw config_error(cat("save_hf: layer ", li, " has no Hugging Face form: its experts' sub-experts are not ", parts,
                                " even chunks of each expert; save it in the native format"));
     if (!out) out = w;

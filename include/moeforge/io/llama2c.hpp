@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,11 @@ inline model::weights parse_llama2c(const char* data, std::size_t size, const st
   const char* fields[7] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"};
   std::int32_t h[7];
   for (int i = 0; i < 7; ++i) h[i] = r.scalar<std::int32_t>(fields[i]);
+  // Two files often taken for this one, whose first bytes would read as an absurd dim.
+  if (h[0] == 0x616b3432)
+    throw format_error(cat(what, ": a llama2.c export of version ", size >= 8 ? h[1] : -1, " (magic \"ak42\"); only the legacy version-0 format (export.py --version 0) is read"));
+  if (size >= 4 && std::memcmp(data, "PK\x03\x04", 4) == 0)
+    throw format_error(cat(what, ": a zip archive (a PyTorch checkpoint?), not a llama2.c checkpoint; convert it to safetensors"));
   const bool shared_classifier = h[5] > 0;
   if (h[5] < 0 && h[5] != INT32_MIN) h[5] = -h[5];  // INT32_MIN stays negative and fails below
   for (int i = 0; i < 7; ++i)

@@ -30,13 +30,19 @@ enum class model_format { native, hf, llama2c };
 /// Which reader `path` needs; throws naming the path when none fits.
 inline model_format format_of(const std::string& path, const load_options& opt) {
   namespace fs = std::filesystem;
-  if (!fs::exists(path)) throw io_error(cat("model '", path, "' does not exist"));
+  const fs::file_type type = moeforge::detail::file_type_of(path, "model");
+  if (type == fs::file_type::not_found) throw io_error(cat("model '", path, "' does not exist"));
   const fs::path p(path);
-  if (fs::is_directory(p)) {
-    if (is_native_dir(path)) return model_format::native;
+  if (type == fs::file_type::directory) {
+    if (is_native_dir(path)) {
+      if (!opt.config.empty()) throw config_error(cat("model '", path, "': --config applies to safetensors models, not moeforge directories"));
+      return model_format::native;
+    }
     if (is_hf_dir(path) || !opt.config.empty()) return model_format::hf;
     throw format_error(cat("model '", path, "': a directory with neither moeforge.json (native) nor config.json + model.safetensors (Hugging Face)"));
   }
+  // Opening a FIFO or a device would wait or read forever.
+  if (type != fs::file_type::regular) throw io_error(cat("model '", path, "' is neither a regular file nor a directory"));
   if (p.extension() == ".bin") {
     if (!opt.config.empty()) throw config_error(cat("model '", path, "': --config applies to safetensors models, not llama2.c checkpoints"));
     return model_format::llama2c;

@@ -64,7 +64,8 @@ class byte_source {
  public:
   static std::shared_ptr<const byte_source> map(const std::string& path) {
     auto s = std::shared_ptr<byte_source>(new byte_source);
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // Non-blocking: opening a FIFO would wait for a writer (it is refused below); a regular file's reads ignore it.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw io_error(cat("safetensors: cannot open '", path, "'"));
     struct stat st {};
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
