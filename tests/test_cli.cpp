@@ -362,13 +362,14 @@ TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, 
     CHECK(file_bytes(exported + "/tokenizer.bin") == file_bytes(data_file("models/stories260K/tok512.bin")));
     CHECK(cli({"generate", "--model", exported, "--steps", "24"}, scratch).out == story.out);
   }
-  // A model directory without a tokenizer (exported from a llama2.c file, which has none of its own): eval says
-  // where it looked.
+  // An export of a llama2.c file takes the tok512.bin beside it; without it, eval says where it looked.
   const std::string plain = scratch / "plain";
   REQUIRE(cli({"export", "--model", stories_model(), "--format", "native", "--out", plain}, scratch).code == 0);
+  CHECK(file_bytes(plain + "/tokenizer.bin") == file_bytes(data_file("models/stories260K/tok512.bin")));
+  std::filesystem::remove(plain + "/tokenizer.bin");
   const auto no_tokenizer = cli({"eval", "--model", plain, "--text", data_file("data/tinystories_eval.txt")}, scratch);
   CHECK(no_tokenizer.code == 1);
-  CHECK(no_tokenizer.err.find("no '" + plain + "/tok512.bin'") != std::string::npos);
+  CHECK(no_tokenizer.err.find("no '" + plain + "/tokenizer.bin' or '" + plain + "/tok512.bin'") != std::string::npos);
   CHECK(no_tokenizer.err.find("pass --tokenizer") != std::string::npos);
   // A config file for a moeforge directory (which carries its own) is refused, not ignored.
   const auto with_config = cli({"logits", "--model", plain, "--config", scratch / "config.json", "--tokens", "1"}, scratch);
@@ -394,6 +395,7 @@ TEST_CASE("convert copies the tokenizer into its output, refuses to clobber it, 
   const auto twice = cli(reconvert, scratch);
   REQUIRE(twice.code == 1);
   REQUIRE(twice.err.find("already an MoE") != std::string::npos);
+  CHECK(twice.err.find("moeforge: moeforge") == std::string::npos);  // one prefix, not two
   REQUIRE_FALSE(fs::exists(scratch / "twice"));
   // A layout the model cannot take is a usage error naming --config.
   require_usage_error(cli(convert_args(scratch / "bad", "S9A3E8"), scratch), "--config");

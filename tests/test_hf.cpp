@@ -388,6 +388,13 @@ TEST_CASE("hf: save_hf refuses what Hugging Face cannot express and never clobbe
     convert::partition_experts(layer, 2);
     CHECK_THROWS_WITH(io::save_hf(split, tmp / "out", {true}), Contains("layer 1") && Contains("novice") && !Contains("even chunks"));
   }
+  // A partition that does not divide the experts' width gives sub-experts of two widths: named as such.
+  auto uneven = w;
+  auto& layer = std::get<moe_layer>(uneven.layers[1].ffn);
+  const index_t width = layer.experts[0].width(), parts = width % 3 ? 3 : 5;
+  REQUIRE(width % parts != 0);
+  convert::partition_experts(layer, parts);
+  CHECK_THROWS_WITH(io::save_hf(uneven, tmp / "out", {true}), Contains("layer 1") && Contains("unequal widths") && Contains("divide the width"));
 
   CHECK_THROWS_AS(io::save_hf(w, tmp / "out"), io_error);  // exists, no overwrite
   CHECK(file_bytes(tmp / "out/model.safetensors") == before);

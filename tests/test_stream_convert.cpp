@@ -392,10 +392,16 @@ TEST_CASE("streamed DualSparse and MoNE at layer scope are bit-identical to thei
   // the next layer calibrates on the untouched FFN: both need the real layer.
   auto unpruned = stream_dualsparse();
   unpruned.sequential = false;
+  // Global scope with a threshold given calibrates nothing across layers: it streams as well.
+  auto global_fixed = stream_dualsparse();
+  global_fixed.scope = convert::drop_scope::global;
+  global_fixed.drop_rate.reset();
+  global_fixed.threshold = 0.3;
   const std::vector<moe_method_case> cases{dualsparse_case(stream_dualsparse(), win), mone_case(stream_mone(convert::mone_method::mone, true), win),
-                                           mone_case(stream_mone(convert::mone_method::random, false), win), dualsparse_case(unpruned, win)};
+                                           mone_case(stream_mone(convert::mone_method::random, false), win), dualsparse_case(unpruned, win),
+                                           dualsparse_case(global_fixed, win)};
   const auto [which, stored] =
-      GENERATE(table<std::size_t, dtype>({{0, dtype::f32}, {0, dtype::bf16}, {1, dtype::bf16}, {2, dtype::f32}, {3, dtype::f32}}));
+      GENERATE(table<std::size_t, dtype>({{0, dtype::f32}, {0, dtype::bf16}, {1, dtype::bf16}, {2, dtype::f32}, {3, dtype::f32}, {4, dtype::f32}}));
   const auto& c = cases[which];
   CAPTURE(c.name, dtype_name(stored));
   const std::string src = sharded_hf(dir, "src", stored, 3, {}, true);
@@ -480,8 +486,8 @@ TEST_CASE("streaming refuses what needs every layer at once, a method with nothi
     CHECK_FALSE(fs::exists(dir / "out"));
     CHECK_FALSE(fs::exists(dir / ".out.partial"));
   };
-  SECTION("DualSparse's global threshold") {
-    auto o = stream_dualsparse();
+  SECTION("DualSparse's global threshold, calibrated") {
+    auto o = stream_dualsparse();  // a drop rate to calibrate to
     o.scope = convert::drop_scope::global;
     refuses([&] { return convert::dualsparse_stream(moe, win, dir / "out", o, {}); }, Catch::Contains("scope global") && Catch::Contains("scope layer"),
             config_error(""));

@@ -132,7 +132,7 @@ int convert_cmoe(int argc, char** argv) {
   const dtype source = w.stored_dtype();
   const auto dense_layers = std::count_if(w.layers.begin(), w.layers.end(), [](const model::layer& l) { return std::holds_alternative<ffn>(l.ffn); });
   if (dense_layers == 0)
-    throw config_error("moeforge convert cmoe: every FFN of '" + a.get("model") + "' is already an MoE: there is nothing to convert");
+    throw config_error("convert cmoe: every FFN of '" + a.get("model") + "' is already an MoE: there is nothing to convert");
   for (const auto& l : w.layers)
     if (const auto* f = std::get_if<ffn>(&l.ffn)) a.get_parsed("config", [&](const std::string&) { convert::validate(o.config, f->intermediate()); return 0; });
   if (o.fit.router == convert::router_fit::quadratic && o.fit.rank > w.config.dim)

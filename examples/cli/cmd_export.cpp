@@ -20,7 +20,7 @@ int run_export(int argc, char** argv) {
          "moeforge maps in place instead of reading and packing them when it loads the directory.\n"
          "llama2.c's interleaved RoPE is reordered into Hugging Face's half-split form; models Hugging Face cannot\n"
          "express (CMoE routers, novices, unequal experts) are refused: export them as native. Native and packed\n"
-         "outputs carry a model directory's tokenizer.bin along.");
+         "outputs carry the model's tokenizer along (tokenizer.bin or tok512.bin in its directory, tok512.bin beside a file).");
   add_model_options(a, false);
   a.required("out", "DIR", "output directory (must not exist unless --force)");
   a.option("format", "hf|native|packed", "output format", "hf");
@@ -35,9 +35,8 @@ int run_export(int argc, char** argv) {
   io::native_save_options o;
   o.overwrite = a.flag_set("force");
   const nlohmann::json provenance{{"exported_from", a.get("model")}};
-  // A converted directory carries its tokenizer (see convert), and so do its native and packed exports.
-  if (const std::filesystem::path tokenizer = std::filesystem::path(a.get("model")) / "tokenizer.bin"; std::filesystem::is_regular_file(tokenizer))
-    o.attachments.push_back({tokenizer.string(), "tokenizer.bin"});
+  // The model's tokenizer goes along into native and packed exports, as convert takes it into its output.
+  if (const auto tokenizer = model_tokenizer(a.get("model"))) o.attachments.push_back({*tokenizer, "tokenizer.bin"});
   index_t layers = 0;
   if (format == "packed") {
     const auto tr = io::load_transformer(a.get("model"), load_options(a), requested_dtype(a));

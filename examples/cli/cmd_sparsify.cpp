@@ -43,8 +43,8 @@ int sparsify_dualsparse(int argc, char** argv) {
          "importance (both exact), then store a drop policy that skips low-score token-expert work at inference time,\n"
          "its threshold given or calibrated on --calib to a target drop rate. Writes a native model directory.\n"
          "A Hugging Face checkpoint is streamed: one layer in memory at a time, written to sharded output in its own\n"
-         "dtype; this needs --scope layer (one threshold for all layers needs every layer's routing first: use\n"
-         "--in-memory for it); an interrupted run continues with --resume.");
+         "dtype; a threshold calibrated for all layers at once (--drop-rate, or naee's beta, at --scope global) needs\n"
+         "every layer's routing first: use --scope layer or --in-memory for it; an interrupted run continues with --resume.");
   add_model_options(a, true, "model-config");
   add_conversion_options(a);
   add_stream_options(a);

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <functional>
 #include <optional>
+#include <vector>
 #include <string>
 
 #include <omp.h>
@@ -130,22 +131,33 @@ inline model::transformer load_transformer(const args& a, std::function<void(ind
   return io::load_transformer(a.get("model"), o, requested_dtype(a));
 }
 
-/// --tokenizer, else the tokenizer a converted model directory carries
-/// (tokenizer.bin, or tok512.bin in it), else tok512.bin beside the model
-/// file. A default that does not exist beside a model that does is an
-/// io_error naming it and --tokenizer: call this before loading the model,
-/// to fail before that work.
+/// Where a model's own tokenizer is looked for, in order: tokenizer.bin
+/// (what a converted directory carries) and tok512.bin in a model directory;
+/// tok512.bin beside a model file.
+inline std::vector<std::filesystem::path> tokenizer_places(const std::filesystem::path& model) {
+  if (moeforge::detail::file_type_of(model.string(), "model") == std::filesystem::file_type::directory) return {model / "tokenizer.bin", model / "tok512.bin"};
+  return {model.parent_path() / "tok512.bin"};
+}
+
+/// The first of tokenizer_places(model) that exists, if any.
+inline std::optional<std::string> model_tokenizer(const std::filesystem::path& model) {
+  for (const auto& p : tokenizer_places(model))
+    if (moeforge::detail::file_type_of(p.string(), "tokenizer") != std::filesystem::file_type::not_found) return p.string();
+  return std::nullopt;
+}
+
+/// --tokenizer, else the model's own (model_tokenizer). None beside a model
+/// that exists is an io_error naming where it looked and --tokenizer: call
+/// this before loading the model, to fail before that work.
 inline std::string tokenizer_path(const args& a) {
   namespace fs = std::filesystem;
   if (a.has("tokenizer")) return a.get("tokenizer");
   const fs::path model(a.get("model"));
-  const auto exists = [](const fs::path& p) { return moeforge::detail::file_type_of(p.string(), "tokenizer") != fs::file_type::not_found; };
-  fs::path found = model.parent_path() / "tok512.bin";
-  if (moeforge::detail::file_type_of(model.string(), "model") == fs::file_type::directory)
-    found = exists(model / "tokenizer.bin") ? model / "tokenizer.bin" : model / "tok512.bin";
-  if (!exists(found) && exists(model))  // (a model that does not exist is the loader's to report)
-    throw io_error("tokenizer: no '" + found.string() + "', where the tokenizer of --model " + model.string() + " is looked for; pass --tokenizer FILE");
-  return found.string();
+  if (const auto found = model_tokenizer(model)) return *found;
+  if (moeforge::detail::file_type_of(model.string(), "model") == fs::file_type::not_found) return tokenizer_places(model).back().string();  // the loader reports the model
+  std::string places;
+  for (const auto& p : tokenizer_places(model)) places += (places.empty() ? "'" : " or '") + p.string() + "'";
+  throw io_error("tokenizer: no " + places + ", where the tokenizer of --model " + model.string() + " is looked for; pass --tokenizer FILE");
 }
 
 inline std::string read_text_file(const std::string& path) {

@@ -41,7 +41,7 @@ void check_streamable(const Options& o, const std::string& command) {
   try {
     convert::check_streamable(o);
   } catch (const config_error& e) {
-    throw usage_error(command + ": --scope: " + e.what() + " (--scope layer, or --in-memory: loads the whole model in FP32)");
+    throw usage_error(command + ": --scope: " + detail::reason(e) + " (--scope layer, or --in-memory: loads the whole model in FP32)");
   }
 }
 

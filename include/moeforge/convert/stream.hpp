@@ -420,10 +420,20 @@ inline void need_layer_scope(bool layer_scope, const std::string& why) {
 
 }  // namespace detail
 
-/// Throws config_error unless DualSparse with `opt` has a per-layer form
-/// (scope layer): global scope calibrates one threshold on every layer.
+/// Global scope with nothing to calibrate across layers (a threshold given,
+/// or no drop policy) is the per-layer method on the untouched model's
+/// inputs: each layer then computes alone what it computes among all.
+inline bool global_scope_is_per_layer(const dualsparse_options& opt) {
+  return opt.scope == drop_scope::global && !opt.drop_rate && !naee_calibrates_beta(opt);
+}
+
+/// Throws config_error unless DualSparse with `opt` has a per-layer form:
+/// scope layer, or global scope that calibrates nothing
+/// (global_scope_is_per_layer); a calibrated global threshold needs every
+/// layer's routing.
 inline void check_streamable(const dualsparse_options& opt) {
-  detail::need_layer_scope(opt.scope == drop_scope::layer, "dualsparse: scope global calibrates one threshold on every MoE layer's routing");
+  detail::need_layer_scope(opt.scope == drop_scope::layer || global_scope_is_per_layer(opt),
+                           "dualsparse: scope global calibrates one threshold on every MoE layer's routing");
 }
 
 /// Throws config_error unless MoNE with `opt` has a per-layer form (scope
@@ -447,8 +457,9 @@ inline std::vector<index_t> moe_layers_of(const io::hf_config& h, const config_e
 
 /// DualSparse-MoE at layer scope on every MoE layer of a Hugging Face
 /// checkpoint, streamed (see stream_convert); the same result as
-/// dualsparse_model on the loaded model. Global scope is refused: its one
-/// threshold needs every layer's routing before the first layer is written.
+/// dualsparse_model on the loaded model. Global scope is refused when it
+/// calibrates its one threshold (check_streamable), which needs every layer's
+/// routing before the first layer is written; otherwise it runs per layer.
 inline stream_report dualsparse_stream(const std::string& model, const std::vector<std::vector<std::int32_t>>& windows, const std::string& out,
                                        const dualsparse_options& opt, const stream_options& so) {
   using moeforge::detail::cat;
@@ -461,9 +472,11 @@ inline stream_report dualsparse_stream(const std::string& model, const std::vect
       if (naee_calibrates_beta(opt) && h.top_k < 2) throw naee_needs_two(cat("layer ", l));
     }
   };
+  dualsparse_options per_layer = opt;
+  if (global_scope_is_per_layer(opt)) per_layer.scope = drop_scope::layer, per_layer.sequential = false;  // global never calibrates sequentially
   return stream_convert(model, windows, out,
-                        {"dualsparse", layer_filter::moe, opt.sequential, to_json(opt),
-                         [&](layer_visit& v) { return to_json(dualsparse_layer(v, opt).report); }, check},
+                        {"dualsparse", layer_filter::moe, per_layer.sequential, to_json(opt),
+                         [&](layer_visit& v) { return to_json(dualsparse_layer(v, per_layer).report); }, check},
                         so);
 }
 

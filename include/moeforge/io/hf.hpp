@@ -674,6 +674,9 @@ inline std::optional<model::weights> with_complete_transformations(const model::
       if (!e.is_novice() && (e.sub_experts() != parts || e.parts != convert::even_cuts(e.width(), parts)))
         throw config_error(cat("save_hf: layer ", li, " has no Hugging Face form: its experts' sub-experts are not ", parts,
                                " even chunks of each expert; save it in the native format"));
+      else if (!e.is_novice() && e.width() % parts != 0)  // a Hugging Face MoE block's experts are all one width
+        throw config_error(cat("save_hf: layer ", li, " has no Hugging Face form: its experts of ", e.width(), " neurons are split into ", parts,
+                               " sub-experts of unequal widths (the partition must divide the width); save it in the native format"));
     if (!out) out = w;
     out->layers[li].ffn = convert::complete_transformation(*m, parts, cat("save_hf: layer ", li));
   }
