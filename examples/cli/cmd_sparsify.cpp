@@ -3,6 +3,7 @@
 // and a drop policy calibrated on text, saved as a native directory. A Hugging
 // Face checkpoint is streamed one layer at a time (stream_convert.hpp), which
 // needs per-layer thresholds (--scope layer).
+#include <algorithm>
 #include <cmath>
 #include <iostream>
 #include <sstream>
@@ -95,7 +96,12 @@ int sparsify_dualsparse(int argc, char** argv) {
   save_conversion(a, w, source, {{"sparsification", step}, {"calibration", cal.description}});
   if (!a.flag_set("json")) {
     std::cout << "wrote " << a.get("out") << " (policy " << a.get("policy");
-    if (!report.layers.empty() && o.policy.active()) std::cout << ", threshold " << report.layers.front().policy.threshold;
+    if (!report.layers.empty() && o.policy.active()) {
+      const auto [low, high] = std::minmax_element(report.layers.begin(), report.layers.end(),
+                                                   [](const auto& x, const auto& y) { return x.policy.threshold < y.policy.threshold; });
+      std::cout << ", threshold " << low->policy.threshold;
+      if (high->policy.threshold != low->policy.threshold) std::cout << ".." << high->policy.threshold << " over the layers";
+    }
     std::cout << ", drop rate on the calibration text " << report.drop_rate_calib << ")\n";
   }
   return 0;
