@@ -202,6 +202,24 @@ struct moe_layer {
   index_t num_experts() const { return index_t(experts.size()); }
 };
 
+/// The work one token can ask of a layer, in neurons by their neuron_cost():
+/// how routing's count_work and the models' active fractions count it.
+struct moe_token_work {
+  double shared = 0;  ///< every shared expert
+  double routed = 0;  ///< every routed expert (novices cost nothing)
+  double router = 0;  ///< a fitted router's multiply-adds / H; an oracle computes every routed expert; the older kinds 0
+};
+
+inline moe_token_work token_work(const moe_layer& m) {
+  moe_token_work w;
+  for (const auto& s : m.shared) w.shared += double(s.weights.intermediate()) * s.weights.neuron_cost();
+  for (const auto& e : m.experts)
+    if (!e.is_novice()) w.routed += double(e.width()) * e.weights.neuron_cost();
+  if (m.hidden() > 0) w.router = m.router.fitted_macs() / double(m.hidden());
+  if (m.router.kind == router_kind::oracle) w.router = w.routed;
+  return w;
+}
+
 /// validate(f, what, hidden), or, when f's matrices were released and that
 /// is allowed, a check of the shape it records.
 inline void validate_held(const ffn& f, const std::string& what, index_t hidden, bool may_be_released) {

@@ -102,12 +102,11 @@ inline index_t parameter_count(const weights& w) {
 }
 
 /// The FFN work a token asks for by configuration over the work of every
-/// stored neuron, summed over the layers, counted as runtime::count_work
-/// counts what eval measures (neurons by their neuron_cost(); a fitted
-/// router's multiply-adds / H, an oracle router every expert): 1 for a dense
-/// model; for an MoE its shared experts, top_k routed widths (averaged, since
-/// experts may differ; novices count 0) and its router. What eval measures
-/// when nothing is dropped.
+/// stored neuron, summed over the layers, in token_work's units (what
+/// runtime::count_work counts and eval measures): 1 for a dense model; for
+/// an MoE its shared experts, top_k routed widths (averaged, since experts
+/// may differ; novices count 0) and its router. What eval measures when
+/// nothing is dropped.
 inline double active_ffn_fraction(const weights& w) {
   double active = 0, total = 0;
   for (const auto& l : w.layers) {
@@ -117,17 +116,9 @@ inline double active_ffn_fraction(const weights& w) {
       continue;
     }
     const auto& m = std::get<moe_layer>(l.ffn);
-    double routed = 0;
-    for (const auto& e : m.experts)
-      if (!e.is_novice()) routed += double(e.width()) * e.weights.neuron_cost();
-    for (const auto& s : m.shared) {
-      active += double(s.weights.intermediate()) * s.weights.neuron_cost();
-      total += double(s.weights.intermediate()) * s.weights.neuron_cost();
-    }
-    active += routed * double(m.router.top_k) / double(m.experts.size());
-    if (m.router.kind == router_kind::oracle) active += routed;
-    if (m.hidden() > 0) active += m.router.fitted_macs() / double(m.hidden());
-    total += routed;
+    const moe_token_work unit = token_work(m);
+    active += unit.shared + unit.routed * double(m.router.top_k) / double(m.experts.size()) + unit.router;
+    total += unit.shared + unit.routed;
   }
   return total > 0 ? active / total : 1.0;
 }

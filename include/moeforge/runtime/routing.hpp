@@ -321,14 +321,10 @@ inline route_stats count_work(const moe_layer& m, const selection& sel) {
   check_selection(m, sel, "count_work");
   route_stats r;
   r.tokens = sel.tokens;
-  double shared = 0, all = 0;
-  for (const auto& s : m.shared) shared += double(s.weights.intermediate()) * s.weights.neuron_cost();
-  for (const auto& e : m.experts)
-    if (!e.is_novice()) all += double(e.width()) * e.weights.neuron_cost();
-  r.shared = shared * double(sel.tokens);
-  r.stored = (shared + all) * double(sel.tokens);
-  if (m.hidden() > 0) r.router = m.router.fitted_macs() / double(m.hidden()) * double(sel.tokens);
-  if (m.router.kind == router_kind::oracle) r.router = all * double(sel.tokens);
+  const moe_token_work unit = token_work(m);
+  r.shared = unit.shared * double(sel.tokens);
+  r.stored = (unit.shared + unit.routed) * double(sel.tokens);
+  r.router = unit.router * double(sel.tokens);
   for (std::size_t i = 0; i < sel.expert.size(); ++i) {
     const auto& e = m.experts[std::size_t(sel.expert[i])];
     if (e.is_novice()) continue;
