@@ -31,8 +31,10 @@ constexpr index_t hidden = 2048, intermediate = 5632;
 // Layer copies rotated so each timed call reads its weights from DRAM: a
 // call that reads under 3x the 32 MiB L3 rotates as many copies as it takes
 // to read that much of the others' weights before one is read again, up to
-// two of the dense layer and four of a MoE one (a decode step touches a
-// quarter of an E8A2 copy; at most 52 MB in between there). A call that
+// two of the dense layer and, of a MoE layer, four or as many as fit in
+// moe_copy_bytes (a decode step touches a quarter of an E8A2 copy; at most 52
+// MB in between there; a custom layer of 8 experts of 64 neurons rotated in
+// four copies stayed in L3 and read at 2.7x the DRAM bandwidth). A call that
 // reads more needs one, and gets one: rotating copies of a layer that size
 // adds nothing against the caches, but on this VM memory not read for a
 // while reads slower (Qwen3-30B-A3B's BF16 layer at 64 tokens, 1.2 GB a
@@ -42,12 +44,17 @@ constexpr index_t hidden = 2048, intermediate = 5632;
 // Qwen3-30B-A3B's layer at both types in memory at once: one F32 copy and
 // three BF16 ones, each with its plain F32 weights, 16 GB.
 constexpr int ncopies = 2, moe_copies = 4;
-constexpr double cold_bytes = 96e6;
-/// How many of `built` copies a call touching `weights` weights of `type` rotates.
-int copies_for(dtype type, double weights, int built) {
+constexpr double cold_bytes = 96e6, moe_copy_bytes = 2e9;
+/// How many copies a call touching `weights` weights of `type` needs to read its weights from DRAM.
+int copies_needed(dtype type, double weights) {
   const double bytes = double(dtype_size(type)) * weights;
-  return bytes >= cold_bytes ? 1 : std::min(built, 1 + int(std::ceil(cold_bytes / bytes)));
+  return bytes >= cold_bytes ? 1 : 1 + int(std::ceil(cold_bytes / bytes));
 }
+/// How many of `built` copies a call touching `weights` weights of `type` rotates.
+int copies_for(dtype type, double weights, int built) { return std::min(built, copies_needed(type, weights)); }
+/// How many copies of a MoE layer of `layer_weights` weights may be built: four, more where they fit in
+/// moe_copy_bytes (counting each copy's plain F32 weights and its panels of either type).
+int moe_copies_within(double layer_weights) { return std::max(moe_copies, int(moe_copy_bytes / (layer_weights * (4.0 + 4.0 + 2.0)))); }
 
 matrix random_matrix(index_t r, index_t c, float scale, std::mt19937& rng) {
   std::normal_distribution<float> n(0.0f, scale);
@@ -407,8 +414,13 @@ int bench_ffn(int argc, char** argv) {
   for (const auto& shape : shapes) {
     const double decode_weights = 3.0 * double(hidden) * double(shape.k * shape.width + shape.shared * shape.shared_width);
     for (auto& l : layers) l.moe.clear();
+    const int built = moe_copies_within(3.0 * double(hidden) * double(shape.routed * shape.width + shape.shared * shape.shared_width));
     build_copies([&] { return random_moe(shape, rng); },
-                 [&](dtype t) { return copies_for(t, decode_weights, moe_copies); }, &typed_layers::moe);
+                 [&](dtype t) { return copies_for(t, decode_weights, built); }, &typed_layers::moe);
+    for (const auto& l : layers)
+      if (int(l.moe.size()) < copies_needed(l.type, decode_weights))
+        std::printf("note: %s %s at one token rotates %d copies, too few to read its weights from DRAM (bw%% above 100 is cache)\n",
+                    shape.name.c_str(), std::string(dtype_name(l.type)).c_str(), int(l.moe.size()));
     for (index_t tokens : token_counts) {
       const matrix x = random_matrix(tokens, hidden, 1.0f, rng);
       const auto plan = balanced_plan(layers[0].moe[0].layer(), x, rng);  // the copies share shapes, so one plan fits all
