@@ -44,7 +44,7 @@ constexpr index_t hidden = 2048, intermediate = 5632;
 // Qwen3-30B-A3B's layer at both types in memory at once: one F32 copy and
 // three BF16 ones, each with its plain F32 weights, 16 GB.
 constexpr int ncopies = 2, moe_copies = 4;
-constexpr double cold_bytes = 96e6, moe_copy_bytes = 2e9;
+constexpr double cold_bytes = 96e6, moe_copy_bytes = 4e9;
 /// How many copies a call touching `weights` weights of `type` needs to read its weights from DRAM.
 int copies_needed(dtype type, double weights) {
   const double bytes = double(dtype_size(type)) * weights;

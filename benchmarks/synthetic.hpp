@@ -87,11 +87,13 @@ class random_tensors {
 };
 
 /// An MoE of `experts` routed experts of `width` neurons, top-k, plus `shared`
-/// always-on experts of the same width, with a random softmax router.
+/// always-on experts of the same width, with a random softmax router whose
+/// values are BF16 values, as a BF16 checkpoint's router is (the runtime
+/// streams such a router in BF16: see runtime::detail::pack_router).
 inline moe_layer random_moe(random_tensors& rnd, index_t hidden, index_t shared, index_t experts, index_t top_k, index_t width) {
   moe_layer m;
   m.router.kind = router_kind::softmax_topk;
-  m.router.weight = rnd.make(experts, hidden);
+  m.router.weight = rnd.make(experts, hidden).unaryExpr([](float v) { return bf16_to_f32(f32_to_bf16(v)); });
   m.router.top_k = top_k;
   m.router.renormalize = true;
   for (index_t e = 0; e < experts; ++e) m.experts.push_back({rnd.make_ffn(hidden, width), vector(), 0, {}});

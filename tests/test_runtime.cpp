@@ -496,6 +496,18 @@ TEST_CASE("a router packed into panels scores as the router itself, bit for bit,
       }
     }
   }
+  // A router of BF16 values (a BF16 checkpoint's) is packed in BF16, half the bytes, and scores the same.
+  for (const index_t t : {1, 7, 64}) {
+    router r;
+    r.weight = random_matrix(experts, hidden, rng, 0.3f);
+    for (index_t i = 0; i < r.weight.size(); ++i) r.weight.data()[i] = bf16_to_f32(f32_to_bf16(r.weight.data()[i]));
+    const auto panels = runtime::detail::pack_router(r);
+    CHECK(panels.weight.type() == dtype::bf16);
+    const matrix x = random_matrix(t, hidden, rng, 1.0f);
+    CHECK(runtime::router_probs(r, x, &panels) == runtime::router_probs(r, x));
+    r.weight(experts - 1, hidden - 1) = std::nextafter(r.weight(experts - 1, hidden - 1), 1.0f);  // one value BF16 cannot hold
+    CHECK(runtime::detail::pack_router(r).weight.type() == dtype::f32);
+  }
   // Panels of a router of another shape are refused, naming the mismatch.
   router r;
   r.weight = random_matrix(experts, hidden, rng, 0.3f);

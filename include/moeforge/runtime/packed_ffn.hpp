@@ -49,14 +49,20 @@ inline packed_ffn pack_ffn(const ffn& f, const std::vector<index_t>& cuts, weigh
 /// panels (its BF16 layer: ~1 ms), DeepSeek-V2-Lite's 64 x 2048 25-35 us
 /// against 10-14; routers of 7-8 experts gain little (7-19 us either way).
 /// A matrix the router does not have stays empty, and so do all of an
-/// oracle router's.
+/// oracle router's. A matrix whose values are all BF16 values (a BF16
+/// checkpoint's router, widened on load) is packed as BF16 read with F32
+/// tokens (weight_format's exact path): the same scores from half the bytes.
 struct packed_router {
   panel_matrix weight, weight_up, projection, weight_quad;
 };
 
 inline packed_router pack_router(const router& r) {
   if (r.kind == router_kind::oracle) return {};
-  const auto pack = [](const matrix& m) { return m.size() ? panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols()) : panel_matrix(); };
+  const auto pack = [](const matrix& m) {
+    if (!m.size()) return panel_matrix();
+    const bool bf16 = exact_in_bf16(m.data(), std::size_t(m.size()));
+    return panel_matrix(m.data(), m.outerStride(), m.rows(), m.cols(), {}, bf16 ? weight_format(dtype::bf16, false) : weight_format());
+  };
   return {pack(r.weight), pack(r.weight_up), pack(r.projection), pack(r.weight_quad)};
 }
 
