@@ -91,24 +91,38 @@ int bench_ep(int argc, char** argv) {
   if (!a.parse(argc, argv)) return 0;
 #if MOEFORGE_WITH_MPI
   static distributed::mpi_session mpi;
-  return distributed::run_or_abort(MPI_COMM_WORLD, [&] {
-    const dtype type = a.get_parsed("dtype", [](const std::string& v) { return parse_weight_dtype(v); });
-    const auto shared = a.get("shared-experts") == "auto"
-                            ? distributed::default_shared_experts
-                            : a.get_parsed("shared-experts", [](const std::string& v) { return distributed::parse_shared_experts(v); });
-    const char* shared_name = shared == distributed::shared_experts::once ? "once" : "replicated";  // what auto resolved to
-    const index_t steps = a.get_int("decode-steps", 1), tokens = a.get_int("prefill", 1), layers = a.get_int("layers", 1);
-    const int rank = mpi.rank(), ranks = mpi.size(), threads = omp_get_max_threads();
-    const bench::json_output json = rank == 0 ? bench::json_option(a) : bench::json_output();
-    const double threshold = a.get_double("threshold", [](double t) { return t >= 0 && t <= 1; }, "in [0, 1]");
-    const bool from_file = a.has("model");
+  // The options, checked the same way on every rank before any rank waits
+  // for another: a bad one ends every rank with the usage error's exit code
+  // (rank 0 says why), not with an abort of the job.
+  dtype type = dtype::bf16;
+  distributed::shared_experts shared = distributed::default_shared_experts;
+  index_t steps = 0, tokens = 0, layers = 0;
+  double threshold = 0;
+  bench::model_shape shape;
+  std::string moe;
+  std::uint64_t seed = 0;
+  const bool from_file = a.has("model");
+  try {
+    type = a.get_parsed("dtype", [](const std::string& v) { return parse_weight_dtype(v); });
+    shared = a.get("shared-experts") == "auto" ? distributed::default_shared_experts
+                                                : a.get_parsed("shared-experts", [](const std::string& v) { return distributed::parse_shared_experts(v); });
+    steps = a.get_int("decode-steps", 1), tokens = a.get_int("prefill", 1), layers = a.get_int("layers", 1);
+    threshold = a.get_double("threshold", [](double t) { return t >= 0 && t <= 1; }, "in [0, 1]");
     if (from_file && (threshold > 0 || a.has("moe"))) throw usage_error("moeforge-bench ep: --threshold and --moe apply to synthetic models, not --model");
-    const bench::model_shape shape = a.get_parsed("shape", bench::find_shape);
+    shape = a.get_parsed("shape", bench::find_shape);
     if (!from_file && !shape.experts && !a.has("moe"))
       throw usage_error("moeforge-bench ep: --shape must be an MoE shape (mixtral-mini), or give --moe to lay a dense one out as an MoE");
-    const std::string moe = a.has("moe") ? a.get("moe") : "";
+    moe = a.has("moe") ? a.get("moe") : "";
     if (!from_file && !moe.empty()) a.get_parsed("moe", [&](const std::string& m) { return bench::moe_layout(shape, m); });
-    const std::uint64_t seed = std::uint64_t(a.get_int("seed", 0));
+    seed = std::uint64_t(a.get_int("seed", 0));
+  } catch (const usage_error&) {
+    if (mpi.rank() != 0) return 2;
+    throw;
+  }
+  return distributed::run_or_abort(MPI_COMM_WORLD, [&] {
+    const char* shared_name = shared == distributed::shared_experts::once ? "once" : "replicated";  // what auto resolved to
+    const int rank = mpi.rank(), ranks = mpi.size(), threads = omp_get_max_threads();
+    const bench::json_output json = rank == 0 ? bench::json_option(a) : bench::json_output();
     const auto synthetic = [&] { return bench::synthetic_model(shape, layers, moe, seed, tokens + steps + 8); };
     model::weights w = from_file ? model::weights() : synthetic();
     auto placement = from_file ? distributed::placement() : distributed::contiguous_placement(w, ranks, shared);

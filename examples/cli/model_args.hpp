@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -91,23 +92,32 @@ inline model::transformer load_expert_parallel(const args& a, const io::load_opt
   if (a.has("threads") && a.get_int("threads", 1) != 1)
     throw usage_error("--expert-parallel runs one OpenMP thread per rank: drop --threads or pass --threads 1 (start more ranks instead)");
   omp_set_num_threads(1);
+  // The options, checked alike on every rank before any waits for another:
+  // a bad one ends each rank with the usage error's exit code (rank 0 says
+  // why), not with an abort of the job.
+  const std::string how = a.get("placement");
+  distributed::placement_options p;
+  try {
+    if (how == "balanced" && !a.has("calibration"))
+      throw usage_error("--placement balanced needs --calibration FILE (a text whose routing loads balance the ranks)");
+    if (how != "balanced" && a.has("calibration")) throw usage_error("--calibration applies only to --placement balanced");
+    if (a.get("shared-experts") != "auto") {
+      if (how != "balanced" && how != "contiguous")
+        throw usage_error("--shared-experts applies to contiguous and balanced placements; a placement FILE says where they run");
+      p.shared = a.get_parsed("shared-experts", [](const std::string& v) { return distributed::parse_shared_experts(v); });
+    }
+  } catch (const usage_error&) {
+    if (mpi.rank() != 0) std::exit(2);
+    throw;
+  }
   if (mpi.size() > 1) on_command_error = [](const std::string& reason) { distributed::abort_job(MPI_COMM_WORLD, reason); };
   if (mpi.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) throw io_error("expert parallel: cannot silence stdout on a rank other than 0");
   return distributed::run_or_abort(MPI_COMM_WORLD, [&] {
-    const std::string how = a.get("placement");
-    distributed::placement_options p;
     if (how == "balanced") {
-      if (!a.has("calibration")) throw usage_error("--placement balanced needs --calibration FILE (a text whose routing loads balance the ranks)");
       p.calibration = [&](const model::config& c) { return model::load_tokenizer(tokenizer_path(a), c.vocab_size).encode(read_text_file(a.get("calibration"))); };
-    } else if (a.has("calibration")) {
-      throw usage_error("--calibration applies only to --placement balanced");
     } else if (how != "contiguous") {
       p.given = distributed::load_placement(how);
       p.source = how;
-    }
-    if (a.get("shared-experts") != "auto") {
-      if (p.given) throw usage_error("--shared-experts applies to contiguous and balanced placements; a placement FILE says where they run");
-      p.shared = a.get_parsed("shared-experts", [](const std::string& v) { return distributed::parse_shared_experts(v); });
     }
     io::load_options with_edits = o;
     with_edits.on_layer = on_layer;
