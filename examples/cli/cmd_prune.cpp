@@ -93,8 +93,8 @@ int prune_mone(int argc, char** argv) {
   save_conversion(a, w, source, {{"pruning", step}, {"calibration", cal.description}});
   if (!a.flag_set("json"))
     std::cout << "wrote " << a.get("out") << " (" << report.method << ", " << report.replacement << ": " << report.experts_pruned
-              << " experts pruned in " << report.layers.size() << " MoE layers, " << report.params_freed << " parameters = "
-              << report.bytes_freed << " bytes freed)\n";
+              << " experts pruned in " << report.layers.size() << " MoE layers, " << report.params_freed << " parameters freed, "
+              << report.params_freed * std::int64_t(dtype_size(source)) << " bytes as " << dtype_name(source) << ")\n";
   return 0;
 }
 
