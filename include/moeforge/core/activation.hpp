@@ -27,6 +27,7 @@
 
 #include "moeforge/core/error.hpp"
 #include "moeforge/core/tensor.hpp"
+#include "moeforge/detail/mul_add.hpp"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -53,16 +54,6 @@ inline activation parse_activation(std::string_view name) {
 }
 
 namespace detail {
-
-/// a·b + c, rounded once where the target has FMA (as the vector forms
-/// are), twice where it has none (and nothing can fuse it).
-inline float mul_add(float a, float b, float c) {
-#if defined(__FMA__)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
 
 // The exponential's constants: its input range (exp(-87) is still a normal
 // float, exp(88) below the largest), ln 2 split so that n·ln2_hi is exact
@@ -168,7 +159,7 @@ inline float activate(activation a, float v) {
     case activation::silu: return detail::silu(v);
     case activation::gelu: {
       const float c = 0.7978845608028654f;  // sqrt(2/pi)
-      return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
+      return 0.5f * v * (1.0f + std::tanh(c * detail::mul_add(0.044715f * v * v, v, v)));
     }
     case activation::relu: return v > 0.0f ? v : 0.0f;
   }

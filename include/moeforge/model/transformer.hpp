@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "moeforge/detail/mul_add.hpp"
 #include "moeforge/model/weights.hpp"
 #include "moeforge/runtime/dense_ffn.hpp"
 #include "moeforge/runtime/moe_ffn.hpp"
@@ -557,7 +558,8 @@ class transformer {
   void rms_norm(const matrix& x, const vector& weight, matrix& out) const {
     const float eps = w_.config.norm_eps;
     for (index_t t = 0; t < x.rows(); ++t) {
-      const float ms = x.row(t).squaredNorm() / float(x.cols());
+      // Not Eigen's squaredNorm: the compiler may fuse its packets' products into their sums.
+      const float ms = moeforge::detail::dot(x.row(t).data(), x.row(t).data(), x.cols()) / float(x.cols());
       out.row(t) = (x.row(t).array() * weight.transpose().array()) * (1.0f / std::sqrt(ms + eps));
     }
   }
@@ -627,8 +629,8 @@ class transformer {
           float& a = interleaved ? v[2 * j] : v[j];
           float& b = interleaved ? v[2 * j + 1] : v[j + half];
           const float a0 = a, b0 = b;
-          a = a0 * co - b0 * si;
-          b = a0 * si + b0 * co;
+          a = moeforge::detail::mul_add(a0, co, -(b0 * si));
+          b = moeforge::detail::mul_add(a0, si, b0 * co);
         }
       }
     }
@@ -694,7 +696,7 @@ class transformer {
         const float *keys = kc.row(g).data(), *queries = q.row(r).data() + h0 * hd;
         for (index_t j = 0; j < visible; ++j) {
           fetch_cache_ahead(keys + j * hd, hd);
-          for (index_t i = 0; i < per_task; ++i) scores[std::size_t(i)](j) = dot(queries + i * hd, keys + j * hd, hd) * scale;
+          for (index_t i = 0; i < per_task; ++i) scores[std::size_t(i)](j) = moeforge::detail::dot(queries + i * hd, keys + j * hd, hd) * scale;
         }
         for (auto& p : scores) softmax(p.head(visible));
         // A group's query heads are adjacent in q and att: its outputs are one run.
@@ -706,7 +708,7 @@ class transformer {
           for (index_t i = 0; i < per_task; ++i) {
             const float pj = scores[std::size_t(i)](j);
             float* __restrict o = out + i * hd;
-            for (index_t d = 0; d < hd; ++d) o[d] += pj * value[d];
+            for (index_t d = 0; d < hd; ++d) o[d] = moeforge::detail::mul_add(pj, value[d], o[d]);
           }
         }
       };
@@ -749,20 +751,6 @@ class transformer {
   static void softmax(Scores&& p) {
     p = (p - p.maxCoeff()).exp();
     p /= p.sum();
-  }
-
-  /// Σ a[d]·b[d] in 16 lanes (d mod 16), summed in lane order at the end: an
-  /// order fixed by n alone, whatever the addresses' alignment.
-  static float dot(const float* a, const float* b, index_t n) {
-    constexpr index_t lanes = 16;
-    float acc[lanes] = {};
-    index_t d = 0;
-    for (; d + lanes <= n; d += lanes)
-      for (index_t l = 0; l < lanes; ++l) acc[l] += a[d + l] * b[d + l];
-    for (index_t l = 0; d < n; ++d, ++l) acc[l] += a[d] * b[d];
-    float sum = 0.0f;
-    for (const float v : acc) sum += v;
-    return sum;
   }
 
   /// The same for many query rows (prefill), as blocked products.
@@ -811,8 +799,10 @@ class transformer {
         const matrix& v = vt[std::size_t(g)];
         att.block(t0, h * hd, rows, hd) = runtime::detail::times_transpose({{v.data(), v.cols(), hd}}, sc);
         for (const entry& e : non_finite[std::size_t(g)])
-          for (index_t r = std::max<index_t>(0, e.key - start - t0); r < rows; ++r)
-            att(t0 + r, h * hd + e.column) += sc(r, e.key) * vc(g, e.key * hd + e.column);
+          for (index_t r = std::max<index_t>(0, e.key - start - t0); r < rows; ++r) {
+            float& out = att(t0 + r, h * hd + e.column);
+            out = moeforge::detail::mul_add(sc(r, e.key), vc(g, e.key * hd + e.column), out);
+          }
       }
     }
   }

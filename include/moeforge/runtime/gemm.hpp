@@ -28,6 +28,7 @@
 
 #include "moeforge/core/tensor.hpp"
 #include "moeforge/core/memory.hpp"
+#include "moeforge/detail/mul_add.hpp"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -293,7 +294,10 @@ inline void micro_kernel_rows(index_t kl, Tokens a, const W* const* b, float* c,
     for (index_t e = 0; e < M * gemm_nr; ++e) acc[e] = first ? 0.0f : tile[e];
     for (index_t k = 0; k < kl; ++k)
       for (index_t r = 0; r < M; ++r)
-        for (index_t j = 0; j < gemm_nr; ++j) acc[r * gemm_nr + j] += a(r, k) * panel_value(b[p] + k * gemm_nr, j);  // (std::fma is a library call without -mfma)
+        for (index_t j = 0; j < gemm_nr; ++j) {
+          float& sum = acc[r * gemm_nr + j];
+          sum = moeforge::detail::mul_add(a(r, k), panel_value(b[p] + k * gemm_nr, j), sum);
+        }
     for (index_t e = 0; e < M * gemm_nr; ++e) tile[e] = acc[e];
   }
 #endif

@@ -23,6 +23,7 @@
 #include <numeric>
 #include <vector>
 
+#include "moeforge/detail/mul_add.hpp"
 #include "moeforge/runtime/packed_ffn.hpp"
 #include "moeforge/runtime/routing.hpp"
 
@@ -122,18 +123,16 @@ inline void down_part(const job& j, index_t r0, index_t rows, float* part, index
 /// novice adds its vector; `part` unused), or = where the job opens the
 /// token's sum: the one place a job's terms join the sum.
 inline void add_part(const job& j, index_t r0, index_t rows, const float* part, index_t stride, matrix_ref y) {
-  const auto join = [&](std::size_t p, const auto& term) {
-    auto out = y.row(j.tokens[p]).segment(r0, rows);
-    if (j.opens[p])
-      out = ((j.scale[p] * term).array() + 0.0f).matrix();  // + 0: a -0 term gives +0, as adding it to a zeroed row did
-    else
-      out += j.scale[p] * term;
-  };
+  using moeforge::detail::mul_add;
   for (std::size_t p = 0; p < j.tokens.size(); ++p) {
-    if (j.novice)
-      join(p, j.novice->segment(r0, rows).transpose());
+    const float* __restrict term = j.novice ? j.novice->data() + r0 : part + index_t(p) * stride;
+    float* __restrict out = y.row(j.tokens[p]).data() + r0;
+    const float s = j.scale[p];
+    // Opening, the same arithmetic as adding to a zeroed row (a -0 term gives +0).
+    if (j.opens[p])
+      for (index_t d = 0; d < rows; ++d) out[d] = mul_add(s, term[d], 0.0f);
     else
-      join(p, Eigen::Map<const Eigen::RowVectorXf>(part + index_t(p) * stride, rows));
+      for (index_t d = 0; d < rows; ++d) out[d] = mul_add(s, term[d], out[d]);
   }
 }
 

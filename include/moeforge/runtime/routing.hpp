@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moeforge/core/moe.hpp"
+#include "moeforge/detail/mul_add.hpp"
 #include "moeforge/runtime/packed_ffn.hpp"
 #include "moeforge/runtime/project.hpp"
 
@@ -124,7 +125,7 @@ inline matrix router_probs(const router& r, const_matrix_ref x, const detail::pa
     project(x, {detail::router_product(r.weight, router_panels(panels, &packed_router::weight), s)});
   if (r.kind == router_kind::centroid_topk) {
     for (index_t t = 0; t < s.rows(); ++t) {
-      const float n = x.row(t).norm();
+      const float n = std::sqrt(moeforge::detail::dot(x.row(t).data(), x.row(t).data(), x.cols()));
       s.row(t) *= n > 0.0f ? 1.0f / n : 0.0f;
     }
   }
@@ -219,7 +220,7 @@ inline routing_plan make_plan(const moe_layer& m, const selection& sel, const_ma
   for (std::size_t s = 0; s < m.shared.size(); ++s) {
     if (!m.shared[s].gated()) continue;
     for (index_t t = 0; t < sel.tokens; ++t)
-      plan.shared_weight[s * std::size_t(sel.tokens) + std::size_t(t)] = moeforge::detail::sigmoid(x.row(t).dot(m.shared[s].gate));
+      plan.shared_weight[s * std::size_t(sel.tokens) + std::size_t(t)] = moeforge::detail::sigmoid(moeforge::detail::dot(x.row(t).data(), m.shared[s].gate.data(), x.cols()));
   }
   return plan;
 }
@@ -356,7 +357,7 @@ inline matrix oracle_probs(const moe_layer& m, const_matrix_ref x) {
     matrix out = ex.is_novice() ? matrix(ex.novice.transpose().replicate(x.rows(), 1))
                                 : project(neuron_activations(ex.weights, x), ex.weights.down);
     if (m.compensation.active()) out.rowwise() -= m.compensation.means.row(e);
-    for (index_t t = 0; t < x.rows(); ++t) s(t, e) = out.row(t).norm();
+    for (index_t t = 0; t < x.rows(); ++t) s(t, e) = std::sqrt(moeforge::detail::dot(out.row(t).data(), out.row(t).data(), out.cols()));
   }
   moeforge::detail::softmax_rows(s);
   return s;
