@@ -220,6 +220,86 @@ TEST_CASE("drop policies: threshold 0 keeps everything, 2t with margin 0 is 1t, 
   CHECK(works(d, {0.25f, 0.15f, 0.1f}) == std::vector<pair_work>(3, pair_work::full));
 }
 
+TEST_CASE("1t and 2t keep a pair whose normalised score equals the threshold: computed iff ŝ ≥ T") {
+  // Scores exact in binary: the top-k sums to 1, so ŝ = p and T ± margin are exact.
+  const std::vector<float> probs{0.5f, 0.25f, 0.125f, 0.125f};
+  drop_policy d;
+  d.kind = drop_kind::one_t;
+  d.threshold = 0.25f;
+  CHECK(works(d, probs) == std::vector<pair_work>{pair_work::full, pair_work::full, pair_work::dropped, pair_work::dropped});
+  d.threshold = 0.125f;
+  CHECK(works(d, probs) == std::vector<pair_work>(4, pair_work::full));
+  d.threshold = 0.0f;  // threshold 0 keeps every pair, even one of probability 0
+  CHECK(works(d, {0.75f, 0.25f, 0.0f}) == std::vector<pair_work>(3, pair_work::full));
+  d.kind = drop_kind::two_t;
+  d.threshold = 0.375f;
+  d.margin = 0.125f;  // full from ŝ = 0.5, major from ŝ = 0.25
+  CHECK(works(d, probs) == std::vector<pair_work>{pair_work::full, pair_work::major, pair_work::dropped, pair_work::dropped});
+}
+
+TEST_CASE("the calibrated threshold gives the drop rate nearest the target that any threshold gives") {
+  std::mt19937 rng(31);
+  layer_spec s;
+  s.shared = 1;
+  s.widths = {13, 20, 7, 31, 16};
+  moe_layer m = random_layer(s, rng);
+  m.router.top_k = 3;
+  const matrix x = random_matrix(40, s.hidden, rng, 1.0f);
+  const std::vector<convert::routing_sample> samples{{&m, runtime::select_topk(m.router, runtime::router_probs(m.router, x))}};
+  // The rate steps where the threshold passes a pair's ŝ: every rate a
+  // threshold in [0, 1] gives is the rate at 0, at 1, at some ŝ or just above it.
+  std::vector<float> candidates{0.0f, 1.0f};
+  const auto& sel = samples[0].selection;
+  for (index_t t = 0; t < sel.tokens; ++t) {
+    float sum = 0.0f;
+    for (index_t j = 0; j < sel.k; ++j) sum += sel.prob[std::size_t(t * sel.k + j)];
+    for (index_t j = 0; j < sel.k; ++j) {
+      const float v = sel.prob[std::size_t(t * sel.k + j)] * (1.0f / sum);
+      candidates.push_back(v);
+      candidates.push_back(std::nextafter(v, 2.0f));
+    }
+  }
+  for (auto kind : {drop_kind::one_t, drop_kind::two_t})
+    for (double target : {0.05, 0.1, 0.17, 0.25, 0.33}) {
+      drop_policy d;
+      d.kind = kind;
+      d.margin = 0.0f;  // 2t with margin 0 steps where 1t does
+      const auto rate = [&](float t) {
+        d.threshold = t;
+        return convert::work_under(samples, d).drop_rate();
+      };
+      double best = std::numeric_limits<double>::infinity();
+      for (float c : candidates)
+        if (c <= 1.0f) best = std::min(best, std::abs(rate(c) - target));
+      const float got = convert::calibrate_threshold(samples, d, target);
+      INFO(drop_kind_name(kind) << " target " << target << " threshold " << got);
+      CHECK(std::abs(rate(got) - target) <= best);
+    }
+}
+
+TEST_CASE("a partition's sub-experts differ in width by at most one, the first of the larger width, and cover the expert in order") {
+  for (index_t width = 1; width <= 24; ++width)
+    for (index_t parts = 1; parts <= width; ++parts) {
+      const auto cuts = convert::even_cuts(width, parts);
+      INFO("width " << width << " parts " << parts);
+      REQUIRE(index_t(cuts.size()) == parts - 1);
+      std::vector<index_t> bounds{0};
+      bounds.insert(bounds.end(), cuts.begin(), cuts.end());
+      bounds.push_back(width);
+      for (std::size_t p = 0; p + 1 < bounds.size(); ++p) {
+        const index_t size = bounds[p + 1] - bounds[p];
+        CHECK(size >= width / parts);
+        CHECK(size <= (width + parts - 1) / parts);
+      }
+      CHECK(bounds[1] == (width + parts - 1) / parts);  // the first part is a larger one
+    }
+  // P = 2 cuts at the default major width, ⌈width/2⌉.
+  routed_expert e;
+  std::mt19937 rng(5);
+  e.weights = random_ffn(6, 9, rng);
+  CHECK(convert::even_cuts(9, 2) == std::vector<index_t>{e.major_width()});
+}
+
 TEST_CASE("drop-rate accounting counts shared experts in the denominator and a major-only pair's minor part as dropped") {
   // Gated experts of widths 10 and 6 (major 4), a shared expert of width 8, ungated novice slot 2.
   moe_layer m;

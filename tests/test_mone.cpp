@@ -344,6 +344,55 @@ TEST_CASE("frequency pruning removes the expert and its router row, and the soft
   }
 }
 
+TEST_CASE("MoNE scores are the output spread times the routing mass (over all tokens or the routed ones), and the lowest are pruned") {
+  std::mt19937 rng(107);
+  test::layer_spec spec;
+  spec.hidden = 18;
+  spec.widths = {13, 20, 7, 31, 16, 9};
+  moe_layer m = test::random_layer(spec, rng);
+  m.router.top_k = 2;
+  m.router.scale = 0.8f;
+  const matrix x = test::random_matrix(500, spec.hidden, rng, 1.0f);
+  const auto st = mone_stats(m, x);
+  // Per expert, in double from the scalar reference: the gate-weight mass
+  // and sqrt(Σ_d population variance of the unweighted output).
+  std::vector<double> mass, routed, spread;
+  for (index_t e = 0; e < m.num_experts(); ++e) {
+    const auto r = mone_route_direct(m, x, e);
+    const ffn& f = m.experts[std::size_t(e)].weights;
+    double g = 0;
+    for (double v : r.gate) g += v;
+    const Eigen::VectorXd mu = mone_mean_over(f, x, r.tokens);
+    Eigen::VectorXd var = Eigen::VectorXd::Zero(f.hidden());
+    for (index_t t : r.tokens) {
+      const auto y = reference::ffn_token(f, x.row(t).data(), f.intermediate());
+      for (index_t d = 0; d < f.hidden(); ++d) var[d] += (y[std::size_t(d)] - mu[d]) * (y[std::size_t(d)] - mu[d]);
+    }
+    mass.push_back(g);
+    routed.push_back(double(r.tokens.size()));
+    spread.push_back(r.tokens.empty() ? 0.0 : std::sqrt(var.sum() / double(r.tokens.size())));
+  }
+  for (auto form : convert::all_freq_forms) {
+    convert::mone_options o = mone_opts(convert::mone_method::mone, 2);
+    o.freq = form;
+    const auto scores = convert::expert_scores(m, st, o);
+    std::vector<std::pair<double, index_t>> direct;
+    for (index_t e = 0; e < m.num_experts(); ++e) {
+      const std::size_t i = std::size_t(e);
+      const double freq = mass[i] / (form == convert::freq_form::all ? double(x.rows()) : routed[i]);
+      const double want = spread[i] * freq;
+      INFO(convert::freq_form_name(form) << " expert " << e);
+      REQUIRE(*scores[i] == Approx(want).epsilon(1e-5));
+      direct.push_back({want, e});
+    }
+    std::sort(direct.begin(), direct.end());
+    const auto res = convert::mone(m, st, o);
+    REQUIRE(res.report.pruned.size() == 2);
+    CHECK(res.report.pruned[0].expert == direct[0].second);
+    CHECK(res.report.pruned[1].expert == direct[1].second);
+  }
+}
+
 TEST_CASE("REAP scores are the mean over routed tokens of gate weight times output norm, and the lowest are pruned") {
   std::mt19937 rng(106);
   test::layer_spec spec;

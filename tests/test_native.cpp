@@ -16,6 +16,7 @@
 #include "moeforge/convert/cmoe.hpp"
 #include "moeforge/io/load.hpp"
 #include "moeforge/io/native.hpp"
+#include "moeforge/runtime/routing.hpp"
 #include "support/everything_model.hpp"
 #include "support/random.hpp"
 #include "support/stories.hpp"
@@ -55,6 +56,27 @@ TEST_CASE("native: every layer kind round-trips to the same bytes and the same l
 
   // load_model recognises the directory.
   CHECK(logits(io::load_model(tmp / "a"), tokens).cwiseEqual(a).all());
+}
+
+TEST_CASE("native: every field of a drop policy round-trips, so the reloaded layer drops the same pairs") {
+  auto w = everything_model();
+  auto& m1 = std::get<moe_layer>(w.layers[1].ffn);
+  m1.router.drop.kind = drop_kind::two_t;
+  m1.router.drop.threshold = 0.4f;
+  m1.router.drop.margin = 0.13f;  // not the default margin, so a margin left unread shows
+  m1.router.drop.expert_factor = {1.0f, 0.6f, 1.0f, 0.35f};
+  temp_dir tmp;
+  io::save_native(w, tmp / "a");
+  const auto back = io::load_native(tmp / "a");
+  const auto& d = std::get<moe_layer>(back.layers[1].ffn).router.drop;
+  CHECK(d.kind == m1.router.drop.kind);
+  CHECK(d.threshold == m1.router.drop.threshold);
+  CHECK(d.margin == m1.router.drop.margin);
+  CHECK(d.expert_factor == m1.router.drop.expert_factor);
+  std::mt19937 rng(11);
+  const matrix x = random_matrix(64, w.config.dim, rng, 1.0f);
+  const auto want = runtime::select(m1, x), got = runtime::select(std::get<moe_layer>(back.layers[1].ffn), x);
+  CHECK(got.work == want.work);
 }
 
 namespace {
