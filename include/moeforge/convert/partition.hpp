@@ -13,8 +13,9 @@
 namespace moeforge::convert {
 
 /// Cut points splitting `width` neurons into P contiguous chunks whose sizes
-/// differ by at most one, larger first: P = 2 cuts at ⌈width/2⌉, the default
-/// major width.
+/// differ by at most one, the first ⌈width/P⌉ wide (the larger sizes are
+/// spread, not all first: 6 into 4 is 2, 1, 2, 1): P = 2 cuts at
+/// ⌈width/2⌉, the default major width.
 inline std::vector<index_t> even_cuts(index_t width, index_t parts) {
   std::vector<index_t> cuts;
   for (index_t p = 1; p < parts; ++p) cuts.push_back((p * width + parts - 1) / parts);
