@@ -455,3 +455,78 @@ TEST_CASE("subspace iteration's basis: orthonormal columns spanning the independ
     CHECK(rest.norm() <= 1e-12 * o.norm());
   }
 }
+
+TEST_CASE("the router ridge shrinks the fitted scorer: ridge 0 recovers linear scores, a large router_ridge leaves the weights near zero") {
+  std::mt19937 rng(21);
+  const matrix x = test::gaussian(300, 6, rng);
+  const matrix truth = test::gaussian(4, 6, rng);
+  const matrix scores = x * truth.transpose();  // linear in x, no offset
+  convert::fit_options o;
+  o.router = convert::router_fit::linear;
+  o.router_ridge = 0.0;
+  router free = fit_router_of(4, 2);
+  convert::fit_router(free, x, scores, o);
+  CHECK((free.weight - truth).cwiseAbs().maxCoeff() < 1e-3f);
+  // λ_i = 1e4·G_ii: each coefficient shrinks by about 1 / (1 + 1e4).
+  o.router_ridge = 1e4;
+  router shrunk = fit_router_of(4, 2);
+  convert::fit_router(shrunk, x, scores, o);
+  CHECK(shrunk.weight.cwiseAbs().maxCoeff() < 1e-2f * truth.cwiseAbs().maxCoeff());
+}
+
+TEST_CASE("the refit weighs each expert's activations by its gate weight: exact with a router scale of 0.5") {
+  std::mt19937 rng(14);
+  const ffn f = test::gaussian_ffn(24, 50, rng);
+  const matrix x = test::gaussian(400, 24, rng);
+  convert::cmoe_options o;
+  o.config = convert::parse_cmoe_config("S1A3E4");  // every routed expert active: the dense FFN is reachable
+  o.ka = 4;
+  moe_layer m = convert::cmoe(f, x, o).layer;
+  m.router.scale = 0.5f;  // every routed output is halved
+  convert::fit_options fo;
+  fo.refit = convert::refit_mode::down;
+  fo.refit_ridge = 1e-9;
+  convert::fit_layer(f, m, x, fo);
+  const matrix dense = runtime::dense_forward(f, x);
+  const matrix y = runtime::moe_forward(m, x);
+  CHECK((y - dense).cwiseAbs().maxCoeff() <= 1e-3f * (1.0f + dense.cwiseAbs().maxCoeff()));
+}
+
+TEST_CASE("distillation's first Adam step moves every gate weight against its finite-difference gradient, also where silu' < 0") {
+  // One token and one expert; neuron 0's gate pre-activation is -3, where
+  // silu'(-3) = σ(-3)·(1 − 3·σ(3)) ≈ -0.088 < 0, neuron 1's is +1.
+  moe_layer m;
+  m.router.kind = router_kind::softmax_topk;
+  m.router.weight = matrix::Zero(2, 2);
+  m.router.top_k = 2;
+  for (int e = 0; e < 2; ++e) {
+    ffn f;
+    f.gate.resize(2, 2);
+    f.gate << -3.0f, 0.0f, 1.0f, 0.0f;
+    f.up.resize(2, 2);
+    f.up << 1.0f, 1.0f, 1.0f, 1.0f;
+    f.down.resize(2, 2);
+    f.down << 1.0f, 0.0f, 0.0f, 1.0f;
+    m.experts.push_back({f, {}, 0, {}});
+  }
+  matrix x(1, 2);
+  x << 1.0f, 0.5f;
+  matrix target(1, 2);
+  target << 2.0f, -2.0f;
+  const auto loss = [&](const moe_layer& l) { return (runtime::moe_forward(l, x) - target).cast<double>().squaredNorm(); };
+  const moe_layer before = m;
+  convert::detail::distill(m, x, target, 1, 1e-4);
+  CHECK(loss(m) < loss(before));
+  for (int e = 0; e < 2; ++e)
+    for (index_t r = 0; r < 2; ++r)
+      for (index_t c = 0; c < 2; ++c) {
+        moe_layer up = before, down = before;
+        up.experts[std::size_t(e)].weights.gate(r, c) += 1e-2f;
+        down.experts[std::size_t(e)].weights.gate(r, c) -= 1e-2f;
+        const double grad = (loss(up) - loss(down)) / 2e-2;
+        if (std::abs(grad) < 1e-3) continue;
+        const double moved = double(m.experts[std::size_t(e)].weights.gate(r, c)) - double(before.experts[std::size_t(e)].weights.gate(r, c));
+        INFO("expert " << e << " gate(" << r << ", " << c << "): gradient " << grad << ", moved " << moved);
+        CHECK(moved * grad < 0);
+      }
+}

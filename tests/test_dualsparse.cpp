@@ -615,3 +615,23 @@ TEST_CASE("dualsparse runs on a Hugging Face Mixtral and a Qwen2-MoE-style layer
   d.threshold = convert::calibrate_threshold(one, d, 0.1);
   CHECK(std::abs(convert::work_under(one, d).drop_rate() - 0.1) < 0.02);
 }
+
+TEST_CASE("naee's calibrated beta is the median of p2/p1 over the calibration tokens, not their mean") {
+  // Ratios 0.1, 0.9 and 0.2: median 0.2, mean 0.4.
+  runtime::selection sel;
+  sel.tokens = 3;
+  sel.k = 2;
+  sel.expert = {0, 1, 0, 1, 0, 1};
+  sel.prob = {0.5f, 0.05f, 0.5f, 0.45f, 0.5f, 0.1f};
+  sel.weight = sel.prob;
+  sel.work.assign(6, runtime::pair_work::full);
+  moe_layer m;
+  std::vector<convert::routing_sample> samples{{&m, sel}};
+  CHECK(convert::naee_beta(samples) == Approx(0.2f));
+}
+
+TEST_CASE("the contiguous placement puts consecutive experts in one group: expert e in group floor(e*D/E)") {
+  CHECK(runtime::contiguous_placement(8, 4) == std::vector<index_t>{0, 0, 1, 1, 2, 2, 3, 3});
+  CHECK(runtime::contiguous_placement(5, 2) == std::vector<index_t>{0, 0, 0, 1, 1});
+  CHECK(runtime::contiguous_placement(3, 3) == std::vector<index_t>{0, 1, 2});
+}

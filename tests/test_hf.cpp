@@ -321,6 +321,15 @@ TEST_CASE("hf: malformed configs and checkpoints fail with typed errors naming w
     CHECK_THROWS_WITH(io::load_model(with("untied", good, no_head)), Contains("missing tensor 'lm_head.weight'"));
   }
 
+  SECTION("a config without tie_word_embeddings is untied, as Mixtral's and Qwen2-MoE's configs default") {
+    auto c = good;
+    c.erase("tie_word_embeddings");
+    CHECK_FALSE(io::load_model(with("tie_default", c, all)).config.tied_embeddings);
+    hf_dir_builder no_head(ck);
+    no_head.drop("lm_head.weight");
+    CHECK_THROWS_WITH(io::load_model(with("tie_default_no_head", c, no_head)), Contains("missing tensor 'lm_head.weight'"));
+  }
+
   SECTION("tensors") {
     hf_dir_builder nan(ck);
     auto v = nan.get("model.layers.1.self_attn.k_proj.weight");

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -192,4 +193,18 @@ TEST_CASE("fuzz findings: hostile llama2.c headers and tokenizers fail cleanly")
     std::ofstream(path, std::ios::binary).write(bytes.data(), std::streamsize(bytes.size()));
     CHECK(model::load_tokenizer(path, 512).decode(5, 3) == "<0xZZ>");
   }
+}
+
+TEST_CASE("the tokenizer merges the leftmost of equally scored pairs first, as run.c does: aaa encodes as aa then a") {
+  std::vector<std::string> pieces{"<unk>", "<s>", "</s>"};
+  for (int b = 0; b < 256; ++b) {
+    char hex[8];
+    std::snprintf(hex, sizeof hex, "<0x%02X>", b);
+    pieces.push_back(hex);
+  }
+  pieces.push_back("a");   // 259
+  pieces.push_back("aa");  // 260
+  const model::tokenizer tok(pieces, std::vector<float>(pieces.size(), 0.0f));
+  CHECK(tok.encode("aaa", false) == std::vector<std::int32_t>{260, 259});
+  CHECK(tok.encode("aaaaa", false) == std::vector<std::int32_t>{260, 260, 259});
 }

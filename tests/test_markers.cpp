@@ -100,3 +100,22 @@ TEST_CASE("cmoe markers: the blocked GEMM kernel's edges (H past one k block, I 
     REQUIRE(calib::compute_markers(f, x, ka, 1024).bits == mk.bits);
   }
 }
+
+TEST_CASE("markers: a strongly negative gate cosine still wins over a weaker one (|silu| on [-1, 0] reaches 0.2689, above any bound below it)") {
+  // x̂ = e1, both up rows along x (x̂·û = 1); gate cosines -0.6 and -1.0:
+  // |silu(-0.6)| = 0.6 / (1 + e^0.6) = 0.2124 and |silu(-1)| = 1 / (1 + e) = 0.2689,
+  // so with K_a = 1 the token's marker is neuron 1, though neuron 0 is seen first.
+  ffn f;
+  f.gate.resize(2, 2);
+  f.gate << -0.6f, 0.8f, -1.0f, 0.0f;
+  f.up.resize(2, 2);
+  f.up << 1.0f, 0.0f, 1.0f, 0.0f;
+  f.down.resize(2, 2);
+  f.down << 1.0f, 0.0f, 0.0f, 1.0f;
+  matrix x(1, 2);
+  x << 3.0f, 0.0f;
+  const calib::markers mk = calib::compute_markers(f, x, 1);
+  REQUIRE(mk.counts.size() == 2);
+  CHECK(mk.counts[0] == 0);
+  CHECK(mk.counts[1] == 1);
+}

@@ -253,3 +253,44 @@ TEST_CASE("perplexity and the FFN work it reports are bit-identical for 1, 2, 3 
     CHECK(r[i].work.shared == r[0].work.shared);
   }
 }
+
+TEST_CASE("greedy sampling takes the highest logit, ties going to the lower id") {
+  model::sampler s(model::sampling_options{});
+  Eigen::RowVectorXf logits(4);
+  logits << 1.0f, 3.0f, 3.0f, 2.0f;
+  CHECK(s.next(logits) == 1);
+  logits << 5.0f, 5.0f, 5.0f, 5.0f;
+  CHECK(s.next(logits) == 0);
+}
+
+TEST_CASE("temperature divides the logits: two tokens with logits 0 and ln 3 are drawn 1:9 at T = 0.5 and 1:sqrt(3) at T = 2") {
+  Eigen::RowVectorXf logits(2);
+  logits << 0.0f, std::log(3.0f);
+  const int draws = 20000;
+  const std::pair<float, double> cases[] = {{0.5f, 1.0 / 10.0}, {2.0f, 1.0 / (1.0 + std::sqrt(3.0))}};
+  for (const auto& [temperature, want] : cases) {
+    model::sampling_options o;
+    o.temperature = temperature;
+    o.seed = 7;
+    model::sampler s(o);
+    int zeros = 0;
+    for (int i = 0; i < draws; ++i) zeros += s.next(logits) == 0;
+    INFO("T = " << temperature);
+    CHECK(double(zeros) / draws == Approx(want).margin(0.015));
+  }
+}
+
+TEST_CASE("top-p keeps the smallest set of tokens whose probability reaches p: 0.6 + 0.3 for p = 0.85, drawn 2:1") {
+  Eigen::RowVectorXf logits(3);
+  logits << std::log(6.0f), std::log(3.0f), 0.0f;  // probabilities 0.6, 0.3, 0.1
+  model::sampling_options o;
+  o.temperature = 1.0f;
+  o.top_p = 0.85f;
+  o.seed = 11;
+  model::sampler s(o);
+  const int draws = 20000;
+  std::vector<int> count(3, 0);
+  for (int i = 0; i < draws; ++i) ++count[std::size_t(s.next(logits))];
+  CHECK(count[2] == 0);
+  CHECK(double(count[1]) / draws == Approx(1.0 / 3.0).margin(0.015));
+}

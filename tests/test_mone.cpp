@@ -768,3 +768,17 @@ TEST_CASE("a Hugging Face Mixtral is pruned by every method, saved and reloaded 
     REQUIRE(test::logits(io::load_native(dir), probe) == y);
   }
 }
+
+TEST_CASE("the greedy search adds the candidate that raises the summed G least, each cross term counted twice (G symmetric), as the exhaustive one finds") {
+  // Pairs: {0,1}: 0.9 + 1.0 + 2·0.15 = 2.2, {0,2}: 0.9 + 1.2 = 2.1, {1,2}: 2.2.
+  Eigen::MatrixXd g(3, 3);
+  g << 0.9, 0.15, 0.0, 0.15, 1.0, 0.0, 0.0, 0.0, 1.2;
+  const auto greedy = convert::detail::min_error_subset(g, 2, 0.0);
+  REQUIRE(greedy.kind == "greedy");
+  CHECK(greedy.chosen == std::vector<index_t>{0, 2});
+  CHECK(greedy.error == Approx(2.1));
+  const auto exhaustive = convert::detail::min_error_subset(g, 2, 1e4);
+  REQUIRE(exhaustive.kind == "exhaustive");
+  CHECK(exhaustive.chosen == std::vector<index_t>{0, 2});
+  CHECK(exhaustive.error == Approx(2.1));
+}
