@@ -499,8 +499,7 @@ TEST_CASE("a router packed into panels scores as the router itself, bit for bit,
   // A router of BF16 values (a BF16 checkpoint's) is packed in BF16, half the bytes, and scores the same.
   for (const index_t t : {1, 7, 64}) {
     router r;
-    r.weight = random_matrix(experts, hidden, rng, 0.3f);
-    for (index_t i = 0; i < r.weight.size(); ++i) r.weight.data()[i] = bf16_to_f32(f32_to_bf16(r.weight.data()[i]));
+    r.weight = rounded_to_bf16(random_matrix(experts, hidden, rng, 0.3f));
     const auto panels = runtime::detail::pack_router(r);
     CHECK(panels.weight.type() == dtype::bf16);
     const matrix x = random_matrix(t, hidden, rng, 1.0f);
