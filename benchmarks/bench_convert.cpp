@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "args.hpp"
+#include "json_out.hpp"
 #include "machine.hpp"
 #include "moeforge/convert/cmoe.hpp"
 #include "process.hpp"
@@ -43,7 +44,7 @@ int bench_convert(int argc, char** argv) {
               "memory (best's size-aware rule decides which fitting steps run at this shape)",
               "paper")
       .flag("no-peak", "skip the FMA-peak probe (fraction of peak not reported)")
-      .flag("json", "print one JSON object instead of a table");
+      .option("json", "FILE", "also write the row as a JSON array to FILE");
   if (!a.parse(argc, argv)) return 0;
   const index_t h = a.get_int("hidden", 1), n = a.get_int("intermediate", 1), t = a.get_int("tokens", 1);
   convert::cmoe_options opt;
@@ -55,6 +56,7 @@ int bench_convert(int argc, char** argv) {
   opt.ka = a.get_int("ka", 1);
   opt.block = a.get_int("block", 1);
   const convert::cmoe_preset preset = a.get_parsed("preset", convert::parse_cmoe_preset);
+  const bench::json_output json = bench::json_option(a);
 
   ffn f;
   f.gate = random_matrix(n, h, 1);
@@ -120,27 +122,24 @@ int bench_convert(int argc, char** argv) {
     j["markers_fraction_of_peak"] = markers_s > 0 ? gemm_flop / markers_s / 1e9 / peak : 0.0;
     j["gemm_seconds_at_peak"] = gemm_flop / 1e9 / peak;
   }
-  if (a.flag_set("json")) {
-    std::cout << j.dump() << "\n";
-  } else {
-    std::cout << "convert " << j["config"].get<std::string>() << " H=" << h << " I=" << n << " T=" << t << " (weights + inputs "
-              << weights_mb << " MB, layer weights " << layer_mb << " MB)\n";
-    for (const run* r : {&paper, &best}) {
-      if (r->j.empty()) continue;
-      std::cout << "  " << r->j["preset"].get<std::string>() << ": " << r->seconds << " s";
-      for (const auto& [stage, s] : r->j["stage_seconds"].items()) std::cout << "  " << stage << " " << s.get<double>() << " s";
-      std::cout << "\n    peak RSS " << r->rss << " MB (" << r->rss - layer_mb << " MB above the layer's weights; the conversion added "
-                << r->added << " MB)\n";
-    }
-    if (preset == convert::cmoe_preset::best)
-      std::cout << "  best / paper: time " << j["time_vs_paper"].get<double>() << "x"
-                << (peak_reset ? "" : " (peak RSS could not be reset between runs: best's peak includes paper's)") << "\n";
-    std::cout << "markers GEMM " << j["markers_gemm_gflop"].get<double>() << " GFLOP at " << j["markers_gflop_s"].get<double>() << " GFLOP/s";
-    if (j.contains("fma_peak_gflop_s"))
-      std::cout << " = " << 100.0 * j["markers_fraction_of_peak"].get<double>() << "% of the " << j["fma_peak_gflop_s"].get<double>()
-                << " GFLOP/s FMA peak (GEMM alone at peak: " << j["gemm_seconds_at_peak"].get<double>() << " s)";
-    std::cout << "\n";
+  json.write(nlohmann::json::array({j}));
+  std::cout << "convert " << j["config"].get<std::string>() << " H=" << h << " I=" << n << " T=" << t << " (weights + inputs "
+            << weights_mb << " MB, layer weights " << layer_mb << " MB)\n";
+  for (const run* r : {&paper, &best}) {
+    if (r->j.empty()) continue;
+    std::cout << "  " << r->j["preset"].get<std::string>() << ": " << r->seconds << " s";
+    for (const auto& [stage, s] : r->j["stage_seconds"].items()) std::cout << "  " << stage << " " << s.get<double>() << " s";
+    std::cout << "\n    peak RSS " << r->rss << " MB (" << r->rss - layer_mb << " MB above the layer's weights; the conversion added "
+              << r->added << " MB)\n";
   }
+  if (preset == convert::cmoe_preset::best)
+    std::cout << "  best / paper: time " << j["time_vs_paper"].get<double>() << "x"
+              << (peak_reset ? "" : " (peak RSS could not be reset between runs: best's peak includes paper's)") << "\n";
+  std::cout << "markers GEMM " << j["markers_gemm_gflop"].get<double>() << " GFLOP at " << j["markers_gflop_s"].get<double>() << " GFLOP/s";
+  if (j.contains("fma_peak_gflop_s"))
+    std::cout << " = " << 100.0 * j["markers_fraction_of_peak"].get<double>() << "% of the " << j["fma_peak_gflop_s"].get<double>()
+              << " GFLOP/s FMA peak (GEMM alone at peak: " << j["gemm_seconds_at_peak"].get<double>() << " s)";
+  std::cout << "\n";
   return 0;
 }
 

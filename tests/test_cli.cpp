@@ -600,6 +600,25 @@ TEST_CASE("moeforge-bench model writes a row per layout and type, its decode jud
   CHECK(help.out.find("decode_ctx512_tok_s") != std::string::npos);
 }
 
+TEST_CASE("moeforge-bench convert writes its row to --json FILE, as the other benchmarks do, and still prints its table") {
+  const temp_dir scratch;
+  const std::vector<std::string> args{"convert", "--hidden", "64", "--intermediate", "64", "--tokens", "64", "--config", "S1A1E4",
+                                      "--preset", "best", "--no-peak"};
+  const auto rows = bench_rows(args, scratch);
+  REQUIRE(rows.size() == 1);
+  const auto& r = rows[0];
+  CHECK(r["config"] == "S1A1E4");
+  CHECK(r["preset"] == "best");
+  CHECK(r["hidden"] == 64);
+  CHECK(r["seconds"].get<double>() > 0);
+  CHECK(r["paper"]["preset"] == "paper");
+  CHECK(r["time_vs_paper"].get<double>() == Approx(r["seconds"].get<double>() / r["paper"]["seconds"].get<double>()));
+  CHECK_FALSE(r.contains("fma_peak_gflop_s"));  // --no-peak
+  const auto table = run(MOEFORGE_BENCH, args, scratch);
+  REQUIRE(table.code == 0);
+  CHECK_THAT(table.out, Catch::Contains("convert S1A1E4 H=64") && Catch::Contains("best / paper: time"));
+}
+
 TEST_CASE("moeforge-bench checks every option before it loads, measures or writes anything: exit 2 naming the option") {
   const temp_dir scratch;
   // stories260K's benchmarks get a data directory that does not exist: an
@@ -666,8 +685,7 @@ TEST_CASE("moeforge-bench checks every option before it loads, measures or write
     INFO(command[0] << " " << option << " " << extra.back());
     auto args = command;
     args.insert(args.end(), extra.begin(), extra.end());
-    // convert's --json is a flag (rows on stdout): no file to leave unwritten.
-    if (command[0] != "convert") args.insert(args.end(), {"--json", scratch / "never.json"});
+    args.insert(args.end(), {"--json", scratch / "never.json"});
     require_usage_error(run(MOEFORGE_BENCH, args, scratch), option);
     REQUIRE(files_starting(scratch.path(), "never.json").empty());
     REQUIRE_FALSE(fs::exists(scratch / "convert-tmp"));
