@@ -619,7 +619,7 @@ TEST_CASE("moeforge-bench convert writes its row to --json FILE, as the other be
   CHECK_THAT(table.out, Catch::Contains("convert S1A1E4 H=64") && Catch::Contains("best / paper: time"));
 }
 
-TEST_CASE("moeforge-bench checks every option before it loads, measures or writes anything: exit 2 naming the option") {
+TEST_CASE("moeforge-bench checks every option before it loads, measures or writes anything — exit 2 naming the option") {
   const temp_dir scratch;
   // stories260K's benchmarks get a data directory that does not exist: an
   // option checked only after loading would fail there instead (exit 1).

@@ -507,7 +507,7 @@ TEST_CASE("param_cluster: balanced groups of normalised gate rows, a centroid_to
   REQUIRE(convert::cmoe(f, x, o).report.experts == rep.experts);
 }
 
-TEST_CASE("param_cluster fills every expert exactly when gate rows coincide (dead neurons, duplicates): the assignment's costs are integers") {
+TEST_CASE("param_cluster fills every expert exactly when gate rows coincide (dead neurons, duplicates) — the assignment's costs are integers") {
   // Equal rows make exchange cycles of zero cost; rounded floating-point
   // differences made some look negative, and one neuron moved twice.
   std::mt19937 rng(11);

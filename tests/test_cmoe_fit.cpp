@@ -474,7 +474,7 @@ TEST_CASE("the router ridge shrinks the fitted scorer: ridge 0 recovers linear s
   CHECK(shrunk.weight.cwiseAbs().maxCoeff() < 1e-2f * truth.cwiseAbs().maxCoeff());
 }
 
-TEST_CASE("the refit weighs each expert's activations by its gate weight: exact with a router scale of 0.5") {
+TEST_CASE("the refit weighs each expert's activations by its gate weight — exact with a router scale of 0.5") {
   std::mt19937 rng(14);
   const ffn f = test::gaussian_ffn(24, 50, rng);
   const matrix x = test::gaussian(400, 24, rng);

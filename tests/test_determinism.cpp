@@ -133,7 +133,7 @@ TEST_CASE("the dense kernel is bit-identical for 1-4 threads when both phases sp
   }
 }
 
-TEST_CASE("decoding at a long context splits attention across the team: bit-identical for 1-4 threads, equal to the prefill within rounding") {
+TEST_CASE("decoding at a long context splits attention across the team — bit-identical for 1-4 threads, equal to the prefill within rounding") {
   // With 4 kv heads each task takes both query heads of its kv head; with
   // one, a task takes all 8 on one thread and fewer as the team grows
   // (transformer::heads_per_task: 8, 4, 2, 2 for 1-4 threads).

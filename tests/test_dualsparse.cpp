@@ -220,7 +220,7 @@ TEST_CASE("drop policies: threshold 0 keeps everything, 2t with margin 0 is 1t, 
   CHECK(works(d, {0.25f, 0.15f, 0.1f}) == std::vector<pair_work>(3, pair_work::full));
 }
 
-TEST_CASE("1t and 2t keep a pair whose normalised score equals the threshold: computed iff ŝ ≥ T") {
+TEST_CASE("1t and 2t keep a pair whose normalised score equals the threshold — computed iff ŝ ≥ T") {
   // Scores exact in binary: the top-k sums to 1, so ŝ = p and T ± margin are exact.
   const std::vector<float> probs{0.5f, 0.25f, 0.125f, 0.125f};
   drop_policy d;
@@ -418,7 +418,7 @@ TEST_CASE("load-aware thresholds lower only the under-loaded groups' thresholds 
   }
 }
 
-TEST_CASE("load-aware thresholds never make the most loaded group's work larger: T·r_d is raised where it would") {
+TEST_CASE("load-aware thresholds never make the most loaded group's work larger — T·r_d is raised where it would") {
   // Groups just under the mean load whose pairs sit near the threshold would keep more than the most loaded
   // group at T·r_d (26 of these 600 layers and thresholds did): their factor is the lowest that keeps them within.
   int raised = 0;
@@ -556,7 +556,7 @@ TEST_CASE("dualsparse refuses bad options with a typed error naming them and lea
   CHECK_THROWS_AS(calib::calibration_windows({}, 512, 16), config_error);  // empty calibration text
 }
 
-TEST_CASE("dualsparse calibrates without the drop policies a model already carries: sparsifying again gives the same model") {
+TEST_CASE("dualsparse calibrates without the drop policies a model already carries — sparsifying again gives the same model") {
   const model::weights& w = stories_cmoe();
   const auto inputs = stories_inputs(512);
   convert::dualsparse_options o;
@@ -630,7 +630,7 @@ TEST_CASE("naee's calibrated beta is the median of p2/p1 over the calibration to
   CHECK(convert::naee_beta(samples) == Approx(0.2f));
 }
 
-TEST_CASE("the contiguous placement puts consecutive experts in one group: expert e in group floor(e*D/E)") {
+TEST_CASE("the contiguous placement puts consecutive experts in one group — expert e in group floor(e*D/E)") {
   CHECK(runtime::contiguous_placement(8, 4) == std::vector<index_t>{0, 0, 1, 1, 2, 2, 3, 3});
   CHECK(runtime::contiguous_placement(5, 2) == std::vector<index_t>{0, 0, 0, 1, 1});
   CHECK(runtime::contiguous_placement(3, 3) == std::vector<index_t>{0, 1, 2});

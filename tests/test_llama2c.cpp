@@ -195,7 +195,7 @@ TEST_CASE("fuzz findings: hostile llama2.c headers and tokenizers fail cleanly")
   }
 }
 
-TEST_CASE("the tokenizer merges the leftmost of equally scored pairs first, as run.c does: aaa encodes as aa then a") {
+TEST_CASE("the tokenizer merges the leftmost of equally scored pairs first, as run.c does — aaa encodes as aa then a") {
   std::vector<std::string> pieces{"<unk>", "<s>", "</s>"};
   for (int b = 0; b < 256; ++b) {
     char hex[8];

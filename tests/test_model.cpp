@@ -280,7 +280,7 @@ TEST_CASE("temperature divides the logits: two tokens with logits 0 and ln 3 are
   }
 }
 
-TEST_CASE("top-p keeps the smallest set of tokens whose probability reaches p: 0.6 + 0.3 for p = 0.85, drawn 2:1") {
+TEST_CASE("top-p keeps the smallest set of tokens whose probability reaches p — 0.6 + 0.3 for p = 0.85, drawn 2:1") {
   Eigen::RowVectorXf logits(3);
   logits << std::log(6.0f), std::log(3.0f), 0.0f;  // probabilities 0.6, 0.3, 0.1
   model::sampling_options o;
