@@ -4,6 +4,10 @@
 // before writing anything.
 #include <catch2/catch.hpp>
 
+#include <linux/capability.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -279,6 +283,70 @@ TEST_CASE("a resume refuses a damaged progress file and a source whose weights c
     f.write(other, 4);
   }
   CHECK_REJECTS(convert::cmoe_stream(src, win, dir / "out", stream_cmoe(), resume), config_error, Catch::Contains("model differs"));
+}
+
+namespace {
+
+/// While alive, the calling thread cannot write a file its mode forbids even
+/// as root: CAP_DAC_OVERRIDE is taken out of the thread's effective set (and
+/// put back after; it stays permitted). Without root it changes nothing:
+/// such a thread never had the capability.
+class without_dac_override {
+ public:
+  without_dac_override() {
+    if (::geteuid() != 0) return;
+    header_.version = _LINUX_CAPABILITY_VERSION_3;
+    REQUIRE(::syscall(SYS_capget, &header_, data_) == 0);
+    saved_ = data_[0].effective;
+    data_[0].effective &= ~(1u << CAP_DAC_OVERRIDE);
+    REQUIRE(::syscall(SYS_capset, &header_, data_) == 0);
+    dropped_ = true;
+  }
+  ~without_dac_override() {
+    if (!dropped_) return;
+    data_[0].effective = saved_;
+    ::syscall(SYS_capset, &header_, data_);
+  }
+  without_dac_override(const without_dac_override&) = delete;
+  without_dac_override& operator=(const without_dac_override&) = delete;
+
+ private:
+  __user_cap_header_struct header_{};
+  __user_cap_data_struct data_[2]{};
+  std::uint32_t saved_ = 0;
+  bool dropped_ = false;
+};
+
+}  // namespace
+
+TEST_CASE("a resume finishes over a read-only attachment an interrupted copy left in the partial directory", "[stream]") {
+  // copy_file gives the copy its source's permissions before it writes a
+  // byte: a run killed (or out of space) while copying a read-only tokenizer
+  // leaves an empty read-only file in the partial directory, which a user
+  // without root's override cannot open for writing again.
+  temp_dir dir;
+  const std::string src = sharded_hf(dir, "src", dtype::bf16, 2);
+  const std::string tok = dir / "tok.bin";
+  std::ofstream(tok) << "tokenizer bytes";
+  fs::permissions(tok, fs::perms::owner_read | fs::perms::group_read | fs::perms::others_read);
+  convert::stream_options stop;
+  stop.shard_bytes = 30'000;
+  stop.attachments = {{tok, "tokenizer.bin"}};
+  stop.stop_after_layers = 1;
+  convert::cmoe_stream(src, stream_windows(), dir / "out", stream_cmoe(), stop);
+  const fs::path left = dir / ".out.partial/tokenizer.bin";
+  std::ofstream{left};
+  fs::permissions(left, fs::perms::owner_read | fs::perms::group_read | fs::perms::others_read);
+  convert::stream_options resume = stop;
+  resume.stop_after_layers = -1;
+  resume.resume = true;
+  {
+    // The manifest and its attachments are written on the calling thread.
+    const without_dac_override user;
+    convert::cmoe_stream(src, stream_windows(), dir / "out", stream_cmoe(), resume);
+  }
+  CHECK(file_bytes(dir / "out/tokenizer.bin") == "tokenizer bytes");
+  CHECK_FALSE(fs::exists(dir / ".out.partial"));
 }
 
 TEST_CASE("a streamed conversion never clobbers an existing output and replaces it only when asked, once complete", "[stream]") {

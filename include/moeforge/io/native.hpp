@@ -581,7 +581,10 @@ inline void write_manifest(const std::filesystem::path& dir, const model::config
   }
   for (const auto& [source, name] : attachments) {
     std::error_code ec;
-    // (Over a copy an interrupted streamed conversion made: see stream.hpp.)
+    // Over a copy an interrupted streamed conversion made (see stream.hpp):
+    // removed first, as copy_file gives a copy its source's permissions
+    // before writing it, and a read-only one is not opened again for writing.
+    std::filesystem::remove(dir / name, ec);
     std::filesystem::copy_file(source, dir / name, std::filesystem::copy_options::overwrite_existing, ec);
     if (ec) throw io_error(cat("native: cannot copy '", source, "' into the model: ", ec.message()));
   }
