@@ -196,7 +196,7 @@ TEST_CASE("a conversion stopped after a layer and resumed writes the identical m
   auto other = stream_cmoe();
   other.seed = 5;
   CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "resumed", other, resume), config_error,
-                Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("\"seed\":5"));
+                Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("(seed: was 0, now 5)"));
   auto sized = stream_cmoe();
   sized.fit.size_rule = !sized.fit.size_rule;  // changes which fitting steps run on the later layers
   CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "resumed", sized, resume), config_error, Catch::Contains("method differs"));
@@ -510,7 +510,7 @@ TEST_CASE("a streamed MoE method resumes to the identical model and refuses chan
   auto other = ds;
   other.drop_rate = 0.3;
   CHECK_REJECTS(convert::dualsparse_stream(src, win, dir / "resumed", other, resume), config_error,
-                Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("\"drop_rate\":0.3"));
+                Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("(options/drop_rate: was ") && Catch::EndsWith(", now 0.3)"));
   CHECK_REJECTS(convert::mone_stream(src, win, dir / "resumed", stream_mone(convert::mone_method::mone, true), resume), config_error,
                 Catch::Contains("method differs"));
   CHECK(convert::dualsparse_stream(src, win, dir / "resumed", ds, resume).resumed_at == 1);
@@ -539,7 +539,7 @@ TEST_CASE("a resume refuses another method whose options look the same", "[strea
   for (const std::string other : {"cmoe", "dualsparse"}) {
     CAPTURE(other);
     CHECK_REJECTS(convert::stream_convert(src, win, dir / "out", method(other), resume), config_error,
-                  Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("\"name\":\"mone\""));
+                  Catch::Contains("cannot resume") && Catch::Contains("method differs") && Catch::Contains("name: was \"mone\", now ") && Catch::Contains(other == "cmoe" ? "absent" : "\"dualsparse\""));
   }
   CHECK(convert::stream_convert(src, win, dir / "out", method("mone"), resume).resumed_at == 1);
 }

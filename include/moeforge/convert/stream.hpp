@@ -138,6 +138,19 @@ inline std::string calibration_fingerprint(const std::vector<std::vector<std::in
   return hex(h);
 }
 
+/// Where `now` differs from `was`, one "path: was A, now B" per changed
+/// value (a key one of them lacks is "absent" there), so that a refused
+/// resume names the option that changed instead of printing both.
+inline std::string json_differences(const nlohmann::json& was, const nlohmann::json& now) {
+  std::string out;
+  for (const auto& op : nlohmann::json::diff(was, now)) {
+    const nlohmann::json::json_pointer at(op.at("path").get<std::string>());
+    const auto value = [&](const nlohmann::json& j) { return j.contains(at) ? j.at(at).dump() : std::string("absent"); };
+    out += moeforge::detail::cat(out.empty() ? "" : "; ", at.to_string().substr(1), ": was ", value(was), ", now ", value(now));
+  }
+  return out;
+}
+
 inline void write_json_atomically(const std::filesystem::path& path, const nlohmann::json& j) {
   const auto tmp = path.string() + ".tmp";
   {
@@ -231,7 +244,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
       for (const char* part : {"model", "method", "calibration", "shard_bytes"})
         if (saved.at("fingerprint").at(part) != fingerprint.at(part))
           throw config_error(cat("cannot resume into '", out, "': the ", part, " differs from the interrupted conversion's (",
-                                 std::string(part) == "method" ? cat("was ", saved["fingerprint"][part].dump(), ", now ", fingerprint[part].dump())
+                                 std::string(part) == "method" ? detail::json_differences(saved["fingerprint"][part], fingerprint[part])
                                                                : std::string("fingerprint ") + saved["fingerprint"][part].dump() + ", now " +
                                                                      fingerprint[part].dump(),
                                  ")"));
