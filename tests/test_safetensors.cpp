@@ -5,7 +5,11 @@
 // what was expected.
 #include <catch2/catch.hpp>
 
+#include <sys/resource.h>
+
+#include <cerrno>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -454,4 +458,31 @@ TEST_CASE("safetensors: a broken sharded index is an error naming the index, sha
   temp_dir empty;
   CHECK_REJECTS(io::safetensors_checkpoint{empty.path().string()}, format_error,
                 Catch::Contains(empty.path().string()) && Catch::Contains("neither model.safetensors nor model.safetensors.index.json"));
+}
+
+TEST_CASE("safetensors: a write the system refuses names the file and the system's reason, and loses nothing") {
+  temp_dir dir;
+  const std::string path = dir / "m.safetensors";
+  std::ofstream(path) << "previous";
+  const std::vector<float> values(std::size_t(1) << 16, 1.0f);  // 256 KiB of tensor data
+  // The process may not grow a file past 64 KiB meanwhile: the write fails
+  // with EFBIG (SIGXFSZ, which would end the process, ignored).
+  struct rlimit limit {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &limit) == 0);
+  const struct rlimit unlimited = limit;
+  limit.rlim_cur = 64 << 10;
+  const auto handler = std::signal(SIGXFSZ, SIG_IGN);
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &limit) == 0);
+  std::string message;
+  try {
+    io::write_safetensors(path, {{"w", {std::int64_t(values.size())}, values.data()}});
+  } catch (const io_error& e) {
+    message = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &unlimited);
+  std::signal(SIGXFSZ, handler);
+  CHECK_THAT(message, Catch::Contains("cannot write '" + path + ".tmp.") && Catch::EndsWith(std::strerror(EFBIG)));
+  std::ifstream in(path);
+  CHECK(std::string(std::istreambuf_iterator<char>(in), {}) == "previous");
+  CHECK(std::distance(std::filesystem::directory_iterator(dir.path()), {}) == 1);
 }

@@ -11,8 +11,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -582,10 +584,16 @@ class safetensors_writer {
     text.resize(reserve_, ' ');
     char len[8];
     for (int i = 0; i < 8; ++i) len[i] = char((std::uint64_t(reserve_) >> (8 * i)) & 0xff);
-    const bool written = ::pwrite(fd_, len, 8, 0) == 8 && ::pwrite(fd_, text.data(), text.size(), 8) == ssize_t(text.size());
+    std::string why;
+    const auto wrote = [&](ssize_t got, std::size_t wanted) {
+      if (got != ssize_t(wanted)) why = failure(got);
+      return why.empty();
+    };
+    const bool written = wrote(::pwrite(fd_, len, 8, 0), 8) && wrote(::pwrite(fd_, text.data(), text.size(), 8), text.size());
     const bool closed = ::close(fd_) == 0;
+    if (!closed && why.empty()) why = std::strerror(errno);
     fd_ = -1;
-    if (!written || !closed) throw io_error(detail::cat("safetensors: cannot write '", path_, "'"));
+    if (!written || !closed) throw io_error(detail::cat("safetensors: cannot write '", path_, "': ", why));
   }
 
  private:
@@ -610,10 +618,14 @@ class safetensors_writer {
     return numel;
   }
 
+  /// Why a write that returned `result`, not the bytes it was given, failed:
+  /// the system's reason (no space, a file size limit, an I/O error), or none given.
+  static std::string failure(ssize_t result) { return result < 0 ? std::strerror(errno) : "the system wrote fewer bytes than given"; }
+
   void put(const char* p, std::uint64_t n) {
     while (n > 0) {
       const ssize_t w = ::write(fd_, p, std::size_t(std::min<std::uint64_t>(n, 1 << 30)));
-      if (w <= 0) throw io_error(detail::cat("safetensors: cannot write '", path_, "' (disk full?)"));
+      if (w <= 0) throw io_error(detail::cat("safetensors: cannot write '", path_, "': ", failure(w)));
       p += w;
       n -= std::uint64_t(w);
     }
