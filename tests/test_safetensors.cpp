@@ -18,6 +18,7 @@
 
 #include "moeforge/io/safetensors.hpp"
 #include "support/temp_dir.hpp"
+#include "support/util.hpp"
 
 using namespace moeforge;
 using namespace moeforge::test;
@@ -482,7 +483,6 @@ TEST_CASE("safetensors: a write the system refuses names the file and the system
   ::setrlimit(RLIMIT_FSIZE, &unlimited);
   std::signal(SIGXFSZ, handler);
   CHECK_THAT(message, Catch::Contains("cannot write '" + path + ".tmp.") && Catch::EndsWith(std::strerror(EFBIG)));
-  std::ifstream in(path);
-  CHECK(std::string(std::istreambuf_iterator<char>(in), {}) == "previous");
+  CHECK(file_bytes(path) == "previous");
   CHECK(std::distance(std::filesystem::directory_iterator(dir.path()), {}) == 1);
 }
