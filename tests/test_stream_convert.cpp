@@ -287,6 +287,76 @@ TEST_CASE("a resume refuses a damaged progress file and a source whose weights c
 
 namespace {
 
+/// Flips the lowest bit of a value in the middle of tensor `name` of the
+/// checkpoint `src`, in place: a change the model's sampled fingerprint
+/// cannot see (the value stays finite).
+void flip_middle_bit(const std::string& src, const std::string& name) {
+  std::string file;
+  std::size_t at = 0;
+  {
+    const io::safetensors_checkpoint ck(src);
+    const auto& t = ck.info(name);
+    file = ck.file(name);
+    at = t.begin + (t.end - t.begin) / 4 * 2;  // a whole BF16 or F32 value's low byte
+  }
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  std::uint64_t header = 0;
+  f.read(reinterpret_cast<char*>(&header), 8);
+  const auto pos = std::streamoff(8 + header + at);
+  char byte = 0;
+  f.seekg(pos);
+  f.read(&byte, 1);
+  byte = char(byte ^ 1);
+  f.seekp(pos);
+  f.write(&byte, 1);
+  REQUIRE(f.good());
+}
+
+}  // namespace
+
+TEST_CASE("a resume checks every byte the finished layers came from, and converts a changed later layer as new", "[stream]") {
+  const converted_source c;
+  convert::stream_options stop = c.so;
+  stop.stop_after_layers = 2;
+  convert::stream_options resume = c.so;
+  resume.resume = true;
+  const fs::path progress = c.dir / ".out.partial/progress.json";
+  const auto start = [&] {
+    fs::remove_all(c.dir / ".out.partial");
+    convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), stop);
+  };
+
+  start();
+  flip_middle_bit(c.src, "model.layers.1.mlp.down_proj.weight");
+  CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume), config_error,
+                Catch::Contains("cannot resume") && Catch::Contains("layer 1's tensors") && Catch::Contains("changed since that layer was converted"));
+  flip_middle_bit(c.src, "model.layers.1.mlp.down_proj.weight");
+
+  flip_middle_bit(c.src, "model.embed_tokens.weight");
+  CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume), config_error,
+                Catch::Contains("cannot resume") && Catch::Contains("embedding, final norm or classifier"));
+  flip_middle_bit(c.src, "model.embed_tokens.weight");
+
+  auto saved = read_json(progress);
+  saved.erase("sources");
+  write_json(progress, saved);
+  CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume), format_error,
+                Catch::Contains("older moeforge") && Catch::Contains(".out.partial"));
+
+  // A layer not converted yet may change: the resumed model is then the new source's conversion.
+  start();
+  flip_middle_bit(c.src, "model.layers.2.mlp.up_proj.weight");
+  CHECK(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume).complete);
+  convert::cmoe_stream(c.src, c.win, c.dir / "fresh", stream_cmoe(), c.so);
+  require_same_output(c.dir / "fresh", c.dir / "out");
+  bool changed = false;  // (and is not the old source's)
+  const fs::path out = c.dir / "out", whole = c.dir / "whole";
+  for (const auto& f : stream_listing(out)) changed = changed || file_bytes((out / f).string()) != file_bytes((whole / f).string());
+  CHECK(changed);
+}
+
+namespace {
+
 /// While alive, the calling thread cannot write a file its mode forbids even
 /// as root: CAP_DAC_OVERRIDE is taken out of the thread's effective set (and
 /// put back after; it stays permitted). Without root it changes nothing:

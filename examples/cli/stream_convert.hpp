@@ -22,7 +22,7 @@ namespace moeforge::cli {
 
 /// --resume, --shard-size, --in-memory.
 inline void add_stream_options(args& a) {
-  a.flag("resume", "Hugging Face input: continue an interrupted conversion into --out (refused if the model, options or calibration differ)");
+  a.flag("resume", "Hugging Face input: continue an interrupted conversion into --out (refused if the options, the calibration or the model differ, checked to the byte for what is already converted)");
   a.option("shard-size", "MB", "Hugging Face input: at most this many MB per output shard", "4096");
   a.flag("in-memory", "load the whole model in FP32 and convert it in memory instead of streaming a Hugging Face checkpoint");
 }

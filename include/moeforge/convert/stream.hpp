@@ -20,15 +20,20 @@
 // The output is built in a hidden sibling directory `.NAME.partial` which
 // records the finished layers (progress.json: a fingerprint of the model, the
 // method's options and the calibration tokens; the shard writer's state; the
-// hidden states after the last finished layer). A run that dies leaves it
-// behind; `resume` continues after the last finished layer and refuses a
-// different model, method, options or calibration. The directory is renamed
-// to the output only when complete. Tensors keep the source's dtype (BF16 in,
-// BF16 out, rounded to nearest even; the computation is FP32).
+// hidden states after the last finished layer, and a hash of every byte each
+// finished layer and the global tensors were converted from). A run that dies
+// leaves it behind; `resume` continues after the last finished layer and
+// refuses a different model, method, options or calibration, and a source
+// whose global tensors or finished layers changed by a single byte (it reads
+// them again to check). The directory is renamed to the output only when
+// complete. Tensors keep the source's dtype (BF16 in, BF16 out, rounded to
+// nearest even; the computation is FP32).
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -106,10 +111,64 @@ inline std::uint64_t fnv1a(const void* data, std::size_t n, std::uint64_t h = 0x
 }
 inline std::string hex(std::uint64_t h) { return cat(std::hex, h); }
 
-/// The model as far as resuming cares: config.json, every shard's size and
-/// tensor names, dtypes, shapes and offsets, and the first and last bytes of
-/// every tensor (reading all the weights would cost as much as converting
-/// them; a sample tells another checkpoint of the same architecture apart).
+/// A hash of n bytes at memory speed, where FNV-1a's multiply a byte runs at
+/// about 1 GB/s: four independent chains over 8-byte words, then FNV-1a over
+/// the chains, the length and the tail. A fingerprint, like fnv1a.
+inline std::uint64_t bytes_hash(const char* p, std::size_t n, std::uint64_t h) {
+  constexpr std::uint64_t odd = 0x9e3779b97f4a7c15ull;
+  std::uint64_t lane[4] = {h, h + odd, h + 2 * odd, h + 3 * odd};
+  std::size_t i = 0;
+  for (; i + sizeof lane <= n; i += sizeof lane)
+    for (int j = 0; j < 4; ++j) {
+      std::uint64_t w;
+      std::memcpy(&w, p + i + 8 * j, 8);
+      const std::uint64_t m = (lane[j] ^ w) * odd;
+      lane[j] = m << 29 | m >> 35;
+    }
+  h = fnv1a(lane, sizeof lane, h);
+  h = fnv1a(&n, sizeof n, h);
+  return fnv1a(p + i, n - i, h);
+}
+
+inline bool in_a_layer(const std::string& name) { return name.rfind("model.layers.", 0) == 0; }
+
+/// Every byte of the source's tensors `which` selects, in name order, with their names.
+template <class Which>
+std::string tensors_hash(const io::hf_layers& src, Which which) {
+  const auto& ck = src.checkpoint();
+  std::vector<std::string> names = ck.names();
+  std::sort(names.begin(), names.end());
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (const auto& name : names) {
+    if (!which(name)) continue;
+    const auto& t = ck.info(name);
+    h = fnv1a(name.data(), name.size(), h);
+    h = bytes_hash(ck.stored_bytes(name), t.end - t.begin, h);
+  }
+  return hex(h);
+}
+
+/// What layer l of the output was converted from: every byte of the
+/// source's tensors of that layer. A resume checks it for each finished
+/// layer, so an edit anywhere inside one is refused, where the model's
+/// fingerprint samples only each tensor's ends.
+inline std::string layer_source_hash(const io::hf_layers& src, index_t l) {
+  const std::string prefix = cat("model.layers.", l, ".");
+  return tensors_hash(src, [&](const std::string& name) { return name.rfind(prefix, 0) == 0; });
+}
+
+/// Every byte of the tensors outside the layers (embedding, final norm,
+/// classifier), which the calibration's hidden states and the output's
+/// global tensors come from.
+inline std::string globals_source_hash(const io::hf_layers& src) {
+  return tensors_hash(src, [](const std::string& name) { return !in_a_layer(name); });
+}
+
+/// The model's shape as far as resuming cares: config.json, every shard's
+/// size and tensor names, dtypes, shapes and offsets, and the first and last
+/// bytes of every tensor, a sample that tells another checkpoint of the same
+/// architecture apart at once (the bytes a resume depends on are checked in
+/// full: globals_source_hash, layer_source_hash).
 inline std::string model_fingerprint(const io::hf_layers& src) {
   constexpr std::size_t sample = 64;
   std::ifstream in(src.config_path(), std::ios::binary);
@@ -235,6 +294,8 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   std::vector<matrix> x;  // per window: the hidden states entering the next layer
   std::optional<io::native_shard_writer> writer;
   nlohmann::json shards;  // the writer's state at the last checkpoint
+  // What the output was converted from: the global tensors' and each finished layer's hashes.
+  nlohmann::json sources{{"globals", detail::globals_source_hash(src)}, {"layers", nlohmann::json::array()}};
 
   if (fs::exists(progress_file)) {
     if (!opt.resume)
@@ -256,6 +317,27 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
         throw format_error(cat("stream: '", progress_file.string(), "' is damaged (", rep.resumed_at, " layers done of ", c.n_layers, ", with ",
                                layer_manifests.size(), " manifests and ", reports.size(), " reports)"));
       for (index_t l = 0; l < rep.resumed_at; ++l) rep.layers[std::size_t(l)] = reports.at(std::size_t(l));
+      if (!saved.contains("sources"))
+        throw format_error(cat("stream: '", progress_file.string(), "' was written by an older moeforge, which did not record what each layer ",
+                               "was converted from; remove '", stage.string(), "' and convert again"));
+      const auto& was = saved.at("sources");
+      if (was.at("globals") != sources["globals"])
+        throw config_error(cat("cannot resume into '", out, "': the embedding, final norm or classifier of '", model,
+                               "' changed since the interrupted conversion began (hash ", was["globals"].dump(), ", now ", sources["globals"].dump(), ")"));
+      if (!was.at("layers").is_array() || index_t(was["layers"].size()) != rep.resumed_at)
+        throw format_error(cat("stream: '", progress_file.string(), "' is damaged (", was["layers"].size(), " source hashes for ", rep.resumed_at,
+                               " layers done)"));
+      // Every byte each finished layer was converted from: reading them costs
+      // a fraction of converting them, and a changed layer would leave a model
+      // that is neither the old conversion nor the new.
+      for (index_t l = 0; l < rep.resumed_at; ++l) {
+        const std::string now = detail::layer_source_hash(src, l);
+        src.release();
+        if (was["layers"][std::size_t(l)] != now)
+          throw config_error(cat("cannot resume into '", out, "': layer ", l, "'s tensors in '", model, "' changed since that layer was converted (hash ",
+                                 was["layers"][std::size_t(l)].dump(), ", now \"", now, "\"); remove '", stage.string(), "' and convert again"));
+      }
+      sources["layers"] = was["layers"];
       shards = saved.at("shards");
       const std::string hidden = saved.at("hidden").get<std::string>();
       // What a kill between two steps left: an older checkpoint's hidden
@@ -306,6 +388,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
                                                   {"manifests", layer_manifests},
                                                   {"reports", reports},
                                                   {"shards", shards},
+                                                  {"sources", sources},
                                                   {"hidden", hidden}});
     std::error_code ec;
     if (done > 0) fs::remove(stage / cat("hidden-", done - 1, ".safetensors"), ec);
@@ -325,6 +408,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     auto t0 = clock::now();
     tell(l, "read");
     model::weights one = model::layer_model(c, src.layer(l, {}, &pool));
+    sources["layers"].push_back(detail::layer_source_hash(src, l));  // while its pages are mapped
     pool.clear();
     src.release();  // the layer is in memory now, in FP32
     const model::transformer tr(one);
