@@ -3,6 +3,7 @@
 // damaged directories or unsafe outputs fail clearly without losing anything.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <fstream>
 #include <iterator>
@@ -231,6 +232,47 @@ TEST_CASE("native: a directory that appears while a model is written is left alo
   CHECK(std::distance(fs::directory_iterator(tmp.path()), {}) == 1);
   io::detail::move_into_place(staged(".new.tmp", "new"), tmp / "new", false);
   CHECK(text_in("new") == "new");
+}
+
+TEST_CASE("native: what killed runs left beside an output goes with the next write of it; what a live run writes stays") {
+  namespace fs = std::filesystem;
+  const auto long_ago = fs::file_time_type::clock::now() - std::chrono::minutes(5);
+  temp_dir tmp;
+  const auto leftover = [&](const std::string& name, bool old) {
+    fs::create_directories(tmp / name);
+    std::ofstream(tmp / name + "/model.safetensors") << "half a model";
+    if (old) fs::last_write_time(tmp / name, long_ago);
+    return fs::path(tmp / name);
+  };
+  const auto killed = leftover(".model.tmp.4000001", true);
+  const auto just_made = leftover(".model.tmp.4000002", false);  // its writer may not have locked it yet
+  const auto writing = leftover(".model.tmp.4000003", true);
+  const auto other_output = leftover(".other.tmp.4000004", true);
+  const auto not_a_pid = leftover(".model.tmp.backup", true);
+  {
+    const moeforge::detail::held_lock writer(writing);
+    REQUIRE(writer.held());
+    io::save_native(everything_model(), tmp / "model");
+    CHECK_FALSE(fs::exists(killed));
+    CHECK(fs::exists(writing));
+  }
+  for (const auto& kept : {just_made, other_output, not_a_pid}) CHECK(fs::exists(kept));
+  // A run's own staging directory is locked while it lives: old or not, another run's sweep leaves it.
+  {
+    io::detail::staging_dir stage(tmp / "again");
+    fs::last_write_time(stage.path(), long_ago);
+    moeforge::detail::remove_abandoned(tmp.path(), ".again.tmp.");
+    CHECK(fs::exists(stage.path()));
+    CHECK(moeforge::detail::held_lock(stage.path()).busy());
+  }
+  // A single file's temporary likewise.
+  const std::string half = tmp / "t.safetensors.tmp.4000005";
+  std::ofstream(half) << "half a file";
+  fs::last_write_time(half, long_ago);
+  const float value = 1.5f;
+  io::write_safetensors(tmp / "t.safetensors", {{"x", {1}, &value}});
+  CHECK_FALSE(fs::exists(half));
+  CHECK(io::safetensors_file(tmp / "t.safetensors").read("x") == std::vector<float>{1.5f});
 }
 
 TEST_CASE("native: damaged directories fail with a typed error naming what is wrong") {

@@ -314,7 +314,7 @@ void flip_middle_bit(const std::string& src, const std::string& name) {
 
 }  // namespace
 
-TEST_CASE("a resume checks every byte the finished layers came from, and converts a changed later layer as new", "[stream]") {
+TEST_CASE("a resume checks every byte the finished layers came from, converts a changed later layer as new, and waits for no other run", "[stream]") {
   const converted_source c;
   convert::stream_options stop = c.so;
   stop.stop_after_layers = 2;
@@ -327,6 +327,12 @@ TEST_CASE("a resume checks every byte the finished layers came from, and convert
   };
 
   start();
+  {
+    const moeforge::detail::held_lock other_run(c.dir / ".out.partial");
+    REQUIRE(other_run.held());
+    CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume), io_error,
+                  Catch::Contains("another conversion is writing into") && Catch::Contains(".out.partial"));
+  }
   flip_middle_bit(c.src, "model.layers.1.mlp.down_proj.weight");
   CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume), config_error,
                 Catch::Contains("cannot resume") && Catch::Contains("layer 1's tensors") && Catch::Contains("changed since that layer was converted"));

@@ -25,9 +25,10 @@
 // leaves it behind; `resume` continues after the last finished layer and
 // refuses a different model, method, options or calibration, and a source
 // whose global tensors or finished layers changed by a single byte (it reads
-// them again to check). The directory is renamed to the output only when
-// complete. Tensors keep the source's dtype (BF16 in, BF16 out, rounded to
-// nearest even; the computation is FP32).
+// them again to check), and a second run while one is writing it. The
+// directory is renamed to the output only when complete. Tensors keep the
+// source's dtype (BF16 in, BF16 out, rounded to nearest even; the
+// computation is FP32).
 #pragma once
 
 #include <algorithm>
@@ -46,6 +47,7 @@
 #include "moeforge/convert/driver.hpp"
 #include "moeforge/convert/dualsparse.hpp"
 #include "moeforge/convert/mone.hpp"
+#include "moeforge/detail/temporaries.hpp"
 #include "moeforge/io/hf.hpp"
 #include "moeforge/io/native.hpp"
 #include "moeforge/model/transformer.hpp"
@@ -297,6 +299,14 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
   // What the output was converted from: the global tensors' and each finished layer's hashes.
   nlohmann::json sources{{"globals", detail::globals_source_hash(src)}, {"layers", nlohmann::json::array()}};
 
+  // Locked while this run writes into it (see detail/temporaries.hpp): two
+  // runs resuming one conversion would overwrite each other's shards.
+  moeforge::detail::held_lock stage_lock;
+  const auto lock_stage = [&] {
+    stage_lock = moeforge::detail::held_lock(stage);
+    if (stage_lock.busy()) throw io_error(cat("output '", out, "': another conversion is writing into '", stage.string(), "' now"));
+  };
+  if (fs::exists(stage)) lock_stage();
   if (fs::exists(progress_file)) {
     if (!opt.resume)
       throw io_error(cat("output '", out, "': an interrupted conversion is in '", stage.string(), "'; resume it or remove that directory"));
@@ -359,6 +369,7 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     fs::remove_all(stage, ec);  // a partial directory that never recorded progress holds nothing to keep
     fs::create_directories(stage, ec);
     if (ec) throw io_error(cat("stream: cannot create '", stage.string(), "': ", ec.message()));
+    lock_stage();
     const auto t0 = clock::now();
     writer.emplace(stage, opt.shard_bytes);
     // The tensors outside the layers first, each read whole once (the embedding in FP32 is the largest single tensor).

@@ -62,6 +62,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moeforge/detail/temporaries.hpp"
 #include "moeforge/io/expert_filter.hpp"
 #include "moeforge/io/safetensors.hpp"
 #include "moeforge/model/transformer.hpp"
@@ -532,7 +533,9 @@ inline void move_into_place(const std::filesystem::path& staged, const std::file
   std::filesystem::remove_all(old, ec);
 }
 
-/// A new sibling of `dir` for building the output in; removed unless committed.
+/// A new sibling of `dir` for building the output in (`.NAME.tmp.PID`,
+/// locked while it lives); removed unless committed. Those that killed runs
+/// left for the same output are removed first (remove_abandoned).
 class staging_dir {
  public:
   explicit staging_dir(const std::filesystem::path& dir)
@@ -540,9 +543,11 @@ class staging_dir {
     std::error_code ec;
     std::filesystem::create_directories(dir.parent_path(), ec);
     if (ec) throw io_error(cat("native: cannot create '", dir.parent_path().string(), "': ", ec.message()));
+    moeforge::detail::remove_abandoned(dir.parent_path(), cat(".", dir.filename().string(), ".tmp."));
     std::filesystem::remove_all(path_, ec);
     if (!std::filesystem::create_directory(path_, ec))
       throw io_error(cat("native: cannot create '", path_.string(), "': ", ec.message()));
+    lock_ = moeforge::detail::held_lock(path_);
   }
   staging_dir(const staging_dir&) = delete;
   staging_dir& operator=(const staging_dir&) = delete;
@@ -560,6 +565,7 @@ class staging_dir {
 
  private:
   std::filesystem::path path_;
+  moeforge::detail::held_lock lock_;
   bool committed_ = false;
 };
 

@@ -30,6 +30,7 @@
 #include "moeforge/core/memory.hpp"
 #include "moeforge/core/tensor.hpp"
 #include "moeforge/detail/json_text.hpp"
+#include "moeforge/detail/temporaries.hpp"
 
 namespace moeforge::io {
 
@@ -646,8 +647,9 @@ class safetensors_writer {
 };
 
 /// Writes `tensors` (in the given order) to `path` via a temporary file in the
-/// same directory and a rename, so a failure never leaves a partial file and
-/// never touches an existing one.
+/// same directory (`PATH.tmp.PID`, locked while written; those killed runs
+/// left are removed first: remove_abandoned) and a rename, so a failure never
+/// leaves a partial file and never touches an existing one.
 inline void write_safetensors(const std::string& path, const std::vector<tensor_view>& tensors,
                               const std::map<std::string, std::string>& metadata = {{"format", "pt"}}) {
   using detail::cat;
@@ -660,8 +662,11 @@ inline void write_safetensors(const std::string& path, const std::vector<tensor_
   }
   detail::assign_offsets(path, infos);
   const std::string tmp = cat(path, ".tmp.", ::getpid());
+  const std::filesystem::path at(path);
+  moeforge::detail::remove_abandoned(at.parent_path(), cat(at.filename().string(), ".tmp."));
   try {
     safetensors_writer out(tmp, detail::header_text(infos, metadata).size(), metadata);
+    const moeforge::detail::held_lock lock(tmp);
     for (const auto& t : tensors) out.add(t.name, t.shape, t.data, t.stored);
     out.finish();
     std::error_code ec;
