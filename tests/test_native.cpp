@@ -1,6 +1,9 @@
 // The native model format: every kind of layer round-trips to identical bytes
 // and identical outputs, a converted real model reloads bit-identically, and
 // damaged directories or unsafe outputs fail clearly without losing anything.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 
 #include <chrono>
@@ -238,17 +241,27 @@ TEST_CASE("native: what killed runs left beside an output goes with the next wri
   namespace fs = std::filesystem;
   const auto long_ago = fs::file_time_type::clock::now() - std::chrono::minutes(5);
   temp_dir tmp;
-  const auto leftover = [&](const std::string& name, bool old) {
-    fs::create_directories(tmp / name);
-    std::ofstream(tmp / name + "/model.safetensors") << "half a model";
+  // Process IDs other than this one's (whose own staging directory the write replaces anyway).
+  const auto pid = [](long n) { return std::to_string(n == ::getpid() ? n + 100 : n); };
+  const auto aged = [&](const std::string& name, bool old) {
     if (old) fs::last_write_time(tmp / name, long_ago);
     return fs::path(tmp / name);
   };
-  const auto killed = leftover(".model.tmp.4000001", true);
-  const auto just_made = leftover(".model.tmp.4000002", false);  // its writer may not have locked it yet
-  const auto writing = leftover(".model.tmp.4000003", true);
-  const auto other_output = leftover(".other.tmp.4000004", true);
+  const auto leftover = [&](const std::string& name, bool old) {
+    fs::create_directories(tmp / name);
+    std::ofstream(tmp / name + "/model.safetensors") << "half a model";
+    return aged(name, old);
+  };
+  const auto killed = leftover(".model.tmp." + pid(4000001), true);
+  const auto just_made = leftover(".model.tmp." + pid(4000002), false);  // its writer may not have locked it yet
+  const auto writing = leftover(".model.tmp." + pid(4000003), true);
+  const auto other_output = leftover(".other.tmp." + pid(4000004), true);
   const auto not_a_pid = leftover(".model.tmp.backup", true);
+  const auto dated_copy = leftover(".model.tmp.20240101", true);  // past the largest process ID
+  std::ofstream(tmp / (".model.tmp." + pid(4000005))) << "a file, where staging makes directories";
+  const auto a_file = aged(".model.tmp." + pid(4000005), true);
+  REQUIRE(::mkfifo((tmp / (".model.tmp." + pid(4000006))).c_str(), 0600) == 0);  // opened to be locked, it must not block
+  const auto a_fifo = aged(".model.tmp." + pid(4000006), true);
   {
     const moeforge::detail::held_lock writer(writing);
     REQUIRE(writer.held());
@@ -256,17 +269,20 @@ TEST_CASE("native: what killed runs left beside an output goes with the next wri
     CHECK_FALSE(fs::exists(killed));
     CHECK(fs::exists(writing));
   }
-  for (const auto& kept : {just_made, other_output, not_a_pid}) CHECK(fs::exists(kept));
+  for (const auto& kept : {just_made, other_output, not_a_pid, dated_copy, a_file, a_fifo}) {
+    CAPTURE(kept);
+    CHECK(fs::exists(fs::symlink_status(kept)));
+  }
   // A run's own staging directory is locked while it lives: old or not, another run's sweep leaves it.
   {
     io::detail::staging_dir stage(tmp / "again");
     fs::last_write_time(stage.path(), long_ago);
-    moeforge::detail::remove_abandoned(tmp.path(), ".again.tmp.");
+    moeforge::detail::remove_abandoned(tmp.path(), ".again.tmp.", fs::file_type::directory);
     CHECK(fs::exists(stage.path()));
     CHECK(moeforge::detail::held_lock(stage.path()).busy());
   }
   // A single file's temporary likewise.
-  const std::string half = tmp / "t.safetensors.tmp.4000005";
+  const std::string half = tmp / ("t.safetensors.tmp." + pid(4000007));
   std::ofstream(half) << "half a file";
   fs::last_write_time(half, long_ago);
   const float value = 1.5f;

@@ -333,6 +333,12 @@ TEST_CASE("a resume checks every byte the finished layers came from, converts a 
     CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume), io_error,
                   Catch::Contains("another conversion is writing into") && Catch::Contains(".out.partial"));
   }
+  {  // Another run that has just begun: its partial directory holds no progress yet, and stays.
+    fs::create_directories(c.dir / ".fresh.partial");
+    const moeforge::detail::held_lock other_run(c.dir / ".fresh.partial");
+    CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "fresh", stream_cmoe(), c.so), io_error, Catch::Contains("another conversion is writing into"));
+    CHECK(fs::exists(c.dir / ".fresh.partial"));
+  }
   flip_middle_bit(c.src, "model.layers.1.mlp.down_proj.weight");
   CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume), config_error,
                 Catch::Contains("cannot resume") && Catch::Contains("layer 1's tensors") && Catch::Contains("changed since that layer was converted"));
@@ -349,7 +355,8 @@ TEST_CASE("a resume checks every byte the finished layers came from, converts a 
   CHECK_REJECTS(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume), format_error,
                 Catch::Contains("older moeforge") && Catch::Contains(".out.partial"));
 
-  // A layer not converted yet may change: the resumed model is then the new source's conversion.
+  // A layer not converted yet may change (where the model's fingerprint does not sample it, inside a tensor):
+  // the resumed model is then the new source's conversion.
   start();
   flip_middle_bit(c.src, "model.layers.2.mlp.up_proj.weight");
   CHECK(convert::cmoe_stream(c.src, c.win, c.dir / "out", stream_cmoe(), resume).complete);

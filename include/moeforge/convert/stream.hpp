@@ -366,10 +366,16 @@ inline stream_report stream_convert(const std::string& model, const std::vector<
     }
   } else {
     std::error_code ec;
-    fs::remove_all(stage, ec);  // a partial directory that never recorded progress holds nothing to keep
     fs::create_directories(stage, ec);
     if (ec) throw io_error(cat("stream: cannot create '", stage.string(), "': ", ec.message()));
-    lock_stage();
+    // Locked before it is emptied, never removed: of two runs starting at
+    // once, one finds the other's lock instead of removing its directory.
+    if (!stage_lock.held()) lock_stage();
+    // A partial directory that never recorded progress holds nothing to keep.
+    for (fs::directory_iterator it(stage, ec), end; !ec && it != end; it.increment(ec)) {
+      std::error_code ignored;
+      fs::remove_all(it->path(), ignored);
+    }
     const auto t0 = clock::now();
     writer.emplace(stage, opt.shard_bytes);
     // The tensors outside the layers first, each read whole once (the embedding in FP32 is the largest single tensor).

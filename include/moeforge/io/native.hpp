@@ -543,7 +543,7 @@ class staging_dir {
     std::error_code ec;
     std::filesystem::create_directories(dir.parent_path(), ec);
     if (ec) throw io_error(cat("native: cannot create '", dir.parent_path().string(), "': ", ec.message()));
-    moeforge::detail::remove_abandoned(dir.parent_path(), cat(".", dir.filename().string(), ".tmp."));
+    moeforge::detail::remove_abandoned(dir.parent_path(), cat(".", dir.filename().string(), ".tmp."), std::filesystem::file_type::directory);
     std::filesystem::remove_all(path_, ec);
     if (!std::filesystem::create_directory(path_, ec))
       throw io_error(cat("native: cannot create '", path_.string(), "': ", ec.message()));

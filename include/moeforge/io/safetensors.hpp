@@ -663,7 +663,7 @@ inline void write_safetensors(const std::string& path, const std::vector<tensor_
   detail::assign_offsets(path, infos);
   const std::string tmp = cat(path, ".tmp.", ::getpid());
   const std::filesystem::path at(path);
-  moeforge::detail::remove_abandoned(at.parent_path(), cat(at.filename().string(), ".tmp."));
+  moeforge::detail::remove_abandoned(at.parent_path(), cat(at.filename().string(), ".tmp."), std::filesystem::file_type::regular);
   try {
     safetensors_writer out(tmp, detail::header_text(infos, metadata).size(), metadata);
     const moeforge::detail::held_lock lock(tmp);
