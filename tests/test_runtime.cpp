@@ -588,6 +588,29 @@ TEST_CASE("bad input is rejected before any work with a typed error") {
   }
 }
 
+TEST_CASE("drop policy for another layer: refused, not read past") {
+  // Per-expert factors are indexed by the selected experts: a list made for a
+  // layer of other experts (one pruned, say) must be a typed error, not a read
+  // past its end or another expert's factor; a NaN threshold silently dropped
+  // every pair.
+  std::mt19937 rng(6);
+  layer_spec s;
+  moe_layer m = random_layer(s, rng);
+  m.router.top_k = 2;
+  const matrix x = random_matrix(3, s.hidden, rng);
+  m.router.drop.kind = drop_kind::one_t;
+  m.router.drop.threshold = 0.3f;
+  m.router.drop.expert_factor.assign(std::size_t(m.num_experts() + 1), 0.5f);  // in bounds, but not this layer's
+  REQUIRE_THROWS_WITH(runtime::moe_forward(m, x), Catch::Contains("expert_factor: 6 entries, expected 5"));
+  m.router.drop.expert_factor.assign(1, 0.5f);
+  CHECK_THROWS_AS(runtime::select(m, x), config_error);
+  runtime::selection sel = runtime::select_topk(m.router, runtime::router_probs(m.router, x));
+  CHECK_THROWS_AS(runtime::apply_drop(m.router.drop, sel), config_error);  // alone, without the layer
+  m.router.drop.expert_factor.clear();
+  m.router.drop.threshold = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_AS(runtime::moe_forward(m, x), config_error);
+}
+
 TEST_CASE("a token's output sums its terms from +0: a pair of gate weight 0 gives +0, never -0") {
   std::mt19937 rng(8);
   layer_spec s;

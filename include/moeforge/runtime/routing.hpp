@@ -228,7 +228,17 @@ inline routing_plan make_plan(const moe_layer& m, const selection& sel, const_ma
 /// Applies the router's drop policy to a top-k selection (DualSparse-MoE):
 /// marks pairs dropped or major-only; kept pairs keep their gate weight.
 inline void apply_drop(const drop_policy& d, selection& sel) {
+  using moeforge::detail::cat;
   if (!d.active()) return;
+  // Called without the layer (calibration, tests): what it reads must be there.
+  const auto pairs = std::size_t(std::max<index_t>(sel.tokens, 0)) * std::size_t(std::max<index_t>(sel.k, 0));
+  if (sel.tokens < 0 || sel.k < 0 || sel.expert.size() != pairs || sel.prob.size() != pairs || sel.work.size() != pairs)
+    throw shape_error(cat("apply_drop: the selection's arrays do not hold k = ", sel.k, " pairs for each of its ", sel.tokens, " tokens"));
+  if (!d.expert_factor.empty())
+    for (std::size_t i = 0; i < pairs; ++i)
+      if (sel.expert[i] < 0 || std::size_t(sel.expert[i]) >= d.expert_factor.size())
+        throw config_error(cat("apply_drop: pair ", i, " selects expert ", sel.expert[i], ", the drop policy has factors for ",
+                               d.expert_factor.size(), " experts"));
   const float t_major = d.kind == drop_kind::two_t ? std::max(0.0f, d.threshold - d.margin) : d.threshold;
   const float t_minor = d.kind == drop_kind::two_t ? d.threshold + d.margin : d.threshold;
   for (index_t t = 0; t < sel.tokens; ++t) {
@@ -366,6 +376,10 @@ inline matrix oracle_probs(const moe_layer& m, const_matrix_ref x) {
 /// The top-k selection of the layer's router for `x`, with its drop policy
 /// applied; the router read from `panels` (pack_router's) when given.
 inline selection select(const moe_layer& m, const_matrix_ref x, const detail::packed_router* panels = nullptr) {
+  // The forward passes do not validate the whole layer, so the policy is
+  // checked against it here: factors made for other experts, or a NaN threshold
+  // (which would drop every pair), are refused.
+  if (m.router.drop.active()) moeforge::validate(m.router.drop, m.num_experts(), "router.drop");
   selection sel = select_topk(m.router, m.router.kind == router_kind::oracle ? oracle_probs(m, x) : router_probs(m.router, x, panels));
   apply_drop(m.router.drop, sel);
   return sel;
