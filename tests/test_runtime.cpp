@@ -611,6 +611,22 @@ TEST_CASE("drop policy for another layer: refused, not read past") {
   CHECK_THROWS_AS(runtime::moe_forward(m, x), config_error);
 }
 
+TEST_CASE("group work of a misfit placement: a typed error") {
+  // group_work indexes the placement by expert and the loads by group: a
+  // placement for other experts, or a group past `groups`, must not read or
+  // write past either.
+  std::mt19937 rng(6);
+  layer_spec s;
+  moe_layer m = random_layer(s, rng);
+  m.router.top_k = 2;
+  const runtime::selection sel = runtime::select(m, random_matrix(3, s.hidden, rng));
+  REQUIRE_THROWS_AS(runtime::group_work(m, sel, {0, 1, 0, 1, 0, 1}, 2, true), config_error);  // 6 experts' placement, in bounds
+  CHECK_THROWS_AS(runtime::group_work(m, sel, {0, 1}, 2, true), config_error);
+  CHECK_THROWS_AS(runtime::group_work(m, sel, {0, 1, 0, 1, 2}, 2, true), config_error);
+  CHECK_THROWS_AS(runtime::group_work(m, sel, {0, -1, 0, 1, 0}, 2, false), config_error);
+  CHECK(runtime::group_work(m, sel, {0, 1, 0, 1, 0}, 2, true).size() == 2);
+}
+
 TEST_CASE("a token's output sums its terms from +0: a pair of gate weight 0 gives +0, never -0") {
   std::mt19937 rng(8);
   layer_spec s;

@@ -306,7 +306,14 @@ inline std::vector<index_t> contiguous_placement(index_t experts, index_t groups
 /// `routed`, else as the drop policy left it (full, major-only or dropped).
 inline std::vector<double> group_work(const moe_layer& m, const selection& sel, const std::vector<index_t>& placement, index_t groups,
                                       bool routed) {
+  using moeforge::detail::cat;
   check_selection(m, sel, "group_work");
+  // Read by expert and written by group: a placement for other experts or past `groups` must not reach past either.
+  if (index_t(placement.size()) != m.num_experts())
+    throw config_error(cat("group_work: placement has ", placement.size(), " entries, the layer ", m.num_experts(), " experts"));
+  for (std::size_t e = 0; e < placement.size(); ++e)
+    if (placement[e] < 0 || placement[e] >= groups)
+      throw config_error(cat("group_work: placement puts expert ", e, " on group ", placement[e], ", expected 0..", groups - 1));
   std::vector<double> load(static_cast<std::size_t>(groups), 0.0);
   for (std::size_t i = 0; i < sel.expert.size(); ++i) {
     const auto& e = m.experts[std::size_t(sel.expert[i])];
