@@ -459,6 +459,27 @@ TEST_CASE("load-aware thresholds never make the most loaded group's work larger 
   CHECK(raised > 0);
 }
 
+TEST_CASE("load-aware thresholds with an empty group: refused") {
+  // An empty group counts in the mean load, so experts on groups 0 and 3 of
+  // four were balanced unlike the same experts on groups 0 and 1 of two (and
+  // unlike on groups 0 and 1 of four, whose empty groups 2 and 3 were not
+  // counted at all): dualsparse_model refuses such a placement (check_groups),
+  // and load_aware_thresholds, which bench_ep calls with the ranks' experts,
+  // must too.
+  std::mt19937 rng(3);
+  layer_spec s;
+  s.hidden = 16;
+  s.widths.assign(4, 8);
+  moe_layer m = random_layer(s, rng);
+  m.router.top_k = 2;
+  const auto sel = runtime::select_topk(m.router, runtime::router_probs(m.router, random_matrix(32, 16, rng, 1.0f)));
+  drop_policy p;
+  p.kind = drop_kind::one_t;
+  p.threshold = 0.4f;
+  CHECK_THROWS_WITH(convert::load_aware_thresholds(m, sel, p, {0, 0, 3, 3}), Catch::Contains("leaves group 1 of 4 without an expert"));
+  CHECK_NOTHROW(convert::load_aware_thresholds(m, sel, p, {0, 0, 1, 1}));
+}
+
 TEST_CASE("a partitioned model without dropping exports to Hugging Face as its complete transformation") {
   // A Mixtral-style model: the fixture's MoE layers, partitioned.
   model::weights w = io::load_hf(data_file("fixtures/hf/mixtral_classic.safetensors"), data_file("fixtures/hf/mixtral_classic_config.json"));

@@ -260,7 +260,8 @@ using runtime::contiguous_placement;
 /// bisection on the calibration tokens (a group's kept work falls as its
 /// factor rises, and at 1 it is within), so no group's work exceeds the most
 /// loaded one's. Sets the policy's expert_factor and returns the loads
-/// before and after.
+/// before and after. Throws config_error for a placement that does not put
+/// each of the layer's experts on a group, or leaves a group 0..D-1 empty.
 inline group_loads load_aware_thresholds(const moe_layer& m, const runtime::selection& sel, drop_policy& policy,
                                          const std::vector<index_t>& placement) {
   const index_t e_count = m.num_experts();
@@ -271,6 +272,12 @@ inline group_loads load_aware_thresholds(const moe_layer& m, const runtime::sele
     if (g < 0 || g >= e_count) throw config_error(moeforge::detail::cat("dualsparse: placement group ", g, ", expected 0..", e_count - 1));
     groups = std::max(groups, g + 1);
   }
+  // An empty group would count in the mean load (see check_groups), and only when it is not the last.
+  std::vector<char> used(std::size_t(groups), 0);
+  for (index_t g : placement) used[std::size_t(g)] = 1;
+  for (index_t g = 0; g < groups; ++g)
+    if (!used[std::size_t(g)])
+      throw config_error(moeforge::detail::cat("dualsparse: placement leaves group ", g, " of ", groups, " without an expert"));
   group_loads out;
   out.placement = placement;
   out.routed = runtime::group_work(m, sel, placement, groups, true);
