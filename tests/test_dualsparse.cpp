@@ -237,6 +237,19 @@ TEST_CASE("1t and 2t keep a pair whose normalised score equals the threshold —
   CHECK(works(d, probs) == std::vector<pair_work>{pair_work::full, pair_work::major, pair_work::dropped, pair_work::dropped});
 }
 
+TEST_CASE("2t with a per-expert factor: the margin scales too") {
+  // What moe.hpp's drop_kind says (it read as T·f ± margin): with T = 0.5,
+  // margin 0.25 and factor 0.5, full from (0.5 + 0.25)·0.5 = 0.375 and major
+  // from 0.125, not from 0.5 and 0.
+  drop_policy d;
+  d.kind = drop_kind::two_t;
+  d.threshold = 0.5f;
+  d.margin = 0.25f;
+  d.expert_factor.assign(4, 0.5f);
+  CHECK(works(d, {0.5f, 0.375f, 0.125f}) == std::vector<pair_work>{pair_work::full, pair_work::full, pair_work::major});
+  CHECK(works(d, {0.75f, 0.125f, 0.0625f, 0.0625f}) == std::vector<pair_work>{pair_work::full, pair_work::major, pair_work::dropped, pair_work::dropped});
+}
+
 TEST_CASE("the calibrated threshold gives the drop rate nearest the target that any threshold gives") {
   std::mt19937 rng(31);
   layer_spec s;

@@ -63,11 +63,12 @@ inline bool weighs_by_probability(router_kind k) { return k == router_kind::soft
 
 /// DualSparse-MoE dynamic dropping, applied per token after top-k selection.
 /// With ŝ_j = p_j / Σ_{top-k} p (p: the router's probability of a selected
-/// expert) and T_e = threshold · expert_factor[e] (factor 1 when empty):
+/// expert) and f_e = expert_factor[e] (1 when empty), which scales each of
+/// 1t's and 2t's thresholds — 2t's margin with them, not added after:
 enum class drop_kind {
   none,    ///< every selected expert is computed in full
-  one_t,   ///< "1t": expert j is computed iff ŝ_j ≥ T_j, else dropped
-  two_t,   ///< "2t": ŝ ≥ T+margin: full; T−margin ≤ ŝ < T+margin: major part only; else dropped
+  one_t,   ///< "1t": expert j is computed iff ŝ_j ≥ T·f_j, else dropped
+  two_t,   ///< "2t": ŝ_j ≥ (T+margin)·f_j: full; max(0, T−margin)·f_j ≤ ŝ_j < (T+margin)·f_j: major part only; else dropped
   naee,    ///< "naee": drop j (not the top-1) iff p_j < threshold·p_1 (threshold = β)
   top_p,   ///< "top-p": keep experts in descending order until Σ ŝ of the kept ones reaches threshold (= p)
 };
