@@ -294,3 +294,15 @@ TEST_CASE("top-p keeps the smallest set of tokens whose probability reaches p â€
   CHECK(count[2] == 0);
   CHECK(double(count[1]) / draws == Approx(1.0 / 3.0).margin(0.015));
 }
+
+TEST_CASE("perplexity of a token outside the vocabulary: a config_error naming the window, not std::terminate") {
+  // Each window runs inside an OpenMP parallel loop, and an exception that
+  // leaves a parallel region terminates the process: a bad id in a text must
+  // come back to the caller as the typed error forward() throws for it.
+  model::transformer tr(stories_weights());
+  const auto all = eval_stream();
+  std::vector<std::int32_t> stream(all.begin(), all.begin() + 300);
+  stream[250] = std::int32_t(tr.config().vocab_size);  // in the third window of 100
+  CHECK_THROWS_AS(model::perplexity(tr, stream, 100), config_error);
+  CHECK_THROWS_WITH(model::perplexity(tr, stream, 100), Catch::Contains("window 2") && Catch::Contains("outside the vocabulary"));
+}

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <vector>
 
 #include "moeforge/model/transformer.hpp"
@@ -76,9 +77,28 @@ inline perplexity_result perplexity(const transformer& tr, const std::vector<std
   // Windows are independent: one per thread, summed in window order afterwards
   // so the total does not depend on the thread count. A collective model
   // (expert parallelism) runs them one at a time, in the same order on every process.
+  // A failure (a token outside the vocabulary) must not leave the parallel
+  // region, which would terminate the process: the first window's is rethrown
+  // after it. A collective model runs no window after a failed one, whose
+  // exchanges the other processes would pair with the failed window's.
+  std::vector<std::exception_ptr> failed(windows.size());
+  bool stopped = false;  // written only when collective, where one thread runs the loop
 #pragma omp parallel for schedule(dynamic, 1) if (!tr.collective())
-  for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(windows.size()); ++i)
-    nll[std::size_t(i)] = window_nll(tr, windows[std::size_t(i)], &work[std::size_t(i)]);
+  for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(windows.size()); ++i) {
+    if (stopped) continue;
+    try {
+      nll[std::size_t(i)] = window_nll(tr, windows[std::size_t(i)], &work[std::size_t(i)]);
+    } catch (...) {
+      failed[std::size_t(i)] = std::current_exception();
+      if (tr.collective()) stopped = true;
+    }
+  }
+  for (std::size_t i = 0; i < windows.size(); ++i)
+    if (failed[i]) {
+      const std::size_t first = i * std::size_t(ctx);
+      moeforge::detail::rethrow_in_context(failed[i], detail::cat("perplexity: window ", i, " (stream tokens ", first, "..",
+                                                                  first + windows[i].size() - 1, "): "));
+    }
   perplexity_result r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r.layer_work.resize(layers);
