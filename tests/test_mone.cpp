@@ -229,6 +229,31 @@ TEST_CASE("expert statistics: Welford/Chan moments equal a two-pass double compu
   REQUIRE(routed == 3000 * 2);
 }
 
+TEST_CASE("expert statistics: an expert whose output is the same on every token has variance exactly 0") {
+  // Every calibration token the same: each routed expert computes one output
+  // again and again, its var is 0 and its MoNE score 0 (ties to the lower
+  // index). Merging the 256-token chunks must not make a spread of rounding
+  // out of a mean recomputed as a weighted sum of equal means.
+  std::mt19937 rng(5);
+  test::layer_spec spec;
+  spec.hidden = 16;
+  moe_layer m = test::random_layer(spec, rng);
+  m.router.top_k = 2;
+  const matrix token = test::random_matrix(1, spec.hidden, rng, 1.0f);
+  for (index_t n = 257; n < 1400; n += 11) {
+    const matrix x = token.replicate(n, 1);
+    const auto st = calib::expert_statistics(m, x);
+    for (index_t e = 0; e < m.num_experts(); ++e) {
+      const auto& s = st.experts[std::size_t(e)];
+      if (s.routed == 0) continue;
+      INFO(n << " tokens, expert " << e);
+      REQUIRE(s.routed == n);
+      REQUIRE(s.output.m2.cwiseAbs().maxCoeff() == 0.0);
+      REQUIRE(s.output_spread() == 0.0);
+    }
+  }
+}
+
 TEST_CASE("frequency pruning removes the expert and its router row, and the softmax renormalises over the experts left") {
   // H = 1, three ungated ReLU experts with outputs 10·relu(−x), 100·relu(x), 1000·relu(x);
   // router logits (0, ln 2, ln 3)·x, top-1, gate weight = the probability itself.

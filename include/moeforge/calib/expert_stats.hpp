@@ -47,10 +47,11 @@ struct running_moments {
       return;
     }
     const double n = double(count + o.count);
-    const double wa = double(count) / n, wb = double(o.count) / n;
     const Eigen::VectorXd delta = o.mean - mean;
     m2 += o.m2 + delta.cwiseProduct(delta) * (double(count) * double(o.count) / n);
-    mean = mean * wa + o.mean * wb;
+    // As a step by delta (Chan et al.), not mean·wa + o.mean·wb: equal means
+    // stay exactly equal, so a constant output keeps variance exactly 0.
+    mean += delta * (double(o.count) / n);
     count += o.count;
   }
 
