@@ -451,6 +451,23 @@ TEST_CASE("REAP scores are the mean over routed tokens of gate weight times outp
   REQUIRE(res.layer.num_experts() == 3);  // REAP removes, as its paper does
 }
 
+TEST_CASE("expert scores refuse the options mone refuses: no search error is priced for removing an expert") {
+  // The search prices replacements that keep the routing; removing a router
+  // row changes it, so a search score under `remove` would be the zero
+  // novice's error under another name. mone and prune_experts refuse it.
+  std::mt19937 rng(111);
+  test::layer_spec spec;
+  spec.hidden = 12;
+  const moe_layer m = test::random_layer(spec, rng);
+  const auto st = mone_stats(m, test::random_matrix(100, spec.hidden, rng, 1.0f), true);
+  convert::mone_options o = mone_opts(convert::mone_method::search, 1);
+  o.replacement = convert::prune_replacement::remove;
+  REQUIRE_THROWS_WITH(convert::mone(m, st, o), Catch::Contains("search with replacement remove"));
+  REQUIRE_THROWS_WITH(convert::expert_scores(m, st, o), Catch::Contains("search with replacement remove"));
+  o.replacement = convert::prune_replacement::zero;
+  REQUIRE(convert::expert_scores(m, st, o).size() == 5);
+}
+
 TEST_CASE("the output-error search finds the subset whose replacement changes the layer's output least (brute force)") {
   std::mt19937 rng(107);
   test::layer_spec spec;

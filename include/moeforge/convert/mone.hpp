@@ -547,8 +547,10 @@ inline index_t layer_prune_count(index_t real, const mone_options& o, const std:
 /// The ranking score of every slot for `o.method` (lower = pruned first):
 /// mone/zero var·freq, frequency freq, reap the REAP score, search the
 /// output error of replacing that expert alone (needs statistics with
-/// keep_outputs). None for novice slots and for method random.
+/// keep_outputs). None for novice slots and for method random. Throws
+/// config_error for the options mone refuses (search with replacement remove).
 inline std::vector<std::optional<double>> expert_scores(const moe_layer& m, const calib::layer_stats& st, const mone_options& o) {
+  validate(o);
   detail::check_stats(m, st);
   if (o.method != mone_method::search) return detail::ranking_scores(m, st, o);
   const auto candidates = detail::real_experts(m);
