@@ -4,6 +4,8 @@
 
 #include <omp.h>
 
+#include <limits>
+
 #include "moeforge/model/eval.hpp"
 #include "moeforge/model/sampling.hpp"
 #include "support/random.hpp"
@@ -261,6 +263,26 @@ TEST_CASE("greedy sampling takes the highest logit, ties going to the lower id")
   CHECK(s.next(logits) == 1);
   logits << 5.0f, 5.0f, 5.0f, 5.0f;
   CHECK(s.next(logits) == 0);
+}
+
+TEST_CASE("sampling refuses an empty row, a NaN or +inf logit, and a row with every token masked") {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const float temperature : {0.0f, 1.0f}) {
+    INFO("temperature " << temperature);
+    model::sampling_options o;
+    o.temperature = temperature;
+    model::sampler s(o);
+    CHECK_THROWS_AS(s.next(Eigen::RowVectorXf()), shape_error);
+    Eigen::RowVectorXf logits(3);
+    logits << 1.0f, std::numeric_limits<float>::quiet_NaN(), 2.0f;
+    CHECK_THROWS_WITH(s.next(logits), Catch::Contains("logit 1"));
+    logits << 1.0f, 2.0f, inf;
+    CHECK_THROWS_WITH(s.next(logits), Catch::Contains("logit 2"));
+    logits << -inf, -inf, -inf;
+    CHECK_THROWS_AS(s.next(logits), value_error);
+    logits << -inf, 0.5f, -inf;  // a masked token is never drawn
+    for (int i = 0; i < 50; ++i) CHECK(s.next(logits) == 1);
+  }
 }
 
 TEST_CASE("temperature divides the logits: two tokens with logits 0 and ln 3 are drawn 1:9 at T = 0.5 and 1:sqrt(3) at T = 2") {

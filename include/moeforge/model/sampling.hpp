@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -28,8 +29,12 @@ class sampler {
   }
 
   /// The next token for one row of logits; ties in greedy go to the lower id.
+  /// A logit may be -inf (a token masked out); throws shape_error for an
+  /// empty row and value_error for a NaN, a +inf, or every token masked.
   std::int32_t next(const Eigen::Ref<const Eigen::RowVectorXf>& logits) {
     const index_t v = logits.size();
+    if (v == 0) throw shape_error("sampling: the row of logits is empty");
+    check_logits(logits);
     if (opt_.temperature == 0.0f) {
       index_t best = 0;
       for (index_t i = 1; i < v; ++i)
@@ -57,6 +62,16 @@ class sampler {
   }
 
  private:
+  /// Greedy would return token 0 for a row of NaN, and sampling draws from
+  /// exp(NaN) (a +inf maximum makes every difference NaN): both would hand a
+  /// broken model's output on as a token.
+  static void check_logits(const Eigen::Ref<const Eigen::RowVectorXf>& logits) {
+    for (index_t i = 0; i < logits.size(); ++i)
+      if (std::isnan(logits[i]) || logits[i] == std::numeric_limits<float>::infinity())
+        throw value_error(detail::cat("sampling: logit ", i, " is ", logits[i], " (expected a finite value, or -inf for a masked token)"));
+    if (!std::isfinite(logits.maxCoeff())) throw value_error("sampling: every token is masked (all logits are -inf)");
+  }
+
   sampling_options opt_;
   std::mt19937_64 rng_;
 };
