@@ -533,6 +533,12 @@ TEST_CASE("bad input is rejected before any work with a typed error") {
     x(2, 5) = std::numeric_limits<float>::infinity();
     CHECK_THROWS_AS(runtime::dense_forward(m.experts[0].weights, x), value_error);
   }
+  SECTION("a finite input whose router scores overflow names the token") {
+    matrix x = random_matrix(3, s.hidden, rng);
+    x.row(1).setConstant(std::numeric_limits<float>::max());  // finite, but its scores are +-Inf and its probabilities NaN
+    CHECK_THROWS_AS(runtime::select(m, x), value_error);
+    CHECK_THROWS_WITH(runtime::moe_forward(m, x), Catch::Contains("token 1") && Catch::Contains("probabilities"));
+  }
   SECTION("NaN in weights is found by require_finite") {
     m.experts[3].weights.down(1, 1) = std::numeric_limits<float>::quiet_NaN();
     CHECK_THROWS_WITH(require_finite(m, "layer"), Catch::Contains("experts[3].down"));

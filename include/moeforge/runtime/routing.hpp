@@ -152,6 +152,9 @@ inline selection select_topk(const router& r, const matrix& probs) {
   sel.work.assign(n, pair_work::full);
   std::vector<std::int32_t> order(static_cast<std::size_t>(e));
   for (index_t t = 0; t < sel.tokens; ++t) {
+    // A NaN orders nowhere: the selection would be arbitrary, and its weights NaN.
+    if (!probs.row(t).allFinite())
+      throw value_error(moeforge::detail::cat("router: token ", t, "'s expert probabilities hold a NaN or Inf (a NaN or Inf in its input, or scores that overflow)"));
     std::iota(order.begin(), order.end(), 0);
     std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](std::int32_t a, std::int32_t b) {
       const float pa = probs(t, index_t(a)), pb = probs(t, index_t(b));
