@@ -82,6 +82,9 @@ TEST_CASE("moe layer validation rejects impossible configurations") {
   m.router.top_k = 0;
   REQUIRE_THROWS_WITH(validate(m, "moe"), Catch::Contains("top_k = 0"));
   m.router.top_k = 1;
+  m.router.scale = -1.0f;
+  REQUIRE_THROWS_WITH(validate(m, "moe"), Catch::Contains("router.scale = -1"));
+  m.router.scale = 0.5f;
   m.experts[1].novice = vector::Zero(4);
   REQUIRE_THROWS_WITH(validate(m, "moe"), Catch::Contains("experts[1]") && Catch::Contains("novice"));
   m.experts[1].weights = ffn{};

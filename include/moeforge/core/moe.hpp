@@ -275,6 +275,9 @@ inline void validate(const moe_layer& m, const std::string& what, bool routed_ma
   if (r.top_k < 1 || r.top_k > e)
     throw config_error(detail::cat(what, ".router.top_k = ", r.top_k, ", expected 1..", e));
   if (!std::isfinite(r.scale)) throw value_error(what + ".router.scale is not finite");
+  // A negative scale turns every routed term around: MoNE's scores and
+  // DualSparse's thresholds would then rank the most-used experts last.
+  if (r.scale < 0) throw value_error(detail::cat(what, ".router.scale = ", r.scale, ", expected >= 0"));
   validate(r.drop, e, what + ".router.drop");
   for (index_t i = 0; i < e; ++i) {
     const auto& x = m.experts[std::size_t(i)];
