@@ -328,3 +328,22 @@ TEST_CASE("perplexity of a token outside the vocabulary: a config_error naming t
   CHECK_THROWS_AS(model::perplexity(tr, stream, 100), config_error);
   CHECK_THROWS_WITH(model::perplexity(tr, stream, 100), Catch::Contains("window 2") && Catch::Contains("outside the vocabulary"));
 }
+
+TEST_CASE("stopping after a layer the model lacks is refused: not a pass run to the end") {
+  // calib::ffn_inputs asks for a layer this way: run to the end, the caller's
+  // hook never sees that layer and its inputs stay uninitialised.
+  model::transformer tr(stories_weights());
+  const auto& c = tr.config();
+  const std::vector<std::int32_t> window{1, 403, 407};
+  for (const index_t bad : {c.n_layers, c.n_layers + 3, index_t(-2)}) {
+    model::forward_options stop;
+    stop.stop_after_layer = bad;
+    auto cache = tr.new_cache();
+    INFO("stop_after_layer " << bad);
+    CHECK_THROWS_AS(tr.forward(window, cache, stop), config_error);
+    CHECK(cache.length == 0);
+    matrix x = matrix::Zero(2, c.dim);
+    CHECK_THROWS_AS(tr.layer_step(0, x, stop), config_error);
+    CHECK_THROWS_AS(tr.ffn_step(0, x, stop), config_error);
+  }
+}

@@ -49,7 +49,7 @@ struct forward_options {
   /// [T, H]) before the FFN runs: the calibration hook.
   std::function<void(index_t layer, const_matrix_ref ffn_input)> on_ffn_input;
   /// Stop right after reporting this layer's FFN input (no logits are
-  /// computed); -1 runs the whole model.
+  /// computed); -1 runs the whole model. Any other value is refused (config_error).
   index_t stop_after_layer = -1;
   /// Compute logits for every position (prefill for perplexity) or only the last.
   bool all_logits = true;
@@ -424,6 +424,7 @@ class transformer {
     const auto& c = w_.config;
     const index_t n = index_t(tokens.size());
     const index_t start = cache.length;
+    check_stop(opt, "forward");
     check_cache(cache, start, n, "forward");
     reserve(cache, start + n);
     stage_clock clock(opt.times);
@@ -480,6 +481,7 @@ class transformer {
   /// opt.stop_after_layer (x unchanged), else adds the FFN's output to x.
   bool ffn_step(index_t li, matrix& x, const forward_options& opt) const {
     check_step(li, x, "ffn_step");
+    check_stop(opt, "ffn_step");
     layer_scratch scratch;
     return ffn_step(li, x, opt, scratch);
   }
@@ -489,6 +491,7 @@ class transformer {
   /// one layer at a time over calibration windows.
   bool layer_step(index_t li, matrix& x, const forward_options& opt) const {
     check_step(li, x, "layer_step");
+    check_stop(opt, "layer_step");
     kv_cache cache = new_cache();
     check_cache(cache, 0, x.rows(), "layer_step");
     layer_scratch scratch;
@@ -571,6 +574,16 @@ class transformer {
     const auto& c = w_.config;
     if (li < 0 || li >= c.n_layers) throw config_error(cat(what, ": layer ", li, " does not exist (the model has ", c.n_layers, ")"));
     if (x.cols() != c.dim) throw shape_error(cat(what, ": hidden states have ", x.cols(), " features, the model ", c.dim));
+  }
+
+  /// Throws config_error unless opt.stop_after_layer is -1 or a layer of the
+  /// model: any other value never matches a layer, so the pass would run to
+  /// the end while its caller waits for a layer's input (calib::ffn_inputs
+  /// returned uninitialised rows for a layer past the last).
+  void check_stop(const forward_options& opt, const char* what) const {
+    const index_t stop = opt.stop_after_layer, layers = w_.config.n_layers;
+    if (stop < -1 || stop >= layers)
+      throw config_error(moeforge::detail::cat(what, ": stop_after_layer is ", stop, ", expected -1 (run every layer) or a layer 0..", layers - 1));
   }
 
   /// Throws config_error unless positions [start, start + n) fit the model's
