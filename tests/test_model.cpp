@@ -347,3 +347,21 @@ TEST_CASE("stopping after a layer the model lacks is refused: not a pass run to 
     CHECK_THROWS_AS(tr.ffn_step(0, x, stop), config_error);
   }
 }
+
+TEST_CASE("kv cache positions never written are never attended: attention past the cache's length, or a length past its capacity, is refused") {
+  model::transformer tr(stories_weights());
+  const auto& c = tr.config();
+  auto cache = tr.new_cache();
+  tr.forward({1, 403, 407}, cache);
+  matrix x = matrix::Ones(2, c.dim);
+  // Positions 3..9 have no keys: attending to them reads the cache's uninitialised capacity.
+  CHECK_THROWS_AS(tr.attention_step(0, x, cache, 10), config_error);
+  CHECK(x == matrix::Ones(2, c.dim));
+  // Writing again at or before the cache's length is how forward runs its layers.
+  CHECK_NOTHROW(tr.attention_step(0, x, cache, 3));
+  CHECK_NOTHROW(tr.attention_step(0, x, cache, 1));
+  // A length past the capacity the cache holds (set by hand) is as impossible.
+  auto fresh = tr.new_cache();
+  fresh.length = 5;
+  CHECK_THROWS_AS(tr.forward({1}, fresh), shape_error);
+}

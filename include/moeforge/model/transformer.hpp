@@ -589,7 +589,9 @@ class transformer {
   /// Throws config_error unless positions [start, start + n) fit the model's
   /// context, and shape_error unless `cache` is laid out for this model
   /// (new_cache): writing past a head's capacity would overwrite the next
-  /// head's keys.
+  /// head's keys. Also throws config_error when `start` lies past
+  /// cache.length, and shape_error when that length exceeds what the cache
+  /// has room for: the positions in between hold no keys.
   void check_cache(const kv_cache& cache, index_t start, index_t n, const char* what) const {
     using moeforge::detail::cat;
     const auto& c = w_.config;
@@ -602,6 +604,14 @@ class transformer {
     };
     if (!fits(cache.k) || !fits(cache.v) || cache.k.front().cols() != cache.v.front().cols())
       throw shape_error(cat(what, ": the kv cache was made for another model"));
+    // Past the stored length the cache is uninitialised capacity (reserve
+    // never clears it): a query there would attend to garbage keys and values.
+    const index_t capacity = cache.k.front().cols() / c.head_dim;
+    if (cache.length < 0 || cache.length > capacity)
+      throw shape_error(cat(what, ": the kv cache says it holds ", cache.length, " positions but has room for ", capacity));
+    if (start > cache.length)
+      throw config_error(cat(what, ": positions ", start, ".. start past the kv cache's ", cache.length,
+                             " positions (positions ", cache.length, "..", start - 1, " were never written)"));
   }
 
   /// Grows the cache to hold `positions` (at least doubling), on huge pages:
