@@ -365,3 +365,15 @@ TEST_CASE("kv cache positions never written are never attended: attention past t
   fresh.length = 5;
   CHECK_THROWS_AS(tr.forward({1}, fresh), shape_error);
 }
+
+TEST_CASE("non-finite logits leave the cache's length: as every other refusal does") {
+  // Like a NaN at an FFN's input, non-finite logits are an error: the caller
+  // gets no logits, so the cache must not say the tokens were fed.
+  model::weights w = stories_weights();
+  REQUIRE(w.config.tied_embeddings);  // the classifier is the embedding: token 3's row is never looked up below
+  w.tok_emb(3, 0) = std::numeric_limits<float>::quiet_NaN();
+  const model::transformer tr(w);
+  auto cache = tr.new_cache();
+  CHECK_THROWS_AS(tr.forward({1, 5, 7}, cache), value_error);
+  CHECK(cache.length == 0);
+}

@@ -418,7 +418,7 @@ class transformer {
 
   /// Feeds `tokens` at positions cache.length.. and returns their logits
   /// ([T, V], or [1, V] for the last token when !all_logits; empty when the
-  /// run stopped early, which leaves cache.length as it was).
+  /// run stopped early, which leaves cache.length as it was, as does an error).
   matrix forward(const std::vector<std::int32_t>& tokens, kv_cache& cache, const forward_options& opt = {}) const {
     using moeforge::detail::cat;
     const auto& c = w_.config;
@@ -448,7 +448,6 @@ class transformer {
       if (!ffn_step(li, x, opt, scratch)) return matrix();
       clock.lap(&stage_times::ffn);
     }
-    cache.length = start + n;
     const index_t first = opt.all_logits ? 0 : n - 1;
     matrix last = x.bottomRows(n - first);
     matrix normed(last.rows(), c.dim);
@@ -461,6 +460,9 @@ class transformer {
       if (!logits.row(r).allFinite())
         throw value_error(cat("forward: the logits at position ", start + first + r,
                               " are not all finite (a NaN or Inf in the final norm or the classifier's weights)"));
+    // Only now: a refused pass leaves the length as it was, like every other
+    // error (the keys it wrote are overwritten by the next pass).
+    cache.length = start + n;
     clock.lap(&stage_times::head);
     return logits;
   }
