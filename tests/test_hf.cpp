@@ -369,6 +369,42 @@ TEST_CASE("hf: malformed configs and checkpoints fail with typed errors naming w
   }
 }
 
+// transformers 5 writes RoPE's settings into one "rope_parameters" object
+// instead of the top-level rope_theta / rope_scaling: its theta was ignored
+// (the family default ran instead) and a scaled rope_type was run unscaled.
+TEST_CASE("hf: rope_parameters (transformers 5) set theta or are refused") {
+  temp_dir tmp;
+  const io::safetensors_checkpoint ck(mixtral_file());
+  const hf_dir_builder all(ck);
+  auto c = read_json(mixtral_config());
+  c.erase("rope_theta");
+  c["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 500000.0}};
+  CHECK(io::load_model(all.write(tmp / "v5", c)).config.rope_theta == 500000.0f);
+
+  c["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 500000.0}, {"factor", 4.0}};
+  CHECK_THROWS_AS(io::load_model(all.write(tmp / "yarn", c)), format_error);
+  CHECK_THROWS_WITH(io::load_model(tmp / "yarn"), Contains("rope_parameters") && Contains("yarn"));
+
+  c["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 500000.0}, {"partial_rotary_factor", 0.5}};
+  CHECK_THROWS_WITH(io::load_model(all.write(tmp / "partial", c)), Contains("partial_rotary_factor"));
+
+  c["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 500000.0}};
+  c["rope_theta"] = 10000.0;  // two thetas that disagree: which one the exporter meant is unknown
+  CHECK_THROWS_WITH(io::load_model(all.write(tmp / "two", c)), Contains("rope_theta") && Contains("rope_parameters"));
+}
+
+// transformers reads partial_rotary_factor of any config (the default RoPE
+// rotates only that share of each head); moeforge rotates all of it.
+TEST_CASE("hf: a partial_rotary_factor below 1 is refused") {
+  temp_dir tmp;
+  const io::safetensors_checkpoint ck(mixtral_file());
+  auto c = read_json(mixtral_config());
+  c["partial_rotary_factor"] = 0.5;
+  CHECK_THROWS_AS(io::load_model(hf_dir_builder(ck).write(tmp / "partial", c)), format_error);
+  c["partial_rotary_factor"] = 1.0;
+  CHECK_NOTHROW(io::load_model(hf_dir_builder(ck).write(tmp / "whole", c)));
+}
+
 TEST_CASE("hf: save_hf refuses what Hugging Face cannot express and never clobbers") {
   std::mt19937 rng(5);
   auto w = io::load_model(mixtral_file(), {mixtral_config()});

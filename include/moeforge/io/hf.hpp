@@ -133,6 +133,40 @@ inline hf_defaults defaults_of(const std::string& t) {
   return {1e4, 1e-6, 32768};  // qwen2, qwen2_moe
 }
 
+// RoPE's base: rope_theta, or the rope_parameters object transformers 5
+// writes in its place (with rope_scaling's role too). Only plain RoPE over
+// whole heads runs here, so another rope_type, or a partial_rotary_factor
+// (which transformers reads in any family), is refused rather than ignored.
+inline double rope_theta_of(const nlohmann::json& j, const config_reader& r, double fallback) {
+  const auto whole_heads = [&](const std::string& key, const nlohmann::json& v) {
+    if (!v.is_number() || v.get<double>() != 1.0)
+      r.fail(key, cat("= ", v.dump(), "; rotating only part of each head is not supported"));
+  };
+  if (r.has("partial_rotary_factor")) whole_heads("partial_rotary_factor", j.at("partial_rotary_factor"));
+  const double theta = r.number("rope_theta", fallback);
+  if (!r.has("rope_parameters")) return theta;
+  const auto& p = j.at("rope_parameters");
+  if (!p.is_object()) r.fail("rope_parameters", cat("= ", p.dump(), ", expected an object"));
+  std::optional<double> nested;
+  for (const auto& [key, v] : p.items()) {
+    if (v.is_null()) continue;
+    if (key == "rope_type" || key == "type") {
+      if (v != "default") r.fail("rope_parameters", cat("has ", key, " = ", v.dump(), "; only the default (unscaled) RoPE is supported"));
+    } else if (key == "rope_theta") {
+      if (!v.is_number() || !(v.get<double>() > 0) || !std::isfinite(v.get<double>()))
+        r.fail("rope_parameters", cat("has rope_theta = ", v.dump(), ", expected a positive number"));
+      nested = v.get<double>();
+    } else if (key == "partial_rotary_factor") {
+      whole_heads("rope_parameters.partial_rotary_factor", v);
+    } else {
+      r.fail("rope_parameters", cat("has '", key, "' = ", v.dump(), "; only rope_type 'default' with rope_theta is supported"));
+    }
+  }
+  if (nested && r.has("rope_theta") && *nested != theta)
+    r.fail("rope_theta", cat("= ", theta, " but rope_parameters has rope_theta = ", *nested, "; which one is meant is unknown"));
+  return nested.value_or(theta);
+}
+
 }  // namespace detail
 
 /// Parses a config.json already read as JSON; `file` names it in errors.
@@ -168,7 +202,7 @@ inline hf_config parse_hf_config(const nlohmann::json& j, const std::string& fil
   c.vocab_size = r.count("vocab_size", 1);
   c.seq_len = r.count("max_position_embeddings", 1, d.max_positions);
   c.norm_eps = float(r.number("rms_norm_eps", d.rms_norm_eps));
-  c.rope_theta = float(r.number("rope_theta", d.rope_theta));
+  c.rope_theta = float(detail::rope_theta_of(j, r, d.rope_theta));
   c.rope = model::rope_style::half_split;
   c.tied_embeddings = r.flag("tie_word_embeddings", false);
   c.bos_token = r.token("bos_token_id", 1);
