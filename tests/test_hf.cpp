@@ -405,6 +405,29 @@ TEST_CASE("hf: a partial_rotary_factor below 1 is refused") {
   CHECK_NOTHROW(io::load_model(hf_dir_builder(ck).write(tmp / "whole", c)));
 }
 
+// Mixtral applies sliding_window whenever it is set (it has no
+// use_sliding_window switch), and layer_types can mark sliding layers in any
+// family; moeforge attends to every earlier position, so either was run wrong.
+TEST_CASE("hf: Mixtral's sliding_window and sliding layer_types are refused") {
+  temp_dir tmp;
+  const io::safetensors_checkpoint ck(mixtral_file());
+  const hf_dir_builder all(ck);
+  auto c = read_json(mixtral_config());
+  c["max_position_embeddings"] = 64;
+  c["sliding_window"] = 16;
+  CHECK_THROWS_AS(io::load_model(all.write(tmp / "window", c)), format_error);
+  CHECK_THROWS_WITH(io::load_model(tmp / "window"), Contains("sliding_window") && Contains("16"));
+  c["sliding_window"] = 64;  // never narrower than the context: no position is ever left out
+  CHECK_NOTHROW(io::load_model(all.write(tmp / "wide", c)));
+  c["sliding_window"] = nullptr;
+  CHECK_NOTHROW(io::load_model(all.write(tmp / "null", c)));
+
+  c["layer_types"] = {"full_attention", "sliding_attention"};
+  CHECK_THROWS_WITH(io::load_model(all.write(tmp / "types", c)), Contains("layer_types") && Contains("sliding_attention"));
+  c["layer_types"] = {"full_attention", "full_attention"};
+  CHECK_NOTHROW(io::load_model(all.write(tmp / "full", c)));
+}
+
 TEST_CASE("hf: save_hf refuses what Hugging Face cannot express and never clobbers") {
   std::mt19937 rng(5);
   auto w = io::load_model(mixtral_file(), {mixtral_config()});

@@ -167,6 +167,24 @@ inline double rope_theta_of(const nlohmann::json& j, const config_reader& r, dou
   return nested.value_or(theta);
 }
 
+// Refuses attention over a sliding window: moeforge attends to every earlier
+// position. Mixtral applies sliding_window whenever it is set (Qwen2's needs
+// use_sliding_window, refused by the caller), and layer_types can mark
+// sliding layers in any family; a window no narrower than the context
+// `positions` leaves nothing out.
+inline void require_full_attention(const nlohmann::json& j, const config_reader& r, const std::string& type, index_t positions) {
+  if (type == "mixtral" && r.has("sliding_window")) {
+    const index_t window = r.count("sliding_window", 1);
+    if (window < positions)
+      r.fail("sliding_window", cat("= ", window, ", narrower than the context of ", positions, "; sliding-window attention is not supported"));
+  }
+  if (!r.has("layer_types")) return;
+  const auto& types = j.at("layer_types");
+  if (!types.is_array()) r.fail("layer_types", cat("= ", types.dump(), ", expected a list of attention types"));
+  for (const auto& t : types)
+    if (t != "full_attention") r.fail("layer_types", cat("names ", t.dump(), "; only full_attention is supported"));
+}
+
 }  // namespace detail
 
 /// Parses a config.json already read as JSON; `file` names it in errors.
@@ -203,6 +221,7 @@ inline hf_config parse_hf_config(const nlohmann::json& j, const std::string& fil
   c.seq_len = r.count("max_position_embeddings", 1, d.max_positions);
   c.norm_eps = float(r.number("rms_norm_eps", d.rms_norm_eps));
   c.rope_theta = float(detail::rope_theta_of(j, r, d.rope_theta));
+  detail::require_full_attention(j, r, h.model_type, c.seq_len);
   c.rope = model::rope_style::half_split;
   c.tied_embeddings = r.flag("tie_word_embeddings", false);
   c.bos_token = r.token("bos_token_id", 1);
