@@ -461,6 +461,32 @@ TEST_CASE("safetensors: a broken sharded index is an error naming the index, sha
                 Catch::Contains(empty.path().string()) && Catch::Contains("neither model.safetensors nor model.safetensors.index.json"));
 }
 
+// Two shards holding one tensor name give it two values, and the index
+// settled which one silently: nlohmann kept the last of a name listed twice,
+// and a copy in a shard the index does not place it in was never looked at
+// (transformers loads every tensor of every shard it lists, so it would see
+// both). A tensor no entry lists escaped require_all_used likewise.
+TEST_CASE("safetensors: an index naming a tensor twice or not at all is refused") {
+  temp_dir dir;
+  const std::vector<float> one{1, 2}, two{3, 4};
+  io::write_safetensors(dir / "s1.safetensors", {{"a", {2}, one.data()}, {"b", {2}, one.data()}});
+  io::write_safetensors(dir / "s2.safetensors", {{"a", {2}, two.data()}});
+  const auto index = dir / "model.safetensors.index.json";
+  const auto idx = Catch::Contains("index '" + index + "'");
+
+  put_text(index, R"({"weight_map":{"a":"s1.safetensors","b":"s1.safetensors","a":"s2.safetensors"}})");
+  CHECK_REJECTS(io::safetensors_checkpoint{index}, format_error, idx && Catch::Contains("tensor 'a'") && Catch::Contains("twice"));
+
+  put_text(index, R"({"weight_map":{"a":"s2.safetensors","b":"s1.safetensors"}})");
+  CHECK_REJECTS(io::safetensors_checkpoint{index}, format_error,
+                idx && Catch::Contains("tensor 'a'") && Catch::Contains(dir / "s1.safetensors") && Catch::Contains(dir / "s2.safetensors"));
+
+  io::write_safetensors(dir / "s3.safetensors", {{"a", {2}, one.data()}, {"c", {2}, two.data()}});
+  put_text(index, R"({"weight_map":{"a":"s3.safetensors"}})");
+  CHECK_REJECTS(io::safetensors_checkpoint{index}, format_error,
+                idx && Catch::Contains("tensor 'c'") && Catch::Contains(dir / "s3.safetensors"));
+}
+
 TEST_CASE("safetensors: a write the system refuses names the file and the system's reason, and loses nothing") {
   temp_dir dir;
   const std::string path = dir / "m.safetensors";

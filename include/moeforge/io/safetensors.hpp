@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <memory>
@@ -403,12 +404,24 @@ class safetensors_checkpoint {
     using detail::cat;
     std::ifstream in(index);
     if (!in) throw io_error(cat("safetensors: cannot open index '", index.string(), "'"));
+    // nlohmann keeps the last of a repeated key: a tensor listed twice is caught while parsing.
+    std::string section, listed_twice;
+    std::set<std::string> listed;
+    auto on_event = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+      if (event != nlohmann::json::parse_event_t::key) return true;
+      const auto& key = parsed.get_ref<const std::string&>();
+      if (depth == 1) section = key;
+      if (depth == 2 && section == "weight_map" && !listed.insert(key).second && listed_twice.empty()) listed_twice = key;
+      return true;
+    };
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(in);
+      j = nlohmann::json::parse(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>(), on_event);
     } catch (const nlohmann::json::exception& e) {
       throw format_error(cat("safetensors: index '", index.string(), "' is not valid JSON (", moeforge::detail::reason(e), ")"));
     }
+    if (!listed_twice.empty())
+      throw format_error(cat("safetensors: index '", index.string(), "': weight_map lists tensor '", listed_twice, "' twice"));
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       throw format_error(cat("safetensors: index '", index.string(), "': missing object 'weight_map'"));
     std::map<std::string, std::size_t> shard_of_file;
@@ -428,6 +441,18 @@ class safetensors_checkpoint {
         throw format_error(cat("safetensors: index '", index.string(), "' places tensor '", tensor, "' in '", shard.path(), "', which does not hold it"));
       where_[tensor] = shard_of_file[f];
     }
+    // Every tensor of a listed shard must be listed there: transformers loads
+    // all of a shard, so a copy elsewhere or an unlisted tensor is read too.
+    for (std::size_t i = 0; i < shards_.size(); ++i)
+      for (const auto& t : shards_[i].tensors()) {
+        const auto it = where_.find(t.name);
+        if (it == where_.end())
+          throw format_error(cat("safetensors: index '", index.string(), "': tensor '", t.name, "' of '", shards_[i].path(),
+                                 "' is not in its weight_map"));
+        if (it->second != i)
+          throw format_error(cat("safetensors: index '", index.string(), "' places tensor '", t.name, "' in '", shards_[it->second].path(),
+                                 "', but '", shards_[i].path(), "' holds it too"));
+      }
   }
 
   void add_shard(const std::string& file) {
