@@ -172,6 +172,43 @@ TEST_CASE("hf: BF16 weights beside F32 routers, norms and classifier run as BF16
   CHECK(io::load_model(sharded_hf(tmp, "dense", dtype::bf16, 1, {}, false, 64, kept_in_f32)).run_dtype() == dtype::bf16);
 }
 
+namespace {
+
+// Writes `b` as a Hugging Face directory, each tensor stored as `type_of` its shape says.
+std::string write_typed(const hf_dir_builder& b, const std::string& dir, const nlohmann::json& config,
+                        dtype (*type_of)(const std::vector<std::int64_t>&)) {
+  std::filesystem::create_directories(dir);
+  std::vector<io::tensor_info> infos;
+  for (std::size_t i = 0; i < b.names.size(); ++i) infos.push_back({b.names[i], type_of(b.shapes[i]), b.shapes[i], 0, 0});
+  io::safetensors_writer w(dir + "/model.safetensors", io::detail::header_text(infos, {{"format", "pt"}}).size() + 4096);
+  for (std::size_t i = 0; i < b.names.size(); ++i) w.add(b.names[i], b.shapes[i], b.data[i].data(), infos[i].dtype);
+  w.finish();
+  write_json(dir + "/config.json", config);
+  return dir;
+}
+
+}  // namespace
+
+// weight_dtype ("BF16 when every matrix is stored in BF16") looked at 2-D
+// tensors only, so transformers 5's packed experts ([E, 2I, H], [E, H, I])
+// were left out: F32 experts beside BF16 attention ran rounded to BF16 by
+// default, while the same tensors per expert ran in F32.
+TEST_CASE("hf: packed F32 experts keep a model with BF16 attention in F32") {
+  temp_dir tmp;
+  const io::safetensors_checkpoint ck(mixtral_file());
+  const auto config = read_json(mixtral_config());
+  const auto f32_experts = [](const std::vector<std::int64_t>& shape) { return shape.size() == 3 ? dtype::f32 : dtype::bf16; };
+  hf_dir_builder packed(ck);
+  pack_mixtral(packed, 2, 4, 64, 32);
+  const model::weights w = io::load_model(write_typed(packed, tmp / "packed", config, f32_experts));
+  CHECK(w.weight_dtype == dtype::f32);
+  CHECK(w.run_dtype() == dtype::f32);
+  CHECK(w.file_dtype == dtype::f32);
+  // Every tensor BF16, packed or not, and the model is BF16.
+  const auto all_bf16 = [](const std::vector<std::int64_t>& shape) { return shape.size() == 1 ? dtype::f32 : dtype::bf16; };
+  CHECK(io::load_model(write_typed(packed, tmp / "packed-bf16", config, all_bf16)).weight_dtype == dtype::bf16);
+}
+
 TEST_CASE("hf: stories260K exported to the LLaMA layout runs exactly as the llama2.c checkpoint") {
   const auto& ref = stories_weights();
   temp_dir tmp;

@@ -378,13 +378,14 @@ class safetensors_checkpoint {
     for (const auto& s : shards_) s.release();
   }
   const std::vector<safetensors_file>& shards() const { return shards_; }
-  /// The type every matrix (2-D tensor) is stored in (F32 when they differ
-  /// or there are none): what a model read from here is saved in again.
+  /// The type every matrix is stored in (F32 when they differ or there are
+  /// none): what a model read from here is saved in again. A matrix is a
+  /// tensor of two or more dimensions: packed experts ([E, 2I, H]) are E of them.
   io::dtype matrix_dtype() const {
     std::optional<io::dtype> common;
     for (const auto& f : shards_)
       for (const auto& t : f.tensors())
-        if (t.shape.size() == 2) {
+        if (t.shape.size() >= 2) {
           if (common && *common != t.dtype) return dtype::f32;
           common = t.dtype;
         }
