@@ -84,6 +84,15 @@ calib::layer_stats mone_stats(const moe_layer& m, const matrix& x, bool keep = f
 
 double mone_sq_diff(const matrix& a, const matrix& b) { return (a - b).cast<double>().squaredNorm(); }
 
+// A random layer of the default experts over `hidden` features, routing each token to two.
+moe_layer top2_layer(std::mt19937& rng, index_t hidden) {
+  test::layer_spec spec;
+  spec.hidden = hidden;
+  moe_layer m = test::random_layer(spec, rng);
+  m.router.top_k = 2;
+  return m;
+}
+
 // Data bytes of every tensor in a native model directory.
 std::size_t mone_tensor_bytes(const std::string& dir) {
   const io::safetensors_file st(dir + "/model.safetensors");
@@ -150,11 +159,8 @@ TEST_CASE("a novice outputs its slot's gate weight times the expert's mean outpu
 
 TEST_CASE("a zero novice adds nothing to the tokens routed to its slot, which keep their other experts' gate weights") {
   std::mt19937 rng(103);
-  test::layer_spec spec;
-  spec.hidden = 20;
-  moe_layer m = test::random_layer(spec, rng);
-  m.router.top_k = 2;
-  const matrix x = test::random_matrix(400, spec.hidden, rng, 1.0f);
+  moe_layer m = top2_layer(rng, 20);
+  const matrix x = test::random_matrix(400, m.hidden(), rng, 1.0f);
   const auto res = convert::mone(m, mone_stats(m, x), mone_opts(convert::mone_method::zero, 2));
   std::vector<index_t> gone;
   for (const auto& p : res.report.pruned) {
@@ -235,11 +241,8 @@ TEST_CASE("expert statistics: an expert whose output is the same on every token 
   // index). Merging the 256-token chunks must not make a spread of rounding
   // out of a mean recomputed as a weighted sum of equal means.
   std::mt19937 rng(5);
-  test::layer_spec spec;
-  spec.hidden = 16;
-  moe_layer m = test::random_layer(spec, rng);
-  m.router.top_k = 2;
-  const matrix token = test::random_matrix(1, spec.hidden, rng, 1.0f);
+  moe_layer m = top2_layer(rng, 16);
+  const matrix token = test::random_matrix(1, m.hidden(), rng, 1.0f);
   for (index_t n = 257; n < 1400; n += 11) {
     const matrix x = token.replicate(n, 1);
     const auto st = calib::expert_statistics(m, x);
@@ -420,11 +423,8 @@ TEST_CASE("MoNE scores are the output spread times the routing mass (over all to
 
 TEST_CASE("REAP scores are the mean over routed tokens of gate weight times output norm, and the lowest are pruned") {
   std::mt19937 rng(106);
-  test::layer_spec spec;
-  spec.hidden = 18;
-  moe_layer m = test::random_layer(spec, rng);
-  m.router.top_k = 2;
-  const matrix x = test::random_matrix(500, spec.hidden, rng, 1.0f);
+  moe_layer m = top2_layer(rng, 18);
+  const matrix x = test::random_matrix(500, m.hidden(), rng, 1.0f);
   const auto st = mone_stats(m, x);
   convert::mone_options o = mone_opts(convert::mone_method::reap, 2);
   const auto scores = convert::expert_scores(m, st, o);
