@@ -221,6 +221,13 @@ TEST_CASE("safetensors: a sharded checkpoint reads every tensor through its inde
     CHECK(ck.info("c").shape == std::vector<std::int64_t>{3});
     CHECK_REJECTS(ck.read("d"), format_error, Catch::Contains(path) && Catch::Contains("missing tensor 'd'"));
   }
+  // A single file beside the index (a stale save): the directory no longer says which is the model.
+  const std::vector<float> other{9, 8, 7, 6};
+  io::write_safetensors(dir / "model.safetensors", {{"a", {2, 2}, other.data()}});
+  CHECK_REJECTS(io::safetensors_checkpoint{dir.path().string()}, format_error,
+                Catch::Contains(dir.path().string()) && Catch::Contains("both model.safetensors and model.safetensors.index.json"));
+  CHECK(io::safetensors_checkpoint(dir / "model.safetensors.index.json").read("a") == a);  // named, each still opens
+  CHECK(io::safetensors_checkpoint(dir / "model.safetensors").read("a") == other);
 }
 
 TEST_CASE("safetensors: a failed write leaves the existing file untouched and no temp file") {

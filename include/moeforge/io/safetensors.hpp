@@ -345,12 +345,15 @@ class safetensors_checkpoint {
     using detail::cat;
     fs::path p(path);
     if (fs::is_directory(p)) {
-      if (fs::exists(p / "model.safetensors.index.json"))
-        p /= "model.safetensors.index.json";
-      else if (fs::exists(p / "model.safetensors"))
-        p /= "model.safetensors";
-      else
+      const bool index = fs::exists(p / "model.safetensors.index.json"), single = fs::exists(p / "model.safetensors");
+      // Both: a stale leftover of one save beside another's, and which holds
+      // the model is unknown (transformers would read the single file).
+      if (index && single)
+        throw format_error(cat("safetensors: directory '", path,
+                               "' has both model.safetensors and model.safetensors.index.json; remove the one that is not the model"));
+      if (!index && !single)
         throw format_error(cat("safetensors: directory '", path, "' has neither model.safetensors nor model.safetensors.index.json"));
+      p /= index ? "model.safetensors.index.json" : "model.safetensors";
     }
     if (p.extension() == ".json")
       open_index(p);
