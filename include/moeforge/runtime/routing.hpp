@@ -176,13 +176,20 @@ inline selection select_topk(const router& r, const matrix& probs) {
   return sel;
 }
 
+/// Throws shape_error unless each of `sel`'s arrays holds k pairs per token;
+/// returns the pairs.
+inline std::size_t check_selection_arrays(const selection& sel, const char* what) {
+  const auto pairs = std::size_t(std::max<index_t>(sel.tokens, 0)) * std::size_t(std::max<index_t>(sel.k, 0));
+  if (sel.tokens < 0 || sel.k < 0 || sel.expert.size() != pairs || sel.prob.size() != pairs || sel.weight.size() != pairs || sel.work.size() != pairs)
+    throw shape_error(moeforge::detail::cat(what, ": the selection's arrays do not hold k = ", sel.k, " pairs for each of its ", sel.tokens, " tokens"));
+  return pairs;
+}
+
 /// Throws shape_error unless `sel` is a selection for layer m: k pairs per
 /// token in each of its arrays, every expert index one of m's.
 inline void check_selection(const moe_layer& m, const selection& sel, const char* what) {
   using moeforge::detail::cat;
-  const auto pairs = std::size_t(std::max<index_t>(sel.tokens, 0)) * std::size_t(std::max<index_t>(sel.k, 0));
-  if (sel.tokens < 0 || sel.k < 0 || sel.expert.size() != pairs || sel.prob.size() != pairs || sel.weight.size() != pairs || sel.work.size() != pairs)
-    throw shape_error(cat(what, ": the selection's arrays do not hold k = ", sel.k, " pairs for each of its ", sel.tokens, " tokens"));
+  const std::size_t pairs = check_selection_arrays(sel, what);
   for (std::size_t i = 0; i < pairs; ++i)
     if (sel.expert[i] < 0 || sel.expert[i] >= m.num_experts())
       throw shape_error(cat(what, ": pair ", i, " of the selection names expert ", sel.expert[i], ", the layer has ", m.num_experts()));
@@ -228,20 +235,11 @@ inline routing_plan make_plan(const moe_layer& m, const selection& sel, const_ma
   return plan;
 }
 
-/// Applies the router's drop policy to a top-k selection (DualSparse-MoE):
-/// marks pairs dropped or major-only; kept pairs keep their gate weight.
-inline void apply_drop(const drop_policy& d, selection& sel) {
-  using moeforge::detail::cat;
-  if (!d.active()) return;
-  // Called without the layer (calibration, tests): what it reads must be there.
-  const auto pairs = std::size_t(std::max<index_t>(sel.tokens, 0)) * std::size_t(std::max<index_t>(sel.k, 0));
-  if (sel.tokens < 0 || sel.k < 0 || sel.expert.size() != pairs || sel.prob.size() != pairs || sel.work.size() != pairs)
-    throw shape_error(cat("apply_drop: the selection's arrays do not hold k = ", sel.k, " pairs for each of its ", sel.tokens, " tokens"));
-  if (!d.expert_factor.empty())
-    for (std::size_t i = 0; i < pairs; ++i)
-      if (sel.expert[i] < 0 || std::size_t(sel.expert[i]) >= d.expert_factor.size())
-        throw config_error(cat("apply_drop: pair ", i, " selects expert ", sel.expert[i], ", the drop policy has factors for ",
-                               d.expert_factor.size(), " experts"));
+namespace detail {
+
+/// apply_drop's marks, for a selection whose arrays and experts the policy
+/// is known to fit (checked by the caller).
+inline void mark_drops(const drop_policy& d, selection& sel) {
   const float t_major = d.kind == drop_kind::two_t ? std::max(0.0f, d.threshold - d.margin) : d.threshold;
   const float t_minor = d.kind == drop_kind::two_t ? d.threshold + d.margin : d.threshold;
   for (index_t t = 0; t < sel.tokens; ++t) {
@@ -268,6 +266,23 @@ inline void apply_drop(const drop_policy& d, selection& sel) {
       sel.work[i] = w;
     }
   }
+}
+
+}  // namespace detail
+
+/// Applies the router's drop policy to a top-k selection (DualSparse-MoE):
+/// marks pairs dropped or major-only; kept pairs keep their gate weight.
+inline void apply_drop(const drop_policy& d, selection& sel) {
+  using moeforge::detail::cat;
+  if (!d.active()) return;
+  // Called without the layer (calibration, tests): what it reads must be there.
+  const std::size_t pairs = check_selection_arrays(sel, "apply_drop");
+  if (!d.expert_factor.empty())
+    for (std::size_t i = 0; i < pairs; ++i)
+      if (sel.expert[i] < 0 || std::size_t(sel.expert[i]) >= d.expert_factor.size())
+        throw config_error(cat("apply_drop: pair ", i, " selects expert ", sel.expert[i], ", the drop policy has factors for ",
+                               d.expert_factor.size(), " experts"));
+  detail::mark_drops(d, sel);
 }
 
 /// What a batch's routing costs, in neuron-matrix products (one neuron of a
@@ -389,9 +404,10 @@ inline selection select(const moe_layer& m, const_matrix_ref x, const detail::pa
   // The forward passes do not validate the whole layer, so the policy is
   // checked against it here: factors made for other experts, or a NaN threshold
   // (which would drop every pair), are refused.
-  if (m.router.drop.active()) moeforge::validate(m.router.drop, m.num_experts(), "router.drop");
+  const bool drops = m.router.drop.active();
+  if (drops) moeforge::validate(m.router.drop, m.num_experts(), "router.drop");
   selection sel = select_topk(m.router, m.router.kind == router_kind::oracle ? oracle_probs(m, x) : router_probs(m.router, x, panels));
-  apply_drop(m.router.drop, sel);
+  if (drops) detail::mark_drops(m.router.drop, sel);  // top-k's pairs name the layer's experts: nothing for apply_drop to check
   return sel;
 }
 
